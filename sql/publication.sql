@@ -1,0 +1,26 @@
+-- pgcache: the publication listing the tables whose changes the daemon streams.
+--
+--   psql -v publication=pgcache -v tables='public.users,public.orders' -f sql/publication.sql
+--
+-- publish_via_partition_root makes changes to partitions arrive under the partitioned
+-- table's name, so one rule covers every partition. Running it again replaces the table list.
+\set ON_ERROR_STOP on
+SELECT set_config('pgcache.publication', :'publication', false),
+       set_config('pgcache.tables', :'tables', false) \g /dev/null
+
+DO $$
+DECLARE
+  p text := current_setting('pgcache.publication');
+  tables text := (SELECT string_agg(format('%s', btrim(t)), ', ')
+                  FROM unnest(string_to_array(current_setting('pgcache.tables'), ',')) AS t);
+BEGIN
+  IF EXISTS (SELECT 1 FROM pg_publication WHERE pubname = p) THEN
+    EXECUTE format('ALTER PUBLICATION %I SET TABLE %s', p, tables);
+    EXECUTE format('ALTER PUBLICATION %I SET (publish = %L, publish_via_partition_root = true)',
+                   p, 'insert, update, delete, truncate');
+  ELSE
+    EXECUTE format('CREATE PUBLICATION %I FOR TABLE %s WITH (publish = %L, publish_via_partition_root = true)',
+                   p, tables, 'insert, update, delete, truncate');
+  END IF;
+END
+$$;

@@ -1,0 +1,29 @@
+-- pgcache: the role the daemon and the read helper connect as.
+--
+--   psql -v role=pgcache -v password='change me' -v tables='public.users,public.orders' -f sql/role.sql
+--
+-- REPLICATION lets it stream from a slot; SELECT on the cached tables only lets it backfill
+-- and lets the read helper fill misses. It gets nothing else.
+\set ON_ERROR_STOP on
+SELECT set_config('pgcache.role', :'role', false),
+       set_config('pgcache.password', :'password', false),
+       set_config('pgcache.tables', :'tables', false) \g /dev/null
+
+DO $$
+DECLARE
+  r text := current_setting('pgcache.role');
+  t text;
+BEGIN
+  IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = r) THEN
+    EXECUTE format('CREATE ROLE %I WITH LOGIN REPLICATION PASSWORD %L', r, current_setting('pgcache.password'));
+  ELSE
+    EXECUTE format('ALTER ROLE %I WITH LOGIN REPLICATION PASSWORD %L', r, current_setting('pgcache.password'));
+  END IF;
+  EXECUTE format('GRANT CONNECT ON DATABASE %I TO %I', current_database(), r);
+  FOREACH t IN ARRAY string_to_array(current_setting('pgcache.tables'), ',') LOOP
+    t := btrim(t);
+    EXECUTE format('GRANT USAGE ON SCHEMA %I TO %I', coalesce(parse_ident(t)[array_length(parse_ident(t), 1) - 1], 'public'), r);
+    EXECUTE format('GRANT SELECT ON TABLE %s TO %I', t, r);
+  END LOOP;
+END
+$$;

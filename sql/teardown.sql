@@ -1,0 +1,15 @@
+-- pgcache: remove the slot and the publication (and optionally the role).
+--
+--   psql -v slot=pgcache -v publication=pgcache -f sql/teardown.sql
+--
+-- Do this when you stop running pgcache: a slot that nobody consumes keeps every WAL segment
+-- from its position on, and the disk fills. Stop the daemon first (an active slot cannot be
+-- dropped). To drop the role as well: DROP OWNED BY pgcache; DROP ROLE pgcache;
+\set ON_ERROR_STOP on
+SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = :'slot';
+SELECT set_config('pgcache.publication', :'publication', false) \g /dev/null
+DO $$
+BEGIN
+  EXECUTE format('DROP PUBLICATION IF EXISTS %I', current_setting('pgcache.publication'));
+END
+$$;

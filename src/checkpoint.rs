@@ -1,0 +1,71 @@
+//! The checkpoint: how far the daemon has applied the stream, kept in Redis itself.
+//!
+//! Contract: the checkpoint is written in the same `MULTI … EXEC` as the data it covers (G2),
+//! so after any crash Redis holds exactly the changes up to it and none after it. On start the
+//! daemon skips every transaction whose commit lies below it, so a restart never rewrites a key
+//! with an older value (G3). It only ever moves forward.
+
+use crate::Lsn;
+
+/// Hash field holding the end LSN of the last applied commit.
+pub const FIELD_LSN: &str = "lsn";
+/// Hash field holding the wall clock (ms since the Unix epoch) of the last write, for `status`.
+pub const FIELD_UPDATED_MS: &str = "updated_ms";
+
+/// `<prefix>pgcache:{<slot>}:checkpoint`. The slot name is the hash tag so that, on a
+/// cluster, the checkpoint has a stable home; several daemons (one per slot) never share one.
+pub fn checkpoint_key(key_prefix: &str, slot: &str) -> String {
+    format!("{key_prefix}pgcache:{{{slot}}}:checkpoint")
+}
+
+/// The stored position, if any.
+///
+/// # Errors
+/// A Redis error, or a stored value that is not an LSN (someone else wrote the key).
+pub async fn read(
+    conn: &mut impl redis::aio::ConnectionLike,
+    key: &str,
+) -> Result<Option<Lsn>, CheckpointError> {
+    let value: Option<String> = redis::cmd("HGET")
+        .arg(key)
+        .arg(FIELD_LSN)
+        .query_async(conn)
+        .await?;
+    match value {
+        None => Ok(None),
+        Some(text) => text
+            .parse()
+            .map(Some)
+            .map_err(|_| CheckpointError::Corrupt { key: key.to_string(), value: text }),
+    }
+}
+
+/// Appends the checkpoint write to a pipeline (inside its `MULTI`).
+pub fn write(pipe: &mut redis::Pipeline, key: &str, lsn: Lsn, now_ms: u64) {
+    pipe.cmd("HSET")
+        .arg(key)
+        .arg(FIELD_LSN)
+        .arg(lsn.to_string())
+        .arg(FIELD_UPDATED_MS)
+        .arg(now_ms)
+        .ignore();
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("reading the checkpoint from Redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("the checkpoint {key} holds {value:?}, which is not an LSN; delete the key to start over (pgcache will backfill)")]
+    Corrupt { key: String, value: String },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_uses_the_slot_as_hash_tag() {
+        assert_eq!(checkpoint_key("", "pgcache"), "pgcache:{pgcache}:checkpoint");
+        assert_eq!(checkpoint_key("app:", "s1"), "app:pgcache:{s1}:checkpoint");
+    }
+}
