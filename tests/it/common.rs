@@ -1,0 +1,263 @@
+//! Shared pieces of the integration tests: a Postgres + Redis pair set up with our SQL
+//! scripts, the daemon (in process or as a child process), and polling with deadlines.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pgcache::config::Config;
+use pgcache::testkit::{PgOptions, RedisOptions, TestPostgres, TestRedis};
+use tokio::sync::watch;
+
+pub const DB: &str = "app";
+
+/// A database and a Redis server with a publication and a slot, made by `sql/setup.sql`.
+pub struct Env {
+    pub pg: TestPostgres,
+    pub redis: TestRedis,
+    pub dir: tempfile::TempDir,
+}
+
+impl Env {
+    /// Starts both servers, creates the schema with `schema_sql`, then runs `sql/setup.sql`
+    /// for `tables` (comma separated, schema qualified; none: no setup at all).
+    pub fn start(schema_sql: &str, tables: &str) -> Env {
+        Self::start_with(PgOptions::default(), RedisOptions::default(), schema_sql, tables)
+    }
+
+    pub fn start_with(pg: PgOptions, redis: RedisOptions, schema_sql: &str, tables: &str) -> Env {
+        let pg = TestPostgres::start_with(pg).expect("start postgres");
+        let redis = TestRedis::start_with(redis).expect("start redis");
+        pg.create_database(DB).expect("create database");
+        pg.psql(DB, schema_sql).unwrap_or_else(|e| panic!("schema: {e:#}\n{}", pg.log()));
+        let env = Env { pg, redis, dir: tempfile::tempdir().expect("tempdir") };
+        if tables.is_empty() {
+            return env;
+        }
+        env.run_sql_file(
+            "sql/setup.sql",
+            &[
+                ("role", "pgcache"),
+                ("password", "pgcache-secret"),
+                ("publication", "pgcache"),
+                ("slot", "pgcache"),
+                ("tables", tables),
+            ],
+        );
+        env
+    }
+
+    /// Runs one of our SQL scripts with psql variables, as the scripts' headers say.
+    pub fn run_sql_file(&self, file: &str, vars: &[(&str, &str)]) -> String {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
+        let mut cmd = Command::new(TestPostgres::bin("psql").expect("psql"));
+        cmd.args(["-X", "-q", "-At", "-h", "127.0.0.1", "-U", "postgres", "-d", DB])
+            .arg("-p")
+            .arg(self.pg.port().to_string())
+            .arg("-f")
+            .arg(&path);
+        for (name, value) in vars {
+            cmd.arg("-v").arg(format!("{name}={value}"));
+        }
+        let out = cmd.output().expect("run psql");
+        assert!(
+            out.status.success(),
+            "{file} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.pg.log()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn sql(&self, sql: &str) -> String {
+        self.pg
+            .psql(DB, sql)
+            .unwrap_or_else(|e| panic!("{sql}: {e:#}\n{}", self.pg.log()))
+    }
+
+    /// A config file for these servers with the given `[[tables]]` TOML.
+    pub fn config_toml(&self, tables: &str) -> String {
+        format!(
+            "[postgres]\nurl = \"{}\"\nslot = \"pgcache\"\npublication = \"pgcache\"\n\n\
+             [redis]\nurl = \"{}\"\n\n[metrics]\nlisten = \"\"\n\n{tables}\n",
+            self.pg.url(DB),
+            self.redis.url()
+        )
+    }
+
+    pub fn write_config(&self, tables: &str) -> PathBuf {
+        let path = self.dir.path().join("pgcache.toml");
+        std::fs::write(&path, self.config_toml(tables)).expect("write config");
+        path
+    }
+
+    pub fn config(&self, tables: &str) -> Arc<Config> {
+        Arc::new(Config::from_toml_str(&self.config_toml(tables)).expect("valid config"))
+    }
+
+    pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.redis.url())
+            .expect("redis url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect redis")
+    }
+}
+
+/// The daemon running inside the test process.
+pub struct InProcess {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), pgcache::daemon::RunError>>,
+}
+
+impl InProcess {
+    pub fn start(config: Arc<Config>) -> InProcess {
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(pgcache::daemon::run(config, stopped));
+        InProcess { stop, task }
+    }
+
+    pub async fn stop(self) -> Result<(), pgcache::daemon::RunError> {
+        let _ = self.stop.send(true);
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("daemon stops within 30 s")
+            .expect("daemon task")
+    }
+}
+
+/// The `pgcache` binary as a child process (for kill -9 and exit codes).
+pub struct Daemon {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Daemon {
+    pub fn spawn(config: &Path, log: &Path) -> Daemon {
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("daemon log");
+        let child = Command::new(env!("CARGO_BIN_EXE_pgcache"))
+            .arg("run")
+            .arg("--config")
+            .arg(config)
+            .env("RUST_LOG", "pgcache=debug")
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn pgcache");
+        Daemon { child, log: log.to_path_buf() }
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        self.wait(Duration::from_secs(30))
+    }
+
+    pub fn wait(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("pgcache did not exit in {limit:?}\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `pgcache` with arguments to completion: (exit code, stdout, stderr).
+pub fn pgcache(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_pgcache"))
+        .args(args)
+        .output()
+        .expect("run pgcache");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Polls `check` until it returns `Some`, or panics with `what` after `limit`.
+pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    let mut pause = Duration::from_millis(5);
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {limit:?} waiting for {what}");
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
+}
+
+pub async fn get(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> Option<String> {
+    redis::cmd("GET").arg(key).query_async(conn).await.expect("GET")
+}
+
+pub async fn get_json(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> Option<serde_json::Value> {
+    get(conn, key)
+        .await
+        .map(|text| serde_json::from_str(&text).unwrap_or_else(|e| panic!("{key} holds bad JSON {text:?}: {e}")))
+}
+
+/// Waits until `key` holds `expected` (or is absent, for `None`).
+pub async fn wait_for_json(
+    conn: &mut redis::aio::MultiplexedConnection,
+    key: &str,
+    expected: Option<serde_json::Value>,
+) {
+    let mut last = None;
+    let limit = Duration::from_secs(20);
+    let deadline = Instant::now() + limit;
+    loop {
+        let now = get_json(conn, key).await;
+        if now == expected {
+            return;
+        }
+        last = Some(now);
+        if Instant::now() > deadline {
+            panic!("{key}: expected {expected:?}, still {last:?} after {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+pub async fn keys(conn: &mut redis::aio::MultiplexedConnection, pattern: &str) -> Vec<String> {
+    let mut keys: Vec<String> = redis::cmd("KEYS").arg(pattern).query_async(conn).await.expect("KEYS");
+    keys.sort();
+    keys
+}
