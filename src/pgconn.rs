@@ -1,1 +1,838 @@
-//! (in progress)
+//! Ordinary Postgres connections with the pinned session settings and TLS.
+//!
+//! Every connection pgcache opens (reader, catalog queries, backfill, and the replication
+//! connection, which reuses [`PgTarget`] and [`SESSION_SETTINGS`]) pins the settings that
+//! change text output, so the stream and the reader produce byte-identical values.
+//!
+//! `tokio_postgres::Config` only knows `sslmode=disable|prefer|require` and has no
+//! `sslrootcert`, so [`PgTarget::parse`] takes those two out of the connection string and
+//! keeps them itself; TLS is then built here with rustls, following libpq's meaning of each mode.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::WebPkiSupportedAlgorithms;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::ParsedCertificate;
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+use tokio_postgres::config::Host;
+
+/// Session settings pinned on every connection, because they change how values print as text.
+pub const SESSION_SETTINGS: &[(&str, &str)] = &[
+    ("DateStyle", "ISO"),
+    ("TimeZone", "UTC"),
+    ("IntervalStyle", "iso_8601"),
+    ("extra_float_digits", "3"),
+    ("bytea_output", "hex"),
+    ("client_encoding", "UTF8"),
+];
+
+/// The application name used when the connection string does not set one.
+pub const DEFAULT_APPLICATION_NAME: &str = "pgcache";
+
+/// The `options` startup value that pins [`SESSION_SETTINGS`]: `-c DateStyle=ISO -c TimeZone=UTC ...`.
+pub fn session_options() -> String {
+    SESSION_SETTINGS
+        .iter()
+        .map(|(name, value)| format!("-c {name}={value}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// How much TLS a connection demands, with libpq's meaning of each `sslmode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SslMode {
+    /// Plain TCP.
+    Disable,
+    /// TLS if the server offers it (no certificate check), plain otherwise. The libpq default.
+    Prefer,
+    /// TLS or fail; the certificate is not checked (encryption only).
+    Require,
+    /// TLS with the certificate chain checked against the root certificates; any host name.
+    VerifyCa,
+    /// TLS with the chain checked and the certificate valid for the host name.
+    VerifyFull,
+}
+
+impl SslMode {
+    /// The `sslmode` keyword for this mode.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+}
+
+impl fmt::Display for SslMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for SslMode {
+    type Err = PgTargetError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "disable" => SslMode::Disable,
+            "prefer" => SslMode::Prefer,
+            "require" => SslMode::Require,
+            "verify-ca" => SslMode::VerifyCa,
+            "verify-full" => SslMode::VerifyFull,
+            other => return Err(PgTargetError::SslMode(other.to_string())),
+        })
+    }
+}
+
+/// A connection string that cannot be used, or a TLS setup that cannot be built.
+#[derive(Debug, thiserror::Error)]
+pub enum PgTargetError {
+    #[error("invalid connection string: {0}")]
+    Invalid(String),
+    #[error("invalid sslmode {0:?}: expected disable, prefer, require, verify-ca or verify-full")]
+    SslMode(String),
+    #[error(
+        "invalid connection string: no user name (write postgres://USER@host/db or user=USER)"
+    )]
+    NoUser,
+    #[error(
+        "sslmode={mode} needs a TCP host, but {host} is a Unix socket, which is never encrypted"
+    )]
+    UnixSocketTls { mode: SslMode, host: String },
+    #[error("cannot read sslrootcert {path}: {reason}")]
+    RootCert { path: PathBuf, reason: String },
+    #[error("sslrootcert {0} holds no PEM certificates")]
+    NoRootCerts(PathBuf),
+    #[error("cannot build the TLS configuration: {0}")]
+    Tls(String),
+}
+
+/// An ordinary connection could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error(transparent)]
+    Target(#[from] PgTargetError),
+    #[error("cannot connect to {target}: {source}")]
+    Postgres {
+        target: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+}
+
+impl ConnectError {
+    /// The SQLSTATE the server answered with, if it answered with an error.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            ConnectError::Postgres { source, .. } => source.code().map(|c| c.code()),
+            ConnectError::Target(_) => None,
+        }
+    }
+}
+
+/// A parsed connection target: the `tokio_postgres::Config` plus what it cannot hold (the
+/// verify-* ssl modes and the root certificate path).
+#[derive(Clone)]
+pub struct PgTarget {
+    /// Everything but the TLS settings, as tokio-postgres parsed it.
+    config: tokio_postgres::Config,
+    /// The first host, as text (a Unix socket directory starts with `/`).
+    host: String,
+    unix_socket: bool,
+    port: u16,
+    user: String,
+    /// libpq defaults the database name to the user name.
+    dbname: String,
+    ssl_mode: SslMode,
+    ssl_root_cert: Option<PathBuf>,
+}
+
+impl fmt::Debug for PgTarget {
+    // Debug output ends up in logs: never show the password.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("PgTarget").field(&self.redacted()).finish()
+    }
+}
+
+impl PgTarget {
+    /// Parse a URL (`postgres://user:pass@host:port/db?sslmode=..&sslrootcert=..`) or a libpq
+    /// `key=value` string.
+    ///
+    /// # Errors
+    /// [`PgTargetError`] naming what is wrong: syntax, an unknown parameter, an unknown
+    /// sslmode, no user name, or TLS demanded over a Unix socket.
+    pub fn parse(s: &str) -> Result<PgTarget, PgTargetError> {
+        let (rest, ssl_mode, ssl_root_cert) = if is_url(s) {
+            strip_url_tls_params(s)?
+        } else {
+            strip_keyword_tls_params(s)?
+        };
+        let ssl_mode = match ssl_mode {
+            Some(mode) => mode.parse()?,
+            None => SslMode::Prefer,
+        };
+        let mut config = tokio_postgres::Config::from_str(&rest)
+            .map_err(|e| PgTargetError::Invalid(e.to_string()))?;
+
+        let (host, unix_socket) = match config.get_hosts().first() {
+            Some(Host::Tcp(host)) => (host.clone(), false),
+            #[cfg(unix)]
+            Some(Host::Unix(path)) => (path.to_string_lossy().into_owned(), true),
+            None => {
+                config.host("localhost");
+                ("localhost".to_string(), false)
+            }
+        };
+        let port = config.get_ports().first().copied().unwrap_or(5432);
+        let user = config
+            .get_user()
+            .filter(|u| !u.is_empty())
+            .ok_or(PgTargetError::NoUser)?
+            .to_string();
+        let dbname = config
+            .get_dbname()
+            .filter(|d| !d.is_empty())
+            .unwrap_or(&user)
+            .to_string();
+        if unix_socket && !matches!(ssl_mode, SslMode::Disable | SslMode::Prefer) {
+            return Err(PgTargetError::UnixSocketTls {
+                mode: ssl_mode,
+                host,
+            });
+        }
+        Ok(PgTarget {
+            config,
+            host,
+            unix_socket,
+            port,
+            user,
+            dbname,
+            ssl_mode,
+            ssl_root_cert: ssl_root_cert.map(PathBuf::from),
+        })
+    }
+
+    /// The first host: a name, an IP address, or a Unix socket directory.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// Whether [`host`](Self::host) is a Unix socket directory.
+    pub fn is_unix_socket(&self) -> bool {
+        self.unix_socket
+    }
+
+    /// The address to connect to instead of resolving the host (`hostaddr`), if given.
+    pub fn hostaddr(&self) -> Option<IpAddr> {
+        self.config.get_hostaddrs().first().copied()
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn user(&self) -> &str {
+        &self.user
+    }
+
+    pub fn password(&self) -> Option<&[u8]> {
+        self.config.get_password()
+    }
+
+    pub fn dbname(&self) -> &str {
+        &self.dbname
+    }
+
+    pub fn ssl_mode(&self) -> SslMode {
+        self.ssl_mode
+    }
+
+    pub fn ssl_root_cert(&self) -> Option<&Path> {
+        self.ssl_root_cert.as_deref()
+    }
+
+    /// The application name from the connection string, else `pgcache`.
+    pub fn application_name(&self) -> &str {
+        self.config
+            .get_application_name()
+            .unwrap_or(DEFAULT_APPLICATION_NAME)
+    }
+
+    /// The `connect_timeout` from the connection string, if any.
+    pub fn connect_timeout(&self) -> Option<Duration> {
+        self.config.get_connect_timeout().copied()
+    }
+
+    /// The `options` startup value: the connection string's own options, then the pinned
+    /// settings (later `-c` wins, so the pinned ones cannot be overridden by accident).
+    pub fn startup_options(&self) -> String {
+        match self.config.get_options() {
+            Some(own) if !own.trim().is_empty() => format!("{own} {}", session_options()),
+            _ => session_options(),
+        }
+    }
+
+    /// `postgres://user@host:port/db?sslmode=..`: for logs and error messages, never the password.
+    pub fn redacted(&self) -> String {
+        let host = if self.unix_socket {
+            percent_encode(&self.host)
+        } else if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        format!(
+            "postgres://{}@{}:{}/{}?sslmode={}",
+            percent_encode(&self.user),
+            host,
+            self.port,
+            percent_encode(&self.dbname),
+            self.ssl_mode
+        )
+    }
+
+    /// The tokio-postgres configuration: pinned settings in `options`, the application name,
+    /// and the TLS mode mapped onto what tokio-postgres knows (verify-* become `Require`; the
+    /// checking itself lives in [`tls_config`]).
+    pub fn tokio_config(&self) -> tokio_postgres::Config {
+        let mut config = self.config.clone();
+        config.options(self.startup_options());
+        config.application_name(self.application_name());
+        config.ssl_mode(match self.ssl_mode {
+            SslMode::Disable => tokio_postgres::config::SslMode::Disable,
+            SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
+            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => {
+                tokio_postgres::config::SslMode::Require
+            }
+        });
+        config
+    }
+}
+
+/// Connect an ordinary tokio-postgres client with TLS per the target's mode and the pinned
+/// session settings. The connection task is spawned on the current tokio runtime.
+///
+/// With `sslmode=prefer` a server that declines TLS gets a plain connection, as with libpq.
+///
+/// # Errors
+/// [`ConnectError::Target`] if the TLS configuration cannot be built (unreadable root
+/// certificate), [`ConnectError::Postgres`] for network, TLS, authentication or server errors.
+pub async fn connect(target: &PgTarget) -> Result<tokio_postgres::Client, ConnectError> {
+    let config = target.tokio_config();
+    let postgres_err = |source| ConnectError::Postgres {
+        target: target.redacted(),
+        source,
+    };
+    let client = if target.ssl_mode == SslMode::Disable || target.unix_socket {
+        let (client, connection) = config
+            .connect(tokio_postgres::NoTls)
+            .await
+            .map_err(postgres_err)?;
+        spawn_connection(connection, target.redacted());
+        client
+    } else {
+        let tls = tls_config(target.ssl_mode, target.ssl_root_cert())?;
+        let make_tls = tokio_postgres_rustls::MakeRustlsConnect::new((*tls).clone());
+        let (client, connection) = config.connect(make_tls).await.map_err(postgres_err)?;
+        spawn_connection(connection, target.redacted());
+        client
+    };
+    Ok(client)
+}
+
+fn spawn_connection<S, T>(connection: tokio_postgres::Connection<S, T>, target: String)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::warn!(target = %target, error = %e, "postgres connection ended with an error");
+        }
+    });
+}
+
+/// The rustls client configuration for an ssl mode, with libpq's semantics:
+/// `Prefer`/`Require` encrypt without checking the certificate; `VerifyCa` checks the chain
+/// against the root certificates but not the host name; `VerifyFull` checks both. Root
+/// certificates come from `root_cert` (a PEM file) if given, else the webpki roots.
+///
+/// Uses the `ring` provider explicitly so no process-wide default provider is needed.
+///
+/// # Errors
+/// The root certificate file cannot be read or holds no certificates, or rustls rejects
+/// the configuration.
+pub fn tls_config(
+    mode: SslMode,
+    root_cert: Option<&Path>,
+) -> Result<Arc<rustls::ClientConfig>, PgTargetError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| PgTargetError::Tls(e.to_string()))?;
+    let algorithms = provider.signature_verification_algorithms;
+    let config = match mode {
+        SslMode::Disable | SslMode::Prefer | SslMode::Require => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PgCertVerifier {
+                roots: None,
+                algorithms,
+            }))
+            .with_no_client_auth(),
+        SslMode::VerifyCa => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PgCertVerifier {
+                roots: Some(Arc::new(root_store(root_cert)?)),
+                algorithms,
+            }))
+            .with_no_client_auth(),
+        SslMode::VerifyFull => builder
+            .with_root_certificates(root_store(root_cert)?)
+            .with_no_client_auth(),
+    };
+    Ok(Arc::new(config))
+}
+
+fn root_store(root_cert: Option<&Path>) -> Result<RootCertStore, PgTargetError> {
+    let mut store = RootCertStore::empty();
+    let Some(path) = root_cert else {
+        store.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        return Ok(store);
+    };
+    let read_err = |reason: String| PgTargetError::RootCert {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| read_err(e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| read_err(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(PgTargetError::NoRootCerts(path.to_path_buf()));
+    }
+    for cert in certs {
+        store.add(cert).map_err(|e| read_err(e.to_string()))?;
+    }
+    Ok(store)
+}
+
+/// Certificate checks for `require` (none) and `verify-ca` (chain, no host name), which
+/// rustls's own verifier cannot express. Handshake signatures are always verified, so the
+/// peer must at least hold the key of the certificate it shows.
+#[derive(Debug)]
+struct PgCertVerifier {
+    /// `None`: accept any certificate (sslmode=require semantics).
+    roots: Option<Arc<RootCertStore>>,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for PgCertVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if let Some(roots) = &self.roots {
+            let cert = ParsedCertificate::try_from(end_entity)?;
+            rustls::client::verify_server_cert_signed_by_trust_anchor(
+                &cert,
+                roots,
+                intermediates,
+                now,
+                self.algorithms.all,
+            )?;
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// Replace the password in a postgres or redis URL (or a libpq `password=` keyword) with
+/// `***`, for logs. Text that is not recognisably a URL is returned unchanged except for
+/// `password=` keywords.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return redact_password_keyword(url);
+    };
+    let after_scheme = scheme_end + 3;
+    let rest = &url[after_scheme..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    let mut out = String::with_capacity(url.len());
+    out.push_str(&url[..after_scheme]);
+    match authority.rfind('@') {
+        Some(at) => {
+            let userinfo = &authority[..at];
+            match userinfo.find(':') {
+                Some(colon) => {
+                    out.push_str(&userinfo[..=colon]);
+                    out.push_str("***");
+                }
+                None => out.push_str(userinfo),
+            }
+            out.push_str(&authority[at..]);
+        }
+        None => out.push_str(authority),
+    }
+    // A password can also travel as a query parameter (`?password=...`).
+    out.push_str(&redact_query_password(&rest[authority_end..]));
+    out
+}
+
+fn redact_query_password(tail: &str) -> String {
+    let Some(q) = tail.find('?') else {
+        return tail.to_string();
+    };
+    let (path, query) = tail.split_at(q + 1);
+    let (query, fragment) = match query.find('#') {
+        Some(h) => query.split_at(h),
+        None => (query, ""),
+    };
+    let params: Vec<String> = query
+        .split('&')
+        .map(|p| match p.split_once('=') {
+            Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+            _ => p.to_string(),
+        })
+        .collect();
+    format!("{path}{}{fragment}", params.join("&"))
+}
+
+fn redact_password_keyword(s: &str) -> String {
+    match tokenize_keywords(s) {
+        Ok(pairs) if pairs.iter().any(|(k, _)| k == "password") => {
+            join_keywords(pairs.into_iter().map(|(k, v)| {
+                if k == "password" {
+                    (k, "***".into())
+                } else {
+                    (k, v)
+                }
+            }))
+        }
+        _ => s.to_string(),
+    }
+}
+
+fn is_url(s: &str) -> bool {
+    s.starts_with("postgres://") || s.starts_with("postgresql://")
+}
+
+type Stripped = (String, Option<String>, Option<String>);
+
+/// Take `sslmode` and `sslrootcert` out of a URL's query string, keeping the rest verbatim.
+fn strip_url_tls_params(s: &str) -> Result<Stripped, PgTargetError> {
+    let Some(q) = s.find('?') else {
+        return Ok((s.to_string(), None, None));
+    };
+    let (base, query) = (&s[..q], &s[q + 1..]);
+    let (mut mode, mut root) = (None, None);
+    let mut kept = Vec::new();
+    for param in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = param.split_once('=').ok_or_else(|| {
+            PgTargetError::Invalid(format!("query parameter {param:?} has no '='"))
+        })?;
+        match percent_decode(key)?.as_str() {
+            "sslmode" => mode = Some(percent_decode(value)?),
+            "sslrootcert" => root = Some(percent_decode(value)?),
+            _ => kept.push(param),
+        }
+    }
+    let rest = if kept.is_empty() {
+        base.to_string()
+    } else {
+        format!("{base}?{}", kept.join("&"))
+    };
+    Ok((rest, mode, root))
+}
+
+/// Take `sslmode` and `sslrootcert` out of a libpq `key=value` string.
+fn strip_keyword_tls_params(s: &str) -> Result<Stripped, PgTargetError> {
+    let (mut mode, mut root) = (None, None);
+    let mut kept = Vec::new();
+    for (key, value) in tokenize_keywords(s)? {
+        match key.as_str() {
+            "sslmode" => mode = Some(value),
+            "sslrootcert" => root = Some(value),
+            _ => kept.push((key, value)),
+        }
+    }
+    Ok((join_keywords(kept), mode, root))
+}
+
+/// Split a libpq `key = value` string: values are bare words or single-quoted, and a
+/// backslash escapes the next character in both.
+fn tokenize_keywords(s: &str) -> Result<Vec<(String, String)>, PgTargetError> {
+    let mut pairs = Vec::new();
+    let mut chars = s.chars().peekable();
+    loop {
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        let mut key = String::new();
+        while let Some(c) = chars.next_if(|c| !c.is_whitespace() && *c != '=') {
+            key.push(c);
+        }
+        if key.is_empty() {
+            if chars.peek().is_some() {
+                return Err(PgTargetError::Invalid("'=' without a keyword".into()));
+            }
+            return Ok(pairs);
+        }
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        if chars.next() != Some('=') {
+            return Err(PgTargetError::Invalid(format!(
+                "keyword {key:?} is not followed by '='"
+            )));
+        }
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        let mut value = String::new();
+        if chars.next_if_eq(&'\'').is_some() {
+            loop {
+                match chars.next() {
+                    Some('\'') => break,
+                    Some('\\') => value.extend(chars.next()),
+                    Some(c) => value.push(c),
+                    None => {
+                        return Err(PgTargetError::Invalid(format!(
+                            "unterminated quoted value for {key:?}"
+                        )))
+                    }
+                }
+            }
+        } else {
+            while let Some(c) = chars.next_if(|c| !c.is_whitespace()) {
+                if c == '\\' {
+                    value.extend(chars.next());
+                } else {
+                    value.push(c);
+                }
+            }
+        }
+        pairs.push((key, value));
+    }
+}
+
+fn join_keywords(pairs: impl IntoIterator<Item = (String, String)>) -> String {
+    pairs
+        .into_iter()
+        .map(|(k, v)| {
+            let escaped = v.replace('\\', "\\\\").replace('\'', "\\'");
+            format!("{k}='{escaped}'")
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn percent_decode(s: &str) -> Result<String, PgTargetError> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| PgTargetError::Invalid(format!("bad percent-escape in {s:?}")))?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out)
+        .map_err(|_| PgTargetError::Invalid(format!("{s:?} does not decode to UTF-8")))
+}
+
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_url_with_tls_params() {
+        let t = PgTarget::parse(
+            "postgres://alice:s%40cret@db.example:6543/app?sslmode=verify-full&sslrootcert=%2Ftmp%2Fca.pem&application_name=x",
+        )
+        .unwrap();
+        assert_eq!(t.host(), "db.example");
+        assert_eq!(t.port(), 6543);
+        assert_eq!(t.user(), "alice");
+        assert_eq!(t.password(), Some(&b"s@cret"[..]));
+        assert_eq!(t.dbname(), "app");
+        assert_eq!(t.ssl_mode(), SslMode::VerifyFull);
+        assert_eq!(t.ssl_root_cert(), Some(Path::new("/tmp/ca.pem")));
+        assert_eq!(t.application_name(), "x");
+        assert!(!t.is_unix_socket());
+    }
+
+    #[test]
+    fn defaults_follow_libpq() {
+        let t = PgTarget::parse("postgres://bob@localhost").unwrap();
+        assert_eq!(t.port(), 5432);
+        assert_eq!(t.dbname(), "bob");
+        assert_eq!(t.ssl_mode(), SslMode::Prefer);
+        assert_eq!(t.ssl_root_cert(), None);
+        assert_eq!(t.password(), None);
+        assert_eq!(t.application_name(), "pgcache");
+    }
+
+    #[test]
+    fn parses_keyword_value_strings() {
+        let t = PgTarget::parse(
+            "host=10.0.0.1 port = 5433 user=carol password='it\\'s a secret' dbname=shop sslmode=verify-ca sslrootcert='/etc/ca dir/root.crt'",
+        )
+        .unwrap();
+        assert_eq!(t.host(), "10.0.0.1");
+        assert_eq!(t.port(), 5433);
+        assert_eq!(t.user(), "carol");
+        assert_eq!(t.password(), Some(&b"it's a secret"[..]));
+        assert_eq!(t.dbname(), "shop");
+        assert_eq!(t.ssl_mode(), SslMode::VerifyCa);
+        assert_eq!(t.ssl_root_cert(), Some(Path::new("/etc/ca dir/root.crt")));
+    }
+
+    #[test]
+    fn rejects_bad_input_with_a_named_problem() {
+        let e = PgTarget::parse("postgres://u@h/db?sslmode=maybe").unwrap_err();
+        assert!(e.to_string().contains("sslmode \"maybe\""), "{e}");
+        let e = PgTarget::parse("postgres://h/db").unwrap_err();
+        assert!(matches!(e, PgTargetError::NoUser), "{e}");
+        let e = PgTarget::parse("postgres://u@h/db?bogus=1").unwrap_err();
+        assert!(
+            e.to_string().starts_with("invalid connection string"),
+            "{e}"
+        );
+        let e = PgTarget::parse("user=u password='open").unwrap_err();
+        assert!(e.to_string().contains("unterminated"), "{e}");
+        let e = PgTarget::parse("host=/run/postgresql user=u sslmode=verify-full").unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("sslmode=verify-full needs a TCP host"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn redacted_never_shows_the_password() {
+        let t = PgTarget::parse("postgres://alice:hunter2@db:5432/app?sslmode=require").unwrap();
+        assert_eq!(t.redacted(), "postgres://alice@db:5432/app?sslmode=require");
+        assert!(!format!("{t:?}").contains("hunter2"));
+        let t = PgTarget::parse("host=/run/postgresql user=u").unwrap();
+        assert!(t.is_unix_socket());
+        assert_eq!(
+            t.redacted(),
+            "postgres://u@%2Frun%2Fpostgresql:5432/u?sslmode=prefer"
+        );
+    }
+
+    #[test]
+    fn tokio_config_carries_pinned_settings() {
+        let t = PgTarget::parse("postgres://u@h/db?options=-c%20work_mem%3D64MB").unwrap();
+        let c = t.tokio_config();
+        let options = c.get_options().unwrap();
+        assert!(
+            options.starts_with("-c work_mem=64MB -c DateStyle=ISO"),
+            "{options}"
+        );
+        assert!(options.ends_with("-c client_encoding=UTF8"), "{options}");
+        assert_eq!(c.get_application_name(), Some("pgcache"));
+        assert_eq!(
+            session_options(),
+            "-c DateStyle=ISO -c TimeZone=UTC -c IntervalStyle=iso_8601 -c extra_float_digits=3 -c bytea_output=hex -c client_encoding=UTF8"
+        );
+        let t = PgTarget::parse("postgres://u@h/db?sslmode=verify-full").unwrap();
+        assert_eq!(
+            t.tokio_config().get_ssl_mode(),
+            tokio_postgres::config::SslMode::Require
+        );
+    }
+
+    #[test]
+    fn redact_url_hides_passwords() {
+        assert_eq!(
+            redact_url("postgres://u:p%40ss@h:5432/db?sslmode=disable"),
+            "postgres://u:***@h:5432/db?sslmode=disable"
+        );
+        assert_eq!(
+            redact_url("redis://:secret@r:6379/0"),
+            "redis://:***@r:6379/0"
+        );
+        assert_eq!(
+            redact_url("rediss://default:pw@r"),
+            "rediss://default:***@r"
+        );
+        assert_eq!(redact_url("redis://r:6379"), "redis://r:6379");
+        assert_eq!(
+            redact_url("postgres://u@h/db?password=x&a=b"),
+            "postgres://u@h/db?password=***&a=b"
+        );
+        assert_eq!(
+            redact_url("host=h user=u password=x"),
+            "host='h' user='u' password='***'"
+        );
+        assert_eq!(redact_url("not a url"), "not a url");
+    }
+
+    #[test]
+    fn tls_configs_build_for_every_mode() {
+        for mode in [
+            SslMode::Prefer,
+            SslMode::Require,
+            SslMode::VerifyCa,
+            SslMode::VerifyFull,
+        ] {
+            tls_config(mode, None).unwrap();
+        }
+        let e =
+            tls_config(SslMode::VerifyFull, Some(Path::new("/nonexistent/ca.pem"))).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/ca.pem"), "{e}");
+        let empty = tempfile::NamedTempFile::new().unwrap();
+        let e = tls_config(SslMode::VerifyCa, Some(empty.path())).unwrap_err();
+        assert!(matches!(e, PgTargetError::NoRootCerts(_)), "{e}");
+    }
+}
