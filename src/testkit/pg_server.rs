@@ -1,0 +1,770 @@
+//! A throwaway Postgres cluster: copied from a template made by initdb, started with pg_ctl.
+
+use std::ffi::CString;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+
+use super::{
+    check_output, clear_pg_env, file_len, free_port, kill_family, log_contains_since,
+    process_alive, run, tail, tls_certs, wait_for,
+};
+
+/// How to set up a [`TestPostgres`].
+#[derive(Debug, Clone)]
+pub struct PgOptions {
+    /// `wal_level`; `logical` unless a test wants to see what happens without it.
+    pub wal_level: String,
+    /// Serve TLS with a certificate from a throwaway CA ([`TestPostgres::ca_cert_path`]);
+    /// the certificate names `localhost` and `127.0.0.1`.
+    pub ssl: bool,
+    /// A `LOGIN REPLICATION` role with this password, which must authenticate with
+    /// SCRAM-SHA-256 over TCP. Every other role is trusted.
+    pub scram_user: Option<(String, String)>,
+    /// Extra `postgresql.conf` lines, read after ours so they win.
+    pub extra_conf: Vec<String>,
+}
+
+impl Default for PgOptions {
+    fn default() -> Self {
+        PgOptions {
+            wal_level: "logical".to_string(),
+            ssl: false,
+            scram_user: None,
+            extra_conf: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Running,
+    Stopped,
+}
+
+/// A Postgres server of our own, on a free port, in a temporary directory.
+///
+/// It is tuned for tests: `fsync`, `synchronous_commit` and `full_page_writes` are off, so a
+/// commit may be lost by [`kill9`](Self::kill9) (never by [`stop`](Self::stop) or
+/// [`restart`](Self::restart)). A test that needs a commit to survive a crash runs it with
+/// `SET synchronous_commit = on`, or passes `synchronous_commit = on` in
+/// [`PgOptions::extra_conf`].
+pub struct TestPostgres {
+    /// Everything of this server lives here: `data/`, the log, the socket, the certificates.
+    dir: tempfile::TempDir,
+    data_dir: PathBuf,
+    log_path: PathBuf,
+    port: u16,
+    opts: PgOptions,
+    ca_cert: Option<PathBuf>,
+    /// Pid of the postmaster while it runs, for `kill9` and `Drop`.
+    postmaster: Option<i32>,
+    state: State,
+    /// Stops the server and removes `dir` if this process dies without running `Drop`.
+    watchdog: Option<Child>,
+}
+
+/// The OS user the server runs as: initdb and postgres refuse to run as root.
+#[derive(Debug, Clone, Copy)]
+struct ServerUser {
+    uid: u32,
+    gid: u32,
+}
+
+const CONF_FILE: &str = "pgcache-testkit.conf";
+
+impl TestPostgres {
+    /// Starts a server with [`PgOptions::default`].
+    ///
+    /// # Errors
+    /// See [`start_with`](Self::start_with).
+    pub fn start() -> Result<TestPostgres> {
+        Self::start_with(PgOptions::default())
+    }
+
+    /// Starts a server. The first call in a process may run initdb (a second or two); later
+    /// ones copy its result and take a few hundred milliseconds.
+    ///
+    /// # Errors
+    /// When the Postgres binaries are missing, initdb or pg_ctl fail (the error holds the
+    /// server log), or the options are unusable.
+    pub fn start_with(opts: PgOptions) -> Result<TestPostgres> {
+        if let Some((name, _)) = &opts.scram_user {
+            check_role_name(name)?;
+        }
+        let user = server_user()?;
+        let template = template()?;
+        let dir = tempfile::Builder::new()
+            .prefix("pgcache-pg-")
+            .tempdir_in(tmp_root())
+            .context("creating a temporary directory for Postgres")?;
+        let root = dir.path().to_path_buf();
+        let mut pg = TestPostgres {
+            data_dir: root.join("data"),
+            log_path: root.join("postgres.log"),
+            dir,
+            port: 0,
+            opts,
+            ca_cert: None,
+            postmaster: None,
+            state: State::Stopped,
+            watchdog: None,
+        };
+        // From here on, an early return drops `pg`, which cleans up what exists so far.
+        run(
+            Command::new("cp")
+                .arg("-a")
+                .arg(&template)
+                .arg(&pg.data_dir),
+            "copying the initdb template",
+        )?;
+        if pg.opts.ssl {
+            let certs = tls_certs::generate(&root.join("certs"))?;
+            pg.ca_cert = Some(certs.ca_cert);
+        }
+        pg.write_hba()?;
+        let main_conf = pg.data_dir.join("postgresql.conf");
+        fs::OpenOptions::new()
+            .append(true)
+            .open(&main_conf)
+            .and_then(|mut f| writeln!(f, "\ninclude '{CONF_FILE}'"))
+            .with_context(|| format!("appending to {}", main_conf.display()))?;
+        if let Some(user) = user {
+            chown_tree(&root, user)?;
+        }
+        pg.watchdog = Some(pg.spawn_watchdog()?);
+        pg.start_on_a_free_port()?;
+        if let Some((name, password)) = pg.opts.scram_user.clone() {
+            pg.psql(
+                "postgres",
+                &format!(
+                    "CREATE ROLE {} LOGIN REPLICATION PASSWORD {}",
+                    quote_ident(&name),
+                    quote_literal(&password)
+                ),
+            )
+            .context("creating the SCRAM user")?;
+        }
+        Ok(pg)
+    }
+
+    /// The TCP port on 127.0.0.1; it stays the same across restarts.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// A URL for the superuser `postgres` (trusted, no TLS).
+    pub fn url(&self, db: &str) -> String {
+        format!(
+            "postgres://postgres@127.0.0.1:{}/{db}?sslmode=disable",
+            self.port
+        )
+    }
+
+    /// A URL for another role, with its password percent-encoded (no TLS).
+    pub fn url_as(&self, user: &str, password: Option<&str>, db: &str) -> String {
+        let password = password
+            .map(|p| format!(":{}", percent_encode(p)))
+            .unwrap_or_default();
+        format!(
+            "postgres://{}{password}@127.0.0.1:{}/{db}?sslmode=disable",
+            percent_encode(user),
+            self.port
+        )
+    }
+
+    /// Runs SQL with psql as the superuser over TCP and returns its output, unaligned and
+    /// tuples-only (`-At`), trimmed. Statements run one by one; the first error stops them.
+    ///
+    /// # Errors
+    /// When psql fails; the error holds its stderr.
+    pub fn psql(&self, db: &str, sql: &str) -> Result<String> {
+        self.psql_as("postgres", None, db, sql)
+    }
+
+    /// Like [`psql`](Self::psql), as another role, with `password` sent if the server asks
+    /// (psql never prompts).
+    ///
+    /// # Errors
+    /// When psql fails, e.g. because authentication failed; the error holds its stderr.
+    pub fn psql_as(
+        &self,
+        user: &str,
+        password: Option<&str>,
+        db: &str,
+        sql: &str,
+    ) -> Result<String> {
+        let conninfo = format!(
+            "host=127.0.0.1 port={} user={} dbname={} sslmode=disable connect_timeout=10",
+            self.port,
+            conninfo_value(user),
+            conninfo_value(db)
+        );
+        let mut cmd = Command::new(Self::bin("psql")?);
+        clear_pg_env(&mut cmd);
+        if let Some(password) = password {
+            cmd.env("PGPASSWORD", password);
+        }
+        let mut child = cmd
+            .args([
+                "-X",
+                "-q",
+                "-A",
+                "-t",
+                "-w",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-f",
+                "-",
+                "-d",
+            ])
+            .arg(&conninfo)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("running psql")?;
+        let mut stdin = child.stdin.take().context("psql stdin")?;
+        let sql = sql.to_string();
+        // Feed stdin from another thread: psql may fill its stdout pipe before reading all.
+        let feeder = std::thread::spawn(move || stdin.write_all(sql.as_bytes()));
+        let output = child.wait_with_output().context("waiting for psql")?;
+        let _ = feeder.join();
+        check_output(&output, &format!("psql on port {} as {user}", self.port))
+    }
+
+    /// Creates a database (each test gets its own).
+    ///
+    /// # Errors
+    /// When `CREATE DATABASE` fails.
+    pub fn create_database(&self, name: &str) -> Result<()> {
+        self.psql(
+            "postgres",
+            &format!("CREATE DATABASE {}", quote_ident(name)),
+        )
+        .map(drop)
+    }
+
+    /// The CA certificate that signed the server's certificate, when `ssl` is on.
+    pub fn ca_cert_path(&self) -> Option<PathBuf> {
+        self.ca_cert.clone()
+    }
+
+    /// Stops the server with a fast shutdown (clients disconnected, a checkpoint written)
+    /// and waits for it. Stopping a stopped server does nothing.
+    ///
+    /// # Errors
+    /// When pg_ctl fails; the error holds the server log.
+    pub fn stop(&mut self) -> Result<()> {
+        if self.state == State::Stopped {
+            return Ok(());
+        }
+        self.pg_ctl(&["stop", "-m", "fast", "-w", "-t", "60"])
+            .with_context(|| format!("stopping Postgres\n--- server log ---\n{}", self.log()))?;
+        self.state = State::Stopped;
+        self.postmaster = None;
+        Ok(())
+    }
+
+    /// Starts the stopped (or killed) server again, on the same port with the same data.
+    ///
+    /// # Errors
+    /// When it already runs, or pg_ctl fails (the error holds the server log).
+    pub fn start_again(&mut self) -> Result<()> {
+        if self.state == State::Running {
+            bail!("Postgres on port {} is already running", self.port);
+        }
+        self.pg_ctl_start()
+    }
+
+    /// A fast stop followed by [`start_again`](Self::start_again).
+    ///
+    /// # Errors
+    /// As those two.
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop()?;
+        self.start_again()
+    }
+
+    /// Kills the postmaster and all its backends with `SIGKILL`, like a crash, and waits
+    /// until they are gone. [`start_again`](Self::start_again) then runs crash recovery.
+    ///
+    /// # Errors
+    /// When the server is not running or the processes do not die.
+    pub fn kill9(&mut self) -> Result<()> {
+        let Some(pid) = self.postmaster.filter(|_| self.state == State::Running) else {
+            bail!("Postgres on port {} is not running", self.port);
+        };
+        if !self.is_our_postmaster(pid) {
+            bail!(
+                "Postgres on port {} (pid {pid}) is no longer running",
+                self.port
+            );
+        }
+        kill_family(pid)?;
+        self.forget_dead_postmaster(pid);
+        self.state = State::Stopped;
+        self.postmaster = None;
+        Ok(())
+    }
+
+    /// The data directory (`PGDATA`).
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// The last 200 lines of the server log, for failure messages.
+    pub fn log(&self) -> String {
+        tail(&self.log_path, 200)
+    }
+
+    /// The path of a Postgres binary (`psql`, `pg_recvlogical`, ...), from `pg_config
+    /// --bindir` or else the newest `/usr/lib/postgresql/*/bin`.
+    ///
+    /// # Errors
+    /// When there is no such binary; the message says how to install Postgres.
+    pub fn bin(name: &str) -> Result<PathBuf> {
+        static BINDIR: OnceLock<Option<PathBuf>> = OnceLock::new();
+        let bindir = BINDIR.get_or_init(find_bindir);
+        let path = bindir.as_ref().map(|dir| dir.join(name));
+        match path {
+            Some(path) if path.is_file() => Ok(path),
+            _ => Err(anyhow!(
+                "Postgres binary {name:?} not found (looked in `pg_config --bindir` and \
+                 /usr/lib/postgresql/*/bin); install it with `apt-get install -y postgresql`"
+            )),
+        }
+    }
+
+    fn start_on_a_free_port(&mut self) -> Result<()> {
+        const ATTEMPTS: usize = 5;
+        for attempt in 1..=ATTEMPTS {
+            self.port = free_port()?;
+            self.write_conf()?;
+            let log_offset = file_len(&self.log_path);
+            match self.pg_ctl_start() {
+                Ok(()) => return Ok(()),
+                // Another process took the port between our check and the server's bind.
+                Err(_)
+                    if attempt < ATTEMPTS
+                        && log_contains_since(&self.log_path, log_offset, "already in use") => {}
+                Err(err) => return Err(err),
+            }
+        }
+        unreachable!("the last attempt returns")
+    }
+
+    fn pg_ctl_start(&mut self) -> Result<()> {
+        let log = self.log_path.to_string_lossy().into_owned();
+        self.pg_ctl(&["start", "-w", "-t", "60", "-l", &log])
+            .with_context(|| {
+                format!(
+                    "starting Postgres on port {}\n--- server log ---\n{}",
+                    self.port,
+                    self.log()
+                )
+            })?;
+        self.state = State::Running;
+        self.postmaster = Some(self.pid_from_file().context("reading postmaster.pid")?);
+        Ok(())
+    }
+
+    fn pg_ctl(&self, args: &[&str]) -> Result<String> {
+        let mut cmd = server_command("pg_ctl", self.dir.path())?;
+        cmd.arg("-D").arg(&self.data_dir).args(args);
+        run(&mut cmd, &format!("pg_ctl {}", args[0]))
+    }
+
+    fn pid_from_file(&self) -> Result<i32> {
+        let text = fs::read_to_string(self.data_dir.join("postmaster.pid"))?;
+        let first = text.lines().next().unwrap_or_default().trim();
+        first
+            .parse()
+            .with_context(|| format!("postmaster.pid starts with {first:?}, not a pid"))
+    }
+
+    /// Whether `pid` is a postgres process serving our data directory, so that a stale
+    /// pid that the kernel gave to someone else is never signalled.
+    fn is_our_postmaster(&self, pid: i32) -> bool {
+        let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else {
+            return false;
+        };
+        let data_dir = self.data_dir.to_string_lossy();
+        process_alive(pid)
+            && cmdline
+                .split(|&b| b == 0)
+                .any(|arg| String::from_utf8_lossy(arg) == data_dir)
+    }
+
+    /// After the postmaster died without cleaning up, removes what it left behind: its
+    /// System V shared memory segment (else one leaks per crash), and `postmaster.pid` and
+    /// the socket lock file. Postgres would discard those lock files itself once their pid
+    /// is gone, but the dead postmaster stays a zombie until init reaps it, which some
+    /// container inits do only lazily, and a zombie's pid still looks alive.
+    fn forget_dead_postmaster(&self, pid: i32) {
+        let pid_file = self.data_dir.join("postmaster.pid");
+        if let Ok(text) = fs::read_to_string(&pid_file) {
+            // Line 7 holds the segment's key and id.
+            let shmid = text
+                .lines()
+                .nth(6)
+                .and_then(|line| line.split_whitespace().nth(1)?.parse::<i32>().ok());
+            if let Some(shmid) = shmid {
+                remove_shm_segment_of(shmid, pid);
+            }
+        }
+        let _ = fs::remove_file(pid_file);
+        let socket = format!(".s.PGSQL.{}", self.port);
+        let _ = fs::remove_file(self.dir.path().join(format!("{socket}.lock")));
+        let _ = fs::remove_file(self.dir.path().join(socket));
+    }
+
+    fn write_hba(&self) -> Result<()> {
+        let mut hba = String::from("# Written by the pgcache testkit.\nlocal all all trust\n");
+        if let Some((name, _)) = &self.opts.scram_user {
+            let name = format!("\"{name}\"");
+            for db in ["all", "replication"] {
+                hba.push_str(&format!("host {db} {name} 127.0.0.1/32 scram-sha-256\n"));
+                hba.push_str(&format!("host {db} {name} ::1/128 scram-sha-256\n"));
+            }
+        }
+        for db in ["all", "replication"] {
+            hba.push_str(&format!("host {db} all 127.0.0.1/32 trust\n"));
+            hba.push_str(&format!("host {db} all ::1/128 trust\n"));
+        }
+        let path = self.data_dir.join("pg_hba.conf");
+        fs::write(&path, hba).with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// Writes our settings into their own file, included from `postgresql.conf`, so that a
+    /// retry on another port can rewrite it.
+    fn write_conf(&self) -> Result<()> {
+        let root = self.dir.path();
+        let mut conf = format!(
+            "# Written by the pgcache testkit.\n\
+             listen_addresses = '127.0.0.1'\n\
+             port = {port}\n\
+             unix_socket_directories = {socket_dir}\n\
+             wal_level = {wal_level}\n\
+             fsync = off\n\
+             synchronous_commit = off\n\
+             full_page_writes = off\n\
+             max_wal_senders = 20\n\
+             max_replication_slots = 20\n\
+             max_connections = 200\n\
+             shared_buffers = 64MB\n\
+             wal_sender_timeout = 60s\n\
+             logging_collector = off\n\
+             log_line_prefix = '%m [%p] %q%u@%d '\n\
+             # Files under the data directory, so a crashed server leaves nothing in /dev/shm.\n\
+             dynamic_shared_memory_type = mmap\n",
+            port = self.port,
+            socket_dir = quote_literal(&root.to_string_lossy()),
+            wal_level = quote_literal(&self.opts.wal_level),
+        );
+        if let Some(ca_cert) = &self.ca_cert {
+            let certs = ca_cert.parent().unwrap_or(root);
+            conf.push_str(&format!(
+                "ssl = on\nssl_cert_file = {}\nssl_key_file = {}\n",
+                quote_literal(&certs.join("server.crt").to_string_lossy()),
+                quote_literal(&certs.join("server.key").to_string_lossy()),
+            ));
+        }
+        for line in &self.opts.extra_conf {
+            conf.push_str(line);
+            conf.push('\n');
+        }
+        let path = self.data_dir.join(CONF_FILE);
+        fs::write(&path, conf).with_context(|| format!("writing {}", path.display()))?;
+        if let Some(user) = server_user()? {
+            chown_tree(&path, user)?;
+        }
+        Ok(())
+    }
+
+    /// A watchdog ([`super::spawn_watchdog`]), as the server's OS user, that shuts the
+    /// server down and deletes its files.
+    fn spawn_watchdog(&self) -> Result<Child> {
+        const SCRIPT: &str = r#""$0" stop -D "$1" -m immediate -w -t 10 >/dev/null 2>&1
+rm -rf -- "$2""#;
+        let mut cmd = server_command_at(Path::new("/bin/sh"), self.dir.path())?;
+        cmd.arg("-c")
+            .arg(super::watchdog_script(SCRIPT))
+            .arg(Self::bin("pg_ctl")?)
+            .arg(&self.data_dir)
+            .arg(self.dir.path());
+        super::spawn_watchdog(cmd).context("starting the Postgres watchdog shell")
+    }
+}
+
+impl Drop for TestPostgres {
+    /// An immediate shutdown (SIGQUIT to the postmaster: no checkpoint, a few milliseconds),
+    /// then SIGKILL if that does not finish within 10 s. The temporary directory goes with
+    /// the `TempDir` field afterwards.
+    fn drop(&mut self) {
+        if self.state == State::Running {
+            let pid = self.pid_from_file().ok().or(self.postmaster);
+            if let Some(pid) = pid.filter(|&pid| self.is_our_postmaster(pid)) {
+                // SAFETY: kill(2) has no memory-safety preconditions.
+                unsafe { libc::kill(pid, libc::SIGQUIT) };
+                if !wait_for(Duration::from_secs(10), || !process_alive(pid)) {
+                    let _ = kill_family(pid);
+                    self.forget_dead_postmaster(pid);
+                }
+            }
+        }
+        if let Some(mut watchdog) = self.watchdog.take() {
+            let _ = watchdog.kill();
+            let _ = watchdog.wait();
+        }
+    }
+}
+
+/// Removes a System V shared memory segment, but only if the dead `creator` made it and
+/// nobody is attached (the id may have been reused).
+fn remove_shm_segment_of(shmid: i32, creator: i32) {
+    // SAFETY: shmid_ds is plain data; shmctl writes into it or fails.
+    unsafe {
+        let mut info: libc::shmid_ds = std::mem::zeroed();
+        if libc::shmctl(shmid, libc::IPC_STAT, &mut info) == 0
+            && info.shm_cpid == creator
+            && info.shm_nattch == 0
+        {
+            libc::shmctl(shmid, libc::IPC_RMID, std::ptr::null_mut());
+        }
+    }
+}
+
+/// The server's OS user: `postgres` when we are root, else nobody in particular (`None`:
+/// run as ourselves).
+fn server_user() -> Result<Option<ServerUser>> {
+    static USER: OnceLock<Result<Option<ServerUser>, String>> = OnceLock::new();
+    USER.get_or_init(|| {
+        // SAFETY: geteuid cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            return Ok(None);
+        }
+        lookup_user("postgres").map(Some).ok_or_else(|| {
+            "running as root, but there is no `postgres` OS user to run Postgres as \
+             (initdb refuses root); `apt-get install -y postgresql` creates it"
+                .to_string()
+        })
+    })
+    .clone()
+    .map_err(anyhow::Error::msg)
+}
+
+fn lookup_user(name: &str) -> Option<ServerUser> {
+    let name = CString::new(name).ok()?;
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    // SAFETY: passwd is plain data; getpwnam_r fills it with pointers into `buf`, which
+    // outlives the only reads below (uid and gid, which are not pointers).
+    unsafe {
+        let mut pwd: libc::passwd = std::mem::zeroed();
+        let mut result: *mut libc::passwd = std::ptr::null_mut();
+        let rc = libc::getpwnam_r(
+            name.as_ptr(),
+            &mut pwd,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut result,
+        );
+        (rc == 0 && !result.is_null()).then_some(ServerUser {
+            uid: pwd.pw_uid,
+            gid: pwd.pw_gid,
+        })
+    }
+}
+
+/// Temporary directories must be reachable by the `postgres` user when we are root, which a
+/// private `TMPDIR` may not be.
+fn tmp_root() -> PathBuf {
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        PathBuf::from("/tmp")
+    } else {
+        std::env::temp_dir()
+    }
+}
+
+/// A Postgres binary as a command run as the server's OS user, in `cwd` (a directory that
+/// user can enter: initdb and postgres fail when they cannot resolve the current directory).
+fn server_command(name: &str, cwd: &Path) -> Result<Command> {
+    server_command_at(&TestPostgres::bin(name)?, cwd)
+}
+
+fn server_command_at(program: &Path, cwd: &Path) -> Result<Command> {
+    let mut cmd = Command::new(program);
+    if let Some(user) = server_user()? {
+        // std also drops root's supplementary groups when it changes the uid.
+        cmd.uid(user.uid).gid(user.gid);
+    }
+    clear_pg_env(&mut cmd);
+    // Stable, English messages: we look for "already in use" in the log.
+    cmd.current_dir(cwd).env("LC_ALL", "C").stdin(Stdio::null());
+    Ok(cmd)
+}
+
+fn chown_tree(path: &Path, user: ServerUser) -> Result<()> {
+    std::os::unix::fs::lchown(path, Some(user.uid), Some(user.gid))
+        .with_context(|| format!("chown {}", path.display()))?;
+    let meta = fs::symlink_metadata(path).with_context(|| format!("stat {}", path.display()))?;
+    if meta.is_dir() {
+        for entry in fs::read_dir(path).with_context(|| format!("listing {}", path.display()))? {
+            chown_tree(&entry?.path(), user)?;
+        }
+    }
+    Ok(())
+}
+
+fn find_bindir() -> Option<PathBuf> {
+    let from_pg_config = Command::new("pg_config")
+        .arg("--bindir")
+        .output()
+        .ok()
+        .filter(|out| out.status.success())
+        .map(|out| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()));
+    // libpq-dev's pg_config may point at /usr/bin, which has psql but no server binaries.
+    if let Some(dir) = from_pg_config.filter(|dir| dir.join("initdb").is_file()) {
+        return Some(dir);
+    }
+    let mut versions: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|entry| {
+            let entry = entry.ok()?;
+            let version = entry.file_name().to_str()?.parse().ok()?;
+            Some((version, entry.path().join("bin")))
+        })
+        .filter(|(_, bin)| bin.join("initdb").is_file())
+        .collect();
+    versions.sort();
+    versions.pop().map(|(_, bin)| bin)
+}
+
+/// The initdb result that every server starts from, made at most once per process.
+///
+/// It is kept in the temp directory, named after the Postgres version and our uid, so
+/// later test runs skip initdb entirely; it is built aside and renamed into place, so
+/// processes racing to build it never see half of it. Delete it to force a rebuild.
+fn template() -> Result<PathBuf> {
+    static TEMPLATE: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    TEMPLATE
+        .get_or_init(|| build_template().map_err(|err| format!("{err:#}")))
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
+/// Bump when the initdb arguments change, so an old template is not reused.
+const TEMPLATE_FORMAT: u32 = 1;
+
+fn build_template() -> Result<PathBuf> {
+    let user = server_user()?;
+    let initdb = TestPostgres::bin("initdb")?;
+    let version = run(Command::new(&initdb).arg("--version"), "initdb --version")?;
+    // "initdb (PostgreSQL) 15.20 (Debian 15.20-0+deb12u1)": the first number is the version.
+    let version: String = version
+        .split_whitespace()
+        .find(|word| word.starts_with(|c: char| c.is_ascii_digit()))
+        .unwrap_or("unknown")
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '.')
+        .collect();
+    // SAFETY: geteuid cannot fail.
+    let owner = user.map_or_else(|| unsafe { libc::geteuid() }, |u| u.uid);
+    let final_path = tmp_root().join(format!(
+        "pgcache-testkit-template-{version}-u{owner}-f{TEMPLATE_FORMAT}"
+    ));
+    if template_is_usable(&final_path, owner) {
+        return Ok(final_path);
+    }
+
+    let build = tempfile::Builder::new()
+        .prefix("pgcache-testkit-initdb-")
+        .tempdir_in(tmp_root())
+        .context("creating a directory for initdb")?;
+    if let Some(user) = user {
+        chown_tree(build.path(), user)?;
+    }
+    let data = build.path().join("data");
+    let mut cmd = server_command("initdb", build.path())?;
+    cmd.args([
+        "-A",
+        "trust",
+        "-U",
+        "postgres",
+        "--no-sync",
+        "-E",
+        "UTF8",
+        "--locale=C",
+        "-D",
+    ])
+    .arg(&data);
+    run(&mut cmd, "initdb")?;
+    match fs::rename(&data, &final_path) {
+        Ok(()) => Ok(final_path),
+        // Another process finished first; use its template.
+        Err(_) if template_is_usable(&final_path, owner) => Ok(final_path),
+        Err(err) => Err(err).with_context(|| {
+            format!(
+                "moving the initdb template to {} (delete it if it is stale)",
+                final_path.display()
+            )
+        }),
+    }
+}
+
+/// A template found in the shared temp directory is used only if it is a real, private
+/// directory of ours with a complete cluster in it.
+fn template_is_usable(path: &Path, owner: u32) -> bool {
+    let Ok(meta) = fs::symlink_metadata(path) else {
+        return false;
+    };
+    meta.is_dir()
+        && meta.uid() == owner
+        && meta.permissions().mode() & 0o077 == 0
+        && path.join("PG_VERSION").is_file()
+        && path.join("global/pg_control").is_file()
+}
+
+fn check_role_name(name: &str) -> Result<()> {
+    if name.is_empty()
+        || name.len() > 63
+        || name.contains('"')
+        || name.chars().any(char::is_control)
+    {
+        bail!("scram_user name {name:?} must be 1 to 63 characters without quotes or control characters");
+    }
+    Ok(())
+}
+
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+fn quote_literal(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "''"))
+}
+
+/// A libpq keyword/value: quoted, with `\` and `'` escaped.
+fn conninfo_value(value: &str) -> String {
+    format!("'{}'", value.replace('\\', "\\\\").replace('\'', "\\'"))
+}
+
+fn percent_encode(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}

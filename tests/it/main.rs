@@ -1,0 +1,10 @@
+//! The integration tests, all in this one test binary.
+//!
+//! One binary means one process, so the harness ([`pgcache::testkit`]) runs initdb at most
+//! once and every test copies its template, and cargo links one executable instead of one
+//! per file. Each file below is one area; add yours as another `mod` line.
+//!
+//! Run one area with `cargo test --test it <module>`, e.g. `cargo test --test it testkit`.
+
+mod testkit;
+mod replication;
