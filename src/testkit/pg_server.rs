@@ -509,20 +509,36 @@ impl Drop for TestPostgres {
     /// then SIGKILL if that does not finish within 10 s. The temporary directory goes with
     /// the `TempDir` field afterwards.
     fn drop(&mut self) {
+        let mut stopped = true;
         if self.state == State::Running {
             let pid = self.pid_from_file().ok().or(self.postmaster);
-            if let Some(pid) = pid.filter(|&pid| self.is_our_postmaster(pid)) {
-                // SAFETY: kill(2) has no memory-safety preconditions.
-                unsafe { libc::kill(pid, libc::SIGQUIT) };
-                if !wait_for(Duration::from_secs(10), || !process_alive(pid)) {
-                    let _ = kill_family(pid);
-                    self.forget_dead_postmaster(pid);
+            stopped = match pid.filter(|&pid| self.is_our_postmaster(pid)) {
+                Some(pid) => {
+                    // SAFETY: kill(2) has no memory-safety preconditions.
+                    unsafe { libc::kill(pid, libc::SIGQUIT) };
+                    wait_for(Duration::from_secs(10), || !process_alive(pid))
+                        || match kill_family(pid) {
+                            Ok(()) => {
+                                self.forget_dead_postmaster(pid);
+                                true
+                            }
+                            Err(_) => false,
+                        }
                 }
-            }
+                // The server is not where we left it; let pg_ctl find it.
+                None => self
+                    .pg_ctl(&["stop", "-m", "immediate", "-w", "-t", "10"])
+                    .is_ok(),
+            };
         }
         if let Some(mut watchdog) = self.watchdog.take() {
-            let _ = watchdog.kill();
-            let _ = watchdog.wait();
+            if stopped {
+                let _ = watchdog.kill();
+                let _ = watchdog.wait();
+            } else {
+                // Last resort: let the watchdog try pg_ctl too, without waiting for it.
+                drop(watchdog.stdin.take());
+            }
         }
     }
 }

@@ -110,7 +110,8 @@ impl TestRedis {
     /// Runs `redis-cli --raw` with `args` and returns its trimmed output.
     ///
     /// # Errors
-    /// When redis-cli fails, including when Redis answers with an error.
+    /// When redis-cli fails, including when Redis answers with an error (the error then
+    /// holds the reply).
     pub fn cli(&self, args: &[&str]) -> Result<String> {
         let cli = find_on_path("redis-cli").ok_or_else(|| {
             anyhow!(
@@ -119,13 +120,16 @@ impl TestRedis {
         })?;
         let port = self.port.to_string();
         let mut cmd = Command::new(cli);
-        cmd.args(["-h", "127.0.0.1", "-p", &port, "--raw"])
-            .args(args)
-            .stdin(Stdio::null());
+        cmd.args(["-h", "127.0.0.1", "-p", &port, "--raw"]);
+        // Without -e (Redis 7 on) redis-cli exits 0 on an error reply.
+        let exits_on_error = redis_major_version() >= 7;
+        if exits_on_error {
+            cmd.arg("-e");
+        }
+        cmd.args(args).stdin(Stdio::null());
         let output = run(&mut cmd, &format!("redis-cli {}", args.join(" ")))?;
-        // redis-cli exits 0 on an error reply; --raw prints it with an error-code prefix.
         let first = output.split_whitespace().next().unwrap_or_default();
-        if ["ERR", "WRONGTYPE", "NOSCRIPT", "LOADING", "NOAUTH", "BUSY"].contains(&first) {
+        if !exits_on_error && ["ERR", "WRONGTYPE", "NOSCRIPT", "LOADING", "BUSY"].contains(&first) {
             bail!("redis-cli {}: {output}", args.join(" "));
         }
         Ok(output)

@@ -238,6 +238,9 @@ fn redis_cli_reports_error_replies() -> Result<()> {
     redis.cli(&["RPUSH", "list", "x"])?;
     let err = redis.cli(&["GET", "list"]).unwrap_err();
     assert!(format!("{err:#}").contains("WRONGTYPE"), "{err:#}");
+    // A value that looks like an error is still a value.
+    redis.cli(&["SET", "s", "ERR not really"])?;
+    assert_eq!(redis.cli(&["GET", "s"])?, "ERR not really");
     Ok(())
 }
 
