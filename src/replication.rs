@@ -80,10 +80,14 @@ impl ReplicationError {
             ReplicationError::Io(_) | ReplicationError::Closed => true,
             ReplicationError::Server { code, .. } => {
                 let class = code.get(..2).unwrap_or("");
-                // 08 connection exception, 53 insufficient resources (53300 too many
-                // connections), 57 operator intervention (57P01 admin shutdown), 58 system
-                // error, 55006 object in use (the slot is active elsewhere), 40 rollback.
-                matches!(class, "08" | "53" | "57" | "58" | "40") || code == "55006"
+                // 08 connection exception (but not 08P01, a protocol violation: a bug that a
+                // retry repeats), 53 insufficient resources (53300 too many connections), 57
+                // operator intervention (57P01 admin shutdown), 55006 object in use (another
+                // consumer holds the slot), 58000/58030 system and I/O errors (but not 58P01,
+                // which is how a removed WAL segment is reported).
+                (class == "08" && code != "08P01")
+                    || matches!(class, "53" | "57")
+                    || matches!(code.as_str(), "55006" | "58000" | "58030")
             }
             ReplicationError::Tls(_)
             | ReplicationError::Auth(_)
@@ -977,7 +981,9 @@ mod tests {
         for code in ["57P01", "53300", "55006", "08006"] {
             assert!(server(code).is_retryable(), "{code}");
         }
-        for code in ["42704", "28P01", "28000", "3D000", "42501", "55000"] {
+        for code in [
+            "42704", "28P01", "28000", "3D000", "42501", "55000", "58P01", "08P01",
+        ] {
             assert!(!server(code).is_retryable(), "{code}");
         }
         assert!(ReplicationError::Closed.is_retryable());
