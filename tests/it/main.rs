@@ -6,5 +6,6 @@
 //!
 //! Run one area with `cargo test --test it <module>`, e.g. `cargo test --test it testkit`.
 
+mod deploy;
 mod testkit;
 mod replication;

@@ -1,0 +1,946 @@
+//! Checks of `deploy/`: every manifest parses and says what the daemon needs, the configs load,
+//! the dashboard only queries metrics the code records, the systemd unit passes
+//! `systemd-analyze verify` (where it exists), and the compose init script really prepares a
+//! Postgres server.
+//!
+//! Nothing here needs Docker or Kubernetes: the files are read as data and checked against
+//! the code (metric names, config loader, SQL scripts).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, ensure, Context, Result};
+use pgcache::testkit::TestPostgres;
+use serde::Deserialize;
+use serde_norway::Value;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn deploy() -> PathBuf {
+    repo().join("deploy")
+}
+
+fn read(path: &Path) -> Result<String> {
+    fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+}
+
+/// Every file under `dir` (recursively) whose name ends with one of `exts`, sorted.
+fn files_under(dir: &Path, exts: &[&str]) -> Result<Vec<PathBuf>> {
+    let mut found = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        for entry in fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
+            let path = entry?.path();
+            if path.is_dir() {
+                pending.push(path);
+            } else if exts.iter().any(|ext| path.to_string_lossy().ends_with(ext)) {
+                found.push(path);
+            }
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// All documents of a YAML stream (`---` separated), without empty ones.
+fn yaml_documents(path: &Path) -> Result<Vec<Value>> {
+    let text = read(path)?;
+    let mut docs = Vec::new();
+    for doc in serde_norway::Deserializer::from_str(&text) {
+        let value =
+            Value::deserialize(doc).with_context(|| format!("parsing {}", path.display()))?;
+        if !value.is_null() {
+            docs.push(value);
+        }
+    }
+    Ok(docs)
+}
+
+/// The one document of a YAML file that must hold exactly one.
+fn yaml_document(path: &Path) -> Result<Value> {
+    let mut docs = yaml_documents(path)?;
+    ensure!(
+        docs.len() == 1,
+        "{}: expected one YAML document, found {}",
+        path.display(),
+        docs.len()
+    );
+    Ok(docs.remove(0))
+}
+
+/// Follows `path` (mapping keys, or sequence indexes written as numbers) into `value`.
+fn at<'a>(value: &'a Value, path: &[&str]) -> Result<&'a Value> {
+    let mut here = value;
+    for (depth, step) in path.iter().enumerate() {
+        let next = match (here, step.parse::<usize>()) {
+            (Value::Sequence(items), Ok(index)) => items.get(index),
+            _ => here.get(*step),
+        };
+        here = next.with_context(|| format!("no `{}`", path[..=depth].join(".")))?;
+    }
+    Ok(here)
+}
+
+fn str_at<'a>(value: &'a Value, path: &[&str]) -> Result<&'a str> {
+    at(value, path)?
+        .as_str()
+        .with_context(|| format!("`{}` is not a string", path.join(".")))
+}
+
+fn seq_at<'a>(value: &'a Value, path: &[&str]) -> Result<&'a Vec<Value>> {
+    at(value, path)?
+        .as_sequence()
+        .with_context(|| format!("`{}` is not a list", path.join(".")))
+}
+
+/// A compose `command` as one string, whether written as a list or a string.
+fn command_line(value: &Value) -> String {
+    match value {
+        Value::Sequence(items) => items
+            .iter()
+            .map(|item| match item {
+                Value::String(s) => s.clone(),
+                other => serde_norway::to_string(other)
+                    .unwrap_or_default()
+                    .trim()
+                    .to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join(" "),
+        Value::String(s) => s.clone(),
+        _ => String::new(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// YAML: compose and Kubernetes
+
+#[test]
+fn every_yaml_file_under_deploy_parses() -> Result<()> {
+    let files = files_under(&deploy(), &[".yaml", ".yml"])?;
+    let names: BTreeSet<String> = files
+        .iter()
+        .filter_map(|p| p.strip_prefix(deploy()).ok())
+        .map(|p| p.display().to_string())
+        .collect();
+    for expected in [
+        "compose.yaml",
+        "k8s/configmap.yaml",
+        "k8s/secret.yaml",
+        "k8s/deployment.yaml",
+        "k8s/service.yaml",
+        "k8s/kustomization.yaml",
+    ] {
+        ensure!(
+            names.contains(expected),
+            "deploy/{expected} is missing; found {names:?}"
+        );
+    }
+    for file in &files {
+        let docs = yaml_documents(file)?;
+        ensure!(
+            !docs.is_empty(),
+            "{} holds no YAML document",
+            file.display()
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn compose_runs_postgres_redis_and_pgcache() -> Result<()> {
+    let compose = yaml_document(&deploy().join("compose.yaml"))?;
+    let services = at(&compose, &["services"])?;
+    for name in ["postgres", "redis", "pgcache"] {
+        ensure!(
+            services.get(name).is_some(),
+            "compose has no `{name}` service"
+        );
+    }
+
+    let postgres = at(services, &["postgres"])?;
+    ensure!(
+        str_at(postgres, &["image"])?.starts_with("postgres:16"),
+        "Postgres 16 image"
+    );
+    let command = command_line(at(postgres, &["command"])?);
+    ensure!(
+        command.contains("wal_level=logical"),
+        "postgres command lacks wal_level=logical: {command}"
+    );
+    ensure!(
+        command.contains("max_slot_wal_keep_size="),
+        "postgres command lacks max_slot_wal_keep_size: {command}"
+    );
+
+    let redis = at(services, &["redis"])?;
+    ensure!(
+        str_at(redis, &["image"])?.starts_with("redis:7"),
+        "Redis 7 image"
+    );
+    let command = command_line(at(redis, &["command"])?);
+    ensure!(
+        command.contains("--appendonly yes"),
+        "redis command lacks --appendonly yes: {command}"
+    );
+
+    for name in ["postgres", "redis", "pgcache"] {
+        let test = command_line(at(services, &[name, "healthcheck", "test"])?);
+        ensure!(!test.is_empty(), "`{name}` has an empty healthcheck");
+    }
+    for dependency in ["postgres", "redis"] {
+        let condition = str_at(
+            services,
+            &["pgcache", "depends_on", dependency, "condition"],
+        )?;
+        ensure!(
+            condition == "service_healthy",
+            "pgcache waits for {dependency}: {condition}"
+        );
+    }
+
+    // The build points at our Dockerfile from the repository root.
+    let pgcache = at(services, &["pgcache"])?;
+    let context = deploy().join(str_at(pgcache, &["build", "context"])?);
+    let dockerfile = context.join(str_at(pgcache, &["build", "dockerfile"])?);
+    ensure!(
+        dockerfile.is_file(),
+        "compose builds {} which does not exist",
+        dockerfile.display()
+    );
+    ensure!(
+        context.join("Cargo.toml").is_file(),
+        "build context {} is not the crate root",
+        context.display()
+    );
+
+    // Every bind mount's host side exists (a typo would make Docker create an empty dir).
+    for (name, service) in services.as_mapping().context("services is not a mapping")? {
+        let Ok(volumes) = seq_at(service, &["volumes"]) else {
+            continue;
+        };
+        for volume in volumes {
+            let spec = volume.as_str().context("volume entries are strings")?;
+            let host = spec.split(':').next().unwrap_or_default();
+            if host.starts_with('.') || host.starts_with('/') {
+                let path = deploy().join(host);
+                ensure!(
+                    path.exists(),
+                    "{name:?} mounts {host}, which does not exist ({})",
+                    path.display()
+                );
+            }
+        }
+    }
+    let mounts = command_line(at(pgcache, &["volumes"])?);
+    ensure!(
+        mounts.contains("./compose/pgcache.toml:/etc/pgcache/pgcache.toml"),
+        "pgcache's config is mounted where the image's CMD reads it: {mounts}"
+    );
+
+    // The daemon's URL names the role, password and database that initdb.sh creates.
+    let password = str_at(postgres, &["environment", "PGCACHE_PASSWORD"])?;
+    let db = str_at(postgres, &["environment", "POSTGRES_DB"])?;
+    let url = str_at(pgcache, &["environment", "PGCACHE__POSTGRES__URL"])?;
+    ensure!(
+        url == format!("postgres://pgcache:{password}@postgres:5432/{db}"),
+        "PGCACHE__POSTGRES__URL {url} does not match the role initdb.sh creates"
+    );
+    let listen = str_at(pgcache, &["environment", "PGCACHE__METRICS__LISTEN"])?;
+    ensure!(
+        listen == "0.0.0.0:9187",
+        "metrics must listen on all interfaces in a container"
+    );
+    Ok(())
+}
+
+/// The Kubernetes manifests by kind (each file holds one or more documents).
+fn k8s_objects() -> Result<BTreeMap<String, Value>> {
+    let mut objects = BTreeMap::new();
+    for file in files_under(&deploy().join("k8s"), &[".yaml", ".yml"])? {
+        for doc in yaml_documents(&file)? {
+            let kind = str_at(&doc, &["kind"])
+                .with_context(|| file.display().to_string())?
+                .to_string();
+            str_at(&doc, &["apiVersion"]).with_context(|| file.display().to_string())?;
+            if kind != "Kustomization" {
+                str_at(&doc, &["metadata", "name"]).with_context(|| file.display().to_string())?;
+            }
+            ensure!(
+                objects.insert(kind.clone(), doc).is_none(),
+                "two objects of kind {kind}"
+            );
+        }
+    }
+    Ok(objects)
+}
+
+#[test]
+fn kustomization_lists_every_manifest() -> Result<()> {
+    let dir = deploy().join("k8s");
+    let kustomization = yaml_document(&dir.join("kustomization.yaml"))?;
+    let listed: BTreeSet<String> = seq_at(&kustomization, &["resources"])?
+        .iter()
+        .filter_map(|r| r.as_str().map(str::to_string))
+        .collect();
+    let present: BTreeSet<String> = files_under(&dir, &[".yaml", ".yml"])?
+        .iter()
+        .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .filter(|name| name != "kustomization.yaml")
+        .collect();
+    ensure!(
+        listed == present,
+        "kustomization lists {listed:?}, the directory has {present:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn deployment_runs_two_locked_down_replicas_with_probes() -> Result<()> {
+    let objects = k8s_objects()?;
+    let deployment = objects.get("Deployment").context("no Deployment")?;
+    ensure!(
+        at(deployment, &["spec", "replicas"])?.as_u64() == Some(2),
+        "replicas: 2"
+    );
+
+    let pod = at(deployment, &["spec", "template", "spec"])?;
+    let containers = seq_at(pod, &["containers"])?;
+    ensure!(containers.len() == 1, "one container");
+    let container = &containers[0];
+
+    ensure!(
+        str_at(container, &["readinessProbe", "httpGet", "path"])? == "/readyz",
+        "readiness on /readyz"
+    );
+    ensure!(
+        str_at(container, &["livenessProbe", "httpGet", "path"])? == "/healthz",
+        "liveness on /healthz"
+    );
+    // The probes' named port is the metrics port.
+    let ports = seq_at(container, &["ports"])?;
+    for probe in ["readinessProbe", "livenessProbe"] {
+        let port = at(container, &[probe, "httpGet", "port"])?;
+        let number = match port {
+            Value::Number(n) => n.as_u64(),
+            Value::String(name) => ports
+                .iter()
+                .find(|p| p.get("name").and_then(Value::as_str) == Some(name))
+                .and_then(|p| p.get("containerPort"))
+                .and_then(Value::as_u64),
+            _ => None,
+        };
+        ensure!(
+            number == Some(9187),
+            "{probe} probes port {port:?}, not 9187"
+        );
+    }
+
+    let non_root = |v: &Value| {
+        at(v, &["securityContext", "runAsNonRoot"])
+            .ok()
+            .and_then(Value::as_bool)
+    };
+    ensure!(
+        non_root(pod) == Some(true) || non_root(container) == Some(true),
+        "runAsNonRoot: true"
+    );
+    ensure!(
+        at(container, &["securityContext", "readOnlyRootFilesystem"])?.as_bool() == Some(true),
+        "read-only root"
+    );
+    ensure!(
+        at(container, &["securityContext", "allowPrivilegeEscalation"])?.as_bool() == Some(false),
+        "no privilege escalation"
+    );
+    let dropped = command_line(at(container, &["securityContext", "capabilities", "drop"])?);
+    ensure!(dropped == "ALL", "drop ALL capabilities, not {dropped}");
+    str_at(container, &["resources", "requests", "memory"])?;
+    str_at(container, &["resources", "limits", "memory"])?;
+
+    // The container reads the config the ConfigMap provides, and the Secret's variables.
+    let args = command_line(at(container, &["args"])?);
+    ensure!(
+        args == "run --config /etc/pgcache/pgcache.toml",
+        "args: {args}"
+    );
+    let mount = seq_at(container, &["volumeMounts"])?
+        .iter()
+        .find(|m| m.get("mountPath").and_then(Value::as_str) == Some("/etc/pgcache"))
+        .context("nothing mounted at /etc/pgcache")?;
+    let volume_name = str_at(mount, &["name"])?;
+    let volume = seq_at(pod, &["volumes"])?
+        .iter()
+        .find(|v| v.get("name").and_then(Value::as_str) == Some(volume_name))
+        .context("the mounted volume is not declared")?;
+    let configmap = objects.get("ConfigMap").context("no ConfigMap")?;
+    ensure!(
+        str_at(volume, &["configMap", "name"])? == str_at(configmap, &["metadata", "name"])?,
+        "the config volume names another ConfigMap"
+    );
+    let secret = objects.get("Secret").context("no Secret")?;
+    let secret_name = str_at(secret, &["metadata", "name"])?;
+    ensure!(
+        seq_at(container, &["envFrom"])?.iter().any(|e| e
+            .get("secretRef")
+            .and_then(|r| r.get("name"))
+            .and_then(Value::as_str)
+            == Some(secret_name)),
+        "the container does not take its environment from Secret {secret_name}"
+    );
+    let listen = seq_at(container, &["env"])?
+        .iter()
+        .find(|e| e.get("name").and_then(Value::as_str) == Some("PGCACHE__METRICS__LISTEN"))
+        .and_then(|e| e.get("value"))
+        .and_then(Value::as_str);
+    ensure!(
+        listen == Some("0.0.0.0:9187"),
+        "PGCACHE__METRICS__LISTEN is {listen:?}"
+    );
+
+    // The selector picks the pod template, and so does the Service's.
+    let labels = at(deployment, &["spec", "template", "metadata", "labels"])?
+        .as_mapping()
+        .context("pod labels")?;
+    let service = objects.get("Service").context("no Service")?;
+    for selector in [
+        at(deployment, &["spec", "selector", "matchLabels"])?,
+        at(service, &["spec", "selector"])?,
+    ] {
+        for (key, value) in selector.as_mapping().context("selector is a mapping")? {
+            ensure!(
+                labels.get(key) == Some(value),
+                "selector {key:?}={value:?} misses the pods"
+            );
+        }
+    }
+    let service_port = &seq_at(service, &["spec", "ports"])?[0];
+    ensure!(
+        at(service_port, &["port"])?.as_u64() == Some(9187),
+        "the Service exposes 9187"
+    );
+    Ok(())
+}
+
+#[test]
+fn secret_carries_the_connection_urls() -> Result<()> {
+    let objects = k8s_objects()?;
+    let secret = objects.get("Secret").context("no Secret")?;
+    for key in ["PGCACHE__POSTGRES__URL", "PGCACHE__REDIS__URL"] {
+        let value = str_at(secret, &["stringData", key])?;
+        ensure!(!value.is_empty(), "{key} is empty");
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Configs
+
+/// The config files in deploy/ that the daemon loads: the ConfigMap's and compose's.
+fn deploy_configs() -> Result<Vec<(String, String)>> {
+    let objects = k8s_objects()?;
+    let configmap = objects.get("ConfigMap").context("no ConfigMap")?;
+    Ok(vec![
+        (
+            "k8s/configmap.yaml data.pgcache.toml".to_string(),
+            str_at(configmap, &["data", "pgcache.toml"])?.to_string(),
+        ),
+        (
+            "compose/pgcache.toml".to_string(),
+            read(&deploy().join("compose/pgcache.toml"))?,
+        ),
+    ])
+}
+
+/// A TOML file as plain data, read by the same `config` crate the daemon uses.
+fn toml_value(text: &str) -> Result<serde_json::Value> {
+    config::Config::builder()
+        .add_source(config::File::from_str(text, config::FileFormat::Toml))
+        .build()
+        .context("parsing TOML")?
+        .try_deserialize()
+        .context("reading TOML as data")
+}
+
+#[test]
+fn deploy_configs_load() -> Result<()> {
+    for (name, text) in deploy_configs()? {
+        // TODO(deploy): pgcache::config::Config::from_toml_str once src/config.rs lands.
+        if let Err(e) = toml_value(&text) {
+            bail!("{name} does not load: {e:#}");
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Grafana
+
+/// Metric names (`pgcache_...`) in a PromQL expression.
+fn metric_names(expr: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let bytes = expr.as_bytes();
+    let mut i = 0;
+    while let Some(offset) = expr[i..].find("pgcache_") {
+        let start = i + offset;
+        let boundary =
+            start == 0 || !(bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_');
+        let end = expr[start..]
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+            .map_or(expr.len(), |len| start + len);
+        if boundary {
+            names.push(expr[start..end].to_string());
+        }
+        i = end;
+    }
+    names
+}
+
+/// Every PromQL expression of the dashboard: panel targets (nested rows too) and variables.
+fn dashboard_queries(dashboard: &serde_json::Value) -> Vec<(String, String)> {
+    fn walk(panels: &[serde_json::Value], out: &mut Vec<(String, String)>) {
+        for panel in panels {
+            let title = panel["title"].as_str().unwrap_or("?").to_string();
+            for target in panel["targets"].as_array().into_iter().flatten() {
+                if let Some(expr) = target["expr"].as_str() {
+                    out.push((title.clone(), expr.to_string()));
+                }
+            }
+            walk(panel["panels"].as_array().map_or(&[], Vec::as_slice), out);
+        }
+    }
+    let mut out = Vec::new();
+    walk(
+        dashboard["panels"].as_array().map_or(&[], Vec::as_slice),
+        &mut out,
+    );
+    for variable in dashboard["templating"]["list"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        let query = variable["query"]["query"]
+            .as_str()
+            .or_else(|| variable["query"].as_str());
+        if let Some(query) = query {
+            out.push((format!("variable {}", variable["name"]), query.to_string()));
+        }
+    }
+    out
+}
+
+#[test]
+fn dashboard_queries_only_metrics_the_code_records() -> Result<()> {
+    let path = deploy().join("grafana/pgcache-dashboard.json");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&read(&path)?).context("dashboard JSON")?;
+    ensure!(
+        dashboard["schemaVersion"].as_u64().is_some_and(|v| v >= 36),
+        "schemaVersion"
+    );
+    ensure!(
+        dashboard["__inputs"]
+            .as_array()
+            .is_some_and(|inputs| inputs.iter().any(|i| i["name"] == "DS_PROMETHEUS")),
+        "the dashboard declares the DS_PROMETHEUS input"
+    );
+    for panel in dashboard["panels"].as_array().context("panels")? {
+        if panel["type"] != "row" {
+            ensure!(
+                panel["datasource"]["uid"] == "${DS_PROMETHEUS}",
+                "panel {} does not use ${{DS_PROMETHEUS}}",
+                panel["title"]
+            );
+        }
+    }
+
+    // Names as they occur in the source, quoted: "pgcache_changes_total".
+    let mut source = String::new();
+    for file in files_under(&repo().join("src"), &[".rs"])? {
+        source.push_str(&read(&file)?);
+    }
+    let recorded = |name: &str| source.contains(&format!("\"{name}\""));
+
+    let mut used = BTreeSet::new();
+    let mut unknown = Vec::new();
+    for (panel, expr) in dashboard_queries(&dashboard) {
+        let names = metric_names(&expr);
+        ensure!(
+            !names.is_empty(),
+            "panel {panel} queries no pgcache metric: {expr}"
+        );
+        for name in names {
+            // Histograms are exported as <name>_bucket, _sum and _count.
+            let base = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| name.strip_suffix(suffix).filter(|base| recorded(base)))
+                .unwrap_or(&name)
+                .to_string();
+            if recorded(&base) {
+                used.insert(base);
+            } else {
+                unknown.push(format!("{name} (panel {panel})"));
+            }
+        }
+    }
+    ensure!(
+        unknown.is_empty(),
+        "the dashboard queries metrics that no source file under src/ names: {unknown:#?}"
+    );
+
+    // And it shows what an operator looks at first.
+    for needed in [
+        "pgcache_changes_total",
+        "pgcache_transactions_total",
+        "pgcache_replication_lag_bytes",
+        "pgcache_apply_latency_seconds",
+        "pgcache_batch_operations",
+        "pgcache_errors_total",
+        "pgcache_reconnects_total",
+        "pgcache_reader_hits_total",
+        "pgcache_reader_misses_total",
+        "pgcache_reader_fills_total",
+        "pgcache_reader_lost_fills_total",
+        "pgcache_reader_fallbacks_total",
+    ] {
+        ensure!(used.contains(needed), "no panel shows {needed}");
+    }
+    Ok(())
+}
+
+#[test]
+fn metric_names_are_found_in_expressions() {
+    assert_eq!(
+        metric_names(
+            r#"histogram_quantile(0.99, sum by (le) (rate(pgcache_apply_latency_seconds_bucket{instance=~"$i"}[5m])))"#
+        ),
+        ["pgcache_apply_latency_seconds_bucket"]
+    );
+    assert_eq!(
+        metric_names(
+            "sum(rate(pgcache_reader_hits_total[1m])) / sum(rate(xpgcache_no[1m]))+pgcache_a"
+        ),
+        ["pgcache_reader_hits_total", "pgcache_a"]
+    );
+    assert!(metric_names("up").is_empty());
+}
+
+// ---------------------------------------------------------------------------------------------
+// systemd
+
+/// `[Section]` to its `Key=value` lines, in order, as systemd reads a unit (comments and blank
+/// lines skipped). Repeated keys keep every value.
+fn parse_unit(text: &str) -> Result<BTreeMap<String, Vec<(String, String)>>> {
+    let mut sections: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+    let mut current: Option<String> = None;
+    for (number, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+            continue;
+        }
+        ensure!(
+            !line.ends_with('\\'),
+            "line {}: continuation lines are not expected",
+            number + 1
+        );
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            sections.entry(name.to_string()).or_default();
+            current = Some(name.to_string());
+            continue;
+        }
+        let Some((key, value)) = line.split_once('=') else {
+            bail!("line {}: not `Key=value`: {line}", number + 1);
+        };
+        let section = current
+            .as_ref()
+            .with_context(|| format!("line {}: outside a section", number + 1))?;
+        let key = key.trim();
+        ensure!(
+            !key.is_empty() && key.chars().all(|c| c.is_ascii_alphanumeric()),
+            "line {}: odd key {key:?}",
+            number + 1
+        );
+        sections
+            .entry(section.clone())
+            .or_default()
+            .push((key.to_string(), value.trim().to_string()));
+    }
+    Ok(sections)
+}
+
+#[test]
+fn systemd_unit_is_hardened() -> Result<()> {
+    let path = deploy().join("systemd/pgcache.service");
+    let sections = parse_unit(&read(&path)?)?;
+    for name in ["Unit", "Service", "Install"] {
+        ensure!(sections.contains_key(name), "no [{name}] section");
+    }
+    let values = |section: &str, key: &str| -> Vec<String> {
+        sections[section]
+            .iter()
+            .filter(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+            .collect()
+    };
+    let has =
+        |section: &str, key: &str, value: &str| values(section, key).iter().any(|v| v == value);
+    let expected = [
+        (
+            "ExecStart",
+            "/usr/local/bin/pgcache run --config /etc/pgcache/pgcache.toml",
+        ),
+        ("User", "pgcache"),
+        ("Restart", "on-failure"),
+        ("RestartPreventExitStatus", "2"),
+        ("ProtectSystem", "strict"),
+        ("ProtectHome", "yes"),
+        ("PrivateTmp", "yes"),
+        ("NoNewPrivileges", "yes"),
+        ("CapabilityBoundingSet", ""),
+        ("RestrictAddressFamilies", "AF_INET AF_INET6 AF_UNIX"),
+        ("SystemCallFilter", "@system-service"),
+        ("MemoryDenyWriteExecute", "yes"),
+        ("LockPersonality", "yes"),
+        ("ProtectKernelTunables", "yes"),
+        ("ProtectKernelModules", "yes"),
+        ("ProtectKernelLogs", "yes"),
+        ("KillSignal", "SIGTERM"),
+        ("TimeoutStopSec", "30"),
+        ("EnvironmentFile", "-/etc/pgcache/env"),
+    ];
+    for (key, value) in expected {
+        ensure!(
+            has("Service", key, value),
+            "[Service] lacks {key}={value}; has {:?}",
+            values("Service", key)
+        );
+    }
+    ensure!(
+        !values("Service", "RestartSec").is_empty(),
+        "[Service] lacks RestartSec"
+    );
+    let after = values("Unit", "After").join(" ");
+    for unit in ["network-online.target", "postgresql.service"] {
+        ensure!(
+            after.split_whitespace().any(|u| u == unit),
+            "After= lacks {unit}: {after}"
+        );
+    }
+    ensure!(
+        has("Install", "WantedBy", "multi-user.target"),
+        "WantedBy=multi-user.target"
+    );
+    Ok(())
+}
+
+#[test]
+fn systemd_unit_passes_systemd_analyze_verify() -> Result<()> {
+    let available = Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !available {
+        println!("systemd-analyze was not found: only the unit's own structure is checked (systemd_unit_is_hardened)");
+        return Ok(());
+    }
+    // verify checks that ExecStart's binary exists; /usr/local/bin/pgcache is not installed
+    // here, so a copy runs this test binary instead (it only has to exist and be executable).
+    let unit = read(&deploy().join("systemd/pgcache.service"))?;
+    let exe = std::env::current_exe().context("locating the test binary")?;
+    let copy = unit.replace("/usr/local/bin/pgcache", &exe.display().to_string());
+    ensure!(
+        copy != unit,
+        "ExecStart does not run /usr/local/bin/pgcache"
+    );
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("pgcache.service");
+    fs::write(&path, copy)?;
+
+    let output = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .env("SYSTEMD_LOG_COLOR", "0")
+        .output()
+        .context("running systemd-analyze verify")?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // Warnings about our unit name its file ("…/pgcache.service:37: Unknown key …") or the
+    // unit ("pgcache.service: …"); other lines are about the machine's own units and setup.
+    let about_us: Vec<&str> = text
+        .lines()
+        .filter(|line| line.contains("pgcache.service"))
+        .collect();
+    ensure!(
+        about_us.is_empty(),
+        "systemd-analyze verify complains about the unit:\n{}",
+        about_us.join("\n")
+    );
+    if !output.status.success() {
+        println!(
+            "systemd-analyze verify exited {} without naming the unit:\n{text}",
+            output.status
+        );
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Docker
+
+#[test]
+fn dockerfile_builds_the_binary_and_runs_it_unprivileged() -> Result<()> {
+    let dir = deploy().join("docker");
+    let dockerfile = read(&dir.join("Dockerfile"))?;
+    let lines: Vec<&str> = dockerfile.lines().map(str::trim).collect();
+    let has_line = |prefix: &str| lines.iter().any(|l| l.starts_with(prefix));
+    let froms: Vec<&&str> = lines.iter().filter(|l| l.starts_with("FROM ")).collect();
+    ensure!(froms.len() >= 2, "a multi-stage build: {froms:?}");
+    ensure!(
+        dockerfile.contains("cargo build --release --locked --bin pgcache"),
+        "the release build"
+    );
+    ensure!(
+        has_line("ENTRYPOINT [\"pgcache\"]"),
+        "ENTRYPOINT [\"pgcache\"]"
+    );
+    ensure!(
+        has_line(r#"CMD ["run", "--config", "/etc/pgcache/pgcache.toml"]"#),
+        "CMD runs the mounted config"
+    );
+    ensure!(has_line("EXPOSE 9187"), "EXPOSE 9187");
+    let user = lines
+        .iter()
+        .rev()
+        .find_map(|l| l.strip_prefix("USER "))
+        .context("no USER: the image would run as root")?;
+    ensure!(
+        !user.starts_with("root") && !user.starts_with("0"),
+        "USER {user} is root"
+    );
+    ensure!(has_line("HEALTHCHECK"), "a HEALTHCHECK");
+
+    // BuildKit reads <Dockerfile>.dockerignore next to the Dockerfile.
+    let ignore = read(&dir.join("Dockerfile.dockerignore"))?;
+    let patterns: Vec<&str> = ignore
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#'))
+        .collect();
+    for needed in ["target", ".git"] {
+        ensure!(
+            patterns.iter().any(|p| p.trim_end_matches('/') == needed),
+            "Dockerfile.dockerignore does not exclude {needed}"
+        );
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The compose init script against a real server
+
+#[test]
+fn compose_initdb_script_prepares_postgres() -> Result<()> {
+    let pg = TestPostgres::start()?;
+    pg.create_database("app")?;
+    let psql = TestPostgres::bin("psql")?;
+    let bin_dir = psql.parent().context("psql has a directory")?;
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+
+    // As the image's entrypoint runs it, with our sql/ where compose mounts it.
+    let script = deploy().join("compose/initdb.sh");
+    let mut cmd = Command::new("bash");
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("PG") {
+            cmd.env_remove(key);
+        }
+    }
+    let output = cmd
+        .arg(&script)
+        .env("PATH", path)
+        .env("PGHOST", "127.0.0.1")
+        .env("PGPORT", pg.port().to_string())
+        .env("POSTGRES_USER", "postgres")
+        .env("POSTGRES_DB", "app")
+        .env("PGCACHE_PASSWORD", "pgcache")
+        .env("PGCACHE_SQL_DIR", repo().join("sql"))
+        .output()
+        .context("running initdb.sh")?;
+    ensure!(
+        output.status.success(),
+        "initdb.sh failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    ensure!(
+        pg.psql("app", "SELECT count(*) FROM public.users")? == "3",
+        "demo rows"
+    );
+    ensure!(
+        pg.psql(
+            "app",
+            "SELECT plugin FROM pg_replication_slots WHERE slot_name = 'pgcache'"
+        )? == "pgoutput",
+        "slot pgcache with pgoutput"
+    );
+    ensure!(
+        pg.psql("app", "SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = 'pgcache'")?
+            == "public.users",
+        "publication pgcache holds public.users"
+    );
+    ensure!(
+        pg.psql(
+            "app",
+            "SELECT rolreplication AND rolcanlogin FROM pg_roles WHERE rolname = 'pgcache'"
+        )? == "t",
+        "role pgcache may log in and replicate"
+    );
+    ensure!(
+        pg.psql(
+            "app",
+            "SELECT has_table_privilege('pgcache', 'public.users', 'SELECT')"
+        )? == "t",
+        "role pgcache may read public.users"
+    );
+
+    // compose/pgcache.toml caches columns that the demo table has.
+    let toml = read(&deploy().join("compose/pgcache.toml"))?;
+    let columns: BTreeSet<String> = pg
+        .psql(
+            "app",
+            "SELECT attname FROM pg_attribute WHERE attrelid = 'public.users'::regclass AND attnum > 0 AND NOT attisdropped",
+        )?
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let rules = toml_value(&toml)?;
+    let tables = rules["tables"]
+        .as_array()
+        .context("compose/pgcache.toml has no [[tables]]")?;
+    ensure!(
+        tables.iter().any(|t| t["table"] == "public.users"),
+        "compose/pgcache.toml has no rule for public.users"
+    );
+    for column in tables
+        .iter()
+        .flat_map(|t| t["columns"].as_array().into_iter().flatten())
+    {
+        let column = column.as_str().context("column names are strings")?;
+        ensure!(
+            columns.contains(column),
+            "compose/pgcache.toml caches {column}, which public.users lacks"
+        );
+    }
+    Ok(())
+}
