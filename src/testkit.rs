@@ -9,12 +9,20 @@
 //! Nothing here panics: every failure is an [`anyhow::Error`] that carries the server's log,
 //! so a failing test says why the server did not come up.
 //!
+//! # Layout
+//! - `pg_install`: the Postgres binaries, the OS user the server runs as, the initdb template.
+//! - `pg_server`: [`TestPostgres`] and its options.
+//! - `redis_server`: [`TestRedis`] and its options.
+//! - `tls_certs`: a throwaway CA and server certificate for `PgOptions::ssl`.
+//! - here: free ports, process and log helpers shared by both servers.
+//!
 //! # Cleanup
 //! `Drop` stops the server and removes its temporary directory. If the process dies without
 //! unwinding (abort, `SIGKILL`, Ctrl-C), Redis dies with it (parent-death signal) and each
 //! Postgres has a small watchdog shell that shuts it down and removes its directory once our
 //! end of its stdin pipe closes. Only the initdb template, which is shared on purpose, stays.
 
+mod pg_install;
 mod pg_server;
 mod redis_server;
 mod tls_certs;
