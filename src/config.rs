@@ -1,1 +1,611 @@
-//! (in progress)
+//! The config file: TOML plus `PGCACHE__SECTION__KEY` environment overrides, validated
+//! into typed structs before anything connects.
+//!
+//! Validation collects every problem and reports them together, each naming its key
+//! (`tables[1].key: ...`) and, for values that came from the environment, the variable.
+//! Reading goes key by key over the merged tree rather than through `serde` derives,
+//! because a derive stops at the first error. Connection URLs are [`Secret`]s and every
+//! message is passed through [`redact`], so passwords never reach a log.
+
+mod secret;
+mod tables;
+mod tree;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use config::{Map, Value};
+
+pub use self::secret::{redact, Secret};
+use self::tables::read_tables;
+use self::tree::{duration, is_env_override, Field, Section};
+use crate::encoder::EncodeOptions;
+use crate::template::KeyTemplate;
+
+/// Prefix of the environment variables that override config keys; `__` separates levels.
+pub const ENV_PREFIX: &str = "PGCACHE";
+const ENV_SEPARATOR: &str = "__";
+/// How the `config` crate marks values that came from the environment.
+const ENV_ORIGIN: &str = "the environment";
+
+/// Key prefix that pgcache keeps for its own keys (the checkpoint), so no table may use it.
+pub const RESERVED_KEY_PREFIX: &str = "pgcache:";
+
+pub const DEFAULT_SLOT: &str = "pgcache";
+pub const DEFAULT_PUBLICATION: &str = "pgcache";
+pub const DEFAULT_MAX_BATCH_CHANGES: usize = 10_000;
+pub const DEFAULT_MAX_TRANSACTION_CHANGES: usize = 100_000;
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9187";
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub postgres: PostgresConfig,
+    pub redis: RedisConfig,
+    pub apply: ApplyConfig,
+    pub metrics: MetricsConfig,
+    pub log: LogConfig,
+    /// In file order; table names and key prefixes are unique.
+    pub tables: Vec<TableRule>,
+}
+
+#[derive(Debug, Clone)]
+pub struct PostgresConfig {
+    /// A `postgres://` URL or a libpq key-value string.
+    pub url: Secret,
+    /// Replication slot name: `[a-z0-9_]{1,63}`.
+    pub slot: String,
+    pub publication: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    /// `redis://`, `rediss://` (TLS), or a Unix socket (`redis+unix://`, `unix://`).
+    pub url: Secret,
+    /// Prepended to every key pgcache writes, including the checkpoint.
+    pub key_prefix: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApplyConfig {
+    /// Flush a batch at a transaction boundary once it holds this many changes.
+    pub max_batch_changes: usize,
+    /// A larger transaction is applied in several MULTI/EXECs: this caps atomicity, not
+    /// correctness (the checkpoint still moves only after a whole transaction).
+    pub max_transaction_changes: usize,
+    /// Hold confirmations to Postgres back this long after EXEC, for a Redis that fsyncs
+    /// its append-only file only every second.
+    pub confirm_delay: Duration,
+}
+
+impl Default for ApplyConfig {
+    fn default() -> Self {
+        ApplyConfig {
+            max_batch_changes: DEFAULT_MAX_BATCH_CHANGES,
+            max_transaction_changes: DEFAULT_MAX_TRANSACTION_CHANGES,
+            confirm_delay: Duration::ZERO,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsConfig {
+    /// Prometheus endpoint; `None` when disabled with `listen = ""`.
+    pub listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A tracing filter: a level (`info`) or directives (`info,pgcache=debug`).
+    pub level: String,
+}
+
+/// How a table's changes reach Redis (DESIGN.md, "Table modes").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// SET on insert/update, DEL on delete: the whole table is cached.
+    Mirror,
+    /// SET XX KEEPTTL: update only keys that are already cached.
+    Refresh,
+    /// DEL on every change: for values the application builds itself.
+    Invalidate,
+}
+
+/// How a row is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// One JSON object per key.
+    Json,
+    /// One Redis hash per key, a field per column.
+    Hash,
+}
+
+/// One `[[tables]]` entry.
+#[derive(Debug, Clone)]
+pub struct TableRule {
+    pub schema: String,
+    pub name: String,
+    pub key: KeyTemplate,
+    /// The columns to store, in this order; `None` for all columns of the table.
+    pub columns: Option<Vec<String>>,
+    pub mode: Mode,
+    /// Set on every write in mirror mode and on fills by the read helper; at least 1ms.
+    pub ttl: Option<Duration>,
+    pub format: Format,
+    pub encode: EncodeOptions,
+}
+
+impl TableRule {
+    /// `schema.name`, e.g. `public.users`.
+    pub fn qualified_name(&self) -> String {
+        format!("{}.{}", self.schema, self.name)
+    }
+
+    /// The literal start of every key of this table (without the Redis key prefix).
+    pub fn key_prefix_literal(&self) -> &str {
+        self.key.literal_prefix()
+    }
+}
+
+/// Everything wrong with a config, one problem per line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", .errors.join("\n"))]
+pub struct ConfigError {
+    errors: Vec<String>,
+}
+
+impl ConfigError {
+    fn new(errors: Vec<String>) -> ConfigError {
+        ConfigError {
+            errors: errors.iter().map(|e| redact(e)).collect(),
+        }
+    }
+
+    /// Each problem, naming its key.
+    pub fn errors(&self) -> &[String] {
+        &self.errors
+    }
+}
+
+impl Config {
+    /// Reads the file at `path`, applies `PGCACHE__...` variables from the process
+    /// environment, and validates. Relative `url_file` paths are relative to the file.
+    ///
+    /// # Errors
+    /// The file cannot be read or is not TOML, or any key is missing, unknown or invalid.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new(vec![format!(
+                "cannot read config file {}: {e}",
+                path.display()
+            )])
+        })?;
+        let mut env = Vec::new();
+        let mut errors = Vec::new();
+        for (name, value) in std::env::vars_os() {
+            let Some(name) = name.to_str() else { continue };
+            if !is_env_override(name) {
+                continue;
+            }
+            match value.into_string() {
+                Ok(value) => env.push((name.to_string(), value)),
+                Err(_) => errors.push(format!("{name}: value is not valid UTF-8")),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(ConfigError::new(errors));
+        }
+        Self::build(
+            &text,
+            &format!("config file {}", path.display()),
+            path.parent(),
+            env,
+        )
+    }
+
+    /// Parses and validates TOML text without looking at the environment (for tests).
+    ///
+    /// # Errors
+    /// As [`Config::load`].
+    pub fn from_toml_str(s: &str) -> Result<Config, ConfigError> {
+        Self::build(s, "config", None, Vec::new())
+    }
+
+    /// Like [`Config::load`], but with the given variables instead of the process
+    /// environment, e.g. `("PGCACHE__REDIS__URL", "redis://...")`.
+    ///
+    /// # Errors
+    /// As [`Config::load`].
+    pub fn from_toml_str_with_env(
+        s: &str,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        Self::build(s, "config", None, vars.into_iter().collect())
+    }
+
+    /// The rule for a table, if it is configured.
+    pub fn table(&self, schema: &str, name: &str) -> Option<&TableRule> {
+        self.tables
+            .iter()
+            .find(|t| t.schema == schema && t.name == name)
+    }
+
+    fn build(
+        text: &str,
+        what: &str,
+        base_dir: Option<&Path>,
+        env: Vec<(String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut errors = Vec::new();
+        let mut overrides = HashMap::new();
+        for (name, value) in env {
+            if !is_env_override(&name) {
+                continue;
+            }
+            if name.to_ascii_uppercase().starts_with("PGCACHE__TABLES") {
+                errors.push(format!(
+                    "{name}: tables cannot be set from the environment; edit the config file"
+                ));
+            } else {
+                overrides.insert(name, value);
+            }
+        }
+        let merged = config::Config::builder()
+            .add_source(config::File::from_str(text, config::FileFormat::Toml))
+            .add_source(
+                config::Environment::with_prefix(ENV_PREFIX)
+                    .separator(ENV_SEPARATOR)
+                    .source(Some(overrides)),
+            )
+            .build()
+            // collect() keeps each value's origin, which labels environment overrides;
+            // deserializing would drop it.
+            .and_then(|c| config::Source::collect(&c));
+        let root = match merged {
+            Ok(root) => root,
+            Err(config::ConfigError::FileParse { cause, .. }) => {
+                errors.push(format!(
+                    "{what} is not valid TOML: {}",
+                    cause.to_string().trim_end()
+                ));
+                return Err(ConfigError::new(errors));
+            }
+            Err(e) => {
+                errors.push(format!("{what}: {e}"));
+                return Err(ConfigError::new(errors));
+            }
+        };
+        let config = read_config(root, base_dir, &mut errors);
+        match config {
+            Some(config) if errors.is_empty() => Ok(config),
+            _ => Err(ConfigError::new(errors)),
+        }
+    }
+}
+
+fn read_config(
+    mut root: Map<String, Value>,
+    base_dir: Option<&Path>,
+    errors: &mut Vec<String>,
+) -> Option<Config> {
+    let mut section =
+        |name: &str, errors: &mut Vec<String>| Section::new(name, root.remove(name), errors);
+    let postgres = read_postgres(section("postgres", errors), base_dir, errors);
+    let redis = read_redis(section("redis", errors), base_dir, errors);
+    let apply = read_apply(section("apply", errors), errors);
+    let metrics = read_metrics(section("metrics", errors), errors);
+    let log = read_log(section("log", errors), errors);
+    let tables = read_tables(root.remove("tables"), errors);
+    Section {
+        path: String::new(),
+        map: root,
+    }
+    .finish(errors);
+    Some(Config {
+        postgres: postgres?,
+        redis: redis?,
+        apply,
+        metrics,
+        log,
+        tables,
+    })
+}
+
+/// `url`, or `url_file` naming a file that holds it (a mounted secret).
+fn read_url(
+    sec: &mut Section,
+    base_dir: Option<&Path>,
+    errors: &mut Vec<String>,
+) -> Option<Field<String>> {
+    let url = sec.string("url", errors);
+    let file = sec.string("url_file", errors);
+    match (url, file) {
+        (Some(url), Some(file)) => {
+            errors.push(format!(
+                "{} and {}: set one of them, not both",
+                url.label, file.label
+            ));
+            None
+        }
+        (Some(url), None) => Some(url),
+        (None, Some(file)) => {
+            let path = match base_dir {
+                Some(dir) => dir.join(&file.value),
+                None => PathBuf::from(&file.value),
+            };
+            match std::fs::read_to_string(&path) {
+                Ok(text) => Some(Field {
+                    value: text.trim().to_string(),
+                    label: format!("{} ({})", file.label, path.display()),
+                }),
+                Err(e) => {
+                    errors.push(format!(
+                        "{}: cannot read {}: {e}",
+                        file.label,
+                        path.display()
+                    ));
+                    None
+                }
+            }
+        }
+        (None, None) => {
+            let path = sec.path_of("url");
+            let var = format!(
+                "{ENV_PREFIX}{ENV_SEPARATOR}{}",
+                path.replace('.', ENV_SEPARATOR)
+            )
+            .to_ascii_uppercase();
+            errors.push(format!(
+                "{path}: missing (set {path}, {path}_file or {var})"
+            ));
+            None
+        }
+    }
+}
+
+fn read_postgres(
+    mut sec: Section,
+    base_dir: Option<&Path>,
+    errors: &mut Vec<String>,
+) -> Option<PostgresConfig> {
+    let url = read_url(&mut sec, base_dir, errors).and_then(|url| {
+        let problem = match url.value.parse::<tokio_postgres::Config>() {
+            Ok(parsed) if parsed.get_hosts().is_empty() => Some("names no host".to_string()),
+            Ok(_) => None,
+            Err(e) => Some(match std::error::Error::source(&e) {
+                Some(cause) => format!("is not a valid connection string ({cause})"),
+                None => "is not a valid connection string".to_string(),
+            }),
+        };
+        match problem {
+            Some(problem) => {
+                errors.push(format!(
+                    "{}: {:?} {problem} (examples: postgres://user@host/db, host=/run/postgresql dbname=app)",
+                    url.label,
+                    redact(&url.value)
+                ));
+                None
+            }
+            None => Some(Secret::new(url.value)),
+        }
+    });
+    let slot = sec.string("slot", errors);
+    let slot = match slot {
+        Some(s) if !is_slot_name(&s.value) => {
+            errors.push(format!(
+                "{}: {:?} is not a replication slot name (1 to 63 of a-z, 0-9 and _)",
+                s.label, s.value
+            ));
+            None
+        }
+        Some(s) => Some(s.value),
+        None => Some(DEFAULT_SLOT.to_string()),
+    };
+    let publication = match sec.string("publication", errors) {
+        Some(p)
+            if p.value.is_empty()
+                || p.value.len() > 63
+                || p.value.chars().any(char::is_control) =>
+        {
+            errors.push(format!(
+                "{}: {:?} is not a publication name (1 to 63 bytes, no control characters)",
+                p.label, p.value
+            ));
+            None
+        }
+        Some(p) => Some(p.value),
+        None => Some(DEFAULT_PUBLICATION.to_string()),
+    };
+    sec.finish(errors);
+    Some(PostgresConfig {
+        url: url?,
+        slot: slot?,
+        publication: publication?,
+    })
+}
+
+fn is_slot_name(s: &str) -> bool {
+    (1..=63).contains(&s.len())
+        && s.bytes()
+            .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_'))
+}
+
+fn read_redis(
+    mut sec: Section,
+    base_dir: Option<&Path>,
+    errors: &mut Vec<String>,
+) -> Option<RedisConfig> {
+    let url =
+        read_url(&mut sec, base_dir, errors).and_then(|url| match redis_url_problem(&url.value) {
+            Some(problem) => {
+                errors.push(format!("{}: {:?} {problem}", url.label, redact(&url.value)));
+                None
+            }
+            None => Some(Secret::new(url.value)),
+        });
+    let key_prefix = sec
+        .string("key_prefix", errors)
+        .map(|p| p.value)
+        .unwrap_or_default();
+    sec.finish(errors);
+    Some(RedisConfig {
+        url: url?,
+        key_prefix,
+    })
+}
+
+/// What is wrong with a Redis URL, checked by hand: `redis::IntoConnectionInfo` rejects
+/// `rediss://` when the crate is built without TLS, which is a build matter, not a config
+/// one.
+fn redis_url_problem(url: &str) -> Option<&'static str> {
+    const EXAMPLES: &str = "is not a Redis URL (examples: redis://localhost:6379, rediss://host:6380/0, redis+unix:///run/redis.sock)";
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Some(EXAMPLES);
+    };
+    match scheme {
+        "redis" | "rediss" => {}
+        "redis+unix" | "unix" => {
+            return (!rest.starts_with('/'))
+                .then_some("is not a Redis socket URL (example: redis+unix:///run/redis.sock)");
+        }
+        _ => return Some(EXAMPLES),
+    }
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let (host, port) = if let Some(bracketed) = host_port.strip_prefix('[') {
+        // An IPv6 address: [::1]:6379.
+        let Some((host, after)) = bracketed.split_once(']') else {
+            return Some("has an unclosed '[' in its host");
+        };
+        match after.strip_prefix(':') {
+            Some(port) => (host, Some(port)),
+            None if after.is_empty() => (host, None),
+            None => return Some("has text after its IPv6 host"),
+        }
+    } else {
+        match host_port.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (host_port, None),
+        }
+    };
+    if host.is_empty() {
+        return Some("names no host");
+    }
+    if port.is_some_and(|p| p.parse::<u16>().is_err()) {
+        return Some("has a port that is not a number from 0 to 65535");
+    }
+    let db = path.strip_prefix('/').unwrap_or(path);
+    let db = db.split(['?', '#']).next().unwrap_or_default();
+    if !db.is_empty() && db.parse::<u32>().is_err() {
+        return Some("has a database that is not a number (redis://host:6379/0)");
+    }
+    None
+}
+
+fn read_apply(mut sec: Section, errors: &mut Vec<String>) -> ApplyConfig {
+    let mut apply = ApplyConfig::default();
+    if let Some(n) = sec.count("max_batch_changes", errors) {
+        apply.max_batch_changes = n.value;
+    }
+    if let Some(n) = sec.count("max_transaction_changes", errors) {
+        apply.max_transaction_changes = n.value;
+    }
+    if let Some(d) = sec.string("confirm_delay", errors) {
+        if let Some(d) = duration(&d, errors) {
+            apply.confirm_delay = d;
+        }
+    }
+    sec.finish(errors);
+    apply
+}
+
+fn read_metrics(mut sec: Section, errors: &mut Vec<String>) -> MetricsConfig {
+    let listen = sec.string("listen", errors).unwrap_or_else(|| Field {
+        value: DEFAULT_METRICS_LISTEN.to_string(),
+        label: String::new(),
+    });
+    let listen = if listen.value.is_empty() {
+        None
+    } else {
+        match listen.value.parse::<SocketAddr>() {
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                errors.push(format!(
+                    "{}: {:?} is not an IP address and port (examples: 127.0.0.1:9187, [::]:9187; \"\" disables metrics)",
+                    listen.label, listen.value
+                ));
+                None
+            }
+        }
+    };
+    sec.finish(errors);
+    MetricsConfig { listen }
+}
+
+fn read_log(mut sec: Section, errors: &mut Vec<String>) -> LogConfig {
+    let format = match sec.string("format", errors) {
+        None => LogFormat::Human,
+        Some(f) => match f.value.as_str() {
+            "human" => LogFormat::Human,
+            "json" => LogFormat::Json,
+            other => {
+                errors.push(format!(
+                    "{}: unknown format {other:?} (expected human or json)",
+                    f.label
+                ));
+                LogFormat::Human
+            }
+        },
+    };
+    let level = match sec.string("level", errors) {
+        None => "info".to_string(),
+        Some(l) => {
+            let simple = !l.value.contains(['=', ',', '[']);
+            let known = ["trace", "debug", "info", "warn", "error", "off"];
+            if l.value.trim().is_empty()
+                || (simple && !known.contains(&l.value.to_ascii_lowercase().as_str()))
+            {
+                errors.push(format!(
+                    "{}: {:?} is not a log level (trace, debug, info, warn, error, off, or directives like info,pgcache=debug)",
+                    l.label, l.value
+                ));
+            }
+            l.value
+        }
+    };
+    sec.finish(errors);
+    LogConfig { format, level }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mode::Mirror => "mirror",
+            Mode::Refresh => "refresh",
+            Mode::Invalidate => "invalidate",
+        })
+    }
+}
+
+impl fmt::Display for Format {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Format::Json => "json",
+            Format::Hash => "hash",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,542 @@
+use std::time::Duration;
+
+use super::*;
+
+const MINIMAL: &str = r#"
+[postgres]
+url = "postgres://pgcache@localhost/app"
+
+[redis]
+url = "redis://localhost:6379"
+
+[[tables]]
+table = "public.users"
+key = "user:profile:{id}"
+"#;
+
+/// `MINIMAL` with `tables` in place of its one table.
+fn with_tables(tables: &str) -> String {
+    format!(
+        "[postgres]\nurl = \"postgres://pgcache@localhost/app\"\n[redis]\nurl = \"redis://localhost:6379\"\n{tables}"
+    )
+}
+
+fn errors(toml: &str) -> Vec<String> {
+    Config::from_toml_str(toml)
+        .expect_err("config should be rejected")
+        .errors()
+        .to_vec()
+}
+
+fn env(vars: &[(&str, &str)]) -> Vec<(String, String)> {
+    vars.iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+#[test]
+fn minimal_config_gets_defaults() {
+    let c = Config::from_toml_str(MINIMAL).unwrap();
+    assert_eq!(c.postgres.url.expose(), "postgres://pgcache@localhost/app");
+    assert_eq!(c.postgres.slot, "pgcache");
+    assert_eq!(c.postgres.publication, "pgcache");
+    assert_eq!(c.redis.url.expose(), "redis://localhost:6379");
+    assert_eq!(c.redis.key_prefix, "");
+    assert_eq!(c.apply, ApplyConfig::default());
+    assert_eq!(c.apply.max_batch_changes, 10_000);
+    assert_eq!(c.apply.max_transaction_changes, 100_000);
+    assert_eq!(c.apply.confirm_delay, Duration::ZERO);
+    assert_eq!(c.metrics.listen, Some("127.0.0.1:9187".parse().unwrap()));
+    assert_eq!(c.log.format, LogFormat::Human);
+    assert_eq!(c.log.level, "info");
+    assert_eq!(c.tables.len(), 1);
+    let t = &c.tables[0];
+    assert_eq!((t.schema.as_str(), t.name.as_str()), ("public", "users"));
+    assert_eq!(t.qualified_name(), "public.users");
+    assert_eq!(t.key.as_str(), "user:profile:{id}");
+    assert_eq!(t.key_prefix_literal(), "user:profile:");
+    assert_eq!(t.columns, None);
+    assert_eq!(t.mode, Mode::Mirror);
+    assert_eq!(t.ttl, None);
+    assert_eq!(t.format, Format::Json);
+    assert_eq!(t.encode, EncodeOptions::default());
+}
+
+#[test]
+fn every_key_is_read() {
+    let c = Config::from_toml_str(
+        r#"
+[postgres]
+url = "host=/run/postgresql dbname=app user=pgcache"
+slot = "pgcache_2"
+publication = "Cache Pub"
+[redis]
+url = "rediss://:pw@cache:6380/2"
+key_prefix = "app1:"
+[apply]
+max_batch_changes = 500
+max_transaction_changes = 7
+confirm_delay = "1s"
+[metrics]
+listen = ""
+[log]
+format = "json"
+level = "info,pgcache=debug"
+[[tables]]
+table = "sales.orders"
+key = "tenant:{tenant_id}:order:{id}"
+columns = ["tenant_id", "id", "total"]
+mode = "refresh"
+ttl = "1h30m"
+format = "hash"
+numeric = "number"
+[[tables]]
+table = "events"
+key = "event:{id}"
+mode = "invalidate"
+"#,
+    )
+    .unwrap();
+    assert_eq!(c.postgres.slot, "pgcache_2");
+    assert_eq!(c.postgres.publication, "Cache Pub");
+    assert_eq!(c.redis.key_prefix, "app1:");
+    assert_eq!(
+        c.apply,
+        ApplyConfig {
+            max_batch_changes: 500,
+            max_transaction_changes: 7,
+            confirm_delay: Duration::from_secs(1),
+        }
+    );
+    assert_eq!(c.metrics.listen, None);
+    assert_eq!(c.log.format, LogFormat::Json);
+    assert_eq!(c.log.level, "info,pgcache=debug");
+    let t = c.table("sales", "orders").unwrap();
+    assert_eq!(t.key.columns(), ["tenant_id", "id"]);
+    assert_eq!(
+        t.columns.as_deref(),
+        Some(&["tenant_id".to_string(), "id".into(), "total".into()][..])
+    );
+    assert_eq!(t.mode, Mode::Refresh);
+    assert_eq!(t.ttl, Some(Duration::from_secs(5400)));
+    assert_eq!(t.format, Format::Hash);
+    assert!(t.encode.numeric_as_number);
+    let e = c.table("public", "events").unwrap();
+    assert_eq!(e.mode, Mode::Invalidate);
+    assert!(c.table("public", "orders").is_none());
+    assert!(c.table("sales", "events").is_none());
+}
+
+#[test]
+fn example_config_parses() {
+    let text = include_str!("../../deploy/pgcache.example.toml");
+    let c = Config::from_toml_str(text).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.tables.len(), 3);
+    assert_eq!(c.tables[0].ttl, Some(Duration::from_secs(3600)));
+    assert_eq!(c.tables[1].qualified_name(), "public.orders");
+    assert_eq!(c.tables[2].format, Format::Hash);
+}
+
+#[test]
+fn environment_overrides_keys() {
+    let c = Config::from_toml_str_with_env(
+        MINIMAL,
+        env(&[
+            ("PGCACHE__REDIS__URL", "redis://:s3cret@cache:6380/1"),
+            ("PGCACHE__POSTGRES__SLOT", "other"),
+            ("PGCACHE__APPLY__MAX_BATCH_CHANGES", "500"),
+            ("PGCACHE__APPLY__CONFIRM_DELAY", "250ms"),
+            ("PGCACHE__METRICS__LISTEN", ""),
+            ("PGCACHE__REDIS__KEY_PREFIX", "x:"),
+            ("PGCACHE_UNRELATED", "ignored"),
+            ("OTHER__REDIS__URL", "ignored"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(c.redis.url.expose(), "redis://:s3cret@cache:6380/1");
+    assert_eq!(c.postgres.slot, "other");
+    assert_eq!(c.apply.max_batch_changes, 500);
+    assert_eq!(c.apply.confirm_delay, Duration::from_millis(250));
+    assert_eq!(c.metrics.listen, None);
+    assert_eq!(c.redis.key_prefix, "x:");
+
+    // A required key may come from the environment alone.
+    let no_url = MINIMAL.replace("url = \"postgres://pgcache@localhost/app\"", "");
+    let c = Config::from_toml_str_with_env(
+        &no_url,
+        env(&[("PGCACHE__POSTGRES__URL", "postgres://u@h/db")]),
+    )
+    .unwrap();
+    assert_eq!(c.postgres.url.expose(), "postgres://u@h/db");
+}
+
+#[test]
+fn environment_errors_name_the_variable() {
+    let err = Config::from_toml_str_with_env(
+        MINIMAL,
+        env(&[
+            ("PGCACHE__APPLY__MAX_BATCH_CHANGES", "lots"),
+            ("PGCACHE__REDIS__URLL", "redis://x"),
+            ("PGCACHE__TABLES__0__TTL", "1h"),
+        ]),
+    )
+    .unwrap_err();
+    assert_eq!(
+        err.errors(),
+        [
+            "PGCACHE__TABLES__0__TTL: tables cannot be set from the environment; edit the config file",
+            "unknown key \"redis.urll\" (from PGCACHE__REDIS__URLL)",
+            "apply.max_batch_changes (from PGCACHE__APPLY__MAX_BATCH_CHANGES): expected a whole number of at least 1, found \"lots\"",
+        ]
+    );
+}
+
+#[test]
+fn messages_from_the_brief() {
+    let errs = errors(&with_tables(
+        r#"
+[[tables]]
+table = "public.users"
+key = "user:{id}"
+ttl = "an hour"
+[[tables]]
+table = "public.accounts"
+key = "account:{emial}"
+columns = ["id", "email"]
+[[tables]]
+table = "public.orders"
+key = "order:{id}"
+mode = "mirrors"
+format = "xml"
+[[tables]]
+table = "public.profiles"
+key = "user:profile:{id}"
+"#,
+    ));
+    assert_eq!(
+        errs,
+        [
+            "tables[0].ttl: \"an hour\" is not a duration (examples: 30s, 15m, 1h)",
+            "tables[1].key: column \"emial\" is not in tables[1].columns",
+            "tables[2].mode: unknown mode \"mirrors\" (expected mirror, refresh or invalidate)",
+            "tables[2].format: unknown format \"xml\" (expected json or hash)",
+            "tables[0].key and tables[3].key: key prefixes \"user:\" and \"user:profile:\" overlap, so TRUNCATE and verify could not tell the tables apart",
+        ]
+    );
+}
+
+#[test]
+fn durations_have_one_spelling() {
+    let ttl = |v: &str| {
+        Config::from_toml_str(&with_tables(&format!(
+            "[[tables]]\ntable = \"t\"\nkey = \"t:{{id}}\"\nttl = \"{v}\"\n"
+        )))
+        .map(|c| c.tables[0].ttl)
+    };
+    assert_eq!(ttl("30s").unwrap(), Some(Duration::from_secs(30)));
+    assert_eq!(ttl("1h30m").unwrap(), Some(Duration::from_secs(5400)));
+    assert_eq!(ttl("1500ms").unwrap(), Some(Duration::from_millis(1500)));
+    for bad in ["1 hour", "1h 30m", "3600", "", "-1s"] {
+        let err = ttl(bad).unwrap_err().to_string();
+        assert!(err.contains("is not a duration"), "{bad}: {err}");
+    }
+    assert!(ttl("0s")
+        .unwrap_err()
+        .to_string()
+        .contains("shorter than 1ms"));
+    assert!(ttl("999us")
+        .unwrap_err()
+        .to_string()
+        .contains("shorter than 1ms"));
+}
+
+#[test]
+fn collects_every_error() {
+    let err = Config::from_toml_str(
+        r#"
+tabels = []
+[postgres]
+slot = "Bad-Slot"
+[redis]
+url = "http://:hunter2@cache"
+[apply]
+max_batch_changes = 0
+max_transaction_changes = "x"
+confirm_delay = 5
+[metrics]
+listen = "localhost:9187"
+[log]
+format = "text"
+level = "verbose"
+"#,
+    )
+    .unwrap_err();
+    let want = [
+        "postgres.url: missing (set postgres.url, postgres.url_file or PGCACHE__POSTGRES__URL)",
+        "postgres.slot: \"Bad-Slot\" is not a replication slot name (1 to 63 of a-z, 0-9 and _)",
+        "redis.url: \"http://:***@cache\" is not a Redis URL (examples: redis://localhost:6379, rediss://host:6380/0, redis+unix:///run/redis.sock)",
+        "apply.max_batch_changes: expected a whole number of at least 1, found 0",
+        "apply.max_transaction_changes: expected a whole number of at least 1, found \"x\"",
+        "apply.confirm_delay: expected a string, found a number",
+        "metrics.listen: \"localhost:9187\" is not an IP address and port (examples: 127.0.0.1:9187, [::]:9187; \"\" disables metrics)",
+        "log.format: unknown format \"text\" (expected human or json)",
+        "log.level: \"verbose\" is not a log level (trace, debug, info, warn, error, off, or directives like info,pgcache=debug)",
+        "tables: no tables configured (add a [[tables]] entry for each table to cache)",
+        "unknown key \"tabels\"",
+    ];
+    assert_eq!(err.errors(), want);
+    // Display: one problem per line.
+    assert_eq!(err.to_string(), want.join("\n"));
+    assert!(!err.to_string().contains("hunter2"));
+}
+
+#[test]
+fn unknown_keys_anywhere() {
+    let errs = errors(&format!(
+        "{MINIMAL}ttl = \"1h\"\nkey_prefix = \"x\"\n[postgres.tls]\nmode = 1\n[apply]\nbatch = 1\n"
+    ));
+    assert_eq!(
+        errs,
+        [
+            "unknown key \"postgres.tls\"",
+            "unknown key \"apply.batch\"",
+            "unknown key \"tables[0].key_prefix\"",
+        ]
+    );
+}
+
+#[test]
+fn wrong_shapes_are_named() {
+    let errs = errors(
+        "postgres = \"x\"\nredis = 5\ntables = 3\n[metrics]\nlisten = [1]\n[log]\nlevel = true\n",
+    );
+    assert_eq!(
+        errs,
+        [
+            "postgres: expected a table, found a string",
+            "postgres.url: missing (set postgres.url, postgres.url_file or PGCACHE__POSTGRES__URL)",
+            "redis: expected a table, found a number",
+            "redis.url: missing (set redis.url, redis.url_file or PGCACHE__REDIS__URL)",
+            "metrics.listen: expected a string, found a list",
+            "log.level: expected a string, found a boolean",
+            "tables: expected a list of [[tables]] entries, found a number",
+        ]
+    );
+    let errs = errors(&with_tables(
+        "[[tables]]\ntable = \"t\"\nkey = \"t:{id}\"\ncolumns = \"id\"\n[[tables]]\ntable = \"u\"\nkey = \"u:{id}\"\ncolumns = [\"id\", 2]\n",
+    ));
+    assert_eq!(
+        errs,
+        [
+            "tables[0].columns: expected a list of strings, found a string",
+            "tables[1].columns[1]: expected a string, found a number",
+        ]
+    );
+}
+
+#[test]
+fn table_rules_are_checked() {
+    let errs = errors(&with_tables(
+        r#"
+[[tables]]
+key = "a:{id}"
+[[tables]]
+table = "public.b"
+[[tables]]
+table = "x.y.z"
+key = "{id}"
+[[tables]]
+table = "d"
+key = "d:{id}"
+columns = ["id", "id", ""]
+[[tables]]
+table = "e"
+key = "e:{id}"
+columns = []
+[[tables]]
+table = "public.f"
+key = "f:{id}"
+numeric = "float"
+mode = "invalidate"
+ttl = "1h"
+[[tables]]
+table = "f"
+key = "pgcache:{id}"
+[[tables]]
+table = "g"
+key = "pg{id}"
+"#,
+    ));
+    assert_eq!(
+        errs,
+        [
+            "tables[0].table: missing (e.g. table = \"public.users\")",
+            "tables[1].key: missing (e.g. key = \"user:profile:{id}\")",
+            "tables[2].table: \"x.y.z\" is not a table name (schema.table or table, e.g. public.users)",
+            "tables[2].key: key template \"{id}\" must start with literal text that names the table, such as \"user:\" in \"user:{id}\"",
+            "tables[3].columns: column \"id\" is listed twice",
+            "tables[3].columns[2]: empty column name",
+            "tables[4].columns: is empty (leave it out to store all columns)",
+            "tables[5].ttl: has no effect in invalidate mode, which only deletes keys (remove it, or use mode = \"mirror\")",
+            "tables[5].numeric: unknown numeric encoding \"float\" (expected string or number)",
+            "tables[6].key: key prefix \"pgcache:\" overlaps \"pgcache:\", which pgcache keeps for its own keys",
+            "tables[7].key: key prefix \"pg\" overlaps \"pgcache:\", which pgcache keeps for its own keys",
+            "tables[5].table and tables[6].table: public.f is configured twice",
+            "tables[6].key and tables[7].key: key prefixes \"pgcache:\" and \"pg\" overlap, so TRUNCATE and verify could not tell the tables apart",
+        ]
+    );
+}
+
+#[test]
+fn duplicate_tables_and_same_prefixes() {
+    let errs = errors(&with_tables(
+        "[[tables]]\ntable = \"users\"\nkey = \"user:{id}\"\n[[tables]]\ntable = \"public.users\"\nkey = \"user:{id}\"\n",
+    ));
+    assert_eq!(
+        errs,
+        [
+            "tables[0].table and tables[1].table: public.users is configured twice",
+            "tables[0].key and tables[1].key: key prefixes \"user:\" and \"user:\" overlap, so TRUNCATE and verify could not tell the tables apart",
+        ]
+    );
+    // Disjoint prefixes that share a start are fine.
+    Config::from_toml_str(&with_tables(
+        "[[tables]]\ntable = \"a\"\nkey = \"user:{id}\"\n[[tables]]\ntable = \"b\"\nkey = \"users:{id}\"\n",
+    ))
+    .unwrap();
+}
+
+#[test]
+fn urls_are_checked_and_never_leak() {
+    let with_urls = |pg: &str, redis: &str| {
+        format!("[postgres]\nurl = \"{pg}\"\n[redis]\nurl = \"{redis}\"\n[[tables]]\ntable = \"t\"\nkey = \"t:{{id}}\"\n")
+    };
+    let errs = errors(&with_urls(
+        "postgres://app:hunter2@db:notaport/app",
+        "redis://:hunter2@cache:99999",
+    ));
+    assert_eq!(
+        errs,
+        [
+            "postgres.url: \"postgres://app:***@db:notaport/app\" is not a valid connection string (invalid value for option `port`) (examples: postgres://user@host/db, host=/run/postgresql dbname=app)",
+            "redis.url: \"redis://:***@cache:99999\" has a port that is not a number from 0 to 65535",
+        ]
+    );
+    let errs = errors(&with_urls(
+        "dbname=app password=hunter2",
+        "redis://cache/zero",
+    ));
+    assert_eq!(
+        errs,
+        [
+            "postgres.url: \"dbname=app password=***\" names no host (examples: postgres://user@host/db, host=/run/postgresql dbname=app)",
+            "redis.url: \"redis://cache/zero\" has a database that is not a number (redis://host:6379/0)",
+        ]
+    );
+    for ok in [
+        "redis://localhost",
+        "redis://:pw@[::1]:6379/0",
+        "rediss://user:pw@cache:6380",
+        "redis+unix:///run/redis.sock",
+        "unix:///tmp/r.sock?db=1",
+        "redis://[::1]",
+    ] {
+        Config::from_toml_str(&with_urls("postgres://h/db", ok))
+            .unwrap_or_else(|e| panic!("{ok}: {e}"));
+    }
+    for bad in [
+        "redis://",
+        "redis://:pw@/0",
+        "localhost:6379",
+        "redis+unix://relative",
+        "redis://[::1",
+    ] {
+        let errs = errors(&with_urls("postgres://h/db", bad));
+        assert!(errs[0].starts_with("redis.url: "), "{bad}: {errs:?}");
+    }
+    // Debug of a whole config hides the passwords too.
+    let c = Config::from_toml_str(&with_urls(
+        "postgres://app:hunter2@db/app",
+        "redis://:hunter2@cache",
+    ))
+    .unwrap();
+    assert!(!format!("{c:?}").contains("hunter2"), "{c:?}");
+}
+
+#[test]
+fn toml_syntax_errors_give_the_line_without_secrets() {
+    let err =
+        Config::from_toml_str("[postgres]\nslot = \"a\"\nurl = \"postgres://u:hunter2@h/db\n")
+            .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.starts_with("config is not valid TOML: TOML parse error at line 3"),
+        "{msg}"
+    );
+    assert!(!msg.contains("hunter2"), "{msg}");
+    assert_eq!(err.errors().len(), 1);
+}
+
+#[test]
+fn url_files_hold_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("pg_url"), "postgres://app:hunter2@db/app\n").unwrap();
+    let config = format!(
+        "[postgres]\nurl_file = \"pg_url\"\n[redis]\nurl_file = \"{}\"\n[[tables]]\ntable = \"t\"\nkey = \"t:{{id}}\"\n",
+        dir.path().join("redis_url").display()
+    );
+    let path = dir.path().join("pgcache.toml");
+    std::fs::write(&path, &config).unwrap();
+
+    // The Redis file does not exist yet; relative url_file paths are relative to the config.
+    let err = Config::load(&path).unwrap_err();
+    assert_eq!(err.errors().len(), 1, "{err}");
+    assert!(
+        err.errors()[0].starts_with("redis.url_file: cannot read "),
+        "{err}"
+    );
+
+    std::fs::write(dir.path().join("redis_url"), "  redis://:pw@cache:6379 \n").unwrap();
+    let c = Config::load(&path).unwrap();
+    assert_eq!(c.postgres.url.expose(), "postgres://app:hunter2@db/app");
+    assert_eq!(c.redis.url.expose(), "redis://:pw@cache:6379");
+
+    let errs = errors(
+        "[postgres]\nurl = \"postgres://h/db\"\nurl_file = \"/x\"\n[redis]\nurl = \"redis://h\"\n[[tables]]\ntable = \"t\"\nkey = \"t:{id}\"\n",
+    );
+    assert_eq!(
+        errs,
+        ["postgres.url and postgres.url_file: set one of them, not both"]
+    );
+}
+
+#[test]
+fn load_reports_missing_and_broken_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope.toml");
+    let err = Config::load(&missing).unwrap_err().to_string();
+    assert!(
+        err.starts_with(&format!("cannot read config file {}: ", missing.display())),
+        "{err}"
+    );
+
+    let broken = dir.path().join("broken.toml");
+    std::fs::write(&broken, "[postgres\nurl = 1\n").unwrap();
+    let err = Config::load(&broken).unwrap_err().to_string();
+    assert!(
+        err.starts_with(&format!(
+            "config file {} is not valid TOML: TOML parse error at line 1",
+            broken.display()
+        )),
+        "{err}"
+    );
+}
+
+#[test]
+fn modes_and_formats_display_as_written() {
+    assert_eq!(Mode::Mirror.to_string(), "mirror");
+    assert_eq!(Mode::Refresh.to_string(), "refresh");
+    assert_eq!(Mode::Invalidate.to_string(), "invalidate");
+    assert_eq!(Format::Json.to_string(), "json");
+    assert_eq!(Format::Hash.to_string(), "hash");
+}
