@@ -22,7 +22,7 @@ BEGIN
   EXECUTE format('GRANT CONNECT ON DATABASE %I TO %I', current_database(), r);
   FOREACH t IN ARRAY string_to_array(current_setting('pgcache.tables'), ',') LOOP
     t := btrim(t);
-    EXECUTE format('GRANT USAGE ON SCHEMA %I TO %I', coalesce(parse_ident(t)[array_length(parse_ident(t), 1) - 1], 'public'), r);
+    EXECUTE format('GRANT USAGE ON SCHEMA %I TO %I', coalesce((parse_ident(t))[array_length(parse_ident(t), 1) - 1], 'public'), r);
     EXECUTE format('GRANT SELECT ON TABLE %s TO %I', t, r);
   END LOOP;
 END

@@ -109,7 +109,7 @@ async fn modes_invalidate_and_refresh() {
     let mut r = env.redis().await;
 
     // invalidate: the application caches its own value; any change deletes it.
-    let _: () = redis::cmd("SET").arg("session:abc").arg("app-built").query_async(&mut r).await.unwrap();
+    let _: () = redis::cmd("SET").arg("session:abc").arg(r#"{"built":"by the app"}"#).query_async(&mut r).await.unwrap();
     env.sql("INSERT INTO sessions VALUES ('abc', 1)");
     wait_for_json(&mut r, "session:abc", None).await;
     env.sql("UPDATE sessions SET user_id = 2");

@@ -240,7 +240,7 @@ pub async fn wait_for_json(
     key: &str,
     expected: Option<serde_json::Value>,
 ) {
-    let mut last = None;
+    let mut last;
     let limit = Duration::from_secs(20);
     let deadline = Instant::now() + limit;
     loop {

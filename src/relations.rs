@@ -1,0 +1,170 @@
+//! The relation cache: what the stream's relation ids mean under our table rules.
+//!
+//! pgoutput sends a Relation message before the first change to a table in each session and
+//! again after its schema changes; every change names only the relation id. This module turns
+//! those messages into a [`TableState`]: which rule applies, where the key columns and the
+//! cached columns sit in the tuple, and how each column is encoded.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::config::{Config, TableRule};
+use crate::encoder::PgType;
+use crate::pgoutput::Relation;
+
+/// A published table that one of our rules covers, resolved against its current schema.
+#[derive(Debug, Clone)]
+pub struct TableState {
+    pub rule: Arc<TableRule>,
+    /// Cached columns in output order: name and type, for the encoder.
+    pub columns: Vec<(String, PgType)>,
+    /// Tuple position of each cached column (same order as `columns`).
+    pub positions: Vec<usize>,
+    /// Tuple position of each key template column, in template order.
+    pub key_positions: Vec<usize>,
+    /// `<key_prefix><literal prefix of the template>`: every key of this table starts so.
+    pub key_space: String,
+}
+
+/// What a relation id stands for.
+#[derive(Debug, Clone)]
+pub enum RelationState {
+    /// Published but not configured: its changes are skipped.
+    Ignored,
+    Active(Arc<TableState>),
+    /// Configured, but the rule no longer fits the table (a column it names is gone). The
+    /// table is stopped with this error; other tables go on.
+    Broken { table: String, error: String },
+}
+
+/// Looks up types the encoder does not know by OID (enums, domains, citext, their arrays),
+/// once per OID.
+pub struct TypeResolver {
+    client: tokio_postgres::Client,
+    known: HashMap<u32, PgType>,
+}
+
+impl TypeResolver {
+    pub fn new(client: tokio_postgres::Client) -> Self {
+        TypeResolver { client, known: HashMap::new() }
+    }
+
+    pub async fn resolve(&mut self, oid: u32) -> Result<PgType, tokio_postgres::Error> {
+        if let Some(ty) = PgType::from_oid(oid) {
+            return Ok(ty);
+        }
+        if let Some(ty) = self.known.get(&oid) {
+            return Ok(ty.clone());
+        }
+        let ty = PgType::resolve(&self.client, oid).await?;
+        self.known.insert(oid, ty.clone());
+        Ok(ty)
+    }
+}
+
+pub struct RelationCache {
+    rules: HashMap<(String, String), Arc<TableRule>>,
+    key_prefix: String,
+    relations: HashMap<u32, RelationState>,
+}
+
+impl RelationCache {
+    pub fn new(config: &Config) -> Self {
+        let rules = config
+            .tables
+            .iter()
+            .map(|rule| ((rule.schema.clone(), rule.name.clone()), Arc::new(rule.clone())))
+            .collect();
+        RelationCache {
+            rules,
+            key_prefix: config.redis.key_prefix.clone(),
+            relations: HashMap::new(),
+        }
+    }
+
+    pub fn get(&self, relation_id: u32) -> Option<&RelationState> {
+        self.relations.get(&relation_id)
+    }
+
+    /// Records a Relation message and returns the state it gives the table.
+    pub async fn on_relation(
+        &mut self,
+        relation: &Relation,
+        types: &mut TypeResolver,
+    ) -> Result<&RelationState, tokio_postgres::Error> {
+        let state = match self.rules.get(&(relation.namespace.clone(), relation.name.clone())) {
+            None => RelationState::Ignored,
+            Some(rule) => {
+                let mut column_types = Vec::with_capacity(relation.columns.len());
+                for column in &relation.columns {
+                    column_types.push(types.resolve(column.type_oid).await?);
+                }
+                match table_state(rule, relation, &column_types, &self.key_prefix) {
+                    Ok(state) => RelationState::Active(Arc::new(state)),
+                    Err(error) => RelationState::Broken {
+                        table: rule.qualified_name(),
+                        error,
+                    },
+                }
+            }
+        };
+        self.relations.insert(relation.id, state);
+        Ok(&self.relations[&relation.id])
+    }
+}
+
+/// Matches a rule to the columns the stream announced.
+fn table_state(
+    rule: &Arc<TableRule>,
+    relation: &Relation,
+    types: &[PgType],
+    key_prefix: &str,
+) -> Result<TableState, String> {
+    let position = |name: &str| relation.columns.iter().position(|c| c.name == name);
+    let names: Vec<String> = match &rule.columns {
+        Some(columns) => columns.clone(),
+        None => relation.columns.iter().map(|c| c.name.clone()).collect(),
+    };
+    let mut columns = Vec::with_capacity(names.len());
+    let mut positions = Vec::with_capacity(names.len());
+    for name in names {
+        let Some(at) = position(&name) else {
+            return Err(format!(
+                "column {name:?} named in the rule for {} is not in the table any more \
+                 (it has {}); fix the rule's columns and restart",
+                rule.qualified_name(),
+                column_list(relation)
+            ));
+        };
+        positions.push(at);
+        columns.push((name, types[at].clone()));
+    }
+    let mut key_positions = Vec::new();
+    for name in rule.key.columns() {
+        let Some(at) = position(name) else {
+            return Err(format!(
+                "key template {:?} names column {name:?}, which {} no longer has (it has {})",
+                rule.key.as_str(),
+                rule.qualified_name(),
+                column_list(relation)
+            ));
+        };
+        key_positions.push(at);
+    }
+    Ok(TableState {
+        rule: rule.clone(),
+        columns,
+        positions,
+        key_positions,
+        key_space: format!("{key_prefix}{}", rule.key.literal_prefix()),
+    })
+}
+
+fn column_list(relation: &Relation) -> String {
+    relation
+        .columns
+        .iter()
+        .map(|c| c.name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
