@@ -9,3 +9,6 @@
 mod deploy;
 mod testkit;
 mod replication;
+mod cdc;
+mod common;
+mod faults;
