@@ -11,8 +11,9 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::{bail, ensure, Context, Result};
-use pgcache::testkit::TestPostgres;
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use pgcache::config::{Config, LogFormat};
+use pgcache::testkit::{TestPostgres, TestRedis};
 use serde::Deserialize;
 use serde_norway::Value;
 
@@ -190,6 +191,17 @@ fn compose_runs_postgres_redis_and_pgcache() -> Result<()> {
         command.contains("--appendonly yes"),
         "redis command lacks --appendonly yes: {command}"
     );
+    // An EXEC acknowledged by a Redis that fsyncs only every second can still be lost, so
+    // either Redis fsyncs every write or pgcache delays its confirmations to Postgres.
+    if !command.contains("--appendfsync always") {
+        let toml = read(&deploy().join("compose/pgcache.toml"))?;
+        let config =
+            Config::from_toml_str(&toml).map_err(|e| anyhow!("compose/pgcache.toml: {e}"))?;
+        ensure!(
+            config.apply.confirm_delay >= std::time::Duration::from_secs(1),
+            "redis runs without --appendfsync always, so apply.confirm_delay must cover the fsync interval"
+        );
+    }
 
     for name in ["postgres", "redis", "pgcache"] {
         let test = command_line(at(services, &[name, "healthcheck", "test"])?);
@@ -443,39 +455,112 @@ fn secret_carries_the_connection_urls() -> Result<()> {
 // ---------------------------------------------------------------------------------------------
 // Configs
 
-/// The config files in deploy/ that the daemon loads: the ConfigMap's and compose's.
-fn deploy_configs() -> Result<Vec<(String, String)>> {
-    let objects = k8s_objects()?;
-    let configmap = objects.get("ConfigMap").context("no ConfigMap")?;
-    Ok(vec![
-        (
-            "k8s/configmap.yaml data.pgcache.toml".to_string(),
-            str_at(configmap, &["data", "pgcache.toml"])?.to_string(),
-        ),
-        (
-            "compose/pgcache.toml".to_string(),
-            read(&deploy().join("compose/pgcache.toml"))?,
-        ),
-    ])
+/// A config as a deployment runs it: the TOML file and the `PGCACHE__*` variables it sets.
+struct Deployed {
+    name: &'static str,
+    toml: String,
+    env: Vec<(String, String)>,
 }
 
-/// A TOML file as plain data, read by the same `config` crate the daemon uses.
-fn toml_value(text: &str) -> Result<serde_json::Value> {
-    config::Config::builder()
-        .add_source(config::File::from_str(text, config::FileFormat::Toml))
-        .build()
-        .context("parsing TOML")?
-        .try_deserialize()
-        .context("reading TOML as data")
+/// The Kubernetes one (ConfigMap, Secret, container env) and the compose one.
+fn deployed_configs() -> Result<Vec<Deployed>> {
+    let objects = k8s_objects()?;
+    let configmap = objects.get("ConfigMap").context("no ConfigMap")?;
+    let secret = objects.get("Secret").context("no Secret")?;
+    let deployment = objects.get("Deployment").context("no Deployment")?;
+    let mut k8s_env = Vec::new();
+    for (key, value) in at(secret, &["stringData"])?
+        .as_mapping()
+        .context("stringData")?
+    {
+        let (Some(key), Some(value)) = (key.as_str(), value.as_str()) else {
+            bail!("Secret stringData holds a non-string entry: {key:?}");
+        };
+        k8s_env.push((key.to_string(), value.to_string()));
+    }
+    let container = at(deployment, &["spec", "template", "spec", "containers", "0"])?;
+    for var in seq_at(container, &["env"])? {
+        k8s_env.push((
+            str_at(var, &["name"])?.to_string(),
+            str_at(var, &["value"])?.to_string(),
+        ));
+    }
+
+    let compose = yaml_document(&deploy().join("compose.yaml"))?;
+    let mut compose_env = Vec::new();
+    let environment = at(&compose, &["services", "pgcache", "environment"])?;
+    for (key, value) in environment
+        .as_mapping()
+        .context("pgcache's environment is a mapping")?
+    {
+        let (Some(key), Some(value)) = (key.as_str(), value.as_str()) else {
+            bail!("pgcache's environment holds a non-string entry: {key:?}");
+        };
+        compose_env.push((key.to_string(), value.to_string()));
+    }
+    Ok(vec![
+        Deployed {
+            name: "k8s/configmap.yaml",
+            toml: str_at(configmap, &["data", "pgcache.toml"])?.to_string(),
+            env: k8s_env,
+        },
+        Deployed {
+            name: "compose/pgcache.toml",
+            toml: read(&deploy().join("compose/pgcache.toml"))?,
+            env: compose_env,
+        },
+    ])
 }
 
 #[test]
 fn deploy_configs_load() -> Result<()> {
-    for (name, text) in deploy_configs()? {
-        // TODO(deploy): pgcache::config::Config::from_toml_str once src/config.rs lands.
-        if let Err(e) = toml_value(&text) {
-            bail!("{name} does not load: {e:#}");
+    for deployed in deployed_configs()? {
+        let name = deployed.name;
+        // The file alone is what `pgcache check --config` reads outside the deployment.
+        Config::from_toml_str(&deployed.toml).map_err(|e| anyhow!("{name} alone: {e}"))?;
+        let config = Config::from_toml_str_with_env(&deployed.toml, deployed.env.clone())
+            .map_err(|e| anyhow!("{name} with its deployment's environment: {e}"))?;
+        // The deployment's variables reach the keys they are meant for.
+        let mut overridden = BTreeSet::new();
+        for (var, value) in &deployed.env {
+            match var.as_str() {
+                "PGCACHE__POSTGRES__URL" => {
+                    ensure!(config.postgres.url.expose() == value, "{name}: {var}")
+                }
+                "PGCACHE__REDIS__URL" => {
+                    ensure!(config.redis.url.expose() == value, "{name}: {var}")
+                }
+                "PGCACHE__METRICS__LISTEN" => {
+                    ensure!(
+                        config.metrics.listen == Some(value.parse()?),
+                        "{name}: {var}"
+                    )
+                }
+                "PGCACHE__LOG__FORMAT" => {
+                    let expected = match value.as_str() {
+                        "json" => LogFormat::Json,
+                        _ => LogFormat::Human,
+                    };
+                    ensure!(config.log.format == expected, "{name}: {var}")
+                }
+                _ => bail!("{name}: the deployment sets {var}, which this test does not know"),
+            }
+            overridden.insert(var.as_str());
         }
+        for var in [
+            "PGCACHE__POSTGRES__URL",
+            "PGCACHE__REDIS__URL",
+            "PGCACHE__METRICS__LISTEN",
+        ] {
+            ensure!(
+                overridden.contains(var),
+                "{name}: the deployment does not set {var}"
+            );
+        }
+        ensure!(
+            config.table("public", "users").is_some(),
+            "{name}: no rule for public.users"
+        );
     }
     Ok(())
 }
@@ -613,23 +698,45 @@ fn compose_initdb_script_prepares_postgres() -> Result<()> {
         .lines()
         .map(str::to_string)
         .collect();
-    let rules = toml_value(&toml)?;
-    let tables = rules["tables"]
-        .as_array()
-        .context("compose/pgcache.toml has no [[tables]]")?;
-    ensure!(
-        tables.iter().any(|t| t["table"] == "public.users"),
-        "compose/pgcache.toml has no rule for public.users"
-    );
-    for column in tables
-        .iter()
-        .flat_map(|t| t["columns"].as_array().into_iter().flatten())
-    {
-        let column = column.as_str().context("column names are strings")?;
+    let config = Config::from_toml_str(&toml).map_err(|e| anyhow!("compose/pgcache.toml: {e}"))?;
+    let rule = config
+        .table("public", "users")
+        .context("compose/pgcache.toml has no rule for public.users")?;
+    for column in rule.columns.iter().flatten() {
         ensure!(
             columns.contains(column),
             "compose/pgcache.toml caches {column}, which public.users lacks"
         );
     }
+
+    // And the daemon's own preflight agrees, connecting as the role the script made, with
+    // the compose config and the URLs pointed at our servers the way compose's env does.
+    let redis = TestRedis::start()?;
+    let mut check = Command::new(env!("CARGO_BIN_EXE_pgcache"));
+    for (key, _) in std::env::vars_os() {
+        if key
+            .to_string_lossy()
+            .to_ascii_uppercase()
+            .starts_with("PGCACHE")
+        {
+            check.env_remove(key);
+        }
+    }
+    let output = check
+        .args(["check", "--config"])
+        .arg(deploy().join("compose/pgcache.toml"))
+        .env(
+            "PGCACHE__POSTGRES__URL",
+            pg.url_as("pgcache", Some("pgcache"), "app"),
+        )
+        .env("PGCACHE__REDIS__URL", redis.url())
+        .output()
+        .context("running pgcache check")?;
+    ensure!(
+        output.status.success(),
+        "pgcache check fails on the server compose/initdb.sh prepared:\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
     Ok(())
 }
