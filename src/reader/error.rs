@@ -1,0 +1,134 @@
+//! What can go wrong for a caller of the read helper.
+//!
+//! Redis failures are not here on purpose: a lookup that cannot use Redis reads Postgres
+//! instead (G7). Only the lower-level lease API, whose whole point is Redis, reports them.
+//! Sources are behind `Arc` so that one error can be handed to every caller that shared a
+//! database read (single flight).
+
+use std::sync::Arc;
+
+use crate::encoder::EncodeError;
+use crate::pgconn::PgTargetError;
+
+/// An error from [`Reader`](super::Reader).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ReaderError {
+    /// The table has no rule in the configuration.
+    #[error("no table rule for {name:?}; configured tables: {known}")]
+    UnknownTable { name: String, known: String },
+
+    /// An unqualified table name that more than one rule could mean.
+    #[error("table name {name:?} is ambiguous ({candidates}); write it schema-qualified")]
+    AmbiguousTable { name: String, candidates: String },
+
+    /// The key has a different number of values than the template has columns.
+    #[error("{table}: key template {template:?} takes {expected} value(s) ({columns}), got {got}")]
+    KeyArity {
+        table: String,
+        template: String,
+        columns: String,
+        expected: usize,
+        got: usize,
+    },
+
+    /// A key value that cannot be a value of its column.
+    #[error("{table}: key value {value:?} for column {column:?} is not usable: {problem}")]
+    BadKeyValue {
+        table: String,
+        column: String,
+        value: String,
+        problem: String,
+    },
+
+    /// The key value names a row, but Postgres prints the value differently, so the daemon
+    /// would keep that row under another key. Filling this key would leave a copy that no
+    /// change ever updates, so the row is not read.
+    #[error(
+        "{table}: key value {given:?} for column {column:?} is not in its canonical form \
+         {canonical:?} (pass key values exactly as Postgres prints them)"
+    )]
+    NonCanonicalKey {
+        table: String,
+        column: String,
+        given: String,
+        canonical: String,
+    },
+
+    /// More than one row matches the key: the template does not identify a row.
+    #[error("{table}: {rows} rows match key {key:?}; the key template must name a unique key")]
+    KeyNotUnique {
+        table: String,
+        key: String,
+        rows: usize,
+    },
+
+    /// The table or a column the rule names does not exist (or cannot be cached).
+    #[error("{table}: {problem}")]
+    Schema { table: String, problem: String },
+
+    /// No Postgres connection could be had (server down, pool exhausted, bad credentials).
+    #[error("{table}: cannot get a Postgres connection: {source}")]
+    PostgresUnavailable {
+        table: String,
+        #[source]
+        source: Arc<deadpool_postgres::PoolError>,
+    },
+
+    /// A query failed.
+    #[error("{table}: Postgres query failed: {source}")]
+    Postgres {
+        table: String,
+        #[source]
+        source: Arc<tokio_postgres::Error>,
+    },
+
+    /// A row value could not be encoded (the stream would have failed the same way).
+    #[error("{table}: cannot encode the row for key {key:?}: {source}")]
+    Encode {
+        table: String,
+        key: String,
+        #[source]
+        source: EncodeError,
+    },
+
+    /// The cached or read value does not deserialize into the caller's type.
+    #[error("{table}: the value of key {key:?} does not fit the requested type: {source}")]
+    Decode {
+        table: String,
+        key: String,
+        #[source]
+        source: Arc<serde_json::Error>,
+    },
+
+    /// A Redis command of the lease API failed (the high-level calls never return this).
+    #[error("Redis command on {key:?} failed: {source}")]
+    Redis {
+        key: String,
+        #[source]
+        source: redis::RedisError,
+    },
+
+    /// The Postgres connection string or TLS settings are unusable.
+    #[error("invalid Postgres settings: {0}")]
+    PostgresConfig(Arc<PgTargetError>),
+
+    /// The Redis URL is unusable.
+    #[error("invalid Redis settings: {0}")]
+    RedisConfig(redis::RedisError),
+
+    /// The reader's own options are unusable.
+    #[error("invalid reader option: {0}")]
+    Options(String),
+}
+
+impl ReaderError {
+    /// Whether the error comes from a server being unreachable or failing, so that retrying
+    /// later may succeed (as opposed to a mistake in the call or the configuration).
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            ReaderError::PostgresUnavailable { .. } | ReaderError::Redis { .. } => true,
+            ReaderError::Postgres { source, .. } => source.as_db_error().is_none(),
+            _ => false,
+        }
+    }
+}

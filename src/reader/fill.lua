@@ -1,0 +1,30 @@
+-- A fill by the holder of a lease (pgcache::Reader). It only writes while the lease still
+-- holds the caller's token: the daemon deletes the lease with every change it applies, so
+-- a fill whose database read may predate a change loses (DESIGN.md, G4).
+--   KEYS[1]  the row key
+--   KEYS[2]  its lease key
+--   ARGV[1]  the caller's token
+--   ARGV[2]  'row': write the value if the key is absent; 'refresh': replace the value
+--            (early refresh of a cached key); 'absent': cache the row's absence
+--   ARGV[3]  the value, or for 'absent' the absence marker
+--   ARGV[4]  TTL in milliseconds, '0' for none
+-- Returns 1 when written, 0 when the fill lost.
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then
+  return 0
+end
+if ARGV[2] ~= 'refresh' and redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('DEL', KEYS[2])
+  return 0
+end
+if ARGV[2] == 'absent' then
+  -- Kept in the lease key, so the next change to the row (an insert) deletes it.
+  redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[4])
+  return 1
+end
+if ARGV[4] == '0' then
+  redis.call('SET', KEYS[1], ARGV[3])
+else
+  redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
+end
+redis.call('DEL', KEYS[2])
+return 1

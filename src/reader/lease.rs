@@ -1,0 +1,388 @@
+//! Leases: the right to fill one key, and the proof that the fill is not stale.
+//!
+//! The protocol (DESIGN.md, "Leases"): a miss takes the key's lease with a random token
+//! (`acquire.lua`, which also re-checks the key, so the miss costs one round trip), reads the
+//! row from Postgres, and fills with `fill.lua`, which writes only while the lease still holds
+//! the token and the key is still absent. The daemon deletes the lease with every change it
+//! applies to the row, so a fill whose read may predate a change finds the lease gone and
+//! loses. A lease that is never filled expires after its TTL, so a holder that dies frees the
+//! key by itself.
+//!
+//! Negative caching stores a marker in the lease key rather than in the row key: the daemon
+//! already deletes the lease key on every change, so an insert ends the cached absence at
+//! once, and the row key never holds anything but a row.
+
+use std::sync::{Arc, LazyLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rand::Rng;
+use redis::Script;
+
+use super::source::KeyTexts;
+use super::stats::Event;
+use super::{Inner, ReaderError, TableEntry};
+
+static ACQUIRE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("acquire.lua")));
+static FILL: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("fill.lua")));
+static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("release.lua")));
+
+/// What a lease key holds while a row is known to be absent. Tokens are hex, so they never
+/// look like this.
+pub(crate) const ABSENT: &str = "pgcache:absent";
+
+/// What [`Table::lease`](super::Table::lease) found.
+#[derive(Debug)]
+pub enum LeaseOutcome {
+    /// The row is cached: its value.
+    Hit(Bytes),
+    /// The caller holds the lease and should read the row and fill.
+    Acquired(Lease),
+    /// Another caller holds the lease: wait for its fill.
+    Held,
+    /// The row is known to be absent (negative caching).
+    Absent,
+}
+
+/// How a fill ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FillOutcome {
+    /// The value (or the absence) is now in Redis.
+    Filled,
+    /// The fill was refused: a change revoked the lease (the row read may be stale), the
+    /// lease expired, or the key was written meanwhile. Redis keeps what it has.
+    Lost,
+    /// Nothing was written and the lease was given back ([`Lease::fill_absent`] without
+    /// negative caching).
+    Released,
+}
+
+/// Whether a lease fills an absent key or replaces a cached value (early refresh).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Purpose {
+    Fill,
+    Refresh,
+}
+
+/// The right to fill one key, until its TTL runs out or a change revokes it.
+///
+/// Dropping a lease without filling gives it back (in a background task), so other callers
+/// need not wait for its TTL.
+pub struct Lease {
+    inner: Arc<Inner>,
+    entry: Arc<TableEntry>,
+    key: KeyTexts,
+    lease_key: String,
+    token: String,
+    purpose: Purpose,
+    /// When the lease was taken: fill time is measured from here, for early refresh.
+    taken: Instant,
+    /// Filled, lost or released: nothing left for `Drop` to do.
+    settled: bool,
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease")
+            .field("key", &self.key.redis_key)
+            .field("lease_key", &self.lease_key)
+            .field("purpose", &self.purpose)
+            .finish_non_exhaustive()
+    }
+}
+
+fn new_token() -> String {
+    format!("{:032x}", rand::thread_rng().gen::<u128>())
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+/// The miss path's round trip: the value if the key is cached now, else the lease if free.
+pub(crate) async fn acquire(
+    inner: &Arc<Inner>,
+    entry: &Arc<TableEntry>,
+    key: &KeyTexts,
+) -> Result<LeaseOutcome, redis::RedisError> {
+    let lease_key = crate::template::lease_key(&key.redis_key);
+    let token = new_token();
+    let mut conn = inner.redis.clone();
+    let reply: redis::Value = ACQUIRE
+        .key(&key.redis_key)
+        .key(&lease_key)
+        .arg(&token)
+        .arg(millis(inner.options.lease_ttl))
+        .arg(ABSENT)
+        .invoke_async(&mut conn)
+        .await?;
+    let (code, value) = match reply {
+        redis::Value::Array(items) => {
+            let mut items = items.into_iter();
+            (items.next(), items.next())
+        }
+        _ => (None, None),
+    };
+    Ok(match (code, value) {
+        (Some(redis::Value::Int(1)), Some(redis::Value::BulkString(v))) => {
+            LeaseOutcome::Hit(Bytes::from(v))
+        }
+        (Some(redis::Value::Int(2)), _) => LeaseOutcome::Acquired(Lease {
+            inner: inner.clone(),
+            entry: entry.clone(),
+            key: key.clone(),
+            lease_key,
+            token,
+            purpose: Purpose::Fill,
+            taken: Instant::now(),
+            settled: false,
+        }),
+        (Some(redis::Value::Int(3)), _) => LeaseOutcome::Held,
+        (Some(redis::Value::Int(4)), _) => LeaseOutcome::Absent,
+        _ => {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::Parse,
+                "unexpected reply from the pgcache acquire script",
+            )))
+        }
+    })
+}
+
+/// Takes the lease of a cached key for an early refresh; `None` when someone holds it.
+pub(crate) async fn acquire_for_refresh(
+    inner: &Arc<Inner>,
+    entry: &Arc<TableEntry>,
+    key: &KeyTexts,
+) -> Result<Option<Lease>, redis::RedisError> {
+    let lease_key = crate::template::lease_key(&key.redis_key);
+    let token = new_token();
+    let mut conn = inner.redis.clone();
+    let set: Option<String> = redis::cmd("SET")
+        .arg(&lease_key)
+        .arg(&token)
+        .arg("NX")
+        .arg("PX")
+        .arg(millis(inner.options.lease_ttl))
+        .query_async(&mut conn)
+        .await?;
+    Ok(set.map(|_| Lease {
+        inner: inner.clone(),
+        entry: entry.clone(),
+        key: key.clone(),
+        lease_key,
+        token,
+        purpose: Purpose::Refresh,
+        taken: Instant::now(),
+        settled: false,
+    }))
+}
+
+impl Lease {
+    /// The row key this lease is for.
+    pub fn key(&self) -> &str {
+        &self.key.redis_key
+    }
+
+    /// The lease's own Redis key.
+    pub fn lease_key(&self) -> &str {
+        &self.lease_key
+    }
+
+    pub(crate) fn key_texts(&self) -> &KeyTexts {
+        &self.key
+    }
+
+    /// Reads the row from Postgres and encodes it as the daemon would: `None` when no row
+    /// has the key.
+    ///
+    /// # Errors
+    /// As [`Table::get_raw`](super::Table::get_raw) for Postgres.
+    pub async fn read_row(&self) -> Result<Option<Vec<u8>>, ReaderError> {
+        let mut rows = read_rows(&self.inner, &self.entry, std::slice::from_ref(&self.key)).await?;
+        Ok(rows.pop().flatten())
+    }
+
+    /// Writes `value` to the key if the lease is still ours (and, unless this is an early
+    /// refresh, the key still absent), with the table's TTL.
+    ///
+    /// # Errors
+    /// [`ReaderError::Redis`] when the script cannot run; the lease then expires by itself.
+    pub async fn fill(mut self, value: &[u8]) -> Result<FillOutcome, ReaderError> {
+        let kind = match self.purpose {
+            Purpose::Fill => "row",
+            Purpose::Refresh => "refresh",
+        };
+        let ttl = self.entry.rule.ttl.map_or(0, millis);
+        let outcome = self.run_fill(kind, value, ttl).await;
+        self.settled = true;
+        if matches!(outcome, Ok(FillOutcome::Filled)) {
+            self.entry.fill_time.record(self.taken.elapsed());
+        }
+        outcome
+    }
+
+    /// Records that no row has the key, for the negative-cache TTL, if the lease is still
+    /// ours; without negative caching, gives the lease back.
+    ///
+    /// # Errors
+    /// [`ReaderError::Redis`] when the script cannot run; the lease then expires by itself.
+    pub async fn fill_absent(mut self) -> Result<FillOutcome, ReaderError> {
+        let outcome = match (self.inner.options.negative_ttl, self.purpose) {
+            (Some(ttl), Purpose::Fill) => {
+                self.run_fill("absent", ABSENT.as_bytes(), millis(ttl))
+                    .await
+            }
+            _ => self.release_now().await.map(|()| FillOutcome::Released),
+        };
+        self.settled = true;
+        outcome
+    }
+
+    /// Gives the lease back without filling, if it is still ours.
+    ///
+    /// # Errors
+    /// [`ReaderError::Redis`] when the script cannot run; the lease then expires by itself.
+    pub async fn release(mut self) -> Result<(), ReaderError> {
+        let result = self.release_now().await;
+        self.settled = true;
+        result
+    }
+
+    async fn run_fill(
+        &self,
+        kind: &str,
+        value: &[u8],
+        ttl_ms: u64,
+    ) -> Result<FillOutcome, ReaderError> {
+        let mut conn = self.inner.redis.clone();
+        let written: i64 = FILL
+            .key(&self.key.redis_key)
+            .key(&self.lease_key)
+            .arg(&self.token)
+            .arg(kind)
+            .arg(value)
+            .arg(ttl_ms)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|source| ReaderError::Redis {
+                key: self.key.redis_key.clone(),
+                source,
+            })?;
+        if written == 1 {
+            self.entry.counters.record(Event::Fill);
+            Ok(FillOutcome::Filled)
+        } else {
+            self.entry.counters.record(Event::LostFill);
+            Ok(FillOutcome::Lost)
+        }
+    }
+
+    async fn release_now(&self) -> Result<(), ReaderError> {
+        release(&self.inner, &self.lease_key, &self.token)
+            .await
+            .map_err(|source| ReaderError::Redis {
+                key: self.lease_key.clone(),
+                source,
+            })
+    }
+}
+
+async fn release(inner: &Inner, lease_key: &str, token: &str) -> Result<(), redis::RedisError> {
+    let mut conn = inner.redis.clone();
+    RELEASE
+        .key(lease_key)
+        .arg(token)
+        .invoke_async::<i64>(&mut conn)
+        .await
+        .map(drop)
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        // Cancelled or failed before filling: give the lease back so that waiters need not
+        // sit out its TTL. Without a runtime (or if this fails) it simply expires.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let inner = self.inner.clone();
+            let lease_key = std::mem::take(&mut self.lease_key);
+            let token = std::mem::take(&mut self.token);
+            runtime.spawn(async move {
+                if let Err(e) = release(&inner, &lease_key, &token).await {
+                    tracing::debug!(lease = %lease_key, error = %e, "could not give a lease back; it will expire");
+                }
+            });
+        }
+    }
+}
+
+/// Reads rows from Postgres for `keys`, counting the read.
+pub(crate) async fn read_rows(
+    inner: &Inner,
+    entry: &TableEntry,
+    keys: &[KeyTexts],
+) -> Result<Vec<Option<Vec<u8>>>, ReaderError> {
+    entry.counters.record(Event::DbRead);
+    entry.source.read(&inner.pool, keys).await
+}
+
+/// Polling intervals while another process fills: short at first (most fills take a few
+/// milliseconds), doubling up to a cap, with jitter so that waiters in many processes do not
+/// poll in step.
+pub(crate) struct Backoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(2);
+
+    pub(crate) fn new(max: Duration) -> Backoff {
+        Backoff {
+            next: Self::FIRST.min(max),
+            max,
+        }
+    }
+
+    /// The next pause: between half and all of the current step.
+    pub(crate) fn step(&mut self) -> Duration {
+        let step = self.next;
+        self.next = (self.next * 2).min(self.max);
+        let half = step / 2;
+        half + step
+            .saturating_sub(half)
+            .mul_f64(rand::thread_rng().gen::<f64>())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_its_cap_with_jitter() {
+        let max = Duration::from_millis(50);
+        let mut b = Backoff::new(max);
+        let first = b.step();
+        assert!(first >= Duration::from_millis(1) && first <= Duration::from_millis(2));
+        let steps: Vec<Duration> = (0..20).map(|_| b.step()).collect();
+        assert!(steps.iter().all(|&s| s <= max));
+        assert!(steps[10..].iter().all(|&s| s >= max / 2));
+    }
+
+    #[test]
+    fn tokens_are_hex_and_never_the_absence_marker() {
+        let t = new_token();
+        assert_eq!(t.len(), 32);
+        assert!(t.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_ne!(t, ABSENT);
+        assert_ne!(new_token(), t);
+    }
+
+    #[test]
+    fn scripts_are_distinct() {
+        assert_ne!(ACQUIRE.get_hash(), FILL.get_hash());
+        assert_ne!(FILL.get_hash(), RELEASE.get_hash());
+    }
+}

@@ -1,0 +1,160 @@
+//! What the reader does without servers: building, naming tables and keys, and failing
+//! cleanly when both servers are down. The protocol itself is tested against real servers
+//! in `tests/it/reader.rs`.
+
+use std::time::Duration;
+
+use super::*;
+
+/// Nothing listens on port 1, so connections are refused at once.
+const NO_POSTGRES: &str = "postgres://app@127.0.0.1:1/app?sslmode=disable";
+const NO_REDIS: &str = "redis://127.0.0.1:1";
+
+fn reader() -> Reader {
+    Reader::builder(NO_POSTGRES, NO_REDIS)
+        .key_prefix("app:")
+        .table("public.users", "user:{id}")
+        .table("shop.orders", "order:{tenant}:{id}")
+        .table("shop.users", "shopuser:{id}")
+        .table("audit", "audit:{id}")
+        .options(ReaderOptions {
+            redis_timeout: Duration::from_millis(500),
+            postgres_timeout: Duration::from_secs(2),
+            ..ReaderOptions::default()
+        })
+        .build()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn tables_and_keys_are_named_like_the_daemon() {
+    let reader = reader();
+    let users = reader.table("public.users").unwrap();
+    assert_eq!(users.name(), "public.users");
+    assert_eq!(users.key(42).unwrap(), "app:user:42");
+    assert_eq!(users.key("7").unwrap(), "app:user:7");
+    let orders = reader.table("orders").unwrap();
+    assert_eq!(orders.key(("a:b", 7)).unwrap(), "app:order:a%3Ab:7");
+    assert_eq!(reader.table("audit").unwrap().name(), "public.audit");
+
+    let e = users.key(("a", 1)).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "public.users: key template \"user:{id}\" takes 1 value(s) (id), got 2"
+    );
+    let e = orders.key(7).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ReaderError::KeyArity {
+                expected: 2,
+                got: 1,
+                ..
+            }
+        ),
+        "{e}"
+    );
+
+    let e = reader.table("nope").err().unwrap();
+    assert!(matches!(e, ReaderError::UnknownTable { .. }), "{e}");
+    assert!(e.to_string().contains("public.users, shop.orders"), "{e}");
+    let e = reader.table("users").err().unwrap();
+    assert!(matches!(e, ReaderError::AmbiguousTable { .. }), "{e}");
+    assert!(e.to_string().contains("public.users, shop.users"), "{e}");
+}
+
+#[tokio::test]
+async fn both_servers_down_is_an_error_not_a_hang() {
+    let reader = reader();
+    let started = Instant::now();
+    let e = reader.get_json("public.users", 1).await.unwrap_err();
+    assert!(matches!(e, ReaderError::PostgresUnavailable { .. }), "{e}");
+    assert!(e.is_unavailable());
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let s = reader.stats();
+    assert_eq!((s.hits, s.misses, s.fallbacks, s.db_reads), (0, 1, 1, 1));
+
+    let e = reader
+        .get_many::<serde_json::Value, _>("public.users", [1, 2])
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ReaderError::PostgresUnavailable { .. }), "{e}");
+    assert_eq!(reader.stats().misses, 3);
+    // The lease API has no fallback: it reports Redis.
+    let e = reader
+        .table("public.users")
+        .unwrap()
+        .lease(1)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ReaderError::Redis { .. }), "{e}");
+}
+
+#[tokio::test]
+async fn bad_settings_are_named() {
+    let e = Reader::builder(NO_POSTGRES, NO_REDIS)
+        .table("t", "{id}")
+        .build()
+        .err()
+        .unwrap();
+    assert!(
+        e.to_string().contains("table t: key template \"{id}\""),
+        "{e}"
+    );
+    let e = Reader::builder(NO_POSTGRES, NO_REDIS)
+        .table("t", "t:{id}")
+        .table("public.t", "u:{id}")
+        .build()
+        .err()
+        .unwrap();
+    assert!(
+        e.to_string().contains("public.t is configured twice"),
+        "{e}"
+    );
+    let e = Reader::builder(NO_POSTGRES, NO_REDIS)
+        .options(ReaderOptions {
+            early_refresh_beta: Some(f64::NAN),
+            ..ReaderOptions::default()
+        })
+        .build()
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("early_refresh_beta"), "{e}");
+    let e = Reader::builder("postgres://127.0.0.1/db?sslmode=sometimes", NO_REDIS)
+        .build()
+        .err()
+        .unwrap();
+    assert!(
+        e.to_string().starts_with("invalid Postgres settings"),
+        "{e}"
+    );
+    let e = Reader::builder(NO_POSTGRES, "http://nope")
+        .build()
+        .err()
+        .unwrap();
+    assert!(e.to_string().starts_with("invalid Redis settings"), "{e}");
+}
+
+#[tokio::test]
+async fn hash_tables_are_refused_by_name() {
+    let mut rule = Reader::builder(NO_POSTGRES, NO_REDIS)
+        .table("public.h", "h:{id}")
+        .rules
+        .remove(0);
+    rule.format = Format::Hash;
+    let reader = Reader::builder(NO_POSTGRES, NO_REDIS)
+        .rule(rule)
+        .build()
+        .unwrap();
+    let e = reader.table("public.h").err().unwrap();
+    assert!(e.to_string().contains("format = \"hash\""), "{e}");
+}
+
+#[test]
+fn building_needs_a_runtime() {
+    let e = Reader::builder(NO_POSTGRES, NO_REDIS)
+        .build()
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("Tokio runtime"), "{e}");
+}
