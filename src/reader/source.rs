@@ -187,7 +187,7 @@ impl RowSource {
              a.attgenerated <> '', {} \
              FROM pg_catalog.pg_attribute a WHERE a.attrelid = to_regclass($1::text) \
              AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
-            fingerprint_sql("a.attrelid")
+            fingerprint_sql("to_regclass($1::text)")
         );
         let rows = client.query(&sql, &[&relation]).await.map_err(pg_err)?;
         if rows.is_empty() {

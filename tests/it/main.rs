@@ -12,3 +12,4 @@ mod replication;
 mod cdc;
 mod common;
 mod faults;
+mod reader;
