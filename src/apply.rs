@@ -24,7 +24,11 @@ use crate::{checkpoint, Lsn};
 #[derive(Debug, Clone, PartialEq)]
 pub enum Op {
     /// `SET key value [PX ttl]` (mode mirror).
-    Set { key: String, value: Vec<u8>, ttl_ms: Option<u64> },
+    Set {
+        key: String,
+        value: Vec<u8>,
+        ttl_ms: Option<u64>,
+    },
     /// `SET key value XX KEEPTTL` (mode refresh: only keys already cached).
     SetIfCached { key: String, value: Vec<u8> },
     /// Replace a hash: `DEL key` + `HSET key f v …` [+ `PEXPIRE`], or, with
@@ -44,9 +48,10 @@ pub enum Op {
 impl Op {
     fn key(&self) -> Option<&str> {
         match self {
-            Op::Set { key, .. } | Op::SetIfCached { key, .. } | Op::Hash { key, .. } | Op::Del { key } => {
-                Some(key)
-            }
+            Op::Set { key, .. }
+            | Op::SetIfCached { key, .. }
+            | Op::Hash { key, .. }
+            | Op::Del { key } => Some(key),
             Op::DropKeySpace { .. } => None,
         }
     }
@@ -56,7 +61,11 @@ impl Op {
 #[derive(Debug, thiserror::Error)]
 pub enum ChangeError {
     #[error("{table}: key column {column:?} is NULL or was not sent, so the row has no key{hint}")]
-    NoKey { table: String, column: String, hint: &'static str },
+    NoKey {
+        table: String,
+        column: String,
+        hint: &'static str,
+    },
     #[error("{table}: {source}")]
     Encode { table: String, source: EncodeError },
 }
@@ -158,9 +167,10 @@ impl Batch {
         }
         // TOASTed columns that did not change were not sent. A FULL old image has them.
         if let Some(OldTuple::Full(old)) = old {
-            let complete = table.positions.iter().all(|&at| {
-                !matches!(old.0.get(at), Some(TupleData::Unchanged) | None)
-            });
+            let complete = table
+                .positions
+                .iter()
+                .all(|&at| !matches!(old.0.get(at), Some(TupleData::Unchanged) | None));
             if complete {
                 self.write_row(table, key, new, Some(old))?;
                 return Ok(Merge::Done);
@@ -199,8 +209,12 @@ impl Batch {
             write_json_key(&mut value, name);
             match new.0.get(at) {
                 Some(TupleData::Text(text)) | Some(TupleData::Binary(text)) => {
-                    encoder::encode_value(&mut value, ty, text, table.rule.encode)
-                        .map_err(|source| ChangeError::Encode { table: table.rule.qualified_name(), source })?;
+                    encoder::encode_value(&mut value, ty, text, table.rule.encode).map_err(
+                        |source| ChangeError::Encode {
+                            table: table.rule.qualified_name(),
+                            source,
+                        },
+                    )?;
                 }
                 Some(TupleData::Null) | None => value.extend_from_slice(b"null"),
                 Some(TupleData::Unchanged) => match cached.get(name.as_str()) {
@@ -232,7 +246,9 @@ impl Batch {
 
     /// TRUNCATE: every key of the table goes, in stream order.
     pub fn truncate(&mut self, table: &TableState) {
-        self.ops.push(Op::DropKeySpace { key_space: table.key_space.clone() });
+        self.ops.push(Op::DropKeySpace {
+            key_space: table.key_space.clone(),
+        });
     }
 
     /// Deletes a key whose new value could not be built (absence is safe).
@@ -256,7 +272,12 @@ impl Batch {
         None
     }
 
-    fn row_key(&self, table: &TableState, tuple: &Tuple, hint: &'static str) -> Result<String, ChangeError> {
+    fn row_key(
+        &self,
+        table: &TableState,
+        tuple: &Tuple,
+        hint: &'static str,
+    ) -> Result<String, ChangeError> {
         let mut values: Vec<&[u8]> = Vec::with_capacity(table.key_positions.len());
         for (i, &at) in table.key_positions.iter().enumerate() {
             match tuple.0.get(at) {
@@ -271,7 +292,10 @@ impl Batch {
             }
         }
         let mut key = String::with_capacity(table.key_space.len() + 16);
-        table.rule.key.render_into(&mut key, self.key_prefix(table), &values);
+        table
+            .rule
+            .key
+            .render_into(&mut key, self.key_prefix(table), &values);
         Ok(key)
     }
 
@@ -322,7 +346,9 @@ impl Batch {
                 for ((name, ty), &at) in table.columns.iter().zip(&table.positions) {
                     if let Some(text) = value_at(at) {
                         let mut field = Vec::with_capacity(text.len());
-                        if let Err(e) = encoder::encode_field(&mut field, ty, text, table.rule.encode) {
+                        if let Err(e) =
+                            encoder::encode_field(&mut field, ty, text, table.rule.encode)
+                        {
                             result = Err(e);
                             break;
                         }
@@ -349,7 +375,10 @@ impl Batch {
             }
             Err(source) => {
                 self.ops.push(Op::Del { key });
-                Err(ChangeError::Encode { table: table.rule.qualified_name(), source })
+                Err(ChangeError::Encode {
+                    table: table.rule.qualified_name(),
+                    source,
+                })
             }
         }
     }
@@ -357,7 +386,11 @@ impl Batch {
     fn push_value(&mut self, table: &TableState, key: String, value: Vec<u8>) {
         self.ops.push(match table.rule.mode {
             Mode::Refresh => Op::SetIfCached { key, value },
-            _ => Op::Set { key, value, ttl_ms: ttl_ms(table) },
+            _ => Op::Set {
+                key,
+                value,
+                ttl_ms: ttl_ms(table),
+            },
         });
     }
 
@@ -371,8 +404,16 @@ impl Batch {
         checkpoint_key: &str,
         include_open: bool,
     ) -> Result<Flushed, redis::RedisError> {
-        let upto = if include_open { self.ops.len() } else { self.committed };
-        let checkpoint = if upto == self.committed { self.commit_end } else { None };
+        let upto = if include_open {
+            self.ops.len()
+        } else {
+            self.committed
+        };
+        let checkpoint = if upto == self.committed {
+            self.commit_end
+        } else {
+            None
+        };
         if upto == 0 && checkpoint.is_none() {
             return Ok(Flushed::default());
         }
@@ -438,9 +479,19 @@ fn add_op(pipe: &mut redis::Pipeline, op: &Op) {
             cmd.ignore();
         }
         Op::SetIfCached { key, value } => {
-            pipe.cmd("SET").arg(key).arg(value).arg("XX").arg("KEEPTTL").ignore();
+            pipe.cmd("SET")
+                .arg(key)
+                .arg(value)
+                .arg("XX")
+                .arg("KEEPTTL")
+                .ignore();
         }
-        Op::Hash { key, fields, ttl_ms, only_if_cached } => {
+        Op::Hash {
+            key,
+            fields,
+            ttl_ms,
+            only_if_cached,
+        } => {
             if *only_if_cached {
                 let cmd = pipe.cmd("EVAL").arg(REPLACE_HASH_IF_CACHED).arg(1).arg(key);
                 for (field, value) in fields {
@@ -503,7 +554,10 @@ fn ttl_ms(table: &TableState) -> Option<u64> {
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// Shared handle to a table's state, as the daemon keeps it.

@@ -36,7 +36,10 @@ pub async fn read(
         Some(text) => text
             .parse()
             .map(Some)
-            .map_err(|_| CheckpointError::Corrupt { key: key.to_string(), value: text }),
+            .map_err(|_| CheckpointError::Corrupt {
+                key: key.to_string(),
+                value: text,
+            }),
     }
 }
 
@@ -65,7 +68,10 @@ mod tests {
 
     #[test]
     fn key_uses_the_slot_as_hash_tag() {
-        assert_eq!(checkpoint_key("", "pgcache"), "pgcache:{pgcache}:checkpoint");
+        assert_eq!(
+            checkpoint_key("", "pgcache"),
+            "pgcache:{pgcache}:checkpoint"
+        );
         assert_eq!(checkpoint_key("app:", "s1"), "app:pgcache:{s1}:checkpoint");
     }
 }

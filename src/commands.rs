@@ -13,7 +13,11 @@ use crate::pgconn::{self, PgTarget};
 use crate::preflight::{self, Level};
 
 #[derive(Debug, Parser)]
-#[command(name = "pgcache", version, about = "Keeps Redis in step with PostgreSQL")]
+#[command(
+    name = "pgcache",
+    version,
+    about = "Keeps Redis in step with PostgreSQL"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -43,7 +47,10 @@ pub async fn main(cli: Cli) -> ExitCode {
 
 fn load(path: &Path) -> Result<Config, ExitCode> {
     Config::load(path).map_err(|e| {
-        eprintln!("error: {} is not a valid pgcache config:\n{e}", path.display());
+        eprintln!(
+            "error: {} is not a valid pgcache config:\n{e}",
+            path.display()
+        );
         ExitCode::from(2)
     })
 }
@@ -52,7 +59,9 @@ fn init_logging(config: &Config) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(format!("warn,pgcache={}", config.log.level)));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = match config.log.format {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Human => builder.try_init(),
@@ -93,7 +102,10 @@ async fn run(path: &Path) -> ExitCode {
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         std::future::pending::<()>().await;
         return;
     };
@@ -108,7 +120,11 @@ async fn check(path: &Path) -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
-    println!("OK   config {} ({} tables)", path.display(), config.tables.len());
+    println!(
+        "OK   config {} ({} tables)",
+        path.display(),
+        config.tables.len()
+    );
     let mut worst = Level::Ok;
     match postgres_findings(&config).await {
         Ok(findings) => {
@@ -137,7 +153,8 @@ async fn check(path: &Path) -> ExitCode {
 }
 
 async fn postgres_findings(config: &Config) -> Result<Vec<preflight::Finding>, String> {
-    let target = PgTarget::parse(config.postgres.url.expose()).map_err(|e| format!("postgres.url: {e}"))?;
+    let target =
+        PgTarget::parse(config.postgres.url.expose()).map_err(|e| format!("postgres.url: {e}"))?;
     let client = pgconn::connect(&target)
         .await
         .map_err(|e| format!("cannot connect to {}: {e}", target.redacted()))?;
@@ -148,7 +165,13 @@ async fn postgres_findings(config: &Config) -> Result<Vec<preflight::Finding>, S
 
 async fn redis_ping(config: &Config) -> Result<(), String> {
     let client = redis::Client::open(config.redis.url.expose()).map_err(|e| e.to_string())?;
-    let mut conn = client.get_multiplexed_async_connection().await.map_err(|e| e.to_string())?;
-    redis::cmd("PING").query_async::<String>(&mut conn).await.map_err(|e| e.to_string())?;
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .map_err(|e| e.to_string())?;
+    redis::cmd("PING")
+        .query_async::<String>(&mut conn)
+        .await
+        .map_err(|e| e.to_string())?;
     Ok(())
 }

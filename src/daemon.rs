@@ -21,7 +21,9 @@ use crate::pgconn::{self, PgTarget};
 use crate::pgoutput::{self, Message};
 use crate::preflight::{self, Level};
 use crate::relations::{RelationCache, RelationState, TypeResolver};
-use crate::replication::{ReplicationConnection, ReplicationError, ReplicationEvent, ReplicationStream};
+use crate::replication::{
+    ReplicationConnection, ReplicationError, ReplicationEvent, ReplicationStream,
+};
 use crate::Lsn;
 
 /// Why the daemon stopped or a session ended.
@@ -86,7 +88,10 @@ pub async fn run(config: Arc<Config>, mut shutdown: watch::Receiver<bool>) -> Re
         let started = Instant::now();
         match session(&config, &target, &mut shutdown).await {
             Ok(()) => return Ok(()),
-            Err(RunError::Fatal(message)) => return Err(RunError::Fatal(message)),
+            Err(RunError::Fatal(message)) => {
+                error!(error = %message, "stopping: this needs an operator");
+                return Err(RunError::Fatal(message));
+            }
             Err(RunError::Transient(message)) => {
                 if started.elapsed() > Duration::from_secs(30) {
                     failures = 0;
@@ -113,7 +118,8 @@ async fn stopped(shutdown: &mut watch::Receiver<bool>) {
 /// 100 ms doubling to 30 s, each delay drawn from its upper half (jitter keeps a fleet of
 /// daemons from reconnecting in step).
 fn backoff(failures: u32) -> Duration {
-    let cap = Duration::from_millis(100u64.saturating_mul(1 << failures.min(9))).min(Duration::from_secs(30));
+    let cap = Duration::from_millis(100u64.saturating_mul(1 << failures.min(9)))
+        .min(Duration::from_secs(30));
     let ms = cap.as_millis() as u64;
     Duration::from_millis(rand::thread_rng().gen_range(ms / 2..=ms.max(1)))
 }
@@ -148,7 +154,8 @@ async fn session(
     let client = redis::Client::open(config.redis.url.expose())
         .map_err(|e| RunError::Fatal(format!("redis.url: {e}")))?;
     let mut redis = client.get_multiplexed_async_connection().await?;
-    let checkpoint_key = checkpoint::checkpoint_key(&config.redis.key_prefix, &config.postgres.slot);
+    let checkpoint_key =
+        checkpoint::checkpoint_key(&config.redis.key_prefix, &config.postgres.slot);
     let applied_upto = checkpoint::read(&mut redis, &checkpoint_key)
         .await
         .map_err(|e| match e {
@@ -254,22 +261,32 @@ impl Stream<'_> {
         }
     }
 
-    async fn handle(&mut self, event: ReplicationEvent, stream: &mut ReplicationStream) -> Result<(), RunError> {
+    async fn handle(
+        &mut self,
+        event: ReplicationEvent,
+        stream: &mut ReplicationStream,
+    ) -> Result<(), RunError> {
         match event {
             ReplicationEvent::XLogData { wal_end, data, .. } => {
                 self.wal_end = self.wal_end.max(wal_end);
-                let message = pgoutput::decode(data)
-                    .map_err(|e| RunError::Fatal(format!("pgoutput: cannot decode a message: {e}")))?;
+                let message = pgoutput::decode(data).map_err(|e| {
+                    RunError::Fatal(format!("pgoutput: cannot decode a message: {e}"))
+                })?;
                 self.on_message(message).await
             }
-            ReplicationEvent::Keepalive { wal_end, reply_requested, .. } => {
+            ReplicationEvent::Keepalive {
+                wal_end,
+                reply_requested,
+                ..
+            } => {
                 self.wal_end = self.wal_end.max(wal_end);
                 if !self.in_transaction && self.batch.is_empty() {
                     // Nothing of ours is pending below wal_end: let the slot move on, so
                     // traffic on unpublished tables does not pin WAL.
                     self.queue_confirmation(wal_end);
                 }
-                metrics::gauge!(m::LAG_BYTES).set(self.wal_end.0.saturating_sub(self.confirmed.0) as f64);
+                metrics::gauge!(m::LAG_BYTES)
+                    .set(self.wal_end.0.saturating_sub(self.confirmed.0) as f64);
                 if reply_requested {
                     self.release_confirmations(false);
                     self.send_status(stream, false).await?;
@@ -302,7 +319,10 @@ impl Stream<'_> {
                 }
             }
             Message::Relation(relation) => {
-                let state = self.relations.on_relation(&relation, &mut self.types).await?;
+                let state = self
+                    .relations
+                    .on_relation(&relation, &mut self.types)
+                    .await?;
                 if let RelationState::Broken { table, error } = state {
                     error!(%table, %error, "table stopped: its rule no longer fits the table");
                     metrics::counter!(m::ERRORS, "kind" => "rule").increment(1);
@@ -320,7 +340,8 @@ impl Stream<'_> {
                     let result = match result {
                         Ok(Merge::NeedsCached { key }) => {
                             let cached = self.cached_value(&key).await?;
-                            self.batch.merge(&table, key, &update.new, cached.as_deref())
+                            self.batch
+                                .merge(&table, key, &update.new, cached.as_deref())
                         }
                         Ok(Merge::Done) => Ok(()),
                         Err(e) => Err(e),
@@ -342,7 +363,8 @@ impl Stream<'_> {
                     }
                 }
             }
-            Message::Insert(_) | Message::Update(_) | Message::Delete(_) | Message::Truncate(_) => {}
+            Message::Insert(_) | Message::Update(_) | Message::Delete(_) | Message::Truncate(_) => {
+            }
             Message::Type(_) | Message::Origin(_) | Message::Message(_) => {}
         }
         if self.batch.open_len() >= self.config.apply.max_transaction_changes {
@@ -361,8 +383,14 @@ impl Stream<'_> {
         }
     }
 
-    fn count(&self, table: &crate::relations::TableState, op: &'static str, result: Result<(), crate::apply::ChangeError>) {
-        metrics::counter!(m::CHANGES, "table" => table.rule.qualified_name(), "op" => op).increment(1);
+    fn count(
+        &self,
+        table: &crate::relations::TableState,
+        op: &'static str,
+        result: Result<(), crate::apply::ChangeError>,
+    ) {
+        metrics::counter!(m::CHANGES, "table" => table.rule.qualified_name(), "op" => op)
+            .increment(1);
         if let Err(e) = result {
             // The key was deleted instead where one could be computed; absence is safe.
             warn!(error = %e, "change could not be cached as a value");
@@ -374,7 +402,10 @@ impl Stream<'_> {
     async fn cached_value(&mut self, key: &str) -> Result<Option<Vec<u8>>, RunError> {
         match self.batch.pending_value(key) {
             Some(pending) => Ok(pending.map(<[u8]>::to_vec)),
-            None => Ok(redis::cmd("GET").arg(key).query_async(&mut self.redis).await?),
+            None => Ok(redis::cmd("GET")
+                .arg(key)
+                .query_async(&mut self.redis)
+                .await?),
         }
     }
 
@@ -426,7 +457,11 @@ impl Stream<'_> {
         self.confirmed > self.sent
     }
 
-    async fn send_status(&mut self, stream: &mut ReplicationStream, reply: bool) -> Result<(), RunError> {
+    async fn send_status(
+        &mut self,
+        stream: &mut ReplicationStream,
+        reply: bool,
+    ) -> Result<(), RunError> {
         let lsn = self.confirmed;
         stream.send_status(lsn, lsn, lsn, reply).await?;
         self.sent = lsn;

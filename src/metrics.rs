@@ -15,14 +15,32 @@ pub const RECONNECTS: &str = "pgcache_reconnects_total";
 /// Registers descriptions, so exporters print help text.
 pub fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
-    describe_counter!(CHANGES, "Row changes applied to Redis, by table and operation");
+    describe_counter!(
+        CHANGES,
+        "Row changes applied to Redis, by table and operation"
+    );
     describe_counter!(TRANSACTIONS, "Postgres transactions applied");
     describe_counter!(BATCHES, "MULTI/EXEC batches written to Redis");
     describe_histogram!(BATCH_OPS, "Operations per batch");
-    describe_histogram!(EXEC_SECONDS, Unit::Seconds, "Time to write one batch and get its EXEC reply");
-    describe_histogram!(APPLY_LATENCY, Unit::Seconds, "Commit in Postgres to EXEC acknowledged by Redis");
-    describe_gauge!(LAG_BYTES, Unit::Bytes, "WAL the server has sent past the confirmed position");
-    describe_gauge!(CONFIRMED_LSN, "Last position confirmed to Postgres, as a number");
+    describe_histogram!(
+        EXEC_SECONDS,
+        Unit::Seconds,
+        "Time to write one batch and get its EXEC reply"
+    );
+    describe_histogram!(
+        APPLY_LATENCY,
+        Unit::Seconds,
+        "Commit in Postgres to EXEC acknowledged by Redis"
+    );
+    describe_gauge!(
+        LAG_BYTES,
+        Unit::Bytes,
+        "WAL the server has sent past the confirmed position"
+    );
+    describe_gauge!(
+        CONFIRMED_LSN,
+        "Last position confirmed to Postgres, as a number"
+    );
     describe_counter!(ERRORS, "Errors by kind (rule, change, redis, postgres)");
     describe_counter!(RECONNECTS, "Sessions ended by a failure and restarted");
 }

@@ -35,13 +35,25 @@ pub struct Finding {
 
 impl Finding {
     pub fn ok(what: impl Into<String>) -> Self {
-        Finding { level: Level::Ok, what: what.into(), fix: None }
+        Finding {
+            level: Level::Ok,
+            what: what.into(),
+            fix: None,
+        }
     }
     pub fn warn(what: impl Into<String>, fix: impl Into<String>) -> Self {
-        Finding { level: Level::Warn, what: what.into(), fix: Some(fix.into()) }
+        Finding {
+            level: Level::Warn,
+            what: what.into(),
+            fix: Some(fix.into()),
+        }
     }
     pub fn fail(what: impl Into<String>, fix: impl Into<String>) -> Self {
-        Finding { level: Level::Fail, what: what.into(), fix: Some(fix.into()) }
+        Finding {
+            level: Level::Fail,
+            what: what.into(),
+            fix: Some(fix.into()),
+        }
     }
 }
 
@@ -86,7 +98,12 @@ pub async fn postgres_findings(
         .await?;
     let setup_sql = format!(
         "psql -v publication={publication} -v tables='{}' -f sql/publication.sql",
-        config.tables.iter().map(|t| t.qualified_name()).collect::<Vec<_>>().join(",")
+        config
+            .tables
+            .iter()
+            .map(|t| t.qualified_name())
+            .collect::<Vec<_>>()
+            .join(",")
     );
     match pub_row {
         None => findings.push(Finding::fail(
@@ -118,7 +135,10 @@ pub async fn postgres_findings(
             &[slot],
         )
         .await?;
-    let db: String = client.query_one("SELECT current_database()", &[]).await?.get(0);
+    let db: String = client
+        .query_one("SELECT current_database()", &[])
+        .await?
+        .get(0);
     match slot_row {
         None => findings.push(Finding::fail(
             format!("replication slot {slot:?} does not exist"),
@@ -178,7 +198,7 @@ async fn table_findings(
     let Some(table) = table else {
         return Ok(vec![Finding::fail(
             format!("table {name} does not exist"),
-            format!("create it, or remove its [[tables]] entry"),
+            "create it, or remove its [[tables]] entry",
         )]);
     };
     let oid: u32 = table.get(0);
@@ -187,7 +207,10 @@ async fn table_findings(
     let mut findings = Vec::new();
     if !published {
         findings.push(Finding::fail(
-            format!("table {name} is not in publication {:?}", config.postgres.publication),
+            format!(
+                "table {name} is not in publication {:?}",
+                config.postgres.publication
+            ),
             format!(
                 "ALTER PUBLICATION {} ADD TABLE {};",
                 quote_ident(&config.postgres.publication),
@@ -217,7 +240,10 @@ async fn table_findings(
     if !missing.is_empty() {
         findings.push(Finding::fail(
             format!("table {name} has no column {}", missing.join(", ")),
-            format!("fix tables[].key / tables[].columns for {name} (it has {})", columns.join(", ")),
+            format!(
+                "fix tables[].key / tables[].columns for {name} (it has {})",
+                columns.join(", ")
+            ),
         ));
     }
     // Columns Postgres sends in the old image of a DELETE (or a key-changing UPDATE).
@@ -225,7 +251,11 @@ async fn table_findings(
         "f" => columns.clone(),
         "n" => Vec::new(),
         "d" | "i" => {
-            let index_cond = if identity == "d" { "i.indisprimary" } else { "i.indisreplident" };
+            let index_cond = if identity == "d" {
+                "i.indisprimary"
+            } else {
+                "i.indisreplident"
+            };
             client
                 .query(
                     &format!(
@@ -242,7 +272,10 @@ async fn table_findings(
         }
         _ => Vec::new(),
     };
-    let full_fix = format!("ALTER TABLE {} REPLICA IDENTITY FULL;", quote_qualified(&rule.schema, &rule.name));
+    let full_fix = format!(
+        "ALTER TABLE {} REPLICA IDENTITY FULL;",
+        quote_qualified(&rule.schema, &rule.name)
+    );
     if identity_columns.is_empty() {
         findings.push(Finding::fail(
             format!(

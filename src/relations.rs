@@ -34,7 +34,10 @@ pub enum RelationState {
     Active(Arc<TableState>),
     /// Configured, but the rule no longer fits the table (a column it names is gone). The
     /// table is stopped with this error; other tables go on.
-    Broken { table: String, error: String },
+    Broken {
+        table: String,
+        error: String,
+    },
 }
 
 /// Looks up types the encoder does not know by OID (enums, domains, citext, their arrays),
@@ -46,7 +49,10 @@ pub struct TypeResolver {
 
 impl TypeResolver {
     pub fn new(client: tokio_postgres::Client) -> Self {
-        TypeResolver { client, known: HashMap::new() }
+        TypeResolver {
+            client,
+            known: HashMap::new(),
+        }
     }
 
     pub async fn resolve(&mut self, oid: u32) -> Result<PgType, tokio_postgres::Error> {
@@ -73,7 +79,12 @@ impl RelationCache {
         let rules = config
             .tables
             .iter()
-            .map(|rule| ((rule.schema.clone(), rule.name.clone()), Arc::new(rule.clone())))
+            .map(|rule| {
+                (
+                    (rule.schema.clone(), rule.name.clone()),
+                    Arc::new(rule.clone()),
+                )
+            })
             .collect();
         RelationCache {
             rules,
@@ -92,7 +103,10 @@ impl RelationCache {
         relation: &Relation,
         types: &mut TypeResolver,
     ) -> Result<&RelationState, tokio_postgres::Error> {
-        let state = match self.rules.get(&(relation.namespace.clone(), relation.name.clone())) {
+        let state = match self
+            .rules
+            .get(&(relation.namespace.clone(), relation.name.clone()))
+        {
             None => RelationState::Ignored,
             Some(rule) => {
                 let mut column_types = Vec::with_capacity(relation.columns.len());

@@ -572,7 +572,9 @@ impl ReplicationStream {
             match frame.tag {
                 b'd' => return decode_copy_data(frame.body).map(Some),
                 b'E' => return Err(server_error(&frame.body)),
-                b'c' => return Err(ReplicationError::Closed),
+                // CopyDone, or the CommandComplete / ReadyForQuery that end the command
+                // when a walsender stops (server shutdown): the stream is over.
+                b'c' | b'C' | b'Z' => return Err(ReplicationError::Closed),
                 b'N' => log_notice(&frame.body),
                 b'S' => {}
                 tag => return Err(unexpected(tag, "streaming")),

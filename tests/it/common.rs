@@ -24,15 +24,25 @@ impl Env {
     /// Starts both servers, creates the schema with `schema_sql`, then runs `sql/setup.sql`
     /// for `tables` (comma separated, schema qualified; none: no setup at all).
     pub fn start(schema_sql: &str, tables: &str) -> Env {
-        Self::start_with(PgOptions::default(), RedisOptions::default(), schema_sql, tables)
+        Self::start_with(
+            PgOptions::default(),
+            RedisOptions::default(),
+            schema_sql,
+            tables,
+        )
     }
 
     pub fn start_with(pg: PgOptions, redis: RedisOptions, schema_sql: &str, tables: &str) -> Env {
         let pg = TestPostgres::start_with(pg).expect("start postgres");
         let redis = TestRedis::start_with(redis).expect("start redis");
         pg.create_database(DB).expect("create database");
-        pg.psql(DB, schema_sql).unwrap_or_else(|e| panic!("schema: {e:#}\n{}", pg.log()));
-        let env = Env { pg, redis, dir: tempfile::tempdir().expect("tempdir") };
+        pg.psql(DB, schema_sql)
+            .unwrap_or_else(|e| panic!("schema: {e:#}\n{}", pg.log()));
+        let env = Env {
+            pg,
+            redis,
+            dir: tempfile::tempdir().expect("tempdir"),
+        };
         if tables.is_empty() {
             return env;
         }
@@ -53,11 +63,21 @@ impl Env {
     pub fn run_sql_file(&self, file: &str, vars: &[(&str, &str)]) -> String {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
         let mut cmd = Command::new(TestPostgres::bin("psql").expect("psql"));
-        cmd.args(["-X", "-q", "-At", "-h", "127.0.0.1", "-U", "postgres", "-d", DB])
-            .arg("-p")
-            .arg(self.pg.port().to_string())
-            .arg("-f")
-            .arg(&path);
+        cmd.args([
+            "-X",
+            "-q",
+            "-At",
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-d",
+            DB,
+        ])
+        .arg("-p")
+        .arg(self.pg.port().to_string())
+        .arg("-f")
+        .arg(&path);
         for (name, value) in vars {
             cmd.arg("-v").arg(format!("{name}={value}"));
         }
@@ -114,6 +134,11 @@ pub struct InProcess {
 
 impl InProcess {
     pub fn start(config: Arc<Config>) -> InProcess {
+        // RUST_LOG=pgcache=debug shows the daemon's log in a failing test's output.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
         let (stop, stopped) = watch::channel(false);
         let task = tokio::spawn(pgcache::daemon::run(config, stopped));
         InProcess { stop, task }
@@ -150,7 +175,10 @@ impl Daemon {
             .stderr(stderr)
             .spawn()
             .expect("spawn pgcache");
-        Daemon { child, log: log.to_path_buf() }
+        Daemon {
+            child,
+            log: log.to_path_buf(),
+        }
     }
 
     pub fn kill9(&mut self) {
@@ -225,13 +253,20 @@ where
 }
 
 pub async fn get(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> Option<String> {
-    redis::cmd("GET").arg(key).query_async(conn).await.expect("GET")
+    redis::cmd("GET")
+        .arg(key)
+        .query_async(conn)
+        .await
+        .expect("GET")
 }
 
-pub async fn get_json(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> Option<serde_json::Value> {
-    get(conn, key)
-        .await
-        .map(|text| serde_json::from_str(&text).unwrap_or_else(|e| panic!("{key} holds bad JSON {text:?}: {e}")))
+pub async fn get_json(
+    conn: &mut redis::aio::MultiplexedConnection,
+    key: &str,
+) -> Option<serde_json::Value> {
+    get(conn, key).await.map(|text| {
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{key} holds bad JSON {text:?}: {e}"))
+    })
 }
 
 /// Waits until `key` holds `expected` (or is absent, for `None`).
@@ -257,7 +292,11 @@ pub async fn wait_for_json(
 }
 
 pub async fn keys(conn: &mut redis::aio::MultiplexedConnection, pattern: &str) -> Vec<String> {
-    let mut keys: Vec<String> = redis::cmd("KEYS").arg(pattern).query_async(conn).await.expect("KEYS");
+    let mut keys: Vec<String> = redis::cmd("KEYS")
+        .arg(pattern)
+        .query_async(conn)
+        .await
+        .expect("KEYS");
     keys.sort();
     keys
 }

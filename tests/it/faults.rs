@@ -10,8 +10,9 @@ use rand::Rng;
 
 use crate::common::{eventually, pgcache, Daemon, Env, InProcess, DB};
 
-const COUNTERS: &str = "CREATE TABLE counters (id int PRIMARY KEY, v bigint NOT NULL);
-                        INSERT INTO counters SELECT i, 0 FROM generate_series(1, 20) i;";
+const COUNTERS: &str = "CREATE TABLE counters (id int PRIMARY KEY, v bigint NOT NULL);";
+/// Rows inserted once the daemon streams, so they reach Redis through the stream.
+const SEED: &str = "INSERT INTO counters SELECT i, 0 FROM generate_series(1, 20) i;";
 const RULE: &str = "[[tables]]\ntable = \"counters\"\nkey = \"counter:{id}\"\n";
 
 async fn pg_client(env: &Env) -> tokio_postgres::Client {
@@ -79,7 +80,10 @@ fn start_writer(url: String, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<u
             }
             let id: i32 = rand::thread_rng().gen_range(1..=20);
             let c = client.as_ref().unwrap();
-            match c.execute("UPDATE counters SET v = v + 1 WHERE id = $1", &[&id]).await {
+            match c
+                .execute("UPDATE counters SET v = v + 1 WHERE id = $1", &[&id])
+                .await
+            {
                 Ok(_) => committed += 1,
                 Err(_) => client = None,
             }
@@ -89,20 +93,26 @@ fn start_writer(url: String, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<u
 }
 
 /// A reader that polls every key and fails if any value ever goes down (G3).
-fn start_monotonic_reader(mut r: redis::aio::MultiplexedConnection, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<u64> {
+fn start_monotonic_reader(
+    mut r: redis::aio::MultiplexedConnection,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<u64> {
     tokio::spawn(async move {
         let mut high: HashMap<i32, i64> = HashMap::new();
         let mut polls = 0u64;
         while !stop.load(Ordering::Relaxed) {
             let keys: Vec<String> = (1..=20).map(|id| format!("counter:{id}")).collect();
-            let values: Result<Vec<Option<String>>, _> = redis::cmd("MGET").arg(&keys).query_async(&mut r).await;
+            let values: Result<Vec<Option<String>>, _> =
+                redis::cmd("MGET").arg(&keys).query_async(&mut r).await;
             let Ok(values) = values else {
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 continue;
             };
             for (id, value) in (1..=20).zip(values) {
                 if let Some(text) = value {
-                    let v = serde_json::from_str::<serde_json::Value>(&text).unwrap()["v"].as_i64().unwrap();
+                    let v = serde_json::from_str::<serde_json::Value>(&text).unwrap()["v"]
+                        .as_i64()
+                        .unwrap();
                     let seen = high.entry(id).or_insert(v);
                     assert!(v >= *seen, "counter:{id} went back from {seen} to {v}");
                     *seen = v;
@@ -122,6 +132,7 @@ async fn kill9_daemon_repeatedly_loses_and_replays_nothing() {
     let log = env.dir.path().join("daemon.log");
     let mut r = env.redis().await;
     let mut daemon = Daemon::spawn(&config, &log);
+    env.sql(SEED);
     converged(&env, &mut r, Duration::from_secs(30)).await;
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -137,22 +148,33 @@ async fn kill9_daemon_repeatedly_loses_and_replays_nothing() {
     stop.store(true, Ordering::Relaxed);
     let committed = writer.await.unwrap();
     let polls = reader.await.expect("reader saw no value go back");
-    assert!(committed > 50, "the workload ran ({committed} transactions)");
+    assert!(
+        committed > 50,
+        "the workload ran ({committed} transactions)"
+    );
     assert!(polls > 50, "the reader polled ({polls} polls)");
     converged(&env, &mut r, Duration::from_secs(30)).await;
-    assert!(daemon.terminate().success(), "SIGTERM exits 0\n{}", daemon.log());
+    assert!(
+        daemon.terminate().success(),
+        "SIGTERM exits 0\n{}",
+        daemon.log()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restart_and_outage_lose_nothing() {
     let env = Env::start_with(
         PgOptions::default(),
-        RedisOptions { appendonly: true, ..Default::default() },
+        RedisOptions {
+            appendonly: true,
+            ..Default::default()
+        },
         COUNTERS,
         "public.counters",
     );
     let mut env = env;
     let daemon = InProcess::start(env.config(RULE));
+    env.sql(SEED);
     let stop = Arc::new(AtomicBool::new(false));
     let writer = start_writer(env.pg.url(DB), stop.clone());
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -170,7 +192,10 @@ async fn redis_restart_and_outage_lose_nothing() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::Relaxed);
     let committed = writer.await.unwrap();
-    assert!(committed > 50, "the workload ran ({committed} transactions)");
+    assert!(
+        committed > 50,
+        "the workload ran ({committed} transactions)"
+    );
     let mut r = env.redis().await;
     converged(&env, &mut r, Duration::from_secs(60)).await;
     daemon.stop().await.expect("clean stop");
@@ -180,6 +205,7 @@ async fn redis_restart_and_outage_lose_nothing() {
 async fn postgres_restart_loses_nothing() {
     let mut env = Env::start(COUNTERS, "public.counters");
     let daemon = InProcess::start(env.config(RULE));
+    env.sql(SEED);
     let mut r = env.redis().await;
     converged(&env, &mut r, Duration::from_secs(30)).await;
     let stop = Arc::new(AtomicBool::new(false));
@@ -189,7 +215,10 @@ async fn postgres_restart_loses_nothing() {
     tokio::time::sleep(Duration::from_millis(1000)).await;
     stop.store(true, Ordering::Relaxed);
     let committed = writer.await.unwrap();
-    assert!(committed > 20, "the workload ran ({committed} transactions)");
+    assert!(
+        committed > 20,
+        "the workload ran ({committed} transactions)"
+    );
     converged(&env, &mut r, Duration::from_secs(60)).await;
     daemon.stop().await.expect("clean stop");
 }
@@ -217,12 +246,18 @@ async fn unready_servers_and_bad_config_exit_with_the_fix() {
     let config = env.write_config(RULE);
     let (code, _, stderr) = pgcache(&["run", "--config", config.to_str().unwrap()]);
     assert_eq!(code, 1, "{stderr}");
-    assert!(stderr.contains("publication \"pgcache\" does not exist"), "{stderr}");
+    assert!(
+        stderr.contains("publication \"pgcache\" does not exist"),
+        "{stderr}"
+    );
     assert!(stderr.contains("sql/publication.sql"), "{stderr}");
 
     // wal_level = replica: exit 1, naming the setting and the fix.
     let env = Env::start_with(
-        PgOptions { wal_level: "replica".into(), ..Default::default() },
+        PgOptions {
+            wal_level: "replica".into(),
+            ..Default::default()
+        },
         RedisOptions::default(),
         "CREATE TABLE counters (id int PRIMARY KEY, v bigint NOT NULL);",
         "",
@@ -231,7 +266,10 @@ async fn unready_servers_and_bad_config_exit_with_the_fix() {
     let (code, _, stderr) = pgcache(&["run", "--config", config.to_str().unwrap()]);
     assert_eq!(code, 1, "{stderr}");
     assert!(stderr.contains("wal_level is replica"), "{stderr}");
-    assert!(stderr.contains("ALTER SYSTEM SET wal_level = logical"), "{stderr}");
+    assert!(
+        stderr.contains("ALTER SYSTEM SET wal_level = logical"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -240,6 +278,7 @@ async fn sigterm_finishes_and_confirms() {
     let config = env.write_config(RULE);
     let mut daemon = Daemon::spawn(&config, &env.dir.path().join("daemon.log"));
     let mut r = env.redis().await;
+    env.sql(SEED);
     env.sql("UPDATE counters SET v = 5 WHERE id = 3");
     converged(&env, &mut r, Duration::from_secs(30)).await;
     assert!(daemon.terminate().success(), "{}", daemon.log());
@@ -250,12 +289,17 @@ async fn sigterm_finishes_and_confirms() {
         .query_async(&mut r)
         .await
         .unwrap();
-    let confirmed = env.sql("SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 'pgcache'");
+    let confirmed =
+        env.sql("SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 'pgcache'");
     let checkpoint: pgcache::Lsn = checkpoint.parse().unwrap();
     let confirmed: pgcache::Lsn = confirmed.parse().unwrap();
-    assert!(confirmed >= checkpoint, "confirmed {confirmed} is behind the checkpoint {checkpoint}");
+    assert!(
+        confirmed >= checkpoint,
+        "confirmed {confirmed} is behind the checkpoint {checkpoint}"
+    );
     eventually(Duration::from_secs(5), "slot inactive", || async {
-        (env.sql("SELECT active FROM pg_replication_slots WHERE slot_name = 'pgcache'") == "f").then_some(())
+        (env.sql("SELECT active FROM pg_replication_slots WHERE slot_name = 'pgcache'") == "f")
+            .then_some(())
     })
     .await;
 }
