@@ -11,6 +11,67 @@ use crate::Lsn;
 pub const FIELD_LSN: &str = "lsn";
 /// Hash field holding the wall clock (ms since the Unix epoch) of the last write, for `status`.
 pub const FIELD_UPDATED_MS: &str = "updated_ms";
+/// Hash field the running daemon refreshes every few seconds (ms since the Unix epoch).
+pub const FIELD_HEARTBEAT_MS: &str = "heartbeat_ms";
+/// Prefix of the hash fields holding each table's backfill progress (`backfill:public.users`).
+pub const FIELD_BACKFILL_PREFIX: &str = "backfill:";
+
+/// A table's backfill, as stored (JSON) in the checkpoint hash under
+/// `backfill:<schema.table>`, written in the same `EXEC` as the rows it covers.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BackfillProgress {
+    /// `running` or `done`.
+    pub state: String,
+    /// Primary key values (Postgres text) of the last row written; `None` before the first.
+    pub cursor: Option<Vec<String>>,
+    /// Rows written so far.
+    pub rows: u64,
+    /// Rows estimated from `pg_class.reltuples` when the backfill started.
+    pub estimate: u64,
+    pub started_ms: u64,
+    pub updated_ms: u64,
+}
+
+/// Everything the checkpoint hash holds.
+#[derive(Debug, Clone, Default)]
+pub struct CheckpointState {
+    pub lsn: Option<Lsn>,
+    pub updated_ms: Option<u64>,
+    pub heartbeat_ms: Option<u64>,
+    /// By qualified table name.
+    pub backfills: std::collections::BTreeMap<String, BackfillProgress>,
+}
+
+/// Reads the whole checkpoint hash (for `status` and the daemon's start).
+///
+/// # Errors
+/// A Redis error, or a field that does not parse.
+pub async fn read_state(
+    conn: &mut impl redis::aio::ConnectionLike,
+    key: &str,
+) -> Result<CheckpointState, CheckpointError> {
+    let fields: std::collections::HashMap<String, String> =
+        redis::cmd("HGETALL").arg(key).query_async(conn).await?;
+    let mut state = CheckpointState::default();
+    for (field, value) in fields {
+        let corrupt = || CheckpointError::Corrupt {
+            key: format!("{key} field {field}"),
+            value: value.clone(),
+        };
+        match field.as_str() {
+            FIELD_LSN => state.lsn = Some(value.parse().map_err(|_| corrupt())?),
+            FIELD_UPDATED_MS => state.updated_ms = value.parse().ok(),
+            FIELD_HEARTBEAT_MS => state.heartbeat_ms = value.parse().ok(),
+            other => {
+                if let Some(table) = other.strip_prefix(FIELD_BACKFILL_PREFIX) {
+                    let progress = serde_json::from_str(&value).map_err(|_| corrupt())?;
+                    state.backfills.insert(table.to_string(), progress);
+                }
+            }
+        }
+    }
+    Ok(state)
+}
 
 /// `<prefix>pgcache:{<slot>}:checkpoint`. The slot name is the hash tag so that, on a
 /// cluster, the checkpoint has a stable home; several daemons (one per slot) never share one.

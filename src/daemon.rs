@@ -16,6 +16,7 @@ use tracing::{debug, error, info, warn};
 use crate::apply::{Batch, Merge};
 use crate::checkpoint;
 use crate::config::Config;
+use crate::health::Health;
 use crate::metrics as m;
 use crate::pgconn::{self, PgTarget};
 use crate::pgoutput::{self, Message};
@@ -100,6 +101,7 @@ pub async fn run(config: Arc<Config>, mut shutdown: watch::Receiver<bool>) -> Re
                 metrics::counter!(m::RECONNECTS).increment(1);
                 let delay = backoff(failures);
                 warn!(error = %message, retry_in = ?delay, "session ended; reconnecting");
+                Health::global().set_error(Some(message.clone()));
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = stopped(&mut shutdown) => return Ok(()),
@@ -209,7 +211,10 @@ async fn session(
         last_status: Instant::now(),
         wal_end: start,
     };
+    Health::global().set_streaming(true);
+    Health::global().set_error(None);
     let result = state.pump(&mut stream, shutdown).await;
+    Health::global().set_streaming(false);
     if result.is_ok() {
         // Clean stop: everything committed is flushed and confirmed above.
         let _ = tokio::time::timeout(Duration::from_secs(5), stream.finish()).await;
@@ -236,6 +241,7 @@ impl Stream<'_> {
                     return Ok(());
                 }
                 _ = tick.tick() => {
+                    Health::global().beat();
                     self.release_confirmations(false);
                     if self.last_status.elapsed() >= Duration::from_secs(10) || self.confirm_moved() {
                         self.send_status(stream, false).await?;

@@ -22,6 +22,8 @@
 pub mod checkpoint;
 pub mod config;
 pub mod encoder;
+#[cfg(feature = "daemon")]
+pub mod health;
 pub mod lsn;
 pub mod metrics;
 pub mod pgconn;
