@@ -553,7 +553,8 @@ fn ttl_ms(table: &TableState) -> Option<u64> {
     table.rule.ttl.map(|ttl| ttl.as_millis().max(1) as u64)
 }
 
-fn now_ms() -> u64 {
+/// Wall clock in ms since the Unix epoch.
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)

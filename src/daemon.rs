@@ -145,8 +145,12 @@ struct Stream<'a> {
     /// Last position sent to Postgres.
     sent: Lsn,
     last_status: Instant,
+    last_heartbeat: Instant,
     wal_end: Lsn,
 }
+
+/// How often the daemon writes its heartbeat into the checkpoint hash (for `status`).
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
 
 async fn session(
     config: &Config,
@@ -209,6 +213,7 @@ async fn session(
         confirm_queue: VecDeque::new(),
         sent: start,
         last_status: Instant::now(),
+        last_heartbeat: Instant::now() - HEARTBEAT_EVERY,
         wal_end: start,
     };
     Health::global().set_streaming(true);
@@ -242,6 +247,15 @@ impl Stream<'_> {
                 }
                 _ = tick.tick() => {
                     Health::global().beat();
+                    if self.last_heartbeat.elapsed() >= HEARTBEAT_EVERY {
+                        self.last_heartbeat = Instant::now();
+                        let _: () = redis::cmd("HSET")
+                            .arg(&self.checkpoint_key)
+                            .arg(checkpoint::FIELD_HEARTBEAT_MS)
+                            .arg(crate::apply::now_ms())
+                            .query_async(&mut self.redis)
+                            .await?;
+                    }
                     self.release_confirmations(false);
                     if self.last_status.elapsed() >= Duration::from_secs(10) || self.confirm_moved() {
                         self.send_status(stream, false).await?;
