@@ -46,6 +46,7 @@ pub struct Config {
     pub postgres: PostgresConfig,
     pub redis: RedisConfig,
     pub apply: ApplyConfig,
+    pub backfill: BackfillConfig,
     pub metrics: MetricsConfig,
     pub log: LogConfig,
     /// In file order; table names and key prefixes are unique.
@@ -79,6 +80,27 @@ pub struct ApplyConfig {
     /// Hold confirmations to Postgres back this long after EXEC, for a Redis that fsyncs
     /// its append-only file only every second.
     pub confirm_delay: Duration,
+}
+
+/// `[backfill]`: the initial load and resyncs of `mirror` tables.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackfillConfig {
+    /// Rows read per chunk (keyset pagination by primary key); bounds the daemon's memory.
+    pub chunk_rows: usize,
+    /// Backfill `mirror` tables automatically: on first start, when Redis lost its data,
+    /// and for tables added to the config later. `pgcache resync` works either way.
+    pub auto: bool,
+}
+
+pub const DEFAULT_BACKFILL_CHUNK_ROWS: usize = 5_000;
+
+impl Default for BackfillConfig {
+    fn default() -> Self {
+        BackfillConfig {
+            chunk_rows: DEFAULT_BACKFILL_CHUNK_ROWS,
+            auto: true,
+        }
+    }
 }
 
 impl Default for ApplyConfig {
@@ -303,6 +325,7 @@ fn read_config(
     let postgres = read_postgres(section("postgres", errors), base_dir, errors);
     let redis = read_redis(section("redis", errors), base_dir, errors);
     let apply = read_apply(section("apply", errors), errors);
+    let backfill = read_backfill(section("backfill", errors), errors);
     let metrics = read_metrics(section("metrics", errors), errors);
     let log = read_log(section("log", errors), errors);
     let tables = read_tables(root.remove("tables"), errors);
@@ -315,6 +338,7 @@ fn read_config(
         postgres: postgres?,
         redis: redis?,
         apply,
+        backfill,
         metrics,
         log,
         tables,
@@ -528,6 +552,18 @@ fn read_apply(mut sec: Section, errors: &mut Vec<String>) -> ApplyConfig {
     }
     sec.finish(errors);
     apply
+}
+
+fn read_backfill(mut sec: Section, errors: &mut Vec<String>) -> BackfillConfig {
+    let mut backfill = BackfillConfig::default();
+    if let Some(n) = sec.count("chunk_rows", errors) {
+        backfill.chunk_rows = n.value;
+    }
+    if let Some(auto) = sec.bool("auto", errors) {
+        backfill.auto = auto;
+    }
+    sec.finish(errors);
+    backfill
 }
 
 fn read_metrics(mut sec: Section, errors: &mut Vec<String>) -> MetricsConfig {

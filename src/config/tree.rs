@@ -101,6 +101,23 @@ impl Section {
         }
     }
 
+    pub(super) fn bool(&mut self, key: &str, errors: &mut Vec<String>) -> Option<bool> {
+        let (label, value) = self.take(key)?;
+        match &value.kind {
+            ValueKind::Boolean(b) => Some(*b),
+            // Environment values are always strings.
+            ValueKind::String(s) if s.trim() == "true" => Some(true),
+            ValueKind::String(s) if s.trim() == "false" => Some(false),
+            _ => {
+                errors.push(format!(
+                    "{label}: expected true or false, found {}",
+                    value_text(&value)
+                ));
+                None
+            }
+        }
+    }
+
     pub(super) fn count(&mut self, key: &str, errors: &mut Vec<String>) -> Option<Field<usize>> {
         let (label, value) = self.take(key)?;
         let n = match &value.kind {
