@@ -694,7 +694,8 @@ async fn fetch(
             entry.counters.record(Event::Miss);
             inner.redis_worked();
             let texts = entry.with_key(redis_key, &key)?;
-            let value = resolve(inner, entry, &texts).await?;
+            // Boxed so that the hit path's future stays small.
+            let value = Box::pin(resolve(inner, entry, &texts)).await?;
             Ok((texts.redis_key, value.map(Fetched::Shared)))
         }
         Err(e) => {
@@ -702,7 +703,7 @@ async fn fetch(
             entry.counters.record(Event::Fallback);
             inner.redis_failed(&e);
             let texts = entry.with_key(redis_key, &key)?;
-            let value = read_one(inner, entry, &texts).await?;
+            let value = Box::pin(read_one(inner, entry, &texts)).await?;
             Ok((texts.redis_key, value.map(Fetched::Shared)))
         }
     }
