@@ -91,6 +91,8 @@ pub struct Batch {
     /// Commit times (µs since 2000-01-01) of the transactions in the batch, for latency.
     commit_times: Vec<i64>,
     transactions: usize,
+    /// Extra checkpoint fields (backfill progress) to write with the committed operations.
+    meta: Vec<(String, String)>,
     scratch: Vec<u8>,
 }
 
@@ -102,6 +104,10 @@ pub struct Flushed {
     /// The checkpoint written with it, if a commit was included.
     pub checkpoint: Option<Lsn>,
     pub commit_times: Vec<i64>,
+    /// Whether an `EXEC` was sent at all.
+    pub wrote: bool,
+    /// The checkpoint's epoch as the `EXEC` found it (`None`: Redis lost its data).
+    pub epoch: Option<String>,
 }
 
 impl Batch {
@@ -120,7 +126,7 @@ impl Batch {
 
     /// Committed transactions waiting to be flushed.
     pub fn has_committed(&self) -> bool {
-        self.commit_end.is_some()
+        self.commit_end.is_some() || !self.meta.is_empty()
     }
 
     /// Marks the end of a transaction.
@@ -414,24 +420,30 @@ impl Batch {
         } else {
             None
         };
-        if upto == 0 && checkpoint.is_none() {
+        if upto == 0 && checkpoint.is_none() && self.meta.is_empty() {
             return Ok(Flushed::default());
         }
         let mut pipe = redis::pipe();
         pipe.atomic();
+        // Read back inside the EXEC: if the epoch is gone, Redis lost its data (FLUSHALL, a
+        // restart without persistence) and the daemon must backfill.
+        pipe.cmd("HGET")
+            .arg(checkpoint_key)
+            .arg(checkpoint::FIELD_EPOCH);
         for op in &self.ops[..upto] {
             add_op(&mut pipe, op);
         }
-        if let Some(lsn) = checkpoint {
-            checkpoint::write(&mut pipe, checkpoint_key, lsn, now_ms());
-        }
-        pipe.query_async::<()>(conn).await?;
+        checkpoint::write(&mut pipe, checkpoint_key, checkpoint, &self.meta, now_ms());
+        let (epoch,): (Option<String>,) = pipe.query_async(conn).await?;
         self.ops.drain(..upto);
+        self.meta.clear();
         let flushed = Flushed {
             ops: upto,
             transactions: self.transactions,
             checkpoint,
             commit_times: std::mem::take(&mut self.commit_times),
+            wrote: true,
+            epoch,
         };
         self.committed = 0;
         self.transactions = 0;
@@ -439,6 +451,39 @@ impl Batch {
             self.commit_end = None;
         }
         Ok(flushed)
+    }
+
+    /// Adds rows read by a backfill (outside any transaction: the stream is between
+    /// transactions when a watermark arrives) and a checkpoint field written with them.
+    pub fn push_backfill(
+        &mut self,
+        ops: impl IntoIterator<Item = Op>,
+        field: String,
+        value: String,
+    ) {
+        debug_assert_eq!(self.open_len(), 0, "backfill rows inside a transaction");
+        self.ops.extend(ops);
+        self.committed = self.ops.len();
+        self.meta.push((field, value));
+    }
+
+    /// Keys of the operations from index `from` on (to drop them from a backfill chunk).
+    pub fn keys_since(&self, from: usize) -> impl Iterator<Item = &str> {
+        self.ops[from.min(self.ops.len())..]
+            .iter()
+            .filter_map(Op::key)
+    }
+
+    /// Whether operations from index `from` on drop `key_space` (a TRUNCATE of its table).
+    pub fn truncated_since(&self, from: usize, key_space: &str) -> bool {
+        self.ops[from.min(self.ops.len())..]
+            .iter()
+            .any(|op| matches!(op, Op::DropKeySpace { key_space: k } if k == key_space))
+    }
+
+    /// Drops every key of a table (its rule no longer fits: absence is safe, stale is not).
+    pub fn drop_key_space(&mut self, key_space: String) {
+        self.ops.push(Op::DropKeySpace { key_space });
     }
 }
 

@@ -11,6 +11,10 @@ use crate::Lsn;
 pub const FIELD_LSN: &str = "lsn";
 /// Hash field holding the wall clock (ms since the Unix epoch) of the last write, for `status`.
 pub const FIELD_UPDATED_MS: &str = "updated_ms";
+/// Hash field holding a random id set when the checkpoint is created. Every batch reads it
+/// back inside its `EXEC`: when it is gone, Redis lost its data (FLUSHALL, a restart without
+/// persistence) and the daemon backfills.
+pub const FIELD_EPOCH: &str = "epoch";
 /// Hash field the running daemon refreshes every few seconds (ms since the Unix epoch).
 pub const FIELD_HEARTBEAT_MS: &str = "heartbeat_ms";
 /// Prefix of the hash fields holding each table's backfill progress (`backfill:public.users`).
@@ -36,6 +40,7 @@ pub struct BackfillProgress {
 #[derive(Debug, Clone, Default)]
 pub struct CheckpointState {
     pub lsn: Option<Lsn>,
+    pub epoch: Option<String>,
     pub updated_ms: Option<u64>,
     pub heartbeat_ms: Option<u64>,
     /// By qualified table name.
@@ -61,6 +66,7 @@ pub async fn read_state(
         match field.as_str() {
             FIELD_LSN => state.lsn = Some(value.parse().map_err(|_| corrupt())?),
             FIELD_UPDATED_MS => state.updated_ms = value.parse().ok(),
+            FIELD_EPOCH => state.epoch = Some(value),
             FIELD_HEARTBEAT_MS => state.heartbeat_ms = value.parse().ok(),
             other => {
                 if let Some(table) = other.strip_prefix(FIELD_BACKFILL_PREFIX) {
@@ -104,15 +110,23 @@ pub async fn read(
     }
 }
 
-/// Appends the checkpoint write to a pipeline (inside its `MULTI`).
-pub fn write(pipe: &mut redis::Pipeline, key: &str, lsn: Lsn, now_ms: u64) {
-    pipe.cmd("HSET")
-        .arg(key)
-        .arg(FIELD_LSN)
-        .arg(lsn.to_string())
-        .arg(FIELD_UPDATED_MS)
-        .arg(now_ms)
-        .ignore();
+/// Appends the checkpoint write to a pipeline (inside its `MULTI`): the commit position when
+/// the batch ends at a commit, and any extra fields (backfill progress) written with it.
+pub fn write(
+    pipe: &mut redis::Pipeline,
+    key: &str,
+    lsn: Option<Lsn>,
+    fields: &[(String, String)],
+    now_ms: u64,
+) {
+    let cmd = pipe.cmd("HSET").arg(key).arg(FIELD_UPDATED_MS).arg(now_ms);
+    if let Some(lsn) = lsn {
+        cmd.arg(FIELD_LSN).arg(lsn.to_string());
+    }
+    for (field, value) in fields {
+        cmd.arg(field).arg(value);
+    }
+    cmd.ignore();
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -14,6 +14,7 @@ use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
 use crate::apply::{Batch, Merge};
+use crate::backfill::{self, Backfills};
 use crate::checkpoint;
 use crate::config::Config;
 use crate::health::Health;
@@ -131,6 +132,9 @@ struct Stream<'a> {
     config: &'a Config,
     redis: redis::aio::MultiplexedConnection,
     checkpoint_key: String,
+    /// The checkpoint's epoch; a batch that finds another (or none) means Redis lost data.
+    epoch: String,
+    backfills: Backfills,
     /// Transactions that end at or below this were applied before (G3).
     applied_upto: Option<Lsn>,
     relations: RelationCache,
@@ -152,6 +156,44 @@ struct Stream<'a> {
 /// How often the daemon writes its heartbeat into the checkpoint hash (for `status`).
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
 
+/// Decides what to backfill from what the checkpoint says.
+fn plan_backfills(config: &Config, saved: &checkpoint::CheckpointState, backfills: &mut Backfills) {
+    let mut tables: Vec<String> = backfills.tables().map(str::to_string).collect();
+    tables.sort();
+    if saved.epoch.is_none() {
+        if saved.lsn.is_some() || !saved.backfills.is_empty() {
+            error!(
+                "Redis lost its data: the checkpoint is there but its epoch is gone (FLUSHALL, \
+                 or a restart without persistence); backfilling every mirror table"
+            );
+        } else {
+            info!("no checkpoint in Redis: first start (or Redis lost everything); backfilling mirror tables");
+        }
+        if config.backfill.auto {
+            for table in &tables {
+                backfills.schedule(table, None);
+            }
+        }
+        return;
+    }
+    if !config.backfill.auto {
+        return;
+    }
+    for table in &tables {
+        match saved.backfills.get(table) {
+            None => {
+                info!(%table, "table new in the config: backfilling it");
+                backfills.schedule(table, None);
+            }
+            Some(progress) if progress.state != "done" => {
+                info!(%table, rows = progress.rows, "resuming backfill");
+                backfills.schedule(table, Some(progress));
+            }
+            Some(_) => {}
+        }
+    }
+}
+
 async fn session(
     config: &Config,
     target: &PgTarget,
@@ -162,12 +204,26 @@ async fn session(
     let mut redis = client.get_multiplexed_async_connection().await?;
     let checkpoint_key =
         checkpoint::checkpoint_key(&config.redis.key_prefix, &config.postgres.slot);
-    let applied_upto = checkpoint::read(&mut redis, &checkpoint_key)
+    let saved = checkpoint::read_state(&mut redis, &checkpoint_key)
         .await
         .map_err(|e| match e {
             checkpoint::CheckpointError::Redis(e) => RunError::from(e),
             other => RunError::Fatal(other.to_string()),
         })?;
+    let applied_upto = saved.lsn;
+    let epoch = match &saved.epoch {
+        Some(epoch) => epoch.clone(),
+        None => {
+            let epoch = format!("{:016x}", rand::random::<u64>());
+            let _: () = redis::cmd("HSET")
+                .arg(&checkpoint_key)
+                .arg(checkpoint::FIELD_EPOCH)
+                .arg(&epoch)
+                .query_async(&mut redis)
+                .await?;
+            epoch
+        }
+    };
 
     let catalog = pgconn::connect(target)
         .await
@@ -184,6 +240,12 @@ async fn session(
             failed.join("\n")
         )));
     }
+
+    let backfill_client = pgconn::connect(target)
+        .await
+        .map_err(|e| RunError::Transient(format!("postgres {}: {e}", target.redacted())))?;
+    let mut backfills = Backfills::new(backfill_client, config);
+    plan_backfills(config, &saved, &mut backfills);
 
     let mut replication = ReplicationConnection::connect(target).await?;
     let identity = replication.identify_system().await?;
@@ -202,7 +264,9 @@ async fn session(
         config,
         redis,
         checkpoint_key,
+        epoch,
         applied_upto,
+        backfills,
         relations: RelationCache::new(config),
         types: TypeResolver::new(catalog),
         batch: Batch::default(),
@@ -236,6 +300,12 @@ impl Stream<'_> {
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            if self.backfills.can_start() && !self.in_transaction {
+                self.backfills
+                    .start_next()
+                    .await
+                    .map_err(|e| RunError::Transient(e.to_string()))?;
+            }
             let event = tokio::select! {
                 biased;
                 _ = stopped(shutdown) => {
@@ -249,12 +319,18 @@ impl Stream<'_> {
                     Health::global().beat();
                     if self.last_heartbeat.elapsed() >= HEARTBEAT_EVERY {
                         self.last_heartbeat = Instant::now();
-                        let _: () = redis::cmd("HSET")
+                        let (epoch,): (Option<String>,) = redis::pipe()
+                            .cmd("HGET")
+                            .arg(&self.checkpoint_key)
+                            .arg(checkpoint::FIELD_EPOCH)
+                            .cmd("HSET")
                             .arg(&self.checkpoint_key)
                             .arg(checkpoint::FIELD_HEARTBEAT_MS)
                             .arg(crate::apply::now_ms())
+                            .ignore()
                             .query_async(&mut self.redis)
                             .await?;
+                        self.check_epoch(epoch.as_deref())?;
                     }
                     self.release_confirmations(false);
                     if self.last_status.elapsed() >= Duration::from_secs(10) || self.confirm_moved() {
@@ -317,6 +393,7 @@ impl Stream<'_> {
     }
 
     async fn on_message(&mut self, message: Message) -> Result<(), RunError> {
+        let ops_before = self.batch.len();
         match message {
             Message::Begin(begin) => {
                 self.in_transaction = true;
@@ -339,13 +416,43 @@ impl Stream<'_> {
                 }
             }
             Message::Relation(relation) => {
-                let state = self
+                let (state, before) = self
                     .relations
                     .on_relation(&relation, &mut self.types)
                     .await?;
-                if let RelationState::Broken { table, error } = state {
-                    error!(%table, %error, "table stopped: its rule no longer fits the table");
-                    metrics::counter!(m::ERRORS, "kind" => "rule").increment(1);
+                let was_broken = matches!(before, Some(RelationState::Broken { .. }));
+                match state {
+                    RelationState::Broken {
+                        table,
+                        error,
+                        key_space,
+                    } => {
+                        error!(%table, %error, "table stopped: its rule no longer fits the table; its keys are dropped so nothing stale is served");
+                        metrics::counter!(m::ERRORS, "kind" => "rule").increment(1);
+                        if !was_broken {
+                            self.batch.drop_key_space(key_space.clone());
+                        }
+                    }
+                    RelationState::Active(table) if was_broken => {
+                        let name = table.rule.qualified_name();
+                        info!(table = %name, "the table fits its rule again: backfilling it");
+                        self.backfills.schedule(&name, None);
+                    }
+                    _ => {}
+                }
+            }
+            Message::Message(message) if message.prefix == backfill::MESSAGE_PREFIX => {
+                match backfill::Control::parse(&message.content) {
+                    Some(backfill::Control::Low(id)) => self.backfills.on_low(&id),
+                    Some(backfill::Control::High(id)) => {
+                        if let Some((ops, field, value)) = self.backfills.on_high(&id) {
+                            self.batch.push_backfill(ops, field, value);
+                        }
+                    }
+                    Some(backfill::Control::Resync(table)) => {
+                        self.backfills.resync(table.as_deref());
+                    }
+                    None => debug!("ignoring a pgcache message this version does not know"),
                 }
             }
             Message::Insert(insert) if !self.skipping => {
@@ -386,6 +493,20 @@ impl Stream<'_> {
             Message::Insert(_) | Message::Update(_) | Message::Delete(_) | Message::Truncate(_) => {
             }
             Message::Type(_) | Message::Origin(_) | Message::Message(_) => {}
+        }
+        if let Some(key_space) = self.backfills.window_key_space() {
+            // Inside a backfill chunk's window the stream's values win over the chunk's.
+            if self.batch.truncated_since(ops_before, &key_space) {
+                self.backfills.drop_all();
+            } else {
+                let keys: Vec<String> = self
+                    .batch
+                    .keys_since(ops_before)
+                    .filter(|key| key.starts_with(key_space.as_str()))
+                    .map(str::to_string)
+                    .collect();
+                self.backfills.drop_keys(keys.iter().map(String::as_str));
+            }
         }
         if self.batch.open_len() >= self.config.apply.max_transaction_changes {
             // A transaction too large to hold: write what we have without the checkpoint.
@@ -435,9 +556,12 @@ impl Stream<'_> {
             .batch
             .flush(&mut self.redis, &self.checkpoint_key, include_open)
             .await?;
-        if flushed.ops == 0 && flushed.checkpoint.is_none() {
+        if !flushed.wrote {
             return Ok(());
         }
+        // What this batch wrote is right; if Redis lost what came before, a new session
+        // backfills.
+        self.check_epoch(flushed.epoch.as_deref())?;
         metrics::counter!(m::BATCHES).increment(1);
         metrics::histogram!(m::BATCH_OPS).record(flushed.ops as f64);
         metrics::histogram!(m::EXEC_SECONDS).record(started.elapsed().as_secs_f64());
@@ -451,6 +575,19 @@ impl Stream<'_> {
             debug!(ops = flushed.ops, transactions = flushed.transactions, checkpoint = %lsn, "applied");
         }
         Ok(())
+    }
+
+    /// The checkpoint's epoch as Redis just reported it must still be ours; otherwise Redis
+    /// lost its data (FLUSHALL, or a restart without persistence) and the session restarts
+    /// to backfill.
+    fn check_epoch(&self, found: Option<&str>) -> Result<(), RunError> {
+        if found == Some(self.epoch.as_str()) {
+            return Ok(());
+        }
+        metrics::counter!(m::ERRORS, "kind" => "redis_data_lost").increment(1);
+        Err(RunError::Transient(
+            "Redis lost its data (the checkpoint's epoch is gone): restarting to backfill".into(),
+        ))
     }
 
     fn queue_confirmation(&mut self, lsn: Lsn) {

@@ -14,8 +14,11 @@
 //! - `pgoutput`: the pgoutput decoder, a pure function over `Bytes`.
 //! - `relations`: the relation cache: stream relation ids resolved against our table rules.
 //! - `apply`: turning row changes into Redis commands and applying them with the checkpoint.
+//! - `backfill`: the watermark backfill of mirror tables.
 //! - `preflight`: server prerequisites, each with the SQL that fixes it.
 //! - `daemon`: the run loop that ties them together.
+//! - `http`: `/metrics`, `/healthz` and `/readyz`.
+//! - `verify`: comparing Redis with Postgres (`pgcache verify`).
 //! - `commands`: the command line.
 //! - `testkit`: throwaway Postgres and Redis servers for tests and `pgcache demo`.
 
@@ -24,6 +27,8 @@ pub mod config;
 pub mod encoder;
 #[cfg(feature = "daemon")]
 pub mod health;
+#[cfg(feature = "daemon")]
+pub mod http;
 pub mod lsn;
 pub mod metrics;
 pub mod pgconn;
@@ -32,6 +37,8 @@ pub mod template;
 
 #[cfg(feature = "daemon")]
 pub mod apply;
+#[cfg(feature = "daemon")]
+pub mod backfill;
 #[cfg(feature = "daemon")]
 pub mod commands;
 #[cfg(feature = "daemon")]
@@ -46,6 +53,10 @@ pub mod relations;
 pub mod replication;
 #[cfg(feature = "daemon")]
 pub mod testkit;
+#[cfg(feature = "daemon")]
+pub mod demo;
+#[cfg(feature = "daemon")]
+pub mod verify;
 
 pub use lsn::Lsn;
 pub use reader::Reader;

@@ -11,6 +11,7 @@ pub const LAG_BYTES: &str = "pgcache_replication_lag_bytes";
 pub const CONFIRMED_LSN: &str = "pgcache_confirmed_lsn";
 pub const ERRORS: &str = "pgcache_errors_total";
 pub const RECONNECTS: &str = "pgcache_reconnects_total";
+pub const BACKFILL_ROWS: &str = "pgcache_backfill_rows_total";
 
 /// Registers descriptions, so exporters print help text.
 pub fn describe() {
@@ -42,5 +43,6 @@ pub fn describe() {
         "Last position confirmed to Postgres, as a number"
     );
     describe_counter!(ERRORS, "Errors by kind (rule, change, redis, postgres)");
+    describe_counter!(BACKFILL_ROWS, "Rows written by backfills, by table");
     describe_counter!(RECONNECTS, "Sessions ended by a failure and restarted");
 }

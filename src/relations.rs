@@ -37,6 +37,9 @@ pub enum RelationState {
     Broken {
         table: String,
         error: String,
+        /// Where the table's keys live, so the daemon can drop them (absence is safe;
+        /// stale values are not).
+        key_space: String,
     },
 }
 
@@ -97,12 +100,13 @@ impl RelationCache {
         self.relations.get(&relation_id)
     }
 
-    /// Records a Relation message and returns the state it gives the table.
+    /// Records a Relation message and returns the state it gives the table, and the state
+    /// it had before (if the relation was seen before in this session).
     pub async fn on_relation(
         &mut self,
         relation: &Relation,
         types: &mut TypeResolver,
-    ) -> Result<&RelationState, tokio_postgres::Error> {
+    ) -> Result<(&RelationState, Option<RelationState>), tokio_postgres::Error> {
         let state = match self
             .rules
             .get(&(relation.namespace.clone(), relation.name.clone()))
@@ -118,12 +122,13 @@ impl RelationCache {
                     Err(error) => RelationState::Broken {
                         table: rule.qualified_name(),
                         error,
+                        key_space: format!("{}{}", self.key_prefix, rule.key.literal_prefix()),
                     },
                 }
             }
         };
-        self.relations.insert(relation.id, state);
-        Ok(&self.relations[&relation.id])
+        let before = self.relations.insert(relation.id, state);
+        Ok((&self.relations[&relation.id], before))
     }
 }
 

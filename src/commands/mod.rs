@@ -5,10 +5,14 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{Config, LogFormat};
+use crate::config::Config;
 
 mod check;
+mod demo;
+mod resync;
 mod run;
+mod status;
+mod verify;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -23,6 +27,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Try pgcache on this machine: throwaway Postgres and Redis, a shop workload, a live view.
+    Demo(demo::DemoArgs),
     /// Stream committed changes from the replication slot into Redis until SIGTERM/SIGINT.
     Run {
         /// The TOML config file (every key can be overridden as PGCACHE__SECTION__KEY).
@@ -34,12 +40,51 @@ pub enum Command {
         #[arg(long, short, env = "PGCACHE_CONFIG")]
         config: PathBuf,
     },
+    /// Show slot lag, checkpoint, backfill progress, keys per table and the daemon's heartbeat.
+    Status {
+        #[arg(long, short, env = "PGCACHE_CONFIG")]
+        config: PathBuf,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Compare Redis with Postgres; exit 0 when they agree, 1 on drift, 2 on a bad config.
+    Verify {
+        #[arg(long, short, env = "PGCACHE_CONFIG")]
+        config: PathBuf,
+        /// Only this table (schema.table, or table for public).
+        #[arg(long)]
+        table: Option<String>,
+        /// Check this many random rows (and keys) per table instead of all of them.
+        #[arg(long)]
+        sample: Option<u64>,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask the running daemon (through the replication stream) to backfill mirror tables again.
+    Resync {
+        #[arg(long, short, env = "PGCACHE_CONFIG")]
+        config: PathBuf,
+        /// Only this table (schema.table); every mirror table when omitted.
+        #[arg(long)]
+        table: Option<String>,
+    },
 }
 
 pub async fn main(cli: Cli) -> ExitCode {
     match cli.command {
+        Command::Demo(args) => demo::demo(args).await,
         Command::Run { config } => run::run(&config).await,
         Command::Check { config } => check::check(&config).await,
+        Command::Status { config, json } => status::status(&config, json).await,
+        Command::Verify {
+            config,
+            table,
+            sample,
+            json,
+        } => verify::verify(&config, table.as_deref(), sample, json).await,
+        Command::Resync { config, table } => resync::resync(&config, table.as_deref()).await,
     }
 }
 
@@ -51,17 +96,4 @@ pub(crate) fn load(path: &Path) -> Result<Config, ExitCode> {
         );
         ExitCode::from(2)
     })
-}
-
-pub(crate) fn init_logging(config: &Config) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(format!("warn,pgcache={}", config.log.level)));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match config.log.format {
-        LogFormat::Json => builder.json().try_init(),
-        LogFormat::Human => builder.try_init(),
-    };
 }

@@ -1,0 +1,766 @@
+//! Backfill: loading a `mirror` table's existing rows into Redis without ever overwriting a
+//! newer value (the watermark protocol of Netflix DBLog, run inside the daemon so it stays
+//! in stream order).
+//!
+//! For each chunk: emit a low watermark into the WAL, read the chunk (keyset pagination by
+//! primary key), emit a high watermark. The stream brings both watermarks back in WAL order;
+//! every row the stream changes between them is dropped from the chunk (the stream's value is
+//! at least as new), and what is left is written when the high watermark arrives, together
+//! with the cursor, in the same `EXEC`. A row changed before the low watermark is in the
+//! chunk with that change; one changed after the high watermark is written by the stream
+//! after the chunk. Memory is bounded by the chunk size; the cursor makes it resumable.
+//!
+//! Rows are read with the simple query protocol, whose text results are each column's output
+//! function under the pinned session settings: the same text pgoutput sends, so the encoder
+//! produces byte-identical values (casting to `::text` would not: see `reader::source`).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_postgres::{Client, SimpleQueryMessage};
+use tracing::{info, warn};
+
+use crate::apply::{now_ms, Op};
+use crate::checkpoint::{BackfillProgress, FIELD_BACKFILL_PREFIX};
+use crate::config::{Config, Format, Mode, TableRule};
+use crate::encoder::{self, PgType};
+use crate::metrics as m;
+use crate::preflight::{quote_ident, quote_qualified};
+
+/// Prefix of the logical messages pgcache emits and understands.
+pub const MESSAGE_PREFIX: &str = "pgcache";
+
+/// A logical message on the `pgcache` prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Control {
+    Low(String),
+    High(String),
+    /// `pgcache resync`: backfill this table again (`None`: every mirror table).
+    Resync(Option<String>),
+}
+
+impl Control {
+    pub fn parse(content: &[u8]) -> Option<Control> {
+        let text = std::str::from_utf8(content).ok()?;
+        let (kind, rest) = text.split_once(':')?;
+        match kind {
+            "low" => Some(Control::Low(rest.to_string())),
+            "high" => Some(Control::High(rest.to_string())),
+            "resync" if rest == "*" => Some(Control::Resync(None)),
+            "resync" => Some(Control::Resync(Some(rest.to_string()))),
+            _ => None,
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        match self {
+            Control::Low(id) => format!("low:{id}"),
+            Control::High(id) => format!("high:{id}"),
+            Control::Resync(None) => "resync:*".to_string(),
+            Control::Resync(Some(table)) => format!("resync:{table}"),
+        }
+    }
+}
+
+/// Emits a control message into the WAL (non-transactional: it is decoded at its position).
+pub async fn emit(client: &Client, control: &Control) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute(
+            "SELECT pg_logical_emit_message(false, $1, $2)",
+            &[&MESSAGE_PREFIX, &control.encode()],
+        )
+        .await?;
+    Ok(())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackfillError {
+    #[error("backfill of {table}: {source}")]
+    Postgres {
+        table: String,
+        source: tokio_postgres::Error,
+    },
+    #[error("backfill of {table}: {message}")]
+    Table { table: String, message: String },
+}
+
+/// How to read one table's rows the way the stream sees them.
+pub struct TablePlan {
+    pub rule: Arc<TableRule>,
+    key_prefix: String,
+    /// Cached columns, in the daemon's output order, with the select-list index of each.
+    columns: Vec<(String, PgType)>,
+    column_at: Vec<usize>,
+    /// Select-list index of each key template column, in template order.
+    key_at: Vec<usize>,
+    /// Primary key columns: select-list index and SQL type (for casting the cursor).
+    pk: Vec<(usize, String)>,
+    /// `SELECT ... FROM t` (no WHERE / ORDER BY / LIMIT).
+    select: String,
+    order_by: String,
+    pk_tuple: String,
+    /// Rows estimated from `pg_class.reltuples`.
+    pub estimate: u64,
+}
+
+/// A row's value in the table's format.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RowValue {
+    Json(Vec<u8>),
+    Hash(Vec<(String, Vec<u8>)>),
+}
+
+/// One chunk: the encoded rows by Redis key, and the cursor after them.
+#[derive(Debug, Default)]
+pub struct Chunk {
+    pub rows: HashMap<String, RowValue>,
+    /// Primary key of the last row read (`None`: the table was empty past the cursor).
+    pub cursor: Option<Vec<String>>,
+    /// Rows read (including any that could not be keyed).
+    pub read: usize,
+    /// Fewer rows than asked for: the table is done after this chunk.
+    pub last: bool,
+}
+
+impl TablePlan {
+    /// Looks the table up in the catalog.
+    ///
+    /// # Errors
+    /// A missing table or column, a table without a primary key, a failed query.
+    pub async fn new(
+        client: &Client,
+        rule: Arc<TableRule>,
+        key_prefix: &str,
+    ) -> Result<TablePlan, BackfillError> {
+        let table = rule.qualified_name();
+        let pg = |source| BackfillError::Postgres {
+            table: table.clone(),
+            source,
+        };
+        let fail = |message: String| BackfillError::Table {
+            table: table.clone(),
+            message,
+        };
+        let relation = quote_qualified(&rule.schema, &rule.name);
+        let Some(row) = client
+            .query_opt(
+                "SELECT c.oid, greatest(c.reltuples, 0)::int8 FROM pg_class c \
+                 JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE n.nspname = $1 AND c.relname = $2",
+                &[&rule.schema, &rule.name],
+            )
+            .await
+            .map_err(pg)?
+        else {
+            return Err(fail("the table does not exist".into()));
+        };
+        let oid: u32 = row.get(0);
+        let mut estimate: i64 = row.get(1);
+        if estimate == 0 {
+            // Partitioned roots have no reltuples of their own; sum the partitions.
+            estimate = client
+                .query_one(
+                    "SELECT coalesce(sum(greatest(c.reltuples, 0)), 0)::int8 FROM pg_inherits i \
+                     JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = $1",
+                    &[&oid],
+                )
+                .await
+                .map_err(pg)?
+                .get(0);
+        }
+        // Columns as pgoutput sends them: attnum order, no dropped or generated columns.
+        let rows = client
+            .query(
+                "SELECT attname::text, atttypid, format_type(atttypid, atttypmod) FROM pg_attribute \
+                 WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped AND attgenerated = '' \
+                 ORDER BY attnum",
+                &[&oid],
+            )
+            .await
+            .map_err(pg)?;
+        let all: Vec<(String, u32, String)> = rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect();
+        let pk_names: Vec<String> = client
+            .query(
+                "SELECT a.attname::text FROM pg_index i \
+                 CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, n) \
+                 JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
+                 WHERE i.indrelid = $1 AND i.indisprimary ORDER BY k.n",
+                &[&oid],
+            )
+            .await
+            .map_err(pg)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if pk_names.is_empty() {
+            return Err(fail(
+                "the table has no primary key, which backfill pages by; add one".into(),
+            ));
+        }
+
+        let mut select_list: Vec<String> = Vec::new();
+        let mut slot = |name: &str| -> Result<usize, BackfillError> {
+            if let Some(at) = select_list.iter().position(|n| n == name) {
+                return Ok(at);
+            }
+            if !all.iter().any(|(n, _, _)| n == name) {
+                return Err(fail(format!("the table has no column {name:?}")));
+            }
+            select_list.push(name.to_string());
+            Ok(select_list.len() - 1)
+        };
+        let names: Vec<String> = match &rule.columns {
+            Some(columns) => columns.clone(),
+            None => all.iter().map(|(n, _, _)| n.clone()).collect(),
+        };
+        let mut column_at = Vec::new();
+        for name in &names {
+            column_at.push(slot(name)?);
+        }
+        let mut key_at = Vec::new();
+        for name in rule.key.columns() {
+            key_at.push(slot(name)?);
+        }
+        let mut pk = Vec::new();
+        for name in &pk_names {
+            let sql_type = all
+                .iter()
+                .find(|(n, _, _)| n == name)
+                .map(|(_, _, t)| t.clone())
+                .unwrap_or_default();
+            pk.push((slot(name)?, sql_type));
+        }
+        let mut columns = Vec::new();
+        for name in &names {
+            let oid = all
+                .iter()
+                .find(|(n, _, _)| n == name)
+                .map(|(_, o, _)| *o)
+                .unwrap_or(0);
+            let ty = match PgType::from_oid(oid) {
+                Some(ty) => ty,
+                None => PgType::resolve(client, oid).await.map_err(pg)?,
+            };
+            columns.push((name.clone(), ty));
+        }
+        let select = format!(
+            "SELECT {} FROM {relation}",
+            select_list
+                .iter()
+                .map(|n| quote_ident(n))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let pk_cols: Vec<String> = pk_names.iter().map(|n| quote_ident(n)).collect();
+        Ok(TablePlan {
+            rule,
+            key_prefix: key_prefix.to_string(),
+            columns,
+            column_at,
+            key_at,
+            pk,
+            select,
+            order_by: pk_cols.join(", "),
+            pk_tuple: format!("({})", pk_cols.join(", ")),
+            estimate: estimate.max(0) as u64,
+        })
+    }
+
+    /// Reads the next chunk after `cursor` and encodes it.
+    ///
+    /// # Errors
+    /// A failed query. Rows that cannot be keyed or encoded are counted and skipped with a
+    /// warning: their keys stay absent, which is safe.
+    pub async fn read_chunk(
+        &self,
+        client: &Client,
+        cursor: Option<&[String]>,
+        limit: usize,
+    ) -> Result<Chunk, BackfillError> {
+        let mut sql = self.select.clone();
+        if let Some(cursor) = cursor {
+            sql.push_str(" WHERE ");
+            sql.push_str(&self.pk_tuple);
+            sql.push_str(" > (");
+            for (i, ((_, sql_type), value)) in self.pk.iter().zip(cursor).enumerate() {
+                if i > 0 {
+                    sql.push_str(", ");
+                }
+                sql.push_str(&literal(value));
+                sql.push_str("::");
+                sql.push_str(sql_type);
+            }
+            sql.push(')');
+        }
+        sql.push_str(&format!(" ORDER BY {} LIMIT {limit}", self.order_by));
+        let messages =
+            client
+                .simple_query(&sql)
+                .await
+                .map_err(|source| BackfillError::Postgres {
+                    table: self.rule.qualified_name(),
+                    source,
+                })?;
+        let mut chunk = Chunk::default();
+        let columns: Vec<(&str, &PgType)> =
+            self.columns.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        let mut key_values: Vec<&[u8]> = Vec::with_capacity(self.key_at.len());
+        for message in &messages {
+            let SimpleQueryMessage::Row(row) = message else {
+                continue;
+            };
+            chunk.read += 1;
+            chunk.cursor = Some(
+                self.pk
+                    .iter()
+                    .map(|(at, _)| row.get(*at).unwrap_or_default().to_string())
+                    .collect(),
+            );
+            key_values.clear();
+            let mut keyed = true;
+            for &at in &self.key_at {
+                match row.get(at) {
+                    Some(v) => key_values.push(v.as_bytes()),
+                    None => keyed = false,
+                }
+            }
+            if !keyed {
+                tracing::warn!(table = %self.rule.qualified_name(), "row with a NULL key column skipped");
+                continue;
+            }
+            let mut key = String::with_capacity(32);
+            self.rule
+                .key
+                .render_into(&mut key, &self.key_prefix, &key_values);
+            match self.encode(&columns, &row) {
+                Ok(value) => {
+                    chunk.rows.insert(key, value);
+                }
+                Err(e) => {
+                    warn!(table = %self.rule.qualified_name(), %key, error = %e, "row not cached");
+                }
+            }
+        }
+        chunk.last = chunk.read < limit;
+        Ok(chunk)
+    }
+}
+
+impl TablePlan {
+    fn encode(
+        &self,
+        columns: &[(&str, &PgType)],
+        row: &tokio_postgres::SimpleQueryRow,
+    ) -> Result<RowValue, encoder::EncodeError> {
+        match self.rule.format {
+            Format::Json => {
+                let mut value = Vec::with_capacity(128);
+                encoder::encode_row(
+                    &mut value,
+                    columns,
+                    self.column_at
+                        .iter()
+                        .map(|&at| row.get(at).map(str::as_bytes)),
+                    self.rule.encode,
+                )?;
+                Ok(RowValue::Json(value))
+            }
+            Format::Hash => {
+                let mut fields = Vec::with_capacity(columns.len());
+                for ((name, ty), &at) in columns.iter().zip(&self.column_at) {
+                    if let Some(text) = row.get(at) {
+                        let mut field = Vec::with_capacity(text.len());
+                        encoder::encode_field(&mut field, ty, text.as_bytes(), self.rule.encode)?;
+                        fields.push((name.to_string(), field));
+                    }
+                }
+                Ok(RowValue::Hash(fields))
+            }
+        }
+    }
+}
+
+/// An escaped string literal, independent of `standard_conforming_strings`.
+fn literal(value: &str) -> String {
+    let mut out = String::with_capacity(value.len() + 3);
+    out.push_str("E'");
+    for c in value.chars() {
+        match c {
+            '\'' => out.push_str("''"),
+            '\\' => out.push_str("\\\\"),
+            c => out.push(c),
+        }
+    }
+    out.push('\'');
+    out
+}
+
+/// A table waiting for (more) backfill.
+#[derive(Debug, Clone)]
+struct Job {
+    table: String,
+    cursor: Option<Vec<String>>,
+    rows: u64,
+    started_ms: u64,
+}
+
+/// The chunk between its watermarks.
+struct InFlight {
+    id: String,
+    job: Job,
+    plan: Arc<TablePlan>,
+    chunk: Chunk,
+    window_open: bool,
+}
+
+/// The daemon's backfills: a queue of tables, one chunk in flight at a time.
+pub struct Backfills {
+    client: Client,
+    key_prefix: String,
+    chunk_rows: usize,
+    /// Distinguishes this session's watermarks from those of earlier sessions, which the
+    /// stream may still bring.
+    session: String,
+    seq: u64,
+    rules: HashMap<String, Arc<TableRule>>,
+    plans: HashMap<String, Arc<TablePlan>>,
+    queue: VecDeque<Job>,
+    current: Option<InFlight>,
+    progress: Progress,
+}
+
+impl Backfills {
+    /// `client` is a connection of the backfill's own (it emits watermarks and reads chunks).
+    pub fn new(client: Client, config: &Config) -> Backfills {
+        let rules = config
+            .tables
+            .iter()
+            .filter(|rule| rule.mode == Mode::Mirror)
+            .map(|rule| (rule.qualified_name(), Arc::new(rule.clone())))
+            .collect();
+        Backfills {
+            client,
+            key_prefix: config.redis.key_prefix.clone(),
+            chunk_rows: config.backfill.chunk_rows,
+            session: format!("{:08x}", rand::random::<u32>()),
+            seq: 0,
+            rules,
+            plans: HashMap::new(),
+            queue: VecDeque::new(),
+            current: None,
+            progress: Progress::new(),
+        }
+    }
+
+    /// Qualified names of the tables backfills cover (mirror tables).
+    pub fn tables(&self) -> impl Iterator<Item = &str> {
+        self.rules.keys().map(String::as_str)
+    }
+
+    /// Queues `table` from the start, or from where `resume` left it.
+    pub fn schedule(&mut self, table: &str, resume: Option<&BackfillProgress>) {
+        if !self.rules.contains_key(table) {
+            return;
+        }
+        let job = match resume {
+            Some(p) if p.state == "running" => Job {
+                table: table.to_string(),
+                cursor: p.cursor.clone(),
+                rows: p.rows,
+                started_ms: p.started_ms,
+            },
+            _ => Job {
+                table: table.to_string(),
+                cursor: None,
+                rows: 0,
+                started_ms: now_ms(),
+            },
+        };
+        match self.queue.iter_mut().find(|queued| queued.table == table) {
+            Some(queued) => *queued = job,
+            None => self.queue.push_back(job),
+        }
+    }
+
+    /// `pgcache resync`: every mirror table, or one (unknown names are logged).
+    pub fn resync(&mut self, table: Option<&str>) {
+        match table {
+            None => {
+                let mut tables: Vec<String> = self.rules.keys().cloned().collect();
+                tables.sort();
+                info!(
+                    tables = tables.len(),
+                    "resync of every mirror table requested"
+                );
+                for table in tables {
+                    self.schedule(&table, None);
+                }
+            }
+            Some(table) => {
+                let name = if table.contains('.') {
+                    table.to_string()
+                } else {
+                    format!("public.{table}")
+                };
+                if self.rules.contains_key(&name) {
+                    info!(table = %name, "resync requested");
+                    self.schedule(&name, None);
+                } else {
+                    warn!(table = %name, "resync requested for a table that is not a mirror table in this daemon's config; ignored");
+                }
+            }
+        }
+    }
+
+    /// A chunk can start: none in flight and a table waiting.
+    pub fn can_start(&self) -> bool {
+        self.current.is_none() && !self.queue.is_empty()
+    }
+
+    /// Emits the low watermark, reads the next chunk of the first waiting table, emits the
+    /// high watermark. The stream brings the watermarks back; see [`Backfills::on_control`].
+    ///
+    /// # Errors
+    /// A failed query, or a table the backfill cannot read (logged and dropped from the queue
+    /// when it is the table's fault, returned when it is the connection's).
+    pub async fn start_next(&mut self) -> Result<(), BackfillError> {
+        let Some(job) = self.queue.pop_front() else {
+            return Ok(());
+        };
+        let plan = match self.plans.get(&job.table) {
+            Some(plan) => plan.clone(),
+            None => {
+                let rule = self.rules[&job.table].clone();
+                match TablePlan::new(&self.client, rule, &self.key_prefix).await {
+                    Ok(plan) => {
+                        let plan = Arc::new(plan);
+                        self.plans.insert(job.table.clone(), plan.clone());
+                        plan
+                    }
+                    Err(e @ BackfillError::Table { .. }) => {
+                        tracing::error!(error = %e, "backfill skipped");
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        self.queue.push_front(job);
+                        return Err(e);
+                    }
+                }
+            }
+        };
+        self.seq += 1;
+        let id = format!("{}:{}", self.session, self.seq);
+        let pg = |source| BackfillError::Postgres {
+            table: job.table.clone(),
+            source,
+        };
+        let result = async {
+            emit(&self.client, &Control::Low(id.clone()))
+                .await
+                .map_err(pg)?;
+            let chunk = plan
+                .read_chunk(&self.client, job.cursor.as_deref(), self.chunk_rows)
+                .await?;
+            emit(&self.client, &Control::High(id.clone()))
+                .await
+                .map_err(pg)?;
+            Ok(chunk)
+        }
+        .await;
+        match result {
+            Ok(chunk) => {
+                self.current = Some(InFlight {
+                    id,
+                    job,
+                    plan,
+                    chunk,
+                    window_open: false,
+                });
+                Ok(())
+            }
+            Err(e) => {
+                self.queue.push_front(job);
+                Err(e)
+            }
+        }
+    }
+
+    /// A low watermark of ours opens the chunk's window.
+    pub fn on_low(&mut self, id: &str) {
+        if let Some(current) = &mut self.current {
+            if current.id == id {
+                current.window_open = true;
+            }
+        }
+    }
+
+    /// Key space of the table whose chunk window is open, if any.
+    pub fn window_key_space(&self) -> Option<String> {
+        let current = self.current.as_ref().filter(|c| c.window_open)?;
+        Some(format!(
+            "{}{}",
+            self.key_prefix,
+            current.plan.rule.key.literal_prefix()
+        ))
+    }
+
+    /// The stream changed these keys inside the window: its values win.
+    pub fn drop_keys<'a>(&mut self, keys: impl Iterator<Item = &'a str>) {
+        if let Some(current) = self.current.as_mut().filter(|c| c.window_open) {
+            for key in keys {
+                current.chunk.rows.remove(key);
+            }
+        }
+    }
+
+    /// The table was truncated inside the window: nothing of the chunk survives.
+    pub fn drop_all(&mut self) {
+        if let Some(current) = self.current.as_mut().filter(|c| c.window_open) {
+            current.chunk.rows.clear();
+        }
+    }
+
+    /// A high watermark of ours closes the window: returns the chunk's operations and the
+    /// checkpoint field (progress and cursor) to write with them, and queues the rest of the
+    /// table.
+    pub fn on_high(&mut self, id: &str) -> Option<(Vec<Op>, String, String)> {
+        if self.current.as_ref().is_none_or(|c| c.id != id) {
+            return None;
+        }
+        let InFlight {
+            mut job,
+            plan,
+            chunk,
+            ..
+        } = self.current.take()?;
+        let ttl_ms = plan.rule.ttl.map(|ttl| ttl.as_millis().max(1) as u64);
+        let written = chunk.rows.len();
+        let ops: Vec<Op> = chunk
+            .rows
+            .into_iter()
+            .map(|(key, value)| match value {
+                RowValue::Json(value) => Op::Set { key, value, ttl_ms },
+                RowValue::Hash(fields) => Op::Hash {
+                    key,
+                    fields,
+                    ttl_ms,
+                    only_if_cached: false,
+                },
+            })
+            .collect();
+        job.rows += chunk.read as u64;
+        if chunk.cursor.is_some() {
+            job.cursor = chunk.cursor;
+        }
+        metrics::counter!(m::BACKFILL_ROWS, "table" => job.table.clone()).increment(written as u64);
+        let done = chunk.last;
+        let progress = BackfillProgress {
+            state: if done { "done" } else { "running" }.to_string(),
+            cursor: job.cursor.clone(),
+            rows: job.rows,
+            estimate: plan.estimate.max(job.rows),
+            started_ms: job.started_ms,
+            updated_ms: now_ms(),
+        };
+        self.progress.report(&job.table, &progress, done);
+        let field = format!("{FIELD_BACKFILL_PREFIX}{}", job.table);
+        let value = serde_json::to_string(&progress).unwrap_or_default();
+        if !done {
+            // Other tables queued behind wait for this one; a resync of it queued meanwhile
+            // replaces this continuation.
+            if !self.queue.iter().any(|queued| queued.table == job.table) {
+                self.queue.push_front(job);
+            }
+        }
+        Some((ops, field, value))
+    }
+}
+
+/// Progress on a terminal (a bar) or in the log (a line every few seconds).
+struct Progress {
+    bar: Option<(String, indicatif::ProgressBar)>,
+    tty: bool,
+    last_line: Instant,
+}
+
+impl Progress {
+    fn new() -> Progress {
+        Progress {
+            bar: None,
+            tty: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            last_line: Instant::now(),
+        }
+    }
+
+    fn report(&mut self, table: &str, p: &BackfillProgress, done: bool) {
+        let elapsed = Duration::from_millis(p.updated_ms.saturating_sub(p.started_ms).max(1));
+        let rate = p.rows as f64 / elapsed.as_secs_f64();
+        if self.tty {
+            if self.bar.as_ref().is_none_or(|(t, _)| t != table) {
+                let bar = indicatif::ProgressBar::new(p.estimate.max(1));
+                bar.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "backfill {msg} [{bar:30}] {pos}/{len} rows {per_sec} eta {eta}",
+                    )
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                );
+                bar.set_message(table.to_string());
+                self.bar = Some((table.to_string(), bar));
+            }
+            if let Some((_, bar)) = &self.bar {
+                bar.set_length(p.estimate.max(p.rows));
+                bar.set_position(p.rows);
+                if done {
+                    bar.finish();
+                }
+            }
+        }
+        if done || self.last_line.elapsed() >= Duration::from_secs(5) {
+            self.last_line = Instant::now();
+            let left = p.estimate.saturating_sub(p.rows);
+            let eta = if rate > 0.0 {
+                Duration::from_secs_f64(left as f64 / rate)
+            } else {
+                Duration::ZERO
+            };
+            info!(
+                table,
+                rows = p.rows,
+                estimate = p.estimate,
+                rows_per_sec = rate.round() as u64,
+                eta = %humantime::format_duration(Duration::from_secs(eta.as_secs())),
+                done,
+                "backfill progress"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_messages_round_trip() {
+        for control in [
+            Control::Low("a1:public.users:3".into()),
+            Control::High("x".into()),
+            Control::Resync(None),
+            Control::Resync(Some("public.users".into())),
+        ] {
+            assert_eq!(Control::parse(control.encode().as_bytes()), Some(control));
+        }
+        assert_eq!(Control::parse(b"bogus"), None);
+        assert_eq!(Control::parse(b"other:1"), None);
+        assert_eq!(Control::parse(&[0xff, b':']), None);
+    }
+
+    #[test]
+    fn literals_escape_quotes_and_backslashes() {
+        assert_eq!(literal("o'k\\"), "E'o''k\\\\'");
+    }
+}
