@@ -1,12 +1,29 @@
-//! Server prerequisites: what Postgres must look like before the daemon can stream, each
-//! finding with the SQL or setting that fixes it. `pgcache run` refuses to start on a FAIL;
-//! `pgcache check` prints them all.
+//! Server prerequisites: what Postgres and Redis must look like before the daemon can stream,
+//! each finding with the SQL or setting that fixes it.
+//!
+//! [`postgres_findings`] is what `pgcache run` checks at start: it refuses on any FAIL, so a
+//! FAIL there means streaming is impossible or would silently lose changes (no slot, no
+//! publication, a table whose deletes could not find their key). Everything that only costs
+//! performance or safety margin is a WARN. `pgcache check` prints those findings and
+//! [`redis_findings`] too.
+//!
+//! # Layout
+//! - this file: the finding type, and the server-wide Postgres checks (settings, role,
+//!   publication, slot);
+//! - `tables`: one table's checks (publication membership, columns, replica identity,
+//!   privileges);
+//! - `redis`: reachability, version, eviction policy and persistence.
+
+mod redis;
+mod tables;
 
 use std::fmt;
 
+pub use self::redis::redis_findings;
 use crate::config::Config;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "UPPERCASE")]
 pub enum Level {
     Ok,
     Warn,
@@ -15,7 +32,8 @@ pub enum Level {
 
 impl fmt::Display for Level {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+        // pad, not write_str, so that `{:<4}` lines the findings up.
+        f.pad(match self {
             Level::Ok => "OK",
             Level::Warn => "WARN",
             Level::Fail => "FAIL",
@@ -24,12 +42,13 @@ impl fmt::Display for Level {
 }
 
 /// One checked fact about the servers.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct Finding {
     pub level: Level,
     /// What was checked and what was found.
     pub what: String,
     /// The SQL or setting that fixes it, for WARN and FAIL.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub fix: Option<String>,
 }
 
@@ -67,7 +86,8 @@ impl fmt::Display for Finding {
     }
 }
 
-/// Checks the Postgres side: wal_level, publication, slot, tables, replica identity.
+/// Checks the Postgres side: settings, the role, the publication, the slot, and every
+/// configured table.
 ///
 /// # Errors
 /// Only when a catalog query itself fails; every finding about the server is a value.
@@ -76,10 +96,40 @@ pub async fn postgres_findings(
     config: &Config,
 ) -> Result<Vec<Finding>, tokio_postgres::Error> {
     let mut findings = Vec::new();
-    let slot = &config.postgres.slot;
-    let publication = &config.postgres.publication;
+    findings.extend(settings_findings(client, config).await?);
+    findings.extend(role_findings(client).await?);
+    findings.extend(publication_findings(client, config).await?);
+    findings.extend(slot_findings(client, config).await?);
+    for rule in &config.tables {
+        findings.extend(tables::table_findings(client, config, rule).await?);
+    }
+    Ok(findings)
+}
 
-    let wal_level: String = client.query_one("SHOW wal_level", &[]).await?.get(0);
+/// The restart-only settings logical replication needs.
+async fn settings_findings(
+    client: &tokio_postgres::Client,
+    config: &Config,
+) -> Result<Vec<Finding>, tokio_postgres::Error> {
+    let mut findings = Vec::new();
+    let row = client
+        .query_one(
+            "SELECT current_setting('wal_level'), \
+                    current_setting('max_replication_slots')::int, \
+                    current_setting('max_wal_senders')::int, \
+                    (SELECT count(*)::int FROM pg_replication_slots), \
+                    (SELECT count(*)::int FROM pg_stat_replication), \
+                    EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active)",
+            &[&config.postgres.slot],
+        )
+        .await?;
+    let wal_level: String = row.get(0);
+    let max_slots: i32 = row.get(1);
+    let max_senders: i32 = row.get(2);
+    let slots_used: i32 = row.get(3);
+    let senders_used: i32 = row.get(4);
+    let ours_active: bool = row.get(5);
+
     findings.push(if wal_level == "logical" {
         Finding::ok("wal_level is logical")
     } else {
@@ -88,227 +138,223 @@ pub async fn postgres_findings(
             "ALTER SYSTEM SET wal_level = logical; then restart Postgres",
         )
     });
+    findings.push(if max_slots == 0 {
+        Finding::fail(
+            "max_replication_slots is 0, so no replication slot can exist",
+            "ALTER SYSTEM SET max_replication_slots = 10; then restart Postgres",
+        )
+    } else {
+        Finding::ok(format!(
+            "max_replication_slots is {max_slots} ({slots_used} in use)"
+        ))
+    });
+    findings.push(if max_senders == 0 {
+        Finding::fail(
+            "max_wal_senders is 0, so no replication connection is accepted",
+            "ALTER SYSTEM SET max_wal_senders = 10; then restart Postgres",
+        )
+    } else if senders_used >= max_senders && !ours_active {
+        Finding::warn(
+            format!(
+                "all {max_senders} WAL senders (max_wal_senders) are in use; the daemon cannot \
+                 connect until one is free"
+            ),
+            format!(
+                "ALTER SYSTEM SET max_wal_senders = {}; then restart Postgres",
+                max_senders.saturating_mul(2).max(10)
+            ),
+        )
+    } else {
+        Finding::ok(format!(
+            "max_wal_senders is {max_senders} ({senders_used} in use)"
+        ))
+    });
+    Ok(findings)
+}
 
-    let pub_row = client
+/// The role must be allowed to open a replication connection.
+async fn role_findings(
+    client: &tokio_postgres::Client,
+) -> Result<Vec<Finding>, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT current_user::text, rolreplication, rolsuper \
+             FROM pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await?;
+    let role: String = row.get(0);
+    let replication: bool = row.get(1);
+    let superuser: bool = row.get(2);
+    Ok(vec![if replication || superuser {
+        Finding::ok(format!(
+            "role {role:?} may stream ({})",
+            if superuser {
+                "superuser"
+            } else {
+                "REPLICATION"
+            }
+        ))
+    } else {
+        Finding::fail(
+            format!("role {role:?} lacks the REPLICATION attribute, so it cannot stream"),
+            format!("ALTER ROLE {} REPLICATION;", quote_ident(&role)),
+        )
+    }])
+}
+
+async fn publication_findings(
+    client: &tokio_postgres::Client,
+    config: &Config,
+) -> Result<Vec<Finding>, tokio_postgres::Error> {
+    let publication = &config.postgres.publication;
+    let mut findings = Vec::new();
+    let row = client
         .query_opt(
-            "SELECT pubinsert AND pubupdate AND pubdelete, pubtruncate, pubviaroot \
+            "SELECT pubinsert AND pubupdate AND pubdelete, pubtruncate \
              FROM pg_publication WHERE pubname = $1",
             &[publication],
         )
         .await?;
-    let setup_sql = format!(
-        "psql -v publication={publication} -v tables='{}' -f sql/publication.sql",
-        config
-            .tables
-            .iter()
-            .map(|t| t.qualified_name())
-            .collect::<Vec<_>>()
-            .join(",")
-    );
-    match pub_row {
-        None => findings.push(Finding::fail(
+    let Some(row) = row else {
+        findings.push(Finding::fail(
             format!("publication {publication:?} does not exist"),
-            setup_sql.clone(),
-        )),
-        Some(row) => {
-            let (dml, truncate): (bool, bool) = (row.get(0), row.get(1));
-            findings.push(if dml && truncate {
-                Finding::ok(format!("publication {publication:?} exists"))
-            } else {
-                Finding::fail(
-                    format!("publication {publication:?} does not publish every operation"),
-                    format!(
-                        "ALTER PUBLICATION {} SET (publish = 'insert, update, delete, truncate');",
-                        quote_ident(publication)
-                    ),
-                )
-            });
-        }
-    }
-
-    let slot_row = client
-        .query_opt(
-            "SELECT plugin, database, slot_type, active, \
-                    pg_size_pretty(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)), \
-                    wal_status \
-             FROM pg_replication_slots WHERE slot_name = $1",
-            &[slot],
+            format!(
+                "psql -v publication={publication} -v tables='{}' -f sql/publication.sql",
+                config
+                    .tables
+                    .iter()
+                    .map(|t| t.qualified_name())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
+        ));
+        return Ok(findings);
+    };
+    let (dml, truncate): (bool, bool) = (row.get(0), row.get(1));
+    findings.push(if dml && truncate {
+        Finding::ok(format!("publication {publication:?} exists"))
+    } else {
+        Finding::fail(
+            format!("publication {publication:?} does not publish every operation"),
+            format!(
+                "ALTER PUBLICATION {} SET (publish = 'insert, update, delete, truncate');",
+                quote_ident(publication)
+            ),
+        )
+    });
+    // Tables published without a rule cost decoding and bandwidth for nothing.
+    let published = client
+        .query(
+            "SELECT schemaname::text, tablename::text FROM pg_publication_tables \
+             WHERE pubname = $1 ORDER BY 1, 2",
+            &[publication],
         )
         .await?;
-    let db: String = client
-        .query_one("SELECT current_database()", &[])
-        .await?
-        .get(0);
-    match slot_row {
-        None => findings.push(Finding::fail(
-            format!("replication slot {slot:?} does not exist"),
-            format!("SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput');  -- or psql -v slot={slot} -f sql/slot.sql"),
-        )),
-        Some(row) => {
-            let plugin: Option<String> = row.get(0);
-            let slot_db: Option<String> = row.get(1);
-            let wal_status: Option<String> = row.get(5);
-            if plugin.as_deref() != Some("pgoutput") {
-                findings.push(Finding::fail(
-                    format!("slot {slot:?} uses plugin {:?}, not pgoutput", plugin.unwrap_or_default()),
-                    format!("SELECT pg_drop_replication_slot('{slot}'); SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput');"),
-                ));
-            } else if slot_db.as_deref() != Some(db.as_str()) {
-                findings.push(Finding::fail(
-                    format!("slot {slot:?} belongs to database {:?}, not {db:?}", slot_db.unwrap_or_default()),
-                    "point postgres.url at the slot's database, or create the slot in this one",
-                ));
-            } else if wal_status.as_deref() == Some("lost") {
-                findings.push(Finding::fail(
-                    format!("slot {slot:?} was invalidated (its WAL was removed, max_slot_wal_keep_size)"),
-                    format!("SELECT pg_drop_replication_slot('{slot}'); SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput'); then delete the checkpoint key so pgcache backfills"),
-                ));
-            } else {
-                let retained: Option<String> = row.get(4);
-                findings.push(Finding::ok(format!(
-                    "slot {slot:?} exists (pgoutput, retains {})",
-                    retained.unwrap_or_else(|| "no WAL".into())
-                )));
-            }
-        }
-    }
-
-    for rule in &config.tables {
-        findings.extend(table_findings(client, config, rule).await?);
+    let unruled: Vec<(String, String)> = published
+        .iter()
+        .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
+        .filter(|(schema, name)| config.table(schema, name).is_none())
+        .collect();
+    if !unruled.is_empty() {
+        let names: Vec<String> = unruled.iter().map(|(s, n)| format!("{s}.{n}")).collect();
+        let fix = if unruled.len() <= 10 {
+            format!(
+                "ALTER PUBLICATION {} DROP TABLE {};  -- or add [[tables]] entries for them",
+                quote_ident(publication),
+                unruled
+                    .iter()
+                    .map(|(s, n)| quote_qualified(s, n))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        } else {
+            format!(
+                "psql -v publication={publication} -v tables='<the configured tables>' -f sql/publication.sql"
+            )
+        };
+        findings.push(Finding::warn(
+            format!(
+                "publication {publication:?} also publishes {} table(s) without a [[tables]] \
+                 rule ({}): their changes are decoded and dropped",
+                unruled.len(),
+                abbreviate(&names, 5)
+            ),
+            fix,
+        ));
     }
     Ok(findings)
 }
 
-async fn table_findings(
+async fn slot_findings(
     client: &tokio_postgres::Client,
     config: &Config,
-    rule: &crate::config::TableRule,
 ) -> Result<Vec<Finding>, tokio_postgres::Error> {
-    let name = rule.qualified_name();
-    let table = client
+    let slot = &config.postgres.slot;
+    let row = client
         .query_opt(
-            "SELECT c.oid, c.relreplident::text, \
-                    EXISTS (SELECT 1 FROM pg_publication_tables p \
-                            WHERE p.pubname = $3 AND p.schemaname = $1 AND p.tablename = $2) \
-             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-             WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
-            &[&rule.schema, &rule.name, &config.postgres.publication],
+            "SELECT plugin::text, database::text, wal_status, active, \
+                    pg_size_pretty(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)), \
+                    current_database()::text \
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[slot],
         )
         .await?;
-    let Some(table) = table else {
+    let create = format!("SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput');");
+    let Some(row) = row else {
         return Ok(vec![Finding::fail(
-            format!("table {name} does not exist"),
-            "create it, or remove its [[tables]] entry",
+            format!("replication slot {slot:?} does not exist"),
+            format!("{create}  -- or psql -v slot={slot} -f sql/slot.sql"),
         )]);
     };
-    let oid: u32 = table.get(0);
-    let identity: String = table.get(1);
-    let published: bool = table.get(2);
-    let mut findings = Vec::new();
-    if !published {
-        findings.push(Finding::fail(
+    let plugin: Option<String> = row.get(0);
+    let slot_db: Option<String> = row.get(1);
+    let wal_status: Option<String> = row.get(2);
+    let active: bool = row.get(3);
+    let retained: Option<String> = row.get(4);
+    let db: String = row.get(5);
+    let drop = format!("SELECT pg_drop_replication_slot('{slot}');");
+    Ok(vec![if plugin.as_deref() != Some("pgoutput") {
+        Finding::fail(
             format!(
-                "table {name} is not in publication {:?}",
-                config.postgres.publication
+                "slot {slot:?} uses plugin {:?}, not pgoutput",
+                plugin.unwrap_or_default()
             ),
-            format!(
-                "ALTER PUBLICATION {} ADD TABLE {};",
-                quote_ident(&config.postgres.publication),
-                quote_qualified(&rule.schema, &rule.name)
-            ),
-        ));
-    }
-    let columns: Vec<String> = client
-        .query(
-            "SELECT attname FROM pg_attribute WHERE attrelid = $1 AND attnum > 0 \
-             AND NOT attisdropped ORDER BY attnum",
-            &[&oid],
+            format!("{drop} {create}"),
         )
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let mut missing: Vec<&str> = rule
-        .key
-        .columns()
-        .iter()
-        .map(String::as_str)
-        .chain(rule.columns.iter().flatten().map(String::as_str))
-        .filter(|c| !columns.iter().any(|have| have == c))
-        .collect();
-    missing.dedup();
-    if !missing.is_empty() {
-        findings.push(Finding::fail(
-            format!("table {name} has no column {}", missing.join(", ")),
+    } else if slot_db.as_deref() != Some(db.as_str()) {
+        Finding::fail(
             format!(
-                "fix tables[].key / tables[].columns for {name} (it has {})",
-                columns.join(", ")
+                "slot {slot:?} belongs to database {:?}, not {db:?}",
+                slot_db.unwrap_or_default()
             ),
-        ));
-    }
-    // Columns Postgres sends in the old image of a DELETE (or a key-changing UPDATE).
-    let identity_columns: Vec<String> = match identity.as_str() {
-        "f" => columns.clone(),
-        "n" => Vec::new(),
-        "d" | "i" => {
-            let index_cond = if identity == "d" {
-                "i.indisprimary"
-            } else {
-                "i.indisreplident"
-            };
-            client
-                .query(
-                    &format!(
-                        "SELECT a.attname FROM pg_index i \
-                         JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
-                         WHERE i.indrelid = $1 AND {index_cond}"
-                    ),
-                    &[&oid],
-                )
-                .await?
-                .iter()
-                .map(|r| r.get(0))
-                .collect()
-        }
-        _ => Vec::new(),
-    };
-    let full_fix = format!(
-        "ALTER TABLE {} REPLICA IDENTITY FULL;",
-        quote_qualified(&rule.schema, &rule.name)
-    );
-    if identity_columns.is_empty() {
-        findings.push(Finding::fail(
-            format!(
-                "table {name} has no usable replica identity (no primary key), so Postgres \
-                 rejects its UPDATEs and DELETEs once it is published"
-            ),
-            format!("add a primary key, or {full_fix}"),
-        ));
+            "point postgres.url at the slot's database, or create the slot in this one",
+        )
+    } else if wal_status.as_deref() == Some("lost") {
+        Finding::fail(
+            format!("slot {slot:?} was invalidated (its WAL was removed, max_slot_wal_keep_size)"),
+            format!("{drop} {create} then delete the checkpoint key so pgcache backfills"),
+        )
     } else {
-        let outside: Vec<&str> = rule
-            .key
-            .columns()
-            .iter()
-            .map(String::as_str)
-            .filter(|c| !identity_columns.iter().any(|i| i == c))
-            .collect();
-        if outside.is_empty() {
-            findings.push(Finding::ok(format!(
-                "table {name}: key columns are in its replica identity ({})",
-                if identity == "f" { "FULL" } else { "key" }
-            )));
-        } else {
-            findings.push(Finding::fail(
-                format!(
-                    "table {name}: key column {} is not in the replica identity, so deletes \
-                     and key changes could not find the old key",
-                    outside.join(", ")
-                ),
-                full_fix,
-            ));
-        }
+        Finding::ok(format!(
+            "slot {slot:?} exists (pgoutput, retains {}{})",
+            retained.unwrap_or_else(|| "no WAL".into()),
+            if active {
+                ", in use by a consumer now"
+            } else {
+                ""
+            }
+        ))
+    }])
+}
+
+/// `a, b, c and 4 more`.
+fn abbreviate(items: &[String], max: usize) -> String {
+    if items.len() <= max {
+        items.join(", ")
+    } else {
+        format!("{} and {} more", items[..max].join(", "), items.len() - max)
     }
-    Ok(findings)
 }
 
 pub fn quote_ident(name: &str) -> String {
@@ -317,4 +363,35 @@ pub fn quote_ident(name: &str) -> String {
 
 pub fn quote_qualified(schema: &str, name: &str) -> String {
     format!("{}.{}", quote_ident(schema), quote_ident(name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn findings_print_level_and_fix() {
+        let f = Finding::fail("slot missing", "SELECT 1;\nSELECT 2;");
+        assert_eq!(
+            f.to_string(),
+            "FAIL slot missing\n     fix: SELECT 1;\n          SELECT 2;"
+        );
+        assert_eq!(Finding::ok("fine").to_string(), "OK   fine");
+        assert!(Level::Fail > Level::Warn && Level::Warn > Level::Ok);
+    }
+
+    #[test]
+    fn identifiers_are_quoted() {
+        assert_eq!(
+            quote_qualified("public", "we\"ird"),
+            "\"public\".\"we\"\"ird\""
+        );
+    }
+
+    #[test]
+    fn long_lists_are_abbreviated() {
+        let items: Vec<String> = (1..=7).map(|i| format!("t{i}")).collect();
+        assert_eq!(abbreviate(&items[..2], 5), "t1, t2");
+        assert_eq!(abbreviate(&items, 5), "t1, t2, t3, t4, t5 and 2 more");
+    }
 }

@@ -1,43 +1,44 @@
 //! `pgcache check`: the config, then the servers, each finding with its fix.
+//!
+//! Exit codes: 0 when nothing FAILs (WARNs allowed), 1 on any FAIL, 2 when the config is
+//! invalid (nothing connects then).
 
 use std::path::Path;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use super::load;
-use crate::config::Config;
+use crate::config::{redact, Config};
 use crate::pgconn::{self, PgTarget};
-use crate::preflight::{self, Level};
+use crate::preflight::{self, Finding, Level};
+
+/// How long `check` waits for Postgres before calling it unreachable.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub(crate) async fn check(path: &Path) -> ExitCode {
     let config = match load(path) {
         Ok(config) => config,
         Err(code) => return code,
     };
-    println!(
-        "OK   config {} ({} tables)",
+    let mut findings = vec![Finding::ok(format!(
+        "config {} ({} tables)",
         path.display(),
         config.tables.len()
-    );
+    ))];
+    findings.extend(postgres_findings(&config).await);
+    findings.extend(preflight::redis_findings(&config).await);
     let mut worst = Level::Ok;
-    match postgres_findings(&config).await {
-        Ok(findings) => {
-            for finding in findings {
-                worst = worst.max(finding.level);
-                println!("{finding}");
-            }
-        }
-        Err(message) => {
-            worst = Level::Fail;
-            println!("FAIL {message}");
-        }
+    for finding in &findings {
+        worst = worst.max(finding.level);
+        println!("{finding}");
     }
-    match redis_ping(&config).await {
-        Ok(()) => println!("OK   redis reachable"),
-        Err(message) => {
-            worst = Level::Fail;
-            println!("FAIL redis: {message}\n     fix: check redis.url and that Redis is running");
-        }
-    }
+    let count = |level| findings.iter().filter(|f| f.level == level).count();
+    println!(
+        "\n{} OK, {} WARN, {} FAIL",
+        count(Level::Ok),
+        count(Level::Warn),
+        count(Level::Fail)
+    );
     if worst == Level::Fail {
         ExitCode::FAILURE
     } else {
@@ -45,26 +46,49 @@ pub(crate) async fn check(path: &Path) -> ExitCode {
     }
 }
 
-async fn postgres_findings(config: &Config) -> Result<Vec<preflight::Finding>, String> {
-    let target =
-        PgTarget::parse(config.postgres.url.expose()).map_err(|e| format!("postgres.url: {e}"))?;
-    let client = pgconn::connect(&target)
-        .await
-        .map_err(|e| format!("cannot connect to {}: {e}", target.redacted()))?;
-    preflight::postgres_findings(&client, config)
-        .await
-        .map_err(|e| format!("catalog query failed: {e}"))
+async fn postgres_findings(config: &Config) -> Vec<Finding> {
+    let target = match PgTarget::parse(config.postgres.url.expose()) {
+        Ok(target) => target,
+        Err(e) => return vec![Finding::fail(
+            redact(&format!("postgres.url: {e}")),
+            "fix postgres.url (examples: postgres://user@host/db, host=/run/postgresql dbname=app)",
+        )],
+    };
+    let unreachable = |problem: String| {
+        vec![Finding::fail(
+            redact(&format!(
+                "postgres {} is not reachable: {problem}",
+                target.redacted()
+            )),
+            "check postgres.url, that Postgres is running, and pg_hba.conf for this role",
+        )]
+    };
+    let client = match tokio::time::timeout(CONNECT_TIMEOUT, pgconn::connect(&target)).await {
+        Ok(Ok(client)) => client,
+        Ok(Err(e)) => return unreachable(e.to_string()),
+        Err(_) => return unreachable(format!("no answer within {CONNECT_TIMEOUT:?}")),
+    };
+    let mut findings = vec![Finding::ok(format!(
+        "postgres {} reachable",
+        target.redacted()
+    ))];
+    match preflight::postgres_findings(&client, config).await {
+        Ok(more) => findings.extend(more),
+        Err(e) => findings.push(Finding::fail(
+            redact(&format!(
+                "a catalog query failed: {}",
+                describe_pg_error(&e)
+            )),
+            "check that the role may read the catalogs (pg_replication_slots, pg_publication)",
+        )),
+    }
+    findings
 }
 
-async fn redis_ping(config: &Config) -> Result<(), String> {
-    let client = redis::Client::open(config.redis.url.expose()).map_err(|e| e.to_string())?;
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .map_err(|e| e.to_string())?;
-    redis::cmd("PING")
-        .query_async::<String>(&mut conn)
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(())
+/// The server's message when there is one (tokio-postgres' Display says only "db error").
+pub(crate) fn describe_pg_error(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.code().code(), db.message()),
+        None => e.to_string(),
+    }
 }

@@ -1,13 +1,16 @@
-//! `pgcache run`: the daemon until SIGTERM/SIGINT.
+//! `pgcache run`: the daemon until SIGTERM/SIGINT, with its HTTP endpoints and its log.
 
+use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use super::{init_logging, load};
+use super::load;
+use crate::config::{redact, Config, LogFormat};
 use crate::daemon::{self, RunError};
+use crate::http;
 
 pub(crate) async fn run(path: &Path) -> ExitCode {
     let config = match load(path) {
@@ -15,17 +18,28 @@ pub(crate) async fn run(path: &Path) -> ExitCode {
         Err(code) => return code,
     };
     init_logging(&config);
-    crate::metrics::describe();
+    let (stop, stopped) = watch::channel(false);
     if let Some(addr) = config.metrics.listen {
-        let installed = metrics_exporter_prometheus::PrometheusBuilder::new()
-            .with_http_listener(addr)
-            .install();
-        if let Err(e) = installed {
-            eprintln!("error: metrics.listen {addr}: {e}");
-            return ExitCode::FAILURE;
+        let started = async {
+            let handle = http::install_recorder()?;
+            let listener = http::bind(addr).await?;
+            Ok::<_, http::HttpError>((handle, listener))
+        };
+        match started.await {
+            Ok((handle, listener)) => {
+                tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+                let mut stopped = stopped.clone();
+                tokio::spawn(http::serve(listener, handle, async move {
+                    let _ = stopped.wait_for(|stop| *stop).await;
+                }));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the HTTP endpoints");
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
         }
     }
-    let (stop, stopped) = watch::channel(false);
     tokio::spawn(async move {
         wait_for_signal().await;
         tracing::info!("signal received: finishing the batch in hand");
@@ -34,6 +48,7 @@ pub(crate) async fn run(path: &Path) -> ExitCode {
     match daemon::run(config, stopped).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(RunError::Fatal(message) | RunError::Transient(message)) => {
+            let message = redact(&message);
             tracing::error!("{message}");
             eprintln!("error: {message}");
             ExitCode::FAILURE
@@ -53,5 +68,61 @@ async fn wait_for_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
+    }
+}
+
+/// Logs to stderr, human-readable or one JSON object per line (`[log] format`), filtered by
+/// `RUST_LOG` or `[log] level`. Every line passes through [`redact`] on its way out, so a
+/// connection string that some error message quotes never shows its password.
+pub(crate) fn init_logging(config: &Config) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("warn,pgcache={}", config.log.level)));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(|| RedactingWriter(std::io::stderr()));
+    let _ = match config.log.format {
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .try_init(),
+        LogFormat::Human => builder.try_init(),
+    };
+}
+
+/// Hands each formatted log event (the formatter writes one event per `write`) to the
+/// inner writer with passwords replaced by `***`.
+struct RedactingWriter<W>(W);
+
+impl<W: Write> Write for RedactingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let text = String::from_utf8_lossy(buf);
+        self.0.write_all(redact(&text).as_bytes())?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_lines_lose_their_passwords() {
+        let mut out = RedactingWriter(Vec::new());
+        out.write_all(
+            b"{\"error\":\"cannot connect to postgres://app:s3cret@db:5432/app\"} password=hunter2 x\n",
+        )
+        .unwrap();
+        let text = String::from_utf8(out.0).unwrap();
+        assert!(
+            !text.contains("s3cret") && !text.contains("hunter2"),
+            "{text}"
+        );
+        assert!(text.contains("postgres://app:***@db:5432/app"), "{text}");
     }
 }

@@ -1,0 +1,1 @@
+//! Comparing Redis with Postgres: `pgcache verify`.
