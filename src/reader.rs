@@ -703,7 +703,9 @@ async fn fetch(
             entry.counters.record(Event::Fallback);
             inner.redis_failed(&e);
             let texts = entry.with_key(redis_key, &key)?;
-            let value = Box::pin(read_one(inner, entry, &texts)).await?;
+            // Shared too, so that an outage does not turn every caller into a query.
+            let read = shared(inner, entry, &texts, || read_one(inner, entry, &texts));
+            let value = Box::pin(read).await?;
             Ok((texts.redis_key, value.map(Fetched::Shared)))
         }
     }
@@ -711,11 +713,20 @@ async fn fetch(
 
 /// Resolves a miss, sharing the work with other callers in this process.
 async fn resolve(inner: &Arc<Inner>, entry: &Arc<TableEntry>, key: &KeyTexts) -> Outcome {
+    shared(inner, entry, key, || lead(inner, entry, key)).await
+}
+
+/// Runs `work` for `key` once for all callers in this process that ask meanwhile.
+async fn shared<F, Fut>(inner: &Inner, entry: &TableEntry, key: &KeyTexts, work: F) -> Outcome
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Outcome>,
+{
     let mut coalesced = false;
     loop {
         match inner.flights.join(&key.redis_key) {
             Joined::Leader(leader) => {
-                let outcome = lead(inner, entry, key).await;
+                let outcome = work().await;
                 leader.finish(outcome.clone());
                 return outcome;
             }

@@ -483,6 +483,22 @@ async fn redis_outage_falls_back_to_postgres_and_recovers() {
     );
     let s = reader.stats();
     assert_eq!((s.fallbacks, s.fills), (4, 1), "{s:?}");
+    // Concurrent fallbacks for one key share their database read.
+    let handles: Vec<_> = (0..20)
+        .map(|_| {
+            let reader = reader.clone();
+            tokio::spawn(async move { reader.get_json("items", 3).await.unwrap() })
+        })
+        .collect();
+    for handle in handles {
+        assert_eq!(handle.await.unwrap(), expected(3, "c"));
+    }
+    let after = reader.stats();
+    assert_eq!(after.fallbacks - s.fallbacks, 20, "{after:?}");
+    assert!(
+        after.db_reads - s.db_reads <= 3,
+        "fallback reads were not shared: {after:?}"
+    );
 
     env.redis.start_again().unwrap();
     let mut r = env.redis().await;
