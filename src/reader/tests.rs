@@ -2,7 +2,7 @@
 //! cleanly when both servers are down. The protocol itself is tested against real servers
 //! in `tests/it/reader.rs`.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::*;
 
@@ -137,11 +137,16 @@ async fn bad_settings_are_named() {
 
 #[tokio::test]
 async fn hash_tables_are_refused_by_name() {
-    let mut rule = Reader::builder(NO_POSTGRES, NO_REDIS)
-        .table("public.h", "h:{id}")
-        .rules
-        .remove(0);
-    rule.format = Format::Hash;
+    let rule = TableRule {
+        schema: "public".to_string(),
+        name: "h".to_string(),
+        key: crate::template::KeyTemplate::parse("h:{id}").unwrap(),
+        columns: None,
+        mode: crate::config::Mode::Mirror,
+        ttl: None,
+        format: Format::Hash,
+        encode: crate::encoder::EncodeOptions::default(),
+    };
     let reader = Reader::builder(NO_POSTGRES, NO_REDIS)
         .rule(rule)
         .build()
@@ -157,4 +162,14 @@ fn building_needs_a_runtime() {
         .err()
         .unwrap();
     assert!(e.to_string().contains("Tokio runtime"), "{e}");
+}
+
+/// Compile-time check: lookups can be spawned on a multi-threaded runtime.
+#[allow(dead_code)]
+fn lookups_are_send(reader: &Reader, table: &Table) {
+    fn send<T: Send>(_: &T) {}
+    send(&reader.get_json("t", 1));
+    send(&reader.get_many::<serde_json::Value, _>("t", [1, 2]));
+    send(&table.get_raw(("a", 1)));
+    send(&table.lease(1));
 }

@@ -1,0 +1,255 @@
+//! Building a [`Reader`]: its options, the Postgres pool and the Redis connection.
+
+use std::collections::hash_map::Entry;
+use std::collections::HashMap;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+use super::flight::Flights;
+use super::refresh::FillTimer;
+use super::source::RowSource;
+use super::stats::Counters;
+use super::{Inner, Reader, ReaderError, TableEntry};
+use crate::config::{Format, Mode, TableRule};
+use crate::encoder::EncodeOptions;
+use crate::pgconn::{self, PgTarget, SslMode};
+use crate::template::KeyTemplate;
+
+/// Tuning of a [`Reader`]; the defaults suit most applications.
+#[derive(Debug, Clone)]
+pub struct ReaderOptions {
+    /// How long a lease lasts: the longest a dead lease holder can keep others waiting, and
+    /// how long waiters poll before reading Postgres themselves. Default 2 s.
+    pub lease_ttl: Duration,
+    /// The longest pause between two polls while another process fills. Default 50 ms.
+    pub max_wait_step: Duration,
+    /// Cache the absence of a row for this long (`None`, the default: do not). Safe with the
+    /// daemon running: an insert ends a cached absence at once.
+    pub negative_ttl: Option<Duration>,
+    /// XFetch's beta for keys with a TTL (higher refreshes earlier); `None` turns early
+    /// refresh off. Default 1.0.
+    pub early_refresh_beta: Option<f64>,
+    /// Postgres connections in the pool. Default 16.
+    pub pool_size: usize,
+    /// Connect and response timeout for Redis; past it a lookup reads Postgres. Default 1 s.
+    pub redis_timeout: Duration,
+    /// Connect and pool wait timeout for Postgres. Default 5 s.
+    pub postgres_timeout: Duration,
+}
+
+impl Default for ReaderOptions {
+    fn default() -> Self {
+        ReaderOptions {
+            lease_ttl: Duration::from_secs(2),
+            max_wait_step: Duration::from_millis(50),
+            negative_ttl: None,
+            early_refresh_beta: Some(1.0),
+            pool_size: 16,
+            redis_timeout: Duration::from_secs(1),
+            postgres_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl ReaderOptions {
+    fn validate(&self) -> Result<(), ReaderError> {
+        let bad = |what: &str| Err(ReaderError::Options(what.to_string()));
+        if self.lease_ttl < Duration::from_millis(1) {
+            return bad("lease_ttl must be at least 1 ms");
+        }
+        if self.max_wait_step.is_zero() {
+            return bad("max_wait_step must be more than zero");
+        }
+        if self
+            .negative_ttl
+            .is_some_and(|t| t < Duration::from_millis(1))
+        {
+            return bad("negative_ttl must be at least 1 ms (or None to turn it off)");
+        }
+        if self
+            .early_refresh_beta
+            .is_some_and(|b| !b.is_finite() || b <= 0.0)
+        {
+            return bad("early_refresh_beta must be a positive number (or None to turn it off)");
+        }
+        if self.pool_size == 0 {
+            return bad("pool_size must be at least 1");
+        }
+        if self.redis_timeout.is_zero() || self.postgres_timeout.is_zero() {
+            return bad("timeouts must be more than zero");
+        }
+        Ok(())
+    }
+}
+
+/// Builds a [`Reader`] without a config file.
+pub struct ReaderBuilder {
+    postgres_url: String,
+    redis_url: String,
+    redis: Option<ConnectionManager>,
+    key_prefix: String,
+    rules: Vec<TableRule>,
+    problems: Vec<String>,
+    options: ReaderOptions,
+}
+
+impl ReaderBuilder {
+    pub(super) fn new(postgres_url: &str, redis_url: &str) -> ReaderBuilder {
+        ReaderBuilder {
+            postgres_url: postgres_url.to_string(),
+            redis_url: redis_url.to_string(),
+            redis: None,
+            key_prefix: String::new(),
+            rules: Vec::new(),
+            problems: Vec::new(),
+            options: ReaderOptions::default(),
+        }
+    }
+
+    /// Prepended to every key, as `redis.key_prefix` in the daemon's config. Must match it.
+    pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.key_prefix = prefix.into();
+        self
+    }
+
+    /// Adds a table (`schema.name`, or `name` for `public`) whose rows are JSON under keys
+    /// rendered from `key_template`, with all columns and no TTL. Problems are reported by
+    /// [`build`](Self::build).
+    pub fn table(mut self, table: &str, key_template: &str) -> Self {
+        let (schema, name) = table.split_once('.').unwrap_or(("public", table));
+        match KeyTemplate::parse(key_template) {
+            Ok(key) => self.rules.push(TableRule {
+                schema: schema.to_string(),
+                name: name.to_string(),
+                key,
+                columns: None,
+                mode: Mode::Refresh,
+                ttl: None,
+                format: Format::Json,
+                encode: EncodeOptions::default(),
+            }),
+            Err(e) => self.problems.push(format!("table {table}: {e}")),
+        }
+        self
+    }
+
+    /// Adds a table with a full rule (columns, TTL, encoding), as in the config file.
+    pub fn rule(mut self, rule: TableRule) -> Self {
+        self.rules.push(rule);
+        self
+    }
+
+    pub fn options(mut self, options: ReaderOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// Uses this Redis connection instead of opening one from the URL.
+    pub fn redis_connection(mut self, connection: ConnectionManager) -> Self {
+        self.redis = Some(connection);
+        self
+    }
+
+    /// Builds the reader. Nothing connects yet: both servers are reached on first use, so
+    /// a reader can start while either is down. Must run inside a Tokio runtime.
+    ///
+    /// # Errors
+    /// An unusable URL or TLS setting, a bad template or option, two rules for one table,
+    /// or no Tokio runtime.
+    pub fn build(self) -> Result<Reader, ReaderError> {
+        if let Some(problem) = self.problems.into_iter().next() {
+            return Err(ReaderError::Options(problem));
+        }
+        self.options.validate()?;
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(ReaderError::Options(
+                "a Reader must be built inside a Tokio runtime".to_string(),
+            ));
+        }
+        let pool = build_pool(&self.postgres_url, &self.options)?;
+        let redis = match self.redis {
+            Some(redis) => redis,
+            None => connect_redis(&self.redis_url, &self.options)?,
+        };
+        let mut tables = Vec::with_capacity(self.rules.len());
+        let mut names: HashMap<String, Vec<usize>> = HashMap::new();
+        for (i, rule) in self.rules.into_iter().enumerate() {
+            let name = rule.qualified_name();
+            match names.entry(name.clone()) {
+                Entry::Occupied(_) => {
+                    return Err(ReaderError::Options(format!(
+                        "table {name} is configured twice"
+                    )))
+                }
+                Entry::Vacant(slot) => {
+                    slot.insert(vec![i]);
+                }
+            }
+            if rule.name != name {
+                names.entry(rule.name.clone()).or_default().push(i);
+            }
+            let rule = Arc::new(rule);
+            tables.push(Arc::new(TableEntry {
+                source: RowSource::new(rule.clone()),
+                counters: Counters::new(&name),
+                fill_time: FillTimer::default(),
+                name,
+                rule,
+            }));
+        }
+        Ok(Reader {
+            inner: Arc::new(Inner {
+                redis,
+                pool,
+                key_prefix: self.key_prefix,
+                options: self.options,
+                tables,
+                names,
+                flights: Flights::default(),
+                redis_ok: AtomicBool::new(true),
+            }),
+        })
+    }
+}
+
+/// A pool whose every connection pins the session settings of the stream, so values read
+/// here are byte-identical to the daemon's.
+fn build_pool(url: &str, options: &ReaderOptions) -> Result<Pool, ReaderError> {
+    let config_err = |e| ReaderError::PostgresConfig(Arc::new(e));
+    let target = PgTarget::parse(url).map_err(config_err)?;
+    let config = target.tokio_config();
+    let manager_config = ManagerConfig {
+        recycling_method: RecyclingMethod::Fast,
+    };
+    let manager = if target.ssl_mode() == SslMode::Disable || target.is_unix_socket() {
+        Manager::from_config(config, tokio_postgres::NoTls, manager_config)
+    } else {
+        let tls =
+            pgconn::tls_config(target.ssl_mode(), target.ssl_root_cert()).map_err(config_err)?;
+        let tls = tokio_postgres_rustls::MakeRustlsConnect::new((*tls).clone());
+        Manager::from_config(config, tls, manager_config)
+    };
+    Pool::builder(manager)
+        .max_size(options.pool_size)
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(options.postgres_timeout))
+        .create_timeout(Some(options.postgres_timeout))
+        .recycle_timeout(Some(options.postgres_timeout))
+        .build()
+        .map_err(|e| ReaderError::Options(format!("cannot build the Postgres pool: {e}")))
+}
+
+/// A connection that reconnects by itself. No retries inside a command: while Redis is
+/// down, each lookup fails fast and reads Postgres, and the next command tries again.
+fn connect_redis(url: &str, options: &ReaderOptions) -> Result<ConnectionManager, ReaderError> {
+    let client = redis::Client::open(url).map_err(ReaderError::RedisConfig)?;
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(options.redis_timeout))
+        .set_response_timeout(Some(options.redis_timeout))
+        .set_number_of_retries(0);
+    ConnectionManager::new_lazy_with_config(client, config).map_err(ReaderError::RedisConfig)
+}

@@ -1,0 +1,441 @@
+//! Lookups: the hit path, and what a miss does (single flight, the lease protocol, waiting,
+//! fallbacks, early refresh), for one key and for many.
+
+use std::collections::hash_map::Entry;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::future::join_all;
+use serde::de::DeserializeOwned;
+
+use super::flight::{self, Joined, Outcome};
+use super::lease::{self, Backoff, FillOutcome, Lease, LeaseOutcome};
+use super::refresh;
+use super::source::KeyTexts;
+use super::stats::Event;
+use super::{Inner, Key, ReaderError, TableEntry};
+
+/// A value as found: straight from the `GET` reply, or shared with other callers.
+#[derive(Clone)]
+pub(super) enum Fetched {
+    Owned(Vec<u8>),
+    Shared(Bytes),
+}
+
+impl Fetched {
+    pub(super) fn as_slice(&self) -> &[u8] {
+        match self {
+            Fetched::Owned(v) => v,
+            Fetched::Shared(b) => b,
+        }
+    }
+
+    pub(super) fn into_bytes(self) -> Bytes {
+        match self {
+            Fetched::Owned(v) => Bytes::from(v),
+            Fetched::Shared(b) => b,
+        }
+    }
+}
+
+pub(super) async fn get<T: DeserializeOwned>(
+    inner: &Arc<Inner>,
+    entry: &Arc<TableEntry>,
+    key: impl Key,
+) -> Result<Option<T>, ReaderError> {
+    match fetch(inner, entry, key).await? {
+        (_, None) => Ok(None),
+        (redis_key, Some(value)) => entry.decode(&redis_key, value.as_slice()).map(Some),
+    }
+}
+
+/// One lookup: the hit path is a single `GET` (with `PTTL` in the same round trip when the
+/// table has a TTL and early refresh is on); everything else is on the miss path.
+pub(super) async fn fetch(
+    inner: &Arc<Inner>,
+    entry: &Arc<TableEntry>,
+    key: impl Key,
+) -> Result<(String, Option<Fetched>), ReaderError> {
+    let redis_key = entry.render(&inner.key_prefix, &key)?;
+    let mut conn = inner.redis.clone();
+    let beta = entry.early_refresh_beta(&inner.options);
+    let first: redis::RedisResult<(Option<Vec<u8>>, i64)> = match beta {
+        None => redis::cmd("GET")
+            .arg(&redis_key)
+            .query_async(&mut conn)
+            .await
+            .map(|value| (value, -1)),
+        Some(_) => {
+            redis::pipe()
+                .cmd("GET")
+                .arg(&redis_key)
+                .cmd("PTTL")
+                .arg(&redis_key)
+                .query_async(&mut conn)
+                .await
+        }
+    };
+    match first {
+        Ok((Some(value), ttl_ms)) => {
+            entry.counters.record(Event::Hit);
+            inner.redis_worked();
+            if let (Some(beta), Ok(ttl_ms @ 1..)) = (beta, u64::try_from(ttl_ms)) {
+                maybe_refresh(
+                    inner,
+                    entry,
+                    &redis_key,
+                    &key,
+                    Duration::from_millis(ttl_ms),
+                    beta,
+                );
+            }
+            Ok((redis_key, Some(Fetched::Owned(value))))
+        }
+        Ok((None, _)) => {
+            entry.counters.record(Event::Miss);
+            inner.redis_worked();
+            let texts = entry.with_key(redis_key, &key)?;
+            // Boxed so that the hit path's future stays small.
+            let value = Box::pin(resolve(inner, entry, &texts)).await?;
+            Ok((texts.redis_key, value.map(Fetched::Shared)))
+        }
+        Err(e) => {
+            entry.counters.record(Event::Miss);
+            entry.counters.record(Event::Fallback);
+            inner.redis_failed(&e);
+            let texts = entry.with_key(redis_key, &key)?;
+            // Shared too, so that an outage does not turn every caller into a query.
+            let read = shared(inner, entry, &texts, || read_one(inner, entry, &texts));
+            let value = Box::pin(read).await?;
+            Ok((texts.redis_key, value.map(Fetched::Shared)))
+        }
+    }
+}
+
+/// Resolves a miss, sharing the work with other callers in this process.
+async fn resolve(inner: &Arc<Inner>, entry: &Arc<TableEntry>, key: &KeyTexts) -> Outcome {
+    shared(inner, entry, key, || lead(inner, entry, key)).await
+}
+
+/// Runs `work` for `key` once for all callers in this process that ask meanwhile.
+async fn shared<F, Fut>(inner: &Inner, entry: &TableEntry, key: &KeyTexts, work: F) -> Outcome
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Outcome>,
+{
+    let mut coalesced = false;
+    loop {
+        match inner.flights.join(&key.redis_key) {
+            Joined::Leader(leader) => {
+                let outcome = work().await;
+                leader.finish(outcome.clone());
+                return outcome;
+            }
+            Joined::Follower(slot) => {
+                if !coalesced {
+                    entry.counters.record(Event::Coalesced);
+                    coalesced = true;
+                }
+                if let Some(outcome) = flight::follow(slot).await {
+                    return outcome;
+                }
+                // The leader was cancelled: start over, perhaps as the leader.
+            }
+        }
+    }
+}
+
+/// The lease protocol for one key: take the lease and fill, or wait for the holder's fill,
+/// or read Postgres past the deadline or when Redis fails.
+async fn lead(inner: &Arc<Inner>, entry: &Arc<TableEntry>, key: &KeyTexts) -> Outcome {
+    let mut backoff = Backoff::new(inner.options.max_wait_step);
+    let mut deadline = None;
+    loop {
+        match lease::acquire(inner, entry, key).await {
+            Ok(LeaseOutcome::Hit(value)) => return Ok(Some(value)),
+            Ok(LeaseOutcome::Absent) => {
+                entry.counters.record(Event::NegativeHit);
+                return Ok(None);
+            }
+            Ok(LeaseOutcome::Acquired(lease)) => {
+                let row = lease.read_row().await?;
+                settle(inner, lease, row.as_deref()).await;
+                return Ok(row.map(Bytes::from));
+            }
+            Ok(LeaseOutcome::Held) => {
+                let now = Instant::now();
+                // A holder that died frees the key when its lease expires, at the latest one
+                // lease TTL from now; one more step covers the poll that notices.
+                let deadline = *deadline.get_or_insert_with(|| {
+                    entry.counters.record(Event::Wait);
+                    now + inner.options.lease_ttl + inner.options.max_wait_step
+                });
+                if now >= deadline {
+                    entry.counters.record(Event::WaitTimeout);
+                    return read_one(inner, entry, key).await;
+                }
+                tokio::time::sleep(backoff.step().min(deadline - now)).await;
+            }
+            Err(e) => {
+                inner.redis_failed(&e);
+                entry.counters.record(Event::Fallback);
+                return read_one(inner, entry, key).await;
+            }
+        }
+    }
+}
+
+/// Fills (or records the absence) under a lease. The caller has its value either way, so a
+/// Redis failure here is only logged.
+async fn settle(inner: &Inner, lease: Lease, row: Option<&[u8]>) {
+    let key = lease.key().to_string();
+    let result = match row {
+        Some(value) => lease.fill(value).await,
+        None => lease.fill_absent().await,
+    };
+    match result {
+        Ok(FillOutcome::Lost) => {
+            tracing::debug!(%key, "fill lost: the row changed or was filled meanwhile")
+        }
+        Ok(_) => {}
+        Err(ReaderError::Redis { source, .. }) => inner.redis_failed(&source),
+        Err(e) => tracing::debug!(%key, error = %e, "fill failed"),
+    }
+}
+
+/// Reads one row from Postgres without filling.
+async fn read_one(inner: &Inner, entry: &TableEntry, key: &KeyTexts) -> Outcome {
+    let mut rows = lease::read_rows(inner, entry, std::slice::from_ref(key)).await?;
+    Ok(rows.pop().flatten().map(Bytes::from))
+}
+
+/// Starts an early refresh of a hit key when XFetch says so.
+fn maybe_refresh(
+    inner: &Arc<Inner>,
+    entry: &Arc<TableEntry>,
+    redis_key: &str,
+    key: &impl Key,
+    remaining: Duration,
+    beta: f64,
+) {
+    let u = 1.0 - rand::random::<f64>();
+    if !refresh::should_refresh(entry.fill_time.delta(), beta, remaining, u) {
+        return;
+    }
+    let Ok(texts) = entry.with_key(redis_key.to_string(), key) else {
+        return;
+    };
+    let inner = inner.clone();
+    let entry = entry.clone();
+    tokio::spawn(async move {
+        // Lead the key's flight so that misses in this process meanwhile share the result.
+        let Joined::Leader(leader) = inner.flights.join(&texts.redis_key) else {
+            return;
+        };
+        let lease = match lease::acquire_for_refresh(&inner, &entry, &texts).await {
+            Ok(Some(lease)) => lease,
+            Ok(None) => return,
+            Err(e) => return inner.redis_failed(&e),
+        };
+        entry.counters.record(Event::EarlyRefresh);
+        let outcome = match lease.read_row().await {
+            Ok(row) => {
+                match &row {
+                    Some(value) => settle(&inner, lease, Some(value)).await,
+                    // A row deleted since would have revoked the lease; give it back.
+                    None => drop(lease.release().await),
+                }
+                Ok(row.map(Bytes::from))
+            }
+            Err(e) => Err(e),
+        };
+        leader.finish(outcome);
+    });
+}
+
+pub(super) async fn get_many<T: DeserializeOwned, K: Key>(
+    inner: &Arc<Inner>,
+    entry: &Arc<TableEntry>,
+    keys: impl IntoIterator<Item = K>,
+) -> Result<Vec<Option<T>>, ReaderError> {
+    let keys = keys
+        .into_iter()
+        .map(|key| entry.key_texts(&inner.key_prefix, &key))
+        .collect::<Result<Vec<_>, _>>()?;
+    let values = fetch_many(inner, entry, &keys).await?;
+    keys.iter()
+        .zip(values)
+        .map(|(key, value)| match value {
+            None => Ok(None),
+            Some(value) => entry.decode(&key.redis_key, value.as_slice()).map(Some),
+        })
+        .collect()
+}
+
+async fn fetch_many(
+    inner: &Arc<Inner>,
+    entry: &Arc<TableEntry>,
+    keys: &[KeyTexts],
+) -> Result<Vec<Option<Fetched>>, ReaderError> {
+    if keys.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut mget = redis::cmd("MGET");
+    for key in keys {
+        mget.arg(&key.redis_key);
+    }
+    let mut conn = inner.redis.clone();
+    let values: Vec<Option<Vec<u8>>> = match mget.query_async(&mut conn).await {
+        Ok(values) if Vec::len(&values) == keys.len() => {
+            inner.redis_worked();
+            values
+        }
+        result => {
+            let error = result.err().unwrap_or_else(|| {
+                redis::RedisError::from((
+                    redis::ErrorKind::Parse,
+                    "MGET returned a wrong number of values",
+                ))
+            });
+            inner.redis_failed(&error);
+            entry.counters.add(Event::Miss, keys.len() as u64);
+            entry.counters.add(Event::Fallback, keys.len() as u64);
+            let rows = lease::read_rows(inner, entry, keys).await?;
+            return Ok(rows.into_iter().map(|r| r.map(Fetched::Owned)).collect());
+        }
+    };
+    let mut out = Vec::with_capacity(keys.len());
+    // Each distinct missing key once; repeats copy the first one's value.
+    let mut first_index: HashMap<&str, usize> = HashMap::new();
+    let mut unique = Vec::new();
+    let mut repeats = Vec::new();
+    for (i, value) in values.into_iter().enumerate() {
+        if value.is_none() {
+            match first_index.entry(keys[i].redis_key.as_str()) {
+                Entry::Occupied(first) => repeats.push((i, *first.get())),
+                Entry::Vacant(slot) => {
+                    slot.insert(i);
+                    unique.push(i);
+                }
+            }
+        }
+        out.push(value.map(Fetched::Owned));
+    }
+    let misses = unique.len() + repeats.len();
+    entry.counters.add(Event::Hit, (keys.len() - misses) as u64);
+    entry.counters.add(Event::Miss, misses as u64);
+    if unique.is_empty() {
+        return Ok(out);
+    }
+    let missing: Vec<&KeyTexts> = unique.iter().map(|&i| &keys[i]).collect();
+    let outcomes = resolve_many(inner, entry, &missing).await;
+    for (&i, outcome) in unique.iter().zip(outcomes) {
+        out[i] = outcome?.map(Fetched::Shared);
+    }
+    for (i, first) in repeats {
+        out[i] = out[first].clone();
+    }
+    Ok(out)
+}
+
+/// [`resolve`] for distinct keys at once: the lease attempts go out together (the
+/// multiplexed connection pipelines them), the rows whose leases we won are read with one
+/// query, and only keys that another process is filling are waited for one by one.
+async fn resolve_many(
+    inner: &Arc<Inner>,
+    entry: &Arc<TableEntry>,
+    keys: &[&KeyTexts],
+) -> Vec<Outcome> {
+    let mut outcomes: Vec<Option<Outcome>> = vec![None; keys.len()];
+    let mut leaders = Vec::new();
+    let mut followers = Vec::new();
+    for (j, key) in keys.iter().enumerate() {
+        match inner.flights.join(&key.redis_key) {
+            Joined::Leader(leader) => leaders.push((j, leader)),
+            Joined::Follower(slot) => followers.push((j, slot)),
+        }
+    }
+    let attempts = join_all(
+        leaders
+            .iter()
+            .map(|(j, _)| lease::acquire(inner, entry, keys[*j])),
+    )
+    .await;
+    let mut leases = Vec::new();
+    let mut unfilled = Vec::new();
+    let mut waiting = Vec::new();
+    for ((j, _), attempt) in leaders.iter().zip(attempts) {
+        match attempt {
+            Ok(LeaseOutcome::Hit(value)) => outcomes[*j] = Some(Ok(Some(value))),
+            Ok(LeaseOutcome::Absent) => {
+                entry.counters.record(Event::NegativeHit);
+                outcomes[*j] = Some(Ok(None));
+            }
+            Ok(LeaseOutcome::Acquired(lease)) => leases.push((*j, lease)),
+            Ok(LeaseOutcome::Held) => waiting.push(*j),
+            Err(e) => {
+                inner.redis_failed(&e);
+                entry.counters.record(Event::Fallback);
+                unfilled.push(*j);
+            }
+        }
+    }
+    if !leases.is_empty() {
+        let texts: Vec<KeyTexts> = leases.iter().map(|(_, l)| l.key_texts().clone()).collect();
+        match lease::read_rows(inner, entry, &texts).await {
+            Ok(rows) => {
+                let fills = leases
+                    .into_iter()
+                    .zip(rows)
+                    .map(|((j, lease), row)| async move {
+                        settle(inner, lease, row.as_deref()).await;
+                        (j, row)
+                    });
+                for (j, row) in join_all(fills).await {
+                    outcomes[j] = Some(Ok(row.map(Bytes::from)));
+                }
+            }
+            // The leases go back as they drop.
+            Err(e) => {
+                for (j, _) in leases {
+                    outcomes[j] = Some(Err(e.clone()));
+                }
+            }
+        }
+    }
+    if !unfilled.is_empty() {
+        let texts: Vec<KeyTexts> = unfilled.iter().map(|&j| keys[j].clone()).collect();
+        match lease::read_rows(inner, entry, &texts).await {
+            Ok(rows) => {
+                for (&j, row) in unfilled.iter().zip(rows) {
+                    outcomes[j] = Some(Ok(row.map(Bytes::from)));
+                }
+            }
+            Err(e) => {
+                for &j in &unfilled {
+                    outcomes[j] = Some(Err(e.clone()));
+                }
+            }
+        }
+    }
+    let waited = join_all(waiting.iter().map(|&j| lead(inner, entry, keys[j]))).await;
+    for (&j, outcome) in waiting.iter().zip(waited) {
+        outcomes[j] = Some(outcome);
+    }
+    for (j, leader) in leaders {
+        leader.finish(outcomes[j].clone().unwrap_or(Ok(None)));
+    }
+    for (j, slot) in followers {
+        entry.counters.record(Event::Coalesced);
+        outcomes[j] = Some(match flight::follow(slot).await {
+            Some(outcome) => outcome,
+            None => resolve(inner, entry, keys[j]).await,
+        });
+    }
+    outcomes
+        .into_iter()
+        .map(|o| o.unwrap_or(Ok(None)))
+        .collect()
+}

@@ -1,0 +1,118 @@
+//! G7: Redis down, reads come from Postgres; Postgres down, hits are still served.
+
+use std::time::{Duration, Instant};
+
+use pgcache::reader::ReaderOptions;
+use serde_json::{json, Value};
+
+use super::*;
+use crate::common::{eventually, get, Env};
+
+/// G7: with Redis stopped, lookups return database values; when it is back, fills resume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_falls_back_to_postgres_and_recovers() {
+    let mut env = Env::start(ITEMS, "");
+    env.sql("INSERT INTO items VALUES (1, 'a', 1), (2, 'b', 2), (3, 'c', 3)");
+    let reader = reader(
+        &env.config(ITEMS_RULE),
+        ReaderOptions {
+            redis_timeout: Duration::from_millis(500),
+            ..ReaderOptions::default()
+        },
+    );
+    let expected =
+        |id: i64, name: &str| Some(json!({"id": id, "name": name, "price": format!("{id}.00")}));
+    assert_eq!(reader.get_json("items", 1).await.unwrap(), expected(1, "a"));
+    assert_eq!(reader.stats().fills, 1);
+
+    env.redis.stop().unwrap();
+    let started = Instant::now();
+    assert_eq!(reader.get_json("items", 1).await.unwrap(), expected(1, "a"));
+    assert_eq!(reader.get_json("items", 2).await.unwrap(), expected(2, "b"));
+    let many: Vec<Option<Value>> = reader.get_many("items", [3, 1]).await.unwrap();
+    assert_eq!(many, vec![expected(3, "c"), expected(1, "a")]);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "fallbacks are fast: {:?}",
+        started.elapsed()
+    );
+    let s = reader.stats();
+    assert_eq!((s.fallbacks, s.fills), (4, 1), "{s:?}");
+    // Concurrent fallbacks for one key share their database read.
+    let handles: Vec<_> = (0..20)
+        .map(|_| {
+            let reader = reader.clone();
+            tokio::spawn(async move { reader.get_json("items", 3).await.unwrap() })
+        })
+        .collect();
+    for handle in handles {
+        assert_eq!(handle.await.unwrap(), expected(3, "c"));
+    }
+    let after = reader.stats();
+    assert_eq!(after.fallbacks - s.fallbacks, 20, "{after:?}");
+    assert!(
+        after.db_reads - s.db_reads <= 3,
+        "fallback reads were not shared: {after:?}"
+    );
+
+    env.redis.start_again().unwrap();
+    let mut r = env.redis().await;
+    eventually(
+        Duration::from_secs(20),
+        "a fill after Redis is back",
+        || {
+            let reader = reader.clone();
+            async move {
+                let value = reader.get_json("items", 2).await.unwrap();
+                assert_eq!(value, expected(2, "b"));
+                (reader.stats().fills >= 2).then_some(())
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        get(&mut r, "item:2").await.as_deref(),
+        Some(r#"{"id":2,"name":"b","price":"2.00"}"#)
+    );
+    let before = reader.stats();
+    assert_eq!(reader.get_json("items", 2).await.unwrap(), expected(2, "b"));
+    assert_eq!(
+        reader.stats().hits,
+        before.hits + 1,
+        "served from Redis again"
+    );
+}
+
+/// G7: with Postgres down, hits are still served; misses fail with a clear error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_outage_still_serves_hits() {
+    let mut env = Env::start(ITEMS, "");
+    env.sql("INSERT INTO items VALUES (1, 'a', 1), (2, 'b', 2)");
+    let reader = reader(
+        &env.config(ITEMS_RULE),
+        ReaderOptions {
+            postgres_timeout: Duration::from_secs(2),
+            ..ReaderOptions::default()
+        },
+    );
+    let one = Some(json!({"id": 1, "name": "a", "price": "1.00"}));
+    assert_eq!(reader.get_json("items", 1).await.unwrap(), one);
+
+    env.pg.stop().unwrap();
+    assert_eq!(reader.get_json("items", 1).await.unwrap(), one);
+    let e = reader.get_json("items", 2).await.unwrap_err();
+    assert!(e.is_unavailable(), "{e}");
+    assert!(e.to_string().starts_with("public.items: "), "{e}");
+
+    env.pg.start_again().unwrap();
+    let two = eventually(
+        Duration::from_secs(20),
+        "reads after Postgres is back",
+        || {
+            let reader = reader.clone();
+            async move { reader.get_json("items", 2).await.ok() }
+        },
+    )
+    .await;
+    assert_eq!(two, Some(json!({"id": 2, "name": "b", "price": "2.00"})));
+}

@@ -1,0 +1,120 @@
+//! Lookups in one process: single flight, `get_many`, early refresh.
+
+use std::time::{Duration, Instant};
+
+use pgcache::reader::ReaderOptions;
+use serde_json::json;
+
+use super::*;
+use crate::common::{get, Env};
+
+/// Callers in one process share one flight: one read, one fill, everyone else coalesced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_in_one_process_share_one_read() {
+    let env = Env::start(ITEMS, "");
+    env.sql("INSERT INTO items VALUES (1, 'lamp', 19.90)");
+    let reader = reader(&env.config(ITEMS_RULE), ReaderOptions::default());
+    let handles: Vec<_> = (0..100)
+        .map(|_| {
+            let reader = reader.clone();
+            tokio::spawn(async move { reader.get_json("items", 1).await.unwrap() })
+        })
+        .collect();
+    for handle in handles {
+        assert_eq!(
+            handle.await.unwrap(),
+            Some(json!({"id": 1, "name": "lamp", "price": "19.90"}))
+        );
+    }
+    let s = reader.stats();
+    assert_eq!(
+        (s.db_reads, s.fills, s.misses + s.hits),
+        (1, 1, 100),
+        "{s:?}"
+    );
+    assert_eq!(s.coalesced + s.hits + 1, 100, "{s:?}");
+}
+
+/// One MGET for all keys, then one database read for the misses; repeats and absent rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_many_reads_misses_together() {
+    let env = Env::start(ITEMS, "");
+    env.sql("INSERT INTO items SELECT g, 'n' || g, g FROM generate_series(1, 5) g");
+    let reader = reader(&env.config(ITEMS_RULE), ReaderOptions::default());
+    let items = reader.table("items").unwrap();
+    items.get_json(1).await.unwrap();
+    items.get_json(2).await.unwrap();
+    let before = items.stats();
+
+    #[derive(serde::Deserialize, Debug, PartialEq)]
+    struct Item {
+        id: i64,
+        name: String,
+        price: String,
+    }
+    let got: Vec<Option<Item>> = items.get_many([1, 2, 3, 3, 4, 99]).await.unwrap();
+    let item = |id: i64| {
+        Some(Item {
+            id,
+            name: format!("n{id}"),
+            price: format!("{id}.00"),
+        })
+    };
+    assert_eq!(got, vec![item(1), item(2), item(3), item(3), item(4), None]);
+    let s = items.stats();
+    assert_eq!(s.hits - before.hits, 2, "{s:?}");
+    assert_eq!(s.misses - before.misses, 4, "{s:?}");
+    assert_eq!(
+        s.db_reads - before.db_reads,
+        1,
+        "one read for 3, 4 and 99: {s:?}"
+    );
+    assert_eq!(s.fills - before.fills, 2, "{s:?}");
+    let mut r = env.redis().await;
+    assert!(get(&mut r, "item:3").await.is_some());
+    assert!(get(&mut r, "item:99").await.is_none());
+    let empty: Vec<Option<Item>> = items.get_many(Vec::<i32>::new()).await.unwrap();
+    assert!(empty.is_empty());
+}
+
+/// XFetch: hits on a key close to expiry refresh it in the background, so it never expires
+/// into a miss.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_keys_with_a_ttl_are_refreshed_early() {
+    let env = Env::start(ITEMS, "");
+    env.sql("INSERT INTO items VALUES (1, 'lamp', 19.90)");
+    let config = env.config(
+        "[[tables]]\ntable = \"items\"\nkey = \"item:{id}\"\nmode = \"refresh\"\nttl = \"3s\"\n",
+    );
+    let reader = reader(
+        &config,
+        ReaderOptions {
+            // Refresh at nearly every hit, to see it happen in a short test.
+            early_refresh_beta: Some(1000.0),
+            ..ReaderOptions::default()
+        },
+    );
+    assert!(reader.get_json("items", 1).await.unwrap().is_some());
+    let mut r = env.redis().await;
+    let ttl = |mut r: redis::aio::MultiplexedConnection| async move {
+        redis::cmd("PTTL")
+            .arg("item:1")
+            .query_async::<i64>(&mut r)
+            .await
+            .unwrap()
+    };
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let aged = ttl(r.clone()).await;
+    assert!((1..=1900).contains(&aged), "{aged}");
+    // Hits for longer than the TTL: every one is served from Redis.
+    let until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < until {
+        assert!(reader.get_json("items", 1).await.unwrap().is_some());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let s = reader.stats();
+    assert!(s.early_refreshes >= 1, "{s:?}");
+    assert_eq!(s.misses, 1, "only the first lookup missed: {s:?}");
+    assert!(ttl(r.clone()).await > 0);
+    assert!(get(&mut r, "item:1").await.is_some());
+}
