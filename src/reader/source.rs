@@ -118,7 +118,7 @@ impl RowSource {
             let messages = client
                 .simple_query(&sql)
                 .await
-                .map_err(|e| self.query_error(e))?;
+                .map_err(|e| self.query_error(e, keys))?;
             match self.parse(&shape, keys, &messages)? {
                 Some(rows) => return Ok(rows),
                 None => shape = self.shape(client, true).await?,
@@ -130,14 +130,18 @@ impl RowSource {
         })
     }
 
-    fn query_error(&self, e: tokio_postgres::Error) -> ReaderError {
-        // Class 22 (data exception): a key value that is not a value of its type.
+    fn query_error(&self, e: tokio_postgres::Error, keys: &[KeyTexts]) -> ReaderError {
+        // Class 22 (data exception): a key value that is not a value of its type. Postgres
+        // names the value in its message; for one key we can name it too.
         let rejected = e.code().is_some_and(|c| c.code().starts_with("22"));
         match e.as_db_error() {
             Some(db) if rejected => ReaderError::BadKeyValue {
                 table: self.table.clone(),
                 column: self.rule.key.columns().join(", "),
-                value: String::new(),
+                value: match keys {
+                    [key] => key.texts.join(", "),
+                    _ => format!("one of {} keys", keys.len()),
+                },
                 problem: db.message().to_string(),
             },
             _ => ReaderError::Postgres {

@@ -153,7 +153,7 @@ pub struct Stats {
     pub hits: u64,
     /// Lookups the first Redis read did not answer (including those Redis failed).
     pub misses: u64,
-    /// Values this process wrote to Redis under a lease.
+    /// Values (and, with negative caching, absences) this process wrote under a lease.
     pub fills: u64,
     /// Fills that lost because a change revoked the lease (the value read was stale) or the
     /// key was written meanwhile.

@@ -299,8 +299,9 @@ async fn non_canonical_and_invalid_keys_are_refused() {
     let e = reader.get_json("items", "4x").await.unwrap_err();
     assert!(matches!(e, ReaderError::BadKeyValue { .. }), "{e}");
     assert!(
-        e.to_string()
-            .contains("invalid input syntax for type integer"),
+        e.to_string().contains(
+            r#"key value "4x" for column "id" is not usable: invalid input syntax for type integer"#
+        ),
         "{e}"
     );
     let e = reader.get_json("items", "it's").await.unwrap_err();
