@@ -49,10 +49,12 @@ pub(crate) async fn check(path: &Path) -> ExitCode {
 async fn postgres_findings(config: &Config) -> Vec<Finding> {
     let target = match PgTarget::parse(config.postgres.url.expose()) {
         Ok(target) => target,
-        Err(e) => return vec![Finding::fail(
+        Err(e) => {
+            return vec![Finding::fail(
             redact(&format!("postgres.url: {e}")),
             "fix postgres.url (examples: postgres://user@host/db, host=/run/postgresql dbname=app)",
-        )],
+        )]
+        }
     };
     let unreachable = |problem: String| {
         vec![Finding::fail(
