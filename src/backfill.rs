@@ -336,7 +336,7 @@ impl TablePlan {
             self.rule
                 .key
                 .render_into(&mut key, &self.key_prefix, &key_values);
-            match self.encode(&columns, &row) {
+            match self.encode(&columns, row) {
                 Ok(value) => {
                     chunk.rows.insert(key, value);
                 }

@@ -300,3 +300,10 @@ pub async fn keys(conn: &mut redis::aio::MultiplexedConnection, pattern: &str) -
     keys.sort();
     keys
 }
+
+impl Daemon {
+    /// The child's process id, e.g. to read its memory use from `/proc/<pid>/status`.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}

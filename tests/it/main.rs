@@ -13,3 +13,4 @@ mod cdc;
 mod common;
 mod faults;
 mod reader;
+mod stream;
