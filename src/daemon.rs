@@ -41,6 +41,7 @@ pub enum RunError {
 
 impl From<ReplicationError> for RunError {
     fn from(e: ReplicationError) -> Self {
+        metrics::counter!(m::ERRORS, "kind" => "postgres").increment(1);
         if e.is_retryable() {
             RunError::Transient(format!("replication: {e}"))
         } else {
@@ -51,6 +52,7 @@ impl From<ReplicationError> for RunError {
 
 impl From<redis::RedisError> for RunError {
     fn from(e: redis::RedisError) -> Self {
+        metrics::counter!(m::ERRORS, "kind" => "redis").increment(1);
         match e.kind() {
             redis::ErrorKind::AuthenticationFailed | redis::ErrorKind::InvalidClientConfig => {
                 RunError::Fatal(format!("redis: {e}"))
@@ -62,6 +64,7 @@ impl From<redis::RedisError> for RunError {
 
 impl From<tokio_postgres::Error> for RunError {
     fn from(e: tokio_postgres::Error) -> Self {
+        metrics::counter!(m::ERRORS, "kind" => "postgres").increment(1);
         let fatal = e.code().is_some_and(|c| {
             let c = c.code();
             c.starts_with("28") || c == "3D000" || c == "42501"
@@ -550,6 +553,7 @@ impl Stream<'_> {
         }
     }
 
+    #[tracing::instrument(name = "batch", level = "debug", skip_all, fields(ops = self.batch.len()))]
     async fn flush(&mut self, include_open: bool) -> Result<(), RunError> {
         let started = Instant::now();
         let flushed = self
