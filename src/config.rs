@@ -37,7 +37,7 @@ pub const RESERVED_KEY_PREFIX: &str = "pgcache:";
 pub const DEFAULT_SLOT: &str = "pgcache";
 pub const DEFAULT_PUBLICATION: &str = "pgcache";
 pub const DEFAULT_MAX_BATCH_CHANGES: usize = 10_000;
-pub const DEFAULT_MAX_TRANSACTION_CHANGES: usize = 100_000;
+pub const DEFAULT_MAX_TRANSACTION_CHANGES: usize = 20_000;
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9187";
 
 /// The validated configuration.

@@ -441,6 +441,26 @@ impl Stream<'_> {
                         info!(table = %name, "the table fits its rule again: backfilling it");
                         self.backfills.schedule(&name, None);
                     }
+                    RelationState::Active(table) => {
+                        // A schema change that changes the cached shape (a column added,
+                        // dropped, renamed or retyped) leaves untouched rows in the old shape:
+                        // rewrite them (mirror) or drop them (refresh: absence is safe).
+                        let reshaped = matches!(&before, Some(RelationState::Active(old)) if old.columns != table.columns);
+                        if reshaped {
+                            let name = table.rule.qualified_name();
+                            match table.rule.mode {
+                                crate::config::Mode::Mirror => {
+                                    info!(table = %name, "cached columns changed: backfilling the table in its new shape");
+                                    self.backfills.schedule(&name, None);
+                                }
+                                crate::config::Mode::Refresh => {
+                                    info!(table = %name, "cached columns changed: dropping the table's cached keys");
+                                    self.batch.drop_key_space(table.key_space.clone());
+                                }
+                                crate::config::Mode::Invalidate => {}
+                            }
+                        }
+                    }
                     _ => {}
                 }
             }

@@ -44,7 +44,7 @@ fn minimal_config_gets_defaults() {
     assert_eq!(c.redis.key_prefix, "");
     assert_eq!(c.apply, ApplyConfig::default());
     assert_eq!(c.apply.max_batch_changes, 10_000);
-    assert_eq!(c.apply.max_transaction_changes, 100_000);
+    assert_eq!(c.apply.max_transaction_changes, 20_000);
     assert_eq!(c.apply.confirm_delay, Duration::ZERO);
     assert_eq!(c.metrics.listen, Some("127.0.0.1:9187".parse().unwrap()));
     assert_eq!(c.log.format, LogFormat::Human);

@@ -14,3 +14,5 @@ mod common;
 mod faults;
 mod reader;
 mod stream;
+mod backfill;
+mod ops;
