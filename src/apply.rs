@@ -467,6 +467,11 @@ impl Batch {
         self.meta.push((field, value));
     }
 
+    /// A checkpoint field to write with the next flush.
+    pub fn push_meta(&mut self, field: String, value: String) {
+        self.meta.push((field, value));
+    }
+
     /// Keys of the operations from index `from` on (to drop them from a backfill chunk).
     pub fn keys_since(&self, from: usize) -> impl Iterator<Item = &str> {
         self.ops[from.min(self.ops.len())..]

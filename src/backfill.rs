@@ -431,6 +431,7 @@ pub struct Backfills {
     queue: VecDeque<Job>,
     current: Option<InFlight>,
     progress: Progress,
+    meta: Vec<(String, String)>,
 }
 
 impl Backfills {
@@ -453,6 +454,7 @@ impl Backfills {
             queue: VecDeque::new(),
             current: None,
             progress: Progress::new(),
+            meta: Vec::new(),
         }
     }
 
@@ -480,10 +482,32 @@ impl Backfills {
                 started_ms: now_ms(),
             },
         };
+        if job.cursor.is_none() {
+            // From the start: the table may have changed shape since its plan was made, and
+            // the restart must survive a crash of the daemon, so it goes in the checkpoint.
+            self.plans.remove(table);
+            let progress = BackfillProgress {
+                state: "running".into(),
+                cursor: None,
+                rows: 0,
+                estimate: 0,
+                started_ms: job.started_ms,
+                updated_ms: job.started_ms,
+            };
+            self.meta.push((
+                format!("{FIELD_BACKFILL_PREFIX}{table}"),
+                serde_json::to_string(&progress).unwrap_or_default(),
+            ));
+        }
         match self.queue.iter_mut().find(|queued| queued.table == table) {
             Some(queued) => *queued = job,
             None => self.queue.push_back(job),
         }
+    }
+
+    /// Checkpoint fields to write with the next batch (restarted backfills).
+    pub fn take_meta(&mut self) -> Vec<(String, String)> {
+        std::mem::take(&mut self.meta)
     }
 
     /// `pgcache resync`: every mirror table, or one (unknown names are logged).

@@ -517,6 +517,9 @@ impl Stream<'_> {
             }
             Message::Type(_) | Message::Origin(_) | Message::Message(_) => {}
         }
+        for (field, value) in self.backfills.take_meta() {
+            self.batch.push_meta(field, value);
+        }
         if let Some(key_space) = self.backfills.window_key_space() {
             // Inside a backfill chunk's window the stream's values win over the chunk's.
             if self.batch.truncated_since(ops_before, &key_space) {
