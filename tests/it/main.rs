@@ -16,3 +16,4 @@ mod reader;
 mod stream;
 mod backfill;
 mod ops;
+mod demo;

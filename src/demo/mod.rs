@@ -1,0 +1,734 @@
+//! `pgcache demo`: the whole system on one machine in a few seconds.
+//!
+//! It starts a throwaway Postgres and Redis from the local binaries (the test harness,
+//! [`crate::testkit`]), creates a small shop, runs our `sql/setup.sql` against it, runs the
+//! daemon in this process, and drives a shop workload (writes to Postgres only) and
+//! cache-aside reads through [`crate::Reader`], showing what happens live. When the traffic
+//! stops it proves the point: Redis holds what Postgres holds, byte for byte. Then it
+//! stops the daemon and the servers and removes their files, also on Ctrl-C.
+//!
+//! # Layout
+//! - `shop`: schema, seed, table rules, and the SQL setup.
+//! - `workload`: the writer and the readers.
+//! - `meter`: the daemon's progress, from its metrics, in process.
+//! - `sample`: one look at everything once a second.
+//! - `view`: the live view (terminal screen or plain lines).
+//! - `converge`: the final comparison of Redis with Postgres.
+//! - here: the order of things, and cleanup.
+
+mod converge;
+mod meter;
+mod sample;
+pub mod shop;
+mod view;
+mod workload;
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use self::converge::TableCheck;
+use self::meter::Meter;
+use self::sample::{Sample, Sampler};
+use self::view::View;
+use self::workload::Workload;
+use crate::config::Config;
+use crate::daemon::{self, RunError};
+use crate::pgconn::{self, PgTarget};
+use crate::reader::{ReaderError, ReaderOptions};
+use crate::testkit::{PgOptions, TestPostgres, TestRedis};
+use crate::Reader;
+
+/// What `pgcache demo` was asked to do.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// Run this long, then summarize and exit; `None`: until Ctrl-C.
+    pub duration: Option<Duration>,
+    /// Write transactions per second.
+    pub rate: u32,
+    /// After the summary, keep the servers and the daemon running until Ctrl-C.
+    pub keep: bool,
+}
+
+/// Why the demo failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    /// Postgres or Redis binaries are missing; each line says what to install.
+    #[error("cannot run the demo:\n{}", .0.join("\n"))]
+    MissingBinaries(Vec<String>),
+    #[error("setting up the demo: {0}")]
+    Setup(String),
+    #[error("Postgres: {what}: {message}")]
+    Postgres { what: &'static str, message: String },
+    #[error("Redis: {what}: {source}")]
+    Redis {
+        what: &'static str,
+        source: redis::RedisError,
+    },
+    #[error("the daemon stopped: {0}")]
+    Daemon(String),
+    #[error("the read helper: {0}")]
+    Reader(#[from] ReaderError),
+    #[error("comparing Redis with Postgres: {0}")]
+    Compare(String),
+    #[error("Redis did not converge to Postgres within {seconds} s after the writes stopped:\n{details}")]
+    NotConverged { seconds: u64, details: String },
+    #[error("interrupted before the workload started")]
+    Interrupted,
+}
+
+impl DemoError {
+    pub(crate) fn postgres(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> DemoError {
+        move |e| DemoError::Postgres {
+            what,
+            message: match e.as_db_error() {
+                Some(db) => format!("{} ({})", db.message(), db.code().code()),
+                None => e.to_string(),
+            },
+        }
+    }
+
+    pub(crate) fn redis(what: &'static str) -> impl FnOnce(redis::RedisError) -> DemoError {
+        move |source| DemoError::Redis { what, source }
+    }
+
+    /// 130 for an interrupted setup (as shells report Ctrl-C), 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            DemoError::Interrupted => 130,
+            _ => 1,
+        }
+    }
+}
+
+/// How long the seed may take to reach Redis, and Redis to match Postgres at the end.
+const SEED_PATIENCE: Duration = Duration::from_secs(20);
+const CONVERGE_PATIENCE: Duration = Duration::from_secs(10);
+
+/// Runs the demo, printing to stdout, and cleans up whatever happens.
+///
+/// # Errors
+/// Missing binaries, servers that do not start, a daemon that stops, or a Redis that does
+/// not match Postgres once the writes stop.
+pub async fn run(options: DemoOptions) -> Result<(), DemoError> {
+    let signals = Signals::listen();
+    check_binaries()?;
+    say("starting a throwaway Postgres and Redis from the local binaries...");
+    let servers = tokio::task::spawn_blocking(Servers::start)
+        .await
+        .map_err(|e| DemoError::Setup(format!("the setup task failed: {e}")))??;
+    say(&format!(
+        "servers: postgres=127.0.0.1:{} redis=127.0.0.1:{}",
+        servers.pg.port(),
+        servers.redis.port()
+    ));
+    say(&format!(
+        "temporary directories: {} {}",
+        servers.pg_dir().display(),
+        servers.redis.dir().display()
+    ));
+    for line in &servers.setup_report {
+        say(&format!("  {line}"));
+    }
+    let result = if signals.count() > 0 {
+        Err(DemoError::Interrupted)
+    } else {
+        with_servers(&servers, &options, &signals).await
+    };
+    let (pg_dir, redis_dir) = (servers.pg_dir(), servers.redis.dir().to_path_buf());
+    // Drop stops both servers and removes their directories; it blocks for a moment.
+    let _ = tokio::task::spawn_blocking(move || drop(servers)).await;
+    say(&format!(
+        "cleaned up: stopped Postgres and Redis, removed {} and {}",
+        pg_dir.display(),
+        redis_dir.display()
+    ));
+    result
+}
+
+fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+/// Both servers' binaries, all problems at once.
+fn check_binaries() -> Result<(), DemoError> {
+    let mut missing = Vec::new();
+    for name in ["initdb", "pg_ctl", "postgres", "psql"] {
+        if let Err(e) = TestPostgres::bin(name) {
+            missing.push(format!("  - {e}"));
+            break;
+        }
+    }
+    if !on_path("redis-server") {
+        missing.push(
+            "  - redis-server not found in PATH; install it with `apt-get install -y redis-server`"
+                .to_string(),
+        );
+    }
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(DemoError::MissingBinaries(missing))
+    }
+}
+
+/// The throwaway servers, the shop database created and set up for pgcache.
+struct Servers {
+    pg: TestPostgres,
+    redis: TestRedis,
+    /// What the setup scripts printed (slot created, replica identities).
+    setup_report: Vec<String>,
+}
+
+impl Servers {
+    /// Blocking: starts both servers and runs the schema and `sql/setup.sql`.
+    fn start() -> Result<Servers, DemoError> {
+        let setup = |e: anyhow::Error| DemoError::Setup(format!("{e:#}"));
+        let redis = TestRedis::start().map_err(setup)?;
+        // The harness turns synchronous_commit off for speed, which makes the walsender wait
+        // for the WAL writer (up to 200 ms) before it sends a commit: on, as in production
+        // (fsync stays off), so the lag shown is the daemon's, not the harness's.
+        let pg = TestPostgres::start_with(PgOptions {
+            extra_conf: vec!["synchronous_commit = on".to_string()],
+            ..PgOptions::default()
+        })
+        .map_err(setup)?;
+        pg.create_database(shop::DATABASE).map_err(setup)?;
+        pg.psql(shop::DATABASE, shop::SCHEMA).map_err(setup)?;
+        let script = shop::setup_script().map_err(DemoError::Setup)?;
+        let output = pg.psql(shop::DATABASE, &script).map_err(setup)?;
+        Ok(Servers {
+            pg,
+            redis,
+            setup_report: setup_report(&output),
+        })
+    }
+
+    /// The Postgres server's temporary directory (its data directory is inside).
+    fn pg_dir(&self) -> PathBuf {
+        let data = self.pg.data_dir();
+        data.parent().unwrap_or(data).to_path_buf()
+    }
+}
+
+/// What `sql/setup.sql` printed, shortened: its replica identity report has a row per table
+/// (`table|identity|columns|advice`), and the demo's key templates use only the primary key.
+fn setup_report(output: &str) -> Vec<String> {
+    let mut report = vec![format!(
+        "sql/setup.sql: role {:?}, publication {:?} for {}",
+        shop::ROLE,
+        shop::PUBLICATION,
+        shop::table_list()
+    )];
+    let mut identities = Vec::new();
+    for line in output.lines().filter(|l| !l.trim().is_empty()) {
+        match line.split('|').collect::<Vec<_>>()[..] {
+            [table, identity, columns, _advice] => {
+                identities.push(format!("{table} {identity} ({columns})"));
+            }
+            _ => report.push(format!("sql/setup.sql: {line}")),
+        }
+    }
+    if !identities.is_empty() {
+        report.push(format!(
+            "sql/setup.sql: replica identity: {}",
+            identities.join(", ")
+        ));
+    }
+    report
+}
+
+/// The daemon, running in this process.
+struct DaemonTask {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<Result<(), RunError>>,
+}
+
+impl DaemonTask {
+    fn start(config: Arc<Config>) -> DaemonTask {
+        let (stop, stopped) = watch::channel(false);
+        DaemonTask {
+            stop,
+            task: tokio::spawn(daemon::run(config, stopped)),
+        }
+    }
+
+    fn has_stopped(&self) -> bool {
+        self.task.is_finished()
+    }
+
+    /// Asks the daemon to finish its batch and stop, and waits for it.
+    async fn stop(self) -> Result<(), DemoError> {
+        let _ = self.stop.send(true);
+        match tokio::time::timeout(Duration::from_secs(30), self.task).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(RunError::Fatal(m) | RunError::Transient(m)))) => Err(DemoError::Daemon(m)),
+            Ok(Err(e)) => Err(DemoError::Daemon(format!("its task failed: {e}"))),
+            Err(_) => Err(DemoError::Daemon("it did not stop within 30 s".to_string())),
+        }
+    }
+}
+
+/// Ctrl-C and SIGTERM, counted, so that the demo can clean up instead of dying.
+#[derive(Clone)]
+struct Signals(watch::Receiver<u32>);
+
+impl Signals {
+    fn listen() -> Signals {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (count, counted) = watch::channel(0u32);
+        // Installing the handlers here, before any server starts, means a Ctrl-C during
+        // setup no longer kills the process: it is seen after setup, and cleanup runs.
+        let int = signal(SignalKind::interrupt());
+        let term = signal(SignalKind::terminate());
+        if let (Ok(mut int), Ok(mut term)) = (int, term) {
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = int.recv() => {}
+                        _ = term.recv() => {}
+                    }
+                    count.send_modify(|n| *n += 1);
+                }
+            });
+        }
+        Signals(counted)
+    }
+
+    fn count(&self) -> u32 {
+        *self.0.borrow()
+    }
+
+    /// Resolves on the next signal after `seen` of them.
+    async fn after(&self, seen: u32) {
+        let mut rx = self.0.clone();
+        let _ = rx.wait_for(|n| *n > seen).await;
+    }
+}
+
+/// Sets up the config, the daemon and the traffic; stops the daemon whatever happens.
+async fn with_servers(
+    servers: &Servers,
+    options: &DemoOptions,
+    signals: &Signals,
+) -> Result<(), DemoError> {
+    let daemon_url = servers
+        .pg
+        .url_as(shop::ROLE, Some(shop::ROLE_PASSWORD), shop::DATABASE);
+    let config = Config::from_toml_str(&shop::config_toml(&daemon_url, &servers.redis.url()))
+        .map_err(|e| DemoError::Setup(format!("the demo's own config is invalid: {e}")))?;
+    let config = Arc::new(config);
+    let meter = match Meter::install() {
+        Ok(meter) => Some(meter),
+        Err(e) => {
+            say(&format!(
+                "note: {e}; the daemon's progress is shown as unknown"
+            ));
+            None
+        }
+    };
+    let daemon = DaemonTask::start(config.clone());
+    say(&format!(
+        "daemon: starting on slot {:?} of publication {:?} (in this process, as role {:?})",
+        shop::SLOT,
+        shop::PUBLICATION,
+        shop::ROLE
+    ));
+    let result = traffic(servers, options, signals, &config, meter, &daemon).await;
+    let stopped = daemon.stop().await;
+    result.and(stopped)
+}
+
+/// Seeds the shop, runs the workload with the live view, then checks and summarizes.
+async fn traffic(
+    servers: &Servers,
+    options: &DemoOptions,
+    signals: &Signals,
+    config: &Config,
+    meter: Option<Arc<Meter>>,
+    daemon: &DaemonTask,
+) -> Result<(), DemoError> {
+    let app_url = servers.pg.url(shop::DATABASE);
+    let target = PgTarget::parse(&app_url)
+        .map_err(|e| DemoError::Setup(format!("Postgres URL {app_url}: {e}")))?;
+    let connect = || async {
+        pgconn::connect(&target)
+            .await
+            .map_err(|e| DemoError::Setup(format!("connecting to Postgres: {e}")))
+    };
+    let app = connect().await?;
+    let redis = redis::Client::open(servers.redis.url())
+        .map_err(DemoError::redis("opening a client"))?
+        .get_multiplexed_async_connection()
+        .await
+        .map_err(DemoError::redis("connecting"))?;
+
+    wait_until_streaming(config, redis.clone(), daemon, signals).await?;
+    // The daemon is streaming past its initial backfill, so the seed reaches Redis through
+    // the stream, as every later write does.
+    app.batch_execute(&shop::seed_sql())
+        .await
+        .map_err(DemoError::postgres("inserting the seed"))?;
+    let seed_rows = (shop::SEED_PRODUCTS + shop::SEED_CUSTOMERS) as u64;
+    let seeded = Instant::now();
+    let mut sampler = Sampler::new(connect().await?, redis.clone(), meter, shop::SLOT);
+    loop {
+        let keys = sampler.key_counts().await?;
+        if keys.get("product") == shop::SEED_PRODUCTS as u64
+            && keys.get("customer") == shop::SEED_CUSTOMERS as u64
+        {
+            break;
+        }
+        if daemon.has_stopped() {
+            return Err(DemoError::Daemon(
+                "it stopped before the seed reached Redis (see the log above)".to_string(),
+            ));
+        }
+        if signals.count() > 0 {
+            return Err(DemoError::Interrupted);
+        }
+        if seeded.elapsed() > SEED_PATIENCE {
+            return Err(DemoError::Setup(format!(
+                "the seed did not reach Redis within {} s: {}",
+                SEED_PATIENCE.as_secs(),
+                keys.pairs()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    say(&format!(
+        "seed: {} products and {} customers inserted in Postgres reached Redis through the stream in {} ms",
+        shop::SEED_PRODUCTS,
+        shop::SEED_CUSTOMERS,
+        seeded.elapsed().as_millis()
+    ));
+
+    let reader = Reader::from_config_with(
+        config,
+        ReaderOptions {
+            pool_size: 4,
+            ..ReaderOptions::default()
+        },
+    )?;
+    say(&format!(
+        "workload: {} write transactions/s to Postgres, {} reads/s through pgcache::Reader{}",
+        options.rate,
+        options.rate * 4,
+        match options.duration {
+            Some(d) => format!(", for {} s", d.as_secs()),
+            None => ", until Ctrl-C".to_string(),
+        }
+    ));
+    let workload = Workload::start(app, reader.clone(), options.rate, seed_rows);
+    sampler.started = Instant::now();
+    let first = sampler.take(workload.counts(), reader.stats()).await?;
+    let (last, daemon_died) = live_view(
+        servers,
+        options,
+        signals,
+        &mut sampler,
+        &workload,
+        &reader,
+        daemon,
+        first,
+    )
+    .await?;
+    let (counts, problem) = workload.stop().await;
+    let stopped_at = Instant::now();
+    let after_seconds = last.elapsed;
+    if daemon_died {
+        return Err(DemoError::Daemon(
+            "it stopped during the run (see the log above)".to_string(),
+        ));
+    }
+
+    say("writes stopped; comparing Redis with Postgres...");
+    let checks = wait_for_convergence(&sampler.pg, &mut sampler.redis.clone()).await?;
+    let converged = checks.iter().all(TableCheck::matches);
+    let final_sample = sampler.take(counts, reader.stats()).await?;
+    print_summary(
+        servers,
+        options,
+        after_seconds,
+        &final_sample,
+        &checks,
+        converged.then(|| stopped_at.elapsed()),
+        problem,
+    );
+    if !converged {
+        return Err(DemoError::NotConverged {
+            seconds: CONVERGE_PATIENCE.as_secs(),
+            details: checks
+                .iter()
+                .map(|c| format!("  {c}"))
+                .collect::<Vec<_>>()
+                .join("\n"),
+        });
+    }
+    if options.keep {
+        say("\n--keep: Postgres, Redis and the daemon keep running; try the commands above. Ctrl-C stops and cleans up.");
+        signals.after(signals.count()).await;
+    }
+    Ok(())
+}
+
+/// Waits until the daemon streams and has finished the initial backfill of the (still
+/// empty) mirror tables, which it runs on a first start when `backfill.auto` is on.
+async fn wait_until_streaming(
+    config: &Config,
+    mut redis: redis::aio::MultiplexedConnection,
+    daemon: &DaemonTask,
+    signals: &Signals,
+) -> Result<(), DemoError> {
+    let started = Instant::now();
+    let key = crate::checkpoint::checkpoint_key(&config.redis.key_prefix, &config.postgres.slot);
+    let mirrors: Vec<&str> = shop::TABLES
+        .iter()
+        .filter(|t| t.mirror)
+        .map(|t| t.table)
+        .collect();
+    loop {
+        if crate::health::Health::global().is_streaming() {
+            if !config.backfill.auto {
+                break;
+            }
+            let state = crate::checkpoint::read_state(&mut redis, &key)
+                .await
+                .map_err(|e| DemoError::Compare(format!("reading the checkpoint: {e}")))?;
+            let done = mirrors.iter().all(|table| {
+                state
+                    .backfills
+                    .get(*table)
+                    .is_some_and(|progress| progress.state == "done")
+            });
+            if done {
+                break;
+            }
+        }
+        if daemon.has_stopped() {
+            return Err(DemoError::Daemon(
+                "it stopped before streaming (see the log above)".to_string(),
+            ));
+        }
+        if signals.count() > 0 {
+            return Err(DemoError::Interrupted);
+        }
+        if started.elapsed() > SEED_PATIENCE {
+            return Err(DemoError::Daemon(format!(
+                "it did not start streaming within {} s",
+                SEED_PATIENCE.as_secs()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    say(&format!(
+        "daemon: streaming after {} ms{}",
+        started.elapsed().as_millis(),
+        if config.backfill.auto {
+            " (its initial backfill of the still empty mirror tables is done)"
+        } else {
+            ""
+        }
+    ));
+    Ok(())
+}
+
+/// Samples and draws once a second until the run ends. Returns the last sample and whether
+/// the daemon stopped on its own.
+#[allow(clippy::too_many_arguments)]
+async fn live_view(
+    servers: &Servers,
+    options: &DemoOptions,
+    signals: &Signals,
+    sampler: &mut Sampler,
+    workload: &Workload,
+    reader: &Reader,
+    daemon: &DaemonTask,
+    first: Sample,
+) -> Result<(Sample, bool), DemoError> {
+    let tty = std::io::stdout().is_terminal();
+    let mut view = View::new(
+        tty,
+        format!(
+            "pgcache demo: Postgres 127.0.0.1:{} -> pgcache daemon -> Redis 127.0.0.1:{}",
+            servers.pg.port(),
+            servers.redis.port()
+        ),
+    );
+    let deadline = options.duration.map(|d| tokio::time::Instant::now() + d);
+    let seen = signals.count();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    let mut prev = first;
+    loop {
+        let end = async {
+            match deadline {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        let finished = tokio::select! {
+            _ = tick.tick() => false,
+            _ = end => true,
+            _ = signals.after(seen) => true,
+        };
+        let now = sampler.take(workload.counts(), reader.stats()).await?;
+        if now.elapsed.saturating_sub(prev.elapsed) >= Duration::from_millis(200) {
+            let frame = view.frame(&prev, &now);
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(frame.as_bytes());
+            let _ = out.flush();
+        }
+        if daemon.has_stopped() {
+            return Ok((now, true));
+        }
+        if finished {
+            return Ok((now, false));
+        }
+        prev = now;
+    }
+}
+
+/// Compares until everything matches or the patience runs out; returns the last checks.
+async fn wait_for_convergence(
+    pg: &tokio_postgres::Client,
+    redis: &mut redis::aio::MultiplexedConnection,
+) -> Result<Vec<TableCheck>, DemoError> {
+    let deadline = Instant::now() + CONVERGE_PATIENCE;
+    loop {
+        let checks = converge::check_all(pg, redis).await?;
+        if checks.iter().all(TableCheck::matches) || Instant::now() >= deadline {
+            return Ok(checks);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn print_summary(
+    servers: &Servers,
+    options: &DemoOptions,
+    ran: Duration,
+    s: &Sample,
+    checks: &[TableCheck],
+    converged_in: Option<Duration>,
+    problem: Option<String>,
+) {
+    let w = &s.workload;
+    let r = &s.reader;
+    let mut text = format!("\nsummary after {:.1} s of traffic\n", ran.as_secs_f64());
+    text.push_str(&format!(
+        "  writes     {} transactions changed {} rows in Postgres ({} of them the seed)\n",
+        w.transactions,
+        w.rows,
+        shop::SEED_PRODUCTS + shop::SEED_CUSTOMERS
+    ));
+    match &s.progress {
+        Some(p) => {
+            let equal = if p.changes == w.rows {
+                " (= rows written)"
+            } else {
+                ""
+            };
+            let latency = match (p.latency.mean_ms(), p.latency.max_ms()) {
+                (Some(mean), Some(max)) => {
+                    format!("; commit to Redis {mean:.1} ms avg, {max:.1} ms max")
+                }
+                _ => String::new(),
+            };
+            text.push_str(&format!(
+                "  applied    {} changes{equal} in {} transactions{latency}\n",
+                p.changes, p.transactions
+            ));
+        }
+        None => text.push_str("  applied    unknown (no metrics recorder)\n"),
+    }
+    text.push_str(&format!(
+        "  reads      {} lookups through pgcache::Reader, hit rate {:.1}% ({} hits, {} misses, {} fills, {} lost fills, {} lease waits)\n",
+        r.hits + r.misses,
+        r.hit_rate() * 100.0,
+        r.hits,
+        r.misses,
+        r.fills,
+        r.lost_fills,
+        r.waits
+    ));
+    if w.write_errors + w.read_errors > 0 {
+        text.push_str(&format!(
+            "  problems   {} failed writes, {} failed reads; last: {}\n",
+            w.write_errors,
+            w.read_errors,
+            problem.unwrap_or_default()
+        ));
+    }
+    text.push_str(&format!("  keys per table: {}\n", s.keys.pairs()));
+    match converged_in {
+        Some(after) => text.push_str(&format!(
+            "  converged: Redis matches Postgres {:.2} s after the last write\n",
+            after.as_secs_f64()
+        )),
+        None => text.push_str(&format!(
+            "  NOT converged {} s after the last write\n",
+            CONVERGE_PATIENCE.as_secs()
+        )),
+    }
+    for check in checks {
+        text.push_str(&format!("    {check}\n"));
+    }
+
+    let redis_port = servers.redis.port();
+    let pg_port = servers.pg.port();
+    text.push_str(&format!(
+        "
+what you just saw
+  - The workload wrote to Postgres only. The daemon read each committed transaction from
+    the replication slot (pgoutput) and applied it to Redis in one MULTI/EXEC together with
+    its checkpoint, so an order and the stock it took appear in Redis at the same instant.
+  - products and customers are mirrored: every row has its key. orders are in refresh mode:
+    pgcache::Reader cached them on first read, under a lease that stops a stampede and any
+    stale fill, and the daemon kept the cached ones current as their status changed.
+  - The hit rate is the reader's: each miss read Postgres once and filled Redis.
+
+try next{}
+  redis-cli -p {redis_port} GET product:1
+  redis-cli -p {redis_port} --scan --pattern 'order:*'
+  redis-cli -p {redis_port} HGETALL 'pgcache:{{{slot}}}:checkpoint'
+  {psql} -h 127.0.0.1 -p {pg_port} -U postgres {db} -c \"UPDATE products SET price = 9.99 WHERE id = 1\"
+  redis-cli -p {redis_port} GET product:1      (the new price, already there)
+",
+        if options.keep {
+            ""
+        } else {
+            " (with `pgcache demo --keep`, which keeps the servers until Ctrl-C)"
+        },
+        slot = shop::SLOT,
+        db = shop::DATABASE,
+        psql = psql_command(),
+    ));
+    // A stable last line for scripts and tests.
+    text.push_str(&format!("redis keys: {}\n", s.keys.pairs()));
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes());
+    let _ = out.flush();
+}
+
+fn on_path(name: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(name).is_file()))
+}
+
+/// `psql` when it is on PATH, else its full path.
+fn psql_command() -> String {
+    if on_path("psql") {
+        return "psql".to_string();
+    }
+    TestPostgres::bin("psql")
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "psql".to_string())
+}
