@@ -225,8 +225,8 @@ async fn privilege_finding(
         for column in wanted {
             let allowed: Option<bool> = client
                 .query_opt(
-                    "SELECT has_column_privilege($1, a.attnum, 'SELECT') FROM pg_attribute a \
-                     WHERE a.attrelid = $1 AND a.attname = $2 AND NOT a.attisdropped",
+                    "SELECT has_column_privilege($1::oid, a.attnum, 'SELECT') FROM pg_attribute a \
+                     WHERE a.attrelid = $1::oid AND a.attname = $2::text AND NOT a.attisdropped",
                     &[&oid, column],
                 )
                 .await?
