@@ -40,6 +40,8 @@ pub mod apply;
 #[cfg(feature = "daemon")]
 pub mod backfill;
 #[cfg(feature = "daemon")]
+pub mod bench;
+#[cfg(feature = "daemon")]
 pub mod commands;
 #[cfg(feature = "daemon")]
 pub mod daemon;

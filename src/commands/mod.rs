@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 use crate::config::Config;
 
+mod bench;
 mod check;
 mod demo;
 mod resync;
@@ -27,6 +28,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Measure pgcache against floors on throwaway servers; print a table, write JSON.
+    Bench(bench::BenchArgs),
     /// Try pgcache on this machine: throwaway Postgres and Redis, a shop workload, a live view.
     Demo(demo::DemoArgs),
     /// Stream committed changes from the replication slot into Redis until SIGTERM/SIGINT.
@@ -74,6 +77,7 @@ pub enum Command {
 
 pub async fn main(cli: Cli) -> ExitCode {
     match cli.command {
+        Command::Bench(args) => bench::bench(args).await,
         Command::Demo(args) => demo::demo(args).await,
         Command::Run { config } => run::run(&config).await,
         Command::Check { config } => check::check(&config).await,

@@ -17,3 +17,4 @@ mod stream;
 mod backfill;
 mod ops;
 mod demo;
+mod bench;

@@ -1,0 +1,549 @@
+//! Latency, commit to visible in Redis, at steady offered loads, measured from outside the
+//! daemon.
+//!
+//! Writers commit single-row inserts with distinct ids on a fixed schedule (open loop: a
+//! transaction starts at its time whether or not earlier ones have returned, spread over
+//! several connections), with `synchronous_commit = on` so a commit returns once its WAL
+//! is flushed and a walsender may send it. A watcher subscribed to Redis keyspace
+//! notifications records when each key is set. Latency = arrival − commit return, both on
+//! this process's monotonic clock.
+//!
+//! The floor is the same schedule with a bare pgoutput consumer (our replication client
+//! and decoder, nothing else) in place of the daemon: the moment each commit reaches any
+//! logical consumer. The daemon's own `pgcache_apply_latency_seconds` histogram (commit
+//! timestamp to `EXEC` acknowledged, bucketed) is scraped and reported beside it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, watch};
+use tokio_postgres::{Client, Statement};
+
+use super::child::{self, Process};
+use super::lab::{execute, pg_error, redis_error, Lab, PUBLICATION};
+use super::report::{Better, Figure, FigureSpec, Target};
+use super::stats::{ms, percentile, Histogram};
+use super::{per_second, BenchError, Progress, Scale};
+use crate::metrics::APPLY_LATENCY;
+use crate::pgconn::PgTarget;
+use crate::pgoutput::{self, Message, TupleData};
+use crate::replication::{ReplicationConnection, ReplicationEvent};
+use crate::testkit;
+use crate::Lsn;
+
+/// Writer connections. One connection commits a few thousand transactions a second at
+/// most; the load is spread so that the writers are not what limits the offered rate.
+const WRITERS: usize = 8;
+const QUANTILES: [(f64, &str); 3] = [(0.5, "p50"), (0.99, "p99"), (0.999, "p999")];
+const FLOOR_NAME: &str = "bare pgoutput consumer";
+const TABLE: (&str, &str) = ("public.lat_events", "lat:{id}");
+
+pub fn specs(scale: &Scale) -> Vec<FigureSpec> {
+    scale
+        .latency_rates
+        .iter()
+        .flat_map(|&rate| QUANTILES.iter().map(move |&(_, name)| spec(rate, name)))
+        .collect()
+}
+
+fn spec(rate: u32, name: &str) -> FigureSpec {
+    let target = if rate >= 10_000 && name == "p99" {
+        Target::Below(5.0)
+    } else {
+        Target::None
+    };
+    FigureSpec::new(
+        format!("latency.{rate}.{name}"),
+        format!("Commit to visible in Redis at {rate} tx/s offered, {name}"),
+        "ms",
+        FLOOR_NAME,
+        Better::Lower,
+        target,
+    )
+}
+
+/// One rate's run: what was offered and achieved, and the latencies seen.
+struct LoadRun {
+    offered: f64,
+    launched: f64,
+    committed: u64,
+    committed_rate: f64,
+    write_errors: u64,
+    first_error: Option<String>,
+    /// Sorted.
+    latencies: Vec<Duration>,
+    missing: u64,
+    /// Arrivals seen before the writer got its commit back (counted as zero).
+    early: u64,
+}
+
+impl LoadRun {
+    fn details(&self) -> Value {
+        json!({
+            "offered_tx_per_s": self.offered,
+            "launched_tx_per_s": self.launched,
+            "committed": self.committed,
+            "committed_tx_per_s": self.committed_rate,
+            "write_errors": self.write_errors,
+            "first_write_error": self.first_error,
+            "samples": self.latencies.len(),
+            "missing": self.missing,
+            "arrived_before_commit_returned": self.early,
+            "max_ms": self.latencies.last().map(|d| ms(*d)),
+        })
+    }
+
+    fn quantile_ms(&self, q: f64) -> Option<f64> {
+        percentile(&self.latencies, q).map(ms)
+    }
+}
+
+/// # Errors
+/// Setup fails; a failing rate fails only its own figures.
+pub async fn run(lab: &Lab, scale: &Scale, progress: Progress) -> Result<Vec<Figure>, BenchError> {
+    let client = lab.connect().await?;
+    execute(
+        &client,
+        "creating the latency table",
+        "CREATE TABLE IF NOT EXISTS lat_events (id bigint PRIMARY KEY, v bigint NOT NULL, note text NOT NULL)",
+    )
+    .await?;
+    let writers = connect_writers(lab).await?;
+    lab.flush_redis().await?;
+
+    progress.say("latency: the floor (a bare pgoutput consumer)");
+    let floor = floor_phase(lab, &client, &writers, scale, progress).await?;
+    progress.say("latency: pgcache");
+    let pgcache = pgcache_phase(lab, &client, &writers, scale, progress).await;
+    let pgcache = match pgcache {
+        Ok(runs) => runs,
+        Err(e) => scale
+            .latency_rates
+            .iter()
+            .map(|_| Err(e.to_string()))
+            .collect(),
+    };
+
+    let mut figures = Vec::new();
+    for (i, &rate) in scale.latency_rates.iter().enumerate() {
+        let floor_run = &floor[i];
+        let (pgc_run, daemon_view) = match &pgcache[i] {
+            Ok((run, view)) => (Ok(run), view.clone()),
+            Err(e) => (Err(e.clone()), Value::Null),
+        };
+        for &(q, name) in &QUANTILES {
+            let spec = spec(rate, name);
+            let figure = match (&pgc_run, floor_run) {
+                (Err(e), _) => spec.failed(format!("pgcache: {e}")),
+                (_, Err(e)) => spec.failed(format!("floor: {e}")),
+                (Ok(run), _) if run.missing > 0 => spec.failed(format!(
+                    "pgcache: {} of {} committed rows never became visible in Redis within 15 s",
+                    run.missing, run.committed
+                )),
+                (_, Ok(floor_run)) if floor_run.missing > 0 => spec.failed(format!(
+                    "floor: {} of {} commits never reached the pgoutput consumer within 15 s",
+                    floor_run.missing, floor_run.committed
+                )),
+                (Ok(run), Ok(floor_run)) => match (run.quantile_ms(q), floor_run.quantile_ms(q)) {
+                    (Some(p), Some(f)) => spec.measured(
+                        p,
+                        f,
+                        json!({
+                            "pgcache": run.details(),
+                            "floor": floor_run.details(),
+                            "daemon_histogram": daemon_view,
+                        }),
+                    ),
+                    _ => spec.failed("no latency samples"),
+                },
+            };
+            figures.push(figure);
+        }
+    }
+    Ok(figures)
+}
+
+type Writer = (Arc<Client>, Statement);
+
+async fn connect_writers(lab: &Lab) -> Result<Vec<Writer>, BenchError> {
+    let mut writers = Vec::with_capacity(WRITERS);
+    for _ in 0..WRITERS {
+        let client = lab.connect().await?;
+        client
+            .batch_execute("SET synchronous_commit = on")
+            .await
+            .map_err(|e| pg_error("synchronous_commit", &e))?;
+        let statement = client
+            .prepare("INSERT INTO lat_events (id, v, note) VALUES ($1, $1, 'latency probe')")
+            .await
+            .map_err(|e| pg_error("preparing the insert", &e))?;
+        writers.push((Arc::new(client), statement));
+    }
+    Ok(writers)
+}
+
+/// Ids of one rate's run, distinct across phases and rates.
+fn first_id(phase: i64, rate_index: usize) -> i64 {
+    1 + phase * 1_000_000_000 + rate_index as i64 * 100_000_000
+}
+
+async fn floor_phase(
+    lab: &Lab,
+    client: &Client,
+    writers: &[Writer],
+    scale: &Scale,
+    progress: Progress,
+) -> Result<Vec<Result<LoadRun, String>>, BenchError> {
+    let slot = "lat_floor";
+    lab.drop_slots(client, &[slot]).await;
+    lab.create_slots(client, &[slot]).await?;
+    let target = PgTarget::parse(&lab.pg_url())
+        .map_err(|e| BenchError::Setup(format!("the bench's Postgres URL: {e}")))?;
+    let replication = ReplicationConnection::connect(&target)
+        .await
+        .map_err(|e| BenchError::Setup(format!("replication connection: {e}")))?;
+    let stream = replication
+        .start_logical(slot, Lsn::ZERO, PUBLICATION)
+        .await
+        .map_err(|e| BenchError::Setup(format!("START_REPLICATION: {e}")))?;
+    let (arrivals_tx, mut arrivals) = mpsc::unbounded_channel();
+    let (stop, stopped) = watch::channel(false);
+    let consumer = tokio::spawn(consume(stream, arrivals_tx, stopped));
+    let mut runs = Vec::new();
+    for (i, &rate) in scale.latency_rates.iter().enumerate() {
+        let run = offered_load(
+            writers,
+            rate,
+            scale.latency_seconds,
+            first_id(0, i),
+            &mut arrivals,
+        )
+        .await;
+        if let Ok(run) = &run {
+            progress.say(format!(
+                "latency floor at {rate}/s: p99 {:.2} ms ({} committed/s)",
+                run.quantile_ms(0.99).unwrap_or(f64::NAN),
+                run.committed_rate.round()
+            ));
+        }
+        runs.push(run.map_err(|e| e.to_string()));
+    }
+    let _ = stop.send(true);
+    let consumed = consumer
+        .await
+        .map_err(|e| BenchError::Check(format!("the pgoutput consumer panicked: {e}")))?;
+    lab.drop_slots(client, &[slot]).await;
+    consumed?;
+    Ok(runs)
+}
+
+/// The floor: reads the stream, decodes every message, and records when each
+/// transaction's commit arrives, keyed by the id its insert carried.
+async fn consume(
+    mut stream: crate::replication::ReplicationStream,
+    arrivals: mpsc::UnboundedSender<(i64, Instant)>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), BenchError> {
+    let mut last_id: Option<i64> = None;
+    loop {
+        let event = tokio::select! {
+            _ = stop.changed() => break,
+            event = stream.next() => event
+                .map_err(|e| BenchError::Child(format!("the pgoutput consumer: {e}")))?,
+        };
+        match event {
+            ReplicationEvent::XLogData { data, .. } => {
+                let message = pgoutput::decode(data)
+                    .map_err(|e| BenchError::Check(format!("decoding pgoutput: {e}")))?;
+                match message {
+                    Message::Insert(insert) => {
+                        last_id = match insert.new.0.first() {
+                            Some(TupleData::Text(text)) => {
+                                std::str::from_utf8(text).ok().and_then(|t| t.parse().ok())
+                            }
+                            _ => None,
+                        };
+                    }
+                    Message::Commit(_) => {
+                        if let Some(id) = last_id.take() {
+                            let _ = arrivals.send((id, Instant::now()));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            ReplicationEvent::Keepalive {
+                wal_end,
+                reply_requested,
+                ..
+            } => {
+                if reply_requested {
+                    stream
+                        .send_status(wal_end, wal_end, wal_end, false)
+                        .await
+                        .map_err(|e| BenchError::Child(format!("the pgoutput consumer: {e}")))?;
+                }
+            }
+        }
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.finish()).await;
+    Ok(())
+}
+
+type PgcacheRun = Result<(LoadRun, Value), String>;
+
+async fn pgcache_phase(
+    lab: &Lab,
+    client: &Client,
+    writers: &[Writer],
+    scale: &Scale,
+    progress: Progress,
+) -> Result<Vec<PgcacheRun>, BenchError> {
+    let slot = "lat_pgcache";
+    lab.drop_slots(client, &[slot]).await;
+    lab.create_slots(client, &[slot]).await?;
+    let mut redis = lab.redis().await?;
+    set_notifications(&mut redis, "K$").await?;
+    let metrics_port = testkit::free_port().map_err(|e| BenchError::Setup(format!("{e:#}")))?;
+    let config = lab.daemon_config(slot, &[TABLE], false, Some(metrics_port));
+    let mut daemon = lab.spawn_daemon("latency", &config)?;
+    let result = async {
+        let (arrivals_tx, mut arrivals) = mpsc::unbounded_channel();
+        let (stop, stopped) = watch::channel(false);
+        let watcher = watch_keys(lab, arrivals_tx, stopped).await?;
+        warm_up(client, &mut daemon, &mut arrivals).await?;
+        let mut runs = Vec::new();
+        for (i, &rate) in scale.latency_rates.iter().enumerate() {
+            let before = scrape_histogram(metrics_port).await;
+            let run = offered_load(
+                writers,
+                rate,
+                scale.latency_seconds,
+                first_id(1, i),
+                &mut arrivals,
+            )
+            .await;
+            let after = scrape_histogram(metrics_port).await;
+            daemon.check_running()?;
+            let view = daemon_view(before, after);
+            if let Ok(run) = &run {
+                progress.say(format!(
+                    "latency pgcache at {rate}/s: p99 {:.2} ms ({} committed/s)",
+                    run.quantile_ms(0.99).unwrap_or(f64::NAN),
+                    run.committed_rate.round()
+                ));
+            }
+            runs.push(run.map(|r| (r, view)).map_err(|e| e.to_string()));
+        }
+        let _ = stop.send(true);
+        let _ = watcher.await;
+        Ok(runs)
+    }
+    .await;
+    daemon.stop().await;
+    let _ = set_notifications(&mut redis, "").await;
+    lab.drop_slots(client, &[slot]).await;
+    result
+}
+
+async fn set_notifications(
+    redis: &mut redis::aio::MultiplexedConnection,
+    classes: &str,
+) -> Result<(), BenchError> {
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("notify-keyspace-events")
+        .arg(classes)
+        .query_async::<()>(redis)
+        .await
+        .map_err(|e| redis_error("CONFIG SET notify-keyspace-events", e))
+}
+
+/// Subscribes to the keyspace events of `lat:*` and reports each key's arrival; returns
+/// once the subscription is confirmed.
+async fn watch_keys(
+    lab: &Lab,
+    arrivals: mpsc::UnboundedSender<(i64, Instant)>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<tokio::task::JoinHandle<()>, BenchError> {
+    let client =
+        redis::Client::open(lab.redis_url()).map_err(|e| redis_error("opening Redis", e))?;
+    let mut pubsub = client
+        .get_async_pubsub()
+        .await
+        .map_err(|e| redis_error("connecting the watcher", e))?;
+    pubsub
+        .psubscribe("__keyspace@0__:lat:*")
+        .await
+        .map_err(|e| redis_error("PSUBSCRIBE", e))?;
+    Ok(tokio::spawn(async move {
+        let mut messages = pubsub.into_on_message();
+        loop {
+            let message = tokio::select! {
+                _ = stop.changed() => return,
+                message = messages.next() => match message {
+                    Some(message) => message,
+                    None => return,
+                },
+            };
+            let at = Instant::now();
+            let id = message
+                .get_channel_name()
+                .rsplit_once(':')
+                .and_then(|(_, id)| id.parse::<i64>().ok());
+            if let Some(id) = id {
+                let _ = arrivals.send((id, at));
+            }
+        }
+    }))
+}
+
+/// Commits one row and waits until it is visible, so the daemon streams before the clock
+/// starts.
+async fn warm_up(
+    client: &Client,
+    daemon: &mut Process,
+    arrivals: &mut mpsc::UnboundedReceiver<(i64, Instant)>,
+) -> Result<(), BenchError> {
+    client
+        .execute(
+            "INSERT INTO lat_events VALUES (0, 0, 'warm-up') ON CONFLICT (id) DO UPDATE SET v = lat_events.v + 1",
+            &[],
+        )
+        .await
+        .map_err(|e| pg_error("the warm-up insert", &e))?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        while let Ok((id, _)) = arrivals.try_recv() {
+            if id == 0 {
+                return Ok(());
+            }
+        }
+        daemon.check_running()?;
+        if Instant::now() > deadline {
+            return Err(BenchError::Timeout(format!(
+                "the daemon did not apply the warm-up row within 60 s\n--- its log ---\n{}",
+                daemon.log_tail()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn scrape_histogram(port: u16) -> Result<Histogram, String> {
+    let text = child::scrape(port).await.map_err(|e| e.to_string())?;
+    Histogram::parse(&text, APPLY_LATENCY)
+        .ok_or_else(|| format!("{APPLY_LATENCY} is not in the daemon's /metrics"))
+}
+
+/// The daemon's own histogram over one rate's run, as bucket bounds ("p99 <= 2.5 ms").
+fn daemon_view(before: Result<Histogram, String>, after: Result<Histogram, String>) -> Value {
+    match (before, after) {
+        (Ok(before), Ok(after)) => {
+            let delta = after.since(&before);
+            let bound = |q: f64| delta.quantile_bound(q).map(|s| s * 1e3);
+            json!({
+                "metric": APPLY_LATENCY,
+                "what": "commit timestamp to EXEC acknowledged, bucket upper bounds",
+                "count": delta.count,
+                "mean_ms": (delta.count > 0).then(|| delta.sum / delta.count as f64 * 1e3),
+                "p50_at_most_ms": bound(0.5),
+                "p99_at_most_ms": bound(0.99),
+                "p999_at_most_ms": bound(0.999),
+            })
+        }
+        (Err(e), _) | (_, Err(e)) => json!({ "unavailable": e }),
+    }
+}
+
+/// Offers `rate` single-row transactions a second for `seconds`, then waits for every
+/// committed id to arrive (or 15 s), and pairs commits with arrivals.
+async fn offered_load(
+    writers: &[Writer],
+    rate: u32,
+    seconds: f64,
+    first_id: i64,
+    arrivals: &mut mpsc::UnboundedReceiver<(i64, Instant)>,
+) -> Result<LoadRun, BenchError> {
+    // Arrivals from before this run (the warm-up, stragglers) are not ours.
+    while arrivals.try_recv().is_ok() {}
+    let total = (f64::from(rate) * seconds).round() as u64;
+    let start = tokio::time::Instant::now() + Duration::from_millis(20);
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..total {
+        tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / f64::from(rate))).await;
+        let (client, statement) = writers[i as usize % writers.len()].clone();
+        let id = first_id + i as i64;
+        tasks.spawn(async move {
+            client
+                .execute(&statement, &[&id])
+                .await
+                .map(|_| (id, Instant::now()))
+        });
+    }
+    let launched = per_second(total, start.elapsed());
+    let start = start.into_std();
+    let mut commits = Vec::with_capacity(total as usize);
+    let mut write_errors = 0;
+    let mut first_error = None;
+    while let Some(done) = tasks.join_next().await {
+        match done {
+            Ok(Ok(commit)) => commits.push(commit),
+            Ok(Err(e)) => {
+                write_errors += 1;
+                first_error.get_or_insert_with(|| pg_error("insert", &e).to_string());
+            }
+            Err(e) => {
+                write_errors += 1;
+                first_error.get_or_insert_with(|| e.to_string());
+            }
+        }
+    }
+    if commits.is_empty() {
+        return Err(BenchError::Check(format!(
+            "no transaction committed: {}",
+            first_error.unwrap_or_default()
+        )));
+    }
+    let last_commit = commits.iter().map(|(_, at)| *at).max().unwrap_or(start);
+    let committed_rate = per_second(commits.len() as u64, last_commit - start);
+
+    let mut seen: HashMap<i64, Instant> = HashMap::with_capacity(commits.len());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while seen.len() < commits.len() && Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_millis(100), arrivals.recv()).await {
+            Ok(Some((id, at))) => {
+                if (first_id..first_id + total as i64).contains(&id) {
+                    seen.entry(id).or_insert(at);
+                }
+            }
+            Ok(None) => break,
+            Err(_) => {}
+        }
+    }
+    let mut latencies = Vec::with_capacity(commits.len());
+    let mut early = 0;
+    for (id, committed) in &commits {
+        if let Some(arrived) = seen.get(id) {
+            if arrived < committed {
+                early += 1;
+            }
+            latencies.push(arrived.saturating_duration_since(*committed));
+        }
+    }
+    latencies.sort();
+    Ok(LoadRun {
+        offered: f64::from(rate),
+        launched,
+        committed: commits.len() as u64,
+        committed_rate,
+        write_errors,
+        first_error,
+        missing: (commits.len() - latencies.len()) as u64,
+        latencies,
+        early,
+    })
+}

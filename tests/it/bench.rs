@@ -1,0 +1,67 @@
+//! `pgcache bench --quick`: every figure is measured and written to the JSON file.
+//!
+//! The numbers of a debug build's smoke run mean nothing; what is checked is that the
+//! bench runs end to end and reports every figure with positive numbers, none failed.
+
+use std::process::Command;
+
+/// Every figure the full bench reports (latency rates as the quick run uses them).
+const FIGURES: [&str; 14] = [
+    "catchup.updates",
+    "catchup.bulk_insert",
+    "catchup.mixed",
+    "memory.peak_rss",
+    "latency.1000.p50",
+    "latency.1000.p99",
+    "latency.1000.p999",
+    "latency.10000.p50",
+    "latency.10000.p99",
+    "latency.10000.p999",
+    "backfill.rows",
+    "reader.hit",
+    "reader.stampede.db_reads",
+    "reader.stampede.p99",
+];
+
+#[test]
+fn quick_bench_reports_every_figure() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let json_path = dir.path().join("bench.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_pgcache"))
+        .args(["bench", "--quick", "--json"])
+        .arg(&json_path)
+        .current_dir(dir.path())
+        .output()
+        .expect("run pgcache bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "pgcache bench --quick failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    let text = std::fs::read_to_string(&json_path).expect("the JSON file");
+    let report: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
+    assert_eq!(report["quick"], true);
+    let figures = report["figures"].as_array().expect("figures");
+    for id in FIGURES {
+        let figure = figures
+            .iter()
+            .find(|f| f["id"] == id)
+            .unwrap_or_else(|| panic!("figure {id} missing from {text}"));
+        assert!(
+            figure["error"].is_null(),
+            "{id} failed: {}\n{stderr}",
+            figure["error"]
+        );
+        for field in ["pgcache", "floor", "ratio"] {
+            let value = figure[field].as_f64().unwrap_or(-1.0);
+            assert!(value > 0.0, "{id}.{field} is {}: {figure}", figure[field]);
+        }
+        assert!(
+            stdout.contains(id),
+            "the table does not list {id}:\n{stdout}"
+        );
+    }
+    assert_eq!(figures.len(), FIGURES.len(), "unexpected figures in {text}");
+}
