@@ -13,18 +13,21 @@
 //! - `meter`: the daemon's progress, from its metrics, in process.
 //! - `sample`: one look at everything once a second.
 //! - `view`: the live view (terminal screen or plain lines).
+//! - `servers`: the throwaway servers and the SQL setup.
 //! - `converge`: the final comparison of Redis with Postgres.
+//! - `summary`: the text that ends a run.
 //! - here: the order of things, and cleanup.
 
 mod converge;
 mod meter;
 mod sample;
+mod servers;
 pub mod shop;
+mod summary;
 mod view;
 mod workload;
 
 use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -34,13 +37,14 @@ use tokio::task::JoinHandle;
 use self::converge::TableCheck;
 use self::meter::Meter;
 use self::sample::{Sample, Sampler};
+use self::servers::Servers;
+use self::summary::Summary;
 use self::view::View;
 use self::workload::Workload;
 use crate::config::Config;
 use crate::daemon::{self, RunError};
 use crate::pgconn::{self, PgTarget};
 use crate::reader::{ReaderError, ReaderOptions};
-use crate::testkit::{PgOptions, TestPostgres, TestRedis};
 use crate::Reader;
 
 /// What `pgcache demo` was asked to do.
@@ -116,7 +120,7 @@ const CONVERGE_PATIENCE: Duration = Duration::from_secs(10);
 /// not match Postgres once the writes stop.
 pub async fn run(options: DemoOptions) -> Result<(), DemoError> {
     let signals = Signals::listen();
-    check_binaries()?;
+    servers::check_binaries()?;
     say("starting a throwaway Postgres and Redis from the local binaries...");
     let servers = tokio::task::spawn_blocking(Servers::start)
         .await
@@ -151,97 +155,14 @@ pub async fn run(options: DemoOptions) -> Result<(), DemoError> {
 }
 
 fn say(line: &str) {
+    print(&format!("{line}\n"));
+}
+
+/// Writes to stdout and flushes (the view redraws in place, so nothing may wait in a buffer).
+fn print(text: &str) {
     let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{line}");
+    let _ = out.write_all(text.as_bytes());
     let _ = out.flush();
-}
-
-/// Both servers' binaries, all problems at once.
-fn check_binaries() -> Result<(), DemoError> {
-    let mut missing = Vec::new();
-    for name in ["initdb", "pg_ctl", "postgres", "psql"] {
-        if let Err(e) = TestPostgres::bin(name) {
-            missing.push(format!("  - {e}"));
-            break;
-        }
-    }
-    if !on_path("redis-server") {
-        missing.push(
-            "  - redis-server not found in PATH; install it with `apt-get install -y redis-server`"
-                .to_string(),
-        );
-    }
-    if missing.is_empty() {
-        Ok(())
-    } else {
-        Err(DemoError::MissingBinaries(missing))
-    }
-}
-
-/// The throwaway servers, the shop database created and set up for pgcache.
-struct Servers {
-    pg: TestPostgres,
-    redis: TestRedis,
-    /// What the setup scripts printed (slot created, replica identities).
-    setup_report: Vec<String>,
-}
-
-impl Servers {
-    /// Blocking: starts both servers and runs the schema and `sql/setup.sql`.
-    fn start() -> Result<Servers, DemoError> {
-        let setup = |e: anyhow::Error| DemoError::Setup(format!("{e:#}"));
-        let redis = TestRedis::start().map_err(setup)?;
-        // The harness turns synchronous_commit off for speed, which makes the walsender wait
-        // for the WAL writer (up to 200 ms) before it sends a commit: on, as in production
-        // (fsync stays off), so the lag shown is the daemon's, not the harness's.
-        let pg = TestPostgres::start_with(PgOptions {
-            extra_conf: vec!["synchronous_commit = on".to_string()],
-            ..PgOptions::default()
-        })
-        .map_err(setup)?;
-        pg.create_database(shop::DATABASE).map_err(setup)?;
-        pg.psql(shop::DATABASE, shop::SCHEMA).map_err(setup)?;
-        let script = shop::setup_script().map_err(DemoError::Setup)?;
-        let output = pg.psql(shop::DATABASE, &script).map_err(setup)?;
-        Ok(Servers {
-            pg,
-            redis,
-            setup_report: setup_report(&output),
-        })
-    }
-
-    /// The Postgres server's temporary directory (its data directory is inside).
-    fn pg_dir(&self) -> PathBuf {
-        let data = self.pg.data_dir();
-        data.parent().unwrap_or(data).to_path_buf()
-    }
-}
-
-/// What `sql/setup.sql` printed, shortened: its replica identity report has a row per table
-/// (`table|identity|columns|advice`), and the demo's key templates use only the primary key.
-fn setup_report(output: &str) -> Vec<String> {
-    let mut report = vec![format!(
-        "sql/setup.sql: role {:?}, publication {:?} for {}",
-        shop::ROLE,
-        shop::PUBLICATION,
-        shop::table_list()
-    )];
-    let mut identities = Vec::new();
-    for line in output.lines().filter(|l| !l.trim().is_empty()) {
-        match line.split('|').collect::<Vec<_>>()[..] {
-            [table, identity, columns, _advice] => {
-                identities.push(format!("{table} {identity} ({columns})"));
-            }
-            _ => report.push(format!("sql/setup.sql: {line}")),
-        }
-    }
-    if !identities.is_empty() {
-        report.push(format!(
-            "sql/setup.sql: replica identity: {}",
-            identities.join(", ")
-        ));
-    }
-    report
 }
 
 /// The daemon, running in this process.
@@ -340,20 +261,36 @@ async fn with_servers(
         shop::PUBLICATION,
         shop::ROLE
     ));
-    let result = traffic(servers, options, signals, &config, meter, &daemon).await;
+    let stage = Stage {
+        servers,
+        options,
+        signals,
+        config: &config,
+        daemon: &daemon,
+    };
+    let result = traffic(&stage, meter).await;
     let stopped = daemon.stop().await;
     result.and(stopped)
 }
 
+/// What every step of a run works with.
+struct Stage<'a> {
+    servers: &'a Servers,
+    options: &'a DemoOptions,
+    signals: &'a Signals,
+    config: &'a Config,
+    daemon: &'a DaemonTask,
+}
+
 /// Seeds the shop, runs the workload with the live view, then checks and summarizes.
-async fn traffic(
-    servers: &Servers,
-    options: &DemoOptions,
-    signals: &Signals,
-    config: &Config,
-    meter: Option<Arc<Meter>>,
-    daemon: &DaemonTask,
-) -> Result<(), DemoError> {
+async fn traffic(stage: &Stage<'_>, meter: Option<Arc<Meter>>) -> Result<(), DemoError> {
+    let Stage {
+        servers,
+        options,
+        signals,
+        config,
+        daemon,
+    } = *stage;
     let app_url = servers.pg.url(shop::DATABASE);
     let target = PgTarget::parse(&app_url)
         .map_err(|e| DemoError::Setup(format!("Postgres URL {app_url}: {e}")))?;
@@ -369,7 +306,7 @@ async fn traffic(
         .await
         .map_err(DemoError::redis("connecting"))?;
 
-    wait_until_streaming(config, redis.clone(), daemon, signals).await?;
+    wait_until_streaming(stage, redis.clone()).await?;
     // The daemon is streaming past its initial backfill, so the seed reaches Redis through
     // the stream, as every later write does.
     app.batch_execute(&shop::seed_sql())
@@ -428,17 +365,7 @@ async fn traffic(
     let workload = Workload::start(app, reader.clone(), options.rate, seed_rows);
     sampler.started = Instant::now();
     let first = sampler.take(workload.counts(), reader.stats()).await?;
-    let (last, daemon_died) = live_view(
-        servers,
-        options,
-        signals,
-        &mut sampler,
-        &workload,
-        &reader,
-        daemon,
-        first,
-    )
-    .await?;
+    let (last, daemon_died) = live_view(stage, &mut sampler, &workload, &reader, first).await?;
     let (counts, problem) = workload.stop().await;
     let stopped_at = Instant::now();
     let after_seconds = last.elapsed;
@@ -452,15 +379,19 @@ async fn traffic(
     let checks = wait_for_convergence(&sampler.pg, &mut sampler.redis.clone()).await?;
     let converged = checks.iter().all(TableCheck::matches);
     let final_sample = sampler.take(counts, reader.stats()).await?;
-    print_summary(
-        servers,
-        options,
-        after_seconds,
-        &final_sample,
-        &checks,
-        converged.then(|| stopped_at.elapsed()),
-        problem,
-    );
+    let summary = Summary {
+        ran: after_seconds,
+        sample: &final_sample,
+        checks: &checks,
+        converged_in: converged.then(|| stopped_at.elapsed()),
+        patience: CONVERGE_PATIENCE,
+        problem: problem.as_deref(),
+        redis_port: servers.redis.port(),
+        pg_port: servers.pg.port(),
+        psql: &servers::psql_command(),
+        keep: options.keep,
+    };
+    print(&summary.text());
     if !converged {
         return Err(DemoError::NotConverged {
             seconds: CONVERGE_PATIENCE.as_secs(),
@@ -481,11 +412,15 @@ async fn traffic(
 /// Waits until the daemon streams and has finished the initial backfill of the (still
 /// empty) mirror tables, which it runs on a first start when `backfill.auto` is on.
 async fn wait_until_streaming(
-    config: &Config,
+    stage: &Stage<'_>,
     mut redis: redis::aio::MultiplexedConnection,
-    daemon: &DaemonTask,
-    signals: &Signals,
 ) -> Result<(), DemoError> {
+    let Stage {
+        config,
+        daemon,
+        signals,
+        ..
+    } = *stage;
     let started = Instant::now();
     let key = crate::checkpoint::checkpoint_key(&config.redis.key_prefix, &config.postgres.slot);
     let mirrors: Vec<&str> = shop::TABLES
@@ -541,17 +476,20 @@ async fn wait_until_streaming(
 
 /// Samples and draws once a second until the run ends. Returns the last sample and whether
 /// the daemon stopped on its own.
-#[allow(clippy::too_many_arguments)]
 async fn live_view(
-    servers: &Servers,
-    options: &DemoOptions,
-    signals: &Signals,
+    stage: &Stage<'_>,
     sampler: &mut Sampler,
     workload: &Workload,
     reader: &Reader,
-    daemon: &DaemonTask,
     first: Sample,
 ) -> Result<(Sample, bool), DemoError> {
+    let Stage {
+        servers,
+        options,
+        signals,
+        daemon,
+        ..
+    } = *stage;
     let tty = std::io::stdout().is_terminal();
     let mut view = View::new(
         tty,
@@ -581,10 +519,7 @@ async fn live_view(
         };
         let now = sampler.take(workload.counts(), reader.stats()).await?;
         if now.elapsed.saturating_sub(prev.elapsed) >= Duration::from_millis(200) {
-            let frame = view.frame(&prev, &now);
-            let mut out = std::io::stdout().lock();
-            let _ = out.write_all(frame.as_bytes());
-            let _ = out.flush();
+            print(&view.frame(&prev, &now));
         }
         if daemon.has_stopped() {
             return Ok((now, true));
@@ -609,126 +544,4 @@ async fn wait_for_convergence(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-fn print_summary(
-    servers: &Servers,
-    options: &DemoOptions,
-    ran: Duration,
-    s: &Sample,
-    checks: &[TableCheck],
-    converged_in: Option<Duration>,
-    problem: Option<String>,
-) {
-    let w = &s.workload;
-    let r = &s.reader;
-    let mut text = format!("\nsummary after {:.1} s of traffic\n", ran.as_secs_f64());
-    text.push_str(&format!(
-        "  writes     {} transactions changed {} rows in Postgres ({} of them the seed)\n",
-        w.transactions,
-        w.rows,
-        shop::SEED_PRODUCTS + shop::SEED_CUSTOMERS
-    ));
-    match &s.progress {
-        Some(p) => {
-            let equal = if p.changes == w.rows {
-                " (= rows written)"
-            } else {
-                ""
-            };
-            let latency = match (p.latency.mean_ms(), p.latency.max_ms()) {
-                (Some(mean), Some(max)) => {
-                    format!("; commit to Redis {mean:.1} ms avg, {max:.1} ms max")
-                }
-                _ => String::new(),
-            };
-            text.push_str(&format!(
-                "  applied    {} changes{equal} in {} transactions{latency}\n",
-                p.changes, p.transactions
-            ));
-        }
-        None => text.push_str("  applied    unknown (no metrics recorder)\n"),
-    }
-    text.push_str(&format!(
-        "  reads      {} lookups through pgcache::Reader, hit rate {:.1}% ({} hits, {} misses, {} fills, {} lost fills, {} lease waits)\n",
-        r.hits + r.misses,
-        r.hit_rate() * 100.0,
-        r.hits,
-        r.misses,
-        r.fills,
-        r.lost_fills,
-        r.waits
-    ));
-    if w.write_errors + w.read_errors > 0 {
-        text.push_str(&format!(
-            "  problems   {} failed writes, {} failed reads; last: {}\n",
-            w.write_errors,
-            w.read_errors,
-            problem.unwrap_or_default()
-        ));
-    }
-    text.push_str(&format!("  keys per table: {}\n", s.keys.pairs()));
-    match converged_in {
-        Some(after) => text.push_str(&format!(
-            "  converged: Redis matches Postgres {:.2} s after the last write\n",
-            after.as_secs_f64()
-        )),
-        None => text.push_str(&format!(
-            "  NOT converged {} s after the last write\n",
-            CONVERGE_PATIENCE.as_secs()
-        )),
-    }
-    for check in checks {
-        text.push_str(&format!("    {check}\n"));
-    }
-
-    let redis_port = servers.redis.port();
-    let pg_port = servers.pg.port();
-    text.push_str(&format!(
-        "
-what you just saw
-  - The workload wrote to Postgres only. The daemon read each committed transaction from
-    the replication slot (pgoutput) and applied it to Redis in one MULTI/EXEC together with
-    its checkpoint, so an order and the stock it took appear in Redis at the same instant.
-  - products and customers are mirrored: every row has its key. orders are in refresh mode:
-    pgcache::Reader cached them on first read, under a lease that stops a stampede and any
-    stale fill, and the daemon kept the cached ones current as their status changed.
-  - The hit rate is the reader's: each miss read Postgres once and filled Redis.
-
-try next{}
-  redis-cli -p {redis_port} GET product:1
-  redis-cli -p {redis_port} --scan --pattern 'order:*'
-  redis-cli -p {redis_port} HGETALL 'pgcache:{{{slot}}}:checkpoint'
-  {psql} -h 127.0.0.1 -p {pg_port} -U postgres {db} -c \"UPDATE products SET price = 9.99 WHERE id = 1\"
-  redis-cli -p {redis_port} GET product:1      (the new price, already there)
-",
-        if options.keep {
-            ""
-        } else {
-            " (with `pgcache demo --keep`, which keeps the servers until Ctrl-C)"
-        },
-        slot = shop::SLOT,
-        db = shop::DATABASE,
-        psql = psql_command(),
-    ));
-    // A stable last line for scripts and tests.
-    text.push_str(&format!("redis keys: {}\n", s.keys.pairs()));
-    let mut out = std::io::stdout().lock();
-    let _ = out.write_all(text.as_bytes());
-    let _ = out.flush();
-}
-
-fn on_path(name: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(name).is_file()))
-}
-
-/// `psql` when it is on PATH, else its full path.
-fn psql_command() -> String {
-    if on_path("psql") {
-        return "psql".to_string();
-    }
-    TestPostgres::bin("psql")
-        .map(|p| p.display().to_string())
-        .unwrap_or_else(|_| "psql".to_string())
 }
