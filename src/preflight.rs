@@ -22,8 +22,7 @@ use std::fmt;
 pub use self::redis::redis_findings;
 use crate::config::Config;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
-#[serde(rename_all = "UPPERCASE")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Level {
     Ok,
     Warn,
@@ -42,13 +41,12 @@ impl fmt::Display for Level {
 }
 
 /// One checked fact about the servers.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone)]
 pub struct Finding {
     pub level: Level,
     /// What was checked and what was found.
     pub what: String,
     /// The SQL or setting that fixes it, for WARN and FAIL.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub fix: Option<String>,
 }
 
