@@ -52,6 +52,8 @@ pub struct Sample {
     pub lag_bytes: Option<u64>,
     pub keys: KeyCounts,
     pub reader: Stats,
+    /// Why a number could not be read this time (it then shows as unknown or as before).
+    pub problem: Option<String>,
 }
 
 /// What a sample reads from: connections of its own, so sampling never waits on the
@@ -81,19 +83,29 @@ impl Sampler {
     }
 
     /// Takes a sample. `workload` and `reader` are read by the caller, which owns them.
-    ///
-    /// # Errors
-    /// When Postgres or Redis fail to answer.
-    pub async fn take(&mut self, workload: Counts, reader: Stats) -> Result<Sample, DemoError> {
-        Ok(Sample {
+    /// A server that does not answer in time (a busy machine) is not an error here: what
+    /// could not be read is unknown this time, the key counts stay those of `previous`, and
+    /// `problem` says why.
+    pub async fn take(&mut self, workload: Counts, reader: Stats, previous: &Sample) -> Sample {
+        let mut problems = Vec::new();
+        let lag_bytes = self.lag_bytes().await.unwrap_or_else(|e| {
+            problems.push(e.to_string());
+            None
+        });
+        let keys = self.key_counts().await.unwrap_or_else(|e| {
+            problems.push(e.to_string());
+            previous.keys.clone()
+        });
+        Sample {
             elapsed: self.started.elapsed(),
             workload,
             progress: self.meter.as_ref().map(|m| m.progress()),
             latency: self.meter.as_ref().map(|m| m.take_latency_window()),
-            lag_bytes: self.lag_bytes().await?,
-            keys: self.key_counts().await?,
+            lag_bytes,
+            keys,
             reader,
-        })
+            problem: (!problems.is_empty()).then(|| problems.join("; ")),
+        }
     }
 
     /// The distance from Postgres's WAL write position to the furthest point the daemon

@@ -106,6 +106,9 @@ fn interval(prev: &Sample, now: &Sample) -> Interval {
             errors.push(format!("{} daemon reconnects", p.reconnects));
         }
     }
+    if let Some(problem) = &now.problem {
+        errors.push(format!("not sampled: {problem}"));
+    }
     let progress = now.progress.zip(prev.progress);
     Interval {
         writes_tx: per_second(w.transactions, pw.transactions, dt),
@@ -251,6 +254,7 @@ mod tests {
                 fills: 150,
                 ..Stats::default()
             },
+            problem: None,
         };
         (prev, now)
     }
@@ -284,8 +288,12 @@ mod tests {
         let (prev, mut now) = samples();
         now.workload.write_errors = 2;
         now.progress = None;
+        now.problem = Some("Redis: scanning keys: timed out".to_string());
         let text = line(&prev, &now);
         assert!(text.contains("applied ?"));
-        assert!(text.ends_with("| 2 failed writes"));
+        assert!(
+            text.ends_with("| 2 failed writes, not sampled: Redis: scanning keys: timed out"),
+            "{text}"
+        );
     }
 }

@@ -1,6 +1,7 @@
 //! `pgcache demo`, the README's first command, run as a user runs it: the binary, for a few
 //! seconds, without a terminal.
 
+use std::io::{BufRead, BufReader, Read};
 use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -100,23 +101,7 @@ fn demo_runs_converges_and_cleans_up() {
     assert!(count("customer") >= 100, "{context}");
     assert!(count("order") > 0, "the reader cached orders\n{context}");
 
-    // Nothing is left behind: the servers are gone and so are their directories.
-    for server in ["postgres", "redis"] {
-        let addr = field(&stdout, "servers:", server);
-        assert!(
-            TcpStream::connect_timeout(&addr.parse().expect("address"), Duration::from_secs(1))
-                .is_err(),
-            "{server} at {addr} still accepts connections after the demo\n{context}"
-        );
-    }
-    let dirs = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("temporary directories: "))
-        .unwrap_or_else(|| panic!("no temporary directories line\n{context}"));
-    for dir in dirs.split_whitespace() {
-        assert!(!Path::new(dir).exists(), "{dir} was not removed\n{context}");
-    }
-    assert!(stdout.contains("cleaned up: "), "{context}");
+    assert_nothing_left(&stdout, &context);
 }
 
 #[test]
@@ -137,4 +122,85 @@ fn demo_says_what_to_install_when_redis_is_missing() {
     );
     // Nothing was started.
     assert!(!String::from_utf8_lossy(&out.stdout).contains("servers:"));
+}
+
+/// The servers the demo printed are gone, and so are their directories.
+fn assert_nothing_left(stdout: &str, context: &str) {
+    for server in ["postgres", "redis"] {
+        let addr = field(stdout, "servers:", server);
+        assert!(
+            TcpStream::connect_timeout(&addr.parse().expect("address"), Duration::from_secs(1))
+                .is_err(),
+            "{server} at {addr} still accepts connections after the demo\n{context}"
+        );
+    }
+    let dirs = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("temporary directories: "))
+        .unwrap_or_else(|| panic!("no temporary directories line\n{context}"));
+    for dir in dirs.split_whitespace() {
+        assert!(!Path::new(dir).exists(), "{dir} was not removed\n{context}");
+    }
+    assert!(stdout.contains("cleaned up: "), "{context}");
+}
+
+#[test]
+fn ctrl_c_ends_the_demo_with_a_summary_and_cleans_up() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pgcache"))
+        .arg("demo")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn pgcache");
+    let pid = child.id() as i32;
+    // A watchdog, so a demo that ignores Ctrl-C fails the test instead of hanging it. It
+    // stands down as soon as the child is reaped (the sender drops), so it never signals a
+    // pid that was given to another process.
+    let (reaped, watch) = std::sync::mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        if watch.recv_timeout(Duration::from_secs(120))
+            == Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+        {
+            // SAFETY: kill(2) has no memory-safety preconditions; the child is not reaped.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    });
+    let mut stdout = String::new();
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    let mut interrupted = false;
+    while lines.read_line(&mut line).expect("read stdout") > 0 {
+        // The second line of the live view: the workload has run for two seconds.
+        if !interrupted && line.starts_with("[") && stdout.contains("\n[") {
+            // SAFETY: kill(2) has no memory-safety preconditions; the child is not reaped.
+            unsafe { libc::kill(pid, libc::SIGINT) };
+            interrupted = true;
+        }
+        stdout.push_str(&line);
+        line.clear();
+    }
+    let status = child.wait().expect("wait");
+    drop(reaped);
+    let _ = watchdog.join();
+    let mut stderr = String::new();
+    let _ = child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut stderr);
+    let context = format!("--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}");
+    assert!(interrupted, "the live view never started\n{context}");
+    assert!(status.success(), "{status:?}\n{context}");
+    assert!(
+        stdout.contains("converged: Redis matches Postgres"),
+        "{context}"
+    );
+    assert!(
+        field(&stdout, "redis keys:", "product")
+            .parse::<u64>()
+            .expect("count")
+            >= 200
+    );
+    assert_nothing_left(&stdout, &context);
 }
