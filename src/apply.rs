@@ -126,7 +126,14 @@ impl Batch {
 
     /// Committed transactions waiting to be flushed.
     pub fn has_committed(&self) -> bool {
-        self.commit_end.is_some() || !self.meta.is_empty()
+        self.committed > 0 || self.commit_end.is_some() || !self.meta.is_empty()
+    }
+
+    /// Adds an operation outside any transaction (between transactions).
+    pub fn push_committed(&mut self, op: Op) {
+        debug_assert_eq!(self.open_len(), 0, "outside a transaction only");
+        self.ops.push(op);
+        self.committed = self.ops.len();
     }
 
     /// Marks the end of a transaction.

@@ -85,6 +85,19 @@ pub enum BackfillError {
     Table { table: String, message: String },
 }
 
+impl BackfillError {
+    /// The query was refused because of the table's shape (SQLSTATE class 42: undefined
+    /// column or table, ...), not because of the connection: retrying will not help.
+    pub fn is_schema_error(&self) -> bool {
+        match self {
+            BackfillError::Postgres { source, .. } => source
+                .code()
+                .is_some_and(|code| code.code().starts_with("42")),
+            BackfillError::Table { .. } => true,
+        }
+    }
+}
+
 /// How to read one table's rows the way the stream sees them.
 pub struct TablePlan {
     pub rule: Arc<TableRule>,
@@ -458,6 +471,12 @@ impl Backfills {
         }
     }
 
+    /// Stops backfilling a table (it is not set up right).
+    pub fn remove_table(&mut self, table: &str) {
+        self.rules.remove(table);
+        self.queue.retain(|job| job.table != table);
+    }
+
     /// Qualified names of the tables backfills cover (mirror tables).
     pub fn tables(&self) -> impl Iterator<Item = &str> {
         self.rules.keys().map(String::as_str)
@@ -582,7 +601,7 @@ impl Backfills {
             table: job.table.clone(),
             source,
         };
-        let result = async {
+        let result: Result<Chunk, BackfillError> = async {
             emit(&self.client, &Control::Low(id.clone()))
                 .await
                 .map_err(pg)?;
@@ -604,6 +623,14 @@ impl Backfills {
                     chunk,
                     window_open: false,
                 });
+                Ok(())
+            }
+            Err(e) if e.is_schema_error() => {
+                // The table changed under the plan (a column dropped, say). The stream's
+                // Relation message decides what happens to the table; a later resync or
+                // reshape starts over with a fresh plan.
+                self.plans.remove(&job.table);
+                tracing::error!(error = %e, "backfill chunk failed; the table's backfill stops");
                 Ok(())
             }
             Err(e) => {

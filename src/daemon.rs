@@ -204,7 +204,15 @@ async fn session(
 ) -> Result<(), RunError> {
     let client = redis::Client::open(config.redis.url.expose())
         .map_err(|e| RunError::Fatal(format!("redis.url: {e}")))?;
-    let mut redis = client.get_multiplexed_async_connection().await?;
+    // A large EXEC on a loaded Redis can take well over redis-rs's default 500 ms reply
+    // timeout; ending the session for it would only replay the same batch. A dead server
+    // is still noticed: the connection drops.
+    let redis_config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(10)))
+        .set_response_timeout(Some(Duration::from_secs(60)));
+    let mut redis = client
+        .get_multiplexed_async_connection_with_config(&redis_config)
+        .await?;
     let checkpoint_key =
         checkpoint::checkpoint_key(&config.redis.key_prefix, &config.postgres.slot);
     let saved = checkpoint::read_state(&mut redis, &checkpoint_key)
@@ -234,7 +242,7 @@ async fn session(
     let findings = preflight::postgres_findings(&catalog, config).await?;
     let failed: Vec<String> = findings
         .iter()
-        .filter(|f| f.level == Level::Fail)
+        .filter(|f| f.level == Level::Fail && f.table.is_none())
         .map(|f| f.to_string())
         .collect();
     if !failed.is_empty() {
@@ -243,11 +251,27 @@ async fn session(
             failed.join("\n")
         )));
     }
+    // A table that is not set up right stops alone; the others go on.
+    let mut stopped_tables: Vec<(String, String)> = Vec::new();
+    for finding in findings.iter().filter(|f| f.level == Level::Fail) {
+        if let Some(table) = &finding.table {
+            error!(%table, problem = %finding, "table stopped: it is not set up for pgcache; its keys are dropped");
+            stopped_tables.push((table.clone(), finding.to_string()));
+        }
+    }
 
     let backfill_client = pgconn::connect(target)
         .await
         .map_err(|e| RunError::Transient(format!("postgres {}: {e}", target.redacted())))?;
     let mut backfills = Backfills::new(backfill_client, config);
+    let mut relations = RelationCache::new(config);
+    let mut batch = Batch::default();
+    for (table, problem) in &stopped_tables {
+        backfills.remove_table(table);
+        if let Some(key_space) = relations.stop_table(table, problem) {
+            batch.push_committed(crate::apply::Op::DropKeySpace { key_space });
+        }
+    }
     plan_backfills(config, &saved, &mut backfills);
 
     let mut replication = ReplicationConnection::connect(target).await?;
@@ -270,9 +294,9 @@ async fn session(
         epoch,
         applied_upto,
         backfills,
-        relations: RelationCache::new(config),
+        relations,
         types: TypeResolver::new(catalog),
-        batch: Batch::default(),
+        batch,
         in_transaction: false,
         skipping: false,
         commit_time: 0,

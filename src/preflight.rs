@@ -48,6 +48,9 @@ pub struct Finding {
     pub what: String,
     /// The SQL or setting that fixes it, for WARN and FAIL.
     pub fix: Option<String>,
+    /// The configured table it is about, if any. A FAIL about one table stops only that
+    /// table in `pgcache run`; the others go on.
+    pub table: Option<String>,
 }
 
 impl Finding {
@@ -56,6 +59,7 @@ impl Finding {
             level: Level::Ok,
             what: what.into(),
             fix: None,
+            table: None,
         }
     }
     pub fn warn(what: impl Into<String>, fix: impl Into<String>) -> Self {
@@ -63,6 +67,7 @@ impl Finding {
             level: Level::Warn,
             what: what.into(),
             fix: Some(fix.into()),
+            table: None,
         }
     }
     pub fn fail(what: impl Into<String>, fix: impl Into<String>) -> Self {
@@ -70,6 +75,7 @@ impl Finding {
             level: Level::Fail,
             what: what.into(),
             fix: Some(fix.into()),
+            table: None,
         }
     }
 }
@@ -99,7 +105,16 @@ pub async fn postgres_findings(
     findings.extend(publication_findings(client, config).await?);
     findings.extend(slot_findings(client, config).await?);
     for rule in &config.tables {
-        findings.extend(tables::table_findings(client, config, rule).await?);
+        let table = rule.qualified_name();
+        findings.extend(
+            tables::table_findings(client, config, rule)
+                .await?
+                .into_iter()
+                .map(|finding| Finding {
+                    table: Some(table.clone()),
+                    ..finding
+                }),
+        );
     }
     Ok(findings)
 }

@@ -73,6 +73,8 @@ impl TypeResolver {
 
 pub struct RelationCache {
     rules: HashMap<(String, String), Arc<TableRule>>,
+    /// Tables stopped before streaming (not set up right), with the problem.
+    stopped: HashMap<String, String>,
     key_prefix: String,
     relations: HashMap<u32, RelationState>,
 }
@@ -91,9 +93,19 @@ impl RelationCache {
             .collect();
         RelationCache {
             rules,
+            stopped: HashMap::new(),
             key_prefix: config.redis.key_prefix.clone(),
             relations: HashMap::new(),
         }
+    }
+
+    /// Stops a table for this session: its changes are skipped. Returns its key space, so
+    /// the caller can drop its keys.
+    pub fn stop_table(&mut self, table: &str, problem: &str) -> Option<String> {
+        let rule = self.rules.values().find(|r| r.qualified_name() == table)?;
+        let key_space = format!("{}{}", self.key_prefix, rule.key.literal_prefix());
+        self.stopped.insert(table.to_string(), problem.to_string());
+        Some(key_space)
     }
 
     pub fn get(&self, relation_id: u32) -> Option<&RelationState> {
@@ -112,6 +124,13 @@ impl RelationCache {
             .get(&(relation.namespace.clone(), relation.name.clone()))
         {
             None => RelationState::Ignored,
+            Some(rule) if self.stopped.contains_key(&rule.qualified_name()) => {
+                RelationState::Broken {
+                    table: rule.qualified_name(),
+                    error: self.stopped[&rule.qualified_name()].clone(),
+                    key_space: format!("{}{}", self.key_prefix, rule.key.literal_prefix()),
+                }
+            }
             Some(rule) => {
                 let mut column_types = Vec::with_capacity(relation.columns.len());
                 for column in &relation.columns {
