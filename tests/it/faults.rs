@@ -303,3 +303,40 @@ async fn sigterm_finishes_and_confirms() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_that_is_not_set_up_stops_alone() {
+    // `lonely` is configured but not in the publication: its changes can never arrive.
+    let env = Env::start(
+        "CREATE TABLE counters (id int PRIMARY KEY, v bigint NOT NULL);
+         CREATE TABLE lonely (id int PRIMARY KEY, v int);",
+        "public.counters",
+    );
+    let mut r = env.redis().await;
+    // A value cached earlier that the daemon could never keep fresh.
+    let _: () = redis::cmd("SET")
+        .arg("lonely:1")
+        .arg(r#"{"id":1,"v":1}"#)
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    let rules = format!("{RULE}\n[[tables]]\ntable = \"lonely\"\nkey = \"lonely:{{id}}\"\n");
+    let daemon = InProcess::start(env.config(&rules));
+    env.sql(SEED);
+    let mut r2 = r.clone();
+    converged(&env, &mut r2, Duration::from_secs(30)).await;
+    eventually(Duration::from_secs(10), "lonely:1 dropped", || {
+        let mut r = r.clone();
+        async move {
+            crate::common::get(&mut r, "lonely:1")
+                .await
+                .is_none()
+                .then_some(())
+        }
+    })
+    .await;
+    daemon
+        .stop()
+        .await
+        .expect("the daemon kept running for the other table");
+}
