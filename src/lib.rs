@@ -46,6 +46,8 @@ pub mod commands;
 #[cfg(feature = "daemon")]
 pub mod daemon;
 #[cfg(feature = "daemon")]
+pub mod demo;
+#[cfg(feature = "daemon")]
 pub mod pgoutput;
 #[cfg(feature = "daemon")]
 pub mod preflight;
@@ -55,8 +57,6 @@ pub mod relations;
 pub mod replication;
 #[cfg(feature = "daemon")]
 pub mod testkit;
-#[cfg(feature = "daemon")]
-pub mod demo;
 #[cfg(feature = "daemon")]
 pub mod verify;
 

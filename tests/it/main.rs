@@ -6,15 +6,15 @@
 //!
 //! Run one area with `cargo test --test it <module>`, e.g. `cargo test --test it testkit`.
 
-mod deploy;
-mod testkit;
-mod replication;
+mod backfill;
+mod bench;
 mod cdc;
 mod common;
-mod faults;
-mod reader;
-mod stream;
-mod backfill;
-mod ops;
 mod demo;
-mod bench;
+mod deploy;
+mod faults;
+mod ops;
+mod reader;
+mod replication;
+mod stream;
+mod testkit;
