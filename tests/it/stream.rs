@@ -208,7 +208,7 @@ INSERT INTO matrix_num VALUES (1, 12.50, 3, '{1.50,NaN,-0.001}', 0.1),
 /// Every type of DESIGN.md's encoding table goes through the stream, and the read helper
 /// produces the same bytes for the same rows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn type_matrix_stream_and_reader_are_byte_identical() {
+async fn type_matrix_stream_backfill_and_reader_are_byte_identical() {
     let env = Env::start("", "");
     if let Err(e) = env.pg.psql(DB, "CREATE EXTENSION IF NOT EXISTS citext;") {
         panic!(
@@ -414,7 +414,30 @@ async fn type_matrix_stream_and_reader_are_byte_identical() {
         &from_daemon_num,
     )
     .await;
+    assert_backfill_matches(&env, "public.matrix", "matrix:", &from_daemon).await;
+    assert_backfill_matches(&env, "public.matrix_num", "mnum:", &from_daemon_num).await;
     daemon.stop().await.expect("clean stop");
+}
+
+/// Deletes the keys, asks the running daemon to backfill the table again (`pgcache resync`
+/// sends this same message), and checks the backfill writes exactly the stream's bytes.
+async fn assert_backfill_matches(
+    env: &Env,
+    table: &str,
+    prefix: &str,
+    from_daemon: &[(i32, String)],
+) {
+    let mut r = env.redis().await;
+    for (id, _) in from_daemon {
+        del(&mut r, &format!("{prefix}{id}")).await;
+    }
+    env.sql(&format!(
+        "SELECT pg_logical_emit_message(false, 'pgcache', 'resync:{table}')"
+    ));
+    for (id, daemon_value) in from_daemon {
+        let key = format!("{prefix}{id}");
+        wait_for_exact(&mut r, &key, Some(daemon_value.as_str())).await;
+    }
 }
 
 /// ALTER TABLE while the daemon streams: later values follow the new columns and types.
