@@ -580,8 +580,13 @@ impl Stream<'_> {
         op: &'static str,
         result: Result<(), crate::apply::ChangeError>,
     ) {
-        metrics::counter!(m::CHANGES, "table" => table.rule.qualified_name(), "op" => op)
-            .increment(1);
+        let counter = match op {
+            "insert" => &table.counters.insert,
+            "update" => &table.counters.update,
+            "delete" => &table.counters.delete,
+            _ => &table.counters.truncate,
+        };
+        counter.increment(1);
         if let Err(e) = result {
             // The key was deleted instead where one could be computed; absence is safe.
             warn!(error = %e, "change could not be cached as a value");

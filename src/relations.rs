@@ -24,6 +24,36 @@ pub struct TableState {
     pub key_positions: Vec<usize>,
     /// `<key_prefix><literal prefix of the template>`: every key of this table starts so.
     pub key_space: String,
+    /// `pgcache_changes_total` for this table, by operation, registered once (a labelled
+    /// lookup per change would cost more than the change).
+    pub counters: OpCounters,
+}
+
+/// Per-table change counters.
+#[derive(Clone)]
+pub struct OpCounters {
+    pub insert: metrics::Counter,
+    pub update: metrics::Counter,
+    pub delete: metrics::Counter,
+    pub truncate: metrics::Counter,
+}
+
+impl OpCounters {
+    fn new(table: &str) -> OpCounters {
+        let counter = |op: &'static str| metrics::counter!(crate::metrics::CHANGES, "table" => table.to_string(), "op" => op);
+        OpCounters {
+            insert: counter("insert"),
+            update: counter("update"),
+            delete: counter("delete"),
+            truncate: counter("truncate"),
+        }
+    }
+}
+
+impl std::fmt::Debug for OpCounters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OpCounters")
+    }
 }
 
 /// What a relation id stands for.
@@ -195,6 +225,7 @@ fn table_state(
         positions,
         key_positions,
         key_space: format!("{key_prefix}{}", rule.key.literal_prefix()),
+        counters: OpCounters::new(&rule.qualified_name()),
     })
 }
 
