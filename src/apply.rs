@@ -407,16 +407,17 @@ impl Batch {
         });
     }
 
-    /// Sends the committed part of the batch, or all of it when `include_open` (a transaction
-    /// too large to hold), as one `MULTI … EXEC`. The checkpoint goes in the same `EXEC` when
-    /// the flush ends at a commit. On error nothing is removed: the caller reconnects and the
-    /// stream is replayed from the checkpoint.
-    pub async fn flush(
+    /// Takes the committed part of the batch, or all of it when `include_open` (a transaction
+    /// too large to hold), as one `MULTI … EXEC` pipeline. The checkpoint goes in the same
+    /// `EXEC` when it ends at a commit; the `EXEC` also reads back the checkpoint's epoch (see
+    /// [`checkpoint::FIELD_EPOCH`]). `None` when there is nothing to write. The caller runs
+    /// the pipeline; if that fails it must reconnect and replay from the checkpoint, since the
+    /// operations are no longer here.
+    pub fn prepare(
         &mut self,
-        conn: &mut impl redis::aio::ConnectionLike,
         checkpoint_key: &str,
         include_open: bool,
-    ) -> Result<Flushed, redis::RedisError> {
+    ) -> Option<(redis::Pipeline, Flushed)> {
         let upto = if include_open {
             self.ops.len()
         } else {
@@ -428,7 +429,7 @@ impl Batch {
             None
         };
         if upto == 0 && checkpoint.is_none() && self.meta.is_empty() {
-            return Ok(Flushed::default());
+            return None;
         }
         let mut pipe = redis::pipe();
         pipe.atomic();
@@ -441,7 +442,6 @@ impl Batch {
             add_op(&mut pipe, op);
         }
         checkpoint::write(&mut pipe, checkpoint_key, checkpoint, &self.meta, now_ms());
-        let (epoch,): (Option<String>,) = pipe.query_async(conn).await?;
         self.ops.drain(..upto);
         self.meta.clear();
         let flushed = Flushed {
@@ -450,13 +450,28 @@ impl Batch {
             checkpoint,
             commit_times: std::mem::take(&mut self.commit_times),
             wrote: true,
-            epoch,
+            epoch: None,
         };
         self.committed = 0;
         self.transactions = 0;
         if checkpoint.is_some() {
             self.commit_end = None;
         }
+        Some((pipe, flushed))
+    }
+
+    /// [`Batch::prepare`] and run it.
+    pub async fn flush(
+        &mut self,
+        conn: &mut impl redis::aio::ConnectionLike,
+        checkpoint_key: &str,
+        include_open: bool,
+    ) -> Result<Flushed, redis::RedisError> {
+        let Some((pipe, mut flushed)) = self.prepare(checkpoint_key, include_open) else {
+            return Ok(Flushed::default());
+        };
+        let (epoch,): (Option<String>,) = pipe.query_async(conn).await?;
+        flushed.epoch = epoch;
         Ok(flushed)
     }
 

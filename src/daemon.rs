@@ -13,7 +13,7 @@ use rand::Rng;
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
-use crate::apply::{Batch, Merge};
+use crate::apply::{Batch, Flushed, Merge};
 use crate::backfill::{self, Backfills};
 use crate::checkpoint;
 use crate::config::Config;
@@ -143,6 +143,8 @@ struct Stream<'a> {
     relations: RelationCache,
     types: TypeResolver,
     batch: Batch,
+    /// The `EXEC` Redis is working on, if any.
+    in_flight: Option<tokio::task::JoinHandle<Result<Applied, redis::RedisError>>>,
     in_transaction: bool,
     skipping: bool,
     commit_time: i64,
@@ -154,6 +156,25 @@ struct Stream<'a> {
     last_status: Instant,
     last_heartbeat: Instant,
     wal_end: Lsn,
+}
+
+/// A batch Redis acknowledged.
+struct Applied {
+    flushed: Flushed,
+    started: Instant,
+}
+
+/// Resolves with the in-flight `EXEC`'s result; never, when none is in flight.
+async fn in_flight_done(
+    in_flight: &mut Option<tokio::task::JoinHandle<Result<Applied, redis::RedisError>>>,
+) -> Result<Applied, RunError> {
+    match in_flight {
+        Some(handle) => handle
+            .await
+            .map_err(|e| RunError::Transient(format!("redis write task: {e}")))?
+            .map_err(RunError::from),
+        None => std::future::pending().await,
+    }
 }
 
 /// How often the daemon writes its heartbeat into the checkpoint hash (for `status`).
@@ -297,6 +318,7 @@ async fn session(
         relations,
         types: TypeResolver::new(catalog),
         batch,
+        in_flight: None,
         in_transaction: false,
         skipping: false,
         commit_time: 0,
@@ -337,6 +359,7 @@ impl Stream<'_> {
                 biased;
                 _ = stopped(shutdown) => {
                     self.flush(false).await?;
+                    self.settle().await?;
                     self.release_confirmations(true);
                     self.send_status(stream, false).await?;
                     info!(confirmed = %self.confirmed, "stopped");
@@ -361,6 +384,14 @@ impl Stream<'_> {
                     }
                     self.release_confirmations(false);
                     if self.last_status.elapsed() >= Duration::from_secs(10) || self.confirm_moved() {
+                        self.send_status(stream, false).await?;
+                    }
+                    continue;
+                }
+                applied = in_flight_done(&mut self.in_flight) => {
+                    self.in_flight = None;
+                    self.applied(applied?)?;
+                    if self.confirm_moved() {
                         self.send_status(stream, false).await?;
                     }
                     continue;
@@ -403,7 +434,7 @@ impl Stream<'_> {
                 ..
             } => {
                 self.wal_end = self.wal_end.max(wal_end);
-                if !self.in_transaction && self.batch.is_empty() {
+                if !self.in_transaction && self.batch.is_empty() && self.in_flight.is_none() {
                     // Nothing of ours is pending below wal_end: let the slot move on, so
                     // traffic on unpublished tables does not pin WAL.
                     self.queue_confirmation(wal_end);
@@ -434,7 +465,7 @@ impl Stream<'_> {
                 self.in_transaction = false;
                 if self.skipping {
                     self.skipping = false;
-                    if self.batch.is_empty() {
+                    if self.batch.is_empty() && self.in_flight.is_none() {
                         self.queue_confirmation(commit.end_lsn);
                     }
                 } else {
@@ -596,6 +627,8 @@ impl Stream<'_> {
 
     /// The value `key` will hold when this batch is applied, for merging TOASTed columns.
     async fn cached_value(&mut self, key: &str) -> Result<Option<Vec<u8>>, RunError> {
+        // The batch in flight may write this key: let it land before reading.
+        self.settle().await?;
         match self.batch.pending_value(key) {
             Some(pending) => Ok(pending.map(<[u8]>::to_vec)),
             None => Ok(redis::cmd("GET")
@@ -605,16 +638,42 @@ impl Stream<'_> {
         }
     }
 
+    /// Starts writing the committed part of the batch (all of it with `include_open`).
+    /// One `EXEC` is in flight at a time: the previous one is settled first, so batches
+    /// reach Redis in order, while decoding the next batch overlaps with Redis applying this
+    /// one.
     #[tracing::instrument(name = "batch", level = "debug", skip_all, fields(ops = self.batch.len()))]
     async fn flush(&mut self, include_open: bool) -> Result<(), RunError> {
-        let started = Instant::now();
-        let flushed = self
-            .batch
-            .flush(&mut self.redis, &self.checkpoint_key, include_open)
-            .await?;
-        if !flushed.wrote {
+        self.settle().await?;
+        let Some((pipe, flushed)) = self.batch.prepare(&self.checkpoint_key, include_open) else {
             return Ok(());
+        };
+        let mut conn = self.redis.clone();
+        let started = Instant::now();
+        self.in_flight = Some(tokio::spawn(async move {
+            let (epoch,): (Option<String>,) = pipe.query_async(&mut conn).await?;
+            Ok(Applied {
+                flushed: Flushed { epoch, ..flushed },
+                started,
+            })
+        }));
+        Ok(())
+    }
+
+    /// Waits for the `EXEC` in flight, if any, and takes note of it.
+    async fn settle(&mut self) -> Result<(), RunError> {
+        if let Some(handle) = self.in_flight.take() {
+            let applied = handle
+                .await
+                .map_err(|e| RunError::Transient(format!("redis write task: {e}")))??;
+            self.applied(applied)?;
         }
+        Ok(())
+    }
+
+    /// An `EXEC` was acknowledged: its checkpoint may now be confirmed to Postgres.
+    fn applied(&mut self, applied: Applied) -> Result<(), RunError> {
+        let Applied { flushed, started } = applied;
         // What this batch wrote is right; if Redis lost what came before, a new session
         // backfills.
         self.check_epoch(flushed.epoch.as_deref())?;
