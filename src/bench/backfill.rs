@@ -72,7 +72,7 @@ pub async fn run(lab: &Lab, scale: &Scale, progress: Progress) -> Result<Figure,
 
     progress.say("backfill: pgcache");
     lab.flush_redis().await?;
-    let (pgcache, progress_row) = time_daemon(lab, &client, n).await?;
+    let (pgcache, progress_row, reconnects) = time_daemon(lab, &client, n).await?;
     // The rows and the checkpoint hash.
     expect_keys(lab, n + 1, "pgcache").await?;
     progress.say(format!(
@@ -91,6 +91,7 @@ pub async fn run(lab: &Lab, scale: &Scale, progress: Progress) -> Result<Figure,
                 .updated_ms
                 .saturating_sub(progress_row.started_ms) as f64 / 1e3,
             "chunk_rows": DEFAULT_BACKFILL_CHUNK_ROWS,
+            "daemon_reconnects": reconnects,
             "floor_batch": FLOOR_BATCH,
         }),
     ))
@@ -178,7 +179,7 @@ async fn time_daemon(
     lab: &Lab,
     client: &Client,
     rows: u64,
-) -> Result<(Duration, BackfillProgress), BenchError> {
+) -> Result<(Duration, BackfillProgress, usize), BenchError> {
     let slot = "bf_pgcache";
     lab.drop_slots(client, &[slot]).await;
     lab.create_slots(client, &[slot]).await?;
@@ -224,11 +225,12 @@ async fn time_daemon(
     daemon.stop().await;
     lab.drop_slots(client, &[slot]).await;
     let (elapsed, progress) = result?;
+    let reconnects = super::lab::reconnects_in(&daemon.log());
     if progress.rows != rows {
         return Err(BenchError::Check(format!(
             "the daemon says it backfilled {} rows, not {rows}",
             progress.rows
         )));
     }
-    Ok((elapsed, progress))
+    Ok((elapsed, progress, reconnects))
 }

@@ -6,7 +6,10 @@
 //! marker's key appears (transactions apply in commit order, in one `EXEC` with the
 //! checkpoint, so the marker is the last thing to become visible), and `pg_recvlogical`
 //! streams the third. The floor is the faster of the two `pg_recvlogical` runs, so that
-//! going first or last (caches, the machine's mood) favours neither side.
+//! going first or last (caches, the machine's mood) favours neither side. A fourth slot is
+//! streamed by a bare pgoutput consumer (decode only, no output), reported in the details:
+//! for small transactions `pg_recvlogical`'s own per-message writes make it slower than
+//! what the walsender can deliver.
 //!
 //! Both are timed from the moment their walsender takes the slot (`pg_replication_slots.active`)
 //! to the end, so the figure is streaming throughput, not process start-up; the wall time
@@ -18,6 +21,7 @@ use serde_json::{json, Value};
 use tokio_postgres::Client;
 
 use super::child::{self, Exit, Process};
+use super::consumer;
 use super::lab::{self, execute, pg_error, redis_error, Lab, TableSpec, DB, PUBLICATION};
 use super::report::{Better, Figure, FigureSpec, Target};
 use super::{per_second, BenchError, Progress, Scale};
@@ -134,6 +138,10 @@ pub struct Timing {
     /// From spawning the process to the end.
     pub wall: Duration,
     pub max_rss_kib: u64,
+    /// Sessions the daemon restarted on the way (always 0 for pg_recvlogical).
+    pub reconnects: usize,
+    /// CPU time of the whole process, start-up included.
+    pub cpu_seconds: f64,
 }
 
 /// A workload streamed by both consumers.
@@ -147,6 +155,8 @@ pub struct CatchupRun {
     recv: Timing,
     recv_runs: [Timing; 2],
     pgcache: Timing,
+    /// The bare consumer's streaming time, or why it failed.
+    bare: Result<Duration, String>,
 }
 
 impl CatchupRun {
@@ -165,6 +175,13 @@ impl CatchupRun {
             "pg_recvlogical_after": timing_json(&self.recv_runs[1]),
             "pgcache": timing_json(&self.pgcache),
             "ratio_from_spawn": self.recv.wall.as_secs_f64() / self.pgcache.wall.as_secs_f64(),
+            "bare_consumer": match &self.bare {
+                Ok(t) => json!({
+                    "streaming_seconds": t.as_secs_f64(),
+                    "ratio_pgcache_vs_bare": t.as_secs_f64() / self.pgcache.streaming.as_secs_f64(),
+                }),
+                Err(e) => json!({ "error": e }),
+            },
         });
         spec(w, scale).measured(
             per_second(count, self.pgcache.streaming),
@@ -182,6 +199,8 @@ fn timing_json(t: &Timing) -> Value {
         "streaming_seconds": t.streaming.as_secs_f64(),
         "seconds_from_spawn": t.wall.as_secs_f64(),
         "peak_rss_mib": t.max_rss_kib as f64 / 1024.0,
+        "reconnects": t.reconnects,
+        "cpu_seconds": t.cpu_seconds,
     })
 }
 
@@ -293,7 +312,13 @@ async fn run_workload(
     let before_slot = format!("cu_{}_recv_before", w.id());
     let pgc_slot = format!("cu_{}_pgcache", w.id());
     let after_slot = format!("cu_{}_recv_after", w.id());
-    let slots = [before_slot.as_str(), pgc_slot.as_str(), after_slot.as_str()];
+    let bare_slot = format!("cu_{}_bare", w.id());
+    let slots = [
+        before_slot.as_str(),
+        pgc_slot.as_str(),
+        after_slot.as_str(),
+        bare_slot.as_str(),
+    ];
     lab.drop_slots(client, &slots).await;
     let start = lab.create_slots(client, &slots).await?;
 
@@ -339,6 +364,16 @@ async fn run_workload(
         progress,
     )
     .await;
+    let bare = match &result {
+        Ok((recv_runs, _)) => {
+            progress.say(format!("catch-up {}: bare pgoutput consumer", w.id()));
+            let limit = (recv_runs[0].wall * 20).max(Duration::from_secs(60));
+            consumer::stream_to_marker(lab, &bare_slot, "cu_marker", limit)
+                .await
+                .map_err(|e| e.to_string())
+        }
+        Err(_) => Err("not run".to_string()),
+    };
     lab.drop_slots(client, &slots).await;
     let (recv_runs, pgcache) = result?;
     let recv = if recv_runs[0].streaming <= recv_runs[1].streaming {
@@ -354,6 +389,7 @@ async fn run_workload(
         recv,
         recv_runs,
         pgcache,
+        bare,
     })
 }
 
@@ -549,6 +585,8 @@ async fn time_recvlogical(
         streaming: finished - active.unwrap_or(spawned),
         wall: finished - spawned,
         max_rss_kib: exit.max_rss_kib,
+        reconnects: 0,
+        cpu_seconds: exit.cpu_seconds,
     })
 }
 
@@ -601,5 +639,7 @@ async fn time_daemon(
         streaming: finished - active,
         wall: finished - spawned,
         max_rss_kib: exit.max_rss_kib,
+        reconnects: lab::reconnects_in(&daemon.log()),
+        cpu_seconds: exit.cpu_seconds,
     })
 }

@@ -21,6 +21,8 @@ pub struct Exit {
     pub status: i32,
     /// Peak resident set, in KiB.
     pub max_rss_kib: u64,
+    /// CPU time used, user plus system.
+    pub cpu_seconds: f64,
 }
 
 impl Exit {
@@ -170,6 +172,16 @@ impl Process {
         }
     }
 
+    /// CPU time used so far (user plus system), from `/proc/<pid>/stat`.
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        cpu_seconds_of(self.pid)
+    }
+
+    /// Everything the child has written.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
     /// The last 60 lines of the child's output.
     pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
@@ -188,6 +200,34 @@ impl Drop for Process {
     }
 }
 
+/// A process's CPU time (user plus system) so far.
+pub fn cpu_seconds_of(pid: i32) -> Option<f64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let rest = &text[text.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: f64 = fields.next()?.parse().ok()?;
+    let stime: f64 = fields.next()?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (ticks > 0).then(|| (utime + stime) / ticks as f64)
+}
+
+/// The machine's CPU time so far, busy and total, from `/proc/stat` (in clock ticks).
+pub fn machine_cpu() -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = text.lines().find(|l| l.starts_with("cpu "))?;
+    let values: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let total: u64 = values.iter().sum();
+    // idle and iowait are the 4th and 5th.
+    let idle = values.get(3)? + values.get(4).copied().unwrap_or(0);
+    Some((total - idle, total))
+}
+
 /// `wait4` on one child; `None` while it runs (or if it is not ours to reap).
 fn reap(pid: i32, block: bool) -> Option<Exit> {
     let mut status = 0;
@@ -196,9 +236,11 @@ fn reap(pid: i32, block: bool) -> Option<Exit> {
     let flags = if block { 0 } else { libc::WNOHANG };
     // SAFETY: valid pointers to locals.
     let got = unsafe { libc::wait4(pid, &mut status, flags, &mut usage) };
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     (got == pid).then(|| Exit {
         status,
         max_rss_kib: u64::try_from(usage.ru_maxrss).unwrap_or(0),
+        cpu_seconds: seconds(usage.ru_utime) + seconds(usage.ru_stime),
     })
 }
 

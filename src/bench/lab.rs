@@ -32,13 +32,15 @@ impl Lab {
     /// A server does not start (the message holds its log), or setup SQL fails.
     pub async fn start(exe: PathBuf) -> Result<Lab, BenchError> {
         let (pg, redis) = tokio::task::spawn_blocking(|| {
+            // A steady machine: no checkpoints or autovacuum in the middle of a timing.
+            let mut extra_conf: Vec<String> = vec![
+                "max_wal_size = '8GB'".into(),
+                "checkpoint_timeout = '1h'".into(),
+                "autovacuum = off".into(),
+            ];
+            extra_conf.extend(extra_pg_conf());
             let pg = TestPostgres::start_with(PgOptions {
-                // A steady machine: no checkpoints or autovacuum in the middle of a timing.
-                extra_conf: vec![
-                    "max_wal_size = '8GB'".into(),
-                    "checkpoint_timeout = '1h'".into(),
-                    "autovacuum = off".into(),
-                ],
+                extra_conf,
                 ..PgOptions::default()
             })?;
             pg.create_database(DB)?;
@@ -99,14 +101,16 @@ impl Lab {
         Ok(client)
     }
 
-    /// A multiplexed Redis connection.
+    /// A multiplexed Redis connection without a response timeout: FLUSHALL of a million
+    /// keys, or a pipeline of thousands of SETs, takes longer than redis-rs's default 500 ms.
     ///
     /// # Errors
     /// Redis does not answer.
     pub async fn redis(&self) -> Result<redis::aio::MultiplexedConnection, BenchError> {
+        let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
         redis::Client::open(self.redis_url())
             .map_err(|e| redis_error("opening Redis", e))?
-            .get_multiplexed_async_connection()
+            .get_multiplexed_async_connection_with_config(&config)
             .await
             .map_err(|e| redis_error("connecting to Redis", e))
     }
@@ -227,9 +231,10 @@ impl Lab {
         let mut toml = format!(
             "[postgres]\nurl = \"{}\"\nslot = \"{slot}\"\npublication = \"{PUBLICATION}\"\n\n\
              [redis]\nurl = \"{}\"\n\n[backfill]\nauto = {auto_backfill}\n\n\
-             [metrics]\nlisten = \"{listen}\"\n\n[log]\nlevel = \"info\"\n",
+             [metrics]\nlisten = \"{listen}\"\n\n[log]\nlevel = \"{level}\"\n",
             self.pg_url(),
             self.redis_url(),
+            level = daemon_log_level(),
         );
         for (table, key) in tables {
             toml.push_str(&format!(
@@ -264,6 +269,33 @@ impl Lab {
     pub async fn shutdown(self) {
         let _ = tokio::task::spawn_blocking(move || drop(self)).await;
     }
+}
+
+/// The daemons' log level: `info`, or `PGCACHE_BENCH_DAEMON_LOG` (e.g. `debug` to see every
+/// batch when looking into a figure; it costs time, so not for the figures themselves).
+fn daemon_log_level() -> String {
+    std::env::var("PGCACHE_BENCH_DAEMON_LOG")
+        .ok()
+        .filter(|level| !level.is_empty() && !level.contains(['"', '\\', '\n']))
+        .unwrap_or_else(|| "info".to_string())
+}
+
+/// Extra `postgresql.conf` lines from `PGCACHE_BENCH_PG_CONF` (separated by `;`), for
+/// experiments such as `wal_writer_delay = 1ms`; the run's JSON records them.
+pub fn extra_pg_conf() -> Vec<String> {
+    std::env::var("PGCACHE_BENCH_PG_CONF")
+        .unwrap_or_default()
+        .split(';')
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// How often the daemon's log says a session ended and it reconnected: a figure measured
+/// across reconnects is not the steady state, so the count goes into its details.
+pub fn reconnects_in(log: &str) -> usize {
+    log.matches("session ended; reconnecting").count()
 }
 
 /// Runs SQL (one or more statements, simple protocol).

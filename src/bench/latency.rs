@@ -78,6 +78,8 @@ struct LoadRun {
     missing: u64,
     /// Arrivals seen before the writer got its commit back (counted as zero).
     early: u64,
+    /// How busy the whole machine was while the load ran, in percent of all cores.
+    machine_busy_percent: Option<f64>,
 }
 
 impl LoadRun {
@@ -93,6 +95,7 @@ impl LoadRun {
             "missing": self.missing,
             "arrived_before_commit_returned": self.early,
             "max_ms": self.latencies.last().map(|d| ms(*d)),
+            "machine_cpu_busy_percent": self.machine_busy_percent,
         })
     }
 
@@ -318,6 +321,8 @@ async fn pgcache_phase(
         let mut runs = Vec::new();
         for (i, &rate) in scale.latency_rates.iter().enumerate() {
             let before = scrape_histogram(metrics_port).await;
+            let cpu_before = daemon.cpu_seconds();
+            let started = Instant::now();
             let run = offered_load(
                 writers,
                 rate,
@@ -326,9 +331,15 @@ async fn pgcache_phase(
                 &mut arrivals,
             )
             .await;
+            let daemon_cpu_percent = match (cpu_before, daemon.cpu_seconds()) {
+                (Some(a), Some(b)) => Some((b - a) * 100.0 / started.elapsed().as_secs_f64()),
+                _ => None,
+            };
             let after = scrape_histogram(metrics_port).await;
             daemon.check_running()?;
-            let view = daemon_view(before, after);
+            let mut view = daemon_view(before, after);
+            view["daemon_reconnects_so_far"] = json!(super::lab::reconnects_in(&daemon.log()));
+            view["daemon_cpu_percent_of_one_core"] = json!(daemon_cpu_percent);
             if let Ok(run) = &run {
                 progress.say(format!(
                     "latency pgcache at {rate}/s: p99 {:.2} ms ({} committed/s)",
@@ -471,6 +482,7 @@ async fn offered_load(
     // Arrivals from before this run (the warm-up, stragglers) are not ours.
     while arrivals.try_recv().is_ok() {}
     let total = (f64::from(rate) * seconds).round() as u64;
+    let cpu_before = child::machine_cpu();
     let start = tokio::time::Instant::now() + Duration::from_millis(20);
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..total {
@@ -508,6 +520,12 @@ async fn offered_load(
             first_error.unwrap_or_default()
         )));
     }
+    let machine_busy_percent = match (cpu_before, child::machine_cpu()) {
+        (Some((busy0, total0)), Some((busy1, total1))) if total1 > total0 => {
+            Some((busy1 - busy0) as f64 * 100.0 / (total1 - total0) as f64)
+        }
+        _ => None,
+    };
     let last_commit = commits.iter().map(|(_, at)| *at).max().unwrap_or(start);
     let committed_rate = per_second(commits.len() as u64, last_commit - start);
 
@@ -545,5 +563,6 @@ async fn offered_load(
         missing: (commits.len() - latencies.len()) as u64,
         latencies,
         early,
+        machine_busy_percent,
     })
 }

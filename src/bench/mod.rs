@@ -20,6 +20,7 @@
 //! # Layout
 //! - `lab`: the throwaway servers, slots and daemon configs.
 //! - `child`: child processes, their peak RSS, the daemon's `/metrics`.
+//! - `consumer`: a bare pgoutput consumer, the strictest streaming floor.
 //! - `catchup`, `latency`, `backfill`, `reader`: one measurement each (memory is taken
 //!   in the catch-up of the large transaction).
 //! - `stats`: percentiles and the daemon's histogram.
@@ -28,6 +29,7 @@
 mod backfill;
 mod catchup;
 mod child;
+mod consumer;
 mod lab;
 mod latency;
 mod reader;
@@ -308,6 +310,8 @@ fn machine_facts() -> serde_json::Value {
                 .map(|(_, v)| v.trim().to_string())
         });
     json!({
+        "extra_postgresql_conf": lab::extra_pg_conf(),
+        "daemon_log_level": std::env::var("PGCACHE_BENCH_DAEMON_LOG").ok(),
         "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
         "cpu_model": cpu,
         "os": std::env::consts::OS,

@@ -123,10 +123,14 @@ pub async fn run(lab: &Lab, scale: &Scale, progress: Progress) -> Result<Vec<Fig
     progress.say("reader: stampede");
     let stampede = stampede(&reader, lab, scale.stampede_callers).await?;
     let direct = direct_read(&client).await?;
+    let herd = raw_herd(&raw, &key, scale.stampede_callers).await?;
     let details = json!({
         "callers": scale.stampede_callers,
         "db_reads": stampede.db_reads,
         "coalesced": stampede.coalesced,
+        "reader_stats": stampede.stats,
+        "raw_get_herd_p99_ms": herd,
+        "raw_get_herd": "the same number of concurrent raw GETs of a warm key on one ConnectionManager: what the herd costs before any lease",
         "p50_ms": stampede.p50_ms,
         "p99_ms": stampede.p99_ms,
         "max_ms": stampede.max_ms,
@@ -224,6 +228,8 @@ async fn hit_path(
 struct Stampede {
     db_reads: u64,
     coalesced: u64,
+    /// Everything the reader counted during the stampede.
+    stats: Value,
     p50_ms: f64,
     p99_ms: f64,
     max_ms: f64,
@@ -281,10 +287,47 @@ async fn stampede(reader: &Reader, lab: &Lab, callers: usize) -> Result<Stampede
     Ok(Stampede {
         db_reads: after.db_reads - before.db_reads,
         coalesced: after.coalesced - before.coalesced,
+        stats: json!({
+            "hits": after.hits - before.hits,
+            "misses": after.misses - before.misses,
+            "fills": after.fills - before.fills,
+            "waits": after.waits - before.waits,
+            "coalesced": after.coalesced - before.coalesced,
+            "fallbacks": after.fallbacks - before.fallbacks,
+            "wait_timeouts": after.wait_timeouts - before.wait_timeouts,
+        }),
         p50_ms: q(0.5),
         p99_ms: q(0.99),
         max_ms: q(1.0),
     })
+}
+
+/// p99 latency of `callers` concurrent raw `GET`s of a warm key, released together.
+async fn raw_herd(conn: &ConnectionManager, key: &str, callers: usize) -> Result<f64, BenchError> {
+    let (go, ready) = watch::channel(None::<Instant>);
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..callers {
+        let conn = conn.clone();
+        let key = key.to_string();
+        let mut ready = ready.clone();
+        tasks.spawn(async move {
+            let released = match ready.wait_for(Option::is_some).await {
+                Ok(at) => at.unwrap_or_else(Instant::now),
+                Err(_) => Instant::now(),
+            };
+            raw_get(&conn, &key).await.map(|_| released.elapsed())
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let _ = go.send(Some(Instant::now()));
+    let mut latencies = Vec::with_capacity(callers);
+    while let Some(done) = tasks.join_next().await {
+        latencies.push(done.map_err(|e| BenchError::Check(format!("a GET task failed: {e}")))??);
+    }
+    latencies.sort();
+    percentile(&latencies, 0.99)
+        .map(ms)
+        .ok_or_else(|| BenchError::Check("no GET samples".into()))
 }
 
 /// The floor of a cold read: the row read directly on an open connection (median of 21).
