@@ -266,7 +266,19 @@ impl Lab {
     }
 
     /// Stops both servers (off the async threads: stopping waits for the processes).
+    ///
+    /// With `PGCACHE_BENCH_KEEP_LOGS=<dir>`, the daemons' configs and logs are copied there
+    /// first, for looking into a figure.
     pub async fn shutdown(self) {
+        if let Ok(keep) = std::env::var("PGCACHE_BENCH_KEEP_LOGS") {
+            let keep = PathBuf::from(keep);
+            let _ = std::fs::create_dir_all(&keep);
+            if let Ok(entries) = std::fs::read_dir(self.dir.path()) {
+                for entry in entries.flatten() {
+                    let _ = std::fs::copy(entry.path(), keep.join(entry.file_name()));
+                }
+            }
+        }
         let _ = tokio::task::spawn_blocking(move || drop(self)).await;
     }
 }
