@@ -391,7 +391,7 @@ impl Stream<'_> {
                 applied = in_flight_done(&mut self.in_flight) => {
                     self.in_flight = None;
                     self.applied(applied?)?;
-                    if self.confirm_moved() {
+                    if self.confirm_due() {
                         self.send_status(stream, false).await?;
                     }
                     continue;
@@ -408,7 +408,7 @@ impl Stream<'_> {
             }
             if self.batch.has_committed() {
                 self.flush(false).await?;
-                if self.confirm_moved() {
+                if self.confirm_due() {
                     self.send_status(stream, false).await?;
                 }
             }
@@ -723,6 +723,12 @@ impl Stream<'_> {
             self.confirmed = self.confirmed.max(lsn);
             self.confirm_queue.pop_front();
         }
+    }
+
+    /// Confirm now, or leave it to the next tick: under load a status message per batch
+    /// costs the walsender and us more than it is worth.
+    fn confirm_due(&self) -> bool {
+        self.confirm_moved() && self.last_status.elapsed() >= Duration::from_millis(20)
     }
 
     fn confirm_moved(&self) -> bool {
