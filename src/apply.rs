@@ -23,6 +23,14 @@ use crate::{checkpoint, Lsn};
 /// One Redis operation on behalf of one row change.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Op {
+    /// `SET key value [PX ttl]` for a backfilled row. It revokes no lease: a fill that could
+    /// be older than the backfill's read can only exist if the row changed meanwhile, and
+    /// that change, applied by the stream, revokes the lease itself.
+    Fill {
+        key: String,
+        value: Vec<u8>,
+        ttl_ms: Option<u64>,
+    },
     /// `SET key value [PX ttl]` (mode mirror).
     Set {
         key: String,
@@ -49,6 +57,7 @@ impl Op {
     fn key(&self) -> Option<&str> {
         match self {
             Op::Set { key, .. }
+            | Op::Fill { key, .. }
             | Op::SetIfCached { key, .. }
             | Op::Hash { key, .. }
             | Op::Del { key } => Some(key),
@@ -274,7 +283,9 @@ impl Batch {
     pub fn pending_value(&self, key: &str) -> Option<Option<&[u8]>> {
         for op in self.ops.iter().rev() {
             match op {
-                Op::Set { key: k, value, .. } if k == key => return Some(Some(value)),
+                Op::Set { key: k, value, .. } | Op::Fill { key: k, value, .. } if k == key => {
+                    return Some(Some(value))
+                }
                 Op::DropKeySpace { key_space } if key.starts_with(key_space.as_str()) => {
                     return Some(None)
                 }
@@ -543,7 +554,7 @@ return 1
 
 fn add_op(pipe: &mut redis::Pipeline, op: &Op) {
     match op {
-        Op::Set { key, value, ttl_ms } => {
+        Op::Set { key, value, ttl_ms } | Op::Fill { key, value, ttl_ms } => {
             let cmd = pipe.cmd("SET").arg(key).arg(value);
             if let Some(ms) = ttl_ms {
                 cmd.arg("PX").arg(*ms);
@@ -598,7 +609,7 @@ fn add_op(pipe: &mut redis::Pipeline, op: &Op) {
             return;
         }
     }
-    if let Some(key) = op.key() {
+    if let (Some(key), false) = (op.key(), matches!(op, Op::Fill { .. })) {
         // Revoke any lease: a fill that read the row before this change must lose (G4).
         pipe.cmd("DEL").arg(lease_key(key)).ignore();
     }

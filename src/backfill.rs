@@ -460,7 +460,9 @@ pub struct Backfills {
     rules: HashMap<String, Arc<TableRule>>,
     plans: HashMap<String, Arc<TablePlan>>,
     queue: VecDeque<Job>,
-    current: Option<InFlight>,
+    /// Chunks read and waiting for their watermarks, oldest first. Their windows follow one
+    /// another in the WAL (low 1, high 1, low 2, high 2), so at most one is open at a time.
+    in_flight: VecDeque<InFlight>,
     progress: Progress,
     meta: Vec<(String, String)>,
 }
@@ -483,7 +485,7 @@ impl Backfills {
             rules,
             plans: HashMap::new(),
             queue: VecDeque::new(),
-            current: None,
+            in_flight: VecDeque::new(),
             progress: Progress::new(),
             meta: Vec::new(),
         }
@@ -577,9 +579,10 @@ impl Backfills {
         }
     }
 
-    /// A chunk can start: none in flight and a table waiting.
+    /// A chunk can start: a table is waiting and fewer than [`CHUNKS_IN_FLIGHT`] chunks
+    /// wait for their watermarks (reading the next chunk overlaps writing the last one).
     pub fn can_start(&self) -> bool {
-        self.current.is_none() && !self.queue.is_empty()
+        self.in_flight.len() < CHUNKS_IN_FLIGHT && !self.queue.is_empty()
     }
 
     /// Emits the low watermark, reads the next chunk of the first waiting table, emits the
@@ -634,7 +637,16 @@ impl Backfills {
         .await;
         match result {
             Ok(chunk) => {
-                self.current = Some(InFlight {
+                let mut job = job;
+                job.rows += chunk.read as u64;
+                if chunk.cursor.is_some() {
+                    job.cursor = chunk.cursor.clone();
+                }
+                if !chunk.last && !self.queue.iter().any(|queued| queued.table == job.table) {
+                    // The next chunk of this table can be read before this one is written.
+                    self.queue.push_front(job.clone());
+                }
+                self.in_flight.push_back(InFlight {
                     id,
                     job,
                     plan,
@@ -658,38 +670,36 @@ impl Backfills {
         }
     }
 
-    /// A low watermark of ours opens the chunk's window.
+    /// A low watermark of ours opens its chunk's window.
     pub fn on_low(&mut self, id: &str) {
-        if let Some(current) = &mut self.current {
-            if current.id == id {
-                current.window_open = true;
-            }
+        if let Some(chunk) = self.in_flight.iter_mut().find(|c| c.id == id) {
+            chunk.window_open = true;
         }
     }
 
     /// Key space of the table whose chunk window is open, if any.
     pub fn window_key_space(&self) -> Option<String> {
-        let current = self.current.as_ref().filter(|c| c.window_open)?;
+        let open = self.in_flight.iter().find(|c| c.window_open)?;
         Some(format!(
             "{}{}",
             self.key_prefix,
-            current.plan.rule.key.literal_prefix()
+            open.plan.rule.key.literal_prefix()
         ))
     }
 
     /// The stream changed these keys inside the window: its values win.
     pub fn drop_keys<'a>(&mut self, keys: impl Iterator<Item = &'a str>) {
-        if let Some(current) = self.current.as_mut().filter(|c| c.window_open) {
+        if let Some(open) = self.in_flight.iter_mut().find(|c| c.window_open) {
             for key in keys {
-                current.chunk.rows.remove(key);
+                open.chunk.rows.remove(key);
             }
         }
     }
 
     /// The table was truncated inside the window: nothing of the chunk survives.
     pub fn drop_all(&mut self) {
-        if let Some(current) = self.current.as_mut().filter(|c| c.window_open) {
-            current.chunk.rows.clear();
+        if let Some(open) = self.in_flight.iter_mut().find(|c| c.window_open) {
+            open.chunk.rows.clear();
         }
     }
 
@@ -697,22 +707,17 @@ impl Backfills {
     /// checkpoint field (progress and cursor) to write with them, and queues the rest of the
     /// table.
     pub fn on_high(&mut self, id: &str) -> Option<(Vec<Op>, String, String)> {
-        if self.current.as_ref().is_none_or(|c| c.id != id) {
-            return None;
-        }
+        let at = self.in_flight.iter().position(|c| c.id == id)?;
         let InFlight {
-            mut job,
-            plan,
-            chunk,
-            ..
-        } = self.current.take()?;
+            job, plan, chunk, ..
+        } = self.in_flight.remove(at)?;
         let ttl_ms = plan.rule.ttl.map(|ttl| ttl.as_millis().max(1) as u64);
         let written = chunk.rows.len();
         let ops: Vec<Op> = chunk
             .rows
             .into_iter()
             .map(|(key, value)| match value {
-                RowValue::Json(value) => Op::Set { key, value, ttl_ms },
+                RowValue::Json(value) => Op::Fill { key, value, ttl_ms },
                 RowValue::Hash(fields) => Op::Hash {
                     key,
                     fields,
@@ -721,10 +726,6 @@ impl Backfills {
                 },
             })
             .collect();
-        job.rows += chunk.read as u64;
-        if chunk.cursor.is_some() {
-            job.cursor = chunk.cursor;
-        }
         metrics::counter!(m::BACKFILL_ROWS, "table" => job.table.clone()).increment(written as u64);
         let done = chunk.last;
         let progress = BackfillProgress {
@@ -737,17 +738,31 @@ impl Backfills {
         };
         self.progress.report(&job.table, &progress, done);
         let field = format!("{FIELD_BACKFILL_PREFIX}{}", job.table);
-        let value = serde_json::to_string(&progress).unwrap_or_default();
-        if !done {
-            // Other tables queued behind wait for this one; a resync of it queued meanwhile
-            // replaces this continuation.
-            if !self.queue.iter().any(|queued| queued.table == job.table) {
-                self.queue.push_front(job);
-            }
+        let restarted = self
+            .queue
+            .iter()
+            .find(|queued| queued.table == job.table && queued.cursor.is_none());
+        let value = match restarted {
+            // A resync was asked for while this chunk was in flight: its rows are right, but
+            // the stored progress must keep saying "from the start".
+            Some(queued) => serde_json::to_string(&BackfillProgress {
+                state: "running".into(),
+                cursor: None,
+                rows: 0,
+                estimate: 0,
+                started_ms: queued.started_ms,
+                updated_ms: now_ms(),
+            }),
+            None => serde_json::to_string(&progress),
         }
+        .unwrap_or_default();
         Some((ops, field, value))
     }
 }
+
+/// Chunks read ahead of the stream: two lets Postgres read the next chunk while Redis
+/// writes the last one, and bounds memory at two chunks.
+const CHUNKS_IN_FLIGHT: usize = 2;
 
 /// Progress on a terminal (a bar) or in the log (a line every few seconds).
 struct Progress {
