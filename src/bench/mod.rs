@@ -225,6 +225,13 @@ pub async fn run(options: BenchOptions) -> Report {
     let all_specs = specs(&parts, &scale);
     let mut figures: Vec<Figure> = Vec::new();
     let mut machine = machine_facts();
+    machine["loadavg_at_start"] = json!(loadavg());
+    if let Some(load) = loadavg().filter(|l| l[0] > 1.0) {
+        progress.say(format!(
+            "warning: the machine is already busy (load average {:.2}); the figures will be noisy",
+            load[0]
+        ));
+    }
 
     progress.say("starting Postgres and Redis");
     match Lab::start(options.daemon_exe.clone()).await {
@@ -244,6 +251,7 @@ pub async fn run(options: BenchOptions) -> Report {
             lab.shutdown().await;
         }
     }
+    machine["loadavg_at_end"] = json!(loadavg());
     Report {
         quick: options.quick,
         build: if cfg!(debug_assertions) {
@@ -316,6 +324,14 @@ fn machine_facts() -> serde_json::Value {
         "cpu_model": cpu,
         "os": std::env::consts::OS,
     })
+}
+
+/// The 1, 5 and 15 minute load averages: other work on the machine makes figures noisy,
+/// so each run records how busy the machine was.
+fn loadavg() -> Option<[f64; 3]> {
+    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
+    let mut fields = text.split_whitespace().map(|f| f.parse::<f64>().ok());
+    Some([fields.next()??, fields.next()??, fields.next()??])
 }
 
 async fn server_facts(lab: &Lab, machine: &mut serde_json::Value) {

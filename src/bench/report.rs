@@ -244,6 +244,26 @@ impl Report {
         out
     }
 
+    /// One line on how the run was made: build, scale, time, machine load.
+    pub fn summary(&self) -> String {
+        let load = |key: &str| {
+            self.machine[key]
+                .as_array()
+                .and_then(|a| a.first())
+                .and_then(Value::as_f64)
+                .map_or("?".to_string(), |l| format!("{l:.2}"))
+        };
+        format!(
+            "{} build, {} run, {:.0} s, {} CPUs, load average {} at start and {} at end",
+            self.build,
+            if self.quick { "quick (smoke)" } else { "full" },
+            self.seconds,
+            self.machine["cpus"],
+            load("loadavg_at_start"),
+            load("loadavg_at_end"),
+        )
+    }
+
     /// # Errors
     /// The file cannot be written.
     pub fn write_json(&self, path: &Path) -> std::io::Result<()> {

@@ -53,6 +53,7 @@ pub(crate) async fn bench(args: BenchArgs) -> ExitCode {
     })
     .await;
     println!("{}", report.table());
+    println!("{}", report.summary());
     if let Err(e) = report.write_json(&args.json) {
         eprintln!("error: cannot write {}: {e}", args.json.display());
         return ExitCode::FAILURE;
