@@ -345,12 +345,6 @@ impl TablePlan {
                 continue;
             };
             chunk.read += 1;
-            chunk.cursor = Some(
-                self.pk
-                    .iter()
-                    .map(|(at, _)| row.get(*at).unwrap_or_default().to_string())
-                    .collect(),
-            );
             key_values.clear();
             let mut keyed = true;
             for &at in &self.key_at {
@@ -375,6 +369,18 @@ impl TablePlan {
                     warn!(table = %self.rule.qualified_name(), %key, error = %e, "row not cached");
                 }
             }
+        }
+        // The cursor is the last row's primary key.
+        if let Some(row) = messages.iter().rev().find_map(|m| match m {
+            SimpleQueryMessage::Row(row) => Some(row),
+            _ => None,
+        }) {
+            chunk.cursor = Some(
+                self.pk
+                    .iter()
+                    .map(|(at, _)| row.get(*at).unwrap_or_default().to_string())
+                    .collect(),
+            );
         }
         chunk.last = chunk.read < limit;
         Ok(chunk)
