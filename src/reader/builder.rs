@@ -171,6 +171,13 @@ impl ReaderBuilder {
             ));
         }
         let pool = build_pool(&self.postgres_url, &self.options)?;
+        // Open one Postgres connection now, in the background, so the first miss (often a
+        // stampede right after a deploy) does not also pay for connecting. A Postgres that
+        // is down is no error here: hits are served without it.
+        let warm = pool.clone();
+        tokio::spawn(async move {
+            let _ = warm.get().await;
+        });
         let redis = match self.redis {
             Some(redis) => redis,
             None => connect_redis(&self.redis_url, &self.options)?,
