@@ -214,19 +214,9 @@ impl TablePlan {
             .iter()
             .map(|r| (r.get(0), r.get(1), r.get(2)))
             .collect();
-        let pk_names: Vec<String> = client
-            .query(
-                "SELECT a.attname::text FROM pg_index i \
-                 CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, n) \
-                 JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
-                 WHERE i.indrelid = $1 AND i.indisprimary ORDER BY k.n",
-                &[&oid],
-            )
+        let pk_names = crate::pgconn::primary_key_columns(client, oid)
             .await
-            .map_err(pg)?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+            .map_err(pg)?;
         if pk_names.is_empty() {
             return Err(fail(
                 "the table has no primary key, which backfill pages by; add one".into(),

@@ -648,6 +648,11 @@ impl Stream<'_> {
         let Some((pipe, flushed)) = self.batch.prepare(&self.checkpoint_key, include_open) else {
             return Ok(());
         };
+        debug!(
+            ops = flushed.ops,
+            transactions = flushed.transactions,
+            "batch sent"
+        );
         let mut conn = self.redis.clone();
         let started = Instant::now();
         self.in_flight = Some(tokio::spawn(async move {

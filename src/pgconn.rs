@@ -319,6 +319,47 @@ impl PgTarget {
     }
 }
 
+/// A deadpool manager for `target`: every connection pins the session settings of the
+/// stream (so values read through it are byte-identical to the daemon's) and uses TLS as
+/// the target's `sslmode` says. Shared by the read helper and `verify`.
+///
+/// # Errors
+/// A TLS configuration that cannot be built (an unreadable root certificate, say).
+pub fn pool_manager(target: &PgTarget) -> Result<deadpool_postgres::Manager, PgTargetError> {
+    let config = target.tokio_config();
+    let manager_config = deadpool_postgres::ManagerConfig {
+        recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+    };
+    Ok(
+        if target.ssl_mode() == SslMode::Disable || target.is_unix_socket() {
+            deadpool_postgres::Manager::from_config(config, tokio_postgres::NoTls, manager_config)
+        } else {
+            let tls = tls_config(target.ssl_mode(), target.ssl_root_cert())?;
+            let tls = tokio_postgres_rustls::MakeRustlsConnect::new((*tls).clone());
+            deadpool_postgres::Manager::from_config(config, tls, manager_config)
+        },
+    )
+}
+
+/// The primary key columns of a table (by OID), in key order; empty when it has none.
+pub async fn primary_key_columns(
+    client: &tokio_postgres::Client,
+    table_oid: u32,
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    Ok(client
+        .query(
+            "SELECT a.attname::text FROM pg_index i \
+             CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, n) \
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
+             WHERE i.indrelid = $1 AND i.indisprimary ORDER BY k.n",
+            &[&table_oid],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
 /// Connect an ordinary tokio-postgres client with TLS per the target's mode and the pinned
 /// session settings. The connection task is spawned on the current tokio runtime.
 ///

@@ -6,7 +6,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::{Pool, Runtime};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use super::flight::Flights;
@@ -16,7 +16,7 @@ use super::stats::Counters;
 use super::{Inner, Reader, ReaderError, TableEntry};
 use crate::config::{Format, Mode, TableRule};
 use crate::encoder::EncodeOptions;
-use crate::pgconn::{self, PgTarget, SslMode};
+use crate::pgconn::{self, PgTarget};
 use crate::template::KeyTemplate;
 
 /// Tuning of a [`Reader`]; the defaults suit most applications.
@@ -228,18 +228,7 @@ impl ReaderBuilder {
 fn build_pool(url: &str, options: &ReaderOptions) -> Result<Pool, ReaderError> {
     let config_err = |e| ReaderError::PostgresConfig(Arc::new(e));
     let target = PgTarget::parse(url).map_err(config_err)?;
-    let config = target.tokio_config();
-    let manager_config = ManagerConfig {
-        recycling_method: RecyclingMethod::Fast,
-    };
-    let manager = if target.ssl_mode() == SslMode::Disable || target.is_unix_socket() {
-        Manager::from_config(config, tokio_postgres::NoTls, manager_config)
-    } else {
-        let tls =
-            pgconn::tls_config(target.ssl_mode(), target.ssl_root_cert()).map_err(config_err)?;
-        let tls = tokio_postgres_rustls::MakeRustlsConnect::new((*tls).clone());
-        Manager::from_config(config, tls, manager_config)
-    };
+    let manager = pgconn::pool_manager(&target).map_err(config_err)?;
     Pool::builder(manager)
         .max_size(options.pool_size)
         .runtime(Runtime::Tokio1)

@@ -6,13 +6,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::{Pool, Runtime};
 use tokio_postgres::{Client, SimpleQueryMessage};
 
 use super::VerifyError;
 use crate::checkpoint;
 use crate::config::TableRule;
-use crate::pgconn::{self, PgTarget, SslMode};
+use crate::pgconn::{self, PgTarget};
 use crate::preflight::{quote_ident, quote_qualified};
 use crate::reader::source::{KeyTexts, RowSource};
 use crate::reader::ReaderError;
@@ -26,18 +26,8 @@ const MARKER_PREFIX: &str = "pgcache.verify";
 /// settings of the stream (`PgTarget::tokio_config`), so values match the daemon's.
 pub(super) fn pool(url: &str) -> Result<Pool, VerifyError> {
     let target = PgTarget::parse(url).map_err(|e| VerifyError::Postgres(e.to_string()))?;
-    let config = target.tokio_config();
-    let manager_config = ManagerConfig {
-        recycling_method: RecyclingMethod::Fast,
-    };
-    let manager = if target.ssl_mode() == SslMode::Disable || target.is_unix_socket() {
-        Manager::from_config(config, tokio_postgres::NoTls, manager_config)
-    } else {
-        let tls = pgconn::tls_config(target.ssl_mode(), target.ssl_root_cert())
-            .map_err(|e| VerifyError::Postgres(e.to_string()))?;
-        let tls = tokio_postgres_rustls::MakeRustlsConnect::new((*tls).clone());
-        Manager::from_config(config, tls, manager_config)
-    };
+    let manager =
+        pgconn::pool_manager(&target).map_err(|e| VerifyError::Postgres(e.to_string()))?;
     let timeout = Some(Duration::from_secs(10));
     Pool::builder(manager)
         .max_size(2)
@@ -106,19 +96,9 @@ impl KeyScan {
                     problem: format!("the table has no column {name:?}"),
                 })
         };
-        let pk: Vec<String> = client
-            .query(
-                "SELECT a.attname::text FROM pg_index i \
-                 CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, n) \
-                 JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
-                 WHERE i.indrelid = $1 AND i.indisprimary ORDER BY k.n",
-                &[&oid],
-            )
+        let pk = pgconn::primary_key_columns(client, oid)
             .await
-            .map_err(pg_error)?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+            .map_err(pg_error)?;
         let key_columns = rule.key.columns();
         let order_names: &[String] = if pk.is_empty() { key_columns } else { &pk };
         let mut order = Vec::new();

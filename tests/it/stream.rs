@@ -546,7 +546,25 @@ async fn schema_changes_mid_stream() {
         (1, get(&mut r, "evo:1").await.unwrap()),
         (3, get(&mut r, "evo:3").await.unwrap()),
     ];
-    // The reader sees the same columns as the stream after all that.
+    // The reader sees the same columns as the stream after all that. (Let the daemon's
+    // rewrite of the reshaped table finish first, or it may fill the keys before the reader.)
+    crate::common::eventually(
+        Duration::from_secs(30),
+        "the reshape backfill to finish",
+        || {
+            let mut r = r.clone();
+            async move {
+                let progress: Option<String> = redis::cmd("HGET")
+                    .arg("pgcache:{pgcache}:checkpoint")
+                    .arg("backfill:public.evolving")
+                    .query_async(&mut r)
+                    .await
+                    .ok()?;
+                progress?.contains("\"done\"").then_some(())
+            }
+        },
+    )
+    .await;
     assert_reader_matches(&env, &config, "public.evolving", "evo:", &last).await;
     daemon.stop().await.expect("clean stop");
 }
