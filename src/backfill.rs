@@ -413,16 +413,9 @@ impl TablePlan {
 
 /// An escaped string literal, independent of `standard_conforming_strings`.
 fn literal(value: &str) -> String {
+    // Values here come from Postgres text output, which cannot hold NUL.
     let mut out = String::with_capacity(value.len() + 3);
-    out.push_str("E'");
-    for c in value.chars() {
-        match c {
-            '\'' => out.push_str("''"),
-            '\\' => out.push_str("\\\\"),
-            c => out.push(c),
-        }
-    }
-    out.push('\'');
+    let _ = crate::reader::source::push_literal(&mut out, value);
     out
 }
 

@@ -424,7 +424,7 @@ impl RowSource {
 
 /// Appends `text` as an `E'...'` literal, which means the same whatever
 /// `standard_conforming_strings` says.
-fn push_literal(out: &mut String, text: &str) -> Result<(), String> {
+pub(crate) fn push_literal(out: &mut String, text: &str) -> Result<(), String> {
     if text.contains('\0') {
         return Err("contains a NUL character, which Postgres text cannot hold".to_string());
     }

@@ -351,16 +351,9 @@ impl Settle {
 
 /// An `E'...'` literal, which means the same whatever `standard_conforming_strings` says.
 fn literal(value: &str) -> String {
+    // Values here come from Postgres text output, which cannot hold NUL.
     let mut out = String::with_capacity(value.len() + 3);
-    out.push_str("E'");
-    for c in value.chars() {
-        match c {
-            '\'' => out.push_str("''"),
-            '\\' => out.push_str("\\\\"),
-            c => out.push(c),
-        }
-    }
-    out.push('\'');
+    let _ = crate::reader::source::push_literal(&mut out, value);
     out
 }
 
