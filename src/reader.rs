@@ -86,6 +86,7 @@ pub(crate) struct Inner {
     /// name two schemas share maps to both, and using it is an error.
     names: HashMap<String, Vec<usize>>,
     flights: Flights,
+    probes: flight::Probes,
     /// Whether the last Redis command worked, so that an outage is logged once, not per call.
     redis_ok: AtomicBool,
 }
@@ -236,6 +237,17 @@ impl Inner {
     fn redis_worked(&self) {
         if !self.redis_ok.load(Ordering::Relaxed) && !self.redis_ok.swap(true, Ordering::Relaxed) {
             tracing::info!("Redis answers again; lookups use the cache");
+        }
+    }
+
+    /// Opens a Postgres connection, loads each table's column list and the lease scripts,
+    /// so that the first miss does not pay for them. Best effort.
+    async fn warm_up(&self) {
+        lease::load_scripts(&mut self.redis.clone()).await;
+        if let Ok(client) = self.pool.get().await {
+            for table in &self.tables {
+                let _ = table.source.prepare(&client).await;
+            }
         }
     }
 

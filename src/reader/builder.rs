@@ -171,13 +171,6 @@ impl ReaderBuilder {
             ));
         }
         let pool = build_pool(&self.postgres_url, &self.options)?;
-        // Open one Postgres connection now, in the background, so the first miss (often a
-        // stampede right after a deploy) does not also pay for connecting. A Postgres that
-        // is down is no error here: hits are served without it.
-        let warm = pool.clone();
-        tokio::spawn(async move {
-            let _ = warm.get().await;
-        });
         let redis = match self.redis {
             Some(redis) => redis,
             None => connect_redis(&self.redis_url, &self.options)?,
@@ -208,7 +201,7 @@ impl ReaderBuilder {
                 rule,
             }));
         }
-        Ok(Reader {
+        let reader = Reader {
             inner: Arc::new(Inner {
                 redis,
                 pool,
@@ -217,9 +210,20 @@ impl ReaderBuilder {
                 tables,
                 names,
                 flights: Flights::default(),
+                probes: Default::default(),
                 redis_ok: AtomicBool::new(true),
             }),
-        })
+        };
+        // Prepare in the background what the first miss would otherwise pay for (often a
+        // stampede right after a deploy): a Postgres connection, each table's column list,
+        // the lease scripts in Redis. A server that is down is no error here.
+        let inner = Arc::downgrade(&reader.inner);
+        tokio::spawn(async move {
+            if let Some(inner) = inner.upgrade() {
+                inner.warm_up().await;
+            }
+        });
+        Ok(reader)
     }
 }
 

@@ -7,7 +7,7 @@
 //! with it and the followers, seeing the channel closed, start over (one becomes leader).
 
 use std::collections::HashMap;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 use tokio::sync::watch;
@@ -127,5 +127,70 @@ mod tests {
         let _a = flights.join("a");
         assert!(matches!(flights.join("b"), Joined::Leader(_)));
         assert!(matches!(flights.join("a"), Joined::Follower(_)));
+    }
+}
+
+/// What one `GET` (with `PTTL` when early refresh is on) found: the value and its remaining
+/// TTL in ms (-1 for none), or the Redis error.
+pub(crate) type Probe = Result<(Option<Bytes>, i64), Arc<redis::RedisError>>;
+
+/// Lookups of one key that overlap share one `GET`.
+///
+/// A thousand callers of a cold key would otherwise send a thousand `GET`s on one connection
+/// before the first reply says "miss" (measured: 4.6 ms at p99 here, more than the whole
+/// lease and database read). The first caller probes; the others wait for its reply. A
+/// caller that joins while the probe is in flight can get a value read a round trip before it
+/// asked: the same a caller whose own `GET` was queued behind a write would see.
+#[derive(Default)]
+pub(crate) struct Probes {
+    in_flight: Mutex<HashMap<String, watch::Receiver<Option<Probe>>>>,
+}
+
+impl Probes {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, watch::Receiver<Option<Probe>>>> {
+        self.in_flight.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `probe` for `key`, or waits for the one already running.
+    pub(crate) async fn run<F, Fut>(&self, key: &str, probe: F) -> Probe
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Probe>,
+    {
+        let existing = self.lock().get(key).cloned();
+        if let Some(mut slot) = existing {
+            if let Ok(found) = slot.wait_for(Option::is_some).await {
+                if let Some(probe) = found.as_ref() {
+                    return probe.clone();
+                }
+            }
+            // The prober was cancelled: probe ourselves.
+            return probe().await;
+        }
+        let (sender, receiver) = watch::channel(None);
+        let registered = {
+            let mut map = self.lock();
+            // Another prober may have registered between the two locks: not worth waiting.
+            !map.contains_key(key) && map.insert(key.to_string(), receiver).is_none()
+        };
+        if !registered {
+            return probe().await;
+        }
+        // Removes the entry however this ends (also when the caller is cancelled).
+        let _entry = ProbeEntry { probes: self, key };
+        let found = probe().await;
+        sender.send_replace(Some(found.clone()));
+        found
+    }
+}
+
+struct ProbeEntry<'a> {
+    probes: &'a Probes,
+    key: &'a str,
+}
+
+impl Drop for ProbeEntry<'_> {
+    fn drop(&mut self) {
+        self.probes.lock().remove(self.key);
     }
 }

@@ -27,6 +27,13 @@ static ACQUIRE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("ac
 static FILL: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("fill.lua")));
 static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("release.lua")));
 
+/// Loads the scripts into Redis ahead of their first use (saves a `NOSCRIPT` round trip).
+pub(super) async fn load_scripts(conn: &mut redis::aio::ConnectionManager) {
+    for script in [&*ACQUIRE, &*FILL, &*RELEASE] {
+        let _ = script.prepare_invoke().load_async(conn).await;
+    }
+}
+
 /// What a lease key holds while a row is known to be absent. Tokens are hex, so they never
 /// look like this.
 pub(crate) const ABSENT: &str = "pgcache:absent";

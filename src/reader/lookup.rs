@@ -59,24 +59,32 @@ pub(super) async fn fetch(
     key: impl Key,
 ) -> Result<(String, Option<Fetched>), ReaderError> {
     let redis_key = entry.render(&inner.key_prefix, &key)?;
-    let mut conn = inner.redis.clone();
     let beta = entry.early_refresh_beta(&inner.options);
-    let first: redis::RedisResult<(Option<Vec<u8>>, i64)> = match beta {
-        None => redis::cmd("GET")
-            .arg(&redis_key)
-            .query_async(&mut conn)
-            .await
-            .map(|value| (value, -1)),
-        Some(_) => {
-            redis::pipe()
-                .cmd("GET")
-                .arg(&redis_key)
-                .cmd("PTTL")
-                .arg(&redis_key)
-                .query_async(&mut conn)
-                .await
-        }
-    };
+    let first = inner
+        .probes
+        .run(&redis_key, || async {
+            let mut conn = inner.redis.clone();
+            let found: redis::RedisResult<(Option<Vec<u8>>, i64)> = match beta {
+                None => redis::cmd("GET")
+                    .arg(&redis_key)
+                    .query_async(&mut conn)
+                    .await
+                    .map(|value| (value, -1)),
+                Some(_) => {
+                    redis::pipe()
+                        .cmd("GET")
+                        .arg(&redis_key)
+                        .cmd("PTTL")
+                        .arg(&redis_key)
+                        .query_async(&mut conn)
+                        .await
+                }
+            };
+            found
+                .map(|(value, ttl_ms)| (value.map(Bytes::from), ttl_ms))
+                .map_err(Arc::new)
+        })
+        .await;
     match first {
         Ok((Some(value), ttl_ms)) => {
             entry.counters.record(Event::Hit);
@@ -91,7 +99,7 @@ pub(super) async fn fetch(
                     beta,
                 );
             }
-            Ok((redis_key, Some(Fetched::Owned(value))))
+            Ok((redis_key, Some(Fetched::Shared(value))))
         }
         Ok((None, _)) => {
             entry.counters.record(Event::Miss);

@@ -152,6 +152,11 @@ impl RowSource {
     }
 
     /// The cached shape, or a fresh one when there is none or `reload`.
+    /// Builds the column list now rather than on the first miss.
+    pub(crate) async fn prepare(&self, client: &tokio_postgres::Client) -> Result<(), ReaderError> {
+        self.shape(client, false).await.map(|_| ())
+    }
+
     async fn shape(
         &self,
         client: &tokio_postgres::Client,
