@@ -102,7 +102,8 @@ pub struct Batch {
     transactions: usize,
     /// Extra checkpoint fields (backfill progress) to write with the committed operations.
     meta: Vec<(String, String)>,
-    scratch: Vec<u8>,
+    /// Capacity for the next encoded value.
+    value_size_hint: usize,
 }
 
 /// What a flush applied, for progress and metrics.
@@ -353,16 +354,18 @@ impl Batch {
         };
         let encoded = match table.rule.format {
             Format::Json => {
-                self.scratch.clear();
-                let columns: Vec<(&str, &encoder::PgType)> =
-                    table.columns.iter().map(|(n, t)| (n.as_str(), t)).collect();
+                // Sized like the last value, so most rows encode without regrowing.
+                let mut value = Vec::with_capacity(self.value_size_hint);
                 encoder::encode_row(
-                    &mut self.scratch,
-                    &columns,
+                    &mut value,
+                    &table.columns,
                     table.positions.iter().map(|&at| value_at(at)),
                     table.rule.encode,
                 )
-                .map(|()| None)
+                .map(|()| {
+                    self.value_size_hint = value.len().next_power_of_two();
+                    Encoded::Json(value)
+                })
             }
             Format::Hash => {
                 let mut fields = Vec::with_capacity(table.columns.len());
@@ -379,16 +382,15 @@ impl Batch {
                         fields.push((name.clone(), field));
                     }
                 }
-                result.map(|()| Some(fields))
+                result.map(|()| Encoded::Hash(fields))
             }
         };
         match encoded {
-            Ok(None) => {
-                let value = self.scratch.clone();
+            Ok(Encoded::Json(value)) => {
                 self.push_value(table, key, value);
                 Ok(())
             }
-            Ok(Some(fields)) => {
+            Ok(Encoded::Hash(fields)) => {
                 self.ops.push(Op::Hash {
                     key,
                     fields,
@@ -521,6 +523,12 @@ impl Batch {
     pub fn drop_key_space(&mut self, key_space: String) {
         self.ops.push(Op::DropKeySpace { key_space });
     }
+}
+
+/// A row's value in its table's format.
+enum Encoded {
+    Json(Vec<u8>),
+    Hash(Vec<(String, Vec<u8>)>),
 }
 
 /// Deletes every key with a prefix, and the leases of those keys, inside the `EXEC`, so it is

@@ -108,9 +108,11 @@ pub fn encode_field(
 /// # Errors
 /// A value that cannot be encoded ([`EncodeError::Column`] names the column), or a number
 /// of values different from the number of columns. `out` is then left unchanged.
-pub fn encode_row<'a>(
+/// `columns` may borrow (`&[(&str, &PgType)]`) or own (`&[(String, PgType)]`) its names and
+/// types, so callers that keep a column list need not rebuild one per row.
+pub fn encode_row<'a, N: AsRef<str>, T: std::borrow::Borrow<PgType>>(
     out: &mut Vec<u8>,
-    columns: &[(&str, &PgType)],
+    columns: &[(N, T)],
     values: impl IntoIterator<Item = Option<&'a [u8]>>,
     opts: EncodeOptions,
 ) -> Result<(), EncodeError> {
@@ -122,9 +124,9 @@ pub fn encode_row<'a>(
     result
 }
 
-fn encode_row_inner<'a>(
+fn encode_row_inner<'a, N: AsRef<str>, T: std::borrow::Borrow<PgType>>(
     out: &mut Vec<u8>,
-    columns: &[(&str, &PgType)],
+    columns: &[(N, T)],
     values: impl IntoIterator<Item = Option<&'a [u8]>>,
     opts: EncodeOptions,
 ) -> Result<(), EncodeError> {
@@ -134,6 +136,7 @@ fn encode_row_inner<'a>(
         if i > 0 {
             out.push(b',');
         }
+        let name = name.as_ref();
         write_json_string(out, name.as_bytes());
         out.push(b':');
         match values.next() {
@@ -144,12 +147,12 @@ fn encode_row_inner<'a>(
                 })
             }
             Some(None) => out.extend_from_slice(b"null"),
-            Some(Some(text)) => {
-                encode(out, ty, text, opts, Form::Json).map_err(|e| EncodeError::Column {
-                    column: (*name).to_string(),
+            Some(Some(text)) => encode(out, ty.borrow(), text, opts, Form::Json).map_err(|e| {
+                EncodeError::Column {
+                    column: name.to_string(),
                     error: Box::new(e),
-                })?
-            }
+                }
+            })?,
         }
     }
     let extra = values.count();

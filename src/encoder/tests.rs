@@ -478,7 +478,8 @@ fn rows_are_compact_objects_in_column_order() {
     assert_eq!(v, serde_json::Value::Object(map));
 
     let mut out = Vec::new();
-    encode_row(&mut out, &[], std::iter::empty(), EncodeOptions::default()).unwrap();
+    encode_row::<&str, &PgType>(&mut out, &[], std::iter::empty(), EncodeOptions::default())
+        .unwrap();
     assert_eq!(out, b"{}");
 }
 
