@@ -210,7 +210,7 @@ impl ReaderBuilder {
                 tables,
                 names,
                 flights: Flights::default(),
-                probes: Default::default(),
+                lookups: Flights::default(),
                 redis_ok: AtomicBool::new(true),
             }),
         };

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use futures_util::future::join_all;
 use serde::de::DeserializeOwned;
 
-use super::flight::{self, Joined, Outcome};
+use super::flight::{self, Early, Joined, Outcome};
 use super::lease::{self, Backoff, FillOutcome, Lease, LeaseOutcome};
 use super::refresh;
 use super::source::KeyTexts;
@@ -51,8 +51,26 @@ pub(super) async fn get<T: DeserializeOwned>(
     }
 }
 
+/// What one lookup found, as every caller that shared it sees it.
+#[derive(Clone)]
+pub(crate) enum Looked {
+    /// The `GET` found the value; the key's remaining TTL in ms (-1 for none).
+    Hit(Bytes, i64),
+    /// The `GET` missed and the miss was resolved (lease, wait or database read).
+    Miss(Outcome),
+    /// The `GET` failed; the row was read from Postgres.
+    Fallback(Outcome),
+}
+
 /// One lookup: the hit path is a single `GET` (with `PTTL` in the same round trip when the
 /// table has a TTL and early refresh is on); everything else is on the miss path.
+///
+/// Lookups of one key that overlap share all of it: one caller sends the `GET` and, on a
+/// miss, resolves it; the others are woken once, with the answer. A thousand callers of a
+/// cold key would otherwise send a thousand `GET`s before the first reply says "miss", and
+/// then each be woken twice more (for the reply, and for the fill). A caller that joins
+/// while the `GET` is in flight can get a value read a round trip before it asked: the same
+/// a caller whose own `GET` was queued behind a write would see.
 pub(super) async fn fetch(
     inner: &Arc<Inner>,
     entry: &Arc<TableEntry>,
@@ -60,35 +78,15 @@ pub(super) async fn fetch(
 ) -> Result<(String, Option<Fetched>), ReaderError> {
     let redis_key = entry.render(&inner.key_prefix, &key)?;
     let beta = entry.early_refresh_beta(&inner.options);
-    let first = inner
-        .probes
-        .run(&redis_key, || async {
-            let mut conn = inner.redis.clone();
-            let found: redis::RedisResult<(Option<Vec<u8>>, i64)> = match beta {
-                None => redis::cmd("GET")
-                    .arg(&redis_key)
-                    .query_async(&mut conn)
-                    .await
-                    .map(|value| (value, -1)),
-                Some(_) => {
-                    redis::pipe()
-                        .cmd("GET")
-                        .arg(&redis_key)
-                        .cmd("PTTL")
-                        .arg(&redis_key)
-                        .query_async(&mut conn)
-                        .await
-                }
-            };
-            found
-                .map(|(value, ttl_ms)| (value.map(Bytes::from), ttl_ms))
-                .map_err(Arc::new)
+    let (looked, followed) = inner
+        .lookups
+        .share(&redis_key, |early| {
+            look_up(inner, entry, &redis_key, &key, beta, early)
         })
         .await;
-    match first {
-        Ok((Some(value), ttl_ms)) => {
+    let outcome = match looked {
+        Looked::Hit(value, ttl_ms) => {
             entry.counters.record(Event::Hit);
-            inner.redis_worked();
             if let (Some(beta), Ok(ttl_ms @ 1..)) = (beta, u64::try_from(ttl_ms)) {
                 maybe_refresh(
                     inner,
@@ -99,65 +97,120 @@ pub(super) async fn fetch(
                     beta,
                 );
             }
-            Ok((redis_key, Some(Fetched::Shared(value))))
+            return Ok((redis_key, Some(Fetched::Shared(value))));
         }
-        Ok((None, _)) => {
+        Looked::Miss(outcome) => {
             entry.counters.record(Event::Miss);
-            inner.redis_worked();
-            let texts = entry.with_key(redis_key, &key)?;
-            // Boxed so that the hit path's future stays small.
-            let value = Box::pin(resolve(inner, entry, &texts)).await?;
-            Ok((texts.redis_key, value.map(Fetched::Shared)))
+            outcome
         }
-        Err(e) => {
+        Looked::Fallback(outcome) => {
             entry.counters.record(Event::Miss);
             entry.counters.record(Event::Fallback);
+            outcome
+        }
+    };
+    if followed {
+        entry.counters.record(Event::Coalesced);
+    }
+    Ok((redis_key, outcome?.map(Fetched::Shared)))
+}
+
+/// The work of one shared lookup, done by the first caller.
+async fn look_up(
+    inner: &Arc<Inner>,
+    entry: &Arc<TableEntry>,
+    redis_key: &str,
+    key: &impl Key,
+    beta: Option<f64>,
+    early: Early<Looked>,
+) -> Looked {
+    let mut conn = inner.redis.clone();
+    let found: redis::RedisResult<(Option<Vec<u8>>, i64)> = match beta {
+        None => redis::cmd("GET")
+            .arg(redis_key)
+            .query_async(&mut conn)
+            .await
+            .map(|value| (value, -1)),
+        Some(_) => {
+            redis::pipe()
+                .cmd("GET")
+                .arg(redis_key)
+                .cmd("PTTL")
+                .arg(redis_key)
+                .query_async(&mut conn)
+                .await
+        }
+    };
+    match found {
+        Ok((Some(value), ttl_ms)) => {
+            inner.redis_worked();
+            Looked::Hit(Bytes::from(value), ttl_ms)
+        }
+        Ok((None, _)) => {
+            inner.redis_worked();
+            let texts = match entry.with_key(redis_key.to_string(), key) {
+                Ok(texts) => texts,
+                Err(e) => return Looked::Miss(Err(e)),
+            };
+            let early = |outcome: &Outcome| early.publish(Looked::Miss(outcome.clone()));
+            // Boxed so that the hit path's future stays small.
+            Looked::Miss(Box::pin(resolve(inner, entry, &texts, &early)).await)
+        }
+        Err(e) => {
             inner.redis_failed(&e);
-            let texts = entry.with_key(redis_key, &key)?;
-            // Shared too, so that an outage does not turn every caller into a query.
-            let read = shared(inner, entry, &texts, || read_one(inner, entry, &texts));
-            let value = Box::pin(read).await?;
-            Ok((texts.redis_key, value.map(Fetched::Shared)))
+            let texts = match entry.with_key(redis_key.to_string(), key) {
+                Ok(texts) => texts,
+                Err(e) => return Looked::Fallback(Err(e)),
+            };
+            // Shared with batch lookups too, so that an outage does not turn every caller
+            // into a query.
+            let read = shared(inner, entry, &texts, |_| read_one(inner, entry, &texts));
+            Looked::Fallback(Box::pin(read).await)
         }
     }
 }
 
-/// Resolves a miss, sharing the work with other callers in this process.
-async fn resolve(inner: &Arc<Inner>, entry: &Arc<TableEntry>, key: &KeyTexts) -> Outcome {
-    shared(inner, entry, key, || lead(inner, entry, key)).await
+/// Resolves a miss, sharing the work with other callers in this process. `early` gets the
+/// row as soon as it is read, before the fill.
+async fn resolve(
+    inner: &Arc<Inner>,
+    entry: &Arc<TableEntry>,
+    key: &KeyTexts,
+    early: &(dyn Fn(&Outcome) + Sync),
+) -> Outcome {
+    shared(inner, entry, key, |shared_early| {
+        lead(inner, entry, key, move |outcome: &Outcome| {
+            shared_early.publish(outcome.clone());
+            early(outcome);
+        })
+    })
+    .await
 }
 
 /// Runs `work` for `key` once for all callers in this process that ask meanwhile.
 async fn shared<F, Fut>(inner: &Inner, entry: &TableEntry, key: &KeyTexts, work: F) -> Outcome
 where
-    F: Fn() -> Fut,
+    F: Fn(Early<Outcome>) -> Fut,
     Fut: std::future::Future<Output = Outcome>,
 {
-    let mut coalesced = false;
-    loop {
-        match inner.flights.join(&key.redis_key) {
-            Joined::Leader(leader) => {
-                let outcome = work().await;
-                leader.finish(outcome.clone());
-                return outcome;
-            }
-            Joined::Follower(slot) => {
-                if !coalesced {
-                    entry.counters.record(Event::Coalesced);
-                    coalesced = true;
-                }
-                if let Some(outcome) = flight::follow(slot).await {
-                    return outcome;
-                }
-                // The leader was cancelled: start over, perhaps as the leader.
-            }
-        }
+    let (outcome, followed) = inner.flights.share(&key.redis_key, work).await;
+    if followed {
+        entry.counters.record(Event::Coalesced);
     }
+    outcome
 }
 
 /// The lease protocol for one key: take the lease and fill, or wait for the holder's fill,
 /// or read Postgres past the deadline or when Redis fails.
-async fn lead(inner: &Arc<Inner>, entry: &Arc<TableEntry>, key: &KeyTexts) -> Outcome {
+///
+/// A row read under the lease goes to `early` before the fill: the callers waiting in this
+/// process need not wait another round trip for a write that only other processes need.
+async fn lead(
+    inner: &Arc<Inner>,
+    entry: &Arc<TableEntry>,
+    key: &KeyTexts,
+    early: impl Fn(&Outcome),
+) -> Outcome {
     let mut backoff = Backoff::new(inner.options.max_wait_step);
     let mut deadline = None;
     loop {
@@ -168,9 +221,11 @@ async fn lead(inner: &Arc<Inner>, entry: &Arc<TableEntry>, key: &KeyTexts) -> Ou
                 return Ok(None);
             }
             Ok(LeaseOutcome::Acquired(lease)) => {
-                let row = lease.read_row().await?;
+                let row = lease.read_row().await?.map(Bytes::from);
+                let outcome = Ok(row.clone());
+                early(&outcome);
                 settle(inner, lease, row.as_deref()).await;
-                return Ok(row.map(Bytes::from));
+                return outcome;
             }
             Ok(LeaseOutcome::Held) => {
                 let now = Instant::now();
@@ -428,7 +483,7 @@ async fn resolve_many(
             }
         }
     }
-    let waited = join_all(waiting.iter().map(|&j| lead(inner, entry, keys[j]))).await;
+    let waited = join_all(waiting.iter().map(|&j| lead(inner, entry, keys[j], |_| {}))).await;
     for (&j, outcome) in waiting.iter().zip(waited) {
         outcomes[j] = Some(outcome);
     }
@@ -439,7 +494,7 @@ async fn resolve_many(
         entry.counters.record(Event::Coalesced);
         outcomes[j] = Some(match flight::follow(slot).await {
             Some(outcome) => outcome,
-            None => resolve(inner, entry, keys[j]).await,
+            None => resolve(inner, entry, keys[j], &|_| {}).await,
         });
     }
     outcomes

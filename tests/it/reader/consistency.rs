@@ -331,3 +331,47 @@ async fn non_canonical_and_invalid_keys_are_refused() {
         Some(json!({"id": 42, "name": "x", "price": "1.00"}))
     );
 }
+
+/// A reader that has read a table notices ALTER TABLE before its next read: the columns it
+/// reads and how it encodes them follow the table, for an added column, a retyped one and
+/// two columns that swap names (the case only a check of names and positions catches).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_follows_alter_table_between_reads() {
+    let env = Env::start(
+        "CREATE TABLE shifting (id int PRIMARY KEY, a text, b text, n int);",
+        "",
+    );
+    env.sql("INSERT INTO shifting VALUES (1, 'A', 'B', 7)");
+    let config = env.config("[[tables]]\ntable = \"public.shifting\"\nkey = \"shift:{id}\"\n");
+    let reader = reader(&config, ReaderOptions::default());
+    let table = reader.table("shifting").unwrap();
+    let mut r = env.redis().await;
+    let mut read = async |expected: Value| {
+        del(&mut r, "shift:1").await;
+        assert_eq!(table.get_json(1).await.unwrap(), Some(expected.clone()));
+        // What was filled is what was returned.
+        let cached: Option<String> = redis::cmd("GET")
+            .arg("shift:1")
+            .query_async(&mut r)
+            .await
+            .unwrap();
+        let cached: Value = serde_json::from_str(&cached.expect("filled")).unwrap();
+        assert_eq!(cached, expected);
+    };
+    read(json!({"id": 1, "a": "A", "b": "B", "n": 7})).await;
+
+    env.sql("ALTER TABLE shifting ADD COLUMN extra text DEFAULT 'x'");
+    read(json!({"id": 1, "a": "A", "b": "B", "n": 7, "extra": "x"})).await;
+
+    env.sql("ALTER TABLE shifting ALTER COLUMN n TYPE text USING n::text || '!'");
+    read(json!({"id": 1, "a": "A", "b": "B", "n": "7!", "extra": "x"})).await;
+
+    env.sql(
+        "ALTER TABLE shifting RENAME COLUMN a TO tmp;
+         ALTER TABLE shifting RENAME COLUMN b TO a;
+         ALTER TABLE shifting RENAME COLUMN tmp TO b;",
+    );
+    read(json!({"id": 1, "b": "A", "a": "B", "n": "7!", "extra": "x"})).await;
+    let s = table.stats();
+    assert_eq!((s.misses, s.fills), (4, 4), "{s:?}");
+}
