@@ -56,7 +56,7 @@ pub use self::lease::{FillOutcome, Lease, LeaseOutcome};
 pub use self::stats::Stats;
 
 use self::flight::Flights;
-use self::lookup::{fetch, get, get_many, Fetched};
+use self::lookup::{fetch, get, get_many, Fetched, Looked};
 use self::refresh::FillTimer;
 use self::source::{KeyTexts, RowSource};
 use self::stats::Counters;
@@ -85,8 +85,12 @@ pub(crate) struct Inner {
     /// Qualified (`public.users`) and bare (`users`) names to indexes into `tables`; a bare
     /// name two schemas share maps to both, and using it is an error.
     names: HashMap<String, Vec<usize>>,
+    /// Misses being resolved (lease, wait, database read), shared by single and batch
+    /// lookups and early refreshes.
     flights: Flights,
-    probes: flight::Probes,
+    /// Whole lookups in progress: overlapping lookups of a key share one `GET` and, on a
+    /// miss, its resolution.
+    lookups: Flights<Looked>,
     /// Whether the last Redis command worked, so that an outage is logged once, not per call.
     redis_ok: AtomicBool,
 }
