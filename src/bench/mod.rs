@@ -102,6 +102,8 @@ pub struct Scale {
     pub reader_rounds: usize,
     pub reader_ops_per_round: usize,
     pub stampede_callers: usize,
+    /// Stampedes, each on a key of its own; the p99 is over every caller of every round.
+    pub stampede_rounds: usize,
 }
 
 impl Scale {
@@ -117,6 +119,7 @@ impl Scale {
             reader_rounds: 20,
             reader_ops_per_round: 5_000,
             stampede_callers: 1_000,
+            stampede_rounds: 10,
         }
     }
 
@@ -132,6 +135,7 @@ impl Scale {
             reader_rounds: 10,
             reader_ops_per_round: 500,
             stampede_callers: 1_000,
+            stampede_rounds: 2,
         }
     }
 }
