@@ -768,3 +768,60 @@ key = "reading:{id}"
     );
     daemon.stop().await.expect("clean stop");
 }
+
+/// User-defined types resolve, through `pg_type`, to the encoding of what they print as:
+/// enums and citext as text, domains (over domains too) as their base type, arrays of them
+/// as arrays, composites and ranges as text of their own (`Other`), unknown OIDs as `Other`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_types_resolve_through_pg_type() {
+    use pgcache::encoder::PgType;
+    let env = Env::start(
+        "CREATE TYPE mood AS ENUM ('ok', 'sad');
+         CREATE DOMAIN positive AS int CHECK (VALUE > 0);
+         CREATE DOMAIN small_positive AS positive CHECK (VALUE < 10);
+         CREATE DOMAIN stamps AS timestamptz[];
+         CREATE TYPE pair AS (a int, b text);
+         CREATE TYPE intr AS RANGE (subtype = int8);",
+        "",
+    );
+    if let Err(e) = env.pg.psql(DB, "CREATE EXTENSION citext") {
+        panic!(
+            "this test needs the citext extension, from Postgres's contrib modules \
+             (Debian: apt-get install -y postgresql-contrib): {e:#}"
+        );
+    }
+    let (client, conn) = tokio_postgres::connect(&env.pg.url(DB), tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    let array = |elem: PgType| PgType::Array(Box::new(elem));
+    for (name, want) in [
+        ("mood", PgType::Text),
+        ("mood[]", array(PgType::Text)),
+        ("positive", PgType::Int),
+        ("small_positive", PgType::Int),
+        ("small_positive[]", array(PgType::Int)),
+        ("stamps", array(PgType::TimestampTz)),
+        ("stamps[]", array(array(PgType::TimestampTz))),
+        ("pair", PgType::Other),
+        ("pair[]", array(PgType::Other)),
+        ("intr", PgType::Other),
+        ("citext", PgType::Text),
+        ("citext[]", array(PgType::Text)),
+        ("int4", PgType::Int),
+    ] {
+        let oid: u32 = client
+            .query_one("SELECT $1::text::regtype::oid", &[&name])
+            .await
+            .unwrap_or_else(|e| panic!("the OID of {name}: {e}"))
+            .get(0);
+        let got = PgType::resolve(&client, oid).await.expect("resolve");
+        assert_eq!(got, want, "{name}");
+    }
+    assert_eq!(
+        PgType::resolve(&client, 4_000_000_000)
+            .await
+            .expect("resolve"),
+        PgType::Other
+    );
+}
