@@ -1,6 +1,8 @@
 //! Backfill throughput: the daemon's watermark backfill of a large table against the
 //! floor of `COPY (SELECT ...) TO STDOUT` piped straight into pipelined Redis `SET`s (each
-//! row's COPY text under its key, no encoding), on the same table in the same run.
+//! row's COPY text under its key, no encoding), on the same table in the same run. Each side
+//! runs twice, in the order floor, pgcache, pgcache, floor, and counts its faster run: on a
+//! shared 2-core machine single runs swing by a fifth or more.
 
 use std::time::{Duration, Instant};
 
@@ -58,23 +60,24 @@ pub async fn run(lab: &Lab, scale: &Scale, progress: Progress) -> Result<Figure,
     // Alone: VACUUM cannot run in the implicit transaction of a multi-statement query.
     execute(&client, "vacuuming", "VACUUM ANALYZE bf_rows").await?;
 
-    progress.say("backfill: the floor (COPY into pipelined SETs)");
-    lab.flush_redis().await?;
-    let started = Instant::now();
-    let copied = copy_into_redis(lab, &client).await?;
-    let floor = started.elapsed();
-    if copied != n {
-        return Err(BenchError::Check(format!(
-            "the floor copied {copied} rows, not {n}"
-        )));
+    let first_floor = time_floor(lab, &client, n, progress).await?;
+    let mut runs = Vec::with_capacity(2);
+    for which in ["pgcache", "pgcache again"] {
+        progress.say(format!("backfill: {which}"));
+        lab.flush_redis().await?;
+        let run = time_daemon(lab, &client, n).await?;
+        // The rows and the checkpoint hash.
+        expect_keys(lab, n + 1, "pgcache").await?;
+        runs.push(run);
     }
-    expect_keys(lab, n, "the floor").await?;
-
-    progress.say("backfill: pgcache");
-    lab.flush_redis().await?;
-    let (pgcache, progress_row, reconnects) = time_daemon(lab, &client, n).await?;
-    // The rows and the checkpoint hash.
-    expect_keys(lab, n + 1, "pgcache").await?;
+    let second_floor = time_floor(lab, &client, n, progress).await?;
+    let floor = first_floor.min(second_floor);
+    let own_seconds = |p: &BackfillProgress| p.updated_ms.saturating_sub(p.started_ms) as f64 / 1e3;
+    let (pgcache, progress_row, reconnects) = runs
+        .iter()
+        .min_by_key(|(elapsed, _, _)| *elapsed)
+        .cloned()
+        .ok_or_else(|| BenchError::Check("no backfill run".into()))?;
     progress.say(format!(
         "backfill: COPY {:.2} s, pgcache {:.2} s",
         floor.as_secs_f64(),
@@ -86,15 +89,36 @@ pub async fn run(lab: &Lab, scale: &Scale, progress: Progress) -> Result<Figure,
         json!({
             "rows": n,
             "floor_seconds": floor.as_secs_f64(),
+            "floor_runs_seconds": [first_floor.as_secs_f64(), second_floor.as_secs_f64()],
             "pgcache_seconds_from_spawn": pgcache.as_secs_f64(),
-            "pgcache_own_seconds": progress_row
-                .updated_ms
-                .saturating_sub(progress_row.started_ms) as f64 / 1e3,
+            "pgcache_runs_seconds_from_spawn": runs.iter().map(|r| r.0.as_secs_f64()).collect::<Vec<_>>(),
+            "pgcache_own_seconds": own_seconds(&progress_row),
             "chunk_rows": DEFAULT_BACKFILL_CHUNK_ROWS,
             "daemon_reconnects": reconnects,
             "floor_batch": FLOOR_BATCH,
         }),
     ))
+}
+
+/// One run of the floor into an empty Redis.
+async fn time_floor(
+    lab: &Lab,
+    client: &Client,
+    n: u64,
+    progress: Progress,
+) -> Result<Duration, BenchError> {
+    progress.say("backfill: the floor (COPY into pipelined SETs)");
+    lab.flush_redis().await?;
+    let started = Instant::now();
+    let copied = copy_into_redis(lab, client).await?;
+    let floor = started.elapsed();
+    if copied != n {
+        return Err(BenchError::Check(format!(
+            "the floor copied {copied} rows, not {n}"
+        )));
+    }
+    expect_keys(lab, n, "the floor").await?;
+    Ok(floor)
 }
 
 /// The floor: every row's COPY text under `bf:<id>`, pipelines of `FLOOR_BATCH` with the
