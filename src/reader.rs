@@ -23,7 +23,8 @@
 //! - [`key`]: key values as callers pass them (`42`, `("acme", 42)`).
 //! - `source`: the Postgres side: a table's columns and the read that matches the stream.
 //! - [`lease`]: the lease protocol and its Lua scripts; the lower-level [`Table::lease`] API.
-//! - `flight`: single flight, one resolution per key per process.
+//! - `flight`: single flight: overlapping lookups of a key share one `GET` and one
+//!   resolution per process.
 //! - `refresh`: probabilistic early refresh (XFetch) of keys with a TTL.
 //! - [`stats`]: counters, in process and through the `metrics` facade.
 //! - [`error`]: what can go wrong, [`ReaderError`].
