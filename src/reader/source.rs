@@ -22,7 +22,7 @@
 //! planned on every read, it cost more than the read itself: 0.32 against 0.10 ms.)
 
 use std::fmt::Write as _;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 
 use deadpool_postgres::{ClientWrapper, Pool};
 use tokio_postgres::SimpleQueryMessage;
@@ -44,10 +44,10 @@ fn fingerprint_sql(relation: &str) -> String {
     )
 }
 
-/// The fingerprint of the table with OID `$1`, as a prepared statement.
-fn fingerprint_by_oid_sql() -> String {
-    format!("SELECT {}", fingerprint_sql("$1::oid"))
-}
+/// The fingerprint of the table with OID `$1`, as a prepared statement (built once: every
+/// miss looks it up in the connection's statement cache).
+static FINGERPRINT_BY_OID: LazyLock<String> =
+    LazyLock::new(|| format!("SELECT {}", fingerprint_sql("$1::oid")));
 
 /// One key to read: its Redis key (for messages) and its values' texts, in template order.
 #[derive(Debug, Clone)]
@@ -159,7 +159,7 @@ impl RowSource {
         client: &ClientWrapper,
     ) -> Result<tokio_postgres::Statement, ReaderError> {
         client
-            .prepare_cached(&fingerprint_by_oid_sql())
+            .prepare_cached(&FINGERPRINT_BY_OID)
             .await
             .map_err(|e| self.pg_error(e))
     }
@@ -185,14 +185,10 @@ impl RowSource {
                 },
                 problem: db.message().to_string(),
             },
-            _ => ReaderError::Postgres {
-                table: self.table.clone(),
-                source: Arc::new(e),
-            },
+            _ => self.pg_error(e),
         }
     }
 
-    /// The cached shape, or a fresh one when there is none or `reload`.
     /// Builds the column list and prepares the fingerprint query on this connection now
     /// rather than on the first miss.
     pub(crate) async fn prepare(&self, client: &ClientWrapper) -> Result<(), ReaderError> {
@@ -200,6 +196,7 @@ impl RowSource {
         self.fingerprint_statement(client).await.map(|_| ())
     }
 
+    /// The cached shape, or a fresh one when there is none or `reload`.
     async fn shape(
         &self,
         client: &tokio_postgres::Client,
@@ -221,10 +218,7 @@ impl RowSource {
     }
 
     async fn load_shape(&self, client: &tokio_postgres::Client) -> Result<Shape, ReaderError> {
-        let pg_err = |e| ReaderError::Postgres {
-            table: self.table.clone(),
-            source: Arc::new(e),
-        };
+        let pg_err = |e| self.pg_error(e);
         let schema_err = |problem: String| ReaderError::Schema {
             table: self.table.clone(),
             problem,
@@ -380,10 +374,7 @@ impl RowSource {
         keys: &[KeyTexts],
         messages: &[SimpleQueryMessage],
     ) -> Result<Option<Vec<Row>>, ReaderError> {
-        let pg_err = |e| ReaderError::Postgres {
-            table: self.table.clone(),
-            source: Arc::new(e),
-        };
+        let pg_err = |e| self.pg_error(e);
         let nk = shape.key_types.len();
         let nc = shape.columns.len();
         let width = 1 + nk + 1 + nk + nc;
@@ -526,7 +517,7 @@ mod tests {
 
     #[test]
     fn fingerprint_names_the_relation() {
-        let sql = fingerprint_by_oid_sql();
+        let sql = &*FINGERPRINT_BY_OID;
         assert!(sql.starts_with("SELECT (SELECT string_agg("), "{sql}");
         assert!(sql.contains("a.attrelid = $1::oid"), "{sql}");
         assert!(sql.contains("a.attgenerated = ''"), "{sql}");

@@ -8,50 +8,15 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 
-use crate::common::{eventually, pgcache, Daemon, Env, InProcess, DB};
+use crate::common::{
+    backfill_progress, eventually, pgcache, wait_backfill_done, Daemon, Env, InProcess, DB,
+};
 
 /// 100,000 rows that exist before the slot does: only a backfill can bring them.
 const ITEMS: &str = "CREATE TABLE items (id int PRIMARY KEY, v bigint NOT NULL, note text);
                      INSERT INTO items SELECT g, 0, 'row ' || g FROM generate_series(1, 100000) g;";
 const RULE: &str =
     "[backfill]\nchunk_rows = 2000\n\n[[tables]]\ntable = \"items\"\nkey = \"item:{id}\"\n";
-
-async fn pg(env: &Env) -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::connect(&env.pg.url(DB), tokio_postgres::NoTls)
-        .await
-        .expect("connect postgres");
-    tokio::spawn(conn);
-    client
-}
-
-/// The checkpoint's progress field for a table, if any.
-async fn progress(
-    r: &mut redis::aio::MultiplexedConnection,
-    table: &str,
-) -> Option<serde_json::Value> {
-    let value: Option<String> = redis::cmd("HGET")
-        .arg("pgcache:{pgcache}:checkpoint")
-        .arg(format!("backfill:{table}"))
-        .query_async(r)
-        .await
-        .ok()?;
-    value.map(|v| serde_json::from_str(&v).expect("progress is JSON"))
-}
-
-async fn wait_backfill_done(
-    r: &mut redis::aio::MultiplexedConnection,
-    table: &str,
-    limit: Duration,
-) {
-    eventually(limit, &format!("backfill of {table} to finish"), || {
-        let mut r = r.clone();
-        async move {
-            let p = progress(&mut r, table).await?;
-            (p["state"] == "done").then_some(())
-        }
-    })
-    .await;
-}
 
 /// Database rows as the JSON the daemon writes for this table: id -> (v, note).
 async fn db_items(client: &tokio_postgres::Client) -> HashMap<i32, (i64, String)> {
@@ -107,7 +72,7 @@ async fn redis_items(r: &mut redis::aio::MultiplexedConnection) -> HashMap<i32, 
 }
 
 async fn assert_converged(env: &Env, r: &mut redis::aio::MultiplexedConnection, limit: Duration) {
-    let client = pg(env).await;
+    let client = env.pg_client().await;
     let deadline = Instant::now() + limit;
     loop {
         let expected = db_items(&client).await;
@@ -262,7 +227,7 @@ async fn backfill_under_live_writes_converges_without_going_back() {
         "the workload ran during the backfill ({writes} writes)"
     );
     assert!(polls > 5, "the watcher polled ({polls})");
-    let p = progress(&mut r, "public.items").await.unwrap();
+    let p = backfill_progress(&mut r, "public.items").await.unwrap();
     assert!(
         p["rows"].as_u64().unwrap() >= 99_000,
         "progress counts rows: {p}"
@@ -287,13 +252,13 @@ async fn backfill_resumes_after_kill9() {
         eventually(Duration::from_secs(120), "backfill to be under way", || {
             let mut r = r.clone();
             async move {
-                let p = progress(&mut r, "public.items").await?;
+                let p = backfill_progress(&mut r, "public.items").await?;
                 (p["state"] == "running" && p["rows"].as_u64()? >= 5_000).then_some(())
             }
         })
         .await;
         daemon.kill9();
-        let rows = progress(&mut r, "public.items").await.unwrap()["rows"]
+        let rows = backfill_progress(&mut r, "public.items").await.unwrap()["rows"]
             .as_u64()
             .unwrap();
         daemon = Daemon::spawn(&config, &log);
@@ -304,13 +269,13 @@ async fn backfill_resumes_after_kill9() {
             || {
                 let mut r = r.clone();
                 async move {
-                    let p = progress(&mut r, "public.items").await?;
+                    let p = backfill_progress(&mut r, "public.items").await?;
                     (p["rows"].as_u64()? > rows).then_some(())
                 }
             },
         )
         .await;
-        let p = progress(&mut r, "public.items").await.unwrap();
+        let p = backfill_progress(&mut r, "public.items").await.unwrap();
         assert!(
             p["rows"].as_u64().unwrap() > rows,
             "resumed, not restarted: {p}"
@@ -362,11 +327,11 @@ async fn resync_command_and_tables_added_later() {
     let daemon = InProcess::start(env.config(RULE));
     wait_backfill_done(&mut r, "public.items", Duration::from_secs(60)).await;
     daemon.stop().await.expect("clean stop");
-    assert!(progress(&mut r, "public.tags").await.is_none());
+    assert!(backfill_progress(&mut r, "public.tags").await.is_none());
 
     // tags appears in the config: backfilled on the next start, items is not redone.
     let both = format!("{RULE}\n[[tables]]\ntable = \"tags\"\nkey = \"tag:{{id}}\"\n");
-    let items_before = progress(&mut r, "public.items").await.unwrap();
+    let items_before = backfill_progress(&mut r, "public.items").await.unwrap();
     let config = env.write_config(&both);
     let mut daemon = Daemon::spawn(&config, &env.dir.path().join("daemon.log"));
     wait_backfill_done(&mut r, "public.tags", Duration::from_secs(60)).await;
@@ -377,7 +342,7 @@ async fn resync_command_and_tables_added_later() {
         .unwrap();
     assert_eq!(tag, r#"{"id":300,"name":"tag 300"}"#);
     assert_eq!(
-        progress(&mut r, "public.items").await.unwrap()["started_ms"],
+        backfill_progress(&mut r, "public.items").await.unwrap()["started_ms"],
         items_before["started_ms"]
     );
 

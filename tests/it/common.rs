@@ -124,6 +124,44 @@ impl Env {
             .await
             .expect("connect redis")
     }
+
+    /// A plain client of the test database.
+    pub async fn pg_client(&self) -> tokio_postgres::Client {
+        let (client, conn) = tokio_postgres::connect(&self.pg.url(DB), tokio_postgres::NoTls)
+            .await
+            .expect("connect postgres");
+        tokio::spawn(conn);
+        client
+    }
+}
+
+/// The checkpoint's progress field for a table, if any.
+pub async fn backfill_progress(
+    r: &mut redis::aio::MultiplexedConnection,
+    table: &str,
+) -> Option<serde_json::Value> {
+    let value: Option<String> = redis::cmd("HGET")
+        .arg("pgcache:{pgcache}:checkpoint")
+        .arg(format!("backfill:{table}"))
+        .query_async(r)
+        .await
+        .ok()?;
+    value.map(|v| serde_json::from_str(&v).expect("progress is JSON"))
+}
+
+pub async fn wait_backfill_done(
+    r: &mut redis::aio::MultiplexedConnection,
+    table: &str,
+    limit: Duration,
+) {
+    eventually(limit, &format!("backfill of {table} to finish"), || {
+        let mut r = r.clone();
+        async move {
+            let p = backfill_progress(&mut r, table).await?;
+            (p["state"] == "done").then_some(())
+        }
+    })
+    .await;
 }
 
 /// The daemon running inside the test process.

@@ -15,17 +15,9 @@ const COUNTERS: &str = "CREATE TABLE counters (id int PRIMARY KEY, v bigint NOT 
 const SEED: &str = "INSERT INTO counters SELECT i, 0 FROM generate_series(1, 20) i;";
 const RULE: &str = "[[tables]]\ntable = \"counters\"\nkey = \"counter:{id}\"\n";
 
-async fn pg_client(env: &Env) -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::connect(&env.pg.url(DB), tokio_postgres::NoTls)
-        .await
-        .expect("connect postgres");
-    tokio::spawn(conn);
-    client
-}
-
 /// Database truth: id -> v.
 async fn db_counters(env: &Env) -> HashMap<i32, i64> {
-    let client = pg_client(env).await;
+    let client = env.pg_client().await;
     client
         .query("SELECT id, v FROM counters", &[])
         .await

@@ -10,15 +10,9 @@ use base64::Engine as _;
 use pgcache::Reader;
 use serde_json::{json, Value};
 
-use crate::common::{eventually, get, get_json, keys, wait_for_json, Daemon, Env, InProcess, DB};
-
-async fn pg_client(env: &Env) -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::connect(&env.pg.url(DB), tokio_postgres::NoTls)
-        .await
-        .expect("connect postgres");
-    tokio::spawn(conn);
-    client
-}
+use crate::common::{
+    eventually, get, get_json, keys, wait_backfill_done, wait_for_json, Daemon, Env, InProcess, DB,
+};
 
 /// Role, publication and slot for `tables`, as `Env::start` does after its schema.
 fn publish(env: &Env, tables: &str) {
@@ -81,10 +75,7 @@ async fn assert_reader_matches(
     prefix: &str,
     from_daemon: &[(i32, String)],
 ) {
-    let mut r = env.redis().await;
-    for (id, _) in from_daemon {
-        del(&mut r, &format!("{prefix}{id}")).await;
-    }
+    let mut r = evict(env, prefix, from_daemon).await;
     let reader = Reader::from_config(config).expect("reader");
     let table = reader.table(table).expect("table");
     for (id, daemon_value) in from_daemon {
@@ -363,7 +354,7 @@ async fn type_matrix_stream_backfill_and_reader_are_byte_identical() {
         }
     }
     // A megabyte of text and of bytea, equal to the database's.
-    let client = pg_client(&env).await;
+    let client = env.pg_client().await;
     let row = client
         .query_one("SELECT t, by FROM matrix WHERE id = 5", &[])
         .await
@@ -419,6 +410,19 @@ async fn type_matrix_stream_backfill_and_reader_are_byte_identical() {
     daemon.stop().await.expect("clean stop");
 }
 
+/// Deletes the keys of these rows; returns the connection that did it.
+async fn evict(
+    env: &Env,
+    prefix: &str,
+    rows: &[(i32, String)],
+) -> redis::aio::MultiplexedConnection {
+    let mut r = env.redis().await;
+    for (id, _) in rows {
+        del(&mut r, &format!("{prefix}{id}")).await;
+    }
+    r
+}
+
 /// Deletes the keys, asks the running daemon to backfill the table again (`pgcache resync`
 /// sends this same message), and checks the backfill writes exactly the stream's bytes.
 async fn assert_backfill_matches(
@@ -427,10 +431,7 @@ async fn assert_backfill_matches(
     prefix: &str,
     from_daemon: &[(i32, String)],
 ) {
-    let mut r = env.redis().await;
-    for (id, _) in from_daemon {
-        del(&mut r, &format!("{prefix}{id}")).await;
-    }
+    let mut r = evict(env, prefix, from_daemon).await;
     env.sql(&format!(
         "SELECT pg_logical_emit_message(false, 'pgcache', 'resync:{table}')"
     ));
@@ -548,23 +549,7 @@ async fn schema_changes_mid_stream() {
     ];
     // The reader sees the same columns as the stream after all that. (Let the daemon's
     // rewrite of the reshaped table finish first, or it may fill the keys before the reader.)
-    crate::common::eventually(
-        Duration::from_secs(30),
-        "the reshape backfill to finish",
-        || {
-            let mut r = r.clone();
-            async move {
-                let progress: Option<String> = redis::cmd("HGET")
-                    .arg("pgcache:{pgcache}:checkpoint")
-                    .arg("backfill:public.evolving")
-                    .query_async(&mut r)
-                    .await
-                    .ok()?;
-                progress?.contains("\"done\"").then_some(())
-            }
-        },
-    )
-    .await;
+    wait_backfill_done(&mut r, "public.evolving", Duration::from_secs(30)).await;
     assert_reader_matches(&env, &config, "public.evolving", "evo:", &last).await;
     daemon.stop().await.expect("clean stop");
 }
@@ -790,10 +775,7 @@ async fn user_types_resolve_through_pg_type() {
              (Debian: apt-get install -y postgresql-contrib): {e:#}"
         );
     }
-    let (client, conn) = tokio_postgres::connect(&env.pg.url(DB), tokio_postgres::NoTls)
-        .await
-        .expect("connect");
-    tokio::spawn(conn);
+    let client = env.pg_client().await;
     let array = |elem: PgType| PgType::Array(Box::new(elem));
     for (name, want) in [
         ("mood", PgType::Text),

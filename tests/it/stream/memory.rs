@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 
-use super::{pg_client, shorten};
+use super::shorten;
 use crate::common::{eventually, get, Daemon, Env};
 
 /// `VmHWM` (peak resident set) and `VmRSS` of a process, in kB.
@@ -105,7 +105,7 @@ async fn million_row_transaction_in_bounded_memory() {
     );
 
     // A sample of keys equals the database, byte for byte.
-    let client = pg_client(&env).await;
+    let client = env.pg_client().await;
     let ids: Vec<i32> = {
         let mut rng = rand::thread_rng();
         let mut ids: Vec<i32> = (0..200).map(|_| rng.gen_range(1..=1_000_000)).collect();
