@@ -56,7 +56,15 @@ fn quick_bench_reports_every_figure() {
         );
         for field in ["pgcache", "floor", "ratio"] {
             let value = figure[field].as_f64().unwrap_or(-1.0);
-            assert!(value > 0.0, "{id}.{field} is {}: {figure}", figure[field]);
+            // A latency floor can be 0: the bare consumer often sees a row before the
+            // writer's commit returns (`arrived_before_commit_returned`), and those count
+            // as 0 ms, so at 1,000/s its p50 is sometimes exactly 0, and the ratio with it.
+            let zero_is_a_result = id.starts_with("latency.") && field != "pgcache";
+            if zero_is_a_result {
+                assert!(value >= 0.0, "{id}.{field} is {}: {figure}", figure[field]);
+            } else {
+                assert!(value > 0.0, "{id}.{field} is {}: {figure}", figure[field]);
+            }
         }
         assert!(
             stdout.contains(id),
