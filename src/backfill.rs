@@ -101,6 +101,8 @@ pub enum BackfillError {
     },
     #[error("backfill of {table}: {message}")]
     Table { table: String, message: String },
+    #[error("backfill: {0}")]
+    Task(String),
 }
 
 impl BackfillError {
@@ -112,6 +114,7 @@ impl BackfillError {
                 .code()
                 .is_some_and(|code| code.code().starts_with("42")),
             BackfillError::Table { .. } => true,
+            BackfillError::Task(_) => false,
         }
     }
 }
@@ -428,18 +431,51 @@ struct Job {
     started_ms: u64,
 }
 
-/// The chunk between its watermarks.
+/// A chunk between its watermarks.
 struct InFlight {
     id: String,
     job: Job,
     plan: Arc<TablePlan>,
-    chunk: Chunk,
+    chunk: ChunkState,
     window_open: bool,
+}
+
+/// A chunk is read by a task of its own, so the stream (and Redis writes) go on meanwhile;
+/// its low watermark can come back before the rows do.
+enum ChunkState {
+    /// The task is emitting the watermarks and reading the rows. What the stream changed in
+    /// the window so far is noted, to be dropped from the rows when they arrive.
+    Reading {
+        task: tokio::task::JoinHandle<Result<Chunk, BackfillError>>,
+        dropped: Vec<String>,
+        cleared: bool,
+    },
+    Read(Chunk),
+}
+
+impl ChunkState {
+    fn drop_keys<'a>(&mut self, keys: impl Iterator<Item = &'a str>) {
+        match self {
+            ChunkState::Reading { dropped, .. } => dropped.extend(keys.map(str::to_string)),
+            ChunkState::Read(chunk) => {
+                for key in keys {
+                    chunk.rows.remove(key);
+                }
+            }
+        }
+    }
+
+    fn drop_all(&mut self) {
+        match self {
+            ChunkState::Reading { cleared, .. } => *cleared = true,
+            ChunkState::Read(chunk) => chunk.rows.clear(),
+        }
+    }
 }
 
 /// The daemon's backfills: a queue of tables, one chunk in flight at a time.
 pub struct Backfills {
-    client: Client,
+    client: Arc<Client>,
     key_prefix: String,
     chunk_rows: usize,
     /// Distinguishes this session's watermarks from those of earlier sessions, which the
@@ -449,8 +485,9 @@ pub struct Backfills {
     rules: HashMap<String, Arc<TableRule>>,
     plans: HashMap<String, Arc<TablePlan>>,
     queue: VecDeque<Job>,
-    /// Chunks read and waiting for their watermarks, oldest first. Their windows follow one
-    /// another in the WAL (low 1, high 1, low 2, high 2), so at most one is open at a time.
+    /// Chunks being read or waiting for their watermarks, oldest first. They are read one
+    /// at a time, so their windows follow one another in the WAL (low 1, high 1, low 2,
+    /// high 2) and at most one is open at a time.
     in_flight: VecDeque<InFlight>,
     progress: Progress,
     meta: Vec<(String, String)>,
@@ -466,7 +503,7 @@ impl Backfills {
             .map(|rule| (rule.qualified_name(), Arc::new(rule.clone())))
             .collect();
         Backfills {
-            client,
+            client: Arc::new(client),
             key_prefix: config.redis.key_prefix.clone(),
             chunk_rows: config.backfill.chunk_rows,
             session: format!("{:08x}", rand::random::<u32>()),
@@ -568,18 +605,26 @@ impl Backfills {
         }
     }
 
-    /// A chunk can start: a table is waiting and fewer than [`CHUNKS_IN_FLIGHT`] chunks
-    /// wait for their watermarks (reading the next chunk overlaps writing the last one).
+    /// A chunk can start: a table is waiting, no chunk is being read, and fewer than
+    /// [`CHUNKS_IN_FLIGHT`] chunks wait for their watermarks (reading the next chunk overlaps
+    /// writing the last one).
     pub fn can_start(&self) -> bool {
-        self.in_flight.len() < CHUNKS_IN_FLIGHT && !self.queue.is_empty()
+        self.in_flight.len() < CHUNKS_IN_FLIGHT
+            && !self.queue.is_empty()
+            && !self
+                .in_flight
+                .iter()
+                .any(|c| matches!(c.chunk, ChunkState::Reading { .. }))
     }
 
-    /// Emits the low watermark, reads the next chunk of the first waiting table, emits the
-    /// high watermark. The stream brings the watermarks back; see [`Backfills::on_control`].
+    /// Starts the next chunk of the first waiting table: a task emits the low watermark,
+    /// reads the chunk and emits the high watermark, while the stream goes on. The stream
+    /// brings the watermarks back ([`Backfills::on_low`], [`Backfills::on_high`]); the
+    /// read's end is [`Backfills::read_finished`].
     ///
     /// # Errors
-    /// A failed query, or a table the backfill cannot read (logged and dropped from the queue
-    /// when it is the table's fault, returned when it is the connection's).
+    /// The table's plan cannot be made for a reason of the connection's (a table's own
+    /// fault is logged and the table dropped from the queue).
     pub async fn start_next(&mut self) -> Result<(), BackfillError> {
         let Some(job) = self.queue.pop_front() else {
             return Ok(());
@@ -607,54 +652,101 @@ impl Backfills {
         };
         self.seq += 1;
         let id = format!("{}:{}", self.session, self.seq);
-        let pg = |source| BackfillError::Postgres {
-            table: job.table.clone(),
-            source,
-        };
-        let result: Result<Chunk, BackfillError> = async {
-            emit_watermark(&self.client, &Control::Low(id.clone()))
-                .await
-                .map_err(pg)?;
-            let chunk = plan
-                .read_chunk(&self.client, job.cursor.as_deref(), self.chunk_rows)
-                .await?;
-            emit_watermark(&self.client, &Control::High(id.clone()))
-                .await
-                .map_err(pg)?;
-            Ok(chunk)
+        let task = tokio::spawn(read_between_watermarks(
+            self.client.clone(),
+            plan.clone(),
+            id.clone(),
+            job.cursor.clone(),
+            self.chunk_rows,
+        ));
+        self.in_flight.push_back(InFlight {
+            id,
+            job,
+            plan,
+            chunk: ChunkState::Reading {
+                task,
+                dropped: Vec::new(),
+                cleared: false,
+            },
+            window_open: false,
+        });
+        Ok(())
+    }
+
+    /// Resolves when the chunk being read is read (pending while none is). Cancel safe:
+    /// the read goes on in its task. Hand the result to [`Backfills::on_read`].
+    pub async fn read_finished(&mut self) -> Result<Chunk, BackfillError> {
+        let reading = self.in_flight.iter_mut().find_map(|c| match &mut c.chunk {
+            ChunkState::Reading { task, .. } => Some(task),
+            ChunkState::Read(_) => None,
+        });
+        match reading {
+            Some(task) => task.await.unwrap_or_else(|e| {
+                Err(BackfillError::Task(format!(
+                    "the chunk read task failed: {e}"
+                )))
+            }),
+            None => std::future::pending().await,
         }
-        .await;
+    }
+
+    /// Takes the chunk that was being read: drops what the stream changed meanwhile and
+    /// queues the table's next chunk.
+    ///
+    /// # Errors
+    /// The read failed for a reason of the connection's: the chunk will be read again.
+    pub fn on_read(&mut self, result: Result<Chunk, BackfillError>) -> Result<(), BackfillError> {
+        let Some(at) = self
+            .in_flight
+            .iter()
+            .position(|c| matches!(c.chunk, ChunkState::Reading { .. }))
+        else {
+            return Ok(());
+        };
         match result {
-            Ok(chunk) => {
-                let mut job = job;
+            Ok(mut chunk) => {
+                let entry = &mut self.in_flight[at];
+                if let ChunkState::Reading {
+                    dropped, cleared, ..
+                } = &entry.chunk
+                {
+                    if *cleared {
+                        chunk.rows.clear();
+                    }
+                    for key in dropped {
+                        chunk.rows.remove(key);
+                    }
+                }
+                let job = &mut entry.job;
                 job.rows += chunk.read as u64;
                 if chunk.cursor.is_some() {
                     job.cursor = chunk.cursor.clone();
                 }
-                if !chunk.last && !self.queue.iter().any(|queued| queued.table == job.table) {
-                    // The next chunk of this table can be read before this one is written.
-                    self.queue.push_front(job.clone());
+                let next = (!chunk.last).then(|| job.clone());
+                entry.chunk = ChunkState::Read(chunk);
+                if let Some(next) = next {
+                    if !self.queue.iter().any(|queued| queued.table == next.table) {
+                        // The next chunk of this table can be read before this one is written.
+                        self.queue.push_front(next);
+                    }
                 }
-                self.in_flight.push_back(InFlight {
-                    id,
-                    job,
-                    plan,
-                    chunk,
-                    window_open: false,
-                });
-                Ok(())
-            }
-            Err(e) if e.is_schema_error() => {
-                // The table changed under the plan (a column dropped, say). The stream's
-                // Relation message decides what happens to the table; a later resync or
-                // reshape starts over with a fresh plan.
-                self.plans.remove(&job.table);
-                tracing::error!(error = %e, "backfill chunk failed; the table's backfill stops");
                 Ok(())
             }
             Err(e) => {
-                self.queue.push_front(job);
-                Err(e)
+                let Some(entry) = self.in_flight.remove(at) else {
+                    return Ok(());
+                };
+                if e.is_schema_error() {
+                    // The table changed under the plan (a column dropped, say). The stream's
+                    // Relation message decides what happens to the table; a later resync or
+                    // reshape starts over with a fresh plan.
+                    self.plans.remove(&entry.job.table);
+                    tracing::error!(error = %e, "backfill chunk failed; the table's backfill stops");
+                    Ok(())
+                } else {
+                    self.queue.push_front(entry.job);
+                    Err(e)
+                }
             }
         }
     }
@@ -679,27 +771,48 @@ impl Backfills {
     /// The stream changed these keys inside the window: its values win.
     pub fn drop_keys<'a>(&mut self, keys: impl Iterator<Item = &'a str>) {
         if let Some(open) = self.in_flight.iter_mut().find(|c| c.window_open) {
-            for key in keys {
-                open.chunk.rows.remove(key);
-            }
+            open.chunk.drop_keys(keys);
         }
     }
 
     /// The table was truncated inside the window: nothing of the chunk survives.
     pub fn drop_all(&mut self) {
         if let Some(open) = self.in_flight.iter_mut().find(|c| c.window_open) {
-            open.chunk.rows.clear();
+            open.chunk.drop_all();
         }
     }
 
     /// A high watermark of ours closes the window: returns the chunk's operations and the
     /// checkpoint field (progress and cursor) to write with them, and queues the rest of the
-    /// table.
-    pub fn on_high(&mut self, id: &str) -> Option<(Vec<Op>, String, String)> {
-        let at = self.in_flight.iter().position(|c| c.id == id)?;
-        let InFlight {
-            job, plan, chunk, ..
-        } = self.in_flight.remove(at)?;
+    /// table. The task emits the high watermark after the read, so if the stream brings it
+    /// before the read's end was taken, the read is done or about to be: it is awaited here.
+    ///
+    /// # Errors
+    /// The read failed for a reason of the connection's.
+    pub async fn on_high(
+        &mut self,
+        id: &str,
+    ) -> Result<Option<(Vec<Op>, String, String)>, BackfillError> {
+        let Some(at) = self.in_flight.iter().position(|c| c.id == id) else {
+            return Ok(None);
+        };
+        if matches!(self.in_flight[at].chunk, ChunkState::Reading { .. }) {
+            let result = self.read_finished().await;
+            self.on_read(result)?;
+        }
+        let Some(at) = self.in_flight.iter().position(|c| c.id == id) else {
+            // The read failed because of the table: nothing to write.
+            return Ok(None);
+        };
+        let Some(InFlight {
+            job,
+            plan,
+            chunk: ChunkState::Read(chunk),
+            ..
+        }) = self.in_flight.remove(at)
+        else {
+            return Ok(None);
+        };
         let ttl_ms = plan.rule.ttl.map(|ttl| ttl.as_millis().max(1) as u64);
         let written = chunk.rows.len();
         let ops: Vec<Op> = chunk
@@ -745,8 +858,40 @@ impl Backfills {
             None => serde_json::to_string(&progress),
         }
         .unwrap_or_default();
-        Some((ops, field, value))
+        Ok(Some((ops, field, value)))
     }
+}
+
+impl Drop for Backfills {
+    fn drop(&mut self) {
+        for entry in &self.in_flight {
+            if let ChunkState::Reading { task, .. } = &entry.chunk {
+                task.abort();
+            }
+        }
+    }
+}
+
+/// A chunk's read, in a task of its own: the low watermark, the rows, the high watermark.
+async fn read_between_watermarks(
+    client: Arc<Client>,
+    plan: Arc<TablePlan>,
+    id: String,
+    cursor: Option<Vec<String>>,
+    limit: usize,
+) -> Result<Chunk, BackfillError> {
+    let pg = |source| BackfillError::Postgres {
+        table: plan.rule.qualified_name(),
+        source,
+    };
+    emit_watermark(&client, &Control::Low(id.clone()))
+        .await
+        .map_err(pg)?;
+    let chunk = plan.read_chunk(&client, cursor.as_deref(), limit).await?;
+    emit_watermark(&client, &Control::High(id))
+        .await
+        .map_err(pg)?;
+    Ok(chunk)
 }
 
 /// Chunks read ahead of the stream: two lets Postgres read the next chunk while Redis

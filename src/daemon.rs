@@ -388,6 +388,12 @@ impl Stream<'_> {
                     }
                     continue;
                 }
+                read = self.backfills.read_finished() => {
+                    self.backfills
+                        .on_read(read)
+                        .map_err(|e| RunError::Transient(e.to_string()))?;
+                    continue;
+                }
                 applied = in_flight_done(&mut self.in_flight) => {
                     self.in_flight = None;
                     self.applied(applied?)?;
@@ -523,7 +529,12 @@ impl Stream<'_> {
                 match backfill::Control::parse(&message.content) {
                     Some(backfill::Control::Low(id)) => self.backfills.on_low(&id),
                     Some(backfill::Control::High(id)) => {
-                        if let Some((ops, field, value)) = self.backfills.on_high(&id) {
+                        let chunk = self
+                            .backfills
+                            .on_high(&id)
+                            .await
+                            .map_err(|e| RunError::Transient(e.to_string()))?;
+                        if let Some((ops, field, value)) = chunk {
                             self.batch.push_backfill(ops, field, value);
                         }
                     }

@@ -60,22 +60,24 @@ pub async fn run(lab: &Lab, scale: &Scale, progress: Progress) -> Result<Figure,
     // Alone: VACUUM cannot run in the implicit transaction of a multi-statement query.
     execute(&client, "vacuuming", "VACUUM ANALYZE bf_rows").await?;
 
-    let first_floor = time_floor(lab, &client, n, progress).await?;
+    let (first_floor, first_floor_redis) = time_floor(lab, &client, n, progress).await?;
     let mut runs = Vec::with_capacity(2);
     for which in ["pgcache", "pgcache again"] {
         progress.say(format!("backfill: {which}"));
         lab.flush_redis().await?;
+        let redis_before = lab.redis_cpu_seconds().await?;
         let run = time_daemon(lab, &client, n).await?;
+        let redis_cpu = lab.redis_cpu_seconds().await? - redis_before;
         // The rows and the checkpoint hash.
         expect_keys(lab, n + 1, "pgcache").await?;
-        runs.push(run);
+        runs.push((run, redis_cpu));
     }
-    let second_floor = time_floor(lab, &client, n, progress).await?;
+    let (second_floor, second_floor_redis) = time_floor(lab, &client, n, progress).await?;
     let floor = first_floor.min(second_floor);
     let own_seconds = |p: &BackfillProgress| p.updated_ms.saturating_sub(p.started_ms) as f64 / 1e3;
-    let (pgcache, progress_row, reconnects) = runs
+    let ((pgcache, progress_row, reconnects, _), _) = runs
         .iter()
-        .min_by_key(|(elapsed, _, _)| *elapsed)
+        .min_by_key(|((elapsed, ..), _)| *elapsed)
         .cloned()
         .ok_or_else(|| BenchError::Check("no backfill run".into()))?;
     progress.say(format!(
@@ -91,7 +93,12 @@ pub async fn run(lab: &Lab, scale: &Scale, progress: Progress) -> Result<Figure,
             "floor_seconds": floor.as_secs_f64(),
             "floor_runs_seconds": [first_floor.as_secs_f64(), second_floor.as_secs_f64()],
             "pgcache_seconds_from_spawn": pgcache.as_secs_f64(),
-            "pgcache_runs_seconds_from_spawn": runs.iter().map(|r| r.0.as_secs_f64()).collect::<Vec<_>>(),
+            "pgcache_runs_seconds_from_spawn": runs.iter().map(|r| r.0 .0.as_secs_f64()).collect::<Vec<_>>(),
+            // Redis main-thread CPU seconds in each run: how close each side keeps Redis to
+            // saturation (a run's Redis seconds near its wall seconds: Redis is the limit).
+            "floor_runs_redis_cpu_seconds": [first_floor_redis, second_floor_redis],
+            "pgcache_runs_redis_cpu_seconds": runs.iter().map(|r| r.1).collect::<Vec<_>>(),
+            "pgcache_runs_daemon_cpu_seconds": runs.iter().map(|r| r.0 .3).collect::<Vec<_>>(),
             "pgcache_own_seconds": own_seconds(&progress_row),
             "chunk_rows": DEFAULT_BACKFILL_CHUNK_ROWS,
             "daemon_reconnects": reconnects,
@@ -100,25 +107,27 @@ pub async fn run(lab: &Lab, scale: &Scale, progress: Progress) -> Result<Figure,
     ))
 }
 
-/// One run of the floor into an empty Redis.
+/// One run of the floor into an empty Redis: its time, and the Redis CPU seconds it took.
 async fn time_floor(
     lab: &Lab,
     client: &Client,
     n: u64,
     progress: Progress,
-) -> Result<Duration, BenchError> {
+) -> Result<(Duration, f64), BenchError> {
     progress.say("backfill: the floor (COPY into pipelined SETs)");
     lab.flush_redis().await?;
+    let redis_before = lab.redis_cpu_seconds().await?;
     let started = Instant::now();
     let copied = copy_into_redis(lab, client).await?;
     let floor = started.elapsed();
+    let redis_cpu = lab.redis_cpu_seconds().await? - redis_before;
     if copied != n {
         return Err(BenchError::Check(format!(
             "the floor copied {copied} rows, not {n}"
         )));
     }
     expect_keys(lab, n, "the floor").await?;
-    Ok(floor)
+    Ok((floor, redis_cpu))
 }
 
 /// The floor: every row's COPY text under `bf:<id>`, pipelines of `FLOOR_BATCH` with the
@@ -203,7 +212,7 @@ async fn time_daemon(
     lab: &Lab,
     client: &Client,
     rows: u64,
-) -> Result<(Duration, BackfillProgress, usize), BenchError> {
+) -> Result<(Duration, BackfillProgress, usize, f64), BenchError> {
     let slot = "bf_pgcache";
     lab.drop_slots(client, &[slot]).await;
     lab.create_slots(client, &[slot]).await?;
@@ -246,6 +255,7 @@ async fn time_daemon(
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
+    let cpu = daemon.cpu_seconds().unwrap_or(0.0);
     daemon.stop().await;
     lab.drop_slots(client, &[slot]).await;
     let (elapsed, progress) = result?;
@@ -256,5 +266,5 @@ async fn time_daemon(
             progress.rows
         )));
     }
-    Ok((elapsed, progress, reconnects))
+    Ok((elapsed, progress, reconnects, cpu))
 }

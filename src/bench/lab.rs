@@ -127,6 +127,27 @@ impl Lab {
             .map_err(|e| redis_error("FLUSHALL", e))
     }
 
+    /// CPU seconds (user + system) Redis's main thread has used so far, from `INFO cpu`:
+    /// taken before and after a run, it says how much of the run Redis was busy.
+    ///
+    /// # Errors
+    /// Redis fails, or its `INFO` lacks the fields.
+    pub async fn redis_cpu_seconds(&self) -> Result<f64, BenchError> {
+        let mut redis = self.redis().await?;
+        let info: String = redis::cmd("INFO")
+            .arg("cpu")
+            .query_async(&mut redis)
+            .await
+            .map_err(|e| redis_error("INFO cpu", e))?;
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .ok_or_else(|| BenchError::Check(format!("Redis INFO cpu has no {name}")))
+        };
+        Ok(field("used_cpu_user_main_thread")? + field("used_cpu_sys_main_thread")?)
+    }
+
     /// Creates logical slots (pgoutput) that all start at the same position: the first is
     /// created, the others are copies of it. Returns that position.
     ///
