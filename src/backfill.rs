@@ -10,15 +10,18 @@
 //! chunk with that change; one changed after the high watermark is written by the stream
 //! after the chunk. Memory is bounded by the chunk size; the cursor makes it resumable.
 //!
-//! Rows are read with the simple query protocol, whose text results are each column's output
-//! function under the pinned session settings: the same text pgoutput sends, so the encoder
-//! produces byte-identical values (casting to `::text` would not: see `reader::source`).
+//! Rows are read with `COPY (SELECT ... ORDER BY pk LIMIT n) TO STDOUT`, whose text format is
+//! each column's output function under the pinned session settings, escaped: unescaped, it
+//! is the same text pgoutput sends, so the encoder produces byte-identical values (casting
+//! to `::text` would not: see `reader::source`). COPY costs Postgres and the daemon less per
+//! row than the rows of a query.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio_postgres::{Client, SimpleQueryMessage};
+use futures_util::StreamExt;
+use tokio_postgres::Client;
 use tracing::{info, warn};
 
 use crate::apply::{now_ms, Op};
@@ -27,6 +30,8 @@ use crate::config::{Config, Format, Mode, TableRule};
 use crate::encoder::{self, PgType};
 use crate::metrics as m;
 use crate::preflight::{quote_ident, quote_qualified};
+
+mod copy_text;
 
 /// Prefix of the logical messages pgcache emits and understands.
 pub const MESSAGE_PREFIX: &str = "pgcache";
@@ -132,6 +137,8 @@ pub struct TablePlan {
     pk: Vec<(usize, String)>,
     /// `SELECT ... FROM t` (no WHERE / ORDER BY / LIMIT).
     select: String,
+    /// Columns in the select list.
+    width: usize,
     order_by: String,
     pk_tuple: String,
     /// Rows estimated from `pg_class.reltuples`.
@@ -288,6 +295,7 @@ impl TablePlan {
             key_at,
             pk,
             select,
+            width: select_list.len(),
             order_by: pk_cols.join(", "),
             pk_tuple: format!("({})", pk_cols.join(", ")),
             estimate: estimate.max(0) as u64,
@@ -305,7 +313,7 @@ impl TablePlan {
         cursor: Option<&[String]>,
         limit: usize,
     ) -> Result<Chunk, BackfillError> {
-        let mut sql = self.select.clone();
+        let mut sql = format!("COPY ({}", self.select);
         if let Some(cursor) = cursor {
             sql.push_str(" WHERE ");
             sql.push_str(&self.pk_tuple);
@@ -320,58 +328,89 @@ impl TablePlan {
             }
             sql.push(')');
         }
-        sql.push_str(&format!(" ORDER BY {} LIMIT {limit}", self.order_by));
-        let messages =
+        sql.push_str(&format!(
+            " ORDER BY {} LIMIT {limit}) TO STDOUT",
+            self.order_by
+        ));
+        let table = || self.rule.qualified_name();
+        let stream =
             client
-                .simple_query(&sql)
+                .copy_out(sql.as_str())
                 .await
                 .map_err(|source| BackfillError::Postgres {
-                    table: self.rule.qualified_name(),
+                    table: table(),
                     source,
                 })?;
+        let mut stream = std::pin::pin!(stream);
         let mut chunk = Chunk::default();
+        chunk.rows.reserve(limit);
         let columns: Vec<(&str, &PgType)> =
             self.columns.iter().map(|(n, t)| (n.as_str(), t)).collect();
-        let mut key_values: Vec<&[u8]> = Vec::with_capacity(self.key_at.len());
-        for message in &messages {
-            let SimpleQueryMessage::Row(row) = message else {
+        let mut row = copy_text::Row::default();
+        // The whole chunk's text (rows can span COPY messages), then row by row.
+        let mut text = Vec::new();
+        while let Some(data) = stream.next().await {
+            let data = data.map_err(|source| BackfillError::Postgres {
+                table: table(),
+                source,
+            })?;
+            text.extend_from_slice(&data);
+        }
+        let Some(body) = text.strip_suffix(b"\n") else {
+            if text.is_empty() {
+                chunk.last = true;
+                return Ok(chunk);
+            }
+            return Err(BackfillError::Table {
+                table: table(),
+                message: "COPY output does not end with a whole row".into(),
+            });
+        };
+        for line in body.split(|&b| b == b'\n') {
+            let row = row
+                .parse(line, self.width)
+                .map_err(|e| BackfillError::Table {
+                    table: table(),
+                    message: format!("cannot read a row: {e}"),
+                })?;
+            chunk.read += 1;
+            // (The key and the value are kept, so each row allocates anyway.)
+            let Some(key_values) = self
+                .key_at
+                .iter()
+                .map(|&at| row.get(at))
+                .collect::<Option<Vec<&[u8]>>>()
+            else {
+                warn!(table = %table(), "row with a NULL key column skipped");
                 continue;
             };
-            chunk.read += 1;
-            key_values.clear();
-            let mut keyed = true;
-            for &at in &self.key_at {
-                match row.get(at) {
-                    Some(v) => key_values.push(v.as_bytes()),
-                    None => keyed = false,
-                }
-            }
-            if !keyed {
-                tracing::warn!(table = %self.rule.qualified_name(), "row with a NULL key column skipped");
-                continue;
-            }
             let mut key = String::with_capacity(32);
             self.rule
                 .key
                 .render_into(&mut key, &self.key_prefix, &key_values);
-            match self.encode(&columns, row) {
+            match self.encode(&columns, &row) {
                 Ok(value) => {
                     chunk.rows.insert(key, value);
                 }
                 Err(e) => {
-                    warn!(table = %self.rule.qualified_name(), %key, error = %e, "row not cached");
+                    warn!(table = %table(), %key, error = %e, "row not cached");
                 }
             }
         }
         // The cursor is the last row's primary key.
-        if let Some(row) = messages.iter().rev().find_map(|m| match m {
-            SimpleQueryMessage::Row(row) => Some(row),
-            _ => None,
-        }) {
+        if let Some(line) = body.rsplit(|&b| b == b'\n').next() {
+            let row = row
+                .parse(line, self.width)
+                .map_err(|e| BackfillError::Table {
+                    table: table(),
+                    message: format!("cannot read a row: {e}"),
+                })?;
             chunk.cursor = Some(
                 self.pk
                     .iter()
-                    .map(|(at, _)| row.get(*at).unwrap_or_default().to_string())
+                    .map(|(at, _)| {
+                        String::from_utf8_lossy(row.get(*at).unwrap_or_default()).into_owned()
+                    })
                     .collect(),
             );
         }
@@ -384,7 +423,7 @@ impl TablePlan {
     fn encode(
         &self,
         columns: &[(&str, &PgType)],
-        row: &tokio_postgres::SimpleQueryRow,
+        row: &copy_text::Fields<'_>,
     ) -> Result<RowValue, encoder::EncodeError> {
         match self.rule.format {
             Format::Json => {
@@ -392,9 +431,7 @@ impl TablePlan {
                 encoder::encode_row(
                     &mut value,
                     columns,
-                    self.column_at
-                        .iter()
-                        .map(|&at| row.get(at).map(str::as_bytes)),
+                    self.column_at.iter().map(|&at| row.get(at)),
                     self.rule.encode,
                 )?;
                 Ok(RowValue::Json(value))
@@ -404,7 +441,7 @@ impl TablePlan {
                 for ((name, ty), &at) in columns.iter().zip(&self.column_at) {
                     if let Some(text) = row.get(at) {
                         let mut field = Vec::with_capacity(text.len());
-                        encoder::encode_field(&mut field, ty, text.as_bytes(), self.rule.encode)?;
+                        encoder::encode_field(&mut field, ty, text, self.rule.encode)?;
                         fields.push((name.to_string(), field));
                     }
                 }
