@@ -510,7 +510,8 @@ impl ChunkState {
     }
 }
 
-/// The daemon's backfills: a queue of tables, one chunk in flight at a time.
+/// The daemon's backfills: a queue of tables, one chunk read at a time and up to
+/// [`CHUNKS_IN_FLIGHT`] waiting for their watermarks.
 pub struct Backfills {
     client: Arc<Client>,
     key_prefix: String,
