@@ -149,6 +149,11 @@ fn start_workload(
             };
             if result.is_ok() {
                 done += 1;
+            } else {
+                // Yield: a loop of instant errors (the servers gone after a failed assertion)
+                // would keep the runtime from shutting down, and the test would hang rather
+                // than report its failure.
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }
         done
@@ -177,6 +182,8 @@ fn start_watcher(
                 .query_async::<Vec<Option<String>>>(&mut r)
                 .await
             else {
+                // As in the workload: yield, so a failed test ends rather than spins.
+                tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             };
             let deleted_now = deleted.lock().unwrap().clone();
@@ -247,16 +254,27 @@ async fn backfill_resumes_after_kill9() {
     let workload = start_workload(env.pg.url(DB), stop.clone(), deleted.clone());
     let watcher = start_watcher(r.clone(), stop.clone(), deleted.clone());
     let mut daemon = Daemon::spawn(&config, &log);
-    // Kill it in the middle of the backfill, twice.
-    for _ in 0..2 {
-        eventually(Duration::from_secs(120), "backfill to be under way", || {
+    // Kill it in the middle of the backfill, twice (or once, if the resumed backfill ends
+    // before the second kill can catch it under way).
+    for round in 0..2 {
+        let running = eventually(Duration::from_secs(120), "backfill to be under way", || {
             let mut r = r.clone();
             async move {
                 let p = backfill_progress(&mut r, "public.items").await?;
-                (p["state"] == "running" && p["rows"].as_u64()? >= 5_000).then_some(())
+                if p["state"] == "done" {
+                    return Some(false);
+                }
+                (p["state"] == "running" && p["rows"].as_u64()? >= 5_000).then_some(true)
             }
         })
         .await;
+        if !running {
+            assert!(
+                round > 0,
+                "the backfill ended before it could be killed once: the test needs more rows"
+            );
+            break;
+        }
         daemon.kill9();
         let rows = backfill_progress(&mut r, "public.items").await.unwrap()["rows"]
             .as_u64()
