@@ -11,7 +11,7 @@ use std::time::Duration;
 use pgcache::testkit::{PgOptions, RedisOptions};
 use rand::Rng;
 
-use crate::common::{eventually, pgcache, Daemon, Env, InProcess, DB};
+use crate::common::{eventually, pgcache, wait_backfill_done, Daemon, Env, InProcess, DB};
 
 mod prometheus;
 use self::prometheus::{counter, parse_prometheus};
@@ -374,6 +374,8 @@ async fn verify_finds_missing_stale_and_extra_keys() {
     assert!(out.contains("OK: Redis agrees with Postgres"), "{out}");
 
     let mut r = env.redis().await;
+    // The first backfill could write item:7 again after the DEL below; wait for its end.
+    wait_backfill_done(&mut r, "public.items", Duration::from_secs(60)).await;
     let _: () = redis::cmd("DEL")
         .arg("item:7")
         .query_async(&mut r)
