@@ -647,12 +647,7 @@ impl Backfills {
     /// [`CHUNKS_IN_FLIGHT`] chunks wait for their watermarks (reading the next chunk overlaps
     /// writing the last one).
     pub fn can_start(&self) -> bool {
-        self.in_flight.len() < CHUNKS_IN_FLIGHT
-            && !self.queue.is_empty()
-            && !self
-                .in_flight
-                .iter()
-                .any(|c| matches!(c.chunk, ChunkState::Reading { .. }))
+        self.in_flight.len() < CHUNKS_IN_FLIGHT && !self.queue.is_empty() && !self.reading()
     }
 
     /// Starts the next chunk of the first waiting table: a task emits the low watermark,
@@ -709,6 +704,13 @@ impl Backfills {
             window_open: false,
         });
         Ok(())
+    }
+
+    /// A chunk is being read.
+    pub fn reading(&self) -> bool {
+        self.in_flight
+            .iter()
+            .any(|c| matches!(c.chunk, ChunkState::Reading { .. }))
     }
 
     /// Resolves when the chunk being read is read (pending while none is). Cancel safe:

@@ -349,6 +349,12 @@ impl Stream<'_> {
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            if self.backfills.reading() {
+                // The chunk's read is a task on this thread. A busy stream keeps this loop
+                // from ever waiting (its messages are already buffered), so without a yield
+                // the read would starve: let it, and its connection, run once per batch.
+                tokio::task::yield_now().await;
+            }
             if self.backfills.can_start() && !self.in_transaction {
                 self.backfills
                     .start_next()
