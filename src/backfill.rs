@@ -344,8 +344,6 @@ impl TablePlan {
         let mut stream = std::pin::pin!(stream);
         let mut chunk = Chunk::default();
         chunk.rows.reserve(limit);
-        let columns: Vec<(&str, &PgType)> =
-            self.columns.iter().map(|(n, t)| (n.as_str(), t)).collect();
         let mut row = copy_text::Row::default();
         // The whole chunk's text (rows can span COPY messages), then row by row.
         let mut text = Vec::new();
@@ -366,7 +364,8 @@ impl TablePlan {
                 message: "COPY output does not end with a whole row".into(),
             });
         };
-        for line in body.split(|&b| b == b'\n') {
+        let mut lines = body.split(|&b| b == b'\n').peekable();
+        while let Some(line) = lines.next() {
             let row = row
                 .parse(line, self.width)
                 .map_err(|e| BackfillError::Table {
@@ -374,6 +373,17 @@ impl TablePlan {
                     message: format!("cannot read a row: {e}"),
                 })?;
             chunk.read += 1;
+            if lines.peek().is_none() {
+                // The cursor is the last row's primary key.
+                chunk.cursor = Some(
+                    self.pk
+                        .iter()
+                        .map(|(at, _)| {
+                            String::from_utf8_lossy(row.get(*at).unwrap_or_default()).into_owned()
+                        })
+                        .collect(),
+                );
+            }
             // (The key and the value are kept, so each row allocates anyway.)
             let Some(key_values) = self
                 .key_at
@@ -388,7 +398,7 @@ impl TablePlan {
             self.rule
                 .key
                 .render_into(&mut key, &self.key_prefix, &key_values);
-            match self.encode(&columns, &row) {
+            match self.encode(&row) {
                 Ok(value) => {
                     chunk.rows.insert(key, value);
                 }
@@ -397,48 +407,27 @@ impl TablePlan {
                 }
             }
         }
-        // The cursor is the last row's primary key.
-        if let Some(line) = body.rsplit(|&b| b == b'\n').next() {
-            let row = row
-                .parse(line, self.width)
-                .map_err(|e| BackfillError::Table {
-                    table: table(),
-                    message: format!("cannot read a row: {e}"),
-                })?;
-            chunk.cursor = Some(
-                self.pk
-                    .iter()
-                    .map(|(at, _)| {
-                        String::from_utf8_lossy(row.get(*at).unwrap_or_default()).into_owned()
-                    })
-                    .collect(),
-            );
-        }
         chunk.last = chunk.read < limit;
         Ok(chunk)
     }
 }
 
 impl TablePlan {
-    fn encode(
-        &self,
-        columns: &[(&str, &PgType)],
-        row: &copy_text::Fields<'_>,
-    ) -> Result<RowValue, encoder::EncodeError> {
+    fn encode(&self, row: &copy_text::Fields<'_>) -> Result<RowValue, encoder::EncodeError> {
         match self.rule.format {
             Format::Json => {
                 let mut value = Vec::with_capacity(128);
                 encoder::encode_row(
                     &mut value,
-                    columns,
+                    &self.columns,
                     self.column_at.iter().map(|&at| row.get(at)),
                     self.rule.encode,
                 )?;
                 Ok(RowValue::Json(value))
             }
             Format::Hash => {
-                let mut fields = Vec::with_capacity(columns.len());
-                for ((name, ty), &at) in columns.iter().zip(&self.column_at) {
+                let mut fields = Vec::with_capacity(self.columns.len());
+                for ((name, ty), &at) in self.columns.iter().zip(&self.column_at) {
                     if let Some(text) = row.get(at) {
                         let mut field = Vec::with_capacity(text.len());
                         encoder::encode_field(&mut field, ty, text, self.rule.encode)?;

@@ -65,26 +65,27 @@ pub async fn run(lab: &Lab, scale: &Scale, progress: Progress) -> Result<Figure,
     for which in ["pgcache", "pgcache again"] {
         progress.say(format!("backfill: {which}"));
         lab.flush_redis().await?;
-        let redis_before = lab.redis_cpu_seconds().await?;
-        let run = time_daemon(lab, &client, n).await?;
-        let redis_cpu = lab.redis_cpu_seconds().await? - redis_before;
+        runs.push(time_daemon(lab, &client, n).await?);
         // The rows and the checkpoint hash.
         expect_keys(lab, n + 1, "pgcache").await?;
-        runs.push((run, redis_cpu));
     }
     let (second_floor, second_floor_redis) = time_floor(lab, &client, n, progress).await?;
     let floor = first_floor.min(second_floor);
-    let own_seconds = |p: &BackfillProgress| p.updated_ms.saturating_sub(p.started_ms) as f64 / 1e3;
-    let ((pgcache, progress_row, reconnects, _), _) = runs
+    let best = runs
         .iter()
-        .min_by_key(|((elapsed, ..), _)| *elapsed)
-        .cloned()
+        .min_by_key(|run| run.elapsed)
         .ok_or_else(|| BenchError::Check("no backfill run".into()))?;
+    let pgcache = best.elapsed;
     progress.say(format!(
         "backfill: COPY {:.2} s, pgcache {:.2} s",
         floor.as_secs_f64(),
         pgcache.as_secs_f64()
     ));
+    let own_seconds = best
+        .progress
+        .updated_ms
+        .saturating_sub(best.progress.started_ms) as f64
+        / 1e3;
     Ok(spec(scale).measured(
         per_second(n, pgcache),
         per_second(n, floor),
@@ -93,15 +94,15 @@ pub async fn run(lab: &Lab, scale: &Scale, progress: Progress) -> Result<Figure,
             "floor_seconds": floor.as_secs_f64(),
             "floor_runs_seconds": [first_floor.as_secs_f64(), second_floor.as_secs_f64()],
             "pgcache_seconds_from_spawn": pgcache.as_secs_f64(),
-            "pgcache_runs_seconds_from_spawn": runs.iter().map(|r| r.0 .0.as_secs_f64()).collect::<Vec<_>>(),
+            "pgcache_runs_seconds_from_spawn": runs.iter().map(|r| r.elapsed.as_secs_f64()).collect::<Vec<_>>(),
             // Redis main-thread CPU seconds in each run: how close each side keeps Redis to
             // saturation (a run's Redis seconds near its wall seconds: Redis is the limit).
             "floor_runs_redis_cpu_seconds": [first_floor_redis, second_floor_redis],
-            "pgcache_runs_redis_cpu_seconds": runs.iter().map(|r| r.1).collect::<Vec<_>>(),
-            "pgcache_runs_daemon_cpu_seconds": runs.iter().map(|r| r.0 .3).collect::<Vec<_>>(),
-            "pgcache_own_seconds": own_seconds(&progress_row),
+            "pgcache_runs_redis_cpu_seconds": runs.iter().map(|r| r.redis_cpu_seconds).collect::<Vec<_>>(),
+            "pgcache_runs_daemon_cpu_seconds": runs.iter().map(|r| r.daemon_cpu_seconds).collect::<Vec<_>>(),
+            "pgcache_own_seconds": own_seconds,
             "chunk_rows": DEFAULT_BACKFILL_CHUNK_ROWS,
-            "daemon_reconnects": reconnects,
+            "daemon_reconnects": best.reconnects,
             "floor_batch": FLOOR_BATCH,
         }),
     ))
@@ -206,13 +207,21 @@ async fn expect_keys(lab: &Lab, expected: u64, who: &str) -> Result<(), BenchErr
     Ok(())
 }
 
+/// One run of the daemon's backfill.
+struct DaemonRun {
+    /// From spawning the daemon until the checkpoint says the table is done.
+    elapsed: Duration,
+    /// The checkpoint's progress at the end.
+    progress: BackfillProgress,
+    reconnects: usize,
+    daemon_cpu_seconds: f64,
+    /// Redis main-thread CPU seconds during the run.
+    redis_cpu_seconds: f64,
+}
+
 /// Starts the daemon with automatic backfill on a fresh slot and times it until the
 /// checkpoint says the table is done.
-async fn time_daemon(
-    lab: &Lab,
-    client: &Client,
-    rows: u64,
-) -> Result<(Duration, BackfillProgress, usize, f64), BenchError> {
+async fn time_daemon(lab: &Lab, client: &Client, rows: u64) -> Result<DaemonRun, BenchError> {
     let slot = "bf_pgcache";
     lab.drop_slots(client, &[slot]).await;
     lab.create_slots(client, &[slot]).await?;
@@ -220,6 +229,7 @@ async fn time_daemon(
     let config = lab.daemon_config(slot, &[TABLE], true, None);
     let checkpoint_key = checkpoint::checkpoint_key("", slot);
     let field = format!("{FIELD_BACKFILL_PREFIX}{}", TABLE.0);
+    let redis_before = lab.redis_cpu_seconds().await?;
     let started = Instant::now();
     let mut daemon = lab.spawn_daemon("backfill", &config)?;
     let limit = Duration::from_secs(600);
@@ -255,9 +265,11 @@ async fn time_daemon(
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
-    let cpu = daemon.cpu_seconds().unwrap_or(0.0);
+    let daemon_cpu_seconds = daemon.cpu_seconds().unwrap_or(0.0);
+    let redis_after = lab.redis_cpu_seconds().await;
     daemon.stop().await;
     lab.drop_slots(client, &[slot]).await;
+    let redis_cpu_seconds = redis_after? - redis_before;
     let (elapsed, progress) = result?;
     let reconnects = super::lab::reconnects_in(&daemon.log());
     if progress.rows != rows {
@@ -266,5 +278,11 @@ async fn time_daemon(
             progress.rows
         )));
     }
-    Ok((elapsed, progress, reconnects, cpu))
+    Ok(DaemonRun {
+        elapsed,
+        progress,
+        reconnects,
+        daemon_cpu_seconds,
+        redis_cpu_seconds,
+    })
 }
