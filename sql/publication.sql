@@ -3,7 +3,8 @@
 --   psql -v publication=pgcache -v tables='public.users,public.orders' -f sql/publication.sql
 --
 -- publish_via_partition_root makes changes to partitions arrive under the partitioned
--- table's name, so one rule covers every partition. Running it again replaces the table list.
+-- table's name, so one rule covers every partition. Running it again replaces the table list
+-- (keeping pgcache.events, the control table of sql/events.sql).
 \set ON_ERROR_STOP on
 SELECT set_config('pgcache.publication', :'publication', false),
        set_config('pgcache.tables', :'tables', false) \g /dev/null
@@ -14,6 +15,10 @@ DECLARE
   tables text := (SELECT string_agg(format('%s', btrim(t)), ', ')
                   FROM unnest(string_to_array(current_setting('pgcache.tables'), ',')) AS t);
 BEGIN
+  -- The control table (sql/events.sql) stays published when the list is replaced.
+  IF to_regclass('pgcache.events') IS NOT NULL THEN
+    tables := tables || ', pgcache.events';
+  END IF;
   IF EXISTS (SELECT 1 FROM pg_publication WHERE pubname = p) THEN
     EXECUTE format('ALTER PUBLICATION %I SET TABLE %s', p, tables);
     EXECUTE format('ALTER PUBLICATION %I SET (publish = %L, publish_via_partition_root = true)',

@@ -1,4 +1,5 @@
--- pgcache: everything at once: role, publication, slot, then the replica identity report.
+-- pgcache: everything at once: role, publication, control table and triggers, slot, then the
+-- replica identity report.
 --
 --   psql -d app -v role=pgcache -v password='change me' -v publication=pgcache -v slot=pgcache \
 --        -v tables='public.users,public.orders' -f sql/setup.sql
@@ -8,5 +9,6 @@
 \set ON_ERROR_STOP on
 \ir role.sql
 \ir publication.sql
+\ir events.sql
 \ir slot.sql
 \ir replica_identity.sql

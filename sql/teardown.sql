@@ -1,4 +1,4 @@
--- pgcache: remove the slot and the publication (and optionally the role).
+-- pgcache: remove the slot, the publication and the control schema (and optionally the role).
 --
 --   psql -v slot=pgcache -v publication=pgcache -f sql/teardown.sql
 --
@@ -13,3 +13,7 @@ BEGIN
   EXECUTE format('DROP PUBLICATION IF EXISTS %I', current_setting('pgcache.publication'));
 END
 $$;
+-- The control table, its triggers and functions (sql/events.sql).
+DROP EVENT TRIGGER IF EXISTS pgcache_ddl;
+DROP EVENT TRIGGER IF EXISTS pgcache_drop;
+DROP SCHEMA IF EXISTS pgcache CASCADE;

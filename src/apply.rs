@@ -1,31 +1,35 @@
-//! Redis apply: row changes become Redis operations, and a batch of operations becomes one
-//! `MULTI … EXEC` together with the checkpoint.
+//! Redis apply: row changes become Redis operations ([`Op`]), and a batch of them becomes one
+//! atomic script together with the checkpoint ([`script`]).
 //!
 //! The mapping from a change to operations is pure ([`Batch::insert`], [`Batch::update`],
-//! [`Batch::delete`]) and unit-tested without a server; [`Batch::flush`] is the only I/O.
+//! [`Batch::delete`], [`Batch::truncate`]) and tested without a server (`apply/tests.rs`).
 //!
-//! Contract: the stream is at-least-once, so every operation here is idempotent when replayed
-//! in order (SET, DEL, and pattern deletes). Every operation on a row key also deletes that
-//! key's lease, so a read helper that read the row before this change cannot fill it (G4).
-
-use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
-
-use serde_json::value::RawValue;
+//! Contract:
+//! - The stream is at-least-once, so every operation is idempotent when replayed in order.
+//! - Every operation on a row key also deletes that key's lease, so a read helper that read
+//!   the row before this change cannot fill it (G4). Backfilled rows ([`Op::Fill`]) do not:
+//!   a fill that could be older than the backfill's read exists only if the row changed
+//!   meanwhile, and that change, applied by the stream, revokes the lease itself.
+//! - Absence is always safe: when a correct value cannot be built (a value that cannot be
+//!   encoded or is too large, an update whose unchanged TOASTed columns have no cached value
+//!   to merge into), the key is deleted, never left old. A `mirror` key deleted for want of
+//!   a merge base is reported back ([`script::Applied::repairs`]) and read again through the
+//!   backfill, so nothing ends absent for good.
 
 use crate::config::{Format, Mode};
 use crate::encoder::{self, EncodeError};
 use crate::pgoutput::{OldTuple, Tuple, TupleData};
 use crate::relations::TableState;
-use crate::template::lease_key;
-use crate::{checkpoint, Lsn};
+use crate::Lsn;
+
+pub mod script;
+#[cfg(test)]
+mod tests;
 
 /// One Redis operation on behalf of one row change.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Op {
-    /// `SET key value [PX ttl]` for a backfilled row. It revokes no lease: a fill that could
-    /// be older than the backfill's read can only exist if the row changed meanwhile, and
-    /// that change, applied by the stream, revokes the lease itself.
+    /// `SET key value [PX ttl]` for a backfilled row; revokes no lease (see the contract).
     Fill {
         key: String,
         value: Vec<u8>,
@@ -51,18 +55,88 @@ pub enum Op {
     Del { key: String },
     /// Every key (and lease) whose name starts with `key_space` (TRUNCATE).
     DropKeySpace { key_space: String },
+    /// An update whose unchanged TOASTed columns were not sent: the new value takes them
+    /// from the value under `base` (the old key when the key changed), in Redis, in stream
+    /// order. Without a usable base the key is deleted.
+    Merge(Box<Merge>),
+}
+
+/// See [`Op::Merge`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Merge {
+    pub key: String,
+    pub base: String,
+    pub format: Format,
+    /// For JSON: each column's JSON name (with its quotes) and its encoded value, `None`
+    /// when unchanged. For hashes: the field name and `Some(Some(v))` to set,
+    /// `Some(None)` for NULL (the field goes), `None` unchanged.
+    pub columns: Vec<(Vec<u8>, Option<Option<Vec<u8>>>)>,
+    pub ttl_ms: Option<u64>,
+    /// Refresh mode: only a cached key is updated, and a missing base is not an error.
+    pub only_if_cached: bool,
+    /// Mirror mode: how to read the row again when the base is missing.
+    pub repair: Option<Repair>,
+}
+
+/// A row to read again from Postgres (its key was deleted for want of a merge base).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Repair {
+    /// `schema.table`.
+    pub table: String,
+    pub key: String,
+    /// The key template's column values, as Postgres prints them.
+    pub key_texts: Vec<String>,
+}
+
+impl Repair {
+    /// As kept in the checkpoint (field `repair:<key>`) until the row is read again.
+    pub fn encode(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    pub fn decode(text: &str) -> Option<Repair> {
+        serde_json::from_str(text).ok()
+    }
 }
 
 impl Op {
-    fn key(&self) -> Option<&str> {
+    /// The row key this operation writes or deletes.
+    pub fn key(&self) -> Option<&str> {
         match self {
             Op::Set { key, .. }
             | Op::Fill { key, .. }
             | Op::SetIfCached { key, .. }
             | Op::Hash { key, .. }
             | Op::Del { key } => Some(key),
+            Op::Merge(merge) => Some(&merge.key),
             Op::DropKeySpace { .. } => None,
         }
+    }
+
+    /// Bytes this operation holds, roughly: what bounds a batch's memory.
+    fn size(&self) -> usize {
+        const OVERHEAD: usize = 48;
+        OVERHEAD
+            + match self {
+                Op::Set { key, value, .. }
+                | Op::Fill { key, value, .. }
+                | Op::SetIfCached { key, value } => key.len() + value.len(),
+                Op::Hash { key, fields, .. } => {
+                    key.len() + fields.iter().map(|(f, v)| f.len() + v.len() + 16).sum::<usize>()
+                }
+                Op::Del { key } => key.len(),
+                Op::DropKeySpace { key_space } => key_space.len(),
+                Op::Merge(m) => {
+                    m.key.len()
+                        + m.base.len()
+                        + m.columns
+                            .iter()
+                            .map(|(n, v)| {
+                                n.len() + v.as_ref().and_then(Option::as_ref).map_or(0, Vec::len)
+                            })
+                            .sum::<usize>()
+                }
+            }
     }
 }
 
@@ -75,52 +149,112 @@ pub enum ChangeError {
         column: String,
         hint: &'static str,
     },
-    #[error("{table}: {source}")]
-    Encode { table: String, source: EncodeError },
+    #[error("{table}: {key}: {source}; the key is deleted")]
+    Encode {
+        table: String,
+        key: String,
+        source: EncodeError,
+    },
+    #[error("{table}: {key}: the value is {size} bytes, over Redis's limit of {limit} (proto-max-bulk-len); the key is deleted")]
+    TooLarge {
+        table: String,
+        key: String,
+        size: usize,
+        limit: usize,
+    },
 }
 
-/// The result of mapping an update whose unchanged TOASTed columns were not sent.
-pub enum Merge {
-    /// Nothing more to do.
-    Done,
-    /// The new value needs the cached value of `key` for the columns marked unchanged: the
-    /// caller fetches it (looking at this batch first, see [`Batch::pending_value`]) and calls
-    /// [`Batch::merge`].
-    NeedsCached { key: String },
+impl ChangeError {
+    /// The `kind` label of `pgcache_errors_total`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ChangeError::NoKey { .. } => "no_key",
+            ChangeError::Encode { .. } => "encode",
+            ChangeError::TooLarge { .. } => "too_large",
+        }
+    }
 }
 
-/// Operations waiting for the next `EXEC`, with the transaction boundaries inside them.
-#[derive(Default)]
+/// Operations waiting for the next write, with the transaction boundaries inside them.
 pub struct Batch {
     ops: Vec<Op>,
     /// `ops[..committed]` belong to transactions whose Commit has been seen.
     committed: usize,
-    /// End LSN of the last committed transaction in the batch.
-    commit_end: Option<Lsn>,
+    /// The position the next write moves the checkpoint to: the end of the last committed
+    /// transaction, or a later position past which nothing is pending.
+    position: Option<Lsn>,
     /// Commit times (µs since 2000-01-01) of the transactions in the batch, for latency.
     commit_times: Vec<i64>,
     transactions: usize,
-    /// Extra checkpoint fields (backfill progress) to write with the committed operations.
-    meta: Vec<(String, String)>,
+    /// Committed transactions that have operations here: Redis may show them only once
+    /// Postgres readers can see them.
+    xids: Vec<u32>,
+    /// The open transaction's id, and whether it has added operations.
+    open_xid: Option<u32>,
+    open_has_ops: bool,
+    /// Checkpoint fields to write with the committed operations.
+    fields: Vec<(String, String)>,
+    /// Bytes held by `ops`, and by `ops[..committed]`.
+    bytes: usize,
+    committed_bytes: usize,
+    /// Recovery after Redis lost data: values of transactions that may have been applied
+    /// before are not written again (they could be older than what readers saw); their keys
+    /// are deleted instead, and the backfill that follows writes the current rows.
+    muted: bool,
+    /// Redis refuses values larger than this (`proto-max-bulk-len`).
+    max_value: usize,
     /// Capacity for the next encoded value.
     value_size_hint: usize,
 }
 
-/// What a flush applied, for progress and metrics.
+impl Default for Batch {
+    fn default() -> Self {
+        Batch {
+            ops: Vec::new(),
+            committed: 0,
+            position: None,
+            commit_times: Vec::new(),
+            transactions: 0,
+            xids: Vec::new(),
+            open_xid: None,
+            open_has_ops: false,
+            fields: Vec::new(),
+            bytes: 0,
+            committed_bytes: 0,
+            muted: false,
+            max_value: DEFAULT_MAX_VALUE,
+            value_size_hint: 0,
+        }
+    }
+}
+
+/// Redis's default `proto-max-bulk-len`.
+pub const DEFAULT_MAX_VALUE: usize = 512 * 1024 * 1024;
+
+/// What a write carries besides its operations, for the checkpoint, metrics and the
+/// visibility wait.
 #[derive(Debug, Clone, Default)]
-pub struct Flushed {
-    pub ops: usize,
+pub struct Prepared {
+    pub ops: Vec<Op>,
+    /// The checkpoint position written with it, if it moves.
+    pub position: Option<Lsn>,
+    /// Checkpoint fields written with it.
+    pub fields: Vec<(String, String)>,
     pub transactions: usize,
-    /// The checkpoint written with it, if a commit was included.
-    pub checkpoint: Option<Lsn>,
     pub commit_times: Vec<i64>,
-    /// Whether an `EXEC` was sent at all.
-    pub wrote: bool,
-    /// The checkpoint's epoch as the `EXEC` found it (`None`: Redis lost its data).
-    pub epoch: Option<String>,
+    /// Transactions that must be visible to Postgres readers before this is written.
+    pub xids: Vec<u32>,
 }
 
 impl Batch {
+    /// Values larger than `max_value` bytes are not written (their key is deleted).
+    pub fn with_max_value(max_value: usize) -> Batch {
+        Batch {
+            max_value,
+            ..Batch::default()
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.ops.len()
     }
@@ -129,129 +263,201 @@ impl Batch {
         self.ops.is_empty()
     }
 
-    /// Operations of the transaction still open.
+    /// Nothing at all waits to be written: no operation, no checkpoint field, no position.
+    pub fn is_idle(&self) -> bool {
+        self.ops.is_empty() && self.fields.is_empty() && self.position.is_none()
+    }
+
+    /// Bytes held by the operations.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Operations of the transaction still open, and their bytes.
     pub fn open_len(&self) -> usize {
         self.ops.len() - self.committed
     }
 
-    /// Committed transactions waiting to be flushed.
+    pub fn open_bytes(&self) -> usize {
+        self.bytes - self.committed_bytes
+    }
+
+    /// Something is ready to be written: committed operations, fields, or a new position.
     pub fn has_committed(&self) -> bool {
-        self.committed > 0 || self.commit_end.is_some() || !self.meta.is_empty()
+        self.committed > 0 || self.position.is_some() || !self.fields.is_empty()
+    }
+
+    /// Transactions committed here whose visibility is not yet established.
+    pub fn xids(&self) -> &[u32] {
+        &self.xids
+    }
+
+    /// Recovery: from now on write no values, only deletes (see [`Batch::muted`]).
+    pub fn set_muted(&mut self, muted: bool) {
+        self.muted = muted;
     }
 
     /// Adds an operation outside any transaction (between transactions).
     pub fn push_committed(&mut self, op: Op) {
         debug_assert_eq!(self.open_len(), 0, "outside a transaction only");
-        self.ops.push(op);
+        self.push(op);
         self.committed = self.ops.len();
+        self.committed_bytes = self.bytes;
+    }
+
+    /// A transaction begins.
+    pub fn begin(&mut self, xid: u32) {
+        self.open_xid = Some(xid);
+        self.open_has_ops = false;
     }
 
     /// Marks the end of a transaction.
     pub fn commit(&mut self, end_lsn: Lsn, commit_time: i64) {
         self.committed = self.ops.len();
-        self.commit_end = Some(end_lsn);
+        self.committed_bytes = self.bytes;
+        self.position = Some(self.position.map_or(end_lsn, |p| p.max(end_lsn)));
         self.commit_times.push(commit_time);
         self.transactions += 1;
+        if let (Some(xid), true) = (self.open_xid.take(), self.open_has_ops) {
+            self.xids.push(xid);
+        }
+        self.open_has_ops = false;
     }
 
-    /// Drops the operations of the open transaction (the stream broke inside it; it will be
-    /// sent again).
-    pub fn abandon_open(&mut self) {
-        self.ops.truncate(self.committed);
+    /// Nothing is pending below `lsn` any more (a keepalive while idle): the next write may
+    /// move the checkpoint there.
+    pub fn advance(&mut self, lsn: Lsn) {
+        debug_assert_eq!(self.open_len(), 0, "outside a transaction only");
+        self.position = Some(self.position.map_or(lsn, |p| p.max(lsn)));
+    }
+
+    /// A checkpoint field to write with the next write.
+    pub fn push_field(&mut self, field: String, value: String) {
+        self.fields.push((field, value));
+    }
+
+    fn push(&mut self, op: Op) {
+        self.bytes += op.size();
+        if self.open_xid.is_some() {
+            self.open_has_ops = true;
+        }
+        self.ops.push(op);
     }
 
     pub fn insert(&mut self, table: &TableState, new: &Tuple) -> Result<(), ChangeError> {
-        let key = self.row_key(table, new, "")?;
+        let key = row_key(table, new, "")?;
         self.write_row(table, key, new, None)
     }
 
+    /// An update: a key change deletes the old key; unchanged TOASTed columns that neither
+    /// the new row nor a FULL old row carry are merged from the cached value in Redis.
     pub fn update(
         &mut self,
         table: &TableState,
         old: Option<&OldTuple>,
         new: &Tuple,
-    ) -> Result<Merge, ChangeError> {
-        let key = self.row_key(table, new, "")?;
-        if let Some(old) = old {
-            // Only key columns are sure to be in the old image; a key change moves the row.
-            if let Ok(old_key) = self.row_key(table, old.tuple(), "") {
-                if old_key != key {
-                    self.ops.push(Op::Del { key: old_key });
-                }
-            }
-        }
+    ) -> Result<(), ChangeError> {
+        let key = row_key(table, new, "")?;
+        // Only key columns are sure to be in the old image; a key change moves the row.
+        let old_key = old
+            .and_then(|old| row_key(table, old.tuple(), "").ok())
+            .filter(|old_key| *old_key != key);
         let unchanged = table
             .positions
             .iter()
             .any(|&at| matches!(new.0.get(at), Some(TupleData::Unchanged)));
-        if !unchanged || table.rule.mode == Mode::Invalidate {
-            self.write_row(table, key, new, None)?;
-            return Ok(Merge::Done);
-        }
-        // TOASTed columns that did not change were not sent. A FULL old image has them.
-        if let Some(OldTuple::Full(old)) = old {
-            let complete = table
+        let complete_old = match old {
+            Some(OldTuple::Full(old)) => table
                 .positions
                 .iter()
-                .all(|&at| !matches!(old.0.get(at), Some(TupleData::Unchanged) | None));
-            if complete {
-                self.write_row(table, key, new, Some(old))?;
-                return Ok(Merge::Done);
+                .all(|&at| !matches!(old.0.get(at), Some(TupleData::Unchanged) | None)),
+            _ => false,
+        };
+        if !unchanged || table.rule.mode == Mode::Invalidate || complete_old || self.muted {
+            if let Some(old_key) = old_key {
+                self.push(Op::Del { key: old_key });
             }
+            let fallback = match old {
+                Some(OldTuple::Full(old)) if complete_old => Some(old),
+                _ => None,
+            };
+            return self.write_row(table, key, new, fallback);
         }
-        if table.rule.format == Format::Hash {
-            // Merging hashes would need a read-modify-write script; absence is safe.
-            self.ops.push(Op::Del { key });
-            return Ok(Merge::Done);
+        if table.rule.mode == Mode::Refresh && old_key.is_some() {
+            // Refresh mode caches only keys already cached, and the new key is new.
+            self.push(Op::Del {
+                key: old_key.unwrap_or_default(),
+            });
+            self.push(Op::Del { key });
+            return Ok(());
         }
-        Ok(Merge::NeedsCached { key })
+        let merge = self.merge(table, key.clone(), old_key.clone(), new);
+        let result = match merge {
+            Ok(merge) => {
+                self.push(Op::Merge(Box::new(merge)));
+                Ok(())
+            }
+            Err(e) => {
+                self.push(Op::Del { key });
+                Err(e)
+            }
+        };
+        if let Some(old_key) = old_key {
+            // After the merge, which reads it.
+            self.push(Op::Del { key: old_key });
+        }
+        result
     }
 
-    /// Completes an update that needed the cached value of its key (`cached` is `None` when
-    /// the key is absent or its value cannot be used): merges or deletes.
-    pub fn merge(
-        &mut self,
+    fn merge(
+        &self,
         table: &TableState,
         key: String,
+        old_key: Option<String>,
         new: &Tuple,
-        cached: Option<&[u8]>,
-    ) -> Result<(), ChangeError> {
-        let parsed = cached.and_then(|bytes| {
-            serde_json::from_slice::<std::collections::HashMap<String, Box<RawValue>>>(bytes).ok()
-        });
-        let Some(cached) = parsed else {
-            self.ops.push(Op::Del { key });
-            return Ok(());
-        };
-        let mut value = Vec::with_capacity(256);
-        value.push(b'{');
-        for (i, ((name, ty), &at)) in table.columns.iter().zip(&table.positions).enumerate() {
-            if i > 0 {
-                value.push(b',');
-            }
-            write_json_key(&mut value, name);
-            match new.0.get(at) {
+    ) -> Result<Merge, ChangeError> {
+        let mut columns = Vec::with_capacity(table.columns.len());
+        for ((name, ty), &at) in table.columns.iter().zip(&table.positions) {
+            let value = match new.0.get(at) {
                 Some(TupleData::Text(text)) | Some(TupleData::Binary(text)) => {
-                    encoder::encode_value(&mut value, ty, text, table.rule.encode).map_err(
-                        |source| ChangeError::Encode {
-                            table: table.rule.qualified_name(),
-                            source,
-                        },
-                    )?;
+                    let mut out = Vec::with_capacity(text.len() + 2);
+                    let encoded = match table.rule.format {
+                        Format::Json => encoder::encode_value(&mut out, ty, text, table.rule.encode),
+                        Format::Hash => encoder::encode_field(&mut out, ty, text, table.rule.encode),
+                    };
+                    encoded.map_err(|source| ChangeError::Encode {
+                        table: table.rule.qualified_name(),
+                        key: key.clone(),
+                        source,
+                    })?;
+                    Some(Some(out))
                 }
-                Some(TupleData::Null) | None => value.extend_from_slice(b"null"),
-                Some(TupleData::Unchanged) => match cached.get(name.as_str()) {
-                    Some(raw) => value.extend_from_slice(raw.get().as_bytes()),
-                    None => {
-                        self.ops.push(Op::Del { key });
-                        return Ok(());
-                    }
+                Some(TupleData::Null) | None => match table.rule.format {
+                    Format::Json => Some(Some(b"null".to_vec())),
+                    Format::Hash => Some(None),
                 },
-            }
+                Some(TupleData::Unchanged) => None,
+            };
+            let name = match table.rule.format {
+                Format::Json => json_name(name),
+                Format::Hash => name.as_bytes().to_vec(),
+            };
+            columns.push((name, value));
         }
-        value.push(b'}');
-        self.push_value(table, key, value);
-        Ok(())
+        let mirror = table.rule.mode == Mode::Mirror;
+        Ok(Merge {
+            base: old_key.unwrap_or_else(|| key.clone()),
+            format: table.rule.format,
+            columns,
+            ttl_ms: if mirror { ttl_ms(table) } else { None },
+            only_if_cached: !mirror,
+            repair: mirror.then(|| Repair {
+                table: table.rule.qualified_name(),
+                key_texts: key_texts(table, new),
+                key: key.clone(),
+            }),
+            key,
+        })
     }
 
     pub fn delete(&mut self, table: &TableState, old: &OldTuple) -> Result<(), ChangeError> {
@@ -262,71 +468,20 @@ impl Batch {
             }
             OldTuple::Full(_) => "",
         };
-        let key = self.row_key(table, old.tuple(), hint)?;
-        self.ops.push(Op::Del { key });
+        let key = row_key(table, old.tuple(), hint)?;
+        self.push(Op::Del { key });
         Ok(())
     }
 
     /// TRUNCATE: every key of the table goes, in stream order.
     pub fn truncate(&mut self, table: &TableState) {
-        self.ops.push(Op::DropKeySpace {
-            key_space: table.key_space.clone(),
-        });
+        self.drop_key_space(table.key_space.clone());
     }
 
-    /// Deletes a key whose new value could not be built (absence is safe).
-    pub fn delete_key(&mut self, key: String) {
-        self.ops.push(Op::Del { key });
-    }
-
-    /// The value this batch will have left in `key`, if this batch touches it:
-    /// `Some(Some(v))` a value, `Some(None)` absent or unknown, `None` not touched.
-    pub fn pending_value(&self, key: &str) -> Option<Option<&[u8]>> {
-        for op in self.ops.iter().rev() {
-            match op {
-                Op::Set { key: k, value, .. } | Op::Fill { key: k, value, .. } if k == key => {
-                    return Some(Some(value))
-                }
-                Op::DropKeySpace { key_space } if key.starts_with(key_space.as_str()) => {
-                    return Some(None)
-                }
-                op if op.key() == Some(key) => return Some(None),
-                _ => {}
-            }
-        }
-        None
-    }
-
-    fn row_key(
-        &self,
-        table: &TableState,
-        tuple: &Tuple,
-        hint: &'static str,
-    ) -> Result<String, ChangeError> {
-        let mut values: Vec<&[u8]> = Vec::with_capacity(table.key_positions.len());
-        for (i, &at) in table.key_positions.iter().enumerate() {
-            match tuple.0.get(at) {
-                Some(TupleData::Text(v)) | Some(TupleData::Binary(v)) => values.push(v),
-                _ => {
-                    return Err(ChangeError::NoKey {
-                        table: table.rule.qualified_name(),
-                        column: table.rule.key.columns()[i].clone(),
-                        hint,
-                    })
-                }
-            }
-        }
-        let mut key = String::with_capacity(table.key_space.len() + 16);
-        table
-            .rule
-            .key
-            .render_into(&mut key, self.key_prefix(table), &values);
-        Ok(key)
-    }
-
-    fn key_prefix<'t>(&self, table: &'t TableState) -> &'t str {
-        let literal = table.rule.key.literal_prefix();
-        &table.key_space[..table.key_space.len() - literal.len()]
+    /// Drops every key of a table (its rule no longer fits, it was renamed, truncated, or
+    /// Redis must forget it: absence is safe, stale is not).
+    pub fn drop_key_space(&mut self, key_space: String) {
+        self.push(Op::DropKeySpace { key_space });
     }
 
     /// Writes the row's value under `key` per the table's mode and format; columns marked
@@ -338,8 +493,8 @@ impl Batch {
         new: &Tuple,
         fallback: Option<&Tuple>,
     ) -> Result<(), ChangeError> {
-        if table.rule.mode == Mode::Invalidate {
-            self.ops.push(Op::Del { key });
+        if table.rule.mode == Mode::Invalidate || self.muted {
+            self.push(Op::Del { key });
             return Ok(());
         }
         let value_at = |at: usize| -> Option<&[u8]> {
@@ -385,124 +540,109 @@ impl Batch {
                 result.map(|()| Encoded::Hash(fields))
             }
         };
-        match encoded {
-            Ok(Encoded::Json(value)) => {
-                self.push_value(table, key, value);
-                Ok(())
-            }
-            Ok(Encoded::Hash(fields)) => {
-                self.ops.push(Op::Hash {
-                    key,
-                    fields,
-                    ttl_ms: ttl_ms(table),
-                    only_if_cached: table.rule.mode == Mode::Refresh,
-                });
-                Ok(())
-            }
+        let encoded = match encoded {
+            Ok(encoded) => encoded,
             Err(source) => {
-                self.ops.push(Op::Del { key });
-                Err(ChangeError::Encode {
+                self.push(Op::Del { key: key.clone() });
+                return Err(ChangeError::Encode {
                     table: table.rule.qualified_name(),
+                    key,
                     source,
-                })
+                });
             }
+        };
+        let size = encoded.largest();
+        if size > self.max_value {
+            self.push(Op::Del { key: key.clone() });
+            return Err(ChangeError::TooLarge {
+                table: table.rule.qualified_name(),
+                key,
+                size,
+                limit: self.max_value,
+            });
         }
-    }
-
-    fn push_value(&mut self, table: &TableState, key: String, value: Vec<u8>) {
-        self.ops.push(match table.rule.mode {
-            Mode::Refresh => Op::SetIfCached { key, value },
-            _ => Op::Set {
+        let mirror = table.rule.mode == Mode::Mirror;
+        self.push(match encoded {
+            Encoded::Json(value) if mirror => Op::Set {
                 key,
                 value,
                 ttl_ms: ttl_ms(table),
             },
+            Encoded::Json(value) => Op::SetIfCached { key, value },
+            Encoded::Hash(fields) => Op::Hash {
+                key,
+                fields,
+                ttl_ms: if mirror { ttl_ms(table) } else { None },
+                only_if_cached: !mirror,
+            },
         });
+        Ok(())
     }
 
     /// Takes the committed part of the batch, or all of it when `include_open` (a transaction
-    /// too large to hold), as one `MULTI … EXEC` pipeline. The checkpoint goes in the same
-    /// `EXEC` when it ends at a commit; the `EXEC` also reads back the checkpoint's epoch (see
-    /// [`checkpoint::FIELD_EPOCH`]). `None` when there is nothing to write. The caller runs
-    /// the pipeline; if that fails it must reconnect and replay from the checkpoint, since the
-    /// operations are no longer here.
-    pub fn prepare(
-        &mut self,
-        checkpoint_key: &str,
-        include_open: bool,
-    ) -> Option<(redis::Pipeline, Flushed)> {
+    /// too large to hold), with what the write carries. `None` when there is nothing to
+    /// write. The caller writes it; if that fails it must reconnect and replay from the
+    /// checkpoint, since the operations are no longer here.
+    pub fn prepare(&mut self, include_open: bool) -> Option<Prepared> {
         let upto = if include_open {
             self.ops.len()
         } else {
             self.committed
         };
-        let checkpoint = if upto == self.committed {
-            self.commit_end
+        // A part of an open transaction does not move the position.
+        let position = if upto == self.committed {
+            self.position.take()
         } else {
             None
         };
-        if upto == 0 && checkpoint.is_none() && self.meta.is_empty() {
+        if upto == 0 && position.is_none() && self.fields.is_empty() {
             return None;
         }
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        // Read back inside the EXEC: if the epoch is gone, Redis lost its data (FLUSHALL, a
-        // restart without persistence) and the daemon must backfill.
-        pipe.cmd("HGET")
-            .arg(checkpoint_key)
-            .arg(checkpoint::FIELD_EPOCH);
-        add_ops(&mut pipe, &self.ops[..upto]);
-        checkpoint::write(&mut pipe, checkpoint_key, checkpoint, &self.meta, now_ms());
-        self.ops.drain(..upto);
-        self.meta.clear();
-        let flushed = Flushed {
-            ops: upto,
-            transactions: self.transactions,
-            checkpoint,
-            commit_times: std::mem::take(&mut self.commit_times),
-            wrote: true,
-            epoch: None,
-        };
-        self.committed = 0;
-        self.transactions = 0;
-        if checkpoint.is_some() {
-            self.commit_end = None;
+        let ops: Vec<Op> = self.ops.drain(..upto).collect();
+        let mut xids = std::mem::take(&mut self.xids);
+        if include_open && self.open_has_ops {
+            xids.extend(self.open_xid);
         }
-        Some((pipe, flushed))
-    }
-
-    /// [`Batch::prepare`] and run it.
-    pub async fn flush(
-        &mut self,
-        conn: &mut impl redis::aio::ConnectionLike,
-        checkpoint_key: &str,
-        include_open: bool,
-    ) -> Result<Flushed, redis::RedisError> {
-        let Some((pipe, mut flushed)) = self.prepare(checkpoint_key, include_open) else {
-            return Ok(Flushed::default());
+        if upto == self.committed {
+            self.bytes -= self.committed_bytes;
+            self.committed_bytes = 0;
+        } else {
+            self.bytes = 0;
+            self.committed_bytes = 0;
+        }
+        self.committed = 0;
+        let prepared = Prepared {
+            ops,
+            position,
+            fields: std::mem::take(&mut self.fields),
+            transactions: std::mem::take(&mut self.transactions),
+            commit_times: std::mem::take(&mut self.commit_times),
+            xids,
         };
-        let (epoch,): (Option<String>,) = pipe.query_async(conn).await?;
-        flushed.epoch = epoch;
-        Ok(flushed)
+        Some(prepared)
     }
 
-    /// Adds rows read by a backfill (outside any transaction: the stream is between
-    /// transactions when a watermark arrives) and a checkpoint field written with them.
-    pub fn push_backfill(
-        &mut self,
-        ops: impl IntoIterator<Item = Op>,
-        field: String,
-        value: String,
-    ) {
-        debug_assert_eq!(self.open_len(), 0, "backfill rows inside a transaction");
-        self.ops.extend(ops);
-        self.committed = self.ops.len();
-        self.meta.push((field, value));
+    /// Adds what a backfill chunk writes (its rows, and checkpoint fields such as its
+    /// cursor) to the open transaction, the one that carried its high watermark.
+    pub fn push_chunk(&mut self, ops: impl IntoIterator<Item = Op>, fields: Vec<(String, String)>) {
+        for op in ops {
+            self.push(op);
+        }
+        self.fields.extend(fields);
     }
 
-    /// A checkpoint field to write with the next flush.
-    pub fn push_meta(&mut self, field: String, value: String) {
-        self.meta.push((field, value));
+    /// The open transaction must be visible to Postgres readers before the next write even
+    /// without operations of its own (it carried a control event).
+    pub fn mark_transaction(&mut self) {
+        if self.open_xid.is_some() {
+            self.open_has_ops = true;
+        }
+    }
+
+    /// The open transaction was skipped (the checkpoint covers it).
+    pub fn commit_skipped(&mut self) {
+        self.open_xid = None;
+        self.open_has_ops = false;
     }
 
     /// Keys of the operations from index `from` on (to drop them from a backfill chunk).
@@ -512,16 +652,19 @@ impl Batch {
             .filter_map(Op::key)
     }
 
-    /// Whether operations from index `from` on drop `key_space` (a TRUNCATE of its table).
-    pub fn truncated_since(&self, from: usize, key_space: &str) -> bool {
+    /// Key spaces dropped by operations from index `from` on (TRUNCATE and the like).
+    pub fn dropped_since(&self, from: usize) -> impl Iterator<Item = &str> {
         self.ops[from.min(self.ops.len())..]
             .iter()
-            .any(|op| matches!(op, Op::DropKeySpace { key_space: k } if k == key_space))
+            .filter_map(|op| match op {
+                Op::DropKeySpace { key_space } => Some(key_space.as_str()),
+                _ => None,
+            })
     }
 
-    /// Drops every key of a table (its rule no longer fits: absence is safe, stale is not).
-    pub fn drop_key_space(&mut self, key_space: String) {
-        self.ops.push(Op::DropKeySpace { key_space });
+    /// Every key the batch holds an operation for.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.keys_since(0)
     }
 }
 
@@ -531,172 +674,58 @@ enum Encoded {
     Hash(Vec<(String, Vec<u8>)>),
 }
 
-/// Deletes every key with a prefix, and the leases of those keys, inside the `EXEC`, so it is
-/// ordered with the writes around it. Blocks Redis while it scans; TRUNCATE is rare.
-const DROP_KEY_SPACE: &str = r"
-local deleted = 0
-for _, pattern in ipairs(ARGV) do
-  local cursor = '0'
-  repeat
-    local reply = redis.call('SCAN', cursor, 'MATCH', pattern, 'COUNT', 1000)
-    cursor = reply[1]
-    if #reply[2] > 0 then
-      deleted = deleted + redis.call('UNLINK', unpack(reply[2]))
-    end
-  until cursor == '0'
-end
-return deleted
-";
-
-/// Replaces a hash only if it exists, keeping its TTL.
-const REPLACE_HASH_IF_CACHED: &str = r"
-local ttl = redis.call('PTTL', KEYS[1])
-if ttl == -2 then return 0 end
-redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], unpack(ARGV))
-if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
-return 1
-";
-
-/// Most values pairs one `MSET` carries.
-const MSET_PAIRS: usize = 1_000;
-
-/// Appends the operations to the pipeline. Runs of plain writes (no TTL) become one `MSET`
-/// and one `DEL` of their leases: inside the `EXEC` nothing sees the order within a run, and
-/// the last write of a key still wins, so the result is the same as one `SET` and one `DEL`
-/// each, with a fraction of the commands and replies.
-fn add_ops(pipe: &mut redis::Pipeline, ops: &[Op]) {
-    let plain = |op: &Op| {
-        matches!(
-            op,
-            Op::Set { ttl_ms: None, .. } | Op::Fill { ttl_ms: None, .. }
-        )
-    };
-    let mut at = 0;
-    while at < ops.len() {
-        if !plain(&ops[at]) {
-            add_op(pipe, &ops[at]);
-            at += 1;
-            continue;
+impl Encoded {
+    /// The largest single Redis argument it makes.
+    fn largest(&self) -> usize {
+        match self {
+            Encoded::Json(value) => value.len(),
+            Encoded::Hash(fields) => fields.iter().map(|(_, v)| v.len()).max().unwrap_or(0),
         }
-        let run = ops[at..]
-            .iter()
-            .take(MSET_PAIRS)
-            .take_while(|op| plain(op))
-            .count();
-        let mset = pipe.cmd("MSET");
-        for op in &ops[at..at + run] {
-            if let Op::Set { key, value, .. } | Op::Fill { key, value, .. } = op {
-                mset.arg(key).arg(value);
-            }
-        }
-        mset.ignore();
-        let mut leases = redis::cmd("DEL");
-        let mut any = false;
-        for op in &ops[at..at + run] {
-            if let Op::Set { key, .. } = op {
-                leases.arg(lease_key(key));
-                any = true;
-            }
-        }
-        if any {
-            pipe.add_command(leases).ignore();
-        }
-        at += run;
     }
 }
 
-fn add_op(pipe: &mut redis::Pipeline, op: &Op) {
-    match op {
-        Op::Set { key, value, ttl_ms } | Op::Fill { key, value, ttl_ms } => {
-            let cmd = pipe.cmd("SET").arg(key).arg(value);
-            if let Some(ms) = ttl_ms {
-                cmd.arg("PX").arg(*ms);
-            }
-            cmd.ignore();
-        }
-        Op::SetIfCached { key, value } => {
-            pipe.cmd("SET")
-                .arg(key)
-                .arg(value)
-                .arg("XX")
-                .arg("KEEPTTL")
-                .ignore();
-        }
-        Op::Hash {
-            key,
-            fields,
-            ttl_ms,
-            only_if_cached,
-        } => {
-            if *only_if_cached {
-                let cmd = pipe.cmd("EVAL").arg(REPLACE_HASH_IF_CACHED).arg(1).arg(key);
-                for (field, value) in fields {
-                    cmd.arg(field).arg(value);
-                }
-                cmd.ignore();
-            } else {
-                pipe.cmd("DEL").arg(key).ignore();
-                if !fields.is_empty() {
-                    let cmd = pipe.cmd("HSET").arg(key);
-                    for (field, value) in fields {
-                        cmd.arg(field).arg(value);
-                    }
-                    cmd.ignore();
-                    if let Some(ms) = ttl_ms {
-                        pipe.cmd("PEXPIRE").arg(key).arg(*ms).ignore();
-                    }
-                }
+/// The row's Redis key, from the key template's columns.
+fn row_key(table: &TableState, tuple: &Tuple, hint: &'static str) -> Result<String, ChangeError> {
+    let mut values: Vec<&[u8]> = Vec::with_capacity(table.key_positions.len());
+    for (i, &at) in table.key_positions.iter().enumerate() {
+        match tuple.0.get(at) {
+            Some(TupleData::Text(v)) | Some(TupleData::Binary(v)) => values.push(v),
+            _ => {
+                return Err(ChangeError::NoKey {
+                    table: table.rule.qualified_name(),
+                    column: table.rule.key.columns()[i].clone(),
+                    hint,
+                })
             }
         }
-        Op::Del { key } => {
-            pipe.cmd("DEL").arg(key).ignore();
-        }
-        Op::DropKeySpace { key_space } => {
-            let escaped = glob_escape(key_space);
-            pipe.cmd("EVAL")
-                .arg(DROP_KEY_SPACE)
-                .arg(0)
-                .arg(format!("{escaped}*"))
-                .arg(format!("{{{escaped}*"))
-                .ignore();
-            return;
-        }
     }
-    if let (Some(key), false) = (op.key(), matches!(op, Op::Fill { .. })) {
-        // Revoke any lease: a fill that read the row before this change must lose (G4).
-        pipe.cmd("DEL").arg(lease_key(key)).ignore();
-    }
+    let literal = table.rule.key.literal_prefix();
+    let key_prefix = &table.key_space[..table.key_space.len() - literal.len()];
+    let mut key = String::with_capacity(table.key_space.len() + 16);
+    table.rule.key.render_into(&mut key, key_prefix, &values);
+    Ok(key)
 }
 
-fn glob_escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out
+/// The key template's column values of `tuple`, as text (for reading the row again).
+fn key_texts(table: &TableState, tuple: &Tuple) -> Vec<String> {
+    table
+        .key_positions
+        .iter()
+        .map(|&at| match tuple.0.get(at) {
+            Some(TupleData::Text(v)) | Some(TupleData::Binary(v)) => {
+                String::from_utf8_lossy(v).into_owned()
+            }
+            _ => String::new(),
+        })
+        .collect()
 }
 
-fn write_json_key(out: &mut Vec<u8>, name: &str) {
-    // serde_json's string escaping, so merged values are byte-identical to fresh ones.
-    serde_json::to_writer(&mut *out, name).expect("writing to a Vec cannot fail");
-    out.push(b':');
+/// A column name as a JSON object key, with its quotes: serde_json's escaping, as the encoder
+/// writes it, so merged values are byte-identical to fresh ones.
+fn json_name(name: &str) -> Vec<u8> {
+    serde_json::to_vec(name).expect("a string always serializes")
 }
 
 fn ttl_ms(table: &TableState) -> Option<u64> {
     table.rule.ttl.map(|ttl| ttl.as_millis().max(1) as u64)
 }
-
-/// Wall clock in ms since the Unix epoch.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-/// Shared handle to a table's state, as the daemon keeps it.
-pub type Table = Arc<TableState>;

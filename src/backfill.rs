@@ -1,101 +1,56 @@
-//! Backfill: loading a `mirror` table's existing rows into Redis without ever overwriting a
-//! newer value (the watermark protocol of Netflix DBLog, run inside the daemon so it stays
-//! in stream order).
+//! Backfill: loading rows into Redis from Postgres without ever overwriting a newer value,
+//! inside the daemon so it stays in stream order (the watermark protocol of Netflix DBLog,
+//! with the window opened where the daemon starts the chunk).
 //!
-//! For each chunk: emit a low watermark into the WAL, read the chunk (keyset pagination by
-//! primary key), emit a high watermark. The stream brings both watermarks back in WAL order;
-//! every row the stream changes between them is dropped from the chunk (the stream's value is
-//! at least as new), and what is left is written when the high watermark arrives, together
-//! with the cursor, in the same `EXEC`. A row changed before the low watermark is in the
-//! chunk with that change; one changed after the high watermark is written by the stream
-//! after the chunk. Memory is bounded by the chunk size; the cursor makes it resumable.
+//! Three kinds of work go through it:
+//! - **backfills** of `mirror` tables, a chunk at a time by primary key (first start, Redis
+//!   lost its data, a table added or reshaped, `pgcache resync`, an attached partition);
+//! - **repairs**: `mirror` keys the stream had to delete because their new value could not be
+//!   built (an update whose unchanged TOASTed columns had no cached value to merge into);
+//! - **reconciles**: keys whose rows vanished without row changes in the WAL (a partition
+//!   truncated, detached or dropped) are found by scanning the table's keys and deleted.
 //!
-//! Rows are read with `COPY (SELECT ... ORDER BY pk LIMIT n) TO STDOUT`, whose text format is
-//! each column's output function under the pinned session settings, escaped: unescaped, it
-//! is the same text pgoutput sends, so the encoder produces byte-identical values (casting
-//! to `::text` would not: see `reader::source`). COPY costs Postgres and the daemon less per
-//! row than the rows of a query.
+//! For each chunk, a task reads it in a `REPEATABLE READ` snapshot and then writes a *high
+//! watermark* into the WAL (a row of `pgcache.events`). The chunk is correct at the high
+//! watermark because:
+//! - every transaction the stream brought before the chunk started is visible in the read's
+//!   snapshot (the daemon applies a transaction only once readers can see it, and the read
+//!   checks those it had not yet applied: a read that misses one is done again);
+//! - every key the stream touches from the chunk's start to its high watermark is dropped
+//!   from the chunk: the stream's value is at least as new (per row, a later commit is a
+//!   later version), and a TRUNCATE of the table drops the whole chunk;
+//! - what commits after the high watermark is newer than the read and is applied after it.
+//!
+//! What is left is written when the high watermark arrives, in the same write as the
+//! cursor, so a backfill resumes after a crash. Memory is bounded: a chunk holds at most
+//! `chunk_rows` rows and `max_chunk_bytes` of values, and at most [`CHUNKS_IN_FLIGHT`]
+//! chunks exist at a time.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
 use tokio_postgres::Client;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
-use crate::apply::{now_ms, Op};
-use crate::checkpoint::{BackfillProgress, FIELD_BACKFILL_PREFIX};
-use crate::config::{Config, Format, Mode, TableRule};
-use crate::encoder::{self, PgType};
+use crate::apply::{Op, Repair};
+use crate::checkpoint::{
+    BackfillProgress, BackfillState, FIELD_BACKFILL_PREFIX, FIELD_RECONCILE_PREFIX,
+    FIELD_REPAIR_PREFIX,
+};
+use crate::config::{Config, Mode, TableRule};
 use crate::metrics as m;
-use crate::preflight::{quote_ident, quote_qualified};
+use crate::clock::now_ms;
 
+pub mod control;
 mod copy_text;
+mod plan;
+mod read;
 
-/// Prefix of the logical messages pgcache emits and understands.
-pub const MESSAGE_PREFIX: &str = "pgcache";
+pub use control::Control;
+pub use plan::{RowValue, TablePlan};
+pub use read::ChunkRead;
 
-/// A logical message on the `pgcache` prefix.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Control {
-    Low(String),
-    High(String),
-    /// `pgcache resync`: backfill this table again (`None`: every mirror table).
-    Resync(Option<String>),
-}
-
-impl Control {
-    pub fn parse(content: &[u8]) -> Option<Control> {
-        let text = std::str::from_utf8(content).ok()?;
-        let (kind, rest) = text.split_once(':')?;
-        match kind {
-            "low" => Some(Control::Low(rest.to_string())),
-            "high" => Some(Control::High(rest.to_string())),
-            "resync" if rest == "*" => Some(Control::Resync(None)),
-            "resync" => Some(Control::Resync(Some(rest.to_string()))),
-            _ => None,
-        }
-    }
-
-    pub fn encode(&self) -> String {
-        match self {
-            Control::Low(id) => format!("low:{id}"),
-            Control::High(id) => format!("high:{id}"),
-            Control::Resync(None) => "resync:*".to_string(),
-            Control::Resync(Some(table)) => format!("resync:{table}"),
-        }
-    }
-}
-
-/// Emits a control message into the WAL, non-transactionally: it is decoded at its position
-/// (`pgcache resync`).
-pub async fn emit(client: &Client, control: &Control) -> Result<(), tokio_postgres::Error> {
-    client
-        .execute(
-            "SELECT pg_logical_emit_message(false, $1, $2)",
-            &[&MESSAGE_PREFIX, &control.encode()],
-        )
-        .await?;
-    Ok(())
-}
-
-/// Emits a watermark in a transaction of its own, committed with `synchronous_commit = on`.
-///
-/// The walsender only sends WAL that is flushed. A non-transactional message is flushed
-/// whenever the WAL writer gets to it (up to `wal_writer_delay`, 200 ms by default, later
-/// with `synchronous_commit = off`), and every chunk waits for its high watermark: that
-/// alone held backfills to ~25,000 rows/s. A commit flushes at once. The message arrives in
-/// the stream inside its transaction, in commit order, which is the order the protocol needs.
-async fn emit_watermark(client: &Client, control: &Control) -> Result<(), tokio_postgres::Error> {
-    client
-        .batch_execute(&format!(
-            "BEGIN; SET LOCAL synchronous_commit = on; \
-             SELECT pg_logical_emit_message(true, '{MESSAGE_PREFIX}', '{}'); COMMIT;",
-            control.encode().replace('\'', "''")
-        ))
-        .await
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackfillError {
@@ -106,6 +61,11 @@ pub enum BackfillError {
     },
     #[error("backfill of {table}: {message}")]
     Table { table: String, message: String },
+    #[error("backfill of {table}: redis: {source}")]
+    Redis {
+        table: String,
+        source: redis::RedisError,
+    },
     #[error("backfill: {0}")]
     Task(String),
 }
@@ -119,510 +79,209 @@ impl BackfillError {
                 .code()
                 .is_some_and(|code| code.code().starts_with("42")),
             BackfillError::Table { .. } => true,
-            BackfillError::Task(_) => false,
+            BackfillError::Redis { .. } | BackfillError::Task(_) => false,
         }
     }
 }
 
-/// How to read one table's rows the way the stream sees them.
-pub struct TablePlan {
-    pub rule: Arc<TableRule>,
-    key_prefix: String,
-    /// Cached columns, in the daemon's output order, with the select-list index of each.
-    columns: Vec<(String, PgType)>,
-    column_at: Vec<usize>,
-    /// Select-list index of each key template column, in template order.
-    key_at: Vec<usize>,
-    /// Primary key columns: select-list index and SQL type (for casting the cursor).
-    pk: Vec<(usize, String)>,
-    /// `SELECT ... FROM t` (no WHERE / ORDER BY / LIMIT).
-    select: String,
-    /// Columns in the select list.
-    width: usize,
-    order_by: String,
-    pk_tuple: String,
-    /// Rows estimated from `pg_class.reltuples`.
-    pub estimate: u64,
+/// Reports a table's backfill progress (the run command draws a bar with it on a terminal).
+pub type ProgressFn = Arc<dyn Fn(&str, &BackfillProgress) + Send + Sync>;
+
+/// What a job reads.
+#[derive(Debug, Clone)]
+enum Work {
+    /// The next chunk of rows after `cursor`.
+    Rows {
+        cursor: Option<Vec<String>>,
+        rows: u64,
+        started_ms: u64,
+    },
+    /// These keys' rows (repairs): Redis key and key template values.
+    Keys(Vec<(String, Vec<String>)>),
+    /// The next batch of the table's keys from this scan cursor (reconciles).
+    Reconcile { scan: String },
 }
 
-/// A row's value in the table's format.
-#[derive(Debug, Clone, PartialEq)]
-pub enum RowValue {
-    Json(Vec<u8>),
-    Hash(Vec<(String, Vec<u8>)>),
-}
-
-/// One chunk: the encoded rows by Redis key, and the cursor after them.
-#[derive(Debug, Default)]
-pub struct Chunk {
-    pub rows: HashMap<String, RowValue>,
-    /// Primary key of the last row read (`None`: the table was empty past the cursor).
-    pub cursor: Option<Vec<String>>,
-    /// Rows read (including any that could not be keyed).
-    pub read: usize,
-    /// Fewer rows than asked for: the table is done after this chunk.
-    pub last: bool,
-}
-
-impl TablePlan {
-    /// Looks the table up in the catalog.
-    ///
-    /// # Errors
-    /// A missing table or column, a table without a primary key, a failed query.
-    pub async fn new(
-        client: &Client,
-        rule: Arc<TableRule>,
-        key_prefix: &str,
-    ) -> Result<TablePlan, BackfillError> {
-        let table = rule.qualified_name();
-        let pg = |source| BackfillError::Postgres {
-            table: table.clone(),
-            source,
-        };
-        let fail = |message: String| BackfillError::Table {
-            table: table.clone(),
-            message,
-        };
-        let relation = quote_qualified(&rule.schema, &rule.name);
-        let Some(row) = client
-            .query_opt(
-                "SELECT c.oid, greatest(c.reltuples, 0)::int8 FROM pg_class c \
-                 JOIN pg_namespace n ON n.oid = c.relnamespace \
-                 WHERE n.nspname = $1 AND c.relname = $2",
-                &[&rule.schema, &rule.name],
-            )
-            .await
-            .map_err(pg)?
-        else {
-            return Err(fail("the table does not exist".into()));
-        };
-        let oid: u32 = row.get(0);
-        let mut estimate: i64 = row.get(1);
-        if estimate == 0 {
-            // Partitioned roots have no reltuples of their own; sum the partitions.
-            estimate = client
-                .query_one(
-                    "SELECT coalesce(sum(greatest(c.reltuples, 0)), 0)::int8 FROM pg_inherits i \
-                     JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = $1",
-                    &[&oid],
-                )
-                .await
-                .map_err(pg)?
-                .get(0);
-        }
-        // Columns as pgoutput sends them: attnum order, no dropped or generated columns.
-        let rows = client
-            .query(
-                "SELECT attname::text, atttypid, format_type(atttypid, atttypmod) FROM pg_attribute \
-                 WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped AND attgenerated = '' \
-                 ORDER BY attnum",
-                &[&oid],
-            )
-            .await
-            .map_err(pg)?;
-        let all: Vec<(String, u32, String)> = rows
-            .iter()
-            .map(|r| (r.get(0), r.get(1), r.get(2)))
-            .collect();
-        let pk_names = crate::pgconn::primary_key_columns(client, oid)
-            .await
-            .map_err(pg)?;
-        if pk_names.is_empty() {
-            return Err(fail(
-                "the table has no primary key, which backfill pages by; add one".into(),
-            ));
-        }
-
-        let mut select_list: Vec<String> = Vec::new();
-        let mut slot = |name: &str| -> Result<usize, BackfillError> {
-            if let Some(at) = select_list.iter().position(|n| n == name) {
-                return Ok(at);
-            }
-            if !all.iter().any(|(n, _, _)| n == name) {
-                return Err(fail(format!("the table has no column {name:?}")));
-            }
-            select_list.push(name.to_string());
-            Ok(select_list.len() - 1)
-        };
-        let names: Vec<String> = match &rule.columns {
-            Some(columns) => columns.clone(),
-            None => all.iter().map(|(n, _, _)| n.clone()).collect(),
-        };
-        let mut column_at = Vec::new();
-        for name in &names {
-            column_at.push(slot(name)?);
-        }
-        let mut key_at = Vec::new();
-        for name in rule.key.columns() {
-            key_at.push(slot(name)?);
-        }
-        let mut pk = Vec::new();
-        for name in &pk_names {
-            let sql_type = all
-                .iter()
-                .find(|(n, _, _)| n == name)
-                .map(|(_, _, t)| t.clone())
-                .unwrap_or_default();
-            pk.push((slot(name)?, sql_type));
-        }
-        let mut columns = Vec::new();
-        for name in &names {
-            let oid = all
-                .iter()
-                .find(|(n, _, _)| n == name)
-                .map(|(_, o, _)| *o)
-                .unwrap_or(0);
-            let ty = match PgType::from_oid(oid) {
-                Some(ty) => ty,
-                None => PgType::resolve(client, oid).await.map_err(pg)?,
-            };
-            columns.push((name.clone(), ty));
-        }
-        let select = format!(
-            "SELECT {} FROM {relation}",
-            select_list
-                .iter()
-                .map(|n| quote_ident(n))
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-        let pk_cols: Vec<String> = pk_names.iter().map(|n| quote_ident(n)).collect();
-        Ok(TablePlan {
-            rule,
-            key_prefix: key_prefix.to_string(),
-            columns,
-            column_at,
-            key_at,
-            pk,
-            select,
-            width: select_list.len(),
-            order_by: pk_cols.join(", "),
-            pk_tuple: format!("({})", pk_cols.join(", ")),
-            estimate: estimate.max(0) as u64,
-        })
-    }
-
-    /// Reads the next chunk after `cursor` and encodes it.
-    ///
-    /// # Errors
-    /// A failed query. Rows that cannot be keyed or encoded are counted and skipped with a
-    /// warning: their keys stay absent, which is safe.
-    pub async fn read_chunk(
-        &self,
-        client: &Client,
-        cursor: Option<&[String]>,
-        limit: usize,
-    ) -> Result<Chunk, BackfillError> {
-        let mut sql = format!("COPY ({}", self.select);
-        if let Some(cursor) = cursor {
-            sql.push_str(" WHERE ");
-            sql.push_str(&self.pk_tuple);
-            sql.push_str(" > (");
-            for (i, ((_, sql_type), value)) in self.pk.iter().zip(cursor).enumerate() {
-                if i > 0 {
-                    sql.push_str(", ");
-                }
-                sql.push_str(&literal(value));
-                sql.push_str("::");
-                sql.push_str(sql_type);
-            }
-            sql.push(')');
-        }
-        sql.push_str(&format!(
-            " ORDER BY {} LIMIT {limit}) TO STDOUT",
-            self.order_by
-        ));
-        let table = || self.rule.qualified_name();
-        let stream =
-            client
-                .copy_out(sql.as_str())
-                .await
-                .map_err(|source| BackfillError::Postgres {
-                    table: table(),
-                    source,
-                })?;
-        let mut stream = std::pin::pin!(stream);
-        let mut chunk = Chunk::default();
-        chunk.rows.reserve(limit);
-        let mut row = copy_text::Row::default();
-        // The whole chunk's text (rows can span COPY messages), then row by row.
-        let mut text = Vec::new();
-        while let Some(data) = stream.next().await {
-            let data = data.map_err(|source| BackfillError::Postgres {
-                table: table(),
-                source,
-            })?;
-            text.extend_from_slice(&data);
-        }
-        let Some(body) = text.strip_suffix(b"\n") else {
-            if text.is_empty() {
-                chunk.last = true;
-                return Ok(chunk);
-            }
-            return Err(BackfillError::Table {
-                table: table(),
-                message: "COPY output does not end with a whole row".into(),
-            });
-        };
-        let mut lines = body.split(|&b| b == b'\n').peekable();
-        while let Some(line) = lines.next() {
-            let row = row
-                .parse(line, self.width)
-                .map_err(|e| BackfillError::Table {
-                    table: table(),
-                    message: format!("cannot read a row: {e}"),
-                })?;
-            chunk.read += 1;
-            if lines.peek().is_none() {
-                // The cursor is the last row's primary key.
-                chunk.cursor = Some(
-                    self.pk
-                        .iter()
-                        .map(|(at, _)| {
-                            String::from_utf8_lossy(row.get(*at).unwrap_or_default()).into_owned()
-                        })
-                        .collect(),
-                );
-            }
-            // (The key and the value are kept, so each row allocates anyway.)
-            let Some(key_values) = self
-                .key_at
-                .iter()
-                .map(|&at| row.get(at))
-                .collect::<Option<Vec<&[u8]>>>()
-            else {
-                warn!(table = %table(), "row with a NULL key column skipped");
-                continue;
-            };
-            let mut key = String::with_capacity(32);
-            self.rule
-                .key
-                .render_into(&mut key, &self.key_prefix, &key_values);
-            match self.encode(&row) {
-                Ok(value) => {
-                    chunk.rows.insert(key, value);
-                }
-                Err(e) => {
-                    warn!(table = %table(), %key, error = %e, "row not cached");
-                }
-            }
-        }
-        chunk.last = chunk.read < limit;
-        Ok(chunk)
-    }
-}
-
-impl TablePlan {
-    fn encode(&self, row: &copy_text::Fields<'_>) -> Result<RowValue, encoder::EncodeError> {
-        match self.rule.format {
-            Format::Json => {
-                let mut value = Vec::with_capacity(128);
-                encoder::encode_row(
-                    &mut value,
-                    &self.columns,
-                    self.column_at.iter().map(|&at| row.get(at)),
-                    self.rule.encode,
-                )?;
-                Ok(RowValue::Json(value))
-            }
-            Format::Hash => {
-                let mut fields = Vec::with_capacity(self.columns.len());
-                for ((name, ty), &at) in self.columns.iter().zip(&self.column_at) {
-                    if let Some(text) = row.get(at) {
-                        let mut field = Vec::with_capacity(text.len());
-                        encoder::encode_field(&mut field, ty, text, self.rule.encode)?;
-                        fields.push((name.to_string(), field));
-                    }
-                }
-                Ok(RowValue::Hash(fields))
-            }
-        }
-    }
-}
-
-/// An escaped string literal, independent of `standard_conforming_strings`.
-fn literal(value: &str) -> String {
-    // Values here come from Postgres text output, which cannot hold NUL.
-    let mut out = String::with_capacity(value.len() + 3);
-    let _ = crate::reader::source::push_literal(&mut out, value);
-    out
-}
-
-/// A table waiting for (more) backfill.
+/// A table waiting for (more) work.
 #[derive(Debug, Clone)]
 struct Job {
     table: String,
-    cursor: Option<Vec<String>>,
-    rows: u64,
-    started_ms: u64,
+    work: Work,
 }
 
-/// A chunk between its watermarks.
+/// A chunk between its start and its high watermark.
 struct InFlight {
     id: String,
     job: Job,
     plan: Arc<TablePlan>,
-    chunk: ChunkState,
-    window_open: bool,
+    state: ChunkState,
+    /// Keys the stream touched since the chunk started: its values win.
+    touched: HashSet<String>,
+    /// The stream dropped the table's whole key space (TRUNCATE) since the chunk started.
+    cleared: bool,
+    /// Transactions the stream had brought, but the daemon not yet applied, when the chunk
+    /// started: the read's snapshot must show them.
+    pending_xids: Vec<u32>,
 }
 
-/// A chunk is read by a task of its own, so the stream (and Redis writes) go on meanwhile;
-/// its low watermark can come back before the rows do.
 enum ChunkState {
-    /// The task is emitting the watermarks and reading the rows. What the stream changed in
-    /// the window so far is noted, to be dropped from the rows when they arrive.
-    Reading {
-        task: tokio::task::JoinHandle<Result<Chunk, BackfillError>>,
-        dropped: Vec<String>,
-        cleared: bool,
-    },
-    Read(Chunk),
+    Reading(tokio::task::JoinHandle<Result<ChunkRead, BackfillError>>),
+    Read(ChunkRead),
 }
 
-impl ChunkState {
-    fn drop_keys<'a>(&mut self, keys: impl Iterator<Item = &'a str>) {
-        match self {
-            ChunkState::Reading { dropped, .. } => dropped.extend(keys.map(str::to_string)),
-            ChunkState::Read(chunk) => {
-                for key in keys {
-                    chunk.rows.remove(key);
-                }
-            }
-        }
-    }
+/// Chunks in flight: two lets Postgres read the next chunk while Redis writes the last one,
+/// and bounds memory at two chunks.
+const CHUNKS_IN_FLIGHT: usize = 2;
 
-    fn drop_all(&mut self) {
-        match self {
-            ChunkState::Reading { cleared, .. } => *cleared = true,
-            ChunkState::Read(chunk) => chunk.rows.clear(),
-        }
-    }
-}
+/// Keys per repair read.
+const REPAIR_KEYS: usize = 500;
 
-/// The daemon's backfills: a queue of tables, one chunk read at a time and up to
-/// [`CHUNKS_IN_FLIGHT`] waiting for their watermarks.
+/// The daemon's backfills, repairs and reconciles: a queue of jobs, one chunk read at a time
+/// and up to [`CHUNKS_IN_FLIGHT`] waiting for their high watermarks.
 pub struct Backfills {
     client: Arc<Client>,
+    redis: redis::aio::MultiplexedConnection,
     key_prefix: String,
     chunk_rows: usize,
+    max_chunk_bytes: usize,
     /// Distinguishes this session's watermarks from those of earlier sessions, which the
     /// stream may still bring.
     session: String,
     seq: u64,
+    /// Every configured table (reconciles and repairs); backfills cover the mirror ones.
     rules: HashMap<String, Arc<TableRule>>,
     plans: HashMap<String, Arc<TablePlan>>,
     queue: VecDeque<Job>,
-    /// Chunks being read or waiting for their watermarks, oldest first. They are read one
-    /// at a time, so their windows follow one another in the WAL (low 1, high 1, low 2,
-    /// high 2) and at most one is open at a time.
     in_flight: VecDeque<InFlight>,
+    /// Bytes per row seen in each table's chunks, to size the next chunk.
+    row_bytes: HashMap<String, usize>,
     progress: Progress,
-    meta: Vec<(String, String)>,
+    /// Checkpoint fields to write with the next batch.
+    fields: Vec<(String, String)>,
+    last_prune: Instant,
 }
 
 impl Backfills {
-    /// `client` is a connection of the backfill's own (it emits watermarks and reads chunks).
-    pub fn new(client: Client, config: &Config) -> Backfills {
+    /// `client` is a connection of the backfill's own (it reads chunks and writes
+    /// watermarks); `redis` scans keys for reconciles.
+    pub fn new(
+        client: Client,
+        redis: redis::aio::MultiplexedConnection,
+        config: &Config,
+        on_progress: Option<ProgressFn>,
+    ) -> Backfills {
         let rules = config
             .tables
             .iter()
-            .filter(|rule| rule.mode == Mode::Mirror)
             .map(|rule| (rule.qualified_name(), Arc::new(rule.clone())))
             .collect();
         Backfills {
             client: Arc::new(client),
+            redis,
             key_prefix: config.redis.key_prefix.clone(),
             chunk_rows: config.backfill.chunk_rows,
+            max_chunk_bytes: config.backfill.max_chunk_bytes,
             session: format!("{:08x}", rand::random::<u32>()),
             seq: 0,
             rules,
             plans: HashMap::new(),
             queue: VecDeque::new(),
             in_flight: VecDeque::new(),
-            progress: Progress::new(),
-            meta: Vec::new(),
+            row_bytes: HashMap::new(),
+            progress: Progress::new(on_progress),
+            fields: Vec::new(),
+            last_prune: Instant::now(),
         }
     }
 
-    /// Stops backfilling a table (it is not set up right).
+    /// Stops working on a table (it is not set up right, or its rule broke).
     pub fn remove_table(&mut self, table: &str) {
         self.rules.remove(table);
         self.queue.retain(|job| job.table != table);
     }
 
     /// Qualified names of the tables backfills cover (mirror tables).
-    pub fn tables(&self) -> impl Iterator<Item = &str> {
-        self.rules.keys().map(String::as_str)
+    pub fn mirror_tables(&self) -> Vec<String> {
+        let mut tables: Vec<String> = self
+            .rules
+            .values()
+            .filter(|rule| rule.mode == Mode::Mirror)
+            .map(|rule| rule.qualified_name())
+            .collect();
+        tables.sort();
+        tables
     }
 
-    /// Queues `table` from the start, or from where `resume` left it.
+    fn is_mirror(&self, table: &str) -> bool {
+        self.rules.get(table).is_some_and(|r| r.mode == Mode::Mirror)
+    }
+
+    /// Queues a mirror table's backfill from the start, or from where `resume` left it.
     pub fn schedule(&mut self, table: &str, resume: Option<&BackfillProgress>) {
-        if !self.rules.contains_key(table) {
+        if !self.is_mirror(table) {
             return;
         }
-        let job = match resume {
-            Some(p) if p.state == "running" => Job {
-                table: table.to_string(),
+        let work = match resume {
+            Some(p) if p.state == BackfillState::Running => Work::Rows {
                 cursor: p.cursor.clone(),
                 rows: p.rows,
                 started_ms: p.started_ms,
             },
-            _ => Job {
-                table: table.to_string(),
+            _ => Work::Rows {
                 cursor: None,
                 rows: 0,
                 started_ms: now_ms(),
             },
         };
-        if job.cursor.is_none() {
+        if let Work::Rows {
+            cursor: None,
+            started_ms,
+            ..
+        } = &work
+        {
             // From the start: the table may have changed shape since its plan was made, and
             // the restart must survive a crash of the daemon, so it goes in the checkpoint.
             self.plans.remove(table);
             let progress = BackfillProgress {
-                state: "running".into(),
+                state: BackfillState::Running,
                 cursor: None,
                 rows: 0,
                 estimate: 0,
-                started_ms: job.started_ms,
-                updated_ms: job.started_ms,
+                started_ms: *started_ms,
+                updated_ms: *started_ms,
             };
-            self.meta.push((
+            self.fields.push((
                 format!("{FIELD_BACKFILL_PREFIX}{table}"),
                 serde_json::to_string(&progress).unwrap_or_default(),
             ));
         }
-        match self.queue.iter_mut().find(|queued| queued.table == table) {
+        let job = Job {
+            table: table.to_string(),
+            work,
+        };
+        let queued = self
+            .queue
+            .iter_mut()
+            .find(|q| q.table == table && matches!(q.work, Work::Rows { .. }));
+        match queued {
             Some(queued) => *queued = job,
             None => self.queue.push_back(job),
         }
     }
 
-    /// Checkpoint fields to write with the next batch (restarted backfills).
-    pub fn take_meta(&mut self) -> Vec<(String, String)> {
-        std::mem::take(&mut self.meta)
-    }
-
-    /// `pgcache resync`: every mirror table, or one (unknown names are logged).
+    /// `pgcache resync` (or an attached partition): every mirror table, or one.
     pub fn resync(&mut self, table: Option<&str>) {
         match table {
             None => {
-                let mut tables: Vec<String> = self.rules.keys().cloned().collect();
-                tables.sort();
-                info!(
-                    tables = tables.len(),
-                    "resync of every mirror table requested"
-                );
+                let tables = self.mirror_tables();
+                info!(tables = tables.len(), "resync of every mirror table requested");
                 for table in tables {
                     self.schedule(&table, None);
                 }
             }
             Some(table) => {
-                let name = if table.contains('.') {
-                    table.to_string()
-                } else {
-                    format!("public.{table}")
-                };
-                if self.rules.contains_key(&name) {
+                let name = qualified(table);
+                if self.is_mirror(&name) {
                     info!(table = %name, "resync requested");
                     self.schedule(&name, None);
                 } else {
@@ -632,37 +291,95 @@ impl Backfills {
         }
     }
 
-    /// A chunk can start: a table is waiting, no chunk is being read, and fewer than
-    /// [`CHUNKS_IN_FLIGHT`] chunks wait for their watermarks (reading the next chunk overlaps
-    /// writing the last one).
+    /// Reads a key's row again (its key was deleted for want of a merge base).
+    pub fn repair(&mut self, repair: Repair) {
+        if !self.rules.contains_key(&repair.table) {
+            return;
+        }
+        metrics::counter!(m::REPAIRS, "table" => repair.table.clone()).increment(1);
+        let entry = (repair.key, repair.key_texts);
+        let queued = self.queue.iter_mut().find(|q| {
+            q.table == repair.table && matches!(&q.work, Work::Keys(keys) if keys.len() < REPAIR_KEYS)
+        });
+        match queued {
+            Some(Job {
+                work: Work::Keys(keys),
+                ..
+            }) => keys.push(entry),
+            _ => self.queue.push_back(Job {
+                table: repair.table,
+                work: Work::Keys(vec![entry]),
+            }),
+        }
+    }
+
+    /// Deletes the keys of `table` whose rows are gone, scanning from `scan` ("0": the
+    /// start).
+    pub fn reconcile(&mut self, table: &str, scan: Option<&str>) {
+        let name = qualified(table);
+        if !self.rules.contains_key(&name) {
+            warn!(table = %name, "reconcile requested for a table that is not in this daemon's config; ignored");
+            return;
+        }
+        let already = self
+            .queue
+            .iter()
+            .any(|q| q.table == name && matches!(&q.work, Work::Reconcile { scan } if scan == "0"));
+        if already {
+            return;
+        }
+        info!(table = %name, "rows vanished without row changes (a partition truncated, detached or dropped): deleting the keys whose rows are gone");
+        let scan = scan.unwrap_or("0").to_string();
+        self.fields
+            .push((format!("{FIELD_RECONCILE_PREFIX}{name}"), scan.clone()));
+        self.queue.push_back(Job {
+            table: name,
+            work: Work::Reconcile { scan },
+        });
+    }
+
+    /// Checkpoint fields to write with the next batch.
+    pub fn take_fields(&mut self) -> Vec<(String, String)> {
+        std::mem::take(&mut self.fields)
+    }
+
+    /// A chunk can start: work is waiting, no chunk is being read, and fewer than
+    /// [`CHUNKS_IN_FLIGHT`] chunks wait for their high watermarks.
     pub fn can_start(&self) -> bool {
         self.in_flight.len() < CHUNKS_IN_FLIGHT && !self.queue.is_empty() && !self.reading()
     }
 
-    /// Starts the next chunk of the first waiting table: a task emits the low watermark,
-    /// reads the chunk and emits the high watermark, while the stream goes on. The stream
-    /// brings the watermarks back ([`Backfills::on_low`], [`Backfills::on_high`]); the
-    /// read's end is [`Backfills::read_finished`].
+    /// Whether any chunk is between its start and its high watermark.
+    pub fn active(&self) -> bool {
+        !self.in_flight.is_empty()
+    }
+
+    /// Starts the next chunk: a task reads it and writes its high watermark while the stream
+    /// goes on. Call it between transactions; `pending_xids` are the transactions the stream
+    /// brought that the daemon has not applied yet. The stream brings the watermark back
+    /// ([`Backfills::on_high`]); the read's end is [`Backfills::read_finished`].
     ///
     /// # Errors
     /// The table's plan cannot be made for a reason of the connection's (a table's own
-    /// fault is logged and the table dropped from the queue).
-    pub async fn start_next(&mut self) -> Result<(), BackfillError> {
+    /// fault is logged and its work dropped).
+    pub async fn start_next(&mut self, pending_xids: Vec<u32>) -> Result<(), BackfillError> {
         let Some(job) = self.queue.pop_front() else {
             return Ok(());
         };
         let plan = match self.plans.get(&job.table) {
             Some(plan) => plan.clone(),
             None => {
-                let rule = self.rules[&job.table].clone();
+                let Some(rule) = self.rules.get(&job.table).cloned() else {
+                    return Ok(());
+                };
                 match TablePlan::new(&self.client, rule, &self.key_prefix).await {
                     Ok(plan) => {
                         let plan = Arc::new(plan);
                         self.plans.insert(job.table.clone(), plan.clone());
                         plan
                     }
-                    Err(e @ BackfillError::Table { .. }) => {
-                        tracing::error!(error = %e, "backfill skipped");
+                    Err(e) if e.is_schema_error() => {
+                        error!(error = %e, "backfill skipped");
                         return Ok(());
                     }
                     Err(e) => {
@@ -674,23 +391,34 @@ impl Backfills {
         };
         self.seq += 1;
         let id = format!("{}:{}", self.session, self.seq);
-        let task = tokio::spawn(read_between_watermarks(
+        let limit = match self.row_bytes.get(&job.table) {
+            Some(&bytes) if bytes > 0 => (self.max_chunk_bytes / bytes).clamp(1, self.chunk_rows),
+            _ => self.chunk_rows,
+        };
+        let prune = self.last_prune.elapsed() > Duration::from_secs(60);
+        if prune {
+            self.last_prune = Instant::now();
+        }
+        let task = tokio::spawn(read_then_watermark(
             self.client.clone(),
+            self.redis.clone(),
             plan.clone(),
             id.clone(),
-            job.cursor.clone(),
-            self.chunk_rows,
+            job.work.clone(),
+            Limits {
+                rows: limit,
+                bytes: self.max_chunk_bytes,
+            },
+            prune,
         ));
         self.in_flight.push_back(InFlight {
             id,
             job,
             plan,
-            chunk: ChunkState::Reading {
-                task,
-                dropped: Vec::new(),
-                cleared: false,
-            },
-            window_open: false,
+            state: ChunkState::Reading(task),
+            touched: HashSet::new(),
+            cleared: false,
+            pending_xids,
         });
         Ok(())
     }
@@ -699,68 +427,39 @@ impl Backfills {
     pub fn reading(&self) -> bool {
         self.in_flight
             .iter()
-            .any(|c| matches!(c.chunk, ChunkState::Reading { .. }))
+            .any(|c| matches!(c.state, ChunkState::Reading(_)))
     }
 
     /// Resolves when the chunk being read is read (pending while none is). Cancel safe:
     /// the read goes on in its task. Hand the result to [`Backfills::on_read`].
-    pub async fn read_finished(&mut self) -> Result<Chunk, BackfillError> {
-        let reading = self.in_flight.iter_mut().find_map(|c| match &mut c.chunk {
-            ChunkState::Reading { task, .. } => Some(task),
+    pub async fn read_finished(&mut self) -> Result<ChunkRead, BackfillError> {
+        let reading = self.in_flight.iter_mut().find_map(|c| match &mut c.state {
+            ChunkState::Reading(task) => Some(task),
             ChunkState::Read(_) => None,
         });
         match reading {
             Some(task) => task.await.unwrap_or_else(|e| {
-                Err(BackfillError::Task(format!(
-                    "the chunk read task failed: {e}"
-                )))
+                Err(BackfillError::Task(format!("the chunk read task failed: {e}")))
             }),
             None => std::future::pending().await,
         }
     }
 
-    /// Takes the chunk that was being read: drops what the stream changed meanwhile and
-    /// queues the table's next chunk.
+    /// Takes the chunk that was being read: checks its snapshot, drops what the stream
+    /// changed meanwhile and queues the table's next chunk.
     ///
     /// # Errors
     /// The read failed for a reason of the connection's: the chunk will be read again.
-    pub fn on_read(&mut self, result: Result<Chunk, BackfillError>) -> Result<(), BackfillError> {
+    pub fn on_read(&mut self, result: Result<ChunkRead, BackfillError>) -> Result<(), BackfillError> {
         let Some(at) = self
             .in_flight
             .iter()
-            .position(|c| matches!(c.chunk, ChunkState::Reading { .. }))
+            .position(|c| matches!(c.state, ChunkState::Reading(_)))
         else {
             return Ok(());
         };
-        match result {
-            Ok(mut chunk) => {
-                let entry = &mut self.in_flight[at];
-                if let ChunkState::Reading {
-                    dropped, cleared, ..
-                } = &entry.chunk
-                {
-                    if *cleared {
-                        chunk.rows.clear();
-                    }
-                    for key in dropped {
-                        chunk.rows.remove(key);
-                    }
-                }
-                let job = &mut entry.job;
-                job.rows += chunk.read as u64;
-                if chunk.cursor.is_some() {
-                    job.cursor = chunk.cursor.clone();
-                }
-                let next = (!chunk.last).then(|| job.clone());
-                entry.chunk = ChunkState::Read(chunk);
-                if let Some(next) = next {
-                    if !self.queue.iter().any(|queued| queued.table == next.table) {
-                        // The next chunk of this table can be read before this one is written.
-                        self.queue.push_front(next);
-                    }
-                }
-                Ok(())
-            }
+        let mut chunk = match result {
+            Ok(chunk) => chunk,
             Err(e) => {
                 let Some(entry) = self.in_flight.remove(at) else {
                     return Ok(());
@@ -770,81 +469,128 @@ impl Backfills {
                     // Relation message decides what happens to the table; a later resync or
                     // reshape starts over with a fresh plan.
                     self.plans.remove(&entry.job.table);
-                    tracing::error!(error = %e, "backfill chunk failed; the table's backfill stops");
-                    Ok(())
-                } else {
-                    self.queue.push_front(entry.job);
-                    Err(e)
+                    error!(error = %e, "backfill chunk failed; the table's backfill stops");
+                    return Ok(());
+                }
+                self.queue.push_front(entry.job);
+                return Err(e);
+            }
+        };
+        let entry = &mut self.in_flight[at];
+        let unseen: Vec<u32> = entry
+            .pending_xids
+            .iter()
+            .copied()
+            .filter(|&xid| !chunk.snapshot.as_ref().is_some_and(|s| s.shows(xid)))
+            .collect();
+        if !unseen.is_empty() {
+            // The read's snapshot predates a commit the stream already brought: its rows
+            // could be older than what the stream writes before the high watermark.
+            tracing::debug!(xids = ?unseen, table = %entry.job.table, "chunk read before a streamed commit became visible: reading it again");
+            let entry = self.in_flight.remove(at).expect("the entry is there");
+            self.queue.push_front(entry.job);
+            return Ok(());
+        }
+        if entry.cleared {
+            chunk.rows.clear();
+            chunk.deletes.clear();
+        }
+        for key in &entry.touched {
+            chunk.rows.remove(key);
+        }
+        chunk.deletes.retain(|key| !entry.touched.contains(key));
+        if chunk.read > 0 {
+            self.row_bytes
+                .insert(entry.job.table.clone(), chunk.bytes.div_ceil(chunk.read));
+        }
+        let next = match &mut entry.job.work {
+            Work::Rows { cursor, rows, .. } => {
+                *rows += chunk.read as u64;
+                if chunk.cursor.is_some() {
+                    cursor.clone_from(&chunk.cursor);
+                }
+                (!chunk.last).then(|| entry.job.clone())
+            }
+            Work::Reconcile { .. } => chunk.scan.clone().map(|scan| Job {
+                table: entry.job.table.clone(),
+                work: Work::Reconcile { scan },
+            }),
+            Work::Keys(_) => None,
+        };
+        entry.state = ChunkState::Read(chunk);
+        if let Some(next) = next {
+            let same = |q: &Job| {
+                q.table == next.table
+                    && std::mem::discriminant(&q.work) == std::mem::discriminant(&next.work)
+            };
+            if !self.queue.iter().any(same) {
+                // The next chunk of this table can be read before this one is written.
+                self.queue.push_front(next);
+            }
+        }
+        Ok(())
+    }
+
+    /// The stream touched these keys, or dropped these key spaces: chunks in flight must
+    /// not write over them.
+    pub fn touched<'a>(
+        &mut self,
+        keys: impl Iterator<Item = &'a str>,
+        dropped: impl Iterator<Item = &'a str>,
+    ) {
+        if self.in_flight.is_empty() {
+            return;
+        }
+        for space in dropped {
+            for chunk in &mut self.in_flight {
+                if chunk.plan.key_space == space {
+                    chunk.cleared = true;
+                }
+            }
+        }
+        for key in keys {
+            for chunk in &mut self.in_flight {
+                if key.starts_with(chunk.plan.key_space.as_str()) {
+                    chunk.touched.insert(key.to_string());
                 }
             }
         }
     }
 
-    /// A low watermark of ours opens its chunk's window.
-    pub fn on_low(&mut self, id: &str) {
-        if let Some(chunk) = self.in_flight.iter_mut().find(|c| c.id == id) {
-            chunk.window_open = true;
-        }
-    }
-
-    /// Key space of the table whose chunk window is open, if any.
-    pub fn window_key_space(&self) -> Option<String> {
-        let open = self.in_flight.iter().find(|c| c.window_open)?;
-        Some(format!(
-            "{}{}",
-            self.key_prefix,
-            open.plan.rule.key.literal_prefix()
-        ))
-    }
-
-    /// The stream changed these keys inside the window: its values win.
-    pub fn drop_keys<'a>(&mut self, keys: impl Iterator<Item = &'a str>) {
-        if let Some(open) = self.in_flight.iter_mut().find(|c| c.window_open) {
-            open.chunk.drop_keys(keys);
-        }
-    }
-
-    /// The table was truncated inside the window: nothing of the chunk survives.
-    pub fn drop_all(&mut self) {
-        if let Some(open) = self.in_flight.iter_mut().find(|c| c.window_open) {
-            open.chunk.drop_all();
-        }
-    }
-
-    /// A high watermark of ours closes the window: returns the chunk's operations and the
-    /// checkpoint field (progress and cursor) to write with them, and queues the rest of the
-    /// table. The task emits the high watermark after the read, so if the stream brings it
-    /// before the read's end was taken, the read is done or about to be: it is awaited here.
+    /// A high watermark of ours: returns the chunk's operations and the checkpoint fields
+    /// to write with them (progress, cursors, repairs done). The task writes the watermark
+    /// after the read, so if the stream brings it before the read's end was taken, the read
+    /// is done or about to be: it is awaited here.
     ///
     /// # Errors
     /// The read failed for a reason of the connection's.
     pub async fn on_high(
         &mut self,
         id: &str,
-    ) -> Result<Option<(Vec<Op>, String, String)>, BackfillError> {
+    ) -> Result<Option<(Vec<Op>, Vec<(String, String)>)>, BackfillError> {
         let Some(at) = self.in_flight.iter().position(|c| c.id == id) else {
             return Ok(None);
         };
-        if matches!(self.in_flight[at].chunk, ChunkState::Reading { .. }) {
+        if matches!(self.in_flight[at].state, ChunkState::Reading(_)) {
             let result = self.read_finished().await;
             self.on_read(result)?;
         }
         let Some(at) = self.in_flight.iter().position(|c| c.id == id) else {
-            // The read failed because of the table: nothing to write.
+            // The read failed, or is read again: nothing to write.
             return Ok(None);
         };
         let Some(InFlight {
             job,
             plan,
-            chunk: ChunkState::Read(chunk),
+            state: ChunkState::Read(chunk),
             ..
         }) = self.in_flight.remove(at)
         else {
             return Ok(None);
         };
         let ttl_ms = plan.rule.ttl.map(|ttl| ttl.as_millis().max(1) as u64);
-        let written = chunk.rows.len();
-        let ops: Vec<Op> = chunk
+        let written = chunk.rows.len() as u64;
+        let mut ops: Vec<Op> = chunk
             .rows
             .into_iter()
             .map(|(key, value)| match value {
@@ -857,157 +603,235 @@ impl Backfills {
                 },
             })
             .collect();
-        metrics::counter!(m::BACKFILL_ROWS, "table" => job.table.clone()).increment(written as u64);
-        let done = chunk.last;
-        let progress = BackfillProgress {
-            state: if done { "done" } else { "running" }.to_string(),
-            cursor: job.cursor.clone(),
-            rows: job.rows,
-            estimate: plan.estimate.max(job.rows),
-            started_ms: job.started_ms,
-            updated_ms: now_ms(),
-        };
-        self.progress.report(&job.table, &progress, done);
-        let field = format!("{FIELD_BACKFILL_PREFIX}{}", job.table);
-        let restarted = self
-            .queue
-            .iter()
-            .find(|queued| queued.table == job.table && queued.cursor.is_none());
-        let value = match restarted {
-            // A resync was asked for while this chunk was in flight: its rows are right, but
-            // the stored progress must keep saying "from the start".
-            Some(queued) => serde_json::to_string(&BackfillProgress {
-                state: "running".into(),
-                cursor: None,
-                rows: 0,
-                estimate: 0,
-                started_ms: queued.started_ms,
-                updated_ms: now_ms(),
-            }),
-            None => serde_json::to_string(&progress),
+        let deleted = chunk.deletes.len();
+        ops.extend(chunk.deletes.into_iter().map(|key| Op::Del { key }));
+        metrics::counter!(m::BACKFILL_ROWS, "table" => job.table.clone()).increment(written);
+        let mut fields = Vec::new();
+        match job.work {
+            Work::Rows {
+                cursor,
+                rows,
+                started_ms,
+            } => {
+                let state = if chunk.last {
+                    BackfillState::Done
+                } else {
+                    BackfillState::Running
+                };
+                let progress = BackfillProgress {
+                    state,
+                    cursor,
+                    rows,
+                    estimate: plan.estimate.max(rows),
+                    started_ms,
+                    updated_ms: now_ms(),
+                };
+                self.progress.report(&job.table, &progress);
+                let restarted = self.queue.iter().find_map(|q| match &q.work {
+                    Work::Rows {
+                        cursor: None,
+                        started_ms,
+                        ..
+                    } if q.table == job.table => Some(*started_ms),
+                    _ => None,
+                });
+                let progress = match restarted {
+                    // A resync was asked for while this chunk was in flight: its rows are
+                    // right, but the stored progress must keep saying "from the start".
+                    Some(started_ms) => BackfillProgress {
+                        state: BackfillState::Running,
+                        cursor: None,
+                        rows: 0,
+                        estimate: 0,
+                        started_ms,
+                        updated_ms: now_ms(),
+                    },
+                    None => progress,
+                };
+                fields.push((
+                    format!("{FIELD_BACKFILL_PREFIX}{}", job.table),
+                    serde_json::to_string(&progress).unwrap_or_default(),
+                ));
+            }
+            Work::Keys(keys) => {
+                info!(table = %job.table, keys = keys.len(), rows = written, "keys read again after their values could not be built");
+                for (key, _) in keys {
+                    // An empty value removes the field (see the apply script).
+                    fields.push((format!("{FIELD_REPAIR_PREFIX}{key}"), String::new()));
+                }
+            }
+            Work::Reconcile { .. } => {
+                if deleted > 0 {
+                    info!(table = %job.table, keys = deleted, "deleted keys whose rows are gone");
+                }
+                fields.push((
+                    format!("{FIELD_RECONCILE_PREFIX}{}", job.table),
+                    chunk.scan.unwrap_or_default(),
+                ));
+            }
         }
-        .unwrap_or_default();
-        Ok(Some((ops, field, value)))
+        Ok(Some((ops, fields)))
     }
 }
 
 impl Drop for Backfills {
     fn drop(&mut self) {
         for entry in &self.in_flight {
-            if let ChunkState::Reading { task, .. } = &entry.chunk {
+            if let ChunkState::Reading(task) = &entry.state {
                 task.abort();
             }
         }
     }
 }
 
-/// A chunk's read, in a task of its own: the low watermark, the rows, the high watermark.
-async fn read_between_watermarks(
+/// `public.` before a bare table name.
+fn qualified(table: &str) -> String {
+    if table.contains('.') {
+        table.to_string()
+    } else {
+        format!("public.{table}")
+    }
+}
+
+/// How much one chunk may hold.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    rows: usize,
+    bytes: usize,
+}
+
+/// A chunk's read, in a task of its own: the rows, then the high watermark.
+async fn read_then_watermark(
     client: Arc<Client>,
+    redis: redis::aio::MultiplexedConnection,
     plan: Arc<TablePlan>,
     id: String,
-    cursor: Option<Vec<String>>,
-    limit: usize,
-) -> Result<Chunk, BackfillError> {
+    work: Work,
+    limits: Limits,
+    prune: bool,
+) -> Result<ChunkRead, BackfillError> {
+    let table = plan.rule.qualified_name();
     let pg = |source| BackfillError::Postgres {
-        table: plan.rule.qualified_name(),
+        table: table.clone(),
         source,
     };
-    emit_watermark(&client, &Control::Low(id.clone()))
-        .await
-        .map_err(pg)?;
-    let chunk = plan.read_chunk(&client, cursor.as_deref(), limit).await?;
-    emit_watermark(&client, &Control::High(id))
+    if prune {
+        if let Err(e) = control::prune(&client).await {
+            warn!(error = %e, "could not prune old control events");
+        }
+    }
+    let chunk = match work {
+        Work::Rows { cursor, .. } => {
+            plan.read_chunk(&client, cursor.as_deref(), limits.rows, limits.bytes)
+                .await?
+        }
+        Work::Keys(keys) => {
+            let texts: Vec<Vec<String>> = keys.into_iter().map(|(_, texts)| texts).collect();
+            plan.read_keys(&client, &texts).await?
+        }
+        Work::Reconcile { scan } => {
+            let (next, keys) = scan_keys(redis, &plan, &scan, limits.rows).await?;
+            let mut chunk = plan.missing_keys(&client, keys).await?;
+            chunk.scan = next;
+            chunk
+        }
+    };
+    control::emit_watermark(&client, &Control::High(id))
         .await
         .map_err(pg)?;
     Ok(chunk)
 }
 
-/// Chunks read ahead of the stream: two lets Postgres read the next chunk while Redis
-/// writes the last one, and bounds memory at two chunks.
-const CHUNKS_IN_FLIGHT: usize = 2;
+/// One `SCAN` step over the table's keys: the next cursor (`None` at the end) and the keys
+/// with their template values (lease keys and keys that do not parse are skipped).
+async fn scan_keys(
+    mut redis: redis::aio::MultiplexedConnection,
+    plan: &TablePlan,
+    scan: &str,
+    count: usize,
+) -> Result<(Option<String>, Vec<(String, Vec<String>)>), BackfillError> {
+    let pattern = format!("{}*", glob_escape(&plan.key_space));
+    let (next, keys): (String, Vec<String>) = redis::cmd("SCAN")
+        .arg(scan)
+        .arg("MATCH")
+        .arg(&pattern)
+        .arg("COUNT")
+        .arg(count.max(100))
+        .query_async(&mut redis)
+        .await
+        .map_err(|source| BackfillError::Redis {
+            table: plan.rule.qualified_name(),
+            source,
+        })?;
+    // Lease keys and keys of other tables whose prefix starts like ours do not parse.
+    let parsed = keys
+        .into_iter()
+        .filter_map(|key| {
+            let values = plan.rule.key.parse_key(&plan.key_prefix, &key)?;
+            let texts = values
+                .into_iter()
+                .map(|v| String::from_utf8(v).ok())
+                .collect::<Option<Vec<_>>>()?;
+            Some((key, texts))
+        })
+        .collect();
+    Ok(((next != "0").then_some(next), parsed))
+}
 
-/// Progress on a terminal (a bar) or in the log (a line every few seconds).
+fn glob_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Progress in the log (a line every few seconds per table) and to the run command's hook.
 struct Progress {
-    bar: Option<(String, indicatif::ProgressBar)>,
-    tty: bool,
-    last_line: Instant,
+    hook: Option<ProgressFn>,
+    last_line: HashMap<String, Instant>,
 }
 
 impl Progress {
-    fn new() -> Progress {
+    fn new(hook: Option<ProgressFn>) -> Progress {
         Progress {
-            bar: None,
-            tty: std::io::IsTerminal::is_terminal(&std::io::stderr()),
-            last_line: Instant::now(),
+            hook,
+            last_line: HashMap::new(),
         }
     }
 
-    fn report(&mut self, table: &str, p: &BackfillProgress, done: bool) {
+    fn report(&mut self, table: &str, p: &BackfillProgress) {
+        if let Some(hook) = &self.hook {
+            hook(table, p);
+        }
+        let done = p.is_done();
+        let due = self
+            .last_line
+            .get(table)
+            .is_none_or(|at| at.elapsed() >= Duration::from_secs(5));
+        if !done && !due {
+            return;
+        }
+        self.last_line.insert(table.to_string(), Instant::now());
         let elapsed = Duration::from_millis(p.updated_ms.saturating_sub(p.started_ms).max(1));
         let rate = p.rows as f64 / elapsed.as_secs_f64();
-        if self.tty {
-            if self.bar.as_ref().is_none_or(|(t, _)| t != table) {
-                let bar = indicatif::ProgressBar::new(p.estimate.max(1));
-                bar.set_style(
-                    indicatif::ProgressStyle::with_template(
-                        "backfill {msg} [{bar:30}] {pos}/{len} rows {per_sec} eta {eta}",
-                    )
-                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-                );
-                bar.set_message(table.to_string());
-                self.bar = Some((table.to_string(), bar));
-            }
-            if let Some((_, bar)) = &self.bar {
-                bar.set_length(p.estimate.max(p.rows));
-                bar.set_position(p.rows);
-                if done {
-                    bar.finish();
-                }
-            }
-        }
-        if done || self.last_line.elapsed() >= Duration::from_secs(5) {
-            self.last_line = Instant::now();
-            let left = p.estimate.saturating_sub(p.rows);
-            let eta = if rate > 0.0 {
-                Duration::from_secs_f64(left as f64 / rate)
-            } else {
-                Duration::ZERO
-            };
-            info!(
-                table,
-                rows = p.rows,
-                estimate = p.estimate,
-                rows_per_sec = rate.round() as u64,
-                eta = %humantime::format_duration(Duration::from_secs(eta.as_secs())),
-                done,
-                "backfill progress"
-            );
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn control_messages_round_trip() {
-        for control in [
-            Control::Low("a1:public.users:3".into()),
-            Control::High("x".into()),
-            Control::Resync(None),
-            Control::Resync(Some("public.users".into())),
-        ] {
-            assert_eq!(Control::parse(control.encode().as_bytes()), Some(control));
-        }
-        assert_eq!(Control::parse(b"bogus"), None);
-        assert_eq!(Control::parse(b"other:1"), None);
-        assert_eq!(Control::parse(&[0xff, b':']), None);
-    }
-
-    #[test]
-    fn literals_escape_quotes_and_backslashes() {
-        assert_eq!(literal("o'k\\"), "E'o''k\\\\'");
+        let left = p.estimate.saturating_sub(p.rows);
+        let eta = if rate > 0.0 {
+            Duration::from_secs((left as f64 / rate) as u64)
+        } else {
+            Duration::ZERO
+        };
+        info!(
+            table,
+            rows = p.rows,
+            estimate = p.estimate,
+            rows_per_sec = rate.round() as u64,
+            eta = %humantime::format_duration(eta),
+            done,
+            "backfill progress"
+        );
     }
 }

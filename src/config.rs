@@ -80,6 +80,12 @@ pub struct ApplyConfig {
     /// Hold confirmations to Postgres back this long after EXEC, for a Redis that fsyncs
     /// its append-only file only every second.
     pub confirm_delay: Duration,
+    /// Write a batch once it holds this many bytes of values, and stop reading the stream
+    /// while one this large waits for the write before it: memory is bounded by bytes.
+    pub max_batch_bytes: usize,
+    /// A transaction holding more bytes than this is written in parts, like one over
+    /// `max_transaction_changes`.
+    pub max_transaction_bytes: usize,
 }
 
 /// `[backfill]`: the initial load and resyncs of `mirror` tables.
@@ -90,15 +96,22 @@ pub struct BackfillConfig {
     /// Backfill `mirror` tables automatically: on first start, when Redis lost its data,
     /// and for tables added to the config later. `pgcache resync` works either way.
     pub auto: bool,
+    /// A chunk stops taking rows once its values hold this many bytes (wide rows), and the
+    /// next chunks are sized from the rows seen.
+    pub max_chunk_bytes: usize,
 }
 
 pub const DEFAULT_BACKFILL_CHUNK_ROWS: usize = 5_000;
+pub const DEFAULT_MAX_BATCH_BYTES: usize = 16 << 20;
+pub const DEFAULT_MAX_TRANSACTION_BYTES: usize = 16 << 20;
+pub const DEFAULT_MAX_CHUNK_BYTES: usize = 16 << 20;
 
 impl Default for BackfillConfig {
     fn default() -> Self {
         BackfillConfig {
             chunk_rows: DEFAULT_BACKFILL_CHUNK_ROWS,
             auto: true,
+            max_chunk_bytes: DEFAULT_MAX_CHUNK_BYTES,
         }
     }
 }
@@ -109,6 +122,8 @@ impl Default for ApplyConfig {
             max_batch_changes: DEFAULT_MAX_BATCH_CHANGES,
             max_transaction_changes: DEFAULT_MAX_TRANSACTION_CHANGES,
             confirm_delay: Duration::ZERO,
+            max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
+            max_transaction_bytes: DEFAULT_MAX_TRANSACTION_BYTES,
         }
     }
 }
@@ -550,6 +565,12 @@ fn read_apply(mut sec: Section, errors: &mut Vec<String>) -> ApplyConfig {
             apply.confirm_delay = d;
         }
     }
+    if let Some(n) = sec.bytes("max_batch_bytes", errors) {
+        apply.max_batch_bytes = n;
+    }
+    if let Some(n) = sec.bytes("max_transaction_bytes", errors) {
+        apply.max_transaction_bytes = n;
+    }
     sec.finish(errors);
     apply
 }
@@ -561,6 +582,9 @@ fn read_backfill(mut sec: Section, errors: &mut Vec<String>) -> BackfillConfig {
     }
     if let Some(auto) = sec.bool("auto", errors) {
         backfill.auto = auto;
+    }
+    if let Some(n) = sec.bytes("max_chunk_bytes", errors) {
+        backfill.max_chunk_bytes = n;
     }
     sec.finish(errors);
     backfill

@@ -1,11 +1,13 @@
 //! What `/healthz` and `/readyz` report: the daemon's liveness and whether it streams.
 //!
-//! The daemon updates one process-wide [`Health`]; the HTTP endpoints read it. Live means the
+//! The daemon updates a [`Health`] it is given (`daemon::Hooks`); the HTTP endpoints read
+//! the same one. Live means the
 //! process runs its loop; ready means a session is connected to both servers and streaming
 //! (a standby waiting for the slot is live but not ready).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::clock::now_ms;
 
 #[derive(Debug, Default)]
 pub struct Health {
@@ -16,18 +18,7 @@ pub struct Health {
     last_error: std::sync::Mutex<Option<String>>,
 }
 
-static GLOBAL: Health = Health {
-    streaming: AtomicBool::new(false),
-    last_beat_ms: AtomicU64::new(0),
-    last_error: std::sync::Mutex::new(None),
-};
-
 impl Health {
-    /// The process-wide state the daemon updates.
-    pub fn global() -> &'static Health {
-        &GLOBAL
-    }
-
     pub fn set_streaming(&self, streaming: bool) {
         self.streaming.store(streaming, Ordering::Relaxed);
         self.beat();
@@ -61,9 +52,4 @@ impl Health {
     }
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+

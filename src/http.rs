@@ -99,6 +99,7 @@ pub async fn bind(addr: std::net::SocketAddr) -> Result<TcpListener, HttpError> 
 pub async fn serve(
     listener: TcpListener,
     handle: PrometheusHandle,
+    health: std::sync::Arc<Health>,
     shutdown: impl Future<Output = ()>,
 ) {
     let started = Instant::now();
@@ -112,8 +113,9 @@ pub async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     let handle = handle.clone();
+                    let health = health.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = answer(stream, &handle, started).await {
+                        if let Err(e) = answer(stream, &handle, &health, started).await {
                             tracing::debug!(error = %e, "metrics request failed");
                         }
                     });
@@ -131,6 +133,7 @@ pub async fn serve(
 async fn answer(
     mut stream: TcpStream,
     handle: &PrometheusHandle,
+    health: &Health,
     started: Instant,
 ) -> std::io::Result<()> {
     let head = match tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream)).await {
@@ -138,7 +141,7 @@ async fn answer(
         Err(_) => return Ok(()),
     };
     let response = match head {
-        Some(head) => route(&head, Health::global(), started, || handle.render()),
+        Some(head) => route(&head, health, started, || handle.render()),
         None => Response::text(400, "Bad Request", "malformed request\n"),
     };
     stream.write_all(&response.to_bytes()).await?;

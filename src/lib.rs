@@ -23,6 +23,7 @@
 //! - `testkit`: throwaway Postgres and Redis servers for tests and `pgcache demo`.
 
 pub mod checkpoint;
+pub mod clock;
 pub mod config;
 pub mod encoder;
 #[cfg(feature = "daemon")]
@@ -33,6 +34,7 @@ pub mod lsn;
 pub mod metrics;
 pub mod pgconn;
 pub mod reader;
+pub mod sql;
 pub mod template;
 
 #[cfg(feature = "daemon")]
@@ -59,6 +61,8 @@ pub mod replication;
 pub mod testkit;
 #[cfg(feature = "daemon")]
 pub mod verify;
+#[cfg(feature = "daemon")]
+pub mod visibility;
 
 pub use lsn::Lsn;
 pub use reader::Reader;

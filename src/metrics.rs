@@ -12,6 +12,9 @@ pub const CONFIRMED_LSN: &str = "pgcache_confirmed_lsn";
 pub const ERRORS: &str = "pgcache_errors_total";
 pub const RECONNECTS: &str = "pgcache_reconnects_total";
 pub const BACKFILL_ROWS: &str = "pgcache_backfill_rows_total";
+pub const VISIBILITY_WAIT: &str = "pgcache_visibility_wait_seconds";
+pub const REPAIRS: &str = "pgcache_repairs_total";
+pub const FENCED: &str = "pgcache_fenced_total";
 
 /// Registers descriptions, so exporters print help text.
 pub fn describe() {
@@ -42,7 +45,23 @@ pub fn describe() {
         CONFIRMED_LSN,
         "Last position confirmed to Postgres, as a number"
     );
-    describe_counter!(ERRORS, "Errors by kind (rule, change, redis, postgres)");
+    describe_counter!(
+        ERRORS,
+        "Errors by kind (rule, change, too_large, redis, postgres, redis_data_lost, control)"
+    );
+    describe_histogram!(
+        VISIBILITY_WAIT,
+        Unit::Seconds,
+        "Time a batch waited for its commits to become visible to other sessions"
+    );
+    describe_counter!(
+        REPAIRS,
+        "Keys deleted because their new value could not be built and then read again from Postgres, by table"
+    );
+    describe_counter!(
+        FENCED,
+        "Batches refused because another daemon took the slot over"
+    );
     describe_counter!(BACKFILL_ROWS, "Rows written by backfills, by table");
     describe_counter!(RECONNECTS, "Sessions ended by a failure and restarted");
 }

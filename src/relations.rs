@@ -27,6 +27,24 @@ pub struct TableState {
     /// `pgcache_changes_total` for this table, by operation, registered once (a labelled
     /// lookup per change would cost more than the change).
     pub counters: OpCounters,
+    /// The cached columns as `name:type oid:type modifier`, comma separated: the shape the
+    /// table's values are in (see [`shape`]).
+    pub shape: String,
+}
+
+/// The shape of a table's cached values: each cached column as `name:type oid:modifier`, in
+/// output order. The daemon records it in the checkpoint and compares it with the table's
+/// at every start and every Relation message, so a column added, dropped, renamed or
+/// retyped (also while the daemon was stopped) is noticed.
+pub fn shape<'a>(columns: impl IntoIterator<Item = (&'a str, u32, i32)>) -> String {
+    let mut out = String::new();
+    for (i, (name, oid, modifier)) in columns.into_iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&format!("{name}:{oid}:{modifier}"));
+    }
+    out
 }
 
 /// Per-table change counters.
@@ -62,6 +80,8 @@ pub enum RelationState {
     /// Published but not configured: its changes are skipped.
     Ignored,
     Active(Arc<TableState>),
+    /// The control table (`pgcache.events`): where its `kind` and `arg` columns are.
+    Control { kind_at: usize, arg_at: usize },
     /// Configured, but the rule no longer fits the table (a column it names is gone). The
     /// table is stopped with this error; other tables go on.
     Broken {
@@ -86,6 +106,11 @@ impl TypeResolver {
             client,
             known: HashMap::new(),
         }
+    }
+
+    /// The catalog connection it asks.
+    pub fn client(&self) -> &tokio_postgres::Client {
+        &self.client
     }
 
     pub async fn resolve(&mut self, oid: u32) -> Result<PgType, tokio_postgres::Error> {
@@ -144,15 +169,65 @@ impl RelationCache {
 
     /// Records a Relation message and returns the state it gives the table, and the state
     /// it had before (if the relation was seen before in this session).
+    ///
+    /// A relation id that stood for a configured table and now comes with another name was
+    /// renamed (`ALTER TABLE ... RENAME`): the table stops, and its keys are to be dropped,
+    /// because its changes no longer reach the rule.
     pub async fn on_relation(
         &mut self,
         relation: &Relation,
         types: &mut TypeResolver,
     ) -> Result<(&RelationState, Option<RelationState>), tokio_postgres::Error> {
-        let state = match self
+        let renamed_from = match self.relations.get(&relation.id) {
+            Some(RelationState::Active(table)) => Some(table.rule.clone()),
+            Some(RelationState::Broken { table, .. }) => self
+                .rules
+                .values()
+                .find(|r| r.qualified_name() == *table)
+                .cloned(),
+            _ => None,
+        }
+        .filter(|rule| rule.schema != relation.namespace || rule.name != relation.name);
+        let control = relation.namespace == crate::backfill::control::SCHEMA
+            && relation.name == crate::backfill::control::TABLE;
+        let state = if let Some(rule) = renamed_from {
+            let table = rule.qualified_name();
+            let error = format!(
+                "{table} was renamed to {}.{}: its changes no longer match the rule, so its \
+                 keys are dropped; point the rule at the new name (or rename it back) and \
+                 restart",
+                relation.namespace, relation.name
+            );
+            self.stopped.insert(table.clone(), error.clone());
+            RelationState::Broken {
+                key_space: format!("{}{}", self.key_prefix, rule.key.literal_prefix()),
+                table,
+                error,
+            }
+        } else {
+            self.configured_state(relation, control, types).await?
+        };
+        let before = self.relations.insert(relation.id, state);
+        Ok((&self.relations[&relation.id], before))
+    }
+
+    async fn configured_state(
+        &self,
+        relation: &Relation,
+        control: bool,
+        types: &mut TypeResolver,
+    ) -> Result<RelationState, tokio_postgres::Error> {
+        Ok(match self
             .rules
             .get(&(relation.namespace.clone(), relation.name.clone()))
         {
+            None if control => {
+                let at = |name: &str| relation.columns.iter().position(|c| c.name == name);
+                match (at("kind"), at("arg")) {
+                    (Some(kind_at), Some(arg_at)) => RelationState::Control { kind_at, arg_at },
+                    _ => RelationState::Ignored,
+                }
+            }
             None => RelationState::Ignored,
             Some(rule) if self.stopped.contains_key(&rule.qualified_name()) => {
                 RelationState::Broken {
@@ -175,14 +250,12 @@ impl RelationCache {
                     },
                 }
             }
-        };
-        let before = self.relations.insert(relation.id, state);
-        Ok((&self.relations[&relation.id], before))
+        })
     }
 }
 
 /// Matches a rule to the columns the stream announced.
-fn table_state(
+pub(crate) fn table_state(
     rule: &Arc<TableRule>,
     relation: &Relation,
     types: &[PgType],
@@ -219,6 +292,10 @@ fn table_state(
         };
         key_positions.push(at);
     }
+    let shape = shape(positions.iter().map(|&at| {
+        let column = &relation.columns[at];
+        (column.name.as_str(), column.type_oid, column.type_modifier)
+    }));
     Ok(TableState {
         rule: rule.clone(),
         columns,
@@ -226,6 +303,7 @@ fn table_state(
         key_positions,
         key_space: format!("{key_prefix}{}", rule.key.literal_prefix()),
         counters: OpCounters::new(&rule.qualified_name()),
+        shape,
     })
 }
 

@@ -439,7 +439,7 @@ impl ReplicationConnection {
     }
 
     /// `START_REPLICATION SLOT "slot" LOGICAL start (proto_version '1', publication_names
-    /// '"publication"', messages 'true')`; returns the stream once the server enters CopyBoth.
+    /// '"publication"', messages 'false')`; returns the stream once the server enters CopyBoth.
     ///
     /// # Errors
     /// `Server` with 42704 if the slot does not exist (not retryable), 55006 if another

@@ -229,7 +229,7 @@ pub async fn verify(config: &Config, options: &VerifyOptions) -> Result<Report, 
     for rule in rules {
         let backfill_running = backfills
             .get(&rule.qualified_name())
-            .is_some_and(|b| b.state != "done");
+            .is_some_and(|b| !b.is_done());
         tables.push(run.table(rule, backfill_running).await?);
     }
     Ok(Report {

@@ -245,7 +245,7 @@ async fn time_daemon(lab: &Lab, client: &Client, rows: u64) -> Result<DaemonRun,
         };
         if let Some(value) = value {
             match serde_json::from_str::<BackfillProgress>(&value) {
-                Ok(p) if p.state == "done" => break Ok((started.elapsed(), p)),
+                Ok(p) if p.is_done() => break Ok((started.elapsed(), p)),
                 Ok(_) => {}
                 Err(e) => {
                     break Err(BenchError::Check(format!(

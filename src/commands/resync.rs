@@ -1,12 +1,13 @@
-//! `pgcache resync`: asks the running daemon to backfill again. The request travels through
-//! the replication stream itself (a logical message), so it needs no side channel to the
-//! daemon and is handled in stream order, by whichever daemon holds the slot.
+//! `pgcache resync`: asks the running daemon to backfill again. The request is a row of the
+//! control table, so it travels through the replication stream itself: it needs no side
+//! channel to the daemon, is handled in stream order by whichever daemon holds the slot, and
+//! only roles allowed to write the control table can make it.
 
 use std::path::Path;
 use std::process::ExitCode;
 
 use super::load;
-use crate::backfill::{self, Control};
+use crate::backfill::control::{self, Control};
 use crate::config::Mode;
 use crate::pgconn::{self, PgTarget};
 
@@ -54,8 +55,13 @@ pub(crate) async fn resync(path: &Path, table: Option<&str>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    if let Err(e) = backfill::emit(&client, &Control::Resync(table.clone())).await {
-        eprintln!("error: could not send the request: {e}");
+    if let Err(e) = control::emit(&client, &Control::Resync(table.clone())).await {
+        eprintln!(
+            "error: could not record the request in {}.{}: {e} (run sql/events.sql, and run \
+             resync as the daemon's role)",
+            control::SCHEMA,
+            control::TABLE
+        );
         return ExitCode::FAILURE;
     }
     match table {

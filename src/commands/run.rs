@@ -5,11 +5,16 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+
 use tokio::sync::watch;
 
 use super::load;
 use crate::config::{redact, Config, LogFormat};
-use crate::daemon::{self, RunError};
+use crate::backfill::ProgressFn;
+use crate::checkpoint::BackfillProgress;
+use crate::daemon;
 use crate::http;
 
 pub(crate) async fn run(path: &Path) -> ExitCode {
@@ -19,6 +24,10 @@ pub(crate) async fn run(path: &Path) -> ExitCode {
     };
     init_logging(&config);
     let (stop, stopped) = watch::channel(false);
+    let hooks = daemon::Hooks {
+        on_backfill: progress_bar(),
+        ..daemon::Hooks::default()
+    };
     if let Some(addr) = config.metrics.listen {
         let started = async {
             let handle = http::install_recorder()?;
@@ -29,7 +38,7 @@ pub(crate) async fn run(path: &Path) -> ExitCode {
             Ok((handle, listener)) => {
                 tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
                 let mut stopped = stopped.clone();
-                tokio::spawn(http::serve(listener, handle, async move {
+                tokio::spawn(http::serve(listener, handle, hooks.health.clone(), async move {
                     let _ = stopped.wait_for(|stop| *stop).await;
                 }));
             }
@@ -45,15 +54,46 @@ pub(crate) async fn run(path: &Path) -> ExitCode {
         tracing::info!("signal received: finishing the batch in hand");
         let _ = stop.send(true);
     });
-    match daemon::run(config, stopped).await {
+    match daemon::run(config, stopped, hooks).await {
         Ok(()) => ExitCode::SUCCESS,
-        Err(RunError::Fatal(message) | RunError::Transient(message)) => {
-            let message = redact(&message);
+        Err(e) => {
+            let message = redact(&e.to_string());
             tracing::error!("{message}");
             eprintln!("error: {message}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// On a terminal, a progress bar per backfill (the log has a line every few seconds either
+/// way).
+fn progress_bar() -> Option<ProgressFn> {
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        return None;
+    }
+    let bars: Mutex<HashMap<String, indicatif::ProgressBar>> = Mutex::new(HashMap::new());
+    Some(Arc::new(move |table: &str, p: &BackfillProgress| {
+        let Ok(mut bars) = bars.lock() else {
+            return;
+        };
+        let bar = bars.entry(table.to_string()).or_insert_with(|| {
+            let bar = indicatif::ProgressBar::new(p.estimate.max(1));
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "backfill {msg} [{bar:30}] {pos}/{len} rows {per_sec} eta {eta}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            bar.set_message(table.to_string());
+            bar
+        });
+        bar.set_length(p.estimate.max(p.rows));
+        bar.set_position(p.rows);
+        if p.is_done() {
+            bar.finish();
+            bars.remove(table);
+        }
+    }))
 }
 
 async fn wait_for_signal() {

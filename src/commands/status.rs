@@ -331,7 +331,7 @@ fn human(s: &Status) -> String {
         let keys = t.keys.map_or("?".to_string(), |k| k.to_string());
         let backfill = match &t.backfill {
             None => "-".to_string(),
-            Some(b) if b.state == "done" => format!("done, {} rows", b.rows),
+            Some(b) if b.is_done() => format!("done, {} rows", b.rows),
             Some(b) if b.estimate > 0 => format!(
                 "{} {}% ({} of ~{} rows)",
                 b.state,

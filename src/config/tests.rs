@@ -77,6 +77,8 @@ key_prefix = "app1:"
 max_batch_changes = 500
 max_transaction_changes = 7
 confirm_delay = "1s"
+max_batch_bytes = "8MB"
+max_transaction_bytes = 1048576
 [metrics]
 listen = ""
 [log]
@@ -106,6 +108,8 @@ mode = "invalidate"
             max_batch_changes: 500,
             max_transaction_changes: 7,
             confirm_delay: Duration::from_secs(1),
+            max_batch_bytes: 8 << 20,
+            max_transaction_bytes: 1 << 20,
         }
     );
     assert_eq!(c.metrics.listen, None);

@@ -139,6 +139,28 @@ impl Section {
         }
     }
 
+    /// A size in bytes: a whole number, or a string with a unit as Postgres writes them
+    /// (`kB`, `MB`, `GB`, powers of 1024; `B` or none for bytes).
+    pub(super) fn bytes(&mut self, key: &str, errors: &mut Vec<String>) -> Option<usize> {
+        let (label, value) = self.take(key)?;
+        let n = match &value.kind {
+            ValueKind::I64(n) => usize::try_from(*n).ok(),
+            ValueKind::U64(n) => usize::try_from(*n).ok(),
+            ValueKind::String(s) => parse_bytes(s),
+            _ => None,
+        };
+        match n {
+            Some(n) if n > 0 => Some(n),
+            _ => {
+                errors.push(format!(
+                    "{label}: expected a size such as 16MB (kB, MB, GB) or a number of bytes, found {}",
+                    value_text(&value)
+                ));
+                None
+            }
+        }
+    }
+
     pub(super) fn strings(
         &mut self,
         key: &str,
@@ -217,4 +239,20 @@ pub(super) fn duration(field: &Field<String>, errors: &mut Vec<String>) -> Optio
             None
         }
     }
+}
+
+/// `16MB`, `512kB`, `1GB`, `100`, `100B` (units of 1024, as in postgresql.conf).
+pub(super) fn parse_bytes(text: &str) -> Option<usize> {
+    let text = text.trim();
+    let digits = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(digits);
+    let number: usize = number.parse().ok()?;
+    let scale: usize = match unit.trim() {
+        "" | "B" => 1,
+        "kB" | "KB" | "KiB" => 1 << 10,
+        "MB" | "MiB" => 1 << 20,
+        "GB" | "GiB" => 1 << 30,
+        _ => return None,
+    };
+    number.checked_mul(scale)
 }

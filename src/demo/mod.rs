@@ -169,14 +169,17 @@ fn print(text: &str) {
 struct DaemonTask {
     stop: watch::Sender<bool>,
     task: JoinHandle<Result<(), RunError>>,
+    health: Arc<crate::health::Health>,
 }
 
 impl DaemonTask {
     fn start(config: Arc<Config>) -> DaemonTask {
         let (stop, stopped) = watch::channel(false);
+        let hooks = daemon::Hooks::default();
         DaemonTask {
             stop,
-            task: tokio::spawn(daemon::run(config, stopped)),
+            health: hooks.health.clone(),
+            task: tokio::spawn(daemon::run(config, stopped, hooks)),
         }
     }
 
@@ -189,7 +192,7 @@ impl DaemonTask {
         let _ = self.stop.send(true);
         match tokio::time::timeout(Duration::from_secs(30), self.task).await {
             Ok(Ok(Ok(()))) => Ok(()),
-            Ok(Ok(Err(RunError::Fatal(m) | RunError::Transient(m)))) => Err(DemoError::Daemon(m)),
+            Ok(Ok(Err(e))) => Err(DemoError::Daemon(e.to_string())),
             Ok(Err(e)) => Err(DemoError::Daemon(format!("its task failed: {e}"))),
             Err(_) => Err(DemoError::Daemon("it did not stop within 30 s".to_string())),
         }
@@ -441,7 +444,7 @@ async fn wait_until_streaming(
         .map(|t| t.table)
         .collect();
     loop {
-        if crate::health::Health::global().is_streaming() {
+        if daemon.health.is_streaming() {
             if !config.backfill.auto {
                 break;
             }
@@ -452,7 +455,7 @@ async fn wait_until_streaming(
                     state
                         .backfills
                         .get(*table)
-                        .is_some_and(|progress| progress.state == "done")
+                        .is_some_and(|progress| progress.is_done())
                 })
             });
             if done {

@@ -160,6 +160,7 @@ pub fn config_toml(postgres_url: &str, redis_url: &str) -> String {
 const SCRIPTS: [(&str, &str); 4] = [
     ("role.sql", include_str!("../../sql/role.sql")),
     ("publication.sql", include_str!("../../sql/publication.sql")),
+    ("events.sql", include_str!("../../sql/events.sql")),
     ("slot.sql", include_str!("../../sql/slot.sql")),
     (
         "replica_identity.sql",

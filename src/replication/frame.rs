@@ -191,7 +191,7 @@ pub(super) fn quote_literal(text: &str) -> String {
 /// list of identifiers inside a literal, hence the double quoting.
 pub(super) fn start_replication_command(slot: &str, start: Lsn, publication: &str) -> String {
     format!(
-        "START_REPLICATION SLOT {} LOGICAL {start} (proto_version '1', publication_names {}, messages 'true')",
+        "START_REPLICATION SLOT {} LOGICAL {start} (proto_version '1', publication_names {}, messages 'false')",
         quote_ident(slot),
         quote_literal(&quote_ident(publication))
     )
@@ -364,7 +364,7 @@ mod tests {
     fn quotes_the_start_command() {
         assert_eq!(
             start_replication_command("my\"slot", Lsn(0x1_0000_0002), "it's pub"),
-            "START_REPLICATION SLOT \"my\"\"slot\" LOGICAL 1/2 (proto_version '1', publication_names '\"it''s pub\"', messages 'true')"
+            "START_REPLICATION SLOT \"my\"\"slot\" LOGICAL 1/2 (proto_version '1', publication_names '\"it''s pub\"', messages 'false')"
         );
     }
 

@@ -1,0 +1,196 @@
+-- pgcache: the control table, and the triggers that report what the WAL does not show.
+--
+--   psql -v role=pgcache -v publication=pgcache -f sql/events.sql
+--
+-- Backfill watermarks, `pgcache resync` requests and partition events reach the daemon as
+-- rows inserted into pgcache.events: they travel in the replication stream, in commit order.
+-- Only the daemon's role and the SECURITY DEFINER functions below may insert, so no other
+-- role can forge a control event. (The daemon does not read logical messages at all: any
+-- role can call pg_logical_emit_message, so nothing it says can be trusted.)
+--
+-- With publish_via_partition_root, a TRUNCATE of one partition is not published, and a
+-- DETACH or DROP of a partition removes its rows without any row change in the WAL. The
+-- triggers here turn those into events: a statement-level TRUNCATE trigger on every
+-- partition of a published partitioned table, and event triggers on ALTER TABLE, CREATE
+-- TABLE and DROP. The daemon then deletes the keys whose rows are gone (and, after an
+-- ATTACH, backfills). Run this as a superuser (event triggers need one); safe to run again.
+\set ON_ERROR_STOP on
+SELECT set_config('pgcache.role', :'role', false),
+       set_config('pgcache.publication', :'publication', false) \g /dev/null
+
+CREATE SCHEMA IF NOT EXISTS pgcache;
+REVOKE ALL ON SCHEMA pgcache FROM PUBLIC;
+
+CREATE TABLE IF NOT EXISTS pgcache.events (
+  id   bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+  kind text NOT NULL,
+  arg  text NOT NULL DEFAULT '',
+  at   timestamptz NOT NULL DEFAULT now()
+);
+REVOKE ALL ON TABLE pgcache.events FROM PUBLIC;
+
+-- Which published partitioned table each partition belongs to, so that a DROP (whose
+-- catalog rows are gone by the time the event trigger runs) can still be traced to it.
+CREATE TABLE IF NOT EXISTS pgcache.partitions (
+  relid oid PRIMARY KEY,
+  root  text NOT NULL
+);
+REVOKE ALL ON TABLE pgcache.partitions FROM PUBLIC;
+
+-- The publication whose partitioned tables the triggers watch.
+CREATE TABLE IF NOT EXISTS pgcache.settings (
+  name  text PRIMARY KEY,
+  value text NOT NULL
+);
+REVOKE ALL ON TABLE pgcache.settings FROM PUBLIC;
+INSERT INTO pgcache.settings VALUES ('publication', current_setting('pgcache.publication'))
+  ON CONFLICT (name) DO UPDATE SET value = excluded.value;
+
+DO $$
+DECLARE
+  r text := current_setting('pgcache.role');
+  p text := current_setting('pgcache.publication');
+BEGIN
+  EXECUTE format('GRANT USAGE ON SCHEMA pgcache TO %I', r);
+  -- INSERT for watermarks and resync requests, SELECT for INSERT ... RETURNING, DELETE to
+  -- prune old events. Nothing else, and nobody else.
+  EXECUTE format('GRANT SELECT, INSERT, DELETE ON TABLE pgcache.events TO %I', r);
+  IF EXISTS (SELECT 1 FROM pg_publication WHERE pubname = p AND NOT puballtables)
+     AND NOT EXISTS (SELECT 1 FROM pg_publication_tables
+                      WHERE pubname = p AND schemaname = 'pgcache' AND tablename = 'events') THEN
+    EXECUTE format('ALTER PUBLICATION %I ADD TABLE pgcache.events', p);
+  END IF;
+END
+$$;
+
+-- Records an event; the only way roles other than the daemon's can reach pgcache.events.
+CREATE OR REPLACE FUNCTION pgcache.emit(kind text, arg text) RETURNS void
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+  INSERT INTO pgcache.events (kind, arg) VALUES (kind, arg);
+$$;
+REVOKE ALL ON FUNCTION pgcache.emit(text, text) FROM PUBLIC;
+
+-- Is this table a partitioned table (or a partition of one) that the publication carries?
+-- Returns the published root as schema.name, or NULL.
+CREATE OR REPLACE FUNCTION pgcache.published_root(rel oid) RETURNS text
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+  SELECT format('%s.%s', n.nspname, c.relname)
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+   WHERE c.oid = pg_partition_root(rel)
+     AND c.relkind = 'p'
+     AND EXISTS (SELECT 1 FROM pg_publication_tables t
+                  WHERE t.pubname = (SELECT value FROM pgcache.settings WHERE name = 'publication')
+                    AND t.schemaname = n.nspname AND t.tablename = c.relname);
+$$;
+REVOKE ALL ON FUNCTION pgcache.published_root(oid) FROM PUBLIC;
+
+CREATE OR REPLACE FUNCTION pgcache.on_partition_truncate() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  published text := pgcache.published_root(TG_RELID);
+BEGIN
+  IF published IS NOT NULL THEN
+    PERFORM pgcache.emit('reconcile', published);
+  END IF;
+  RETURN NULL;
+END
+$$;
+REVOKE ALL ON FUNCTION pgcache.on_partition_truncate() FROM PUBLIC;
+
+-- Puts the TRUNCATE trigger on every partition of `root_oid` and records each partition.
+-- Returns the partitions that were not recorded before (attached or created since).
+CREATE OR REPLACE FUNCTION pgcache.watch_partitions(root_oid oid) RETURNS SETOF oid
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  published text := pgcache.published_root(root_oid);
+  part record;
+BEGIN
+  IF published IS NULL THEN
+    RETURN;
+  END IF;
+  FOR part IN SELECT t.relid, c.relkind, format('%I.%I', n.nspname, c.relname) AS name
+                FROM pg_partition_tree(root_oid) t
+                JOIN pg_class c ON c.oid = t.relid
+                JOIN pg_namespace n ON n.oid = c.relnamespace
+               WHERE t.relid <> root_oid LOOP
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger
+                    WHERE tgrelid = part.relid AND tgname = 'pgcache_partition_truncate') THEN
+      EXECUTE format('CREATE TRIGGER pgcache_partition_truncate AFTER TRUNCATE ON %s '
+                     'FOR EACH STATEMENT EXECUTE FUNCTION pgcache.on_partition_truncate()',
+                     part.name);
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pgcache.partitions WHERE relid = part.relid) THEN
+      INSERT INTO pgcache.partitions VALUES (part.relid, published);
+      RETURN NEXT part.relid;
+    END IF;
+  END LOOP;
+END
+$$;
+REVOKE ALL ON FUNCTION pgcache.watch_partitions(oid) FROM PUBLIC;
+
+-- After CREATE TABLE / ALTER TABLE: a partition created empty needs only the trigger; one
+-- attached brings rows (mirror tables backfill); one detached takes its rows away.
+CREATE OR REPLACE FUNCTION pgcache.on_ddl() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  cmd record;
+  root_oid oid;
+  published text;
+  added oid;
+  gone record;
+BEGIN
+  FOR cmd IN SELECT * FROM pg_event_trigger_ddl_commands()
+              WHERE object_type IN ('table', 'table column') LOOP
+    CONTINUE WHEN NOT EXISTS (SELECT 1 FROM pg_class WHERE oid = cmd.objid);
+    root_oid := pg_partition_root(cmd.objid);
+    published := pgcache.published_root(root_oid);
+    CONTINUE WHEN published IS NULL;
+    FOR added IN SELECT * FROM pgcache.watch_partitions(root_oid) LOOP
+      -- CREATE TABLE ... PARTITION OF makes an empty partition: nothing to load.
+      IF NOT (cmd.command_tag = 'CREATE TABLE' AND cmd.objid = added) THEN
+        PERFORM pgcache.emit('resync', published);
+      END IF;
+    END LOOP;
+    FOR gone IN SELECT p.relid FROM pgcache.partitions p
+                 WHERE p.root = published
+                   AND NOT EXISTS (SELECT 1 FROM pg_partition_tree(root_oid) t WHERE t.relid = p.relid) LOOP
+      DELETE FROM pgcache.partitions WHERE relid = gone.relid;
+      PERFORM pgcache.emit('reconcile', published);
+    END LOOP;
+  END LOOP;
+END
+$$;
+REVOKE ALL ON FUNCTION pgcache.on_ddl() FROM PUBLIC;
+
+-- After DROP: a dropped partition took its rows with it.
+CREATE OR REPLACE FUNCTION pgcache.on_drop() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  dropped record;
+  published text;
+BEGIN
+  FOR dropped IN SELECT objid FROM pg_event_trigger_dropped_objects()
+                  WHERE object_type = 'table' AND NOT is_temporary LOOP
+    DELETE FROM pgcache.partitions p WHERE p.relid = dropped.objid RETURNING p.root INTO published;
+    IF published IS NOT NULL THEN
+      PERFORM pgcache.emit('reconcile', published);
+    END IF;
+  END LOOP;
+END
+$$;
+REVOKE ALL ON FUNCTION pgcache.on_drop() FROM PUBLIC;
+
+DROP EVENT TRIGGER IF EXISTS pgcache_ddl;
+CREATE EVENT TRIGGER pgcache_ddl ON ddl_command_end
+  WHEN TAG IN ('CREATE TABLE', 'ALTER TABLE') EXECUTE FUNCTION pgcache.on_ddl();
+DROP EVENT TRIGGER IF EXISTS pgcache_drop;
+CREATE EVENT TRIGGER pgcache_drop ON sql_drop
+  WHEN TAG IN ('DROP TABLE') EXECUTE FUNCTION pgcache.on_drop();
+
+-- Watch the partitions that exist now.
+SELECT count(*) AS partitions_watched
+  FROM pg_publication_tables t
+  JOIN pg_namespace n ON n.nspname = t.schemaname
+  JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = t.tablename AND c.relkind = 'p'
+  CROSS JOIN LATERAL pgcache.watch_partitions(c.oid)
+ WHERE t.pubname = current_setting('pgcache.publication');

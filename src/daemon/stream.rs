@@ -1,0 +1,724 @@
+//! One session's stream: a handler per pgoutput message kind, the batch, the write in
+//! flight, and the positions confirmed to Postgres.
+//!
+//! Flow control: one write is in flight at a time, so writes reach Redis in order, while the
+//! next batch is decoded. When the batch is full (by changes or bytes) and a write is still
+//! in flight, the loop stops reading the stream until it lands: Redis's pace slows the
+//! replication read instead of filling memory (G8).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use tracing::{debug, error, info, warn};
+
+use super::{stopped, RunError};
+use crate::apply::script::{self, Owner};
+use crate::apply::{Batch, ChangeError, Prepared, Repair};
+use crate::backfill::{Backfills, Control};
+use crate::checkpoint::{self, Partial, FIELD_HEARTBEAT_MS, FIELD_PARTIAL, FIELD_SHAPE_PREFIX};
+use crate::clock::{now_ms, pg_now_micros};
+use crate::config::{Config, Mode, TableRule};
+use crate::health::Health;
+use crate::metrics as m;
+use crate::pgoutput::{self, Begin, Commit, Delete, Insert, Message, Relation, Truncate, Update};
+use crate::relations::{self, RelationCache, RelationState, TableState, TypeResolver};
+use crate::replication::{ReplicationEvent, ReplicationStream};
+use crate::visibility::Visibility;
+use crate::Lsn;
+
+/// How often the daemon records its heartbeat in the checkpoint (for `status`); the write
+/// also checks that this daemon still owns the checkpoint and that Redis kept its data.
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
+
+/// A write Redis acknowledged.
+struct Done {
+    visibility: Visibility,
+    position: Option<Lsn>,
+    transactions: usize,
+    commit_times: Vec<i64>,
+    ops: usize,
+    started: Instant,
+    repairs: Vec<Repair>,
+}
+
+type InFlight = tokio::task::JoinHandle<Result<Done, RunError>>;
+
+/// The transaction being decoded.
+struct Tx {
+    /// Its commit LSN (pgoutput's `Begin::final_lsn`).
+    final_lsn: Lsn,
+    commit_time: i64,
+    /// The checkpoint covers it: it was applied before.
+    skipping: bool,
+    /// Data changes seen so far, and how many of them a partial write already applied.
+    changes: u64,
+    skip_changes: u64,
+    /// High watermarks of backfill chunks inside it, handled at its commit.
+    highs: Vec<String>,
+}
+
+pub(super) struct Stream<'a> {
+    pub(super) config: &'a Config,
+    redis: redis::aio::MultiplexedConnection,
+    owner: Owner,
+    pub(super) backfills: Backfills,
+    relations: RelationCache,
+    types: TypeResolver,
+    pub(super) batch: Batch,
+    /// Taken by the write in flight, given back when it lands.
+    visibility: Option<Visibility>,
+    health: Arc<Health>,
+    in_flight: Option<InFlight>,
+    /// Transactions in the write in flight (not yet known visible).
+    in_flight_xids: Vec<u32>,
+    /// Transactions that end at or below this were applied before (G3).
+    pub(super) applied_upto: Option<Lsn>,
+    /// A transaction applied in part by an earlier session, to resume after its applied part.
+    pub(super) resume_partial: Option<Partial>,
+    /// The commit LSN of the open transaction, if part of it was written.
+    partial_written: Option<Lsn>,
+    /// After Redis lost data: transactions up to here are written as deletes only.
+    muted_until: Option<Lsn>,
+    /// The shape each table's values are in, as recorded in the checkpoint.
+    shapes: HashMap<String, String>,
+    tx: Option<Tx>,
+    /// Highest position Postgres may forget, and positions waiting out `confirm_delay`.
+    confirmed: Lsn,
+    confirm_queue: VecDeque<(Instant, Lsn)>,
+    /// Last position sent to Postgres.
+    sent: Lsn,
+    last_status: Instant,
+    last_heartbeat: Instant,
+    wal_end: Lsn,
+}
+
+impl<'a> Stream<'a> {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn new(
+        config: &'a Config,
+        redis: redis::aio::MultiplexedConnection,
+        owner: Owner,
+        backfills: Backfills,
+        relations: RelationCache,
+        types: TypeResolver,
+        batch: Batch,
+        visibility: Visibility,
+        health: Arc<Health>,
+    ) -> Stream<'a> {
+        let start = owner.position.unwrap_or(Lsn::ZERO);
+        Stream {
+            config,
+            redis,
+            owner,
+            backfills,
+            relations,
+            types,
+            batch,
+            visibility: Some(visibility),
+            health,
+            in_flight: None,
+            in_flight_xids: Vec::new(),
+            applied_upto: None,
+            resume_partial: None,
+            partial_written: None,
+            muted_until: None,
+            shapes: HashMap::new(),
+            tx: None,
+            confirmed: start,
+            confirm_queue: VecDeque::new(),
+            sent: start,
+            last_status: Instant::now(),
+            last_heartbeat: Instant::now(),
+            wal_end: start,
+        }
+    }
+
+    /// Recovery: transactions up to `horizon` may have been in Redis before it lost them,
+    /// and could be older than what readers saw: they are written as deletes only, and no
+    /// backfill chunk starts before the stream is past them.
+    pub(super) fn mute_until(&mut self, horizon: Lsn) {
+        self.muted_until = Some(horizon);
+    }
+
+    /// The shape of a table's cached columns in the catalog now (`None`: no such table).
+    pub(super) async fn catalog_shape(&self, rule: &TableRule) -> Result<Option<String>, RunError> {
+        let Some((_, attributes)) =
+            crate::sql::table_columns(self.types.client(), &rule.schema, &rule.name).await?
+        else {
+            return Ok(None);
+        };
+        let sent: Vec<&crate::sql::Attribute> = attributes.iter().filter(|a| !a.generated).collect();
+        let cached: Option<Vec<&crate::sql::Attribute>> = match &rule.columns {
+            Some(columns) => columns
+                .iter()
+                .map(|c| sent.iter().copied().find(|a| a.name == *c))
+                .collect(),
+            None => Some(sent),
+        };
+        Ok(cached.map(|columns| {
+            relations::shape(
+                columns
+                    .iter()
+                    .map(|a| (a.name.as_str(), a.type_oid, a.type_modifier)),
+            )
+        }))
+    }
+
+    /// The table's cached columns changed: its values are in the old shape. Mirror tables
+    /// are written again (backfill); refresh tables forget their keys (absence is safe).
+    pub(super) fn reshape(&mut self, mode: Mode, table: &str) {
+        match mode {
+            Mode::Mirror => {
+                info!(%table, "cached columns changed: backfilling the table in its new shape");
+                self.backfills.schedule(table, None);
+            }
+            Mode::Refresh => {
+                info!(%table, "cached columns changed: dropping the table's cached keys");
+                if let Some(key_space) = self.key_space(table) {
+                    self.batch.drop_key_space(key_space);
+                }
+            }
+            Mode::Invalidate => {}
+        }
+    }
+
+    pub(super) fn record_shape(&mut self, table: &str, shape: String) {
+        if self.shapes.get(table) != Some(&shape) {
+            self.batch
+                .push_field(format!("{FIELD_SHAPE_PREFIX}{table}"), shape.clone());
+            self.shapes.insert(table.to_string(), shape);
+        }
+    }
+
+    fn key_space(&self, table: &str) -> Option<String> {
+        self.config
+            .tables
+            .iter()
+            .find(|r| r.qualified_name() == table)
+            .map(|r| format!("{}{}", self.config.redis.key_prefix, r.key.literal_prefix()))
+    }
+
+    pub(super) async fn pump(
+        &mut self,
+        stream: &mut ReplicationStream,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(), RunError> {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            self.take_backfill_fields();
+            if self.backfills.reading() {
+                // The chunk's read is a task on this thread. A busy stream keeps this loop
+                // from ever waiting (its messages are already buffered), so without a yield
+                // the read would starve: let it, and its connection, run once per round.
+                tokio::task::yield_now().await;
+            }
+            if self.backfills.can_start() && self.tx.is_none() && self.muted_until.is_none() {
+                let mut pending = self.batch.xids().to_vec();
+                pending.extend_from_slice(&self.in_flight_xids);
+                self.backfills
+                    .start_next(pending)
+                    .await
+                    .map_err(|e| RunError::transient("backfill", e.to_string()))?;
+            }
+            let readable = self.can_read();
+            tokio::select! {
+                biased;
+                _ = stopped(shutdown) => return self.stop(stream).await,
+                _ = tick.tick() => {
+                    self.health.beat();
+                    if self.last_heartbeat.elapsed() >= HEARTBEAT_EVERY {
+                        self.last_heartbeat = Instant::now();
+                        self.batch.push_field(FIELD_HEARTBEAT_MS.to_string(), now_ms().to_string());
+                    }
+                    self.release_confirmations();
+                    if self.last_status.elapsed() >= Duration::from_secs(10) || self.confirm_moved() {
+                        self.send_status(stream).await?;
+                    }
+                }
+                read = self.backfills.read_finished() => {
+                    self.backfills
+                        .on_read(read)
+                        .map_err(|e| RunError::transient("backfill", e.to_string()))?;
+                }
+                done = in_flight_done(&mut self.in_flight) => {
+                    self.in_flight = None;
+                    self.applied(done?);
+                    if self.confirm_due() {
+                        self.send_status(stream).await?;
+                    }
+                }
+                event = stream.next(), if readable => {
+                    self.handle(event?, stream).await?;
+                    // Natural batching: take whatever else has already arrived, then write.
+                    while self.can_take_more() {
+                        match stream.next_ready()? {
+                            Some(event) => self.handle(event, stream).await?,
+                            None => break,
+                        }
+                    }
+                }
+            }
+            self.write_if_ready()?;
+        }
+    }
+
+    /// Whether the loop may read the stream now: always while no write is in flight (the
+    /// next one can start at once), else only while the batch has room.
+    fn can_read(&self) -> bool {
+        self.in_flight.is_none() || self.can_take_more()
+    }
+
+    fn can_take_more(&self) -> bool {
+        let apply = &self.config.apply;
+        if self.tx.is_some() {
+            self.batch.open_len() < apply.max_transaction_changes
+                && self.batch.open_bytes() < apply.max_transaction_bytes
+        } else {
+            self.batch.len() < apply.max_batch_changes && self.batch.bytes() < apply.max_batch_bytes
+        }
+    }
+
+    /// Starts the next write if none is in flight: the committed part of the batch, or,
+    /// when the open transaction is too large to hold, a part of it.
+    fn write_if_ready(&mut self) -> Result<(), RunError> {
+        if self.in_flight.is_some() {
+            return Ok(());
+        }
+        let apply = &self.config.apply;
+        let too_large = self.tx.is_some()
+            && (self.batch.open_len() >= apply.max_transaction_changes
+                || self.batch.open_bytes() >= apply.max_transaction_bytes);
+        let committed_ops = self.batch.len() > self.batch.open_len();
+        if too_large && !committed_ops {
+            // Atomicity is capped here (documented). The checkpoint records how much of the
+            // transaction is in Redis, so a restart resumes after it instead of replaying
+            // its start where readers would see keys go back.
+            if let Some(tx) = &self.tx {
+                let partial = Partial {
+                    commit_lsn: tx.final_lsn,
+                    changes: tx.changes,
+                };
+                self.batch
+                    .push_field(FIELD_PARTIAL.to_string(), partial.encode());
+                self.partial_written = Some(tx.final_lsn);
+            }
+            return self.write(true);
+        }
+        if self.batch.has_committed() {
+            return self.write(false);
+        }
+        Ok(())
+    }
+
+    async fn handle(
+        &mut self,
+        event: ReplicationEvent,
+        stream: &mut ReplicationStream,
+    ) -> Result<(), RunError> {
+        match event {
+            ReplicationEvent::XLogData { wal_end, data, .. } => {
+                self.wal_end = self.wal_end.max(wal_end);
+                let message = pgoutput::decode(data).map_err(|e| {
+                    RunError::fatal("postgres", format!("pgoutput: cannot decode a message: {e}"))
+                })?;
+                self.on_message(message).await
+            }
+            ReplicationEvent::Keepalive {
+                wal_end,
+                reply_requested,
+                ..
+            } => {
+                self.wal_end = self.wal_end.max(wal_end);
+                if self.tx.is_none() {
+                    if self.muted_until.is_some_and(|horizon| wal_end > horizon) {
+                        self.muted_until = None;
+                    }
+                    let known = self.owner.position.unwrap_or(Lsn::ZERO);
+                    if self.batch.is_idle() && self.in_flight.is_none() && wal_end > known {
+                        // Nothing of ours is pending below wal_end: move the checkpoint (and
+                        // with it the slot) there, so traffic on unpublished tables neither
+                        // pins WAL nor holds back readers waiting for this position.
+                        self.batch.advance(wal_end);
+                    }
+                }
+                metrics::gauge!(m::LAG_BYTES)
+                    .set(self.wal_end.0.saturating_sub(self.confirmed.0) as f64);
+                if reply_requested {
+                    self.release_confirmations();
+                    self.send_status(stream).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn on_message(&mut self, message: Message) -> Result<(), RunError> {
+        let before = self.batch.len();
+        match message {
+            Message::Begin(begin) => self.on_begin(&begin),
+            Message::Commit(commit) => self.on_commit(&commit).await?,
+            Message::Relation(relation) => self.on_relation(&relation).await?,
+            Message::Insert(insert) => self.on_insert(&insert),
+            Message::Update(update) => self.on_update(&update),
+            Message::Delete(delete) => self.on_delete(&delete),
+            Message::Truncate(truncate) => self.on_truncate(&truncate),
+            // Messages are not asked for (`messages 'false'`); types come with Relation.
+            Message::Type(_) | Message::Origin(_) | Message::Message(_) => {}
+        }
+        let (keys, dropped) = (
+            self.batch.keys_since(before),
+            self.batch.dropped_since(before),
+        );
+        self.backfills.touched(keys, dropped);
+        self.take_backfill_fields();
+        Ok(())
+    }
+
+    fn take_backfill_fields(&mut self) {
+        for (field, value) in self.backfills.take_fields() {
+            self.batch.push_field(field, value);
+        }
+    }
+
+    fn on_begin(&mut self, begin: &Begin) {
+        let skipping = self.applied_upto.is_some_and(|done| begin.final_lsn < done);
+        if skipping {
+            debug!(commit = %begin.final_lsn, "skipping a transaction the checkpoint covers");
+        }
+        if self.muted_until.is_some_and(|horizon| begin.final_lsn > horizon) {
+            self.muted_until = None;
+        }
+        self.batch.set_muted(self.muted_until.is_some());
+        let skip_changes = self
+            .resume_partial
+            .filter(|p| p.commit_lsn == begin.final_lsn)
+            .map_or(0, |p| p.changes);
+        if skip_changes > 0 {
+            info!(commit = %begin.final_lsn, changes = skip_changes, "resuming a large transaction after the part already in Redis");
+            self.partial_written = Some(begin.final_lsn);
+        }
+        self.tx = Some(Tx {
+            final_lsn: begin.final_lsn,
+            commit_time: begin.commit_time,
+            skipping,
+            changes: 0,
+            skip_changes,
+            highs: Vec::new(),
+        });
+        self.batch.begin(begin.xid);
+    }
+
+    async fn on_commit(&mut self, commit: &Commit) -> Result<(), RunError> {
+        let Some(tx) = self.tx.take() else {
+            return Ok(());
+        };
+        if tx.skipping {
+            if self.batch.is_idle() && self.in_flight.is_none() {
+                self.queue_confirmation(commit.end_lsn);
+            }
+            self.batch.commit_skipped();
+            return Ok(());
+        }
+        for id in tx.highs {
+            let chunk = self
+                .backfills
+                .on_high(&id)
+                .await
+                .map_err(|e| RunError::transient("backfill", e.to_string()))?;
+            if let Some((ops, fields)) = chunk {
+                self.batch.push_chunk(ops, fields);
+            }
+        }
+        if self.partial_written == Some(tx.final_lsn) {
+            self.batch.push_field(FIELD_PARTIAL.to_string(), String::new());
+            self.partial_written = None;
+            self.resume_partial = None;
+        }
+        self.batch.commit(commit.end_lsn, tx.commit_time);
+        metrics::counter!(m::TRANSACTIONS).increment(1);
+        Ok(())
+    }
+
+    /// Counts a data change of the open transaction; `false` when it is not to be applied
+    /// (the transaction, or this part of it, is in Redis already).
+    fn take_change(&mut self) -> bool {
+        match &mut self.tx {
+            Some(tx) => {
+                tx.changes += 1;
+                !tx.skipping && tx.changes > tx.skip_changes
+            }
+            None => true,
+        }
+    }
+
+    fn on_insert(&mut self, insert: &Insert) {
+        if !self.take_change() {
+            return;
+        }
+        match self.relations.get(insert.relation_id) {
+            Some(RelationState::Active(table)) => {
+                let table = table.clone();
+                let result = self.batch.insert(&table, &insert.new);
+                count(&table.counters.insert, result);
+            }
+            Some(&RelationState::Control { kind_at, arg_at }) => {
+                let column = |at: usize| match insert.new.0.get(at) {
+                    Some(pgoutput::TupleData::Text(v)) => &v[..],
+                    _ => &[],
+                };
+                match Control::from_row(column(kind_at), column(arg_at)) {
+                    Ok(control) => self.on_control(control),
+                    Err(e) => {
+                        warn!(error = %e, "control event ignored");
+                        metrics::counter!(m::ERRORS, "kind" => "control").increment(1);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_control(&mut self, control: Control) {
+        // The read of whatever this event starts must see this transaction: the
+        // visibility check covers transactions with operations, so count it as one.
+        self.batch.mark_transaction();
+        match control {
+            Control::High(id) => {
+                if let Some(tx) = &mut self.tx {
+                    tx.highs.push(id);
+                }
+            }
+            Control::Low(_) => {}
+            Control::Resync(table) => self.backfills.resync(table.as_deref()),
+            Control::Reconcile(table) => self.backfills.reconcile(&table, None),
+        }
+    }
+
+    fn on_update(&mut self, update: &Update) {
+        if !self.take_change() {
+            return;
+        }
+        if let Some(RelationState::Active(table)) = self.relations.get(update.relation_id) {
+            let table = table.clone();
+            let result = self.batch.update(&table, update.old.as_ref(), &update.new);
+            count(&table.counters.update, result);
+        }
+    }
+
+    fn on_delete(&mut self, delete: &Delete) {
+        if !self.take_change() {
+            return;
+        }
+        if let Some(RelationState::Active(table)) = self.relations.get(delete.relation_id) {
+            let table = table.clone();
+            let result = self.batch.delete(&table, &delete.old);
+            count(&table.counters.delete, result);
+        }
+    }
+
+    fn on_truncate(&mut self, truncate: &Truncate) {
+        if !self.take_change() {
+            return;
+        }
+        for id in &truncate.relation_ids {
+            if let Some(RelationState::Active(table)) = self.relations.get(*id) {
+                let table = table.clone();
+                self.batch.truncate(&table);
+                table.counters.truncate.increment(1);
+            }
+        }
+    }
+
+    async fn on_relation(&mut self, relation: &Relation) -> Result<(), RunError> {
+        let (state, before) = self
+            .relations
+            .on_relation(relation, &mut self.types)
+            .await?;
+        let was_broken = matches!(before, Some(RelationState::Broken { .. }));
+        match state.clone() {
+            RelationState::Broken {
+                table,
+                error,
+                key_space,
+            } => {
+                if !was_broken {
+                    error!(%table, %error, "table stopped: its rule no longer fits the table; its keys are dropped so nothing stale is served");
+                    metrics::counter!(m::ERRORS, "kind" => "rule").increment(1);
+                    self.batch.drop_key_space(key_space);
+                    self.backfills.remove_table(&table);
+                }
+            }
+            RelationState::Active(table) => self.on_active(&table, was_broken),
+            RelationState::Ignored | RelationState::Control { .. } => {}
+        }
+        Ok(())
+    }
+
+    fn on_active(&mut self, table: &TableState, was_broken: bool) {
+        let name = table.rule.qualified_name();
+        if was_broken {
+            info!(table = %name, "the table fits its rule again: backfilling it");
+            self.backfills.schedule(&name, None);
+        } else if self.shapes.get(&name).is_some_and(|shape| *shape != table.shape) {
+            // A column added, dropped, renamed or retyped leaves untouched rows in the old
+            // shape.
+            self.reshape(table.rule.mode, &name);
+        }
+        self.record_shape(&name, table.shape.clone());
+    }
+
+    /// Starts writing the committed part of the batch (all of it with `include_open`).
+    /// The task waits until Postgres readers can see the batch's transactions, then runs
+    /// the apply script.
+    fn write(&mut self, include_open: bool) -> Result<(), RunError> {
+        let Some(prepared) = self.batch.prepare(include_open) else {
+            return Ok(());
+        };
+        let Some(mut visibility) = self.visibility.take() else {
+            return Err(RunError::transient("internal", "the visibility check is busy"));
+        };
+        debug!(ops = prepared.ops.len(), transactions = prepared.transactions, "batch sent");
+        self.in_flight_xids.clone_from(&prepared.xids);
+        let mut conn = self.redis.clone();
+        let owner = self.owner.clone();
+        self.in_flight = Some(tokio::spawn(async move {
+            let started = Instant::now();
+            visibility.wait(&prepared.xids).await?;
+            let applied = script::write(&mut conn, &owner, &prepared, now_ms()).await?;
+            let Prepared {
+                ops,
+                position,
+                transactions,
+                commit_times,
+                ..
+            } = prepared;
+            Ok(Done {
+                visibility,
+                position,
+                transactions,
+                commit_times,
+                ops: ops.len(),
+                started,
+                repairs: applied.repairs,
+            })
+        }));
+        Ok(())
+    }
+
+    /// A write Redis acknowledged: its position may now be confirmed to Postgres.
+    fn applied(&mut self, done: Done) {
+        self.visibility = Some(done.visibility);
+        self.in_flight_xids.clear();
+        metrics::counter!(m::BATCHES).increment(1);
+        metrics::histogram!(m::BATCH_OPS).record(done.ops as f64);
+        metrics::histogram!(m::EXEC_SECONDS).record(done.started.elapsed().as_secs_f64());
+        let now = pg_now_micros();
+        for commit_time in &done.commit_times {
+            metrics::histogram!(m::APPLY_LATENCY).record((now - commit_time).max(0) as f64 / 1e6);
+        }
+        for repair in done.repairs {
+            warn!(table = %repair.table, key = %repair.key, "an update's unchanged TOASTed columns had no cached value to merge into: the key was deleted and its row is read again");
+            self.backfills.repair(repair);
+        }
+        if let Some(lsn) = done.position {
+            self.owner.position = Some(lsn);
+            self.applied_upto = Some(lsn);
+            self.queue_confirmation(lsn);
+            debug!(ops = done.ops, transactions = done.transactions, checkpoint = %lsn, "applied");
+        }
+    }
+
+    /// Writes what is committed, waits for it, and confirms what `confirm_delay` allows.
+    async fn stop(&mut self, stream: &mut ReplicationStream) -> Result<(), RunError> {
+        if let Some(done) = self.in_flight.take() {
+            let done = done
+                .await
+                .map_err(|e| RunError::transient("internal", format!("redis write task: {e}")))??;
+            self.applied(done);
+        }
+        self.write(false)?;
+        if let Some(done) = self.in_flight.take() {
+            let done = done
+                .await
+                .map_err(|e| RunError::transient("internal", format!("redis write task: {e}")))??;
+            self.applied(done);
+        }
+        // Only what has waited out confirm_delay: the rest stays in the slot, so a Redis
+        // that loses its last second at the next crash can be refilled from it.
+        self.release_confirmations();
+        self.send_status(stream).await?;
+        info!(confirmed = %self.confirmed, "stopped");
+        Ok(())
+    }
+
+    fn queue_confirmation(&mut self, lsn: Lsn) {
+        if self.config.apply.confirm_delay.is_zero() {
+            self.confirmed = self.confirmed.max(lsn);
+        } else {
+            self.confirm_queue.push_back((Instant::now(), lsn));
+        }
+    }
+
+    /// Moves `confirmed` past positions whose delay has passed.
+    fn release_confirmations(&mut self) {
+        let delay = self.config.apply.confirm_delay;
+        while let Some(&(at, lsn)) = self.confirm_queue.front() {
+            if at.elapsed() < delay {
+                break;
+            }
+            self.confirmed = self.confirmed.max(lsn);
+            self.confirm_queue.pop_front();
+        }
+    }
+
+    /// Confirm now, or leave it to the next tick: under load a status message per batch
+    /// costs the walsender and us more than it is worth.
+    fn confirm_due(&self) -> bool {
+        self.confirm_moved() && self.last_status.elapsed() >= Duration::from_millis(20)
+    }
+
+    fn confirm_moved(&self) -> bool {
+        self.confirmed > self.sent
+    }
+
+    async fn send_status(&mut self, stream: &mut ReplicationStream) -> Result<(), RunError> {
+        let lsn = self.confirmed;
+        stream.send_status(lsn, lsn, lsn, false).await?;
+        self.sent = lsn;
+        self.last_status = Instant::now();
+        metrics::gauge!(m::CONFIRMED_LSN).set(lsn.0 as f64);
+        Ok(())
+    }
+}
+
+/// Resolves with the write in flight's result; never, when none is in flight.
+async fn in_flight_done(in_flight: &mut Option<InFlight>) -> Result<Done, RunError> {
+    match in_flight {
+        Some(handle) => handle
+            .await
+            .map_err(|e| RunError::transient("internal", format!("redis write task: {e}")))?,
+        None => std::future::pending().await,
+    }
+}
+
+/// Counts a change for its table, and logs and counts a change that could not be cached
+/// as a value (its key was deleted instead where one could be computed: absence is safe).
+fn count(counter: &metrics::Counter, result: Result<(), ChangeError>) {
+    counter.increment(1);
+    if let Err(e) = result {
+        warn!(error = %e, "change could not be cached as a value");
+        metrics::counter!(m::ERRORS, "kind" => e.kind()).increment(1);
+    }
+}
+
+impl std::fmt::Debug for Stream<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stream")
+            .field("position", &checkpoint::position_text(self.owner.position))
+            .field("confirmed", &self.confirmed)
+            .finish_non_exhaustive()
+    }
+}

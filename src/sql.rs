@@ -1,0 +1,144 @@
+//! SQL text and the catalog queries every part of pgcache shares: identifiers, literals, and
+//! a table's columns as logical replication sends them.
+
+use tokio_postgres::Client;
+
+/// `"name"` with inner quotes doubled.
+pub fn quote_ident(name: &str) -> String {
+    let mut out = String::with_capacity(name.len() + 2);
+    out.push('"');
+    for c in name.chars() {
+        if c == '"' {
+            out.push('"');
+        }
+        out.push(c);
+    }
+    out.push('"');
+    out
+}
+
+/// `"schema"."name"`.
+pub fn quote_qualified(schema: &str, name: &str) -> String {
+    format!("{}.{}", quote_ident(schema), quote_ident(name))
+}
+
+/// Appends `text` as an `E'...'` literal, which means the same whatever
+/// `standard_conforming_strings` says.
+///
+/// # Errors
+/// `text` holds a NUL, which Postgres text cannot.
+pub fn push_literal(out: &mut String, text: &str) -> Result<(), String> {
+    if text.contains('\0') {
+        return Err("contains a NUL character, which Postgres text cannot hold".to_string());
+    }
+    out.reserve(text.len() + 3);
+    out.push_str("E'");
+    for c in text.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\'' => out.push_str("''"),
+            c => out.push(c),
+        }
+    }
+    out.push('\'');
+    Ok(())
+}
+
+/// `text` as an `E'...'` literal. For text that came from Postgres (which cannot hold NUL);
+/// a NUL is dropped.
+pub fn literal(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 3);
+    if push_literal(&mut out, text).is_err() {
+        out.clear();
+        let _ = push_literal(&mut out, &text.replace('\0', ""));
+    }
+    out
+}
+
+/// One column of a table, from `pg_attribute`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attribute {
+    pub name: String,
+    pub type_oid: u32,
+    pub type_modifier: i32,
+    /// `format_type(atttypid, atttypmod)`: the type as SQL spells it, for casts.
+    pub sql_type: String,
+    /// Generated columns are not sent by logical replication.
+    pub generated: bool,
+}
+
+/// A table's OID and its columns in `attnum` order, dropped ones left out; `None` when the
+/// table does not exist. Logical replication sends exactly the columns that are not
+/// generated, in this order.
+pub async fn table_columns(
+    client: &Client,
+    schema: &str,
+    name: &str,
+) -> Result<Option<(u32, Vec<Attribute>)>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT c.oid, a.attname::text, a.atttypid, a.atttypmod, \
+                    format_type(a.atttypid, a.atttypmod), a.attgenerated <> '' \
+             FROM pg_catalog.pg_class c \
+             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+             LEFT JOIN pg_catalog.pg_attribute a \
+                    ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
+             WHERE n.nspname = $1 AND c.relname = $2 ORDER BY a.attnum",
+            &[&schema, &name],
+        )
+        .await?;
+    let Some(first) = rows.first() else {
+        return Ok(None);
+    };
+    let oid: u32 = first.get(0);
+    let columns = rows
+        .iter()
+        .filter(|row| row.get::<_, Option<String>>(1).is_some())
+        .map(|row| Attribute {
+            name: row.get(1),
+            type_oid: row.get(2),
+            type_modifier: row.get(3),
+            sql_type: row.get(4),
+            generated: row.get(5),
+        })
+        .collect();
+    Ok(Some((oid, columns)))
+}
+
+/// The primary key columns of a table (by OID), in key order; empty when it has none.
+pub async fn primary_key_columns(
+    client: &Client,
+    table_oid: u32,
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    Ok(client
+        .query(
+            "SELECT a.attname::text FROM pg_index i \
+             CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, n) \
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
+             WHERE i.indrelid = $1 AND i.indisprimary ORDER BY k.n",
+            &[&table_oid],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identifiers_double_their_quotes() {
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+        assert_eq!(quote_qualified("s", "t"), "\"s\".\"t\"");
+    }
+
+    #[test]
+    fn literals_escape_quotes_and_backslashes() {
+        assert_eq!(literal("o'k\\"), "E'o''k\\\\'");
+        let mut out = String::new();
+        assert!(push_literal(&mut out, "a\0b").is_err());
+        assert_eq!(literal("a\0b"), "E'ab'");
+    }
+}
