@@ -122,7 +122,11 @@ impl Op {
                 | Op::Fill { key, value, .. }
                 | Op::SetIfCached { key, value } => key.len() + value.len(),
                 Op::Hash { key, fields, .. } => {
-                    key.len() + fields.iter().map(|(f, v)| f.len() + v.len() + 16).sum::<usize>()
+                    key.len()
+                        + fields
+                            .iter()
+                            .map(|(f, v)| f.len() + v.len() + 16)
+                            .sum::<usize>()
                 }
                 Op::Del { key } => key.len(),
                 Op::DropKeySpace { key_space } => key_space.len(),
@@ -422,8 +426,12 @@ impl Batch {
                 Some(TupleData::Text(text)) | Some(TupleData::Binary(text)) => {
                     let mut out = Vec::with_capacity(text.len() + 2);
                     let encoded = match table.rule.format {
-                        Format::Json => encoder::encode_value(&mut out, ty, text, table.rule.encode),
-                        Format::Hash => encoder::encode_field(&mut out, ty, text, table.rule.encode),
+                        Format::Json => {
+                            encoder::encode_value(&mut out, ty, text, table.rule.encode)
+                        }
+                        Format::Hash => {
+                            encoder::encode_field(&mut out, ty, text, table.rule.encode)
+                        }
                     };
                     encoded.map_err(|source| ChangeError::Encode {
                         table: table.rule.qualified_name(),

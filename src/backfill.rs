@@ -38,9 +38,9 @@ use crate::checkpoint::{
     BackfillProgress, BackfillState, FIELD_BACKFILL_PREFIX, FIELD_RECONCILE_PREFIX,
     FIELD_REPAIR_PREFIX,
 };
+use crate::clock::now_ms;
 use crate::config::{Config, Mode, TableRule};
 use crate::metrics as m;
-use crate::clock::now_ms;
 
 pub mod control;
 mod copy_text;
@@ -50,7 +50,6 @@ mod read;
 pub use control::Control;
 pub use plan::{RowValue, TablePlan};
 pub use read::ChunkRead;
-
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackfillError {
@@ -213,7 +212,9 @@ impl Backfills {
     }
 
     fn is_mirror(&self, table: &str) -> bool {
-        self.rules.get(table).is_some_and(|r| r.mode == Mode::Mirror)
+        self.rules
+            .get(table)
+            .is_some_and(|r| r.mode == Mode::Mirror)
     }
 
     /// Queues a mirror table's backfill from the start, or from where `resume` left it.
@@ -274,7 +275,10 @@ impl Backfills {
         match table {
             None => {
                 let tables = self.mirror_tables();
-                info!(tables = tables.len(), "resync of every mirror table requested");
+                info!(
+                    tables = tables.len(),
+                    "resync of every mirror table requested"
+                );
                 for table in tables {
                     self.schedule(&table, None);
                 }
@@ -299,7 +303,8 @@ impl Backfills {
         metrics::counter!(m::REPAIRS, "table" => repair.table.clone()).increment(1);
         let entry = (repair.key, repair.key_texts);
         let queued = self.queue.iter_mut().find(|q| {
-            q.table == repair.table && matches!(&q.work, Work::Keys(keys) if keys.len() < REPAIR_KEYS)
+            q.table == repair.table
+                && matches!(&q.work, Work::Keys(keys) if keys.len() < REPAIR_KEYS)
         });
         match queued {
             Some(Job {
@@ -439,18 +444,23 @@ impl Backfills {
         });
         match reading {
             Some(task) => task.await.unwrap_or_else(|e| {
-                Err(BackfillError::Task(format!("the chunk read task failed: {e}")))
+                Err(BackfillError::Task(format!(
+                    "the chunk read task failed: {e}"
+                )))
             }),
             None => std::future::pending().await,
         }
     }
 
-    /// Takes the chunk that was being read: checks its snapshot, drops what the stream
-    /// changed meanwhile and queues the table's next chunk.
+    /// Takes the chunk that was being read: checks its snapshot and queues the table's next
+    /// chunk (what the stream changes is dropped at the high watermark).
     ///
     /// # Errors
     /// The read failed for a reason of the connection's: the chunk will be read again.
-    pub fn on_read(&mut self, result: Result<ChunkRead, BackfillError>) -> Result<(), BackfillError> {
+    pub fn on_read(
+        &mut self,
+        result: Result<ChunkRead, BackfillError>,
+    ) -> Result<(), BackfillError> {
         let Some(at) = self
             .in_flight
             .iter()
@@ -458,7 +468,7 @@ impl Backfills {
         else {
             return Ok(());
         };
-        let mut chunk = match result {
+        let chunk = match result {
             Ok(chunk) => chunk,
             Err(e) => {
                 let Some(entry) = self.in_flight.remove(at) else {
@@ -491,14 +501,6 @@ impl Backfills {
             self.queue.push_front(entry.job);
             return Ok(());
         }
-        if entry.cleared {
-            chunk.rows.clear();
-            chunk.deletes.clear();
-        }
-        for key in &entry.touched {
-            chunk.rows.remove(key);
-        }
-        chunk.deletes.retain(|key| !entry.touched.contains(key));
         if chunk.read > 0 {
             self.row_bytes
                 .insert(entry.job.table.clone(), chunk.bytes.div_ceil(chunk.read));
@@ -582,12 +584,23 @@ impl Backfills {
         let Some(InFlight {
             job,
             plan,
-            state: ChunkState::Read(chunk),
+            state: ChunkState::Read(mut chunk),
+            touched,
+            cleared,
             ..
         }) = self.in_flight.remove(at)
         else {
             return Ok(None);
         };
+        // What the stream touched from the chunk's start to here wins over the read.
+        if cleared {
+            chunk.rows.clear();
+            chunk.deletes.clear();
+        }
+        for key in &touched {
+            chunk.rows.remove(key);
+        }
+        chunk.deletes.retain(|key| !touched.contains(key));
         let ttl_ms = plan.rule.ttl.map(|ttl| ttl.as_millis().max(1) as u64);
         let written = chunk.rows.len() as u64;
         let mut ops: Vec<Op> = chunk

@@ -187,9 +187,10 @@ pub async fn run(
     let target = PgTarget::parse(config.postgres.url.expose())
         .map_err(|e| RunError::fatal("config", format!("postgres.url: {e}")))?;
     let mut failures = 0u32;
+    let mut applied = Applied::default();
     loop {
         let started = Instant::now();
-        let result = session(&config, &target, &mut shutdown, &hooks).await;
+        let result = session(&config, &target, &mut shutdown, &hooks, &mut applied).await;
         let error = match result {
             Ok(()) => return Ok(()),
             Err(error) => error,
@@ -229,6 +230,14 @@ fn backoff(failures: u32) -> Duration {
     Duration::from_millis(rand::thread_rng().gen_range(ms / 2..=ms.max(1)))
 }
 
+/// How far this process's sessions applied the stream: if Redis loses its data under a
+/// running daemon, the next session knows what readers may have seen, beyond what the slot
+/// confirmed.
+#[derive(Debug, Default, Clone, Copy)]
+struct Applied {
+    position: Option<Lsn>,
+}
+
 /// Why Redis must be rebuilt at the start of a session, if it must.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Loss {
@@ -243,6 +252,7 @@ async fn session(
     target: &PgTarget,
     shutdown: &mut watch::Receiver<bool>,
     hooks: &Hooks,
+    applied: &mut Applied,
 ) -> Result<(), RunError> {
     let client = redis::Client::open(config.redis.url.expose())
         .map_err(|e| RunError::fatal("config", format!("redis.url: {e}")))?;
@@ -278,6 +288,7 @@ async fn session(
         ));
     }
     let max_value = max_value_bytes(&mut redis).await;
+    let layout = WalLayout::read(&catalog).await?;
 
     let mut replication = ReplicationConnection::connect(target).await?;
     let identity = replication.identify_system().await?;
@@ -352,12 +363,19 @@ async fn session(
         batch,
         visibility,
         hooks.health.clone(),
+        layout,
     );
     for table in &stopped_tables {
         state.backfills.remove_table(table);
     }
     match &loss {
-        Some(loss) => state.recover(loss, identity.xlog_pos),
+        // What a reader may have seen from Redis before it lost it: at most what this
+        // process applied, or what the slot confirmed (an earlier process's writes beyond
+        // its last confirmation are the one window a restart cannot know of).
+        Some(loss) => state.recover(
+            loss,
+            slot_confirmed.max(applied.position.unwrap_or(Lsn::ZERO)),
+        ),
         None => state.resume(&saved).await?,
     }
     info!(
@@ -370,6 +388,7 @@ async fn session(
     hooks.health.set_streaming(true);
     hooks.health.set_error(None);
     let result = state.pump(&mut stream, shutdown).await;
+    applied.position = applied.position.max(state.position());
     hooks.health.set_streaming(false);
     if result.is_ok() {
         // Clean stop: everything committed is written and confirmed as far as allowed.
@@ -391,6 +410,44 @@ async fn slot_confirmed(
         .await?
         .and_then(|row| row.get(0));
     Ok(confirmed.and_then(|t| t.parse().ok()).unwrap_or(Lsn::ZERO))
+}
+
+/// How WAL pages are laid out, to place positions the way Postgres prints them.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct WalLayout {
+    block: u64,
+    segment: u64,
+}
+
+impl WalLayout {
+    async fn read(client: &tokio_postgres::Client) -> Result<WalLayout, tokio_postgres::Error> {
+        let row = client
+            .query_one(
+                "SELECT current_setting('wal_block_size')::int8, \
+                        pg_size_bytes(current_setting('wal_segment_size'))",
+                &[],
+            )
+            .await?;
+        let (block, segment): (i64, i64) = (row.get(0), row.get(1));
+        Ok(WalLayout {
+            block: block.max(1) as u64,
+            segment: segment.max(1) as u64,
+        })
+    }
+
+    /// The walsender reports where the last record it read *ends*, which is a page boundary
+    /// when the record fills its page; `pg_current_wal_insert_lsn()` reports where the next
+    /// record *starts*, past the next page's header. No record ends inside a header, so a
+    /// position at a boundary is moved past the header: then a reader that waits for the
+    /// position it read sees the daemon reach it at rest.
+    pub(crate) fn past_page_header(self, lsn: Lsn) -> Lsn {
+        if lsn.0 == 0 || lsn.0 % self.block != 0 {
+            return lsn;
+        }
+        // MAXALIGNed XLogLongPageHeaderData at a segment's start, XLogPageHeaderData else.
+        let header = if lsn.0 % self.segment == 0 { 40 } else { 24 };
+        Lsn(lsn.0 + header)
+    }
 }
 
 /// Redis refuses arguments larger than `proto-max-bulk-len`; managed services may hide
@@ -429,11 +486,18 @@ impl Stream<'_> {
                  the mirror tables backfilled"
             ),
         }
-        if matches!(loss, Loss::NoCheckpoint { had_data: true } | Loss::Behind { .. }) {
+        if matches!(
+            loss,
+            Loss::NoCheckpoint { had_data: true } | Loss::Behind { .. }
+        ) {
             metrics::counter!(m::ERRORS, "kind" => "redis_data_lost").increment(1);
         }
         for rule in &self.config.tables {
-            let key_space = format!("{}{}", self.config.redis.key_prefix, rule.key.literal_prefix());
+            let key_space = format!(
+                "{}{}",
+                self.config.redis.key_prefix,
+                rule.key.literal_prefix()
+            );
             self.batch.push_committed(Op::DropKeySpace { key_space });
         }
         self.batch
@@ -478,7 +542,11 @@ impl Stream<'_> {
             let Some(now) = self.catalog_shape(rule).await? else {
                 continue;
             };
-            if saved.shapes.get(&table).is_some_and(|stored| *stored != now) {
+            if saved
+                .shapes
+                .get(&table)
+                .is_some_and(|stored| *stored != now)
+            {
                 info!(%table, "the table's columns changed while the daemon was stopped");
                 self.reshape(rule.mode, &table);
             }

@@ -51,5 +51,3 @@ impl Health {
         self.last_error.lock().ok().and_then(|e| e.clone())
     }
 }
-
-

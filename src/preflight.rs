@@ -14,6 +14,7 @@
 //!   privileges);
 //! - `redis`: reachability, version, eviction policy and persistence.
 
+mod control;
 mod redis;
 mod tables;
 
@@ -104,6 +105,7 @@ pub async fn postgres_findings(
     findings.extend(role_findings(client).await?);
     findings.extend(publication_findings(client, config).await?);
     findings.extend(slot_findings(client, config).await?);
+    findings.extend(control::control_findings(client, config).await?);
     for rule in &config.tables {
         let table = rule.qualified_name();
         findings.extend(
@@ -268,6 +270,13 @@ async fn publication_findings(
         .iter()
         .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
         .filter(|(schema, name)| config.table(schema, name).is_none())
+        .filter(|(schema, name)| {
+            (schema.as_str(), name.as_str())
+                != (
+                    crate::backfill::control::SCHEMA,
+                    crate::backfill::control::TABLE,
+                )
+        })
         .collect();
     if !unruled.is_empty() {
         let names: Vec<String> = unruled.iter().map(|(s, n)| format!("{s}.{n}")).collect();

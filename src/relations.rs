@@ -81,7 +81,10 @@ pub enum RelationState {
     Ignored,
     Active(Arc<TableState>),
     /// The control table (`pgcache.events`): where its `kind` and `arg` columns are.
-    Control { kind_at: usize, arg_at: usize },
+    Control {
+        kind_at: usize,
+        arg_at: usize,
+    },
     /// Configured, but the rule no longer fits the table (a column it names is gone). The
     /// table is stopped with this error; other tables go on.
     Broken {
@@ -217,40 +220,42 @@ impl RelationCache {
         control: bool,
         types: &mut TypeResolver,
     ) -> Result<RelationState, tokio_postgres::Error> {
-        Ok(match self
-            .rules
-            .get(&(relation.namespace.clone(), relation.name.clone()))
-        {
-            None if control => {
-                let at = |name: &str| relation.columns.iter().position(|c| c.name == name);
-                match (at("kind"), at("arg")) {
-                    (Some(kind_at), Some(arg_at)) => RelationState::Control { kind_at, arg_at },
-                    _ => RelationState::Ignored,
+        Ok(
+            match self
+                .rules
+                .get(&(relation.namespace.clone(), relation.name.clone()))
+            {
+                None if control => {
+                    let at = |name: &str| relation.columns.iter().position(|c| c.name == name);
+                    match (at("kind"), at("arg")) {
+                        (Some(kind_at), Some(arg_at)) => RelationState::Control { kind_at, arg_at },
+                        _ => RelationState::Ignored,
+                    }
                 }
-            }
-            None => RelationState::Ignored,
-            Some(rule) if self.stopped.contains_key(&rule.qualified_name()) => {
-                RelationState::Broken {
-                    table: rule.qualified_name(),
-                    error: self.stopped[&rule.qualified_name()].clone(),
-                    key_space: format!("{}{}", self.key_prefix, rule.key.literal_prefix()),
-                }
-            }
-            Some(rule) => {
-                let mut column_types = Vec::with_capacity(relation.columns.len());
-                for column in &relation.columns {
-                    column_types.push(types.resolve(column.type_oid).await?);
-                }
-                match table_state(rule, relation, &column_types, &self.key_prefix) {
-                    Ok(state) => RelationState::Active(Arc::new(state)),
-                    Err(error) => RelationState::Broken {
+                None => RelationState::Ignored,
+                Some(rule) if self.stopped.contains_key(&rule.qualified_name()) => {
+                    RelationState::Broken {
                         table: rule.qualified_name(),
-                        error,
+                        error: self.stopped[&rule.qualified_name()].clone(),
                         key_space: format!("{}{}", self.key_prefix, rule.key.literal_prefix()),
-                    },
+                    }
                 }
-            }
-        })
+                Some(rule) => {
+                    let mut column_types = Vec::with_capacity(relation.columns.len());
+                    for column in &relation.columns {
+                        column_types.push(types.resolve(column.type_oid).await?);
+                    }
+                    match table_state(rule, relation, &column_types, &self.key_prefix) {
+                        Ok(state) => RelationState::Active(Arc::new(state)),
+                        Err(error) => RelationState::Broken {
+                            table: rule.qualified_name(),
+                            error,
+                            key_space: format!("{}{}", self.key_prefix, rule.key.literal_prefix()),
+                        },
+                    }
+                }
+            },
+        )
     }
 }
 

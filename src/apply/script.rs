@@ -164,7 +164,12 @@ fn unexpected(what: &str) -> redis::RedisError {
 
 /// Appends the operations as the script reads them; `repairs` gets one entry per merge.
 fn add_ops(call: &mut redis::ScriptInvocation<'_>, ops: &[Op], repairs: &mut Vec<Option<Repair>>) {
-    let plain = |op: &Op| matches!(op, Op::Set { ttl_ms: None, .. } | Op::Fill { ttl_ms: None, .. });
+    let plain = |op: &Op| {
+        matches!(
+            op,
+            Op::Set { ttl_ms: None, .. } | Op::Fill { ttl_ms: None, .. }
+        )
+    };
     let mut at = 0;
     while at < ops.len() {
         if !plain(&ops[at]) {
@@ -172,7 +177,12 @@ fn add_ops(call: &mut redis::ScriptInvocation<'_>, ops: &[Op], repairs: &mut Vec
             at += 1;
             continue;
         }
-        let run = &ops[at..at + ops[at..].iter().take(MSET_PAIRS).take_while(|op| plain(op)).count()];
+        let run = &ops[at..at
+            + ops[at..]
+                .iter()
+                .take(MSET_PAIRS)
+                .take_while(|op| plain(op))
+                .count()];
         let leases = run.iter().filter(|op| matches!(op, Op::Set { .. })).count();
         call.arg("M").arg(run.len()).arg(leases);
         for op in run {
@@ -193,7 +203,11 @@ fn add_op(call: &mut redis::ScriptInvocation<'_>, op: &Op, repairs: &mut Vec<Opt
     let ttl = |ttl_ms: &Option<u64>| ttl_ms.map(|ms| ms.to_string()).unwrap_or_default();
     match op {
         Op::Set { key, value, ttl_ms } => {
-            call.arg("S").arg(key).arg(value).arg(ttl(ttl_ms)).arg(lease_key(key));
+            call.arg("S")
+                .arg(key)
+                .arg(value)
+                .arg(ttl(ttl_ms))
+                .arg(lease_key(key));
         }
         Op::Fill { key, value, ttl_ms } => {
             call.arg("S").arg(key).arg(value).arg(ttl(ttl_ms)).arg("");

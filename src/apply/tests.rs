@@ -126,7 +126,10 @@ fn inserts_updates_and_deletes_per_mode() {
             .update(&table, None, &row("1", "3", text("b")))
             .unwrap();
         batch
-            .delete(&table, &OldTuple::Key(Tuple(vec![text("1"), TupleData::Null, TupleData::Null])))
+            .delete(
+                &table,
+                &OldTuple::Key(Tuple(vec![text("1"), TupleData::Null, TupleData::Null])),
+            )
             .unwrap();
         assert_eq!(ops(&mut batch), (case.expect)(), "{:?}", case.mode);
     }
@@ -136,7 +139,9 @@ fn inserts_updates_and_deletes_per_mode() {
 fn ttls_and_hashes() {
     let table = docs(Mode::Mirror, Format::Json, Some(Duration::from_secs(60)));
     let mut batch = Batch::default();
-    batch.insert(&table, &row("1", "2", TupleData::Null)).unwrap();
+    batch
+        .insert(&table, &row("1", "2", TupleData::Null))
+        .unwrap();
     assert_eq!(
         ops(&mut batch),
         vec![Op::Set {
@@ -146,12 +151,17 @@ fn ttls_and_hashes() {
         }]
     );
     let table = docs(Mode::Refresh, Format::Hash, Some(Duration::from_secs(60)));
-    batch.insert(&table, &row("1", "2", TupleData::Null)).unwrap();
+    batch
+        .insert(&table, &row("1", "2", TupleData::Null))
+        .unwrap();
     assert_eq!(
         ops(&mut batch),
         vec![Op::Hash {
             key: "doc:1".into(),
-            fields: vec![("id".into(), b"1".to_vec()), ("small".into(), b"2".to_vec())],
+            fields: vec![
+                ("id".into(), b"1".to_vec()),
+                ("small".into(), b"2".to_vec())
+            ],
             ttl_ms: None,
             only_if_cached: true,
         }]
@@ -163,10 +173,15 @@ fn a_key_change_deletes_the_old_key_first() {
     let table = json();
     let mut batch = Batch::default();
     let old = OldTuple::Key(Tuple(vec![text("10"), TupleData::Null, TupleData::Null]));
-    batch.update(&table, Some(&old), &row("11", "1", text("b"))).unwrap();
+    batch
+        .update(&table, Some(&old), &row("11", "1", text("b")))
+        .unwrap();
     assert_eq!(
         ops(&mut batch),
-        vec![del("doc:10"), set("doc:11", r#"{"id":11,"small":1,"body":"b"}"#)]
+        vec![
+            del("doc:10"),
+            set("doc:11", r#"{"id":11,"small":1,"body":"b"}"#)
+        ]
     );
 }
 
@@ -181,7 +196,11 @@ fn unchanged_toast_columns_merge_in_redis_from_the_right_base() {
     // Key change: the base is the old key, deleted after the merge read it.
     let old = OldTuple::Key(Tuple(vec![text("10"), TupleData::Null, TupleData::Null]));
     batch
-        .update(&table, Some(&old), &row("900000", "5", TupleData::Unchanged))
+        .update(
+            &table,
+            Some(&old),
+            &row("900000", "5", TupleData::Unchanged),
+        )
         .unwrap();
     let ops = ops(&mut batch);
     let merge = |op: &Op| match op {
@@ -189,7 +208,10 @@ fn unchanged_toast_columns_merge_in_redis_from_the_right_base() {
         other => panic!("expected a merge, found {other:?}"),
     };
     let first = merge(&ops[0]);
-    assert_eq!((first.key.as_str(), first.base.as_str()), ("doc:10", "doc:10"));
+    assert_eq!(
+        (first.key.as_str(), first.base.as_str()),
+        ("doc:10", "doc:10")
+    );
     assert_eq!(
         first.columns,
         vec![
@@ -208,7 +230,10 @@ fn unchanged_toast_columns_merge_in_redis_from_the_right_base() {
         })
     );
     let second = merge(&ops[1]);
-    assert_eq!((second.key.as_str(), second.base.as_str()), ("doc:900000", "doc:10"));
+    assert_eq!(
+        (second.key.as_str(), second.base.as_str()),
+        ("doc:900000", "doc:10")
+    );
     assert_eq!(ops[2], del("doc:10"));
     assert_eq!(ops.len(), 3);
 }
@@ -256,7 +281,9 @@ fn values_that_cannot_be_built_delete_their_key() {
     assert_eq!(err.kind(), "encode");
     assert!(err.to_string().contains("doc:1"), "{err}");
     let mut small = Batch::with_max_value(16);
-    let err = small.insert(&table, &row("2", "1", text("a long body"))).unwrap_err();
+    let err = small
+        .insert(&table, &row("2", "1", text("a long body")))
+        .unwrap_err();
     assert_eq!(err.kind(), "too_large");
     let err = batch
         .insert(&table, &Tuple(vec![TupleData::Null, text("1"), text("b")]))
@@ -288,7 +315,10 @@ fn the_checkpoint_moves_only_at_commits_and_past_idle_wal() {
     // The open transaction is not written unless asked, and then without a position.
     assert!(!batch.has_committed());
     let part = batch.prepare(true).unwrap();
-    assert_eq!((part.ops.len(), part.position, part.xids.clone()), (1, None, vec![7]));
+    assert_eq!(
+        (part.ops.len(), part.position, part.xids.clone()),
+        (1, None, vec![7])
+    );
     batch.insert(&table, &row("2", "2", text("b"))).unwrap();
     batch.commit(Lsn(0x100), 0);
     batch.begin(8);
@@ -323,7 +353,9 @@ fn bytes_are_counted_and_released() {
     let table = json();
     let mut batch = Batch::default();
     batch.begin(1);
-    batch.insert(&table, &row("1", "2", text(&"x".repeat(10_000)))).unwrap();
+    batch
+        .insert(&table, &row("1", "2", text(&"x".repeat(10_000))))
+        .unwrap();
     assert!(batch.bytes() > 10_000 && batch.open_bytes() == batch.bytes());
     batch.commit(Lsn(1), 0);
     assert_eq!(batch.open_bytes(), 0);

@@ -106,7 +106,10 @@ pub async fn emit(client: &Client, control: &Control) -> Result<Lsn, tokio_postg
 /// watermark: under `synchronous_commit = off` the commit would be flushed only when the WAL
 /// writer gets to it (up to `wal_writer_delay`), which alone held backfills to ~25,000
 /// rows/s. With it on, the commit flushes at once.
-pub async fn emit_watermark(client: &Client, control: &Control) -> Result<(), tokio_postgres::Error> {
+pub async fn emit_watermark(
+    client: &Client,
+    control: &Control,
+) -> Result<(), tokio_postgres::Error> {
     client
         .batch_execute(&format!(
             "BEGIN; SET LOCAL synchronous_commit = on; INSERT INTO {} (kind, arg) VALUES ({}, {}); COMMIT;",

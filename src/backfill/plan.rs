@@ -108,7 +108,10 @@ impl TablePlan {
             Some(columns) => columns.clone(),
             None => all.iter().map(|a| a.name.clone()).collect(),
         };
-        let column_at = names.iter().map(|n| slot(n)).collect::<Result<Vec<_>, _>>()?;
+        let column_at = names
+            .iter()
+            .map(|n| slot(n))
+            .collect::<Result<Vec<_>, _>>()?;
         let key_at = rule
             .key
             .columns()

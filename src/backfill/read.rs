@@ -165,7 +165,9 @@ impl TablePlan {
             }
             values.push(')');
         }
-        let names: Vec<String> = (0..self.key_columns.len()).map(|i| format!("k{i}")).collect();
+        let names: Vec<String> = (0..self.key_columns.len())
+            .map(|i| format!("k{i}"))
+            .collect();
         let matches: Vec<String> = self
             .key_columns
             .iter()
@@ -302,7 +304,9 @@ impl TablePlan {
         chunk.cursor = Some(
             self.pk
                 .iter()
-                .map(|(at, _)| String::from_utf8_lossy(fields.get(*at).unwrap_or_default()).into_owned())
+                .map(|(at, _)| {
+                    String::from_utf8_lossy(fields.get(*at).unwrap_or_default()).into_owned()
+                })
                 .collect(),
         );
         let Some(key_values) = self

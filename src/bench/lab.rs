@@ -67,6 +67,16 @@ impl Lab {
             &format!("CREATE PUBLICATION {PUBLICATION} FOR ALL TABLES"),
         )
         .await?;
+        // The control table the daemon's backfill watermarks go through.
+        lab.pg
+            .psql(
+                DB,
+                &format!(
+                    "\\set role postgres\n\\set publication {PUBLICATION}\n{}",
+                    include_str!("../../sql/events.sql")
+                ),
+            )
+            .map_err(|e| BenchError::Setup(format!("running sql/events.sql: {e:#}")))?;
         Ok(lab)
     }
 

@@ -11,9 +11,9 @@ use std::sync::Mutex;
 use tokio::sync::watch;
 
 use super::load;
-use crate::config::{redact, Config, LogFormat};
 use crate::backfill::ProgressFn;
 use crate::checkpoint::BackfillProgress;
+use crate::config::{redact, Config, LogFormat};
 use crate::daemon;
 use crate::http;
 
@@ -38,9 +38,14 @@ pub(crate) async fn run(path: &Path) -> ExitCode {
             Ok((handle, listener)) => {
                 tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
                 let mut stopped = stopped.clone();
-                tokio::spawn(http::serve(listener, handle, hooks.health.clone(), async move {
-                    let _ = stopped.wait_for(|stop| *stop).await;
-                }));
+                tokio::spawn(http::serve(
+                    listener,
+                    handle,
+                    hooks.health.clone(),
+                    async move {
+                        let _ = stopped.wait_for(|stop| *stop).await;
+                    },
+                ));
             }
             Err(e) => {
                 tracing::error!(error = %e, "cannot start the HTTP endpoints");

@@ -244,7 +244,9 @@ pub(super) fn duration(field: &Field<String>, errors: &mut Vec<String>) -> Optio
 /// `16MB`, `512kB`, `1GB`, `100`, `100B` (units of 1024, as in postgresql.conf).
 pub(super) fn parse_bytes(text: &str) -> Option<usize> {
     let text = text.trim();
-    let digits = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let digits = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
     let (number, unit) = text.split_at(digits);
     let number: usize = number.parse().ok()?;
     let scale: usize = match unit.trim() {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
-use super::{stopped, RunError};
+use super::{stopped, RunError, WalLayout};
 use crate::apply::script::{self, Owner};
 use crate::apply::{Batch, ChangeError, Prepared, Repair};
 use crate::backfill::{Backfills, Control};
@@ -92,6 +92,7 @@ pub(super) struct Stream<'a> {
     last_status: Instant,
     last_heartbeat: Instant,
     wal_end: Lsn,
+    layout: WalLayout,
 }
 
 impl<'a> Stream<'a> {
@@ -106,6 +107,7 @@ impl<'a> Stream<'a> {
         batch: Batch,
         visibility: Visibility,
         health: Arc<Health>,
+        layout: WalLayout,
     ) -> Stream<'a> {
         let start = owner.position.unwrap_or(Lsn::ZERO);
         Stream {
@@ -132,7 +134,13 @@ impl<'a> Stream<'a> {
             last_status: Instant::now(),
             last_heartbeat: Instant::now(),
             wal_end: start,
+            layout,
         }
+    }
+
+    /// The position Redis acknowledged last.
+    pub(super) fn position(&self) -> Option<Lsn> {
+        self.owner.position
     }
 
     /// Recovery: transactions up to `horizon` may have been in Redis before it lost them,
@@ -149,7 +157,8 @@ impl<'a> Stream<'a> {
         else {
             return Ok(None);
         };
-        let sent: Vec<&crate::sql::Attribute> = attributes.iter().filter(|a| !a.generated).collect();
+        let sent: Vec<&crate::sql::Attribute> =
+            attributes.iter().filter(|a| !a.generated).collect();
         let cached: Option<Vec<&crate::sql::Attribute>> = match &rule.columns {
             Some(columns) => columns
                 .iter()
@@ -322,7 +331,10 @@ impl<'a> Stream<'a> {
             ReplicationEvent::XLogData { wal_end, data, .. } => {
                 self.wal_end = self.wal_end.max(wal_end);
                 let message = pgoutput::decode(data).map_err(|e| {
-                    RunError::fatal("postgres", format!("pgoutput: cannot decode a message: {e}"))
+                    RunError::fatal(
+                        "postgres",
+                        format!("pgoutput: cannot decode a message: {e}"),
+                    )
                 })?;
                 self.on_message(message).await
             }
@@ -337,6 +349,7 @@ impl<'a> Stream<'a> {
                         self.muted_until = None;
                     }
                     let known = self.owner.position.unwrap_or(Lsn::ZERO);
+                    let wal_end = self.layout.past_page_header(wal_end);
                     if self.batch.is_idle() && self.in_flight.is_none() && wal_end > known {
                         // Nothing of ours is pending below wal_end: move the checkpoint (and
                         // with it the slot) there, so traffic on unpublished tables neither
@@ -388,7 +401,10 @@ impl<'a> Stream<'a> {
         if skipping {
             debug!(commit = %begin.final_lsn, "skipping a transaction the checkpoint covers");
         }
-        if self.muted_until.is_some_and(|horizon| begin.final_lsn > horizon) {
+        if self
+            .muted_until
+            .is_some_and(|horizon| begin.final_lsn > horizon)
+        {
             self.muted_until = None;
         }
         self.batch.set_muted(self.muted_until.is_some());
@@ -433,7 +449,8 @@ impl<'a> Stream<'a> {
             }
         }
         if self.partial_written == Some(tx.final_lsn) {
-            self.batch.push_field(FIELD_PARTIAL.to_string(), String::new());
+            self.batch
+                .push_field(FIELD_PARTIAL.to_string(), String::new());
             self.partial_written = None;
             self.resume_partial = None;
         }
@@ -562,7 +579,11 @@ impl<'a> Stream<'a> {
         if was_broken {
             info!(table = %name, "the table fits its rule again: backfilling it");
             self.backfills.schedule(&name, None);
-        } else if self.shapes.get(&name).is_some_and(|shape| *shape != table.shape) {
+        } else if self
+            .shapes
+            .get(&name)
+            .is_some_and(|shape| *shape != table.shape)
+        {
             // A column added, dropped, renamed or retyped leaves untouched rows in the old
             // shape.
             self.reshape(table.rule.mode, &name);
@@ -573,14 +594,22 @@ impl<'a> Stream<'a> {
     /// Starts writing the committed part of the batch (all of it with `include_open`).
     /// The task waits until Postgres readers can see the batch's transactions, then runs
     /// the apply script.
+    #[tracing::instrument(name = "batch", level = "debug", skip_all, fields(ops = self.batch.len()))]
     fn write(&mut self, include_open: bool) -> Result<(), RunError> {
         let Some(prepared) = self.batch.prepare(include_open) else {
             return Ok(());
         };
         let Some(mut visibility) = self.visibility.take() else {
-            return Err(RunError::transient("internal", "the visibility check is busy"));
+            return Err(RunError::transient(
+                "internal",
+                "the visibility check is busy",
+            ));
         };
-        debug!(ops = prepared.ops.len(), transactions = prepared.transactions, "batch sent");
+        debug!(
+            ops = prepared.ops.len(),
+            transactions = prepared.transactions,
+            "batch sent"
+        );
         self.in_flight_xids.clone_from(&prepared.xids);
         let mut conn = self.redis.clone();
         let owner = self.owner.clone();

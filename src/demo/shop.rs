@@ -157,7 +157,7 @@ pub fn config_toml(postgres_url: &str, redis_url: &str) -> String {
 }
 
 /// The scripts that `sql/setup.sql` includes, embedded so the binary runs anywhere.
-const SCRIPTS: [(&str, &str); 4] = [
+const SCRIPTS: [(&str, &str); 5] = [
     ("role.sql", include_str!("../../sql/role.sql")),
     ("publication.sql", include_str!("../../sql/publication.sql")),
     ("events.sql", include_str!("../../sql/events.sql")),

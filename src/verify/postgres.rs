@@ -18,10 +18,6 @@ use crate::reader::source::{KeyTexts, RowSource};
 use crate::reader::ReaderError;
 use crate::Lsn;
 
-/// Prefix of the logical message `verify` emits to learn when the daemon caught up. Not
-/// `pgcache`, whose messages the daemon interprets.
-const MARKER_PREFIX: &str = "pgcache.verify";
-
 /// A small pool: `verify` reads one chunk at a time. Every connection pins the session
 /// settings of the stream (`PgTarget::tokio_config`), so values match the daemon's.
 pub(super) fn pool(url: &str) -> Result<Pool, VerifyError> {
@@ -296,11 +292,10 @@ impl Settle {
             tokio::time::sleep(Duration::from_millis(200)).await;
             return Ok(false);
         }
+        // The daemon's checkpoint moves past every position it has streamed, published
+        // changes or not, so it reaches the end of the WAL as it is now.
         let emitted = client
-            .query_one(
-                "SELECT pg_logical_emit_message(true, $1, 'settle')::text",
-                &[&MARKER_PREFIX],
-            )
+            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
             .await;
         let mark = match emitted {
             Ok(row) => match row.get::<_, String>(0).parse::<Lsn>() {

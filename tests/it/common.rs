@@ -178,7 +178,11 @@ impl InProcess {
             .with_test_writer()
             .try_init();
         let (stop, stopped) = watch::channel(false);
-        let task = tokio::spawn(pgcache::daemon::run(config, stopped, pgcache::daemon::Hooks::default()));
+        let task = tokio::spawn(pgcache::daemon::run(
+            config,
+            stopped,
+            pgcache::daemon::Hooks::default(),
+        ));
         InProcess { stop, task }
     }
 

@@ -669,9 +669,9 @@ fn compose_initdb_script_prepares_postgres() -> Result<()> {
         "slot pgcache with pgoutput"
     );
     ensure!(
-        pg.psql("app", "SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = 'pgcache'")?
-            == "public.users",
-        "publication pgcache holds public.users"
+        pg.psql("app", "SELECT string_agg(schemaname || '.' || tablename, ',' ORDER BY schemaname, tablename) FROM pg_publication_tables WHERE pubname = 'pgcache'")?
+            == "pgcache.events,public.users",
+        "publication pgcache holds public.users and the control table"
     );
     ensure!(
         pg.psql(

@@ -424,7 +424,8 @@ async fn evict(
 }
 
 /// Deletes the keys, asks the running daemon to backfill the table again (`pgcache resync`
-/// sends this same message), and checks the backfill writes exactly the stream's bytes.
+/// records this same control event), and checks the backfill writes exactly the stream's
+/// bytes.
 async fn assert_backfill_matches(
     env: &Env,
     table: &str,
@@ -432,9 +433,7 @@ async fn assert_backfill_matches(
     from_daemon: &[(i32, String)],
 ) {
     let mut r = evict(env, prefix, from_daemon).await;
-    env.sql(&format!(
-        "SELECT pg_logical_emit_message(false, 'pgcache', 'resync:{table}')"
-    ));
+    env.sql(&format!("SELECT pgcache.emit('resync', '{table}')"));
     for (id, daemon_value) in from_daemon {
         let key = format!("{prefix}{id}");
         wait_for_exact(&mut r, &key, Some(daemon_value.as_str())).await;
