@@ -29,7 +29,8 @@ pub(crate) async fn run(path: &Path) -> ExitCode {
             Ok((handle, listener)) => {
                 tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
                 let mut stopped = stopped.clone();
-                tokio::spawn(http::serve(listener, handle, async move {
+                let limits = http::Limits::from(&config.metrics);
+                tokio::spawn(http::serve(listener, handle, limits, async move {
                     let _ = stopped.wait_for(|stop| *stop).await;
                 }));
             }
