@@ -223,12 +223,28 @@ pub enum PgTargetError {
 pub enum ConnectError {
     #[error(transparent)]
     Target(#[from] PgTargetError),
-    #[error("cannot connect to {target}: {source}")]
+    #[error("cannot connect to {target}: {}", with_causes(source))]
     Postgres {
         target: String,
         #[source]
         source: tokio_postgres::Error,
     },
+}
+
+/// An error and its causes, `a: b: c`: tokio-postgres' own text alone says only "error
+/// performing TLS handshake" where its cause says which certificate check failed.
+fn with_causes(error: &tokio_postgres::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = std::error::Error::source(error);
+    while let Some(e) = cause {
+        let more = e.to_string();
+        if !text.ends_with(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        cause = e.source();
+    }
+    text
 }
 
 impl ConnectError {
