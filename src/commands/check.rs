@@ -137,10 +137,13 @@ async fn reader_role_findings(
         .await?;
     let (role, superuser, replication): (String, bool, bool) = (row.get(0), row.get(1), row.get(2));
     let mut findings = Vec::new();
-    let powers: Vec<&str> = [(superuser, "a superuser"), (replication, "has REPLICATION")]
-        .into_iter()
-        .filter_map(|(has, what)| has.then_some(what))
-        .collect();
+    let powers: Vec<&str> = [
+        (superuser, "is a superuser"),
+        (replication, "has REPLICATION"),
+    ]
+    .into_iter()
+    .filter_map(|(has, what)| has.then_some(what))
+    .collect();
     findings.push(if powers.is_empty() {
         Finding::ok(format!(
             "reader role {role:?} is neither a superuser nor REPLICATION"
