@@ -166,7 +166,7 @@ pub struct LogConfig {
     pub level: String,
 }
 
-/// How a table's changes reach Redis (DESIGN.md, "Table modes").
+/// How a table's changes reach Redis (the README's "Table modes").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     /// SET on insert/update, DEL on delete: the whole table is cached.

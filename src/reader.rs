@@ -9,7 +9,7 @@
 //! # Ok(()) }
 //! ```
 //!
-//! A lookup reads Redis (one `GET`). On a miss it follows the lease protocol of DESIGN.md:
+//! A lookup reads Redis (one `GET`). On a miss it follows the lease protocol ([`lease`]):
 //! take the key's lease, read the row from Postgres encoded exactly as the daemon encodes
 //! it, and fill only if no change revoked the lease meanwhile, so a fill never puts an older
 //! row over a newer one. Callers that find the lease taken wait for the fill (short polling
