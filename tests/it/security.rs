@@ -772,15 +772,15 @@ async fn idle_and_slow_clients_are_dropped_after_the_timeouts() {
         idle.iter().all(|s| !closed_by_server(s)),
         "closed before the header timeout"
     );
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    assert!(
-        idle.iter().all(closed_by_server),
-        "idle connections outlived the header timeout"
-    );
-    assert!(
-        closed_by_server(&slow),
-        "a partial request outlived the timeout"
-    );
+    // Closed soon after the timeout (polled, so a loaded machine's timer slop is no failure).
+    let deadline = Instant::now() + limits.header_timeout + Duration::from_secs(3);
+    while !(idle.iter().all(closed_by_server) && closed_by_server(&slow)) {
+        assert!(
+            Instant::now() < deadline,
+            "idle connections or a partial request outlived the header timeout"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let (status, _) = tokio::task::spawn_blocking(move || get(addr, "/healthz"))
         .await
         .unwrap();
