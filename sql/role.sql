@@ -1,9 +1,15 @@
--- pgcache: the role the daemon and the read helper connect as.
+-- pgcache: the role the daemon connects as.
 --
 --   psql -v role=pgcache -v password='change me' -v tables='public.users,public.orders' -f sql/role.sql
 --
--- REPLICATION lets it stream from a slot; SELECT on the cached tables only lets it backfill
--- and lets the read helper fill misses. It gets nothing else.
+-- It gets LOGIN, REPLICATION, and SELECT on the cached tables (for backfills); no other grant.
+-- But REPLICATION is far more than "stream our slot": logical decoding does not check table
+-- privileges, so this role can create a slot of its own with the test_decoding plugin and
+-- read every change to every table of every database it may connect to, tables it cannot
+-- SELECT included; where pg_hba.conf allows physical replication connections it can also
+-- copy the whole cluster with pg_basebackup. Treat its password as read access to all data:
+-- give it to the daemon only. Applications that use the read helper get their own role,
+-- with SELECT on the cached tables only: sql/reader_role.sql.
 \set ON_ERROR_STOP on
 SELECT set_config('pgcache.role', :'role', false),
        set_config('pgcache.password', :'password', false),

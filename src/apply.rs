@@ -67,15 +67,24 @@ pub struct Merge {
     pub key: String,
     pub base: String,
     pub format: Format,
-    /// For JSON: each column's JSON name (with its quotes) and its encoded value, `None`
-    /// when unchanged. For hashes: the field name and `Some(Some(v))` to set,
-    /// `Some(None)` for NULL (the field goes), `None` unchanged.
-    pub columns: Vec<(Vec<u8>, Option<Option<Vec<u8>>>)>,
+    /// Each column: for JSON its name with its quotes, for hashes its field name.
+    pub columns: Vec<(Vec<u8>, MergeValue)>,
     pub ttl_ms: Option<u64>,
     /// Refresh mode: only a cached key is updated, and a missing base is not an error.
     pub only_if_cached: bool,
     /// Mirror mode: how to read the row again when the base is missing.
     pub repair: Option<Repair>,
+}
+
+/// A column's part in a [`Merge`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MergeValue {
+    /// The new value, encoded (JSON text, or a hash field's text).
+    Value(Vec<u8>),
+    /// NULL in a hash: the field goes (JSON writes `null` as a value).
+    Null,
+    /// An unchanged TOASTed column: taken from the base.
+    Unchanged,
 }
 
 /// A row to read again from Postgres (its key was deleted for want of a merge base).
@@ -136,7 +145,11 @@ impl Op {
                         + m.columns
                             .iter()
                             .map(|(n, v)| {
-                                n.len() + v.as_ref().and_then(Option::as_ref).map_or(0, Vec::len)
+                                n.len()
+                                    + match v {
+                                        MergeValue::Value(v) => v.len(),
+                                        _ => 0,
+                                    }
                             })
                             .sum::<usize>()
                 }
@@ -438,13 +451,13 @@ impl Batch {
                         key: key.clone(),
                         source,
                     })?;
-                    Some(Some(out))
+                    MergeValue::Value(out)
                 }
                 Some(TupleData::Null) | None => match table.rule.format {
-                    Format::Json => Some(Some(b"null".to_vec())),
-                    Format::Hash => Some(None),
+                    Format::Json => MergeValue::Value(b"null".to_vec()),
+                    Format::Hash => MergeValue::Null,
                 },
-                Some(TupleData::Unchanged) => None,
+                Some(TupleData::Unchanged) => MergeValue::Unchanged,
             };
             let name = match table.rule.format {
                 Format::Json => json_name(name),

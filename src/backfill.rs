@@ -125,7 +125,7 @@ struct InFlight {
 
 enum ChunkState {
     Reading(tokio::task::JoinHandle<Result<ChunkRead, BackfillError>>),
-    Read(ChunkRead),
+    Read(Box<ChunkRead>),
 }
 
 /// Chunks in flight: two lets Postgres read the next chunk while Redis writes the last one,
@@ -519,7 +519,7 @@ impl Backfills {
             }),
             Work::Keys(_) => None,
         };
-        entry.state = ChunkState::Read(chunk);
+        entry.state = ChunkState::Read(Box::new(chunk));
         if let Some(next) = next {
             let same = |q: &Job| {
                 q.table == next.table

@@ -7,6 +7,7 @@
 //! because a derive stops at the first error. Connection URLs are [`Secret`]s and every
 //! message is passed through [`redact`], so passwords never reach a log.
 
+mod redis_tls;
 mod secret;
 mod tables;
 mod tree;
@@ -19,6 +20,7 @@ use std::time::Duration;
 
 use config::{Map, Value};
 
+pub use self::redis_tls::{redis_client, RedisRoots};
 pub use self::secret::{redact, Secret};
 use self::tables::read_tables;
 use self::tree::{duration, is_env_override, Field, Section};
@@ -39,12 +41,16 @@ pub const DEFAULT_PUBLICATION: &str = "pgcache";
 pub const DEFAULT_MAX_BATCH_CHANGES: usize = 10_000;
 pub const DEFAULT_MAX_TRANSACTION_CHANGES: usize = 20_000;
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9187";
+pub const DEFAULT_METRICS_MAX_CONNECTIONS: usize = 64;
+pub const DEFAULT_METRICS_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_METRICS_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
     pub postgres: PostgresConfig,
     pub redis: RedisConfig,
+    pub reader: ReaderConfig,
     pub apply: ApplyConfig,
     pub backfill: BackfillConfig,
     pub metrics: MetricsConfig,
@@ -68,6 +74,27 @@ pub struct RedisConfig {
     pub url: Secret,
     /// Prepended to every key pgcache writes, including the checkpoint.
     pub key_prefix: String,
+    /// What vouches for a `rediss://` server: required with TLS, refused without.
+    pub tls_ca_file: Option<RedisRoots>,
+}
+
+impl RedisConfig {
+    /// A redis-rs client for this server, checking a TLS server against `tls_ca_file`.
+    ///
+    /// # Errors
+    /// The URL is invalid or the CA file cannot be read.
+    pub fn client(&self) -> redis::RedisResult<redis::Client> {
+        redis_client(self.url.expose(), self.tls_ca_file.as_ref())
+    }
+}
+
+/// `[reader]`: what [`Reader::from_config`](crate::Reader::from_config) uses instead of the
+/// daemon's settings, so applications need not hold the replication credential.
+#[derive(Debug, Clone, Default)]
+pub struct ReaderConfig {
+    /// The read helper's Postgres connection (a role with SELECT on the cached tables only,
+    /// see `sql/reader_role.sql`); `None`: `postgres.url`.
+    pub url: Option<Secret>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -132,6 +159,13 @@ impl Default for ApplyConfig {
 pub struct MetricsConfig {
     /// Prometheus endpoint; `None` when disabled with `listen = ""`.
     pub listen: Option<SocketAddr>,
+    /// Connections served at once; past it, the oldest connection that has not yet sent
+    /// its request is closed to make room.
+    pub max_connections: usize,
+    /// How long a client gets to send its request head.
+    pub header_timeout: Duration,
+    /// How long a connection may last in all, the response included.
+    pub request_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,7 +181,7 @@ pub struct LogConfig {
     pub level: String,
 }
 
-/// How a table's changes reach Redis (DESIGN.md, "Table modes").
+/// How a table's changes reach Redis (the README's "Table modes").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     /// SET on insert/update, DEL on delete: the whole table is cached.
@@ -339,6 +373,7 @@ fn read_config(
         |name: &str, errors: &mut Vec<String>| Section::new(name, root.remove(name), errors);
     let postgres = read_postgres(section("postgres", errors), base_dir, errors);
     let redis = read_redis(section("redis", errors), base_dir, errors);
+    let reader = read_reader(section("reader", errors), base_dir, errors);
     let apply = read_apply(section("apply", errors), errors);
     let backfill = read_backfill(section("backfill", errors), errors);
     let metrics = read_metrics(section("metrics", errors), errors);
@@ -352,6 +387,7 @@ fn read_config(
     Some(Config {
         postgres: postgres?,
         redis: redis?,
+        reader,
         apply,
         backfill,
         metrics,
@@ -412,32 +448,36 @@ fn read_url(
     }
 }
 
+/// A Postgres connection string, checked as the connections will read it.
+fn postgres_url(url: Field<String>, errors: &mut Vec<String>) -> Option<Secret> {
+    use crate::pgconn::{parse_connection_string, PgTargetError};
+    let problem = match parse_connection_string(&url.value) {
+        Ok((parsed, _)) if parsed.get_hosts().is_empty() => Some("names no host".to_string()),
+        Ok(_) => None,
+        Err(PgTargetError::Invalid(cause)) => {
+            Some(format!("is not a valid connection string ({cause})"))
+        }
+        Err(other) => Some(format!("is not usable: {other}")),
+    };
+    match problem {
+        Some(problem) => {
+            errors.push(format!(
+                "{}: {:?} {problem} (examples: postgres://user@host/db, host=/run/postgresql dbname=app)",
+                url.label,
+                redact(&url.value)
+            ));
+            None
+        }
+        None => Some(Secret::new(url.value)),
+    }
+}
+
 fn read_postgres(
     mut sec: Section,
     base_dir: Option<&Path>,
     errors: &mut Vec<String>,
 ) -> Option<PostgresConfig> {
-    let url = read_url(&mut sec, base_dir, errors).and_then(|url| {
-        let problem = match url.value.parse::<tokio_postgres::Config>() {
-            Ok(parsed) if parsed.get_hosts().is_empty() => Some("names no host".to_string()),
-            Ok(_) => None,
-            Err(e) => Some(match std::error::Error::source(&e) {
-                Some(cause) => format!("is not a valid connection string ({cause})"),
-                None => "is not a valid connection string".to_string(),
-            }),
-        };
-        match problem {
-            Some(problem) => {
-                errors.push(format!(
-                    "{}: {:?} {problem} (examples: postgres://user@host/db, host=/run/postgresql dbname=app)",
-                    url.label,
-                    redact(&url.value)
-                ));
-                None
-            }
-            None => Some(Secret::new(url.value)),
-        }
-    });
+    let url = read_url(&mut sec, base_dir, errors).and_then(|url| postgres_url(url, errors));
     let slot = sec.string("slot", errors);
     let slot = match slot {
         Some(s) if !is_slot_name(&s.value) => {
@@ -496,11 +536,49 @@ fn read_redis(
         .string("key_prefix", errors)
         .map(|p| p.value)
         .unwrap_or_default();
+    let ca = sec.string("tls_ca_file", errors);
+    let tls_ca_file = match &ca {
+        Some(f) if f.value.is_empty() => None,
+        Some(f) => Some(RedisRoots::from_setting(&f.value, base_dir)),
+        None => None,
+    };
+    if let (Some(ca), Some(RedisRoots::File(path))) = (&ca, &tls_ca_file) {
+        if let Err(e) = std::fs::metadata(path) {
+            errors.push(format!("{}: cannot read {}: {e}", ca.label, path.display()));
+        }
+    }
+    let url =
+        url.and_then(
+            |url| match redis_tls::tls_problem(url.expose(), tls_ca_file.as_ref()) {
+                Some(problem) => {
+                    errors.push(format!("{}: {problem}", sec.path_of("url")));
+                    None
+                }
+                None => Some(url),
+            },
+        );
     sec.finish(errors);
     Some(RedisConfig {
         url: url?,
         key_prefix,
+        tls_ca_file,
     })
+}
+
+/// `[reader]`: all optional.
+fn read_reader(
+    mut sec: Section,
+    base_dir: Option<&Path>,
+    errors: &mut Vec<String>,
+) -> ReaderConfig {
+    let given = sec.map.contains_key("url") || sec.map.contains_key("url_file");
+    let url = if given {
+        read_url(&mut sec, base_dir, errors).and_then(|url| postgres_url(url, errors))
+    } else {
+        None
+    };
+    sec.finish(errors);
+    ReaderConfig { url }
 }
 
 /// What is wrong with a Redis URL, checked by hand: `redis::IntoConnectionInfo` rejects
@@ -609,8 +687,29 @@ fn read_metrics(mut sec: Section, errors: &mut Vec<String>) -> MetricsConfig {
             }
         }
     };
+    let max_connections = sec
+        .count("max_connections", errors)
+        .map_or(DEFAULT_METRICS_MAX_CONNECTIONS, |n| n.value);
+    let mut timeout = |key: &str, default: Duration| match sec.string(key, errors) {
+        Some(d) => match duration(&d, errors) {
+            Some(t) if t.is_zero() => {
+                errors.push(format!("{}: must be more than 0s", d.label));
+                default
+            }
+            Some(t) => t,
+            None => default,
+        },
+        None => default,
+    };
+    let header_timeout = timeout("header_timeout", DEFAULT_METRICS_HEADER_TIMEOUT);
+    let request_timeout = timeout("request_timeout", DEFAULT_METRICS_REQUEST_TIMEOUT);
     sec.finish(errors);
-    MetricsConfig { listen }
+    MetricsConfig {
+        listen,
+        max_connections,
+        header_timeout,
+        request_timeout,
+    }
 }
 
 fn read_log(mut sec: Section, errors: &mut Vec<String>) -> LogConfig {

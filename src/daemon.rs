@@ -254,7 +254,9 @@ async fn session(
     hooks: &Hooks,
     applied: &mut Applied,
 ) -> Result<(), RunError> {
-    let client = redis::Client::open(config.redis.url.expose())
+    let client = config
+        .redis
+        .client()
         .map_err(|e| RunError::fatal("config", format!("redis.url: {e}")))?;
     // A large write on a loaded Redis can take well over redis-rs's default 500 ms reply
     // timeout; ending the session for it would only replay the same batch. A dead server

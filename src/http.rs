@@ -7,16 +7,26 @@
 //! A tiny HTTP/1.1 responder (one request per connection, `Connection: close`) is all a
 //! scraper and a probe need, so no web framework is pulled in. [`serve`] takes its listener
 //! and a shutdown future, so a test can run it on port 0 and stop it at will.
+//!
+//! The endpoint may be reachable by more than Prometheus (containers bind it to all
+//! interfaces), so clients cannot tie it up: at most [`Limits::max_connections`] are open at
+//! once, a client has [`Limits::header_timeout`] to send its request and
+//! [`Limits::request_timeout`] for the whole exchange, and when every slot is taken, the
+//! oldest connection that has not sent its request yet is closed to make room. Thousands of
+//! idle connections therefore cost a bounded number of file descriptors, and a probe, which
+//! sends its request at once, still gets its answer.
 
+use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
-use crate::config::redact;
+use crate::config::{self, redact, MetricsConfig};
 use crate::health::Health;
 use crate::metrics as m;
 
@@ -32,8 +42,40 @@ const UPKEEP_EVERY: Duration = Duration::from_secs(5);
 /// Request heads larger than this are refused; probes and scrapers send a few hundred bytes.
 const MAX_HEAD: usize = 8 * 1024;
 
-/// How long a client gets to send its request.
-const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a new connection waits for a connection that was closed to make room for it
+/// to let go of its slot (it only has to be scheduled once).
+const EVICTION_WAIT: Duration = Duration::from_secs(1);
+
+/// How many clients the endpoint serves at once and how long each may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections open at once (`[metrics] max_connections`).
+    pub max_connections: usize,
+    /// Time to send the request head (`[metrics] header_timeout`).
+    pub header_timeout: Duration,
+    /// Time for the whole exchange, the response included (`[metrics] request_timeout`).
+    pub request_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: config::DEFAULT_METRICS_MAX_CONNECTIONS,
+            header_timeout: config::DEFAULT_METRICS_HEADER_TIMEOUT,
+            request_timeout: config::DEFAULT_METRICS_REQUEST_TIMEOUT,
+        }
+    }
+}
+
+impl From<&MetricsConfig> for Limits {
+    fn from(config: &MetricsConfig) -> Self {
+        Limits {
+            max_connections: config.max_connections,
+            header_timeout: config.header_timeout,
+            request_timeout: config.request_timeout,
+        }
+    }
+}
 
 /// Seconds: 1 ms to 5 min, for commit-to-EXEC latency.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -94,15 +136,55 @@ pub async fn bind(addr: std::net::SocketAddr) -> Result<TcpListener, HttpError> 
         .map_err(|source| HttpError::Bind { addr, source })
 }
 
+/// The open connections: a slot each, and a way to close those still waiting for their
+/// request.
+struct Slots {
+    free: Arc<Semaphore>,
+    /// Connections that have not sent their request head yet, oldest (lowest id) first.
+    /// Dropping a sender closes that connection.
+    waiting: Mutex<BTreeMap<u64, oneshot::Sender<()>>>,
+}
+
+impl Slots {
+    fn new(max: usize) -> Slots {
+        Slots {
+            free: Arc::new(Semaphore::new(max.max(1))),
+            waiting: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// A slot for a new connection: a free one, or the one of the oldest connection still
+    /// waiting for its request, which is closed. `None` when every slot is busy answering.
+    async fn take(&self) -> Option<OwnedSemaphorePermit> {
+        if let Ok(permit) = self.free.clone().try_acquire_owned() {
+            return Some(permit);
+        }
+        let evicted = self.lock().pop_first();
+        // Dropped here: the evicted connection's task ends and frees its slot.
+        drop(evicted?);
+        tokio::time::timeout(EVICTION_WAIT, self.free.clone().acquire_owned())
+            .await
+            .ok()?
+            .ok()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, oneshot::Sender<()>>> {
+        self.waiting.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 /// Answers requests on `listener` until `shutdown` resolves, and keeps the histograms
 /// folded meanwhile.
 pub async fn serve(
     listener: TcpListener,
     handle: PrometheusHandle,
+    limits: Limits,
     health: std::sync::Arc<Health>,
     shutdown: impl Future<Output = ()>,
 ) {
     let started = Instant::now();
+    let slots = Arc::new(Slots::new(limits.max_connections));
+    let mut next_id: u64 = 0;
     let mut upkeep = tokio::time::interval(UPKEEP_EVERY);
     upkeep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
@@ -111,13 +193,28 @@ pub async fn serve(
             _ = &mut shutdown => return,
             _ = upkeep.tick() => handle.run_upkeep(),
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
+                Ok((stream, peer)) => {
+                    let Some(permit) = slots.take().await else {
+                        tracing::debug!(%peer, "metrics endpoint busy: connection closed");
+                        continue;
+                    };
+                    let id = next_id;
+                    next_id += 1;
+                    let (evict, evicted) = oneshot::channel();
+                    slots.lock().insert(id, evict);
                     let handle = handle.clone();
                     let health = health.clone();
+                    let slots = slots.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = answer(stream, &handle, &health, started).await {
-                            tracing::debug!(error = %e, "metrics request failed");
+                        let exchange = answer(stream, &handle, &health, started, limits, evicted, || {
+                            slots.lock().remove(&id);
+                        });
+                        match tokio::time::timeout(limits.request_timeout, exchange).await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(e)) => tracing::debug!(error = %e, "metrics request failed"),
+                            Err(_) => tracing::debug!(%peer, "metrics request timed out"),
                         }
+                        drop(permit);
                     });
                 }
                 Err(e) => {
@@ -130,13 +227,23 @@ pub async fn serve(
     }
 }
 
+/// One exchange. Until the request head is in, the connection can be closed for a newer
+/// one (`evicted` resolves); `head_read` then takes it off the list of such connections.
 async fn answer(
     mut stream: TcpStream,
     handle: &PrometheusHandle,
     health: &Health,
     started: Instant,
+    limits: Limits,
+    evicted: oneshot::Receiver<()>,
+    head_read: impl FnOnce(),
 ) -> std::io::Result<()> {
-    let head = match tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream)).await {
+    let head = tokio::select! {
+        _ = evicted => return Ok(()),
+        head = tokio::time::timeout(limits.header_timeout, read_head(&mut stream)) => head,
+    };
+    head_read();
+    let head = match head {
         Ok(head) => head?,
         Err(_) => return Ok(()),
     };

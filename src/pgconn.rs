@@ -5,8 +5,10 @@
 //! change text output, so the stream and the reader produce byte-identical values.
 //!
 //! `tokio_postgres::Config` only knows `sslmode=disable|prefer|require` and has no
-//! `sslrootcert`, so [`PgTarget::parse`] takes those two out of the connection string and
-//! keeps them itself; TLS is then built here with rustls, following libpq's meaning of each mode.
+//! `sslrootcert`, so [`PgTarget::parse`] takes those two (and `channel_binding`, to name a bad
+//! value clearly) out of the connection string and keeps them itself; TLS is then built here
+//! with rustls, following libpq's meaning of each mode and libpq's choice of root
+//! certificates (`sslrootcert`, else `~/.postgresql/root.crt`, or `sslrootcert=system`).
 
 use std::fmt;
 use std::net::IpAddr;
@@ -94,6 +96,66 @@ impl FromStr for SslMode {
     }
 }
 
+/// Where `verify-ca` and `verify-full` find the certificates that vouch for the server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SslRootCert {
+    /// A PEM file (`sslrootcert=/path/to/ca.pem`).
+    File(PathBuf),
+    /// The operating system's trust store (`sslrootcert=system`).
+    System,
+}
+
+/// Whether SCRAM binds the login to the TLS channel (`tls-server-end-point`, RFC 5929), so
+/// that a man in the middle who terminates TLS cannot relay the login. libpq's
+/// `channel_binding` setting, with its values and default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelBinding {
+    /// Never bind.
+    Disable,
+    /// Bind when TLS is on and the server offers `SCRAM-SHA-256-PLUS`. The default.
+    Prefer,
+    /// Bind or fail: no TLS, a server without `SCRAM-SHA-256-PLUS`, or a login without SCRAM
+    /// (trust, password, md5) is refused.
+    Require,
+}
+
+impl ChannelBinding {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChannelBinding::Disable => "disable",
+            ChannelBinding::Prefer => "prefer",
+            ChannelBinding::Require => "require",
+        }
+    }
+}
+
+impl fmt::Display for ChannelBinding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for ChannelBinding {
+    type Err = PgTargetError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "disable" => ChannelBinding::Disable,
+            "prefer" => ChannelBinding::Prefer,
+            "require" => ChannelBinding::Require,
+            other => return Err(PgTargetError::ChannelBinding(other.to_string())),
+        })
+    }
+}
+
+/// The settings that pgcache takes out of a connection string and handles itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSettings {
+    pub ssl_mode: SslMode,
+    pub ssl_root_cert: Option<SslRootCert>,
+    pub channel_binding: ChannelBinding,
+}
+
 /// A connection string that cannot be used, or a TLS setup that cannot be built.
 #[derive(Debug, thiserror::Error)]
 pub enum PgTargetError {
@@ -101,6 +163,45 @@ pub enum PgTargetError {
     Invalid(String),
     #[error("invalid sslmode {0:?}: expected disable, prefer, require, verify-ca or verify-full")]
     SslMode(String),
+    #[error("invalid channel_binding {0:?}: expected disable, prefer or require")]
+    ChannelBinding(String),
+    #[error(
+        "sslrootcert=system needs sslmode=verify-full (or no sslmode), not sslmode={0}: with \
+         the operating system's roots any public CA vouches for its customers, so the host \
+         name must be checked too"
+    )]
+    SystemRootsNeedVerifyFull(SslMode),
+    #[error(
+        "channel_binding=require needs TLS, but the connection string says sslmode=disable \
+         (use sslmode=require or stricter)"
+    )]
+    ChannelBindingWithoutTls,
+    #[error(
+        "channel_binding=require needs TLS, but {0} is a Unix socket, which is never encrypted"
+    )]
+    ChannelBindingOverUnixSocket(String),
+    #[error(
+        "sslmode={mode} checks the server's certificate, but no root certificate was given: \
+         {}. Set sslrootcert=/path/to/ca.pem in the connection string, or sslrootcert=system \
+         to trust the operating system's roots{}",
+        match home_file {
+            Some(path) => format!("{} does not exist", path.display()),
+            None => "there is no home directory to look for ~/.postgresql/root.crt in".into(),
+        },
+        match home_file {
+            Some(path) => format!(", or put the CA certificate at {}", path.display()),
+            None => String::new(),
+        }
+    )]
+    NoRootCert {
+        mode: SslMode,
+        home_file: Option<PathBuf>,
+    },
+    #[error(
+        "sslrootcert=system, but the operating system's trust store gave no certificates{0}; \
+         install its CA bundle (apt-get install ca-certificates) or set sslrootcert=/path/to/ca.pem"
+    )]
+    NoSystemRoots(String),
     #[error(
         "invalid connection string: no user name (write postgres://USER@host/db or user=USER)"
     )]
@@ -122,12 +223,28 @@ pub enum PgTargetError {
 pub enum ConnectError {
     #[error(transparent)]
     Target(#[from] PgTargetError),
-    #[error("cannot connect to {target}: {source}")]
+    #[error("cannot connect to {target}: {}", with_causes(source))]
     Postgres {
         target: String,
         #[source]
         source: tokio_postgres::Error,
     },
+}
+
+/// An error and its causes, `a: b: c`: tokio-postgres' own text alone says only "error
+/// performing TLS handshake" where its cause says which certificate check failed.
+fn with_causes(error: &tokio_postgres::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = std::error::Error::source(error);
+    while let Some(e) = cause {
+        let more = e.to_string();
+        if !text.ends_with(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        cause = e.source();
+    }
+    text
 }
 
 impl ConnectError {
@@ -141,7 +258,7 @@ impl ConnectError {
 }
 
 /// A parsed connection target: the `tokio_postgres::Config` plus what it cannot hold (the
-/// verify-* ssl modes and the root certificate path).
+/// verify-* ssl modes and the root certificates).
 #[derive(Clone)]
 pub struct PgTarget {
     /// Everything but the TLS settings, as tokio-postgres parsed it.
@@ -154,7 +271,8 @@ pub struct PgTarget {
     /// libpq defaults the database name to the user name.
     dbname: String,
     ssl_mode: SslMode,
-    ssl_root_cert: Option<PathBuf>,
+    ssl_root_cert: Option<SslRootCert>,
+    channel_binding: ChannelBinding,
 }
 
 impl fmt::Debug for PgTarget {
@@ -172,18 +290,12 @@ impl PgTarget {
     /// [`PgTargetError`] naming what is wrong: syntax, an unknown parameter, an unknown
     /// sslmode, no user name, or TLS demanded over a Unix socket.
     pub fn parse(s: &str) -> Result<PgTarget, PgTargetError> {
-        let (rest, ssl_mode, ssl_root_cert) = if is_url(s) {
-            strip_url_tls_params(s)?
-        } else {
-            strip_keyword_tls_params(s)?
-        };
-        let ssl_mode = match ssl_mode {
-            Some(mode) => mode.parse()?,
-            None => SslMode::Prefer,
-        };
-        let mut config = tokio_postgres::Config::from_str(&rest)
-            .map_err(|e| PgTargetError::Invalid(e.to_string()))?;
-
+        let (mut config, tls) = parse_connection_string(s)?;
+        let TlsSettings {
+            ssl_mode,
+            ssl_root_cert,
+            channel_binding,
+        } = tls;
         let (host, unix_socket) = match config.get_hosts().first() {
             Some(Host::Tcp(host)) => (host.clone(), false),
             #[cfg(unix)]
@@ -210,6 +322,9 @@ impl PgTarget {
                 host,
             });
         }
+        if unix_socket && channel_binding == ChannelBinding::Require {
+            return Err(PgTargetError::ChannelBindingOverUnixSocket(host));
+        }
         Ok(PgTarget {
             config,
             host,
@@ -218,7 +333,8 @@ impl PgTarget {
             user,
             dbname,
             ssl_mode,
-            ssl_root_cert: ssl_root_cert.map(PathBuf::from),
+            ssl_root_cert,
+            channel_binding,
         })
     }
 
@@ -257,8 +373,13 @@ impl PgTarget {
         self.ssl_mode
     }
 
-    pub fn ssl_root_cert(&self) -> Option<&Path> {
-        self.ssl_root_cert.as_deref()
+    /// `sslrootcert`, if the connection string gives it.
+    pub fn ssl_root_cert(&self) -> Option<&SslRootCert> {
+        self.ssl_root_cert.as_ref()
+    }
+
+    pub fn channel_binding(&self) -> ChannelBinding {
+        self.channel_binding
     }
 
     /// The application name from the connection string, else `pgcache`.
@@ -315,8 +436,68 @@ impl PgTarget {
                 tokio_postgres::config::SslMode::Require
             }
         });
+        config.channel_binding(match self.channel_binding {
+            ChannelBinding::Disable => tokio_postgres::config::ChannelBinding::Disable,
+            ChannelBinding::Prefer => tokio_postgres::config::ChannelBinding::Prefer,
+            ChannelBinding::Require => tokio_postgres::config::ChannelBinding::Require,
+        });
         config
     }
+}
+
+/// Parse a URL or libpq `key=value` string into what tokio-postgres understands and the TLS
+/// settings pgcache handles itself, checking both. Unlike [`PgTarget::parse`] it accepts a
+/// string without a user name, so a config can be checked where libpq's defaults apply.
+///
+/// libpq's rules: `sslmode` defaults to `prefer`, or to `verify-full` with
+/// `sslrootcert=system`, which refuses any weaker mode; `channel_binding` defaults to
+/// `prefer`, and `require` refuses `sslmode=disable`.
+///
+/// # Errors
+/// [`PgTargetError`] naming the parameter and the problem.
+pub fn parse_connection_string(
+    s: &str,
+) -> Result<(tokio_postgres::Config, TlsSettings), PgTargetError> {
+    let (rest, params) = if is_url(s) {
+        strip_url_tls_params(s)?
+    } else {
+        strip_keyword_tls_params(s)?
+    };
+    let ssl_root_cert = params.sslrootcert.map(|value| match value.as_str() {
+        "system" => SslRootCert::System,
+        _ => SslRootCert::File(PathBuf::from(value)),
+    });
+    let ssl_mode = match (params.sslmode, &ssl_root_cert) {
+        (Some(mode), Some(SslRootCert::System)) => match mode.parse()? {
+            SslMode::VerifyFull => SslMode::VerifyFull,
+            weaker => return Err(PgTargetError::SystemRootsNeedVerifyFull(weaker)),
+        },
+        (Some(mode), _) => mode.parse()?,
+        (None, Some(SslRootCert::System)) => SslMode::VerifyFull,
+        (None, _) => SslMode::Prefer,
+    };
+    let channel_binding = match params.channel_binding {
+        Some(value) => value.parse()?,
+        None => ChannelBinding::Prefer,
+    };
+    if channel_binding == ChannelBinding::Require && ssl_mode == SslMode::Disable {
+        return Err(PgTargetError::ChannelBindingWithoutTls);
+    }
+    let config = tokio_postgres::Config::from_str(&rest).map_err(|e| {
+        // tokio-postgres says "invalid connection string" itself; keep only its cause.
+        PgTargetError::Invalid(match std::error::Error::source(&e) {
+            Some(cause) => cause.to_string(),
+            None => e.to_string(),
+        })
+    })?;
+    Ok((
+        config,
+        TlsSettings {
+            ssl_mode,
+            ssl_root_cert,
+            channel_binding,
+        },
+    ))
 }
 
 /// A deadpool manager for `target`: every connection pins the session settings of the
@@ -406,16 +587,31 @@ where
 /// The rustls client configuration for an ssl mode, with libpq's semantics:
 /// `Prefer`/`Require` encrypt without checking the certificate; `VerifyCa` checks the chain
 /// against the root certificates but not the host name; `VerifyFull` checks both. Root
-/// certificates come from `root_cert` (a PEM file) if given, else the webpki roots.
+/// certificates come, as with libpq, from `root_cert` (a PEM file, or the operating system's
+/// store for [`SslRootCert::System`]), else from `~/.postgresql/root.crt`; with neither, a
+/// verifying mode is an error. There is no silent fallback to public roots: they would let
+/// anyone with a certificate from a public CA pose as the database.
 ///
 /// Uses the `ring` provider explicitly so no process-wide default provider is needed.
 ///
 /// # Errors
-/// The root certificate file cannot be read or holds no certificates, or rustls rejects
-/// the configuration.
+/// No root certificates, a root certificate file that cannot be read or holds no
+/// certificates, or rustls rejects the configuration.
 pub fn tls_config(
     mode: SslMode,
-    root_cert: Option<&Path>,
+    root_cert: Option<&SslRootCert>,
+) -> Result<Arc<rustls::ClientConfig>, PgTargetError> {
+    tls_config_with_home(mode, root_cert, home_dir().as_deref())
+}
+
+/// [`tls_config`] with the home directory given, so tests need not touch `$HOME`.
+///
+/// # Errors
+/// As [`tls_config`].
+pub fn tls_config_with_home(
+    mode: SslMode,
+    root_cert: Option<&SslRootCert>,
+    home: Option<&Path>,
 ) -> Result<Arc<rustls::ClientConfig>, PgTargetError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
@@ -433,23 +629,70 @@ pub fn tls_config(
         SslMode::VerifyCa => builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(PgCertVerifier {
-                roots: Some(Arc::new(root_store(root_cert)?)),
+                roots: Some(Arc::new(root_store(mode, root_cert, home)?)),
                 algorithms,
             }))
             .with_no_client_auth(),
         SslMode::VerifyFull => builder
-            .with_root_certificates(root_store(root_cert)?)
+            .with_root_certificates(root_store(mode, root_cert, home)?)
             .with_no_client_auth(),
     };
     Ok(Arc::new(config))
 }
 
-fn root_store(root_cert: Option<&Path>) -> Result<RootCertStore, PgTargetError> {
+/// The user's home directory, where libpq looks for `.postgresql/root.crt`: `$HOME`, else
+/// the password database's entry.
+fn home_dir() -> Option<PathBuf> {
+    #[allow(deprecated)] // Deprecated only for its old Windows behaviour.
+    std::env::home_dir().filter(|home| !home.as_os_str().is_empty())
+}
+
+/// Where libpq looks for root certificates when `sslrootcert` is not given.
+pub fn default_root_cert_file(home: &Path) -> PathBuf {
+    home.join(".postgresql").join("root.crt")
+}
+
+/// Which root certificates a verifying mode uses: see [`tls_config`].
+///
+/// # Errors
+/// As [`tls_config`].
+pub fn select_root_cert(
+    mode: SslMode,
+    root_cert: Option<&SslRootCert>,
+    home: Option<&Path>,
+) -> Result<SslRootCert, PgTargetError> {
+    if let Some(root) = root_cert {
+        return Ok(root.clone());
+    }
+    let home_file = home.map(default_root_cert_file);
+    match home_file {
+        Some(path) if path.exists() => Ok(SslRootCert::File(path)),
+        home_file => Err(PgTargetError::NoRootCert { mode, home_file }),
+    }
+}
+
+fn root_store(
+    mode: SslMode,
+    root_cert: Option<&SslRootCert>,
+    home: Option<&Path>,
+) -> Result<RootCertStore, PgTargetError> {
     let mut store = RootCertStore::empty();
-    let Some(path) = root_cert else {
-        store.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        return Ok(store);
+    let path = match select_root_cert(mode, root_cert, home)? {
+        SslRootCert::File(path) => path,
+        SslRootCert::System => {
+            let found = rustls_native_certs::load_native_certs();
+            let (added, _unparsable) = store.add_parsable_certificates(found.certs);
+            if added == 0 {
+                let why = match found.errors.first() {
+                    Some(e) => format!(" ({e})"),
+                    None => String::new(),
+                };
+                return Err(PgTargetError::NoSystemRoots(why));
+            }
+            return Ok(store);
+        }
     };
+    let path = path.as_path();
     let read_err = |reason: String| PgTargetError::RootCert {
         path: path.to_path_buf(),
         reason,
@@ -592,24 +835,46 @@ fn is_url(s: &str) -> bool {
     s.starts_with("postgres://") || s.starts_with("postgresql://")
 }
 
-type Stripped = (String, Option<String>, Option<String>);
+/// The parameters taken out of a connection string, as written.
+#[derive(Default)]
+struct TlsParams {
+    sslmode: Option<String>,
+    sslrootcert: Option<String>,
+    channel_binding: Option<String>,
+}
 
-/// Take `sslmode` and `sslrootcert` out of a URL's query string, keeping the rest verbatim.
-fn strip_url_tls_params(s: &str) -> Result<Stripped, PgTargetError> {
+impl TlsParams {
+    /// Keeps `key`'s value if it is one of ours; `false` for any other key.
+    fn take(
+        &mut self,
+        key: &str,
+        value: impl FnOnce() -> Result<String, PgTargetError>,
+    ) -> Result<bool, PgTargetError> {
+        let slot = match key {
+            "sslmode" => &mut self.sslmode,
+            "sslrootcert" => &mut self.sslrootcert,
+            "channel_binding" => &mut self.channel_binding,
+            _ => return Ok(false),
+        };
+        *slot = Some(value()?);
+        Ok(true)
+    }
+}
+
+/// Take our parameters out of a URL's query string, keeping the rest verbatim.
+fn strip_url_tls_params(s: &str) -> Result<(String, TlsParams), PgTargetError> {
+    let mut params = TlsParams::default();
     let Some(q) = s.find('?') else {
-        return Ok((s.to_string(), None, None));
+        return Ok((s.to_string(), params));
     };
     let (base, query) = (&s[..q], &s[q + 1..]);
-    let (mut mode, mut root) = (None, None);
     let mut kept = Vec::new();
     for param in query.split('&').filter(|p| !p.is_empty()) {
         let (key, value) = param.split_once('=').ok_or_else(|| {
             PgTargetError::Invalid(format!("query parameter {param:?} has no '='"))
         })?;
-        match percent_decode(key)?.as_str() {
-            "sslmode" => mode = Some(percent_decode(value)?),
-            "sslrootcert" => root = Some(percent_decode(value)?),
-            _ => kept.push(param),
+        if !params.take(&percent_decode(key)?, || percent_decode(value))? {
+            kept.push(param);
         }
     }
     let rest = if kept.is_empty() {
@@ -617,21 +882,19 @@ fn strip_url_tls_params(s: &str) -> Result<Stripped, PgTargetError> {
     } else {
         format!("{base}?{}", kept.join("&"))
     };
-    Ok((rest, mode, root))
+    Ok((rest, params))
 }
 
-/// Take `sslmode` and `sslrootcert` out of a libpq `key=value` string.
-fn strip_keyword_tls_params(s: &str) -> Result<Stripped, PgTargetError> {
-    let (mut mode, mut root) = (None, None);
+/// Take our parameters out of a libpq `key=value` string.
+fn strip_keyword_tls_params(s: &str) -> Result<(String, TlsParams), PgTargetError> {
+    let mut params = TlsParams::default();
     let mut kept = Vec::new();
     for (key, value) in tokenize_keywords(s)? {
-        match key.as_str() {
-            "sslmode" => mode = Some(value),
-            "sslrootcert" => root = Some(value),
-            _ => kept.push((key, value)),
+        if !params.take(&key, || Ok(value.clone()))? {
+            kept.push((key, value));
         }
     }
-    Ok((join_keywords(kept), mode, root))
+    Ok((join_keywords(kept), params))
 }
 
 /// Split a libpq `key = value` string: values are bare words or single-quoted, and a

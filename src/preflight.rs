@@ -201,21 +201,39 @@ async fn role_findings(
     let role: String = row.get(0);
     let replication: bool = row.get(1);
     let superuser: bool = row.get(2);
-    Ok(vec![if replication || superuser {
-        Finding::ok(format!(
-            "role {role:?} may stream ({})",
-            if superuser {
-                "superuser"
-            } else {
-                "REPLICATION"
-            }
-        ))
-    } else {
-        Finding::fail(
-            format!("role {role:?} lacks the REPLICATION attribute, so it cannot stream"),
-            format!("ALTER ROLE {} REPLICATION;", quote_ident(&role)),
-        )
-    }])
+    let mut findings = Vec::new();
+    if superuser {
+        findings.push(Finding::warn(
+            format!(
+                "role {role:?} is a superuser: the daemon needs only REPLICATION and SELECT on \
+                 the cached tables, and whoever gets its password owns the whole server"
+            ),
+            format!(
+                "connect as a role made by sql/role.sql (psql -v role=pgcache -v password=... \
+                 -v tables=... -f sql/role.sql), or ALTER ROLE {} NOSUPERUSER REPLICATION;",
+                quote_ident(&role)
+            ),
+        ));
+    }
+    findings.insert(
+        0,
+        if replication || superuser {
+            Finding::ok(format!(
+                "role {role:?} may stream ({})",
+                if superuser {
+                    "superuser"
+                } else {
+                    "REPLICATION"
+                }
+            ))
+        } else {
+            Finding::fail(
+                format!("role {role:?} lacks the REPLICATION attribute, so it cannot stream"),
+                format!("ALTER ROLE {} REPLICATION;", quote_ident(&role)),
+            )
+        },
+    );
+    Ok(findings)
 }
 
 async fn publication_findings(

@@ -9,7 +9,7 @@
 //! # Ok(()) }
 //! ```
 //!
-//! A lookup reads Redis (one `GET`). On a miss it follows the lease protocol of DESIGN.md:
+//! A lookup reads Redis (one `GET`). On a miss it follows the lease protocol ([`lease`]):
 //! take the key's lease, read the row from Postgres encoded exactly as the daemon encodes
 //! it, and fill only if no change revoked the lease meanwhile, so a fill never puts an older
 //! row over a newer one. Callers that find the lease taken wait for the fill (short polling
@@ -113,7 +113,9 @@ impl Reader {
         Self::from_config_with(config, ReaderOptions::default())
     }
 
-    /// A reader for the tables of the daemon's config file.
+    /// A reader for the tables of the daemon's config file. It connects to Postgres with
+    /// `[reader] url` when the file has one (a role that may only read the cached tables),
+    /// else with `postgres.url`.
     ///
     /// # Errors
     /// As [`ReaderBuilder::build`].
@@ -121,9 +123,13 @@ impl Reader {
         config: &Config,
         options: ReaderOptions,
     ) -> Result<Reader, ReaderError> {
-        let mut builder = Self::builder(config.postgres.url.expose(), config.redis.url.expose())
+        let postgres_url = config.reader.url.as_ref().unwrap_or(&config.postgres.url);
+        let mut builder = Self::builder(postgres_url.expose(), config.redis.url.expose())
             .key_prefix(config.redis.key_prefix.clone())
             .options(options);
+        if let Some(roots) = &config.redis.tls_ca_file {
+            builder = builder.redis_tls_roots(roots.clone());
+        }
         for rule in &config.tables {
             builder = builder.rule(rule.clone());
         }

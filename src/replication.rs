@@ -18,9 +18,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
 use postgres_protocol::authentication::md5_hash;
-use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
+use postgres_protocol::authentication::sasl::{
+    self, ScramSha256, SCRAM_SHA_256, SCRAM_SHA_256_PLUS,
+};
 use postgres_protocol::message::frontend;
 use rustls::pki_types::ServerName;
+use sha2::{Digest, Sha224, Sha256, Sha384, Sha512};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -28,7 +31,7 @@ use self::frame::{
     decode_copy_data, parse_data_row, server_error, split_frame, start_replication_command,
     unexpected, write_status_update, Fields, Frame,
 };
-use crate::pgconn::{tls_config, PgTarget, SslMode};
+use crate::pgconn::{tls_config, ChannelBinding, PgTarget, SslMode};
 use crate::Lsn;
 
 mod frame;
@@ -146,6 +149,110 @@ pub enum ReplicationEvent {
 trait Transport: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Transport for T {}
 
+/// What the transport offers SCRAM for channel binding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum ChannelData {
+    /// No TLS: nothing to bind to.
+    Plain,
+    /// TLS: the `tls-server-end-point` data (the hash of the server's certificate), or why
+    /// it cannot be computed.
+    Tls(Result<Vec<u8>, String>),
+}
+
+/// The GS2 header choice of the SCRAM client-first message (RFC 5802 §7).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Gs2 {
+    /// `n`: the client does not bind.
+    Unsupported,
+    /// `y`: the client could bind but the server did not offer it; a server that did offer
+    /// `SCRAM-SHA-256-PLUS` (its list was tampered with) then refuses the login.
+    Unrequested,
+    /// `p=tls-server-end-point` with this data.
+    Bind(Vec<u8>),
+}
+
+/// Which SASL mechanism and GS2 header to answer the server's offer with, under libpq's
+/// `channel_binding` rules.
+fn choose_mechanism(
+    mode: ChannelBinding,
+    channel: &ChannelData,
+    offered: &[&str],
+) -> Result<(&'static str, Gs2), ReplicationError> {
+    let plus = offered.contains(&SCRAM_SHA_256_PLUS);
+    let plain = offered.contains(&SCRAM_SHA_256);
+    let refuse = |why: String| {
+        Err(ReplicationError::Auth(format!(
+            "channel_binding=require, but {why}"
+        )))
+    };
+    let choice = match (mode, channel) {
+        (ChannelBinding::Disable, _) | (ChannelBinding::Prefer, ChannelData::Plain) => {
+            (SCRAM_SHA_256, Gs2::Unsupported)
+        }
+        (ChannelBinding::Prefer, ChannelData::Tls(Err(why))) => {
+            tracing::warn!(reason = %why, "SCRAM without channel binding");
+            (SCRAM_SHA_256, Gs2::Unsupported)
+        }
+        (ChannelBinding::Prefer | ChannelBinding::Require, ChannelData::Tls(Ok(data))) if plus => {
+            (SCRAM_SHA_256_PLUS, Gs2::Bind(data.clone()))
+        }
+        (ChannelBinding::Prefer, ChannelData::Tls(Ok(_))) => (SCRAM_SHA_256, Gs2::Unrequested),
+        (ChannelBinding::Require, ChannelData::Plain) => {
+            return refuse("the connection is not encrypted (the server declined TLS)".into())
+        }
+        (ChannelBinding::Require, ChannelData::Tls(Err(why))) => return refuse(why.clone()),
+        (ChannelBinding::Require, ChannelData::Tls(Ok(_))) => {
+            return refuse(format!(
+                "the server does not offer {SCRAM_SHA_256_PLUS} (it offers {offered:?})"
+            ))
+        }
+    };
+    if choice.0 == SCRAM_SHA_256 && !plain {
+        return Err(ReplicationError::Auth(format!(
+            "the server offers SASL mechanisms {offered:?}; with channel_binding={mode} and {} \
+             pgcache can only use {SCRAM_SHA_256}",
+            match channel {
+                ChannelData::Plain => "no TLS",
+                ChannelData::Tls(_) => "TLS",
+            }
+        )));
+    }
+    Ok(choice)
+}
+
+/// RFC 5929 §4.1 `tls-server-end-point`: the hash of the server's certificate with the hash
+/// function of the certificate's signature algorithm, SHA-256 for MD5 and SHA-1.
+fn tls_server_end_point(cert_der: &[u8]) -> Result<Vec<u8>, String> {
+    use x509_cert::der::oid::db::rfc5912 as oid;
+    use x509_cert::der::Decode;
+    let cert = x509_cert::Certificate::from_der(cert_der).map_err(|e| {
+        format!("the server's certificate cannot be parsed for channel binding: {e}")
+    })?;
+    Ok(match cert.signature_algorithm.oid {
+        oid::MD_5_WITH_RSA_ENCRYPTION
+        | oid::SHA_1_WITH_RSA_ENCRYPTION
+        | oid::DSA_WITH_SHA_1
+        | oid::SHA_256_WITH_RSA_ENCRYPTION
+        | oid::ECDSA_WITH_SHA_256
+        | oid::DSA_WITH_SHA_256 => Sha256::digest(cert_der).to_vec(),
+        oid::SHA_224_WITH_RSA_ENCRYPTION | oid::ECDSA_WITH_SHA_224 | oid::DSA_WITH_SHA_224 => {
+            Sha224::digest(cert_der).to_vec()
+        }
+        oid::SHA_384_WITH_RSA_ENCRYPTION | oid::ECDSA_WITH_SHA_384 => {
+            Sha384::digest(cert_der).to_vec()
+        }
+        oid::SHA_512_WITH_RSA_ENCRYPTION | oid::ECDSA_WITH_SHA_512 => {
+            Sha512::digest(cert_der).to_vec()
+        }
+        other => {
+            return Err(format!(
+                "the server's certificate is signed with algorithm {other}, which names no hash \
+                 function for tls-server-end-point channel binding (RFC 5929)"
+            ))
+        }
+    })
+}
+
 /// The socket with its reused read and write buffers.
 struct Wire {
     io: Box<dyn Transport>,
@@ -244,7 +351,7 @@ impl ReplicationConnection {
     }
 
     async fn connect_inner(target: &PgTarget) -> Result<ReplicationConnection, ReplicationError> {
-        let io = match open_transport(target, target.ssl_mode()).await {
+        let (io, channel) = match open_transport(target, target.ssl_mode()).await {
             Err(ReplicationError::Tls(reason)) if target.ssl_mode() == SslMode::Prefer => {
                 tracing::debug!(%reason, "TLS handshake failed with sslmode=prefer; retrying without TLS");
                 open_transport(target, SslMode::Disable).await?
@@ -255,11 +362,15 @@ impl ReplicationConnection {
             wire: Wire::new(io),
             parameters: Vec::new(),
         };
-        conn.startup(target).await?;
+        conn.startup(target, &channel).await?;
         Ok(conn)
     }
 
-    async fn startup(&mut self, target: &PgTarget) -> Result<(), ReplicationError> {
+    async fn startup(
+        &mut self,
+        target: &PgTarget,
+        channel: &ChannelData,
+    ) -> Result<(), ReplicationError> {
         let options = target.startup_options();
         let params = [
             ("user", target.user()),
@@ -271,7 +382,7 @@ impl ReplicationConnection {
         ];
         frontend::startup_message(params, &mut self.wire.wbuf).map_err(encode_err)?;
         self.wire.send().await?;
-        self.authenticate(target).await?;
+        self.authenticate(target, channel).await?;
         loop {
             let frame = self.wire.read_frame().await?;
             match frame.tag {
@@ -292,8 +403,19 @@ impl ReplicationConnection {
         }
     }
 
-    async fn authenticate(&mut self, target: &PgTarget) -> Result<(), ReplicationError> {
+    /// Answers the server's authentication requests until it accepts or refuses the login.
+    ///
+    /// With SCRAM the server must prove that it knows the password (the `v=` signature of
+    /// AuthenticationSASLFinal, RFC 5802 §3) before its AuthenticationOk counts: otherwise
+    /// anyone who can intercept the connection could accept any login and feed the daemon
+    /// a forged change stream.
+    async fn authenticate(
+        &mut self,
+        target: &PgTarget,
+        channel: &ChannelData,
+    ) -> Result<(), ReplicationError> {
         let user = target.user();
+        let binding = target.channel_binding();
         let password = || {
             target.password().ok_or_else(|| {
                 ReplicationError::Auth(format!(
@@ -301,7 +423,15 @@ impl ReplicationConnection {
                 ))
             })
         };
+        let unbound = |method: &str| {
+            ReplicationError::Auth(format!(
+                "channel_binding=require, but the server asks for {method}, which cannot be \
+                 bound to the TLS channel (it must use scram-sha-256 for this role in pg_hba.conf)"
+            ))
+        };
         let mut scram: Option<ScramSha256> = None;
+        let mut bound = false;
+        let mut server_proved = false;
         loop {
             let frame = self.wire.read_frame().await?;
             match frame.tag {
@@ -329,7 +459,23 @@ impl ReplicationConnection {
             };
             let wbuf = &mut self.wire.wbuf;
             match f.i32()? {
-                0 => return Ok(()),
+                0 => {
+                    if scram.is_some() && !server_proved {
+                        return Err(ReplicationError::Auth(format!(
+                            "the server did not prove it knows the password of user {user:?}: \
+                             it accepted the SCRAM login without sending its signature \
+                             (AuthenticationSASLFinal); refusing a server that may be an impostor"
+                        )));
+                    }
+                    if binding == ChannelBinding::Require && !bound {
+                        return Err(unbound("no authentication at all (trust)"));
+                    }
+                    return Ok(());
+                }
+                3 if binding == ChannelBinding::Require => {
+                    return Err(unbound("a cleartext password"))
+                }
+                5 if binding == ChannelBinding::Require => return Err(unbound("an MD5 password")),
                 3 => frontend::password_message(password()?, wbuf).map_err(encode_err)?,
                 5 => {
                     let salt = f.take(4)?;
@@ -338,18 +484,24 @@ impl ReplicationConnection {
                     frontend::password_message(hash.as_bytes(), wbuf).map_err(encode_err)?;
                 }
                 10 => {
+                    if scram.is_some() {
+                        return Err(ReplicationError::Protocol("SASL started twice".into()));
+                    }
                     let mut offered = Vec::new();
                     while !f.buf.is_empty() && f.buf[0] != 0 {
                         offered.push(f.cstr()?);
                     }
-                    if !offered.contains(&SCRAM_SHA_256) {
-                        return Err(ReplicationError::Auth(format!(
-                            "the server offers SASL mechanisms {offered:?}; only {SCRAM_SHA_256} is supported"
-                        )));
-                    }
-                    // No channel binding: 'n' is honest and accepted with or without TLS.
-                    let s = ScramSha256::new(password()?, ChannelBinding::unsupported());
-                    frontend::sasl_initial_response(SCRAM_SHA_256, s.message(), wbuf)
+                    let (mechanism, gs2) = choose_mechanism(binding, channel, &offered)?;
+                    let gs2 = match gs2 {
+                        Gs2::Unsupported => sasl::ChannelBinding::unsupported(),
+                        Gs2::Unrequested => sasl::ChannelBinding::unrequested(),
+                        Gs2::Bind(data) => {
+                            bound = true;
+                            sasl::ChannelBinding::tls_server_end_point(data)
+                        }
+                    };
+                    let s = ScramSha256::new(password()?, gs2);
+                    frontend::sasl_initial_response(mechanism, s.message(), wbuf)
                         .map_err(encode_err)?;
                     scram = Some(s);
                 }
@@ -366,8 +518,13 @@ impl ReplicationConnection {
                         ReplicationError::Protocol("SASLFinal before SASL started".into())
                     })?;
                     s.finish(f.buf).map_err(|e| {
-                        ReplicationError::Auth(format!("the server's SCRAM signature: {e}"))
+                        ReplicationError::Auth(format!(
+                            "the server did not prove it knows the password of user {user:?}: \
+                             its SCRAM signature does not verify ({e}); refusing a server that \
+                             may be an impostor"
+                        ))
                     })?;
+                    server_proved = true;
                     continue;
                 }
                 method => {
@@ -471,11 +628,14 @@ impl ReplicationConnection {
 async fn open_transport(
     target: &PgTarget,
     mode: SslMode,
-) -> Result<Box<dyn Transport>, ReplicationError> {
+) -> Result<(Box<dyn Transport>, ChannelData), ReplicationError> {
     #[cfg(unix)]
     if target.is_unix_socket() {
         let path = format!("{}/.s.PGSQL.{}", target.host(), target.port());
-        return Ok(Box::new(tokio::net::UnixStream::connect(path).await?));
+        return Ok((
+            Box::new(tokio::net::UnixStream::connect(path).await?),
+            ChannelData::Plain,
+        ));
     }
     let mut tcp = match target.hostaddr() {
         Some(addr) => TcpStream::connect((addr, target.port())).await?,
@@ -484,7 +644,7 @@ async fn open_transport(
     // Status updates are small and latency-sensitive; never hold them back.
     tcp.set_nodelay(true)?;
     if mode == SslMode::Disable {
-        return Ok(Box::new(tcp));
+        return Ok((Box::new(tcp), ChannelData::Plain));
     }
     let mut request = BytesMut::with_capacity(8);
     frontend::ssl_request(&mut request);
@@ -494,7 +654,7 @@ async fn open_transport(
     tcp.read_exact(&mut answer).await?;
     match answer[0] {
         b'S' => {}
-        b'N' if mode == SslMode::Prefer => return Ok(Box::new(tcp)),
+        b'N' if mode == SslMode::Prefer => return Ok((Box::new(tcp), ChannelData::Plain)),
         b'N' => {
             return Err(ReplicationError::Tls(format!(
                 "sslmode={mode}, but the server at {}:{} does not accept TLS",
@@ -526,7 +686,11 @@ async fn open_transport(
                 None => ReplicationError::Io(e),
             },
         )?;
-    Ok(Box::new(tls))
+    let end_point = match tls.get_ref().1.peer_certificates() {
+        Some([leaf, ..]) => tls_server_end_point(leaf),
+        _ => Err("the server showed no certificate".to_string()),
+    };
+    Ok((Box::new(tls), ChannelData::Tls(end_point)))
 }
 
 /// A replication connection in CopyBoth mode, streaming pgoutput messages.
@@ -671,6 +835,66 @@ mod tests {
         assert!(ReplicationError::Io(io::ErrorKind::ConnectionReset.into()).is_retryable());
         assert!(!ReplicationError::Auth("x".into()).is_retryable());
         assert!(!ReplicationError::Tls("x".into()).is_retryable());
+    }
+
+    #[test]
+    fn channel_binding_follows_libpq() {
+        use ChannelBinding::{Disable, Prefer, Require};
+        let both = [SCRAM_SHA_256_PLUS, SCRAM_SHA_256];
+        let plain_only = [SCRAM_SHA_256];
+        let tls = ChannelData::Tls(Ok(vec![1, 2, 3]));
+        let no_hash = ChannelData::Tls(Err("signed with ed25519".into()));
+        let plain = ChannelData::Plain;
+        let choose = |mode, channel: &ChannelData, offered: &[&str]| {
+            choose_mechanism(mode, channel, offered).map_err(|e| e.to_string())
+        };
+        let bind = Ok((SCRAM_SHA_256_PLUS, Gs2::Bind(vec![1, 2, 3])));
+
+        // prefer: bind when TLS is on and the server offers PLUS.
+        assert_eq!(choose(Prefer, &tls, &both), bind);
+        assert_eq!(
+            choose(Prefer, &tls, &plain_only),
+            Ok((SCRAM_SHA_256, Gs2::Unrequested))
+        );
+        assert_eq!(
+            choose(Prefer, &plain, &both),
+            Ok((SCRAM_SHA_256, Gs2::Unsupported))
+        );
+        assert_eq!(
+            choose(Prefer, &no_hash, &both),
+            Ok((SCRAM_SHA_256, Gs2::Unsupported))
+        );
+        // require: bind or fail, naming why.
+        assert_eq!(choose(Require, &tls, &both), bind);
+        let e = choose(Require, &tls, &plain_only).unwrap_err();
+        assert!(e.contains("does not offer SCRAM-SHA-256-PLUS"), "{e}");
+        let e = choose(Require, &plain, &both).unwrap_err();
+        assert!(e.contains("not encrypted"), "{e}");
+        let e = choose(Require, &no_hash, &both).unwrap_err();
+        assert!(e.contains("ed25519"), "{e}");
+        // disable: never bind.
+        assert_eq!(
+            choose(Disable, &tls, &both),
+            Ok((SCRAM_SHA_256, Gs2::Unsupported))
+        );
+        let e = choose(Disable, &tls, &[SCRAM_SHA_256_PLUS]).unwrap_err();
+        assert!(e.contains("can only use SCRAM-SHA-256"), "{e}");
+    }
+
+    #[test]
+    fn end_point_hash_uses_the_certificates_hash_function() {
+        use rustls::pki_types::pem::PemObject;
+        // Signed with ecdsa-with-SHA256, so the data is the SHA-256 of the DER bytes.
+        let der = rustls::pki_types::CertificateDer::from_pem_slice(
+            include_str!("pgconn/test-ca.pem").as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(
+            tls_server_end_point(&der).unwrap(),
+            Sha256::digest(&der).to_vec()
+        );
+        let e = tls_server_end_point(b"not a certificate").unwrap_err();
+        assert!(e.contains("cannot be parsed"), "{e}");
     }
 
     #[test]

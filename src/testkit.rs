@@ -13,7 +13,8 @@
 //! - `pg_install`: the Postgres binaries, the OS user the server runs as, the initdb template.
 //! - `pg_server`: [`TestPostgres`] and its options.
 //! - `redis_server`: [`TestRedis`] and its options.
-//! - `tls_certs`: a throwaway CA and server certificate for `PgOptions::ssl`.
+//! - `tls_certs`: a throwaway CA and server certificate for `PgOptions::ssl` (and for tests
+//!   that run TLS servers of their own: [`generate_tls_certs`]).
 //! - here: free ports, process and log helpers shared by both servers.
 //!
 //! # Cleanup
@@ -43,6 +44,7 @@ use rand::Rng;
 
 pub use pg_server::{PgOptions, TestPostgres};
 pub use redis_server::{RedisOptions, TestRedis};
+pub use tls_certs::{generate as generate_tls_certs, CertFiles};
 
 /// Ports of the system servers on this machine; never hand them out even if they look free.
 const RESERVED_PORTS: [u16; 2] = [5432, 6379];

@@ -11,7 +11,7 @@ use std::sync::LazyLock;
 
 use redis::Script;
 
-use super::{Merge, Op, Prepared, Repair};
+use super::{Merge, MergeValue, Op, Prepared, Repair};
 use crate::checkpoint::{self, FIELD_HEARTBEAT_MS};
 use crate::config::Format;
 use crate::template::lease_key;
@@ -264,11 +264,11 @@ fn add_op(call: &mut redis::ScriptInvocation<'_>, op: &Op, repairs: &mut Vec<Opt
             for (name, value) in columns {
                 call.arg(&name[..]);
                 match (format, value) {
-                    (Format::Json, Some(Some(v))) => call.arg(&v[..]),
+                    (Format::Json, MergeValue::Value(v)) => call.arg(&v[..]),
                     (Format::Json, _) => call.arg(""),
-                    (Format::Hash, Some(Some(v))) => call.arg("v").arg(&v[..]),
-                    (Format::Hash, Some(None)) => call.arg("n").arg(""),
-                    (Format::Hash, None) => call.arg("u").arg(""),
+                    (Format::Hash, MergeValue::Value(v)) => call.arg("v").arg(&v[..]),
+                    (Format::Hash, MergeValue::Null) => call.arg("n").arg(""),
+                    (Format::Hash, MergeValue::Unchanged) => call.arg("u").arg(""),
                 };
             }
             repairs.push(repair.clone());

@@ -215,9 +215,9 @@ fn unchanged_toast_columns_merge_in_redis_from_the_right_base() {
     assert_eq!(
         first.columns,
         vec![
-            (br#""id""#.to_vec(), Some(Some(b"10".to_vec()))),
-            (br#""small""#.to_vec(), Some(Some(b"5".to_vec()))),
-            (br#""body""#.to_vec(), None),
+            (br#""id""#.to_vec(), MergeValue::Value(b"10".to_vec())),
+            (br#""small""#.to_vec(), MergeValue::Value(b"5".to_vec())),
+            (br#""body""#.to_vec(), MergeValue::Unchanged),
         ]
     );
     assert!(!first.only_if_cached);

@@ -10,7 +10,7 @@ use std::time::Duration;
 use super::load;
 use crate::config::{redact, Config};
 use crate::pgconn::{self, PgTarget};
-use crate::preflight::{self, Finding, Level};
+use crate::preflight::{self, quote_qualified, Finding, Level};
 
 /// How long `check` waits for Postgres before calling it unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -26,6 +26,7 @@ pub(crate) async fn check(path: &Path) -> ExitCode {
         config.tables.len()
     ))];
     findings.extend(postgres_findings(&config).await);
+    findings.extend(reader_findings(&config).await);
     findings.extend(preflight::redis_findings(&config).await);
     let mut worst = Level::Ok;
     for finding in &findings {
@@ -85,6 +86,116 @@ async fn postgres_findings(config: &Config) -> Vec<Finding> {
         )),
     }
     findings
+}
+
+/// The read helper's role (`[reader] url`), when the config names one: it should read the
+/// cached tables and nothing else, since every application process holds its password.
+/// Nothing here FAILs: the daemon does not use this role.
+async fn reader_findings(config: &Config) -> Vec<Finding> {
+    let Some(url) = &config.reader.url else {
+        return Vec::new();
+    };
+    let target = match PgTarget::parse(url.expose()) {
+        Ok(target) => target,
+        Err(e) => {
+            return vec![Finding::warn(
+                redact(&format!("reader.url: {e}")),
+                "fix reader.url (examples: postgres://app_reader@host/db)",
+            )]
+        }
+    };
+    let unchecked = |problem: String| {
+        vec![Finding::warn(
+            redact(&format!(
+                "reader {} is not reachable, so its privileges were not checked: {problem}",
+                target.redacted()
+            )),
+            "check reader.url, and pg_hba.conf for this role",
+        )]
+    };
+    let client = match tokio::time::timeout(CONNECT_TIMEOUT, pgconn::connect(&target)).await {
+        Ok(Ok(client)) => client,
+        Ok(Err(e)) => return unchecked(e.to_string()),
+        Err(_) => return unchecked(format!("no answer within {CONNECT_TIMEOUT:?}")),
+    };
+    match reader_role_findings(&client, config).await {
+        Ok(findings) => findings,
+        Err(e) => unchecked(describe_pg_error(&e)),
+    }
+}
+
+async fn reader_role_findings(
+    client: &tokio_postgres::Client,
+    config: &Config,
+) -> Result<Vec<Finding>, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT current_user::text, rolsuper, rolreplication \
+             FROM pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await?;
+    let (role, superuser, replication): (String, bool, bool) = (row.get(0), row.get(1), row.get(2));
+    let mut findings = Vec::new();
+    let powers: Vec<&str> = [
+        (superuser, "is a superuser"),
+        (replication, "has REPLICATION"),
+    ]
+    .into_iter()
+    .filter_map(|(has, what)| has.then_some(what))
+    .collect();
+    findings.push(if powers.is_empty() {
+        Finding::ok(format!(
+            "reader role {role:?} is neither a superuser nor REPLICATION"
+        ))
+    } else {
+        Finding::warn(
+            format!(
+                "reader role {role:?} (reader.url) {}: every application that uses the read \
+                 helper holds this password, and with it can {}",
+                powers.join(" and "),
+                if superuser {
+                    "do anything on the server"
+                } else {
+                    "read every change to every table through a replication slot"
+                }
+            ),
+            format!(
+                "psql -v role=pgcache_reader -v password=... -v tables='{}' -f sql/reader_role.sql, \
+                 then use that role in reader.url; or ALTER ROLE {} NOSUPERUSER NOREPLICATION;",
+                config
+                    .tables
+                    .iter()
+                    .map(|t| t.qualified_name())
+                    .collect::<Vec<_>>()
+                    .join(","),
+                preflight::quote_ident(&role)
+            ),
+        )
+    });
+    for rule in &config.tables {
+        let relation = quote_qualified(&rule.schema, &rule.name);
+        let row = client
+            .query_one(
+                "SELECT has_table_privilege(to_regclass($1), 'SELECT')",
+                &[&relation],
+            )
+            .await?;
+        // NULL: no such table, which the daemon's checks report.
+        if row.get::<_, Option<bool>>(0) == Some(false) {
+            findings.push(Finding::warn(
+                format!(
+                    "reader role {role:?} cannot SELECT {}: its cache misses will fail",
+                    rule.qualified_name()
+                ),
+                format!(
+                    "GRANT SELECT ON {relation} TO {};",
+                    preflight::quote_ident(&role)
+                ),
+            ));
+        }
+    }
+    Ok(findings)
 }
 
 /// The server's message when there is one (tokio-postgres' Display says only "db error").

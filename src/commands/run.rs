@@ -38,9 +38,11 @@ pub(crate) async fn run(path: &Path) -> ExitCode {
             Ok((handle, listener)) => {
                 tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
                 let mut stopped = stopped.clone();
+                let limits = http::Limits::from(&config.metrics);
                 tokio::spawn(http::serve(
                     listener,
                     handle,
+                    limits,
                     hooks.health.clone(),
                     async move {
                         let _ = stopped.wait_for(|stop| *stop).await;

@@ -232,7 +232,7 @@ async fn redis_side(
     checkpoint_key: &str,
     keys: &mut [Option<u64>],
 ) -> Result<CheckpointState, String> {
-    let client = redis::Client::open(config.redis.url.expose()).map_err(|e| e.to_string())?;
+    let client = config.redis.client().map_err(|e| e.to_string())?;
     let mut conn = tokio::time::timeout(TIMEOUT, client.get_multiplexed_async_connection())
         .await
         .map_err(|_| format!("{} did not answer within {TIMEOUT:?}", config.redis.url))?

@@ -73,6 +73,9 @@ publication = "Cache Pub"
 [redis]
 url = "rediss://:pw@cache:6380/2"
 key_prefix = "app1:"
+tls_ca_file = "system"
+[reader]
+url = "postgres://app_reader@db/app?sslmode=verify-full&sslrootcert=/etc/ca.pem&channel_binding=require"
 [apply]
 max_batch_changes = 500
 max_transaction_changes = 7
@@ -81,6 +84,9 @@ max_batch_bytes = "8MB"
 max_transaction_bytes = 1048576
 [metrics]
 listen = ""
+max_connections = 8
+header_timeout = "2s"
+request_timeout = "3s"
 [log]
 format = "json"
 level = "info,pgcache=debug"
@@ -102,6 +108,11 @@ mode = "invalidate"
     assert_eq!(c.postgres.slot, "pgcache_2");
     assert_eq!(c.postgres.publication, "Cache Pub");
     assert_eq!(c.redis.key_prefix, "app1:");
+    assert_eq!(c.redis.tls_ca_file, Some(RedisRoots::System));
+    assert_eq!(
+        c.reader.url.as_ref().map(Secret::expose),
+        Some("postgres://app_reader@db/app?sslmode=verify-full&sslrootcert=/etc/ca.pem&channel_binding=require")
+    );
     assert_eq!(
         c.apply,
         ApplyConfig {
@@ -112,7 +123,15 @@ mode = "invalidate"
             max_transaction_bytes: 1 << 20,
         }
     );
-    assert_eq!(c.metrics.listen, None);
+    assert_eq!(
+        c.metrics,
+        MetricsConfig {
+            listen: None,
+            max_connections: 8,
+            header_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(3),
+        }
+    );
     assert_eq!(c.log.format, LogFormat::Json);
     assert_eq!(c.log.level, "info,pgcache=debug");
     let t = c.table("sales", "orders").unwrap();
@@ -440,7 +459,6 @@ fn urls_are_checked_and_never_leak() {
     for ok in [
         "redis://localhost",
         "redis://:pw@[::1]:6379/0",
-        "rediss://user:pw@cache:6380",
         "redis+unix:///run/redis.sock",
         "unix:///tmp/r.sock?db=1",
         "redis://[::1]",
@@ -543,4 +561,121 @@ fn modes_and_formats_display_as_written() {
     assert_eq!(Mode::Invalidate.to_string(), "invalidate");
     assert_eq!(Format::Json.to_string(), "json");
     assert_eq!(Format::Hash.to_string(), "hash");
+}
+
+#[test]
+fn rediss_needs_a_ca_and_a_ca_needs_rediss() {
+    let with_redis = |redis: &str| {
+        format!("[postgres]\nurl = \"postgres://h/db\"\n[redis]\n{redis}\n[[tables]]\ntable = \"t\"\nkey = \"t:{{id}}\"\n")
+    };
+    assert_eq!(
+        errors(&with_redis("url = \"rediss://user:pw@cache:6380\"")),
+        ["redis.url: rediss:// checks the server's certificate, but no CA is configured: set redis.tls_ca_file = \"/path/to/ca.pem\" (the CA that signed Redis' certificate), or redis.tls_ca_file = \"system\" to trust the operating system's roots"]
+    );
+    let errs = errors(&with_redis(
+        "url = \"redis://cache\"\ntls_ca_file = \"system\"",
+    ));
+    assert!(errs[0].contains("not rediss://"), "{errs:?}");
+    let errs = errors(&with_redis(
+        "url = \"rediss://cache/#insecure\"\ntls_ca_file = \"system\"",
+    ));
+    assert!(errs[0].contains("#insecure"), "{errs:?}");
+    let errs = errors(&with_redis(
+        "url = \"rediss://cache\"\ntls_ca_file = \"/nonexistent/redis-ca.pem\"",
+    ));
+    assert!(
+        errs[0].starts_with("redis.tls_ca_file: cannot read /nonexistent/redis-ca.pem"),
+        "{errs:?}"
+    );
+    let c = Config::from_toml_str(&with_redis(
+        "url = \"rediss://user:pw@cache:6380\"\ntls_ca_file = \"system\"",
+    ))
+    .unwrap();
+    c.redis.client().unwrap();
+
+    // A relative CA file is relative to the config file.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("redis-ca.pem"), "").unwrap();
+    let path = dir.path().join("pgcache.toml");
+    std::fs::write(
+        &path,
+        with_redis("url = \"rediss://cache\"\ntls_ca_file = \"redis-ca.pem\""),
+    )
+    .unwrap();
+    let c = Config::load(&path).unwrap();
+    assert_eq!(
+        c.redis.tls_ca_file,
+        Some(RedisRoots::File(dir.path().join("redis-ca.pem")))
+    );
+}
+
+#[test]
+fn postgres_urls_take_the_tls_settings_libpq_takes() {
+    let with_pg = |pg: &str| {
+        format!("[postgres]\nurl = \"{pg}\"\n[redis]\nurl = \"redis://r\"\n[[tables]]\ntable = \"t\"\nkey = \"t:{{id}}\"\n")
+    };
+    for ok in [
+        "postgres://u@db/app?sslmode=verify-full&sslrootcert=/etc/ca.pem",
+        "postgres://u@db/app?sslmode=verify-ca",
+        "postgres://u@db/app?sslrootcert=system&channel_binding=require",
+        "host=db user=u sslmode=verify-full sslrootcert=system channel_binding=disable",
+    ] {
+        Config::from_toml_str(&with_pg(ok)).unwrap_or_else(|e| panic!("{ok}: {e}"));
+    }
+    assert_eq!(
+        errors(&with_pg("postgres://u:hunter2@db/app?channel_binding=yes")),
+        ["postgres.url: \"postgres://u:***@db/app?channel_binding=yes\" is not usable: invalid channel_binding \"yes\": expected disable, prefer or require (examples: postgres://user@host/db, host=/run/postgresql dbname=app)"]
+    );
+    let errs = errors(&with_pg(
+        "postgres://u@db/app?sslmode=require&sslrootcert=system",
+    ));
+    assert!(
+        errs[0].contains("sslrootcert=system needs sslmode=verify-full"),
+        "{errs:?}"
+    );
+}
+
+#[test]
+fn reader_url_is_optional_and_checked_like_postgres_url() {
+    let base = "[postgres]\nurl = \"postgres://pgcache@db/app\"\n[redis]\nurl = \"redis://r\"\n[[tables]]\ntable = \"t\"\nkey = \"t:{id}\"\n";
+    let c = Config::from_toml_str(base).unwrap();
+    assert!(c.reader.url.is_none());
+    let c = Config::from_toml_str_with_env(
+        base,
+        env(&[("PGCACHE__READER__URL", "postgres://reader:pw@db/app")]),
+    )
+    .unwrap();
+    assert_eq!(
+        c.reader.url.as_ref().map(Secret::expose),
+        Some("postgres://reader:pw@db/app")
+    );
+    let errs = errors(&format!(
+        "{base}[reader]\nurl = \"postgres://reader:hunter2@db:port/app\"\n"
+    ));
+    assert_eq!(
+        errs,
+        ["reader.url: \"postgres://reader:***@db:port/app\" is not a valid connection string (invalid value for option `port`) (examples: postgres://user@host/db, host=/run/postgresql dbname=app)"]
+    );
+    let errs = errors(&format!("{base}[reader]\nusername = \"x\"\n"));
+    assert_eq!(errs, ["unknown key \"reader.username\""]);
+}
+
+#[test]
+fn metrics_limits_are_checked() {
+    let base = "[postgres]\nurl = \"postgres://pgcache@db/app\"\n[redis]\nurl = \"redis://r\"\n[[tables]]\ntable = \"t\"\nkey = \"t:{id}\"\n";
+    let c = Config::from_toml_str(base).unwrap();
+    assert_eq!(c.metrics.max_connections, DEFAULT_METRICS_MAX_CONNECTIONS);
+    assert_eq!(c.metrics.header_timeout, DEFAULT_METRICS_HEADER_TIMEOUT);
+    assert_eq!(c.metrics.request_timeout, DEFAULT_METRICS_REQUEST_TIMEOUT);
+    let errs = errors(&format!(
+        "{base}[metrics]\nmax_connections = 0\nheader_timeout = \"0s\"\nrequest_timeout = \"soon\"\n"
+    ));
+    assert_eq!(
+        errs,
+        [
+            "metrics.max_connections: expected a whole number of at least 1, found 0",
+            "metrics.header_timeout: must be more than 0s",
+            "metrics.request_timeout: \"soon\" is not a duration (examples: 30s, 15m, 1h)",
+        ]
+    );
 }

@@ -14,7 +14,10 @@ fn parses_url_with_tls_params() {
     assert_eq!(t.password(), Some(&b"s@cret"[..]));
     assert_eq!(t.dbname(), "app");
     assert_eq!(t.ssl_mode(), SslMode::VerifyFull);
-    assert_eq!(t.ssl_root_cert(), Some(Path::new("/tmp/ca.pem")));
+    assert_eq!(
+        t.ssl_root_cert(),
+        Some(&SslRootCert::File("/tmp/ca.pem".into()))
+    );
     assert_eq!(t.application_name(), "x");
     assert!(!t.is_unix_socket());
 }
@@ -42,7 +45,10 @@ fn parses_keyword_value_strings() {
     assert_eq!(t.password(), Some(&b"it's a secret"[..]));
     assert_eq!(t.dbname(), "shop");
     assert_eq!(t.ssl_mode(), SslMode::VerifyCa);
-    assert_eq!(t.ssl_root_cert(), Some(Path::new("/etc/ca dir/root.crt")));
+    assert_eq!(
+        t.ssl_root_cert(),
+        Some(&SslRootCert::File("/etc/ca dir/root.crt".into()))
+    );
 }
 
 #[test]
@@ -127,19 +133,139 @@ fn redact_url_hides_passwords() {
     assert_eq!(redact_url("not a url"), "not a url");
 }
 
+/// A self-signed CA certificate (ECDSA P-256 with SHA-256), valid until 2126.
+const CA_PEM: &str = include_str!("test-ca.pem");
+
 #[test]
 fn tls_configs_build_for_every_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, CA_PEM).unwrap();
+    let ca = SslRootCert::File(ca);
     for mode in [
         SslMode::Prefer,
         SslMode::Require,
         SslMode::VerifyCa,
         SslMode::VerifyFull,
     ] {
-        tls_config(mode, None).unwrap();
+        tls_config_with_home(mode, Some(&ca), None).unwrap();
     }
-    let e = tls_config(SslMode::VerifyFull, Some(Path::new("/nonexistent/ca.pem"))).unwrap_err();
+    let missing = SslRootCert::File("/nonexistent/ca.pem".into());
+    let e = tls_config(SslMode::VerifyFull, Some(&missing)).unwrap_err();
     assert!(e.to_string().contains("/nonexistent/ca.pem"), "{e}");
     let empty = tempfile::NamedTempFile::new().unwrap();
-    let e = tls_config(SslMode::VerifyCa, Some(empty.path())).unwrap_err();
+    let empty = SslRootCert::File(empty.path().to_path_buf());
+    let e = tls_config(SslMode::VerifyCa, Some(&empty)).unwrap_err();
     assert!(matches!(e, PgTargetError::NoRootCerts(_)), "{e}");
+}
+
+#[test]
+fn verifying_modes_take_roots_as_libpq_does() {
+    let home = tempfile::tempdir().unwrap();
+    let given = SslRootCert::File("/etc/ssl/db-ca.pem".into());
+    // sslrootcert wins; without it, ~/.postgresql/root.crt if it exists.
+    assert_eq!(
+        select_root_cert(SslMode::VerifyFull, Some(&given), Some(home.path())).unwrap(),
+        given
+    );
+    assert_eq!(
+        select_root_cert(SslMode::VerifyCa, Some(&SslRootCert::System), None).unwrap(),
+        SslRootCert::System
+    );
+    // Neither: an error that names the file looked for and both fixes, never public roots.
+    let e = select_root_cert(SslMode::VerifyFull, None, Some(home.path())).unwrap_err();
+    let message = e.to_string();
+    let expected = home.path().join(".postgresql/root.crt");
+    for part in [
+        "sslmode=verify-full",
+        &format!("{} does not exist", expected.display()),
+        "sslrootcert=/path/to/ca.pem",
+        "sslrootcert=system",
+    ] {
+        assert!(message.contains(part), "{part:?} missing in {message}");
+    }
+    let e = tls_config_with_home(SslMode::VerifyCa, None, Some(home.path())).unwrap_err();
+    assert!(matches!(e, PgTargetError::NoRootCert { .. }), "{e}");
+    let e = select_root_cert(SslMode::VerifyCa, None, None).unwrap_err();
+    assert!(e.to_string().contains("no home directory"), "{e}");
+
+    std::fs::create_dir(home.path().join(".postgresql")).unwrap();
+    std::fs::write(&expected, CA_PEM).unwrap();
+    assert_eq!(
+        select_root_cert(SslMode::VerifyCa, None, Some(home.path())).unwrap(),
+        SslRootCert::File(expected)
+    );
+    tls_config_with_home(SslMode::VerifyCa, None, Some(home.path())).unwrap();
+    // Modes that do not verify need no roots.
+    tls_config_with_home(SslMode::Require, None, None).unwrap();
+}
+
+#[test]
+fn sslrootcert_system_means_verify_full() {
+    let t = PgTarget::parse("postgres://u@db.example/app?sslrootcert=system").unwrap();
+    assert_eq!(t.ssl_mode(), SslMode::VerifyFull);
+    assert_eq!(t.ssl_root_cert(), Some(&SslRootCert::System));
+    let t = PgTarget::parse("host=db user=u sslmode=verify-full sslrootcert=system").unwrap();
+    assert_eq!(t.ssl_mode(), SslMode::VerifyFull);
+    for weaker in ["require", "verify-ca", "prefer", "disable"] {
+        let e = PgTarget::parse(&format!(
+            "postgres://u@db/app?sslmode={weaker}&sslrootcert=system"
+        ))
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains(&format!("sslrootcert=system needs sslmode=verify-full (or no sslmode), not sslmode={weaker}")),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn channel_binding_is_parsed_as_libpq_spells_it() {
+    let t = PgTarget::parse("postgres://u@h/db").unwrap();
+    assert_eq!(t.channel_binding(), ChannelBinding::Prefer);
+    assert_eq!(
+        t.tokio_config().get_channel_binding(),
+        tokio_postgres::config::ChannelBinding::Prefer
+    );
+    for (value, want, tokio) in [
+        (
+            "disable",
+            ChannelBinding::Disable,
+            tokio_postgres::config::ChannelBinding::Disable,
+        ),
+        (
+            "prefer",
+            ChannelBinding::Prefer,
+            tokio_postgres::config::ChannelBinding::Prefer,
+        ),
+        (
+            "require",
+            ChannelBinding::Require,
+            tokio_postgres::config::ChannelBinding::Require,
+        ),
+    ] {
+        let url = PgTarget::parse(&format!(
+            "postgres://u@h/db?sslmode=require&channel_binding={value}"
+        ))
+        .unwrap();
+        let keywords = PgTarget::parse(&format!(
+            "host=h user=u sslmode=require channel_binding={value}"
+        ))
+        .unwrap();
+        for t in [url, keywords] {
+            assert_eq!(t.channel_binding(), want);
+            assert_eq!(t.tokio_config().get_channel_binding(), tokio);
+        }
+    }
+    let e = PgTarget::parse("postgres://u@h/db?channel_binding=always").unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "invalid channel_binding \"always\": expected disable, prefer or require"
+    );
+    let e =
+        PgTarget::parse("postgres://u@h/db?sslmode=disable&channel_binding=require").unwrap_err();
+    assert!(matches!(e, PgTargetError::ChannelBindingWithoutTls), "{e}");
+    let e = PgTarget::parse("host=/run/postgresql user=u channel_binding=require").unwrap_err();
+    assert!(e.to_string().contains("Unix socket"), "{e}");
 }

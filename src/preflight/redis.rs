@@ -35,8 +35,7 @@ pub async fn redis_findings(config: &Config) -> Vec<Finding> {
 }
 
 async fn connect(config: &Config) -> Result<redis::aio::MultiplexedConnection, String> {
-    let client =
-        redis::Client::open(config.redis.url.expose()).map_err(|e| redact(&e.to_string()))?;
+    let client = config.redis.client().map_err(|e| redact(&e.to_string()))?;
     let mut conn = tokio::time::timeout(TIMEOUT, client.get_multiplexed_async_connection())
         .await
         .map_err(|_| format!("no answer within {TIMEOUT:?}"))?

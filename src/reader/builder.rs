@@ -14,7 +14,7 @@ use super::refresh::FillTimer;
 use super::source::RowSource;
 use super::stats::Counters;
 use super::{Inner, Reader, ReaderError, TableEntry};
-use crate::config::{Format, Mode, TableRule};
+use crate::config::{redis_client, Format, Mode, RedisRoots, TableRule};
 use crate::encoder::EncodeOptions;
 use crate::pgconn::{self, PgTarget};
 use crate::template::KeyTemplate;
@@ -91,6 +91,7 @@ pub struct ReaderBuilder {
     postgres_url: String,
     redis_url: String,
     redis: Option<ConnectionManager>,
+    redis_roots: Option<RedisRoots>,
     key_prefix: String,
     rules: Vec<TableRule>,
     problems: Vec<String>,
@@ -103,6 +104,7 @@ impl ReaderBuilder {
             postgres_url: postgres_url.to_string(),
             redis_url: redis_url.to_string(),
             redis: None,
+            redis_roots: None,
             key_prefix: String::new(),
             rules: Vec::new(),
             problems: Vec::new(),
@@ -148,6 +150,13 @@ impl ReaderBuilder {
         self
     }
 
+    /// What vouches for a `rediss://` Redis: a CA file, or the operating system's roots.
+    /// Required with `rediss://` (as `[redis] tls_ca_file` is for the daemon).
+    pub fn redis_tls_roots(mut self, roots: RedisRoots) -> Self {
+        self.redis_roots = Some(roots);
+        self
+    }
+
     /// Uses this Redis connection instead of opening one from the URL.
     pub fn redis_connection(mut self, connection: ConnectionManager) -> Self {
         self.redis = Some(connection);
@@ -173,7 +182,7 @@ impl ReaderBuilder {
         let pool = build_pool(&self.postgres_url, &self.options)?;
         let redis = match self.redis {
             Some(redis) => redis,
-            None => connect_redis(&self.redis_url, &self.options)?,
+            None => connect_redis(&self.redis_url, self.redis_roots.as_ref(), &self.options)?,
         };
         let mut tables = Vec::with_capacity(self.rules.len());
         let mut names: HashMap<String, Vec<usize>> = HashMap::new();
@@ -245,8 +254,12 @@ fn build_pool(url: &str, options: &ReaderOptions) -> Result<Pool, ReaderError> {
 
 /// A connection that reconnects by itself. No retries inside a command: while Redis is
 /// down, each lookup fails fast and reads Postgres, and the next command tries again.
-fn connect_redis(url: &str, options: &ReaderOptions) -> Result<ConnectionManager, ReaderError> {
-    let client = redis::Client::open(url).map_err(ReaderError::RedisConfig)?;
+fn connect_redis(
+    url: &str,
+    roots: Option<&RedisRoots>,
+    options: &ReaderOptions,
+) -> Result<ConnectionManager, ReaderError> {
+    let client = redis_client(url, roots).map_err(ReaderError::RedisConfig)?;
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(options.redis_timeout))
         .set_response_timeout(Some(options.redis_timeout))

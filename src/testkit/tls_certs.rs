@@ -16,7 +16,8 @@ use rand::Rng;
 use super::run;
 
 /// Where [`generate`] put its files.
-pub(super) struct CertFiles {
+#[derive(Debug, Clone)]
+pub struct CertFiles {
     pub ca_cert: PathBuf,
     pub server_cert: PathBuf,
     pub server_key: PathBuf,
@@ -46,11 +47,12 @@ authorityKeyIdentifier = keyid, issuer
 ";
 
 /// Creates `dir` and writes a CA and a server certificate signed by it (P-256 keys: quick
-/// to generate, and every TLS stack we use accepts them).
+/// to generate, and every TLS stack we use accepts them; the certificate is signed with
+/// ECDSA and SHA-256). Each call makes a new CA.
 ///
 /// # Errors
 /// When `openssl` is missing or fails; the error holds its output.
-pub(super) fn generate(dir: &Path) -> Result<CertFiles> {
+pub fn generate(dir: &Path) -> Result<CertFiles> {
     let openssl = super::find_on_path("openssl")
         .context("openssl not found in PATH; install it with `apt-get install -y openssl`")?;
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;

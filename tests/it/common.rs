@@ -203,6 +203,11 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn spawn(config: &Path, log: &Path) -> Daemon {
+        Self::spawn_logging(config, log, "pgcache=debug")
+    }
+
+    /// Like [`spawn`](Self::spawn), with this `RUST_LOG` filter.
+    pub fn spawn_logging(config: &Path, log: &Path, filter: &str) -> Daemon {
         let stderr = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -212,7 +217,7 @@ impl Daemon {
             .arg("run")
             .arg("--config")
             .arg(config)
-            .env("RUST_LOG", "pgcache=debug")
+            .env("RUST_LOG", filter)
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()

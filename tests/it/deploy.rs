@@ -442,6 +442,66 @@ fn deployment_runs_two_locked_down_replicas_with_probes() -> Result<()> {
 }
 
 #[test]
+fn network_policy_admits_only_prometheus_to_the_metrics_port() -> Result<()> {
+    let objects = k8s_objects()?;
+    let policy = objects.get("NetworkPolicy").context("no NetworkPolicy")?;
+    ensure!(
+        str_at(policy, &["apiVersion"])? == "networking.k8s.io/v1",
+        "NetworkPolicy apiVersion"
+    );
+    // It selects exactly the daemon's pods (an empty selector would select every pod).
+    let deployment = objects.get("Deployment").context("no Deployment")?;
+    let pod_labels = at(deployment, &["spec", "template", "metadata", "labels"])?
+        .as_mapping()
+        .context("pod labels")?;
+    let selector = at(policy, &["spec", "podSelector", "matchLabels"])?
+        .as_mapping()
+        .context("podSelector.matchLabels is a mapping")?;
+    ensure!(!selector.is_empty(), "the policy selects every pod");
+    for (key, value) in selector {
+        ensure!(
+            pod_labels.get(key) == Some(value),
+            "podSelector {key:?}={value:?} misses the pgcache pods"
+        );
+    }
+    let types = command_line(at(policy, &["spec", "policyTypes"])?);
+    ensure!(
+        types.split(' ').any(|t| t == "Ingress"),
+        "policyTypes: {types}"
+    );
+
+    // Each rule admits labelled Prometheus pods of a labelled namespace, on 9187 only.
+    let rules = seq_at(policy, &["spec", "ingress"])?;
+    ensure!(!rules.is_empty(), "no ingress rule: nothing could scrape");
+    for rule in rules {
+        let ports = seq_at(rule, &["ports"])?;
+        ensure!(!ports.is_empty(), "a rule without ports admits every port");
+        for port in ports {
+            let number = match at(port, &["port"])? {
+                Value::Number(n) => n.as_u64(),
+                Value::String(name) if name == "metrics" => Some(9187),
+                _ => None,
+            };
+            ensure!(number == Some(9187), "a rule admits port {port:?}");
+            ensure!(str_at(port, &["protocol"])? == "TCP", "protocol TCP");
+        }
+        let peers = seq_at(rule, &["from"])?;
+        ensure!(!peers.is_empty(), "a rule without peers admits everyone");
+        for peer in peers {
+            ensure!(peer.get("ipBlock").is_none(), "an ipBlock peer: {peer:?}");
+            for selector in ["namespaceSelector", "podSelector"] {
+                let labels = at(peer, &[selector, "matchLabels"])
+                    .ok()
+                    .and_then(Value::as_mapping)
+                    .with_context(|| format!("peer without {selector}.matchLabels: {peer:?}"))?;
+                ensure!(!labels.is_empty(), "an empty {selector} matches everything");
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
 fn secret_carries_the_connection_urls() -> Result<()> {
     let objects = k8s_objects()?;
     let secret = objects.get("Secret").context("no Secret")?;

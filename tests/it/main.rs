@@ -16,5 +16,6 @@ mod faults;
 mod ops;
 mod reader;
 mod replication;
+mod security;
 mod stream;
 mod testkit;

@@ -205,7 +205,8 @@ async fn tls_modes_and_certificate_checks() {
     let err = connect_err(&url).await;
     assert!(matches!(err, ReplicationError::Tls(_)), "{err:?}");
 
-    // An unrelated CA, or the public roots, do not vouch for the test certificate.
+    // An unrelated CA does not vouch for the test certificate; without sslrootcert there
+    // are no roots at all (unless ~/.postgresql/root.crt exists), never the public ones.
     let dir = tempfile::tempdir().unwrap();
     let wrong = unrelated_ca(dir.path());
     let url = with_tls(

@@ -1,0 +1,152 @@
+//! TLS to Redis: which certificates vouch for the server of a `rediss://` URL.
+//!
+//! redis-rs checks the certificate and the host name of a `rediss://` server against the
+//! roots it is given, and when given none, against the operating system's store. pgcache
+//! does not let the second happen by default: a private Redis is signed by a private CA, and
+//! trusting every public CA instead would let anyone with a certificate for the Redis host
+//! name from one of them pose as it. So a `rediss://` URL needs `[redis] tls_ca_file`: a PEM
+//! file, or `"system"` to choose the operating system's roots on purpose (the same spelling
+//! as libpq's `sslrootcert=system`).
+
+use std::path::{Path, PathBuf};
+
+/// Where a `rediss://` connection finds the certificates that vouch for Redis.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisRoots {
+    /// A PEM file with the CA certificate(s) that signed Redis' certificate.
+    File(PathBuf),
+    /// The operating system's trust store.
+    System,
+}
+
+/// The value of `tls_ca_file` that selects the operating system's roots.
+pub const SYSTEM_ROOTS: &str = "system";
+
+impl RedisRoots {
+    /// Reads a `tls_ca_file` value; a relative path is taken relative to `base_dir`.
+    pub fn from_setting(value: &str, base_dir: Option<&Path>) -> RedisRoots {
+        if value == SYSTEM_ROOTS {
+            return RedisRoots::System;
+        }
+        match base_dir {
+            Some(dir) => RedisRoots::File(dir.join(value)),
+            None => RedisRoots::File(PathBuf::from(value)),
+        }
+    }
+}
+
+/// Whether a Redis URL asks for TLS.
+pub fn is_tls_url(url: &str) -> bool {
+    url.starts_with("rediss://")
+}
+
+/// What is wrong with this combination of URL and roots, if anything: TLS without roots,
+/// roots without TLS, or TLS without certificate checks.
+pub fn tls_problem(url: &str, roots: Option<&RedisRoots>) -> Option<String> {
+    let tls = is_tls_url(url);
+    let fragment = url.split_once('#').map(|(_, f)| f);
+    if tls && fragment == Some("insecure") {
+        return Some(
+            "rediss:// with #insecure would accept any certificate; pgcache does not allow it: \
+             remove #insecure and set redis.tls_ca_file to the CA that signed Redis' certificate"
+                .to_string(),
+        );
+    }
+    match (tls, roots) {
+        (true, None) => Some(
+            "rediss:// checks the server's certificate, but no CA is configured: set \
+             redis.tls_ca_file = \"/path/to/ca.pem\" (the CA that signed Redis' certificate), \
+             or redis.tls_ca_file = \"system\" to trust the operating system's roots"
+                .to_string(),
+        ),
+        (false, Some(_)) => Some(
+            "redis.tls_ca_file is set, but the URL is not rediss://, so nothing would use it \
+             (write rediss:// for TLS, or remove tls_ca_file)"
+                .to_string(),
+        ),
+        _ => None,
+    }
+}
+
+/// A redis-rs client for `url` that checks a TLS server against `roots`.
+///
+/// # Errors
+/// The URL is invalid, TLS is asked for without roots (or roots without TLS), or the CA
+/// file cannot be read.
+pub fn redis_client(url: &str, roots: Option<&RedisRoots>) -> redis::RedisResult<redis::Client> {
+    let invalid = |what: String| {
+        redis::RedisError::from((
+            redis::ErrorKind::InvalidClientConfig,
+            "invalid Redis TLS setup",
+            what,
+        ))
+    };
+    if let Some(problem) = tls_problem(url, roots) {
+        return Err(invalid(problem));
+    }
+    match roots {
+        // redis-rs uses the operating system's store when it is given no roots.
+        None | Some(RedisRoots::System) => redis::Client::open(url),
+        Some(RedisRoots::File(path)) => {
+            let pem = std::fs::read(path).map_err(|e| {
+                invalid(format!(
+                    "cannot read redis.tls_ca_file {}: {e}",
+                    path.display()
+                ))
+            })?;
+            redis::Client::build_with_tls(
+                url,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem),
+                },
+            )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roots_are_required_for_tls_only() {
+        let file = RedisRoots::File("/etc/ca.pem".into());
+        assert_eq!(tls_problem("redis://h:6379", None), None);
+        assert_eq!(tls_problem("rediss://h:6380", Some(&file)), None);
+        assert_eq!(
+            tls_problem("rediss://h:6380", Some(&RedisRoots::System)),
+            None
+        );
+        let e = tls_problem("rediss://:pw@h:6380/0", None).unwrap();
+        assert!(e.contains("tls_ca_file = \"system\""), "{e}");
+        let e = tls_problem("redis://h", Some(&RedisRoots::System)).unwrap();
+        assert!(e.contains("not rediss://"), "{e}");
+        let e = tls_problem("rediss://h/#insecure", Some(&file)).unwrap();
+        assert!(e.contains("#insecure"), "{e}");
+    }
+
+    #[test]
+    fn settings_name_a_file_or_the_system_store() {
+        assert_eq!(RedisRoots::from_setting("system", None), RedisRoots::System);
+        assert_eq!(
+            RedisRoots::from_setting("ca.pem", Some(Path::new("/etc/pgcache"))),
+            RedisRoots::File("/etc/pgcache/ca.pem".into())
+        );
+        assert_eq!(
+            RedisRoots::from_setting("/abs/ca.pem", Some(Path::new("/etc/pgcache"))),
+            RedisRoots::File("/abs/ca.pem".into())
+        );
+    }
+
+    #[test]
+    fn clients_refuse_what_the_config_refuses() {
+        let e = redis_client("rediss://h:6380", None).unwrap_err();
+        assert!(e.to_string().contains("no CA is configured"), "{e}");
+        let missing = RedisRoots::File("/nonexistent/redis-ca.pem".into());
+        let e = redis_client("rediss://h:6380", Some(&missing)).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/redis-ca.pem"), "{e}");
+        redis_client("redis://h:6379", None).unwrap();
+        redis_client("rediss://h:6380", Some(&RedisRoots::System)).unwrap();
+    }
+}
