@@ -16,14 +16,18 @@ pub(super) async fn control_findings(
         "psql -v role=<the daemon's role> -v publication={publication} -f sql/events.sql  \
          (as a superuser)"
     );
+    // By OID from the catalog: naming the table would need USAGE on its schema.
     let row = client
         .query_one(
-            "SELECT to_regclass($1) IS NOT NULL, \
-                    EXISTS (SELECT 1 FROM pg_publication_tables WHERE pubname = $2 \
-                            AND schemaname = $3 AND tablename = $4), \
-                    CASE WHEN to_regclass($1) IS NULL THEN false \
-                         ELSE has_table_privilege(current_user, $1, 'INSERT') END",
-            &[&format!("{SCHEMA}.{TABLE}"), publication, &SCHEMA, &TABLE],
+            "SELECT c.oid IS NOT NULL, \
+                    EXISTS (SELECT 1 FROM pg_publication_tables WHERE pubname = $1 \
+                            AND schemaname = $2 AND tablename = $3), \
+                    coalesce(has_schema_privilege(current_user, n.oid, 'USAGE') \
+                             AND has_table_privilege(current_user, c.oid, 'INSERT'), false) \
+             FROM (SELECT 1) one \
+             LEFT JOIN pg_namespace n ON n.nspname = $2 \
+             LEFT JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = $3",
+            &[publication, &SCHEMA, &TABLE],
         )
         .await?;
     let (exists, published, can_insert): (bool, bool, bool) = (row.get(0), row.get(1), row.get(2));
@@ -59,12 +63,13 @@ pub(super) async fn control_findings(
             "SELECT DISTINCT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE r.rolname::text END \
              FROM pg_class c CROSS JOIN LATERAL aclexplode(c.relacl) a \
              LEFT JOIN pg_roles r ON r.oid = a.grantee \
-             WHERE c.oid = to_regclass($1) \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = $1 AND c.relname = $2 \
                AND a.privilege_type IN ('INSERT', 'UPDATE', 'TRUNCATE') \
                AND a.grantee <> c.relowner \
                AND (a.grantee = 0 OR r.rolname <> current_user) \
              ORDER BY 1",
-            &[&name],
+            &[&SCHEMA, &TABLE],
         )
         .await?
         .iter()

@@ -91,6 +91,15 @@ impl Env {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Lets `role` (a daemon role made by the test) write the control table, as
+    /// `sql/events.sql` does for the role it is given.
+    pub fn grant_control(&self, role: &str) {
+        self.sql(&format!(
+            "GRANT USAGE ON SCHEMA pgcache TO {role}; \
+             GRANT SELECT, INSERT, DELETE ON pgcache.events TO {role};"
+        ));
+    }
+
     pub fn sql(&self, sql: &str) -> String {
         self.pg
             .psql(DB, sql)

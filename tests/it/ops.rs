@@ -639,10 +639,8 @@ async fn metrics_parse_and_move_and_logs_are_json_without_passwords() {
         ITEMS,
         "public.items",
     );
-    env.sql(
-        "GRANT SELECT ON items TO streamer; GRANT USAGE ON SCHEMA pgcache TO streamer;
-         GRANT SELECT, INSERT, DELETE ON pgcache.events TO streamer;",
-    );
+    env.sql("GRANT SELECT ON items TO streamer");
+    env.grant_control("streamer");
     let port = pgcache::testkit::free_port().unwrap();
     let url = env.pg.url_as("streamer", Some("s3cret-pw"), DB);
     let config = write(

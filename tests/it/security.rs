@@ -829,6 +829,7 @@ async fn no_password_is_ever_printed() {
         "public.items",
     );
     env.sql("GRANT SELECT ON items TO streamer");
+    env.grant_control("streamer");
     env.redis
         .cli(&["CONFIG", "SET", "requirepass", REDIS_PASSWORD])
         .unwrap();
