@@ -329,12 +329,12 @@ async fn session(
         None
     };
 
-    let backfills = Backfills::new(
-        connect().await?,
-        redis.clone(),
-        config,
-        hooks.on_backfill.clone(),
-    );
+    // Backfills scan keys on a connection of their own: the writes' connection carries
+    // WATCH state between a batch's check and its EXEC.
+    let scans = client
+        .get_multiplexed_async_connection_with_config(&redis_config)
+        .await?;
+    let backfills = Backfills::new(connect().await?, scans, config, hooks.on_backfill.clone());
     let mut relations = RelationCache::new(config);
     let mut batch = Batch::with_max_value(max_value);
     // A table that is not set up right stops alone, its keys dropped; the others go on.
@@ -374,10 +374,12 @@ async fn session(
         // What a reader may have seen from Redis before it lost it: at most what this
         // process applied, or what the slot confirmed (an earlier process's writes beyond
         // its last confirmation are the one window a restart cannot know of).
-        Some(loss) => state.recover(
-            loss,
-            slot_confirmed.max(applied.position.unwrap_or(Lsn::ZERO)),
-        ),
+        Some(loss) => {
+            // The stream starts past what the slot confirmed: only what this process
+            // applied beyond that can come again.
+            let horizon = applied.position.filter(|&p| p > slot_confirmed.max(start));
+            state.recover(loss, horizon)
+        }
         None => state.resume(&saved).await?,
     }
     info!(
@@ -469,7 +471,7 @@ async fn max_value_bytes(redis: &mut redis::aio::MultiplexedConnection) -> usize
 impl Stream<'_> {
     /// Redis lost data or went back in time: forget every table's keys, write nothing old
     /// again, and backfill the mirror tables from the current rows.
-    fn recover(&mut self, loss: &Loss, horizon: Lsn) {
+    fn recover(&mut self, loss: &Loss, horizon: Option<Lsn>) {
         match loss {
             Loss::NoCheckpoint { had_data: false } => info!(
                 "no checkpoint in Redis: first start (or Redis lost everything); backfilling \
@@ -504,7 +506,9 @@ impl Stream<'_> {
         }
         self.batch
             .push_field(checkpoint::FIELD_PARTIAL.to_string(), String::new());
-        self.mute_until(horizon);
+        if let Some(horizon) = horizon {
+            self.mute_until(horizon);
+        }
         if self.config.backfill.auto {
             for table in self.backfills.mirror_tables() {
                 self.backfills.schedule(&table, None);

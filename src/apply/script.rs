@@ -1,25 +1,60 @@
-//! The write of one batch: its operations and the checkpoint in one Lua script (`apply.lua`),
-//! which Redis runs atomically, like `MULTI … EXEC`, and which first checks that this daemon
-//! still owns the checkpoint and that Redis did not lose or roll back its data. A refused
-//! batch writes nothing.
+//! The write of one batch: its operations and the checkpoint in one `MULTI … EXEC`, guarded:
+//!
+//! ```text
+//! WATCH <checkpoint>
+//! EVAL check.lua <checkpoint> owner epoch position   -- touches the checkpoint on failure
+//! MULTI
+//!   ... the batch's operations ...
+//!   HSET <checkpoint> lsn … applied … updated_ms … [fields]
+//! EXEC                                                 -- nil if the checkpoint changed
+//! ```
+//!
+//! The check refuses a batch when Redis lost its data, went back in time, or another daemon
+//! took the checkpoint over; WATCH makes EXEC run nothing then, and also when a takeover
+//! lands between the check and the EXEC. All of it goes out as one pipeline: one round
+//! trip, and Redis's native commands for the data.
 //!
 //! Runs of plain writes (no TTL) go as one `MSET` and one `DEL` of their leases: inside the
-//! script nothing sees the order within a run, and the last write of a key still wins, so
-//! the result is the same as one `SET` and one `DEL` each, with a fraction of the calls.
-
-use std::sync::LazyLock;
-
-use redis::Script;
+//! `EXEC` nothing sees the order within a run, and the last write of a key still wins, so
+//! the result is the same as one `SET` and one `DEL` each, with a fraction of the commands.
 
 use super::{Merge, MergeValue, Op, Prepared, Repair};
-use crate::checkpoint::{self, FIELD_HEARTBEAT_MS};
+use crate::checkpoint::{self, FIELD_APPLIED, FIELD_HEARTBEAT_MS, FIELD_LSN, FIELD_UPDATED_MS};
 use crate::config::Format;
 use crate::template::lease_key;
 use crate::Lsn;
 
-static APPLY: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("apply.lua")));
+const CHECK: &str = include_str!("check.lua");
+const MERGE: &str = include_str!("merge.lua");
 
-/// Most pairs one `MSET` carries (Lua's stack takes a few thousand arguments per call).
+/// Deletes every key with a prefix, and the leases of those keys, inside the `EXEC`, so it is
+/// ordered with the writes around it. Blocks Redis while it scans; TRUNCATE is rare.
+const DROP_KEY_SPACE: &str = r"
+local deleted = 0
+for _, pattern in ipairs(ARGV) do
+  local cursor = '0'
+  repeat
+    local reply = redis.call('SCAN', cursor, 'MATCH', pattern, 'COUNT', 1000)
+    cursor = reply[1]
+    if #reply[2] > 0 then
+      deleted = deleted + redis.call('UNLINK', unpack(reply[2]))
+    end
+  until cursor == '0'
+end
+return deleted
+";
+
+/// Replaces a hash only if it exists, keeping its TTL.
+const REPLACE_HASH_IF_CACHED: &str = r"
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl == -2 then return 0 end
+redis.call('DEL', KEYS[1])
+if #ARGV > 0 then redis.call('HSET', KEYS[1], unpack(ARGV)) end
+if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
+return 1
+";
+
+/// Most pairs one `MSET` carries.
 const MSET_PAIRS: usize = 1_000;
 
 /// What identifies this daemon's writes to the checkpoint.
@@ -71,51 +106,75 @@ pub async fn write(
     prepared: &Prepared,
     now_ms: u64,
 ) -> Result<Applied, WriteError> {
-    let mut call = APPLY.key(&owner.checkpoint_key);
-    call.arg(&owner.token)
+    let ck = &owner.checkpoint_key;
+    let mut pipe = redis::pipe();
+    pipe.cmd("WATCH").arg(ck).ignore();
+    pipe.cmd("EVAL")
+        .arg(CHECK)
+        .arg(1)
+        .arg(ck)
+        .arg(&owner.token)
         .arg(&owner.epoch)
         .arg(checkpoint::position_text(owner.position));
-    match prepared.position {
-        Some(lsn) => call.arg(lsn.to_string()).arg(checkpoint::hex(lsn)),
-        None => call.arg("").arg(""),
-    };
-    call.arg(now_ms).arg(prepared.fields.len());
+    pipe.cmd("MULTI").ignore();
+    let mut merges = Vec::new();
+    add_ops(&mut pipe, ck, &prepared.ops, &mut merges);
+    let set = pipe.cmd("HSET").arg(ck).arg(FIELD_UPDATED_MS).arg(now_ms);
+    if let Some(lsn) = prepared.position {
+        set.arg(FIELD_LSN)
+            .arg(lsn.to_string())
+            .arg(FIELD_APPLIED)
+            .arg(checkpoint::hex(lsn));
+    }
+    let mut removed = Vec::new();
     for (field, value) in &prepared.fields {
-        call.arg(field).arg(value);
+        if value.is_empty() {
+            removed.push(field);
+        } else {
+            set.arg(field).arg(value);
+        }
     }
-    let mut repairs = Vec::new();
-    add_ops(&mut call, &prepared.ops, &mut repairs);
-    let reply: redis::Value = call.invoke_async(conn).await?;
-    let (status, detail) = parse_reply(reply)?;
-    match status.as_str() {
-        "ok" => {
-            let missing = match detail {
-                redis::Value::Array(items) => items
-                    .into_iter()
-                    .filter_map(|v| match v {
-                        redis::Value::Int(i) => usize::try_from(i).ok(),
-                        _ => None,
-                    })
-                    .collect(),
-                _ => Vec::new(),
+    set.ignore();
+    if !removed.is_empty() {
+        pipe.cmd("HDEL").arg(ck).arg(removed).ignore();
+    }
+    pipe.cmd("EXEC");
+    let (check, exec): (redis::Value, redis::Value) = pipe.query_async(conn).await?;
+    match check_status(&check)? {
+        None => {}
+        Some(refused) => {
+            // The failed check touched the checkpoint, so EXEC ran nothing.
+            let refused = match refused {
+                ("epoch", _) => Refused::EpochGone,
+                ("owner", found) => Refused::Fenced(found),
+                (_, found) => Refused::Moved {
+                    found,
+                    expected: checkpoint::position_text(owner.position),
+                },
             };
-            // `repairs` holds one entry per merge, in order; the script names the 1-based
-            // merges that found no base.
-            let repairs = missing
-                .into_iter()
-                .filter_map(|i: usize| repairs.get(i.checked_sub(1)?).cloned().flatten())
-                .collect();
-            Ok(Applied { repairs })
+            return Err(refused.into());
         }
-        "epoch" => Err(Refused::EpochGone.into()),
-        "owner" => Err(Refused::Fenced(text(&detail)).into()),
-        "moved" => Err(Refused::Moved {
-            found: text(&detail),
-            expected: checkpoint::position_text(owner.position),
-        }
-        .into()),
-        other => Err(WriteError::Redis(unexpected(other))),
     }
+    let replies = match exec {
+        redis::Value::Array(replies) => replies,
+        // The checkpoint changed between the check and the EXEC: a takeover.
+        redis::Value::Nil => {
+            return Err(Refused::Fenced("(changed while this batch was in flight)".into()).into())
+        }
+        other => return Err(unexpected(&format!("EXEC replied {other:?}")).into()),
+    };
+    let mut repairs = Vec::new();
+    for (at, repair) in merges {
+        match replies.get(at) {
+            Some(redis::Value::Int(0)) => repairs.extend(repair),
+            Some(redis::Value::Int(_)) => {}
+            Some(redis::Value::ServerError(e)) => {
+                return Err(unexpected(&format!("a merge failed: {e:?}")).into())
+            }
+            _ => return Err(unexpected("a merge's reply is missing").into()),
+        }
+    }
+    Ok(Applied { repairs })
 }
 
 /// The heartbeat: checks the checkpoint as a batch does (so a daemon that has nothing to
@@ -135,13 +194,20 @@ pub async fn heartbeat(
     write(conn, owner, &prepared, now_ms).await.map(drop)
 }
 
-fn parse_reply(reply: redis::Value) -> Result<(String, redis::Value), redis::RedisError> {
-    let redis::Value::Array(items) = reply else {
-        return Err(unexpected("not an array"));
+/// `None` when the check passed, else its refusal and what it found.
+fn check_status(value: &redis::Value) -> Result<Option<(&'static str, String)>, redis::RedisError> {
+    let redis::Value::Array(items) = value else {
+        return Err(unexpected("the check script did not reply with an array"));
     };
-    let mut items = items.into_iter();
-    let status = items.next().map(|v| text(&v)).unwrap_or_default();
-    Ok((status, items.next().unwrap_or(redis::Value::Nil)))
+    let status = items.first().map(text).unwrap_or_default();
+    let found = items.get(1).map(text).unwrap_or_default();
+    Ok(match status.as_str() {
+        "ok" => None,
+        "epoch" => Some(("epoch", found)),
+        "owner" => Some(("owner", found)),
+        "moved" => Some(("moved", found)),
+        other => return Err(unexpected(&format!("check replied {other:?}"))),
+    })
 }
 
 fn text(value: &redis::Value) -> String {
@@ -157,13 +223,21 @@ fn text(value: &redis::Value) -> String {
 fn unexpected(what: &str) -> redis::RedisError {
     redis::RedisError::from((
         redis::ErrorKind::Parse,
-        "unexpected reply from the pgcache apply script",
+        "unexpected reply to the daemon's write",
         what.to_string(),
     ))
 }
 
-/// Appends the operations as the script reads them; `repairs` gets one entry per merge.
-fn add_ops(call: &mut redis::ScriptInvocation<'_>, ops: &[Op], repairs: &mut Vec<Option<Repair>>) {
+/// Appends the operations inside the `MULTI`; `merges` gets each merge's index among the
+/// `EXEC`'s replies, with its repair.
+fn add_ops(
+    pipe: &mut redis::Pipeline,
+    ck: &str,
+    ops: &[Op],
+    merges: &mut Vec<(usize, Option<Repair>)>,
+) {
+    // Commands so far, up to and including MULTI: replies in the EXEC count from here.
+    let multi = pipe.len();
     let plain = |op: &Op| {
         matches!(
             op,
@@ -173,47 +247,56 @@ fn add_ops(call: &mut redis::ScriptInvocation<'_>, ops: &[Op], repairs: &mut Vec
     let mut at = 0;
     while at < ops.len() {
         if !plain(&ops[at]) {
-            add_op(call, &ops[at], repairs);
+            if let Op::Merge(merge) = &ops[at] {
+                merges.push((pipe.len() - multi, merge.repair.clone()));
+            }
+            add_op(pipe, ck, &ops[at]);
             at += 1;
             continue;
         }
-        let run = &ops[at..at
-            + ops[at..]
-                .iter()
-                .take(MSET_PAIRS)
-                .take_while(|op| plain(op))
-                .count()];
-        let leases = run.iter().filter(|op| matches!(op, Op::Set { .. })).count();
-        call.arg("M").arg(run.len()).arg(leases);
-        for op in run {
+        let run = ops[at..]
+            .iter()
+            .take(MSET_PAIRS)
+            .take_while(|op| plain(op))
+            .count();
+        let mset = pipe.cmd("MSET");
+        for op in &ops[at..at + run] {
             if let Op::Set { key, value, .. } | Op::Fill { key, value, .. } = op {
-                call.arg(key).arg(value);
+                mset.arg(key).arg(value);
             }
         }
-        for op in run {
+        mset.ignore();
+        let mut leases = redis::cmd("DEL");
+        let mut any = false;
+        for op in &ops[at..at + run] {
             if let Op::Set { key, .. } = op {
-                call.arg(lease_key(key));
+                leases.arg(lease_key(key));
+                any = true;
             }
         }
-        at += run.len();
+        if any {
+            pipe.add_command(leases).ignore();
+        }
+        at += run;
     }
 }
 
-fn add_op(call: &mut redis::ScriptInvocation<'_>, op: &Op, repairs: &mut Vec<Option<Repair>>) {
-    let ttl = |ttl_ms: &Option<u64>| ttl_ms.map(|ms| ms.to_string()).unwrap_or_default();
+fn add_op(pipe: &mut redis::Pipeline, ck: &str, op: &Op) {
     match op {
-        Op::Set { key, value, ttl_ms } => {
-            call.arg("S")
-                .arg(key)
-                .arg(value)
-                .arg(ttl(ttl_ms))
-                .arg(lease_key(key));
-        }
-        Op::Fill { key, value, ttl_ms } => {
-            call.arg("S").arg(key).arg(value).arg(ttl(ttl_ms)).arg("");
+        Op::Set { key, value, ttl_ms } | Op::Fill { key, value, ttl_ms } => {
+            let cmd = pipe.cmd("SET").arg(key).arg(value);
+            if let Some(ms) = ttl_ms {
+                cmd.arg("PX").arg(*ms);
+            }
+            cmd.ignore();
         }
         Op::SetIfCached { key, value } => {
-            call.arg("X").arg(key).arg(value).arg(lease_key(key));
+            pipe.cmd("SET")
+                .arg(key)
+                .arg(value)
+                .arg("XX")
+                .arg("KEEPTTL")
+                .ignore();
         }
         Op::Hash {
             key,
@@ -221,59 +304,88 @@ fn add_op(call: &mut redis::ScriptInvocation<'_>, op: &Op, repairs: &mut Vec<Opt
             ttl_ms,
             only_if_cached,
         } => {
-            call.arg("H")
-                .arg(key)
-                .arg(lease_key(key))
-                .arg(ttl(ttl_ms))
-                .arg(if *only_if_cached { "1" } else { "0" })
-                .arg(fields.len());
-            for (field, value) in fields {
-                call.arg(field).arg(value);
+            if *only_if_cached {
+                let cmd = pipe.cmd("EVAL").arg(REPLACE_HASH_IF_CACHED).arg(1).arg(key);
+                for (field, value) in fields {
+                    cmd.arg(field).arg(value);
+                }
+                cmd.ignore();
+            } else {
+                pipe.cmd("DEL").arg(key).ignore();
+                if !fields.is_empty() {
+                    let cmd = pipe.cmd("HSET").arg(key);
+                    for (field, value) in fields {
+                        cmd.arg(field).arg(value);
+                    }
+                    cmd.ignore();
+                    if let Some(ms) = ttl_ms {
+                        pipe.cmd("PEXPIRE").arg(key).arg(*ms).ignore();
+                    }
+                }
             }
         }
         Op::Del { key } => {
-            call.arg("D").arg(key).arg(lease_key(key));
+            pipe.cmd("DEL").arg(key).ignore();
         }
         Op::DropKeySpace { key_space } => {
             let escaped = glob_escape(key_space);
-            call.arg("K")
+            pipe.cmd("EVAL")
+                .arg(DROP_KEY_SPACE)
+                .arg(0)
                 .arg(format!("{escaped}*"))
-                .arg(format!("{{{escaped}*"));
+                .arg(format!("{{{escaped}*"))
+                .ignore();
+            return;
         }
         Op::Merge(merge) => {
-            let Merge {
-                key,
-                base,
-                format,
-                columns,
-                ttl_ms,
-                only_if_cached,
-                repair,
-            } = &**merge;
-            call.arg(match format {
-                Format::Json => "J",
-                Format::Hash => "G",
-            })
-            .arg(key)
-            .arg(base)
-            .arg(lease_key(key))
-            .arg(ttl(ttl_ms))
-            .arg(if *only_if_cached { "1" } else { "0" })
-            .arg(repair.as_ref().map(Repair::encode).unwrap_or_default())
-            .arg(columns.len());
-            for (name, value) in columns {
-                call.arg(&name[..]);
-                match (format, value) {
-                    (Format::Json, MergeValue::Value(v)) => call.arg(&v[..]),
-                    (Format::Json, _) => call.arg(""),
-                    (Format::Hash, MergeValue::Value(v)) => call.arg("v").arg(&v[..]),
-                    (Format::Hash, MergeValue::Null) => call.arg("n").arg(""),
-                    (Format::Hash, MergeValue::Unchanged) => call.arg("u").arg(""),
-                };
-            }
-            repairs.push(repair.clone());
+            // The merge script revokes the lease itself.
+            add_merge(pipe, ck, merge);
+            return;
         }
     }
+    if let (Some(key), false) = (op.key(), matches!(op, Op::Fill { .. })) {
+        // Revoke any lease: a fill that read the row before this change must lose (G4).
+        pipe.cmd("DEL").arg(lease_key(key)).ignore();
+    }
+}
+
+fn add_merge(pipe: &mut redis::Pipeline, ck: &str, merge: &Merge) {
+    let Merge {
+        key,
+        base,
+        format,
+        columns,
+        ttl_ms,
+        only_if_cached,
+        repair,
+    } = merge;
+    let cmd = pipe
+        .cmd("EVAL")
+        .arg(MERGE)
+        .arg(4)
+        .arg(key)
+        .arg(base)
+        .arg(lease_key(key))
+        .arg(ck)
+        .arg(match format {
+            Format::Json => "J",
+            Format::Hash => "G",
+        })
+        .arg(ttl_ms.map(|ms| ms.to_string()).unwrap_or_default())
+        .arg(if *only_if_cached { "1" } else { "0" })
+        .arg(repair.as_ref().map(Repair::encode).unwrap_or_default())
+        .arg(columns.len());
+    for (name, value) in columns {
+        cmd.arg(&name[..]);
+        match (format, value) {
+            (Format::Json, MergeValue::Value(v)) => cmd.arg(&v[..]),
+            (Format::Json, _) => cmd.arg(""),
+            (Format::Hash, MergeValue::Value(v)) => cmd.arg("v").arg(&v[..]),
+            (Format::Hash, MergeValue::Null) => cmd.arg("n").arg(""),
+            (Format::Hash, MergeValue::Unchanged) => cmd.arg("u").arg(""),
+        };
+    }
+    cmd.ignore();
 }
 
 fn glob_escape(text: &str) -> String {

@@ -51,18 +51,20 @@ where
         table: table.to_string(),
         source,
     };
-    client
-        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+    // One round trip: the transaction starts, and its snapshot is taken and returned.
+    let opened = client
+        .simple_query(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SELECT pg_current_snapshot()::text",
+        )
         .await
         .map_err(pg)?;
+    let text = opened.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_string),
+        _ => None,
+    });
     let result = async {
-        let text: String = client
-            .query_one("SELECT pg_current_snapshot()::text", &[])
-            .await
-            .map_err(pg)?
-            .get(0);
         let mut chunk = read(client).await?;
-        chunk.snapshot = Snapshot::parse(&text);
+        chunk.snapshot = text.as_deref().and_then(Snapshot::parse);
         Ok(chunk)
     }
     .await;
@@ -105,7 +107,7 @@ impl TablePlan {
             self.order_by
         ));
         in_snapshot(client, &self.rule.qualified_name(), |client| async move {
-            let mut chunk = self.copy_rows(client, &sql, Some(max_bytes)).await?;
+            let mut chunk = self.copy_rows(client, &sql, Some(max_bytes), limit).await?;
             chunk.last = chunk.read < limit && chunk.cursor_complete();
             Ok(chunk)
         })
@@ -133,7 +135,7 @@ impl TablePlan {
             self.key_tuples(keys)
         );
         in_snapshot(client, &self.rule.qualified_name(), |client| async move {
-            let mut chunk = self.copy_rows(client, &sql, None).await?;
+            let mut chunk = self.copy_rows(client, &sql, None, keys.len()).await?;
             chunk.cursor = None;
             chunk.last = true;
             Ok(chunk)
@@ -234,6 +236,7 @@ impl TablePlan {
         client: &Client,
         sql: &str,
         max_bytes: Option<usize>,
+        reserve: usize,
     ) -> Result<ChunkRead, BackfillError> {
         let table = || self.rule.qualified_name();
         let stream = client
@@ -245,7 +248,10 @@ impl TablePlan {
             })?;
         let mut stream = std::pin::pin!(stream);
         let mut chunk = ChunkRead::default();
+        chunk.rows.reserve(reserve);
         let mut row = copy_text::Row::default();
+        // The last kept row's primary key, in buffers reused from row to row.
+        let mut cursor: Vec<Vec<u8>> = vec![Vec::new(); self.pk.len()];
         let mut carry: Vec<u8> = Vec::new();
         let mut full = false;
         while let Some(data) = stream.next().await {
@@ -272,7 +278,7 @@ impl TablePlan {
                     chunk.dropped_rows += 1;
                     continue;
                 }
-                self.keep_row(&mut row, line, &mut chunk)?;
+                self.keep_row(&mut row, line, &mut chunk, &mut cursor)?;
                 full = max_bytes.is_some_and(|max| chunk.bytes >= max);
             }
             let rest = text[start..].to_vec();
@@ -284,6 +290,14 @@ impl TablePlan {
                 message: "COPY output does not end with a whole row".into(),
             });
         }
+        if chunk.read > 0 {
+            chunk.cursor = Some(
+                cursor
+                    .iter()
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+                    .collect(),
+            );
+        }
         Ok(chunk)
     }
 
@@ -292,6 +306,7 @@ impl TablePlan {
         row: &mut copy_text::Row,
         line: &[u8],
         chunk: &mut ChunkRead,
+        cursor: &mut [Vec<u8>],
     ) -> Result<(), BackfillError> {
         let table = || self.rule.qualified_name();
         let fields = row
@@ -301,14 +316,10 @@ impl TablePlan {
                 message: format!("cannot read a row: {e}"),
             })?;
         chunk.read += 1;
-        chunk.cursor = Some(
-            self.pk
-                .iter()
-                .map(|(at, _)| {
-                    String::from_utf8_lossy(fields.get(*at).unwrap_or_default()).into_owned()
-                })
-                .collect(),
-        );
+        for ((at, _), value) in self.pk.iter().zip(cursor.iter_mut()) {
+            value.clear();
+            value.extend_from_slice(fields.get(*at).unwrap_or_default());
+        }
         let Some(key_values) = self
             .key_at
             .iter()

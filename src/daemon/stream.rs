@@ -243,7 +243,11 @@ impl<'a> Stream<'a> {
                         self.batch.push_field(FIELD_HEARTBEAT_MS.to_string(), now_ms().to_string());
                     }
                     self.release_confirmations();
-                    if self.last_status.elapsed() >= Duration::from_secs(10) || self.confirm_moved() {
+                    if self.muted_until.is_some() {
+                        // Ask for a keepalive: an idle stream would not say for half a
+                        // wal_sender_timeout that it is past the horizon.
+                        self.send_status_with(stream, true).await?;
+                    } else if self.last_status.elapsed() >= Duration::from_secs(10) || self.confirm_moved() {
                         self.send_status(stream).await?;
                     }
                 }
@@ -714,8 +718,16 @@ impl<'a> Stream<'a> {
     }
 
     async fn send_status(&mut self, stream: &mut ReplicationStream) -> Result<(), RunError> {
+        self.send_status_with(stream, false).await
+    }
+
+    async fn send_status_with(
+        &mut self,
+        stream: &mut ReplicationStream,
+        reply: bool,
+    ) -> Result<(), RunError> {
         let lsn = self.confirmed;
-        stream.send_status(lsn, lsn, lsn, false).await?;
+        stream.send_status(lsn, lsn, lsn, reply).await?;
         self.sent = lsn;
         self.last_status = Instant::now();
         metrics::gauge!(m::CONFIRMED_LSN).set(lsn.0 as f64);
