@@ -81,6 +81,8 @@ pub(crate) struct Inner {
     redis: ConnectionManager,
     pool: Pool,
     key_prefix: String,
+    /// The daemon's checkpoint: how far it has applied the stream.
+    checkpoint_key: String,
     options: ReaderOptions,
     tables: Vec<Arc<TableEntry>>,
     /// Qualified (`public.users`) and bare (`users`) names to indexes into `tables`; a bare
@@ -126,6 +128,7 @@ impl Reader {
         let postgres_url = config.reader.url.as_ref().unwrap_or(&config.postgres.url);
         let mut builder = Self::builder(postgres_url.expose(), config.redis.url.expose())
             .key_prefix(config.redis.key_prefix.clone())
+            .slot(config.postgres.slot.clone())
             .options(options);
         if let Some(roots) = &config.redis.tls_ca_file {
             builder = builder.redis_tls_roots(roots.clone());

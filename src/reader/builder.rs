@@ -27,6 +27,10 @@ pub struct ReaderOptions {
     pub lease_ttl: Duration,
     /// The longest pause between two polls while another process fills. Default 50 ms.
     pub max_wait_step: Duration,
+    /// How long a miss waits for the daemon to apply everything up to the position its row
+    /// was read at, before filling or returning the row (monotonic reads, G10). Past it the
+    /// row read from Postgres is returned without filling (`lag_fallbacks`). Default 1 s.
+    pub max_lag_wait: Duration,
     /// Cache the absence of a row for this long (`None`, the default: do not). Safe with the
     /// daemon running: an insert ends a cached absence at once.
     pub negative_ttl: Option<Duration>,
@@ -46,6 +50,7 @@ impl Default for ReaderOptions {
         ReaderOptions {
             lease_ttl: Duration::from_secs(2),
             max_wait_step: Duration::from_millis(50),
+            max_lag_wait: Duration::from_secs(1),
             negative_ttl: None,
             early_refresh_beta: Some(1.0),
             pool_size: 16,
@@ -93,6 +98,7 @@ pub struct ReaderBuilder {
     redis: Option<ConnectionManager>,
     redis_roots: Option<RedisRoots>,
     key_prefix: String,
+    slot: String,
     rules: Vec<TableRule>,
     problems: Vec<String>,
     options: ReaderOptions,
@@ -106,6 +112,7 @@ impl ReaderBuilder {
             redis: None,
             redis_roots: None,
             key_prefix: String::new(),
+            slot: crate::config::DEFAULT_SLOT.to_string(),
             rules: Vec::new(),
             problems: Vec::new(),
             options: ReaderOptions::default(),
@@ -115,6 +122,13 @@ impl ReaderBuilder {
     /// Prepended to every key, as `redis.key_prefix` in the daemon's config. Must match it.
     pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.key_prefix = prefix.into();
+        self
+    }
+
+    /// The daemon's replication slot (`postgres.slot`, default `pgcache`): its checkpoint
+    /// says how far the daemon has applied, which fills wait for.
+    pub fn slot(mut self, slot: impl Into<String>) -> Self {
+        self.slot = slot.into();
         self
     }
 
@@ -214,6 +228,7 @@ impl ReaderBuilder {
             inner: Arc::new(Inner {
                 redis,
                 pool,
+                checkpoint_key: crate::checkpoint::checkpoint_key(&self.key_prefix, &self.slot),
                 key_prefix: self.key_prefix,
                 options: self.options,
                 tables,

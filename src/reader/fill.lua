@@ -1,20 +1,29 @@
--- A fill by the holder of a lease (pgcache::Reader). It only writes while the lease still
--- holds the caller's token: the daemon deletes the lease with every change it applies, so
--- a fill whose database read may predate a change loses (DESIGN.md, G4).
+-- A fill by the holder of a lease (pgcache::Reader). It writes only while the lease still
+-- holds the caller's token (the daemon deletes the lease with every change it applies, so a
+-- fill whose database read may predate a change loses), and only once the daemon has
+-- applied everything up to the position the row was read at (so no change older than the
+-- row can be applied over it afterwards: monotonic reads).
 --   KEYS[1]  the row key
 --   KEYS[2]  its lease key
+--   KEYS[3]  the daemon's checkpoint (field `applied`: 16 hex digits, compared as text)
 --   ARGV[1]  the caller's token
 --   ARGV[2]  'row': write the value if the key is absent; 'refresh': replace the value
 --            (early refresh of a cached key); 'absent': cache the row's absence
 --   ARGV[3]  the value, or for 'absent' the absence marker
 --   ARGV[4]  TTL in milliseconds, '0' for none
--- Returns 1 when written, 0 when the fill lost.
+--   ARGV[5]  the position the row was read at, 16 hex digits
+-- Returns 1 when written, 0 when the fill lost, 2 when the daemon has not yet applied up to
+-- the read position (the lease is kept: try again).
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then
   return 0
 end
 if ARGV[2] ~= 'refresh' and redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('DEL', KEYS[2])
   return 0
+end
+local applied = redis.call('HGET', KEYS[3], 'applied')
+if not applied or applied < ARGV[5] then
+  return 2
 end
 if ARGV[2] == 'absent' then
   -- Kept in the lease key, so the next change to the row (an insert) deletes it.

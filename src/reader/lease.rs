@@ -1,6 +1,6 @@
 //! Leases: the right to fill one key, and the proof that the fill is not stale.
 //!
-//! The protocol (DESIGN.md, "Leases"): a miss takes the key's lease with a random token
+//! The protocol (PROTOCOL.md, "Leases"): a miss takes the key's lease with a random token
 //! (`acquire.lua`, which also re-checks the key, so the miss costs one round trip), reads the
 //! row from Postgres, and fills with `fill.lua`, which writes only while the lease still holds
 //! the token and the key is still absent. The daemon deletes the lease with every change it
@@ -8,10 +8,18 @@
 //! loses. A lease that is never filled expires after its TTL, so a holder that dies frees the
 //! key by itself.
 //!
+//! Two more rules make reads monotonic (no reader sees a row go back):
+//! - The daemon writes a transaction only once other sessions can see it, so a lease taken
+//!   after a change was applied reads that change or a newer one.
+//! - A fill waits until the daemon has applied the stream up to the WAL position the row was
+//!   read at (`applied` in the checkpoint). A fill that ran ahead would be overwritten by the
+//!   older changes the daemon had still to apply.
+//!
 //! Negative caching stores a marker in the lease key rather than in the row key: the daemon
 //! already deletes the lease key on every change, so an insert ends the cached absence at
 //! once, and the row key never holds anything but a row.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
@@ -19,9 +27,10 @@ use bytes::Bytes;
 use rand::Rng;
 use redis::Script;
 
-use super::source::KeyTexts;
+use super::source::{KeyTexts, Read};
 use super::stats::Event;
 use super::{Inner, ReaderError, TableEntry};
+use crate::Lsn;
 
 static ACQUIRE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("acquire.lua")));
 static FILL: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("fill.lua")));
@@ -53,6 +62,7 @@ pub enum LeaseOutcome {
 
 /// How a fill ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum FillOutcome {
     /// The value (or the absence) is now in Redis.
     Filled,
@@ -62,6 +72,10 @@ pub enum FillOutcome {
     /// Nothing was written and the lease was given back ([`Lease::fill_absent`] without
     /// negative caching).
     Released,
+    /// The daemon did not apply the stream up to where the row was read within
+    /// `max_lag_wait`: nothing was written (a fill then could go back in time), and the
+    /// lease was given back.
+    Lagging,
 }
 
 /// Whether a lease fills an absent key or replaces a cached value (early refresh).
@@ -84,6 +98,8 @@ pub struct Lease {
     purpose: Purpose,
     /// When the lease was taken: fill time is measured from here, for early refresh.
     taken: Instant,
+    /// The WAL position of the last [`Lease::read_row`] (0: none), which a fill waits for.
+    read_at: AtomicU64,
     /// Filled, lost or released: nothing left for `Drop` to do.
     settled: bool,
 }
@@ -142,6 +158,7 @@ pub(crate) async fn acquire(
             token,
             purpose: Purpose::Fill,
             taken: Instant::now(),
+            read_at: AtomicU64::new(0),
             settled: false,
         }),
         (Some(redis::Value::Int(3)), _) => LeaseOutcome::Held,
@@ -180,6 +197,7 @@ pub(crate) async fn acquire_for_refresh(
         token,
         purpose: Purpose::Refresh,
         taken: Instant::now(),
+        read_at: AtomicU64::new(0),
         settled: false,
     }))
 }
@@ -205,12 +223,19 @@ impl Lease {
     /// # Errors
     /// As [`Table::get_raw`](super::Table::get_raw) for Postgres.
     pub async fn read_row(&self) -> Result<Option<Vec<u8>>, ReaderError> {
-        let mut rows = read_rows(&self.inner, &self.entry, std::slice::from_ref(&self.key)).await?;
-        Ok(rows.pop().flatten())
+        let mut read = read_rows(&self.inner, &self.entry, std::slice::from_ref(&self.key)).await?;
+        self.read_at.store(read.at.0, Ordering::Relaxed);
+        Ok(read.rows.pop().flatten())
+    }
+
+    /// The WAL position the row was read at (see [`Lease::read_row`]).
+    pub(crate) fn set_read_at(&self, at: Lsn) {
+        self.read_at.store(at.0, Ordering::Relaxed);
     }
 
     /// Writes `value` to the key if the lease is still ours (and, unless this is an early
-    /// refresh, the key still absent), with the table's TTL.
+    /// refresh, the key still absent), with the table's TTL, once the daemon has applied
+    /// the stream up to where the row was read (waiting for it at most `max_lag_wait`).
     ///
     /// # Errors
     /// [`ReaderError::Redis`] when the script cannot run; the lease then expires by itself.
@@ -229,7 +254,8 @@ impl Lease {
     }
 
     /// Records that no row has the key, for the negative-cache TTL, if the lease is still
-    /// ours; without negative caching, gives the lease back.
+    /// ours; without negative caching, gives the lease back. Either way only once the daemon
+    /// has applied the stream up to where the row was read, as [`Lease::fill`].
     ///
     /// # Errors
     /// [`ReaderError::Redis`] when the script cannot run; the lease then expires by itself.
@@ -239,7 +265,19 @@ impl Lease {
                 self.run_fill("absent", ABSENT.as_bytes(), millis(ttl))
                     .await
             }
-            _ => self.release_now().await.map(|()| FillOutcome::Released),
+            _ => {
+                let at = Lsn(self.read_at.load(Ordering::Relaxed));
+                let reached = wait_applied(&self.inner, &self.entry, at).await;
+                let released = self.release_now().await;
+                match reached {
+                    Ok(true) => released.map(|()| FillOutcome::Released),
+                    Ok(false) => released.map(|()| FillOutcome::Lagging),
+                    Err(source) => Err(ReaderError::Redis {
+                        key: self.key.redis_key.clone(),
+                        source,
+                    }),
+                }
+            }
         };
         self.settled = true;
         outcome
@@ -262,25 +300,49 @@ impl Lease {
         ttl_ms: u64,
     ) -> Result<FillOutcome, ReaderError> {
         let mut conn = self.inner.redis.clone();
-        let written: i64 = FILL
-            .key(&self.key.redis_key)
-            .key(&self.lease_key)
-            .arg(&self.token)
-            .arg(kind)
-            .arg(value)
-            .arg(ttl_ms)
-            .invoke_async(&mut conn)
-            .await
-            .map_err(|source| ReaderError::Redis {
-                key: self.key.redis_key.clone(),
-                source,
-            })?;
-        if written == 1 {
-            self.entry.counters.record(Event::Fill);
-            Ok(FillOutcome::Filled)
-        } else {
-            self.entry.counters.record(Event::LostFill);
-            Ok(FillOutcome::Lost)
+        let at = crate::checkpoint::hex(Lsn(self.read_at.load(Ordering::Relaxed)));
+        let deadline = Instant::now() + self.inner.options.max_lag_wait;
+        let mut backoff = Backoff::lag(self.inner.options.max_wait_step);
+        let mut waited = false;
+        loop {
+            let written: i64 = FILL
+                .key(&self.key.redis_key)
+                .key(&self.lease_key)
+                .key(&self.inner.checkpoint_key)
+                .arg(&self.token)
+                .arg(kind)
+                .arg(value)
+                .arg(ttl_ms)
+                .arg(&at)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(|source| ReaderError::Redis {
+                    key: self.key.redis_key.clone(),
+                    source,
+                })?;
+            match written {
+                1 => {
+                    self.entry.counters.record(Event::Fill);
+                    return Ok(FillOutcome::Filled);
+                }
+                2 => {
+                    if !waited {
+                        waited = true;
+                        self.entry.counters.record(Event::LagWait);
+                    }
+                    let now = Instant::now();
+                    if now >= deadline {
+                        self.entry.counters.record(Event::LagFallback);
+                        self.release_now().await?;
+                        return Ok(FillOutcome::Lagging);
+                    }
+                    tokio::time::sleep(backoff.step().min(deadline - now)).await;
+                }
+                _ => {
+                    self.entry.counters.record(Event::LostFill);
+                    return Ok(FillOutcome::Lost);
+                }
+            }
         }
     }
 
@@ -329,9 +391,47 @@ pub(crate) async fn read_rows(
     inner: &Inner,
     entry: &TableEntry,
     keys: &[KeyTexts],
-) -> Result<Vec<Option<Vec<u8>>>, ReaderError> {
+) -> Result<Read, ReaderError> {
     entry.counters.record(Event::DbRead);
     entry.source.read(&inner.pool, keys).await
+}
+
+/// Waits until the daemon has applied the stream up to `at` (its checkpoint's `applied`),
+/// polling with backoff for at most `max_lag_wait`: `Ok(false)` past it.
+pub(crate) async fn wait_applied(
+    inner: &Inner,
+    entry: &TableEntry,
+    at: Lsn,
+) -> Result<bool, redis::RedisError> {
+    let deadline = Instant::now() + inner.options.max_lag_wait;
+    let mut backoff = Backoff::lag(inner.options.max_wait_step);
+    let mut waited = false;
+    loop {
+        if applied(inner).await?.is_some_and(|applied| applied >= at) {
+            return Ok(true);
+        }
+        if !waited {
+            waited = true;
+            entry.counters.record(Event::LagWait);
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            entry.counters.record(Event::LagFallback);
+            return Ok(false);
+        }
+        tokio::time::sleep(backoff.step().min(deadline - now)).await;
+    }
+}
+
+/// How far the daemon has applied the stream, from its checkpoint.
+pub(crate) async fn applied(inner: &Inner) -> Result<Option<Lsn>, redis::RedisError> {
+    let mut conn = inner.redis.clone();
+    let hex: Option<String> = redis::cmd("HGET")
+        .arg(&inner.checkpoint_key)
+        .arg(crate::checkpoint::FIELD_APPLIED)
+        .query_async(&mut conn)
+        .await?;
+    Ok(hex.and_then(|h| u64::from_str_radix(&h, 16).ok()).map(Lsn))
 }
 
 /// Polling intervals while another process fills: short at first (most fills take a few
@@ -348,6 +448,14 @@ impl Backoff {
     pub(crate) fn new(max: Duration) -> Backoff {
         Backoff {
             next: Self::FIRST.min(max),
+            max,
+        }
+    }
+
+    /// Polling the daemon's progress: it usually is a fraction of a millisecond behind.
+    pub(crate) fn lag(max: Duration) -> Backoff {
+        Backoff {
+            next: Duration::from_micros(250).min(max),
             max,
         }
     }

@@ -203,8 +203,10 @@ where
 /// The lease protocol for one key: take the lease and fill, or wait for the holder's fill,
 /// or read Postgres past the deadline or when Redis fails.
 ///
-/// A row read under the lease goes to `early` before the fill: the callers waiting in this
-/// process need not wait another round trip for a write that only other processes need.
+/// A row read under the lease goes to `early` once its fill is settled, that is once the
+/// daemon has applied up to where it was read: before that, a caller could see the row and
+/// then the older value the daemon was still to write. A fill that lost (a change revoked
+/// the lease) starts over: the row it read may be older than the change.
 async fn lead(
     inner: &Arc<Inner>,
     entry: &Arc<TableEntry>,
@@ -222,9 +224,17 @@ async fn lead(
             }
             Ok(LeaseOutcome::Acquired(lease)) => {
                 let row = lease.read_row().await?.map(Bytes::from);
-                let outcome = Ok(row.clone());
+                if settle(inner, lease, row.as_deref()).await == Some(FillOutcome::Lost) {
+                    let now = Instant::now();
+                    let deadline = *deadline
+                        .get_or_insert(now + inner.options.lease_ttl + inner.options.max_wait_step);
+                    if now < deadline {
+                        continue;
+                    }
+                    return read_settled(inner, entry, key).await;
+                }
+                let outcome = Ok(row);
                 early(&outcome);
-                settle(inner, lease, row.as_deref()).await;
                 return outcome;
             }
             Ok(LeaseOutcome::Held) => {
@@ -237,7 +247,7 @@ async fn lead(
                 });
                 if now >= deadline {
                     entry.counters.record(Event::WaitTimeout);
-                    return read_one(inner, entry, key).await;
+                    return read_settled(inner, entry, key).await;
                 }
                 tokio::time::sleep(backoff.step().min(deadline - now)).await;
             }
@@ -250,9 +260,9 @@ async fn lead(
     }
 }
 
-/// Fills (or records the absence) under a lease. The caller has its value either way, so a
-/// Redis failure here is only logged.
-async fn settle(inner: &Inner, lease: Lease, row: Option<&[u8]>) {
+/// Fills (or records the absence) under a lease, waiting for the daemon as the fill does.
+/// `None` when Redis failed (logged; the caller has its row either way).
+async fn settle(inner: &Inner, lease: Lease, row: Option<&[u8]>) -> Option<FillOutcome> {
     let key = lease.key().to_string();
     let result = match row {
         Some(value) => lease.fill(value).await,
@@ -260,18 +270,36 @@ async fn settle(inner: &Inner, lease: Lease, row: Option<&[u8]>) {
     };
     match result {
         Ok(FillOutcome::Lost) => {
-            tracing::debug!(%key, "fill lost: the row changed or was filled meanwhile")
+            tracing::debug!(%key, "fill lost: the row changed or was filled meanwhile");
+            Some(FillOutcome::Lost)
         }
-        Ok(_) => {}
-        Err(ReaderError::Redis { source, .. }) => inner.redis_failed(&source),
-        Err(e) => tracing::debug!(%key, error = %e, "fill failed"),
+        Ok(outcome) => Some(outcome),
+        Err(ReaderError::Redis { source, .. }) => {
+            inner.redis_failed(&source);
+            None
+        }
+        Err(e) => {
+            tracing::debug!(%key, error = %e, "fill failed");
+            None
+        }
     }
 }
 
-/// Reads one row from Postgres without filling.
+/// Reads one row from Postgres without filling (Redis failed: nothing to wait for).
 async fn read_one(inner: &Inner, entry: &TableEntry, key: &KeyTexts) -> Outcome {
-    let mut rows = lease::read_rows(inner, entry, std::slice::from_ref(key)).await?;
-    Ok(rows.pop().flatten().map(Bytes::from))
+    let mut read = lease::read_rows(inner, entry, std::slice::from_ref(key)).await?;
+    Ok(read.rows.pop().flatten().map(Bytes::from))
+}
+
+/// Reads one row from Postgres without filling, and returns it once the daemon has applied
+/// up to where it was read (or `max_lag_wait` passed), so that no reader sees the row go
+/// back afterwards.
+async fn read_settled(inner: &Inner, entry: &TableEntry, key: &KeyTexts) -> Outcome {
+    let mut read = lease::read_rows(inner, entry, std::slice::from_ref(key)).await?;
+    if let Err(e) = lease::wait_applied(inner, entry, read.at).await {
+        inner.redis_failed(&e);
+    }
+    Ok(read.rows.pop().flatten().map(Bytes::from))
 }
 
 /// Starts an early refresh of a hit key when XFetch says so.
@@ -306,7 +334,9 @@ fn maybe_refresh(
         let outcome = match lease.read_row().await {
             Ok(row) => {
                 match &row {
-                    Some(value) => settle(&inner, lease, Some(value)).await,
+                    Some(value) => {
+                        settle(&inner, lease, Some(value)).await;
+                    }
                     // A row deleted since would have revoked the lease; give it back.
                     None => drop(lease.release().await),
                 }
@@ -365,8 +395,12 @@ async fn fetch_many(
             inner.redis_failed(&error);
             entry.counters.add(Event::Miss, keys.len() as u64);
             entry.counters.add(Event::Fallback, keys.len() as u64);
-            let rows = lease::read_rows(inner, entry, keys).await?;
-            return Ok(rows.into_iter().map(|r| r.map(Fetched::Owned)).collect());
+            let read = lease::read_rows(inner, entry, keys).await?;
+            return Ok(read
+                .rows
+                .into_iter()
+                .map(|r| r.map(Fetched::Owned))
+                .collect());
         }
     };
     let mut out = Vec::with_capacity(keys.len());
@@ -448,16 +482,22 @@ async fn resolve_many(
     if !leases.is_empty() {
         let texts: Vec<KeyTexts> = leases.iter().map(|(_, l)| l.key_texts().clone()).collect();
         match lease::read_rows(inner, entry, &texts).await {
-            Ok(rows) => {
+            Ok(read) => {
                 let fills = leases
                     .into_iter()
-                    .zip(rows)
+                    .zip(read.rows)
                     .map(|((j, lease), row)| async move {
-                        settle(inner, lease, row.as_deref()).await;
-                        (j, row)
+                        lease.set_read_at(read.at);
+                        let outcome = settle(inner, lease, row.as_deref()).await;
+                        (j, row, outcome)
                     });
-                for (j, row) in join_all(fills).await {
-                    outcomes[j] = Some(Ok(row.map(Bytes::from)));
+                for (j, row, outcome) in join_all(fills).await {
+                    if outcome == Some(FillOutcome::Lost) {
+                        // The row read may be older than the change that revoked the lease.
+                        waiting.push(j);
+                    } else {
+                        outcomes[j] = Some(Ok(row.map(Bytes::from)));
+                    }
                 }
             }
             // The leases go back as they drop.
@@ -471,8 +511,8 @@ async fn resolve_many(
     if !unfilled.is_empty() {
         let texts: Vec<KeyTexts> = unfilled.iter().map(|&j| keys[j].clone()).collect();
         match lease::read_rows(inner, entry, &texts).await {
-            Ok(rows) => {
-                for (&j, row) in unfilled.iter().zip(rows) {
+            Ok(read) => {
+                for (&j, row) in unfilled.iter().zip(read.rows) {
                     outcomes[j] = Some(Ok(row.map(Bytes::from)));
                 }
             }

@@ -30,6 +30,7 @@ use tokio_postgres::SimpleQueryMessage;
 use super::ReaderError;
 use crate::config::TableRule;
 use crate::encoder::{self, PgType};
+use crate::Lsn;
 
 /// Keys per query in a batch read; keeps statements a reasonable size.
 const BATCH: usize = 500;
@@ -44,10 +45,17 @@ fn fingerprint_sql(relation: &str) -> String {
     )
 }
 
-/// The fingerprint of the table with OID `$1`, as a prepared statement (built once: every
-/// miss looks it up in the connection's statement cache).
-static FINGERPRINT_BY_OID: LazyLock<String> =
-    LazyLock::new(|| format!("SELECT {}", fingerprint_sql("$1::oid")));
+/// The fingerprint of the table with OID `$1`, and the position the rows were read at, as a
+/// prepared statement (built once: every miss looks it up in the connection's statement
+/// cache). The position is the end of the WAL *after* the row query's snapshot was taken, so
+/// every commit that snapshot saw ends at or before it: once the daemon has applied up to
+/// it, Redis holds nothing older than the rows read (see `lease`).
+static FINGERPRINT_BY_OID: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT {}, pg_current_wal_insert_lsn()::text",
+        fingerprint_sql("$1::oid")
+    )
+});
 
 /// One key to read: its Redis key (for messages) and its values' texts, in template order.
 #[derive(Debug, Clone)]
@@ -83,6 +91,12 @@ pub(crate) struct RowSource {
 /// One row read from Postgres: the encoded JSON, or `None` when no row has the key.
 pub(crate) type Row = Option<Vec<u8>>;
 
+/// Rows read, and the WAL position they were read at.
+pub(crate) struct Read {
+    pub rows: Vec<Row>,
+    pub at: Lsn,
+}
+
 impl RowSource {
     pub(crate) fn new(rule: Arc<TableRule>) -> RowSource {
         RowSource {
@@ -98,11 +112,7 @@ impl RowSource {
     /// No connection, a failed query, a key value Postgres rejects or prints differently,
     /// several rows for one key, a row value the encoder rejects, or a rule that does not
     /// fit the table.
-    pub(crate) async fn read(
-        &self,
-        pool: &Pool,
-        keys: &[KeyTexts],
-    ) -> Result<Vec<Row>, ReaderError> {
+    pub(crate) async fn read(&self, pool: &Pool, keys: &[KeyTexts]) -> Result<Read, ReaderError> {
         let client = pool
             .get()
             .await
@@ -111,17 +121,20 @@ impl RowSource {
                 source: Arc::new(e),
             })?;
         let mut rows = Vec::with_capacity(keys.len());
+        let mut at = Lsn::ZERO;
         for chunk in keys.chunks(BATCH) {
-            rows.extend(self.read_chunk(&client, chunk).await?);
+            let (read, read_at) = self.read_chunk(&client, chunk).await?;
+            rows.extend(read);
+            at = at.max(read_at);
         }
-        Ok(rows)
+        Ok(Read { rows, at })
     }
 
     async fn read_chunk(
         &self,
         client: &ClientWrapper,
         keys: &[KeyTexts],
-    ) -> Result<Vec<Row>, ReaderError> {
+    ) -> Result<(Vec<Row>, Lsn), ReaderError> {
         let mut shape = self.shape(client, false).await?;
         let fingerprint = self.fingerprint_statement(client).await?;
         // Two column changes in a row while we read is not worth chasing further.
@@ -135,15 +148,19 @@ impl RowSource {
                 client.query_one(&fingerprint, &params)
             );
             let messages = messages.map_err(|e| self.query_error(e, keys))?;
-            let now: Option<String> = now
-                .and_then(|row| row.try_get(0))
-                .map_err(|e| self.pg_error(e))?;
-            if now != shape.fingerprint {
+            let now = now.map_err(|e| self.pg_error(e))?;
+            let fingerprint_now: Option<String> = now.try_get(0).map_err(|e| self.pg_error(e))?;
+            let at: String = now.try_get(1).map_err(|e| self.pg_error(e))?;
+            let at: Lsn = at.parse().map_err(|_| ReaderError::Schema {
+                table: self.table.clone(),
+                problem: format!("Postgres reported WAL position {at:?}, which is not an LSN"),
+            })?;
+            if fingerprint_now != shape.fingerprint {
                 shape = self.shape(client, true).await?;
                 continue;
             }
             match self.parse(&shape, keys, &messages)? {
-                Some(rows) => return Ok(rows),
+                Some(rows) => return Ok((rows, at)),
                 None => shape = self.shape(client, true).await?,
             }
         }

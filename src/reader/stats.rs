@@ -29,6 +29,11 @@ pub const NEGATIVE_HITS: &str = "pgcache_reader_negative_hits_total";
 pub const EARLY_REFRESHES: &str = "pgcache_reader_early_refreshes_total";
 /// Row reads sent to Postgres (one per query, however many keys it reads).
 pub const DB_READS: &str = "pgcache_reader_db_reads_total";
+/// Misses that waited for the daemon to apply up to where their row was read.
+pub const LAG_WAITS: &str = "pgcache_reader_lag_waits_total";
+/// Misses answered from Postgres without filling because the daemon lagged past
+/// `max_lag_wait`.
+pub const LAG_FALLBACKS: &str = "pgcache_reader_lag_fallbacks_total";
 
 /// Everything the reader counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,9 +49,11 @@ pub(crate) enum Event {
     NegativeHit,
     EarlyRefresh,
     DbRead,
+    LagWait,
+    LagFallback,
 }
 
-const EVENTS: [(Event, &str, &str); 11] = [
+const EVENTS: [(Event, &str, &str); 13] = [
     (Event::Hit, HITS, "Lookups answered by the first Redis read"),
     (
         Event::Miss,
@@ -90,6 +97,16 @@ const EVENTS: [(Event, &str, &str); 11] = [
         "Probabilistic early refreshes started",
     ),
     (Event::DbRead, DB_READS, "Row reads sent to Postgres"),
+    (
+        Event::LagWait,
+        LAG_WAITS,
+        "Misses that waited for the daemon to apply up to where their row was read",
+    ),
+    (
+        Event::LagFallback,
+        LAG_FALLBACKS,
+        "Misses answered from Postgres without filling because the daemon lagged",
+    ),
 ];
 
 /// Registers help texts with the installed recorder.
@@ -141,6 +158,8 @@ impl Counters {
             negative_hits: get(Event::NegativeHit),
             early_refreshes: get(Event::EarlyRefresh),
             db_reads: get(Event::DbRead),
+            lag_waits: get(Event::LagWait),
+            lag_fallbacks: get(Event::LagFallback),
         }
     }
 }
@@ -172,6 +191,12 @@ pub struct Stats {
     pub early_refreshes: u64,
     /// Row reads sent to Postgres (a batch read counts once).
     pub db_reads: u64,
+    /// Misses that waited for the daemon to apply up to where their row was read, so that
+    /// no reader sees the row go back afterwards (monotonic reads).
+    pub lag_waits: u64,
+    /// Misses answered from Postgres without filling because the daemon lagged more than
+    /// `max_lag_wait`.
+    pub lag_fallbacks: u64,
 }
 
 impl Stats {
@@ -197,6 +222,8 @@ impl Stats {
         self.negative_hits += other.negative_hits;
         self.early_refreshes += other.early_refreshes;
         self.db_reads += other.db_reads;
+        self.lag_waits += other.lag_waits;
+        self.lag_fallbacks += other.lag_fallbacks;
         self
     }
 }

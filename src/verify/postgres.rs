@@ -195,13 +195,13 @@ pub(super) async fn expected(
     keys: &[KeyTexts],
 ) -> Result<Vec<Option<Vec<u8>>>, VerifyError> {
     match source.read(pool, keys).await {
-        Ok(rows) => Ok(rows),
+        Ok(read) => Ok(read.rows),
         Err(e) if is_about_one_row(&e) && keys.len() > 1 => {
             // One key spoils the batch: read them one by one to find it.
             let mut rows = Vec::with_capacity(keys.len());
             for key in keys {
                 match source.read(pool, std::slice::from_ref(key)).await {
-                    Ok(mut one) => rows.push(one.pop().flatten()),
+                    Ok(mut one) => rows.push(one.rows.pop().flatten()),
                     Err(e) if is_about_one_row(&e) => rows.push(None),
                     Err(e) => return Err(VerifyError::Read(e)),
                 }

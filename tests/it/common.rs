@@ -144,6 +144,23 @@ impl Env {
     }
 }
 
+/// Waits until a daemon has taken the checkpoint over and written a position: it streams.
+pub async fn wait_streaming(r: &mut redis::aio::MultiplexedConnection) {
+    eventually(Duration::from_secs(30), "the daemon to stream", || {
+        let mut r = r.clone();
+        async move {
+            let applied: Option<String> = redis::cmd("HGET")
+                .arg("pgcache:{pgcache}:checkpoint")
+                .arg("applied")
+                .query_async(&mut r)
+                .await
+                .ok()?;
+            applied.map(drop)
+        }
+    })
+    .await;
+}
+
 /// The checkpoint's progress field for a table, if any.
 pub async fn backfill_progress(
     r: &mut redis::aio::MultiplexedConnection,
@@ -240,6 +257,20 @@ impl Daemon {
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Stops the process where it is (SIGSTOP): a daemon that lags.
+    pub fn pause(&self) {
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGSTOP);
+        }
+    }
+
+    /// Lets a paused process go on (SIGCONT).
+    pub fn resume(&self) {
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGCONT);
+        }
     }
 
     pub fn terminate(&mut self) -> std::process::ExitStatus {

@@ -7,10 +7,13 @@
 //! - `consistency`: stale fills, byte-identical values, negative caching, refused keys.
 //! - `availability`: Redis and Postgres outages.
 //! - `lookups`: single flight in one process, `get_many`, early refresh.
+//! - `monotonic`: readers in several processes never see a row go back (G10), while the
+//!   daemon lags, is killed, and Redis loses its data.
 
 mod availability;
 mod consistency;
 mod lookups;
+mod monotonic;
 mod processes;
 
 use std::path::Path;
@@ -34,6 +37,21 @@ const RESULT_PREFIX: &str = "READER-IT-RESULT ";
 const ITEMS: &str =
     "CREATE TABLE items (id int PRIMARY KEY, name text NOT NULL, price numeric(10,2));";
 const ITEMS_RULE: &str = "[[tables]]\ntable = \"public.items\"\nkey = \"item:{id}\"\n";
+
+/// For tests of the lease mechanics alone, with no daemon: nothing writes the checkpoint,
+/// so mark it as applied through every position, as a daemon that keeps up would. The
+/// fill's wait for the daemon (monotonic reads) is tested against the real daemon in
+/// `monotonic`.
+pub(crate) async fn daemon_caught_up(env: &Env) {
+    let mut r = env.redis().await;
+    let _: () = redis::cmd("HSET")
+        .arg("pgcache:{pgcache}:checkpoint")
+        .arg("applied")
+        .arg("FFFFFFFFFFFFFFFF")
+        .query_async(&mut r)
+        .await
+        .expect("mark the checkpoint");
+}
 
 fn reader(config: &Config, options: ReaderOptions) -> Reader {
     Reader::from_config_with(config, options).expect("reader")

@@ -522,6 +522,7 @@ const SHOP: &str = "CREATE TABLE users (id int PRIMARY KEY, name text NOT NULL);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reader_role_reads_the_cached_tables_and_nothing_else() {
     let env = Env::start(SHOP, "public.users");
+    crate::reader::daemon_caught_up(&env).await;
     // Twice: the script is safe to run again.
     for _ in 0..2 {
         env.run_sql_file(
