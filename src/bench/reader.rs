@@ -20,6 +20,7 @@ use super::{BenchError, Progress, Scale};
 use crate::reader::{Reader, ReaderOptions};
 
 const TABLE: &str = "public.rd_users";
+const SLOT: &str = "rd_pgcache";
 const TEMPLATE: &str = "rd:{id}";
 const HOT_ID: i64 = 1;
 /// The stampedes' keys: `COLD_ID`, `COLD_ID + 1`, ...
@@ -85,8 +86,55 @@ pub async fn run(lab: &Lab, scale: &Scale, progress: Progress) -> Result<Vec<Fig
     // Alone: VACUUM cannot run in the implicit transaction of a multi-statement query.
     execute(&client, "vacuuming", "VACUUM ANALYZE rd_users").await?;
     lab.flush_redis().await?;
+    // The daemon runs beside the reader, as in production: fills wait until it has applied
+    // the stream up to where their rows were read (monotonic reads).
+    lab.drop_slots(&client, &[SLOT]).await;
+    lab.create_slots(&client, &[SLOT]).await?;
+    let config = lab
+        .daemon_config(SLOT, &[(TABLE, TEMPLATE)], false, None)
+        .replace("mode = \"mirror\"", "mode = \"refresh\"");
+    let mut daemon = lab.spawn_daemon("reader", &config)?;
+    let measured = measure(lab, &client, &specs, scale, progress).await;
+    daemon.stop().await;
+    lab.drop_slots(&client, &[SLOT]).await;
+    measured
+}
+
+/// Waits until the daemon has written its first position.
+async fn daemon_streaming(lab: &Lab) -> Result<(), BenchError> {
+    let mut redis = lab.redis().await?;
+    let key = crate::checkpoint::checkpoint_key("", SLOT);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let applied: Option<String> = redis::cmd("HGET")
+            .arg(&key)
+            .arg(crate::checkpoint::FIELD_APPLIED)
+            .query_async(&mut redis)
+            .await
+            .map_err(|e| redis_error("reading the checkpoint", e))?;
+        if applied.is_some() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(BenchError::Timeout(
+                "the daemon did not start streaming".into(),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn measure(
+    lab: &Lab,
+    client: &tokio_postgres::Client,
+    specs: &[FigureSpec],
+    scale: &Scale,
+    progress: Progress,
+) -> Result<Vec<Figure>, BenchError> {
+    daemon_streaming(lab).await?;
     let reader = Reader::builder(&lab.pg_url(), &lab.redis_url())
         .table(TABLE, TEMPLATE)
+        .slot(SLOT)
         .options(ReaderOptions::default())
         .build()
         .map_err(|e| BenchError::Setup(format!("building the reader: {e}")))?;
