@@ -25,6 +25,8 @@
 pub mod checkpoint;
 pub mod config;
 pub mod encoder;
+#[cfg(test)]
+mod fuzz;
 #[cfg(feature = "daemon")]
 pub mod health;
 #[cfg(feature = "daemon")]
