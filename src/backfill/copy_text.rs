@@ -171,6 +171,9 @@ fn hex_value(d: u8) -> u32 {
 }
 
 #[cfg(test)]
+mod props;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
