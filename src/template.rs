@@ -434,12 +434,13 @@ pub fn unescape_value(s: &str) -> Result<Vec<u8>, TemplateError> {
 
 /// The lease key for a row key, in the same Redis Cluster slot as the row.
 ///
-/// A row key with a `{` carries its own hash tag (values cannot contain braces, so it comes
-/// from the template), so the suffix keeps the slot; otherwise the whole row key becomes the
-/// hash tag.
+/// A row key with a hash tag keeps it: the suffix adds no brace, so the slot stays.
+/// Otherwise Redis hashes the whole row key, so the whole row key becomes the lease key's
+/// hash tag, which is exact while the row key has no `}` (values never do; a template that
+/// has one also has a hash tag before it).
 pub fn lease_key(row_key: &str) -> String {
     let mut key = String::with_capacity(row_key.len() + LEASE_SUFFIX.len() + 2);
-    if row_key.contains('{') {
+    if has_hash_tag(row_key) {
         key.push_str(row_key);
     } else {
         key.push('{');
@@ -448,6 +449,14 @@ pub fn lease_key(row_key: &str) -> String {
     }
     key.push_str(LEASE_SUFFIX);
     key
+}
+
+/// Whether Redis Cluster hashes only part of `key`: its first `{` is followed later by a
+/// `}`, with at least one byte between the two.
+fn has_hash_tag(key: &str) -> bool {
+    key.split_once('{')
+        .and_then(|(_, after)| after.find('}'))
+        .is_some_and(|len| len > 0)
 }
 
 #[cfg(test)]
@@ -659,6 +668,18 @@ mod tests {
             "{user:profile:42}:pgcache-lease"
         );
         assert_eq!(lease_key("o:{7}:42"), "o:{7}:42:pgcache-lease");
+    }
+
+    /// Found by the property tests: a `{` alone is no hash tag, so Redis hashes the whole
+    /// key (here from a `redis.key_prefix` of "app{"), and a lease key that merely appends
+    /// the suffix landed in another slot.
+    #[test]
+    fn a_brace_without_a_hash_tag_is_wrapped_like_any_key() {
+        assert_eq!(lease_key("app{user:42"), "{app{user:42}:pgcache-lease");
+        assert!(!has_hash_tag("app{user:42"));
+        assert!(!has_hash_tag("a{}b}"));
+        assert!(has_hash_tag("a{b}"));
+        assert!(has_hash_tag("}a{b}"));
     }
 
     #[test]
