@@ -485,6 +485,9 @@ fn has_hash_tag(key: &str) -> bool {
 }
 
 #[cfg(test)]
+mod props;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
