@@ -317,7 +317,7 @@ fn reencodes_to(payload: &[u8]) -> Check {
 }
 
 proptest! {
-    #![proptest_config(fuzz::config(512))]
+    #![proptest_config(fuzz::config(2048))]
 
     /// Anything decodes or fails with an error whose offsets fit the payload, and whatever
     /// decodes is exactly what the bytes say.

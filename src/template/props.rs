@@ -243,7 +243,7 @@ fn check_lease(key: &str, values: &[Vec<u8>]) -> Result<(), TestCaseError> {
 }
 
 proptest! {
-    #![proptest_config(fuzz::config(1024))]
+    #![proptest_config(fuzz::config(2048))]
 
     /// Distinct rows get distinct keys, and each key reads back as its row.
     #[test]

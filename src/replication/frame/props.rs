@@ -242,7 +242,7 @@ fn split_in_pieces(
 }
 
 proptest! {
-    #![proptest_config(fuzz::config(512))]
+    #![proptest_config(fuzz::config(2048))]
 
     #[test]
     fn any_chunking_yields_the_frames_sent(sent in vec(sent(), 0..8), cuts in cuts()) {
