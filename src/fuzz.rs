@@ -4,12 +4,12 @@
 //! for a long fuzzing run:
 //!
 //! ```sh
-//! PGCACHE_FUZZ_CASES=100000 cargo test --release --lib props
+//! PGCACHE_FUZZ_CASES=100000 cargo test --lib props
 //! ```
 //!
-//! A failure prints the shrunk input and the seed (`PROPTEST_RNG_SEED` replays it). Failing
-//! inputs are not written to `proptest-regressions/` files: a case worth keeping becomes a
-//! named unit test beside the code it broke.
+//! A failure prints the shrunk input; `PROPTEST_RNG_SEED=<n>` makes a run repeatable.
+//! Failing inputs are not written to `proptest-regressions/` files: a case worth keeping
+//! becomes a named unit test beside the code it broke.
 
 use proptest::test_runner::Config;
 

@@ -193,7 +193,7 @@ fn two_rows() -> impl Strategy<Value = (Generated, String, Vec<Vec<u8>>, Vec<Vec
                         b[i].extend_from_slice(between.as_bytes());
                         b[i].extend_from_slice(&a[i + 1][..k]);
                         b[i + 1] = a[i + 1][k..].to_vec();
-                    } else if !forge {
+                    } else {
                         b = other;
                     }
                     (template, key_prefix, a, b)
