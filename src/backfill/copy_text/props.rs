@@ -144,7 +144,7 @@ fn piece() -> impl Strategy<Value = Piece> {
             }
         });
     // A backslash before any other character stands for that character: the delimiter
-    // (tab), a carriage return, '.', 'N', 'x' without a hex digit after it, non-ASCII...
+    // (tab), a carriage return, '.', 'N', non-ASCII... (`\x` with no hex digit is `bare_x`.)
     let other = proptest::sample::select(
         (1u8..=255)
             .filter(|b| {
