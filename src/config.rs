@@ -767,4 +767,6 @@ impl fmt::Display for Format {
 }
 
 #[cfg(test)]
+mod props;
+#[cfg(test)]
 mod tests;

@@ -26,6 +26,8 @@ pub mod checkpoint;
 pub mod clock;
 pub mod config;
 pub mod encoder;
+#[cfg(test)]
+mod fuzz;
 #[cfg(feature = "daemon")]
 pub mod health;
 #[cfg(feature = "daemon")]

@@ -611,3 +611,6 @@ impl Cursor {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod props;

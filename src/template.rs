@@ -47,6 +47,8 @@ pub enum TemplateError {
     },
     #[error("key template {template:?}: a literal {{{{ opens a Redis Cluster hash tag, which needs a later }}}} with something between them")]
     UnclosedHashTag { template: String },
+    #[error("key template {template:?}: a literal }}}} before any {{{{ closes no Redis Cluster hash tag, and a key with a '}}' but no hash tag cannot keep its lease in its slot")]
+    StrayClosingBrace { template: String },
     #[error("{text:?} is not an escaped key value: {problem}")]
     BadEscape { text: String, problem: &'static str },
 }
@@ -98,7 +100,8 @@ impl KeyTemplate {
     /// A template must start with a non-empty literal prefix and name at least one column;
     /// braces must balance (`{{` and `}}` are literal braces); column names are non-empty
     /// identifiers used once each; two columns need literal text between them containing
-    /// `:`, `{`, `}` or a space; a literal `{{` (a cluster hash tag) must be closed by `}}`.
+    /// `:`, `{`, `}` or a space; a literal `{{` (a cluster hash tag) must be closed by `}}`,
+    /// and a literal `}}` must come after one.
     pub fn parse(s: &str) -> Result<KeyTemplate, TemplateError> {
         let template = || s.to_string();
         let mut parts = Vec::new();
@@ -207,8 +210,13 @@ impl KeyTemplate {
                 template: template(),
             });
         }
-        check_hash_tag(&parts).map_err(|()| TemplateError::UnclosedHashTag {
-            template: template(),
+        check_hash_tag(&parts).map_err(|problem| match problem {
+            TagProblem::Unclosed => TemplateError::UnclosedHashTag {
+                template: template(),
+            },
+            TagProblem::Stray => TemplateError::StrayClosingBrace {
+                template: template(),
+            },
         })?;
         Ok(KeyTemplate {
             source: s.to_string(),
@@ -333,9 +341,19 @@ impl fmt::Display for KeyTemplate {
     }
 }
 
+/// What [`check_hash_tag`] found wrong.
+enum TagProblem {
+    /// A `{` with no `}` after it, or nothing between them.
+    Unclosed,
+    /// A `}` before any `{`.
+    Stray,
+}
+
 /// A literal `{` makes the key carry a cluster hash tag; Redis only honours it when a `}`
-/// follows with something between, and [`lease_key`] relies on the tag being honoured.
-fn check_hash_tag(parts: &[Part]) -> Result<(), ()> {
+/// follows with something between, and [`lease_key`] relies on the tag being honoured. A
+/// `}` before any `{` would leave a key with a `}` and no hash tag, which no lease key can
+/// share a slot with (a hash tag cannot hold a `}`).
+fn check_hash_tag(parts: &[Part]) -> Result<(), TagProblem> {
     let mut open = false;
     let mut content = false;
     for part in parts {
@@ -344,9 +362,16 @@ fn check_hash_tag(parts: &[Part]) -> Result<(), ()> {
             Part::Literal(s) => {
                 for c in s.chars() {
                     if !open {
+                        if c == '}' {
+                            return Err(TagProblem::Stray);
+                        }
                         open = c == '{';
                     } else if c == '}' {
-                        return if content { Ok(()) } else { Err(()) };
+                        return if content {
+                            Ok(())
+                        } else {
+                            Err(TagProblem::Unclosed)
+                        };
                     } else {
                         content = true;
                     }
@@ -355,7 +380,7 @@ fn check_hash_tag(parts: &[Part]) -> Result<(), ()> {
         }
     }
     if open {
-        Err(())
+        Err(TagProblem::Unclosed)
     } else {
         Ok(())
     }
@@ -434,12 +459,13 @@ pub fn unescape_value(s: &str) -> Result<Vec<u8>, TemplateError> {
 
 /// The lease key for a row key, in the same Redis Cluster slot as the row.
 ///
-/// A row key with a `{` carries its own hash tag (values cannot contain braces, so it comes
-/// from the template), so the suffix keeps the slot; otherwise the whole row key becomes the
-/// hash tag.
+/// A row key with a hash tag keeps it: the suffix adds no brace, so the slot stays.
+/// Otherwise Redis hashes the whole row key, so the whole row key becomes the lease key's
+/// hash tag, which is exact while the row key has no `}` (values never do; a template that
+/// has one also has a hash tag before it).
 pub fn lease_key(row_key: &str) -> String {
     let mut key = String::with_capacity(row_key.len() + LEASE_SUFFIX.len() + 2);
-    if row_key.contains('{') {
+    if has_hash_tag(row_key) {
         key.push_str(row_key);
     } else {
         key.push('{');
@@ -449,6 +475,17 @@ pub fn lease_key(row_key: &str) -> String {
     key.push_str(LEASE_SUFFIX);
     key
 }
+
+/// Whether Redis Cluster hashes only part of `key`: its first `{` is followed later by a
+/// `}`, with at least one byte between the two.
+fn has_hash_tag(key: &str) -> bool {
+    key.split_once('{')
+        .and_then(|(_, after)| after.find('}'))
+        .is_some_and(|len| len > 0)
+}
+
+#[cfg(test)]
+mod props;
 
 #[cfg(test)]
 mod tests {
@@ -521,6 +558,11 @@ mod tests {
         assert!(matches!(err("user:{a}-{b}"), AmbiguousSeparator { .. }));
         assert!(matches!(err("x:{{{a}"), UnclosedHashTag { .. }));
         assert!(matches!(err("x:{{}}:{a}"), UnclosedHashTag { .. }));
+        // Found by the property tests: every key of "a}}:{id}" ("a}:1") has a '}' and no
+        // hash tag, so no lease key can share its slot.
+        assert!(matches!(err("a}}:{id}"), StrayClosingBrace { .. }));
+        assert!(matches!(err("a:{id}}}"), StrayClosingBrace { .. }));
+        assert!(KeyTemplate::parse("a:{{t}}:}}:{id}").is_ok());
         // Column names may be any identifier Postgres could report.
         assert!(KeyTemplate::parse("u:{_a$1}:{Üser}").is_ok());
         assert!(KeyTemplate::parse("u:{a}-x:{b}").is_ok());
@@ -659,6 +701,18 @@ mod tests {
             "{user:profile:42}:pgcache-lease"
         );
         assert_eq!(lease_key("o:{7}:42"), "o:{7}:42:pgcache-lease");
+    }
+
+    /// Found by the property tests: a `{` alone is no hash tag, so Redis hashes the whole
+    /// key (here from a `redis.key_prefix` of "app{"), and a lease key that merely appends
+    /// the suffix landed in another slot.
+    #[test]
+    fn a_brace_without_a_hash_tag_is_wrapped_like_any_key() {
+        assert_eq!(lease_key("app{user:42"), "{app{user:42}:pgcache-lease");
+        assert!(!has_hash_tag("app{user:42"));
+        assert!(!has_hash_tag("a{}b}"));
+        assert!(has_hash_tag("a{b}"));
+        assert!(has_hash_tag("}a{b}"));
     }
 
     #[test]

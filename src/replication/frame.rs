@@ -380,3 +380,6 @@ mod tests {
         assert_eq!(buf[38], 1);
     }
 }
+
+#[cfg(test)]
+mod props;
