@@ -6,7 +6,7 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
-use pgcache::pgoutput::{self, Message};
+use pgcache::daemon::pgoutput::{self, Message};
 
 /// A row's column values as Postgres prints them.
 fn row(id: u64) -> Vec<Vec<u8>> {

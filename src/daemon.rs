@@ -1,11 +1,20 @@
-//! The run loop: replication stream in, Redis out, progress back to Postgres.
+//! The daemon: replication stream in, Redis out, progress back to Postgres.
+//!
+//! # Layout, in flow order
+//! - [`replication`]: the streaming replication protocol client (the WAL in).
+//! - [`pgoutput`]: the pgoutput decoder, a pure function over `Bytes`.
+//! - [`relations`]: relation ids resolved against the table rules; table shapes.
+//! - [`apply`]: row changes to Redis operations (pure, `Batch`), and the guarded write of a
+//!   batch with the checkpoint (`apply::script`).
+//! - [`visibility`]: a batch waits until Postgres readers can see its commits.
+//! - [`backfill`]: loading, repairing and reconciling rows beside the stream.
+//! - `stream`: one session's loop, a handler per message kind; this module: the sessions.
 //!
 //! One *session* connects Redis and Postgres, takes the checkpoint over once Postgres has
-//! given it the slot, and streams from the checkpoint ([`session`]). Any failure ends the
-//! session; the next one starts over from the checkpoint in Redis, so a transaction that was
-//! in hand when a server went away is simply sent again (G1). Postgres is told a position
-//! only after Redis acknowledged the write holding it. The stream itself is handled in
-//! [`stream`], one handler per message kind.
+//! given it the slot, and streams from the checkpoint. Any failure ends the session; the
+//! next one starts over from the checkpoint in Redis, so a transaction that was in hand when
+//! a server went away is simply sent again (G1). Postgres is told a position only after
+//! Redis acknowledged the write holding it.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,21 +23,27 @@ use rand::Rng;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
-use crate::apply::script::{Owner, Refused, WriteError};
-use crate::apply::{Batch, Op};
-use crate::backfill::{Backfills, ProgressFn};
 use crate::checkpoint::{self, CheckpointState};
 use crate::config::{Config, Mode};
-use crate::health::Health;
+use crate::daemon::apply::script::{Owner, Refused, WriteError};
+use crate::daemon::apply::{Batch, Op};
+use crate::daemon::backfill::{Backfills, ProgressFn};
+use crate::daemon::relations::{RelationCache, TypeResolver};
+use crate::daemon::replication::{ReplicationConnection, ReplicationError};
+use crate::daemon::visibility::Visibility;
 use crate::metrics as m;
+use crate::ops::health::Health;
+use crate::ops::preflight::{self, Level};
 use crate::pgconn::{self, PgTarget};
-use crate::preflight::{self, Level};
-use crate::relations::{RelationCache, TypeResolver};
-use crate::replication::{ReplicationConnection, ReplicationError};
-use crate::visibility::Visibility;
 use crate::Lsn;
 
+pub mod apply;
+pub mod backfill;
+pub mod pgoutput;
+pub mod relations;
+pub mod replication;
 mod stream;
+pub mod visibility;
 
 use stream::Stream;
 
@@ -465,7 +480,7 @@ async fn max_value_bytes(redis: &mut redis::aio::MultiplexedConnection) -> usize
     reply
         .ok()
         .and_then(|pair| pair.get(1).and_then(|v| v.parse().ok()))
-        .unwrap_or(crate::apply::DEFAULT_MAX_VALUE)
+        .unwrap_or(crate::daemon::apply::DEFAULT_MAX_VALUE)
 }
 
 impl Stream<'_> {
@@ -522,7 +537,7 @@ impl Stream<'_> {
         self.applied_upto = saved.lsn;
         self.resume_partial = saved.partial;
         for (key, text) in &saved.repairs {
-            match crate::apply::Repair::decode(text) {
+            match crate::daemon::apply::Repair::decode(text) {
                 Some(repair) => self.backfills.repair(repair),
                 None => warn!(%key, "a repair in the checkpoint does not parse; dropping it"),
             }

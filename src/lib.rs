@@ -1,26 +1,29 @@
-//! pgcache keeps Redis in step with PostgreSQL.
+//! pgcache keeps Redis in step with PostgreSQL: a daemon streams every committed row change
+//! into Redis, and a read helper ([`Reader`]) reads Redis first and Postgres on a miss,
+//! under a lease that the daemon's changes revoke.
 //!
 //! # Layout
+//! What applications import (always compiled):
+//! - [`reader`]: the read helper, [`Reader`]: lookups, leases, fills, stats.
 //! - [`config`]: the TOML file and environment overrides, validated into typed rules.
 //! - [`template`]: key templates (`user:profile:{id}`), value escaping, lease keys.
-//! - [`encoder`]: the one function that turns a row's Postgres text values into JSON.
+//! - [`encoder`]: the one function that turns a row's Postgres text values into JSON, shared
+//!   by the stream, the backfill and the reader so their values are byte-identical.
 //! - [`pgconn`]: ordinary Postgres connections with the pinned session settings and TLS.
-//! - [`lsn`]: write-ahead log positions.
-//! - [`checkpoint`]: where the daemon's progress lives in Redis.
-//! - [`metrics`]: metric names, recorded through the `metrics` facade.
+//! - [`checkpoint`]: where the daemon's progress lives in Redis (readers wait on it).
+//! - [`sql`], [`lsn`], [`clock`], [`metrics`]: SQL text and catalog queries, WAL positions,
+//!   clocks, metric names.
 //!
-//! Behind the `daemon` feature (on by default), the parts only the daemon needs:
-//! - `replication`: the streaming replication protocol client.
-//! - `pgoutput`: the pgoutput decoder, a pure function over `Bytes`.
-//! - `relations`: the relation cache: stream relation ids resolved against our table rules.
-//! - `apply`: turning row changes into Redis commands and applying them with the checkpoint.
-//! - `backfill`: the watermark backfill of mirror tables.
-//! - `preflight`: server prerequisites, each with the SQL that fixes it.
-//! - `daemon`: the run loop that ties them together.
-//! - `http`: `/metrics`, `/healthz` and `/readyz`.
-//! - `verify`: comparing Redis with Postgres (`pgcache verify`).
-//! - `commands`: the command line.
-//! - `testkit`: throwaway Postgres and Redis servers for tests and `pgcache demo`.
+//! Behind the `daemon` feature (on by default):
+//! - [`daemon`]: the stream, in flow order: `replication` (the WAL in) → `pgoutput`
+//!   (decode) → `relations` (table rules) → `apply` (Redis operations, written with the
+//!   checkpoint) ← `visibility` (commits Postgres readers can see); `backfill` beside it;
+//!   the run loop ties them together.
+//! - [`ops`]: the operator's side: `preflight` checks, `verify`, the HTTP endpoints.
+//! - [`commands`]: the command line (`run`, `check`, `status`, `verify`, `resync`, `demo`,
+//!   `bench`).
+//! - [`demo`], `bench`, `testkit`: the demo, the benchmark, and throwaway Postgres and
+//!   Redis servers for both and for the tests.
 
 pub mod checkpoint;
 pub mod clock;
@@ -28,10 +31,6 @@ pub mod config;
 pub mod encoder;
 #[cfg(test)]
 mod fuzz;
-#[cfg(feature = "daemon")]
-pub mod health;
-#[cfg(feature = "daemon")]
-pub mod http;
 pub mod lsn;
 pub mod metrics;
 pub mod pgconn;
@@ -40,10 +39,7 @@ pub mod sql;
 pub mod template;
 
 #[cfg(feature = "daemon")]
-pub mod apply;
-#[cfg(feature = "daemon")]
-pub mod backfill;
-#[cfg(feature = "daemon")]
+#[doc(hidden)]
 pub mod bench;
 #[cfg(feature = "daemon")]
 pub mod commands;
@@ -52,19 +48,10 @@ pub mod daemon;
 #[cfg(feature = "daemon")]
 pub mod demo;
 #[cfg(feature = "daemon")]
-pub mod pgoutput;
+pub mod ops;
 #[cfg(feature = "daemon")]
-pub mod preflight;
-#[cfg(feature = "daemon")]
-pub mod relations;
-#[cfg(feature = "daemon")]
-pub mod replication;
-#[cfg(feature = "daemon")]
+#[doc(hidden)]
 pub mod testkit;
-#[cfg(feature = "daemon")]
-pub mod verify;
-#[cfg(feature = "daemon")]
-pub mod visibility;
 
 pub use lsn::Lsn;
 pub use reader::Reader;

@@ -6,9 +6,9 @@ use std::time::{Duration, Instant};
 
 use super::lab::{Lab, PUBLICATION};
 use super::BenchError;
+use crate::daemon::pgoutput::{self, Message};
+use crate::daemon::replication::{ReplicationConnection, ReplicationEvent};
 use crate::pgconn::PgTarget;
-use crate::pgoutput::{self, Message};
-use crate::replication::{ReplicationConnection, ReplicationEvent};
 use crate::Lsn;
 
 /// Streams `slot` from its start, decoding every message, until the transaction that
@@ -24,7 +24,7 @@ pub async fn stream_to_marker(
     marker_table: &str,
     limit: Duration,
 ) -> Result<Duration, BenchError> {
-    let fail = |e: crate::replication::ReplicationError| {
+    let fail = |e: crate::daemon::replication::ReplicationError| {
         BenchError::Child(format!("the bare pgoutput consumer on {slot}: {e}"))
     };
     let target = PgTarget::parse(&lab.pg_url())

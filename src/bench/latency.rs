@@ -27,10 +27,10 @@ use super::lab::{execute, pg_error, redis_error, Lab, PUBLICATION};
 use super::report::{Better, Figure, FigureSpec, Target};
 use super::stats::{ms, percentile, Histogram};
 use super::{per_second, BenchError, Progress, Scale};
+use crate::daemon::pgoutput::{self, Message, TupleData};
+use crate::daemon::replication::{ReplicationConnection, ReplicationEvent};
 use crate::metrics::APPLY_LATENCY;
 use crate::pgconn::PgTarget;
-use crate::pgoutput::{self, Message, TupleData};
-use crate::replication::{ReplicationConnection, ReplicationEvent};
 use crate::testkit;
 use crate::Lsn;
 
@@ -246,7 +246,7 @@ async fn floor_phase(
 /// The floor: reads the stream, decodes every message, and records when each
 /// transaction's commit arrives, keyed by the id its insert carried.
 async fn consume(
-    mut stream: crate::replication::ReplicationStream,
+    mut stream: crate::daemon::replication::ReplicationStream,
     arrivals: mpsc::UnboundedSender<(i64, Instant)>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), BenchError> {

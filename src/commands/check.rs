@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use super::load;
 use crate::config::{redact, Config};
+use crate::ops::preflight::{self, quote_qualified, Finding, Level};
 use crate::pgconn::{self, PgTarget};
-use crate::preflight::{self, quote_qualified, Finding, Level};
 
 /// How long `check` waits for Postgres before calling it unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);

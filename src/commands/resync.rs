@@ -7,8 +7,8 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use super::load;
-use crate::backfill::control::{self, Control};
 use crate::config::Mode;
+use crate::daemon::backfill::control::{self, Control};
 use crate::pgconn::{self, PgTarget};
 
 pub(crate) async fn resync(path: &Path, table: Option<&str>) -> ExitCode {

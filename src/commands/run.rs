@@ -11,11 +11,11 @@ use std::sync::Mutex;
 use tokio::sync::watch;
 
 use super::load;
-use crate::backfill::ProgressFn;
 use crate::checkpoint::BackfillProgress;
 use crate::config::{redact, Config, LogFormat};
 use crate::daemon;
-use crate::http;
+use crate::daemon::backfill::ProgressFn;
+use crate::ops::http;
 
 pub(crate) async fn run(path: &Path) -> ExitCode {
     let config = match load(path) {

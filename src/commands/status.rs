@@ -26,8 +26,8 @@ use serde::Serialize;
 use super::load;
 use crate::checkpoint::{self, BackfillProgress, CheckpointState};
 use crate::config::{redact, Config};
+use crate::ops::verify::count_keys;
 use crate::pgconn::{self, PgTarget};
-use crate::verify::count_keys;
 
 /// The longest `status` watches the slot to measure lag.
 const LAG_WAIT: Duration = Duration::from_secs(2);

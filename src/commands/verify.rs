@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use super::load;
 use crate::config::redact;
-use crate::verify::{self, Example, Report, VerifyError, VerifyOptions};
+use crate::ops::verify::{self, Example, Report, VerifyError, VerifyOptions};
 
 pub(crate) async fn verify(
     path: &Path,

@@ -14,18 +14,20 @@ use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
 use super::{stopped, RunError, WalLayout};
-use crate::apply::script::{self, Owner};
-use crate::apply::{Batch, ChangeError, Prepared, Repair};
-use crate::backfill::{Backfills, Control};
 use crate::checkpoint::{self, Partial, FIELD_HEARTBEAT_MS, FIELD_PARTIAL, FIELD_SHAPE_PREFIX};
 use crate::clock::{now_ms, pg_now_micros};
 use crate::config::{Config, Mode, TableRule};
-use crate::health::Health;
+use crate::daemon::apply::script::{self, Owner};
+use crate::daemon::apply::{Batch, ChangeError, Prepared, Repair};
+use crate::daemon::backfill::{Backfills, Control};
+use crate::daemon::pgoutput::{
+    self, Begin, Commit, Delete, Insert, Message, Relation, Truncate, Update,
+};
+use crate::daemon::relations::{self, RelationCache, RelationState, TableState, TypeResolver};
+use crate::daemon::replication::{ReplicationEvent, ReplicationStream};
+use crate::daemon::visibility::Visibility;
 use crate::metrics as m;
-use crate::pgoutput::{self, Begin, Commit, Delete, Insert, Message, Relation, Truncate, Update};
-use crate::relations::{self, RelationCache, RelationState, TableState, TypeResolver};
-use crate::replication::{ReplicationEvent, ReplicationStream};
-use crate::visibility::Visibility;
+use crate::ops::health::Health;
 use crate::Lsn;
 
 /// How often the daemon records its heartbeat in the checkpoint (for `status`); the write

@@ -169,7 +169,7 @@ fn print(text: &str) {
 struct DaemonTask {
     stop: watch::Sender<bool>,
     task: JoinHandle<Result<(), RunError>>,
-    health: Arc<crate::health::Health>,
+    health: Arc<crate::ops::health::Health>,
 }
 
 impl DaemonTask {

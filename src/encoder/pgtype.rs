@@ -11,7 +11,7 @@ pub enum PgType {
     Int,
     /// float4, float8: a number; NaN and ±Infinity as strings.
     Float,
-    /// numeric: a string by default (exact), a number with [`EncodeOptions::numeric_as_number`].
+    /// numeric: a string by default (exact), a number with [`EncodeOptions::numeric_as_number`](crate::encoder::EncodeOptions::numeric_as_number).
     Numeric,
     Bool,
     /// String-like types (text, varchar, uuid, inet, enums, citext, ...): a JSON string.

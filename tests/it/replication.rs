@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use pgcache::daemon::replication::{ReplicationConnection, ReplicationError, ReplicationEvent};
 use pgcache::pgconn::{self, PgTarget};
-use pgcache::replication::{ReplicationConnection, ReplicationError, ReplicationEvent};
 use pgcache::testkit::{PgOptions, TestPostgres};
 use pgcache::Lsn;
 
@@ -258,7 +258,9 @@ async fn require_fails_without_server_tls_and_prefer_falls_back() {
 
 /// The pgoutput message types in one transaction's XLogData, in order, and the commit's
 /// end LSN (read from the Commit message: tag, flags, commit LSN, end LSN, timestamp).
-async fn read_transaction(stream: &mut pgcache::replication::ReplicationStream) -> (Vec<u8>, Lsn) {
+async fn read_transaction(
+    stream: &mut pgcache::daemon::replication::ReplicationStream,
+) -> (Vec<u8>, Lsn) {
     let mut tags = Vec::new();
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {

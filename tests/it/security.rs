@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use pgcache::config::Config;
+use pgcache::daemon::replication::{ReplicationConnection, ReplicationError};
 use pgcache::pgconn::{self, PgTarget};
-use pgcache::replication::{ReplicationConnection, ReplicationError};
 use pgcache::testkit::{generate_tls_certs, CertFiles, PgOptions, RedisOptions, TestPostgres};
 use pgcache::Reader;
 use rustls::pki_types::pem::PemObject;
@@ -678,7 +678,7 @@ fn raise_nofile(want: u64) {
 /// Starts the endpoint on a free port with these limits; the handle is a recorder of its
 /// own, so no process-wide recorder is installed.
 async fn serve(
-    limits: pgcache::http::Limits,
+    limits: pgcache::ops::http::Limits,
 ) -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -686,7 +686,7 @@ async fn serve(
         .build_recorder()
         .handle();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(pgcache::http::serve(
+    tokio::spawn(pgcache::ops::http::serve(
         listener,
         handle,
         limits,
@@ -729,7 +729,7 @@ fn closed_by_server(mut stream: &std::net::TcpStream) -> bool {
 async fn healthz_answers_with_ten_thousand_idle_connections_open() {
     const IDLE: usize = 10_000;
     raise_nofile(IDLE as u64 + 2_000);
-    let limits = pgcache::http::Limits::default();
+    let limits = pgcache::ops::http::Limits::default();
     let (addr, _stop) = serve(limits).await;
     let idle = tokio::task::spawn_blocking(move || {
         (0..IDLE)
@@ -762,7 +762,7 @@ async fn healthz_answers_with_ten_thousand_idle_connections_open() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_and_slow_clients_are_dropped_after_the_timeouts() {
-    let limits = pgcache::http::Limits {
+    let limits = pgcache::ops::http::Limits {
         max_connections: 64,
         header_timeout: Duration::from_millis(500),
         request_timeout: Duration::from_secs(2),

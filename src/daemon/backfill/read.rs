@@ -12,8 +12,8 @@ use tracing::warn;
 use super::copy_text;
 use super::plan::{RowValue, TablePlan};
 use super::BackfillError;
+use crate::daemon::visibility::Snapshot;
 use crate::sql::literal;
-use crate::visibility::Snapshot;
 
 /// What one read found.
 #[derive(Debug, Default)]

@@ -181,7 +181,7 @@ pub async fn write(
 /// write still notices data loss and fencing) and records the time.
 ///
 /// # Errors
-/// As [`write`].
+/// As [`write()`].
 pub async fn heartbeat(
     conn: &mut impl redis::aio::ConnectionLike,
     owner: &Owner,

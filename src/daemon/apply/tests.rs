@@ -9,9 +9,9 @@ use bytes::Bytes;
 
 use super::*;
 use crate::config::{Format, Mode, TableRule};
+use crate::daemon::pgoutput::{Column, Relation, Tuple, TupleData};
+use crate::daemon::relations::{table_state, TableState};
 use crate::encoder::EncodeOptions;
-use crate::pgoutput::{Column, Relation, Tuple, TupleData};
-use crate::relations::{table_state, TableState};
 use crate::template::KeyTemplate;
 
 const INT4: u32 = 23;

@@ -9,8 +9,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::config::{Config, TableRule};
+use crate::daemon::pgoutput::Relation;
 use crate::encoder::PgType;
-use crate::pgoutput::Relation;
 
 /// A published table that one of our rules covers, resolved against its current schema.
 #[derive(Debug, Clone)]
@@ -191,8 +191,8 @@ impl RelationCache {
             _ => None,
         }
         .filter(|rule| rule.schema != relation.namespace || rule.name != relation.name);
-        let control = relation.namespace == crate::backfill::control::SCHEMA
-            && relation.name == crate::backfill::control::TABLE;
+        let control = relation.namespace == crate::daemon::backfill::control::SCHEMA
+            && relation.name == crate::daemon::backfill::control::TABLE;
         let state = if let Some(rule) = renamed_from {
             let table = rule.qualified_name();
             let error = format!(

@@ -886,7 +886,7 @@ mod tests {
         use rustls::pki_types::pem::PemObject;
         // Signed with ecdsa-with-SHA256, so the data is the SHA-256 of the DER bytes.
         let der = rustls::pki_types::CertificateDer::from_pem_slice(
-            include_str!("pgconn/test-ca.pem").as_bytes(),
+            include_str!("../pgconn/test-ca.pem").as_bytes(),
         )
         .unwrap();
         assert_eq!(

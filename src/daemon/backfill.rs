@@ -23,7 +23,7 @@
 //!
 //! What is left is written when the high watermark arrives, in the same write as the
 //! cursor, so a backfill resumes after a crash. Memory is bounded: a chunk holds at most
-//! `chunk_rows` rows and `max_chunk_bytes` of values, and at most [`CHUNKS_IN_FLIGHT`]
+//! `chunk_rows` rows and `max_chunk_bytes` of values, and at most `CHUNKS_IN_FLIGHT` (2)
 //! chunks exist at a time.
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -33,13 +33,13 @@ use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 use tracing::{error, info, warn};
 
-use crate::apply::{Op, Repair};
 use crate::checkpoint::{
     BackfillProgress, BackfillState, FIELD_BACKFILL_PREFIX, FIELD_RECONCILE_PREFIX,
     FIELD_REPAIR_PREFIX,
 };
 use crate::clock::now_ms;
 use crate::config::{Config, Mode, TableRule};
+use crate::daemon::apply::{Op, Repair};
 use crate::metrics as m;
 
 pub mod control;
@@ -136,7 +136,7 @@ const CHUNKS_IN_FLIGHT: usize = 2;
 const REPAIR_KEYS: usize = 500;
 
 /// The daemon's backfills, repairs and reconciles: a queue of jobs, one chunk read at a time
-/// and up to [`CHUNKS_IN_FLIGHT`] waiting for their high watermarks.
+/// and up to `CHUNKS_IN_FLIGHT` (2) waiting for their high watermarks.
 pub struct Backfills {
     client: Arc<Client>,
     redis: redis::aio::MultiplexedConnection,
@@ -349,7 +349,7 @@ impl Backfills {
     }
 
     /// A chunk can start: work is waiting, no chunk is being read, and fewer than
-    /// [`CHUNKS_IN_FLIGHT`] chunks wait for their high watermarks.
+    /// `CHUNKS_IN_FLIGHT` (2) chunks wait for their high watermarks.
     pub fn can_start(&self) -> bool {
         self.in_flight.len() < CHUNKS_IN_FLIGHT && !self.queue.is_empty() && !self.reading()
     }

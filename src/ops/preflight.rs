@@ -291,8 +291,8 @@ async fn publication_findings(
         .filter(|(schema, name)| {
             (schema.as_str(), name.as_str())
                 != (
-                    crate::backfill::control::SCHEMA,
-                    crate::backfill::control::TABLE,
+                    crate::daemon::backfill::control::SCHEMA,
+                    crate::daemon::backfill::control::TABLE,
                 )
         })
         .collect();

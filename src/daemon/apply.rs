@@ -17,9 +17,9 @@
 //!   backfill, so nothing ends absent for good.
 
 use crate::config::{Format, Mode};
+use crate::daemon::pgoutput::{OldTuple, Tuple, TupleData};
+use crate::daemon::relations::TableState;
 use crate::encoder::{self, EncodeError};
-use crate::pgoutput::{OldTuple, Tuple, TupleData};
-use crate::relations::TableState;
 use crate::Lsn;
 
 pub mod script;
@@ -309,7 +309,7 @@ impl Batch {
         &self.xids
     }
 
-    /// Recovery: from now on write no values, only deletes (see [`Batch::muted`]).
+    /// Recovery: from now on write no values, only deletes (see the `muted` field).
     pub fn set_muted(&mut self, muted: bool) {
         self.muted = muted;
     }

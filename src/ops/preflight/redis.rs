@@ -190,7 +190,7 @@ fn persistence_finding(config: &Config, settings: &HashMap<String, String>) -> F
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::preflight::Level;
+    use crate::ops::preflight::Level;
 
     fn config(extra: &str) -> Config {
         Config::from_toml_str(&format!(

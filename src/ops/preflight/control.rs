@@ -1,8 +1,8 @@
 //! The control table (`pgcache.events`) and the partition triggers of `sql/events.sql`.
 
 use super::Finding;
-use crate::backfill::control::{SCHEMA, TABLE};
 use crate::config::Config;
+use crate::daemon::backfill::control::{SCHEMA, TABLE};
 
 /// The control table must exist, be in the publication, and be writable by the daemon's
 /// role and nobody else (it authenticates every control event); partitioned tables need the

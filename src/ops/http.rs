@@ -27,8 +27,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::config::{self, redact, MetricsConfig};
-use crate::health::Health;
 use crate::metrics as m;
+use crate::ops::health::Health;
 
 /// Liveness limit. The run loop beats every 250 ms while a session runs; between sessions
 /// it sleeps up to 30 s of reconnect backoff plus connect timeouts, during which it is
