@@ -173,8 +173,8 @@ async fn measure(
 
     progress.say(format!("reader: {} stampedes", scale.stampede_rounds));
     let stampede = stampedes(&reader, lab, scale).await?;
-    let direct = direct_read(&client, Duration::ZERO).await?;
-    let direct_after_idle = direct_read(&client, Duration::from_millis(100)).await?;
+    let direct = direct_read(client, Duration::ZERO).await?;
+    let direct_after_idle = direct_read(client, Duration::from_millis(100)).await?;
     let (herd_p99, herd_from_release_p99) = raw_herd(&raw, &key, scale.stampede_callers).await?;
     let details = json!({
         "callers": scale.stampede_callers,
