@@ -18,3 +18,4 @@ mod reader;
 mod replication;
 mod stream;
 mod testkit;
+mod versions;
