@@ -4,7 +4,9 @@
 --
 -- publish_via_partition_root makes changes to partitions arrive under the partitioned
 -- table's name, so one rule covers every partition. Running it again replaces the table list
--- (keeping pgcache.events, the control table of sql/events.sql).
+-- (keeping pgcache.events, the control table of sql/events.sql). On Postgres 18 and later it
+-- also sets publish_generated_columns = none (the default): the backfill and the reader leave
+-- generated columns out, so the stream must too.
 \set ON_ERROR_STOP on
 SELECT set_config('pgcache.publication', :'publication', false),
        set_config('pgcache.tables', :'tables', false) \g /dev/null
@@ -23,6 +25,9 @@ BEGIN
     EXECUTE format('ALTER PUBLICATION %I SET TABLE %s', p, tables);
     EXECUTE format('ALTER PUBLICATION %I SET (publish = %L, publish_via_partition_root = true)',
                    p, 'insert, update, delete, truncate');
+    IF current_setting('server_version_num')::int >= 180000 THEN
+      EXECUTE format('ALTER PUBLICATION %I SET (publish_generated_columns = none)', p);
+    END IF;
   ELSE
     EXECUTE format('CREATE PUBLICATION %I FOR TABLE %s WITH (publish = %L, publish_via_partition_root = true)',
                    p, tables, 'insert, update, delete, truncate');

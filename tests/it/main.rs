@@ -19,3 +19,4 @@ mod replication;
 mod security;
 mod stream;
 mod testkit;
+mod versions;

@@ -48,6 +48,28 @@ fn postgres_starts_with_logical_replication_settings() -> Result<()> {
     Ok(())
 }
 
+/// The server is the one in `PGCACHE_PG_BINDIR` when that is set (the version matrix in
+/// `.ci/run` relies on it), and the binaries agree with the server about its version.
+#[test]
+fn postgres_runs_from_the_chosen_bin_directory() -> Result<()> {
+    let pg = TestPostgres::start()?;
+    let initdb = TestPostgres::bin("initdb")?;
+    if let Some(dir) = std::env::var_os("PGCACHE_PG_BINDIR").filter(|dir| !dir.is_empty()) {
+        assert_eq!(initdb.parent(), Some(std::fs::canonicalize(dir)?.as_path()));
+    }
+    let out = Command::new(&initdb).arg("--version").output()?;
+    let installed = String::from_utf8_lossy(&out.stdout).to_string();
+    // "15.20 (Debian 15.20-0+deb12u1)" or "18.6": the first word is the version.
+    let running = pg.psql("postgres", "SHOW server_version")?;
+    let running = running.split_whitespace().next().unwrap_or_default();
+    assert!(
+        installed.contains(&format!(" {running}")),
+        "{} says {installed:?}, the server {running:?}",
+        initdb.display()
+    );
+    Ok(())
+}
+
 #[test]
 fn psql_runs_statements_one_by_one_and_reports_errors() -> Result<()> {
     let pg = TestPostgres::start()?;
