@@ -129,8 +129,8 @@ pub struct BackfillConfig {
 }
 
 pub const DEFAULT_BACKFILL_CHUNK_ROWS: usize = 5_000;
-pub const DEFAULT_MAX_BATCH_BYTES: usize = 16 << 20;
-pub const DEFAULT_MAX_TRANSACTION_BYTES: usize = 16 << 20;
+pub const DEFAULT_MAX_BATCH_BYTES: usize = 8 << 20;
+pub const DEFAULT_MAX_TRANSACTION_BYTES: usize = 8 << 20;
 pub const DEFAULT_MAX_CHUNK_BYTES: usize = 16 << 20;
 
 impl Default for BackfillConfig {

@@ -393,7 +393,13 @@ async fn session(
             // The stream starts past what the slot confirmed: only what this process
             // applied beyond that can come again.
             let horizon = applied.position.filter(|&p| p > slot_confirmed.max(start));
-            state.recover(loss, horizon)
+            state.recover(loss, horizon);
+            // Every value is written anew: record the shapes they are written in.
+            for rule in &config.tables {
+                if let Some(shape) = state.catalog_shape(rule).await? {
+                    state.record_shape(&rule.qualified_name(), shape);
+                }
+            }
         }
         None => state.resume(&saved).await?,
     }

@@ -618,24 +618,26 @@ impl<'a> Stream<'a> {
         );
         self.in_flight_xids.clone_from(&prepared.xids);
         let mut conn = self.redis.clone();
-        let owner = self.owner.clone();
+        let write = script::Write::new(&self.owner, &prepared, now_ms());
+        let Prepared {
+            ops,
+            position,
+            transactions,
+            commit_times,
+            xids,
+            ..
+        } = prepared;
+        let ops = ops.len();
         self.in_flight = Some(tokio::spawn(async move {
             let started = Instant::now();
-            visibility.wait(&prepared.xids).await?;
-            let applied = script::write(&mut conn, &owner, &prepared, now_ms()).await?;
-            let Prepared {
-                ops,
-                position,
-                transactions,
-                commit_times,
-                ..
-            } = prepared;
+            visibility.wait(&xids).await?;
+            let applied = write.send(&mut conn).await?;
             Ok(Done {
                 visibility,
                 position,
                 transactions,
                 commit_times,
-                ops: ops.len(),
+                ops,
                 started,
                 repairs: applied.repairs,
             })

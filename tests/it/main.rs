@@ -12,6 +12,7 @@ mod cdc;
 mod common;
 mod demo;
 mod deploy;
+mod edges;
 mod faults;
 mod ops;
 mod reader;

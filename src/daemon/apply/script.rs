@@ -106,75 +106,121 @@ pub async fn write(
     prepared: &Prepared,
     now_ms: u64,
 ) -> Result<Applied, WriteError> {
-    let ck = &owner.checkpoint_key;
-    let mut pipe = redis::pipe();
-    pipe.cmd("WATCH").arg(ck).ignore();
-    pipe.cmd("EVAL")
-        .arg(CHECK)
-        .arg(1)
-        .arg(ck)
-        .arg(&owner.token)
-        .arg(&owner.epoch)
-        .arg(checkpoint::position_text(owner.position));
-    pipe.cmd("MULTI").ignore();
-    let mut merges = Vec::new();
-    add_ops(&mut pipe, ck, &prepared.ops, &mut merges);
-    let set = pipe.cmd("HSET").arg(ck).arg(FIELD_UPDATED_MS).arg(now_ms);
-    if let Some(lsn) = prepared.position {
-        set.arg(FIELD_LSN)
-            .arg(lsn.to_string())
-            .arg(FIELD_APPLIED)
-            .arg(checkpoint::hex(lsn));
+    Write::new(owner, prepared, now_ms).send(conn).await
+}
+
+/// A batch's write, built: the operations' bytes now live in the pipeline alone, so the
+/// batch's own copy can go before the write is sent (memory is bounded by bytes).
+pub struct Write {
+    pipe: redis::Pipeline,
+    merges: Vec<(usize, Option<Repair>)>,
+    expected: Option<Lsn>,
+}
+
+impl std::fmt::Debug for Write {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Write")
+            .field("commands", &self.pipe.len())
+            .finish_non_exhaustive()
     }
-    let mut removed = Vec::new();
-    for (field, value) in &prepared.fields {
-        if value.is_empty() {
-            removed.push(field);
-        } else {
-            set.arg(field).arg(value);
+}
+
+impl Write {
+    /// Builds the guarded pipeline for `prepared` (see the module's doc).
+    pub fn new(owner: &Owner, prepared: &Prepared, now_ms: u64) -> Write {
+        let ck = &owner.checkpoint_key;
+        let mut pipe = redis::pipe();
+        pipe.cmd("WATCH").arg(ck).ignore();
+        pipe.cmd("EVAL")
+            .arg(CHECK)
+            .arg(1)
+            .arg(ck)
+            .arg(&owner.token)
+            .arg(&owner.epoch)
+            .arg(checkpoint::position_text(owner.position));
+        pipe.cmd("MULTI").ignore();
+        let mut merges = Vec::new();
+        add_ops(&mut pipe, ck, &prepared.ops, &mut merges);
+        let set = pipe.cmd("HSET").arg(ck).arg(FIELD_UPDATED_MS).arg(now_ms);
+        if let Some(lsn) = prepared.position {
+            set.arg(FIELD_LSN)
+                .arg(lsn.to_string())
+                .arg(FIELD_APPLIED)
+                .arg(checkpoint::hex(lsn));
         }
-    }
-    set.ignore();
-    if !removed.is_empty() {
-        pipe.cmd("HDEL").arg(ck).arg(removed).ignore();
-    }
-    pipe.cmd("EXEC");
-    let (check, exec): (redis::Value, redis::Value) = pipe.query_async(conn).await?;
-    match check_status(&check)? {
-        None => {}
-        Some(refused) => {
-            // The failed check touched the checkpoint, so EXEC ran nothing.
-            let refused = match refused {
-                ("epoch", _) => Refused::EpochGone,
-                ("owner", found) => Refused::Fenced(found),
-                (_, found) => Refused::Moved {
-                    found,
-                    expected: checkpoint::position_text(owner.position),
-                },
-            };
-            return Err(refused.into());
-        }
-    }
-    let replies = match exec {
-        redis::Value::Array(replies) => replies,
-        // The checkpoint changed between the check and the EXEC: a takeover.
-        redis::Value::Nil => {
-            return Err(Refused::Fenced("(changed while this batch was in flight)".into()).into())
-        }
-        other => return Err(unexpected(&format!("EXEC replied {other:?}")).into()),
-    };
-    let mut repairs = Vec::new();
-    for (at, repair) in merges {
-        match replies.get(at) {
-            Some(redis::Value::Int(0)) => repairs.extend(repair),
-            Some(redis::Value::Int(_)) => {}
-            Some(redis::Value::ServerError(e)) => {
-                return Err(unexpected(&format!("a merge failed: {e:?}")).into())
+        let mut removed = Vec::new();
+        for (field, value) in &prepared.fields {
+            if value.is_empty() {
+                removed.push(field);
+            } else {
+                set.arg(field).arg(value);
             }
-            _ => return Err(unexpected("a merge's reply is missing").into()),
+        }
+        set.ignore();
+        if !removed.is_empty() {
+            pipe.cmd("HDEL").arg(ck).arg(removed).ignore();
+        }
+        pipe.cmd("EXEC");
+        Write {
+            pipe,
+            merges,
+            expected: owner.position,
         }
     }
-    Ok(Applied { repairs })
+
+    /// Sends the write and reads its outcome.
+    ///
+    /// # Errors
+    /// [`WriteError::Refused`] when the checks fail; a Redis error otherwise. Either way
+    /// nothing was written.
+    pub async fn send(
+        self,
+        conn: &mut impl redis::aio::ConnectionLike,
+    ) -> Result<Applied, WriteError> {
+        let Write {
+            pipe,
+            merges,
+            expected,
+        } = self;
+        let (check, exec): (redis::Value, redis::Value) = pipe.query_async(conn).await?;
+        match check_status(&check)? {
+            None => {}
+            Some(refused) => {
+                // The failed check touched the checkpoint, so EXEC ran nothing.
+                let refused = match refused {
+                    ("epoch", _) => Refused::EpochGone,
+                    ("owner", found) => Refused::Fenced(found),
+                    (_, found) => Refused::Moved {
+                        found,
+                        expected: checkpoint::position_text(expected),
+                    },
+                };
+                return Err(refused.into());
+            }
+        }
+        let replies = match exec {
+            redis::Value::Array(replies) => replies,
+            // The checkpoint changed between the check and the EXEC: a takeover.
+            redis::Value::Nil => {
+                return Err(
+                    Refused::Fenced("(changed while this batch was in flight)".into()).into(),
+                )
+            }
+            other => return Err(unexpected(&format!("EXEC replied {other:?}")).into()),
+        };
+        let mut repairs = Vec::new();
+        for (at, repair) in merges {
+            match replies.get(at) {
+                Some(redis::Value::Int(0)) => repairs.extend(repair),
+                Some(redis::Value::Int(_)) => {}
+                Some(redis::Value::ServerError(e)) => {
+                    return Err(unexpected(&format!("a merge failed: {e:?}")).into())
+                }
+                _ => return Err(unexpected("a merge's reply is missing").into()),
+            }
+        }
+        Ok(Applied { repairs })
+    }
 }
 
 /// The heartbeat: checks the checkpoint as a batch does (so a daemon that has nothing to

@@ -100,7 +100,9 @@ pub async fn emit(client: &Client, control: &Control) -> Result<Lsn, tokio_postg
     Ok(lsn.parse().unwrap_or_default())
 }
 
-/// Records a watermark in a transaction of its own, committed with `synchronous_commit = on`.
+/// Records a watermark in a transaction of its own, committed with `synchronous_commit = local`
+/// (flushed at once, but not waiting for synchronous standbys, which a watermark does not
+/// need: the walsender sends what is flushed locally).
 ///
 /// The walsender only sends WAL that is flushed, and every chunk waits for its high
 /// watermark: under `synchronous_commit = off` the commit would be flushed only when the WAL
@@ -112,7 +114,7 @@ pub async fn emit_watermark(
 ) -> Result<(), tokio_postgres::Error> {
     client
         .batch_execute(&format!(
-            "BEGIN; SET LOCAL synchronous_commit = on; INSERT INTO {} (kind, arg) VALUES ({}, {}); COMMIT;",
+            "BEGIN; SET LOCAL synchronous_commit = local; INSERT INTO {} (kind, arg) VALUES ({}, {}); COMMIT;",
             quote_qualified(SCHEMA, TABLE),
             literal(control.kind()),
             literal(control.arg()),

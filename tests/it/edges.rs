@@ -1,0 +1,674 @@
+//! The guarantees where features meet: TOAST × backfill, commit visibility × fills and
+//! backfills, Redis restored from an older snapshot, partitions, key changes with unchanged
+//! TOASTed columns, DDL while the daemon is stopped, renames, bad keys, wide rows, the
+//! confirm delay at shutdown, and large transactions resumed after a crash.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pgcache::reader::ReaderOptions;
+use pgcache::testkit::{PgOptions, RedisOptions};
+use rand::Rng;
+use serde_json::json;
+
+use crate::common::{
+    eventually, get, get_json, keys, pgcache, wait_backfill_done, wait_for_json, wait_streaming,
+    Daemon, Env, InProcess,
+};
+
+const CHECKPOINT: &str = "pgcache:{pgcache}:checkpoint";
+
+/// `pgcache verify` on a config file: its exit code and output.
+async fn verify(config: &std::path::Path) -> (i32, String) {
+    let config = config.display().to_string();
+    let (code, out, err) =
+        tokio::task::spawn_blocking(move || pgcache(&["verify", "--config", &config]))
+            .await
+            .unwrap();
+    (code, format!("{out}{err}"))
+}
+
+/// Waits until the daemon has applied everything written so far.
+async fn settled(env: &Env, r: &mut redis::aio::MultiplexedConnection) {
+    let client = env.pg_client().await;
+    let lsn: String = client
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let lsn: pgcache::Lsn = lsn.parse().unwrap();
+    let want = pgcache::checkpoint::hex(lsn);
+    eventually(Duration::from_secs(60), "the daemon to catch up", || {
+        let mut r = r.clone();
+        let want = want.clone();
+        async move {
+            let applied: Option<String> = redis::cmd("HGET")
+                .arg(CHECKPOINT)
+                .arg("applied")
+                .query_async(&mut r)
+                .await
+                .ok()?;
+            applied.filter(|a| *a >= want).map(drop)
+        }
+    })
+    .await;
+}
+
+/// Rows whose `body` is stored out of line (TOAST): 4 kB of md5 text each, incompressible
+/// enough to leave the row.
+const DOCS: &str = "CREATE TABLE docs (id int PRIMARY KEY, small int NOT NULL, body text);";
+const DOCS_RULE: &str = "[[tables]]\ntable = \"docs\"\nkey = \"doc:{id}\"\n";
+
+fn insert_docs(env: &Env, from: i32, to: i32) {
+    env.sql(&format!(
+        "INSERT INTO docs SELECT g, 0, (SELECT string_agg(md5(g::text || i::text), '') \
+         FROM generate_series(1, 128) i) FROM generate_series({from}, {to}) g"
+    ));
+}
+
+/// Item 1: updates that leave a TOASTed column untouched, during a backfill (first start,
+/// then after FLUSHALL), lose no row: a key whose merge found no cached value is read again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn toast_unchanged_updates_during_a_backfill_lose_no_row() {
+    let env = Env::start(DOCS, "public.docs");
+    insert_docs(&env, 1, 3_000);
+    let config = env.write_config(&format!("[backfill]\nchunk_rows = 300\n\n{DOCS_RULE}"));
+    let daemon =
+        InProcess::start(env.config(&format!("[backfill]\nchunk_rows = 300\n\n{DOCS_RULE}")));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let client = env.pg_client().await;
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let id = rand::thread_rng().gen_range(1..=3_000);
+                let _ = client
+                    .execute("UPDATE docs SET small = small + 1 WHERE id = $1", &[&id])
+                    .await;
+            }
+        })
+    };
+    let mut r = env.redis().await;
+    wait_backfill_done(&mut r, "public.docs", Duration::from_secs(120)).await;
+    let _: () = redis::cmd("FLUSHALL").query_async(&mut r).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_backfill_done(&mut r, "public.docs", Duration::from_secs(120)).await;
+    stop.store(true, Ordering::Relaxed);
+    writer.await.unwrap();
+    settled(&env, &mut r).await;
+    let (code, out) = verify(&config).await;
+    assert_eq!(code, 0, "verify after the backfills:\n{out}");
+    daemon.stop().await.unwrap();
+}
+
+/// Item 6: a key change with an unchanged TOASTed column merges from the old key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_change_with_an_unchanged_toasted_column_keeps_the_row() {
+    let env = Env::start(DOCS, "public.docs");
+    let daemon = InProcess::start(env.config(DOCS_RULE));
+    let mut r = env.redis().await;
+    wait_streaming(&mut r).await;
+    insert_docs(&env, 10, 10);
+    let body = env.sql("SELECT body FROM docs WHERE id = 10");
+    wait_for_json(
+        &mut r,
+        "doc:10",
+        Some(json!({"id": 10, "small": 0, "body": body})),
+    )
+    .await;
+    env.sql("UPDATE docs SET id = 900000 WHERE id = 10");
+    wait_for_json(
+        &mut r,
+        "doc:900000",
+        Some(json!({"id": 900000, "small": 0, "body": body})),
+    )
+    .await;
+    assert_eq!(get(&mut r, "doc:10").await, None);
+    daemon.stop().await.unwrap();
+}
+
+/// Item 2, readers: a commit waiting for a synchronous standby that never answers is in
+/// the stream but invisible to other sessions. The daemon holds it back; a reader's miss
+/// meanwhile reads the old row and must not leave it in Redis once the new one is visible.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_not_yet_visible_is_neither_applied_nor_undone_by_a_fill() {
+    let env = Env::start(
+        "CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL); INSERT INTO items VALUES (1, 1);",
+        "public.items",
+    );
+    let config =
+        env.config("[[tables]]\ntable = \"items\"\nkey = \"item:{id}\"\nmode = \"refresh\"\n");
+    let daemon = InProcess::start(config.clone());
+    let mut r = env.redis().await;
+    wait_streaming(&mut r).await;
+    env.sql("ALTER SYSTEM SET synchronous_standby_names = 'nobody'; SELECT pg_reload_conf();");
+    // The writer commits with synchronous_commit = on: its commit is flushed and streamed,
+    // then waits for the standby, invisible to every other session.
+    let writer = env.pg_client().await;
+    let pid: i32 = writer
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let waiting = tokio::spawn(async move {
+        writer
+            .batch_execute("SET synchronous_commit = on; UPDATE items SET v = 2 WHERE id = 1")
+            .await
+    });
+    let admin = env.pg_client().await;
+    eventually(Duration::from_secs(10), "the commit to wait for its standby", || {
+        let admin = &admin;
+        async move {
+            let waits: i64 = admin
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND wait_event = 'SyncRep'",
+                    &[&pid],
+                )
+                .await
+                .ok()?
+                .get(0);
+            (waits == 1).then_some(())
+        }
+    })
+    .await;
+    let reader = pgcache::Reader::from_config_with(
+        &config,
+        ReaderOptions {
+            max_lag_wait: Duration::from_millis(300),
+            ..ReaderOptions::default()
+        },
+    )
+    .unwrap();
+    // The miss reads the old row (the new one is not visible) and must not fill it.
+    let old = reader.get_json("items", 1).await.unwrap();
+    assert_eq!(old, Some(json!({"id": 1, "v": 1})));
+    assert_eq!(
+        get(&mut r, "item:1").await,
+        None,
+        "a fill ran ahead of the daemon"
+    );
+    // The standby is given up on: the commit becomes visible.
+    admin
+        .execute("SELECT pg_cancel_backend($1)", &[&pid])
+        .await
+        .unwrap();
+    let _ = waiting.await.unwrap();
+    env.sql("ALTER SYSTEM RESET synchronous_standby_names; SELECT pg_reload_conf();");
+    let now = eventually(Duration::from_secs(20), "a fill of the new row", || {
+        let reader = reader.clone();
+        let mut r = r.clone();
+        async move {
+            let value = reader.get_json("items", 1).await.ok()?;
+            assert_eq!(value, Some(json!({"id": 1, "v": 2})), "read back in time");
+            get(&mut r, "item:1").await
+        }
+    })
+    .await;
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&now).unwrap()["v"],
+        2
+    );
+    daemon.stop().await.unwrap();
+}
+
+/// Item 2, backfills: a resync while a commit waits for its standby must not write the row
+/// as it was before that commit over the value the stream applies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfill_waits_for_a_commit_that_is_not_yet_visible() {
+    let env = Env::start(
+        "CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL);
+         INSERT INTO items SELECT g, 1 FROM generate_series(1, 50) g;",
+        "public.items",
+    );
+    let config_path = env.write_config("[[tables]]\ntable = \"items\"\nkey = \"item:{id}\"\n");
+    let daemon =
+        InProcess::start(env.config("[[tables]]\ntable = \"items\"\nkey = \"item:{id}\"\n"));
+    let mut r = env.redis().await;
+    wait_backfill_done(&mut r, "public.items", Duration::from_secs(60)).await;
+    env.sql("ALTER SYSTEM SET synchronous_standby_names = 'nobody'; SELECT pg_reload_conf();");
+    let writer = env.pg_client().await;
+    let pid: i32 = writer
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let waiting = tokio::spawn(async move {
+        writer
+            .batch_execute("SET synchronous_commit = on; UPDATE items SET v = 2 WHERE id = 7")
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    env.sql("SELECT pgcache.emit('resync', 'public.items')");
+    // The backfill cannot finish while the commit is invisible (its chunk would be older).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(get_json(&mut r, "item:7").await.unwrap()["v"], 1);
+    let admin = env.pg_client().await;
+    admin
+        .execute("SELECT pg_cancel_backend($1)", &[&pid])
+        .await
+        .unwrap();
+    let _ = waiting.await.unwrap();
+    env.sql("ALTER SYSTEM RESET synchronous_standby_names; SELECT pg_reload_conf();");
+    wait_backfill_done(&mut r, "public.items", Duration::from_secs(60)).await;
+    wait_for_json(&mut r, "item:7", Some(json!({"id": 7, "v": 2}))).await;
+    settled(&env, &mut r).await;
+    let (code, out) = verify(&config_path).await;
+    assert_eq!(code, 0, "{out}");
+    daemon.stop().await.unwrap();
+}
+
+/// Item 4: Redis restarted from a snapshot older than what the slot confirmed is noticed,
+/// and rebuilt: its stale keys go, the mirror table is backfilled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restored_from_an_older_snapshot_is_rebuilt() {
+    let mut env = Env::start(
+        "CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL);
+         INSERT INTO items SELECT g, 0 FROM generate_series(1, 100) g;",
+        "public.items",
+    );
+    let config_path = env.write_config("[[tables]]\ntable = \"items\"\nkey = \"item:{id}\"\n");
+    let log = env.dir.path().join("daemon.log");
+    let mut daemon = Daemon::spawn(&config_path, &log);
+    let mut r = env.redis().await;
+    wait_backfill_done(&mut r, "public.items", Duration::from_secs(60)).await;
+    let _: () = redis::cmd("SAVE").query_async(&mut r).await.unwrap();
+    env.sql("UPDATE items SET v = 1; DELETE FROM items WHERE id > 90;");
+    settled(&env, &mut r).await;
+    // The slot confirms what Redis acknowledged.
+    let client = env.pg_client().await;
+    let applied: String = redis::cmd("HGET")
+        .arg(CHECKPOINT)
+        .arg("lsn")
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(20), "the slot to confirm", || {
+        let client = &client;
+        let applied = applied.clone();
+        async move {
+            let ok: bool = client
+                .query_one(
+                    "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots",
+                    &[&applied],
+                )
+                .await
+                .ok()?
+                .get(0);
+            ok.then_some(())
+        }
+    })
+    .await;
+    env.redis.kill9().unwrap();
+    env.redis.start_again().unwrap();
+    let r = env.redis().await;
+    eventually(Duration::from_secs(60), "the mirror rebuilt", || {
+        let mut r = r.clone();
+        async move {
+            let all = keys(&mut r, "item:*").await;
+            if all.len() != 90 {
+                return None;
+            }
+            for key in all {
+                if get_json(&mut r, &key).await?["v"] != 1 {
+                    return None;
+                }
+            }
+            Some(())
+        }
+    })
+    .await;
+    assert!(
+        daemon.log().contains("Redis went back in time"),
+        "{}",
+        daemon.log()
+    );
+    let (code, out) = verify(&config_path).await;
+    assert_eq!(code, 0, "{out}");
+    daemon.terminate();
+}
+
+/// Item 5: partition TRUNCATE, DETACH and DROP leave no key whose row is gone; ATTACH
+/// brings the attached rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_truncate_detach_drop_and_attach_are_followed() {
+    let env = Env::start(
+        "CREATE TABLE events (id int, day date, note text, PRIMARY KEY (id, day)) PARTITION BY RANGE (day);
+         CREATE TABLE events_2024 PARTITION OF events FOR VALUES FROM ('2024-01-01') TO ('2025-01-01');
+         CREATE TABLE events_2025 PARTITION OF events FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');
+         CREATE TABLE events_2026 PARTITION OF events FOR VALUES FROM ('2026-01-01') TO ('2027-01-01');
+         INSERT INTO events SELECT g, date '2024-06-01', 'a' FROM generate_series(1, 10) g;
+         INSERT INTO events SELECT g, date '2025-06-01', 'b' FROM generate_series(11, 20) g;
+         INSERT INTO events SELECT g, date '2026-06-01', 'c' FROM generate_series(21, 30) g;",
+        "public.events",
+    );
+    let config_path = env.write_config("[[tables]]\ntable = \"events\"\nkey = \"ev:{id}:{day}\"\n");
+    let daemon =
+        InProcess::start(env.config("[[tables]]\ntable = \"events\"\nkey = \"ev:{id}:{day}\"\n"));
+    let mut r = env.redis().await;
+    wait_backfill_done(&mut r, "public.events", Duration::from_secs(60)).await;
+    let count = |r: &redis::aio::MultiplexedConnection, n: usize, what: &'static str| {
+        let r = r.clone();
+        async move {
+            eventually(Duration::from_secs(30), what, || {
+                let mut r = r.clone();
+                async move { (keys(&mut r, "ev:*").await.len() == n).then_some(()) }
+            })
+            .await
+        }
+    };
+    count(&r, 30, "all 30 keys").await;
+    env.sql("TRUNCATE events_2024");
+    count(&r, 20, "the truncated partition's keys gone").await;
+    env.sql("ALTER TABLE events DETACH PARTITION events_2025");
+    count(&r, 10, "the detached partition's keys gone").await;
+    env.sql(
+        "INSERT INTO events_2025 VALUES (41, '2025-07-01', 'd');
+         ALTER TABLE events ATTACH PARTITION events_2025 FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');",
+    );
+    count(&r, 21, "the attached partition's rows cached").await;
+    env.sql("DROP TABLE events_2026");
+    count(&r, 11, "the dropped partition's keys gone").await;
+    settled(&env, &mut r).await;
+    let (code, out) = verify(&config_path).await;
+    assert_eq!(code, 0, "{out}");
+    daemon.stop().await.unwrap();
+}
+
+/// Item 7: columns added while the daemon was stopped reach every cached value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alter_table_while_stopped_reshapes_the_cached_values() {
+    let env = Env::start(
+        "CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL);
+         INSERT INTO items SELECT g, g FROM generate_series(1, 20) g;",
+        "public.items",
+    );
+    let rule = "[[tables]]\ntable = \"items\"\nkey = \"item:{id}\"\n";
+    let config_path = env.write_config(rule);
+    let daemon = InProcess::start(env.config(rule));
+    let mut r = env.redis().await;
+    wait_backfill_done(&mut r, "public.items", Duration::from_secs(60)).await;
+    daemon.stop().await.unwrap();
+    env.sql("ALTER TABLE items ADD COLUMN label text NOT NULL DEFAULT 'new'");
+    let daemon = InProcess::start(env.config(rule));
+    wait_for_json(
+        &mut r,
+        "item:7",
+        Some(json!({"id": 7, "v": 7, "label": "new"})),
+    )
+    .await;
+    wait_backfill_done(&mut r, "public.items", Duration::from_secs(60)).await;
+    settled(&env, &mut r).await;
+    let (code, out) = verify(&config_path).await;
+    assert_eq!(code, 0, "{out}");
+    daemon.stop().await.unwrap();
+}
+
+/// Item 8: a renamed table stops, its keys dropped, with a log line that says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renamed_table_stops_and_its_keys_go() {
+    let env = Env::start(
+        "CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL);
+         CREATE TABLE other (id int PRIMARY KEY, v int NOT NULL);
+         INSERT INTO items SELECT g, g FROM generate_series(1, 20) g;",
+        "public.items,public.other",
+    );
+    let rules = "[[tables]]\ntable = \"items\"\nkey = \"item:{id}\"\n\n\
+                 [[tables]]\ntable = \"other\"\nkey = \"other:{id}\"\n";
+    let config_path = env.write_config(rules);
+    let log = env.dir.path().join("daemon.log");
+    let mut daemon = Daemon::spawn(&config_path, &log);
+    let mut r = env.redis().await;
+    wait_backfill_done(&mut r, "public.items", Duration::from_secs(60)).await;
+    env.sql("UPDATE items SET v = 0 WHERE id = 1");
+    wait_for_json(&mut r, "item:1", Some(json!({"id": 1, "v": 0}))).await;
+    env.sql("ALTER TABLE items RENAME TO things; UPDATE things SET v = 5 WHERE id = 2;");
+    eventually(
+        Duration::from_secs(20),
+        "the renamed table's keys gone",
+        || {
+            let mut r = r.clone();
+            async move { keys(&mut r, "item:*").await.is_empty().then_some(()) }
+        },
+    )
+    .await;
+    // The other table goes on.
+    env.sql("INSERT INTO other VALUES (1, 1)");
+    wait_for_json(&mut r, "other:1", Some(json!({"id": 1, "v": 1}))).await;
+    let text = daemon.log();
+    assert!(text.contains("was renamed to public.things"), "{text}");
+    daemon.terminate();
+}
+
+/// Item 9: one bad key (a value of the wrong type, a value over Redis's bulk limit) is
+/// deleted, counted and logged; the stream and every other key go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_bad_key_stops_nothing_else() {
+    let env = Env::start_with(
+        PgOptions::default(),
+        RedisOptions {
+            extra_args: vec!["--proto-max-bulk-len".into(), "1048576".into()],
+            ..RedisOptions::default()
+        },
+        DOCS,
+        "public.docs",
+    );
+    let config_path = env.write_config(DOCS_RULE);
+    let log = env.dir.path().join("daemon.log");
+    let mut daemon = Daemon::spawn(&config_path, &log);
+    let mut r = env.redis().await;
+    wait_streaming(&mut r).await;
+    insert_docs(&env, 1, 2);
+    eventually(Duration::from_secs(20), "both docs cached", || {
+        let mut r = r.clone();
+        async move { (keys(&mut r, "doc:*").await.len() == 2).then_some(()) }
+    })
+    .await;
+    // Someone writes a hash where the JSON value was; an update that needs the cached value
+    // (its TOASTed body is unchanged) finds the wrong type.
+    let _: () = redis::cmd("DEL")
+        .arg("doc:1")
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("HSET")
+        .arg("doc:1")
+        .arg("x")
+        .arg("y")
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    env.sql("UPDATE docs SET small = 1 WHERE id = 1");
+    // A value over 1 MiB, Redis's limit here.
+    env.sql("INSERT INTO docs VALUES (3, 0, repeat('x', 2000000))");
+    env.sql("INSERT INTO docs VALUES (4, 0, 'after the bad ones')");
+    wait_for_json(
+        &mut r,
+        "doc:4",
+        Some(json!({"id": 4, "small": 0, "body": "after the bad ones"})),
+    )
+    .await;
+    let body = env.sql("SELECT body FROM docs WHERE id = 1");
+    // The wrong-typed key was deleted and read again: the right value.
+    wait_for_json(
+        &mut r,
+        "doc:1",
+        Some(json!({"id": 1, "small": 1, "body": body})),
+    )
+    .await;
+    assert_eq!(get(&mut r, "doc:3").await, None);
+    let text = daemon.log();
+    assert!(
+        text.contains("doc:3") && text.contains("proto-max-bulk-len"),
+        "{text}"
+    );
+    assert!(!text.contains("session ended"), "{text}");
+    daemon.terminate();
+}
+
+/// Item 10: a 1 GB transaction of 16 kB rows keeps the daemon under 100 MB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gigabyte_transaction_of_wide_rows_in_bounded_memory() {
+    const ROWS: i32 = 65_536;
+    let env = Env::start(
+        "CREATE TABLE wide (id int PRIMARY KEY, body text NOT NULL);",
+        "public.wide",
+    );
+    let config_path = env.write_config("[[tables]]\ntable = \"wide\"\nkey = \"w:{id}\"\n");
+    let log = env.dir.path().join("daemon.log");
+    let mut daemon = Daemon::spawn_logging(&config_path, &log, "pgcache=info");
+    let mut r = env.redis().await;
+    wait_streaming(&mut r).await;
+    // 16 kB a row, 1 GiB in all, in one transaction.
+    env.sql(&format!(
+        "INSERT INTO wide SELECT g, repeat(md5(g::text), 512) FROM generate_series(1, {ROWS}) g"
+    ));
+    let started = Instant::now();
+    let mut peak_kb = 0u64;
+    loop {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", daemon.pid())).unwrap();
+        peak_kb = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+            .unwrap_or(peak_kb);
+        let dbsize: i64 = redis::cmd("DBSIZE").query_async(&mut r).await.unwrap();
+        if dbsize > i64::from(ROWS) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "not applied in time\n{}",
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let last = get_json(&mut r, &format!("w:{ROWS}")).await.unwrap();
+    assert_eq!(last["body"].as_str().unwrap().len(), 16_384);
+    assert!(
+        peak_kb < 100 * 1024,
+        "the daemon's peak RSS was {peak_kb} kB for a 1 GiB transaction"
+    );
+    println!(
+        "1 GiB transaction: daemon peak RSS {peak_kb} kB, {:?}",
+        started.elapsed()
+    );
+    daemon.terminate();
+}
+
+/// Item 11: a SIGTERM does not confirm what `confirm_delay` holds back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_keeps_the_confirm_delay() {
+    let env = Env::start(
+        "CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL);",
+        "public.items",
+    );
+    let config_path = env.write_config(
+        "[apply]\nconfirm_delay = \"60s\"\n\n[[tables]]\ntable = \"items\"\nkey = \"item:{id}\"\n",
+    );
+    let log = env.dir.path().join("daemon.log");
+    let mut daemon = Daemon::spawn(&config_path, &log);
+    let mut r = env.redis().await;
+    wait_streaming(&mut r).await;
+    env.sql("INSERT INTO items VALUES (1, 1)");
+    wait_for_json(&mut r, "item:1", Some(json!({"id": 1, "v": 1}))).await;
+    let applied: String = redis::cmd("HGET")
+        .arg(CHECKPOINT)
+        .arg("lsn")
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    assert!(daemon.terminate().success());
+    let client = env.pg_client().await;
+    let confirmed_behind: bool = client
+        .query_one(
+            "SELECT confirmed_flush_lsn < $1::text::pg_lsn FROM pg_replication_slots",
+            &[&applied],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        confirmed_behind,
+        "the stop confirmed {applied}, which confirm_delay holds back"
+    );
+}
+
+/// Item 12: a transaction larger than `max_transaction_changes`, cut by a kill -9 after
+/// some of its parts are in Redis, resumes after them: no key goes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_transaction_resumes_after_its_applied_part() {
+    let env = Env::start(
+        "CREATE TABLE counter (id int PRIMARY KEY, v int NOT NULL); INSERT INTO counter VALUES (1, 0);",
+        "public.counter",
+    );
+    let config_path = env.write_config(
+        "[apply]\nmax_transaction_changes = 50\n\n[[tables]]\ntable = \"counter\"\nkey = \"c:{id}\"\n",
+    );
+    let log = env.dir.path().join("daemon.log");
+    let mut daemon = Daemon::spawn_logging(&config_path, &log, "pgcache=info");
+    let mut r = env.redis().await;
+    wait_backfill_done(&mut r, "public.counter", Duration::from_secs(60)).await;
+    // One transaction that moves the row through 20,000 versions.
+    env.sql("DO $$ BEGIN FOR i IN 1..20000 LOOP UPDATE counter SET v = v + 1 WHERE id = 1; END LOOP; END $$;");
+    let watching = Arc::new(AtomicBool::new(true));
+    let watcher = {
+        let mut r = r.clone();
+        let watching = watching.clone();
+        tokio::spawn(async move {
+            let mut highest = 0i64;
+            let mut went_back = Vec::new();
+            while watching.load(Ordering::Relaxed) {
+                if let Ok(Some(text)) = redis::cmd("GET")
+                    .arg("c:1")
+                    .query_async::<Option<String>>(&mut r)
+                    .await
+                {
+                    let v = serde_json::from_str::<serde_json::Value>(&text).unwrap()["v"]
+                        .as_i64()
+                        .unwrap();
+                    if v < highest {
+                        went_back.push((highest, v));
+                    }
+                    highest = highest.max(v);
+                }
+                tokio::time::sleep(Duration::from_micros(200)).await;
+            }
+            (highest, went_back)
+        })
+    };
+    eventually(
+        Duration::from_secs(60),
+        "a part of the transaction in Redis",
+        || {
+            let mut r = r.clone();
+            async move {
+                let partial: Option<String> = redis::cmd("HGET")
+                    .arg(CHECKPOINT)
+                    .arg("partial")
+                    .query_async(&mut r)
+                    .await
+                    .ok()?;
+                partial.filter(|p| !p.is_empty()).map(drop)
+            }
+        },
+    )
+    .await;
+    daemon.kill9();
+    let mut daemon = Daemon::spawn_logging(&config_path, &log, "pgcache=info");
+    wait_for_json(&mut r, "c:1", Some(json!({"id": 1, "v": 20000}))).await;
+    watching.store(false, Ordering::Relaxed);
+    let (highest, went_back) = watcher.await.unwrap();
+    assert_eq!(highest, 20000);
+    assert!(
+        went_back.is_empty(),
+        "c:1 went back: {:?}",
+        &went_back[..went_back.len().min(5)]
+    );
+    assert!(
+        daemon.log().contains("resuming a large transaction"),
+        "{}",
+        daemon.log()
+    );
+    daemon.terminate();
+}
