@@ -26,6 +26,7 @@
 
 mod pg_install;
 mod pg_server;
+mod proxy;
 mod redis_server;
 mod tls_certs;
 
@@ -44,6 +45,7 @@ use anyhow::{bail, Context, Result};
 use rand::Rng;
 
 pub use pg_server::{PgOptions, TestPostgres};
+pub use proxy::{Direction, TcpProxy};
 pub use redis_server::{RedisOptions, TestRedis};
 pub use tls_certs::{generate as generate_tls_certs, CertFiles};
 

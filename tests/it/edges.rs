@@ -672,3 +672,118 @@ async fn a_large_transaction_resumes_after_its_applied_part() {
     );
     daemon.terminate();
 }
+
+/// Item 3: fencing. Daemon A's write is stuck on a stalled link while its walsender times
+/// out and daemon B takes the slot over and applies newer changes; when A's link comes back
+/// its write is refused: no value and no checkpoint goes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_that_lost_the_slot_cannot_change_redis() {
+    use pgcache::testkit::TcpProxy;
+    let env = Env::start(
+        "CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL); INSERT INTO items VALUES (1, 0);",
+        "public.items",
+    );
+    env.sql("ALTER SYSTEM SET wal_sender_timeout = '1s'; SELECT pg_reload_conf();");
+    let rule = "[[tables]]\ntable = \"items\"\nkey = \"item:{id}\"\n";
+    let to_redis =
+        TcpProxy::start(format!("127.0.0.1:{}", env.redis.port()).parse().unwrap()).unwrap();
+    let to_pg = TcpProxy::start(format!("127.0.0.1:{}", env.pg.port()).parse().unwrap()).unwrap();
+    let a_config = env.dir.path().join("a.toml");
+    std::fs::write(
+        &a_config,
+        env.config_toml(rule)
+            .replace(
+                &format!(":{}/", env.redis.port()),
+                &format!(":{}/", to_redis.port()),
+            )
+            .replace(
+                &format!(":{}/", env.pg.port()),
+                &format!(":{}/", to_pg.port()),
+            ),
+    )
+    .unwrap();
+    let b_config = env.write_config(rule);
+    let mut a = Daemon::spawn(&a_config, &env.dir.path().join("a.log"));
+    let mut r = env.redis().await;
+    wait_backfill_done(&mut r, "public.items", Duration::from_secs(60)).await;
+    wait_for_json(&mut r, "item:1", Some(json!({"id": 1, "v": 0}))).await;
+
+    // A's next write leaves A and stalls on the way to Redis; then A falls silent to
+    // Postgres too, and its walsender gives up on it.
+    to_redis.pause();
+    env.sql("UPDATE items SET v = 1 WHERE id = 1");
+    // A decodes the change and sends its write into the stalled link.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    to_pg.pause();
+    let client = env.pg_client().await;
+    eventually(Duration::from_secs(20), "A's walsender to time out", || {
+        let client = &client;
+        async move {
+            let active: bool = client
+                .query_one("SELECT active FROM pg_replication_slots", &[])
+                .await
+                .ok()?
+                .get(0);
+            (!active).then_some(())
+        }
+    })
+    .await;
+
+    // B takes over and applies newer changes.
+    let mut b = Daemon::spawn(&b_config, &env.dir.path().join("b.log"));
+    wait_for_json(&mut r, "item:1", Some(json!({"id": 1, "v": 1}))).await;
+    env.sql("UPDATE items SET v = 2 WHERE id = 1");
+    wait_for_json(&mut r, "item:1", Some(json!({"id": 1, "v": 2}))).await;
+    let lsn_before: String = redis::cmd("HGET")
+        .arg(CHECKPOINT)
+        .arg("lsn")
+        .query_async(&mut r)
+        .await
+        .unwrap();
+
+    // A's link comes back: its stalled write lands, and must be refused.
+    let before_resume = to_redis.bytes(pgcache::testkit::Direction::ToServer);
+    to_redis.resume();
+    to_pg.resume();
+    eventually(
+        Duration::from_secs(20),
+        "A's stalled write to reach Redis",
+        || {
+            let to_redis = &to_redis;
+            async move {
+                (to_redis.bytes(pgcache::testkit::Direction::ToServer) > before_resume)
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        get_json(&mut r, "item:1").await,
+        Some(json!({"id": 1, "v": 2}))
+    );
+    let lsn_after: String = redis::cmd("HGET")
+        .arg(CHECKPOINT)
+        .arg("lsn")
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    let (before, after): (pgcache::Lsn, pgcache::Lsn) =
+        (lsn_before.parse().unwrap(), lsn_after.parse().unwrap());
+    assert!(
+        after >= before,
+        "the checkpoint went back from {before} to {after}"
+    );
+    let refused: Option<i64> = redis::cmd("HGET")
+        .arg(CHECKPOINT)
+        .arg("refused")
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    assert!(refused.is_some_and(|n| n >= 1), "A's write was not refused");
+    // B goes on.
+    env.sql("UPDATE items SET v = 3 WHERE id = 1");
+    wait_for_json(&mut r, "item:1", Some(json!({"id": 1, "v": 3}))).await;
+    b.terminate();
+    a.kill9();
+}
