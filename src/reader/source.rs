@@ -49,13 +49,30 @@ fn fingerprint_sql(relation: &str) -> String {
 /// prepared statement (built once: every miss looks it up in the connection's statement
 /// cache). The position is the end of the WAL *after* the row query's snapshot was taken, so
 /// every commit that snapshot saw ends at or before it: once the daemon has applied up to
-/// it, Redis holds nothing older than the rows read (see `lease`).
+/// it, Redis holds nothing older than the rows read (see `lease`). The flush position comes
+/// with it: see [`flush_wal`].
 static FINGERPRINT_BY_OID: LazyLock<String> = LazyLock::new(|| {
     format!(
-        "SELECT {}, pg_current_wal_insert_lsn()::text",
+        "SELECT {}, pg_current_wal_insert_lsn()::text, \
+         pg_current_wal_insert_lsn() > pg_current_wal_flush_lsn()",
         fingerprint_sql("$1::oid")
     )
 });
+
+/// Flushes the WAL up to now. The daemon only sees WAL that is flushed; with writers that
+/// commit under `synchronous_commit = off`, rows can be visible (and read) before their
+/// commit is flushed, and the WAL writer flushes only every `wal_writer_delay` (200 ms by
+/// default), so a miss would wait that long for the daemon to reach its read position, and
+/// lose to any change of a busy row meanwhile. A transaction that takes an xid commits with
+/// a commit record, and `synchronous_commit = local` flushes everything before it: one
+/// round trip, an xid, and a WAL flush, only when WAL is waiting to be flushed.
+async fn flush_wal(client: &ClientWrapper) -> Result<(), tokio_postgres::Error> {
+    client
+        .batch_execute(
+            "BEGIN; SET LOCAL synchronous_commit = local; SELECT pg_current_xact_id(); COMMIT",
+        )
+        .await
+}
 
 /// One key to read: its Redis key (for messages) and its values' texts, in template order.
 #[derive(Debug, Clone)]
@@ -155,6 +172,10 @@ impl RowSource {
                 table: self.table.clone(),
                 problem: format!("Postgres reported WAL position {at:?}, which is not an LSN"),
             })?;
+            let unflushed: bool = now.try_get(2).map_err(|e| self.pg_error(e))?;
+            if unflushed {
+                flush_wal(client).await.map_err(|e| self.pg_error(e))?;
+            }
             if fingerprint_now != shape.fingerprint {
                 shape = self.shape(client, true).await?;
                 continue;

@@ -18,6 +18,7 @@ mod ops;
 mod reader;
 mod replication;
 mod security;
+mod soak;
 mod stream;
 mod testkit;
 mod versions;
