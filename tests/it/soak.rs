@@ -99,10 +99,9 @@ async fn randomized_faults_and_edges_leave_no_drift() {
                             "UPDATE items SET id = {}, v = v + 1 WHERE id = {id}",
                             next_id.fetch_add(1, Ordering::Relaxed)
                         ),
-                        _ => format!(
-                            "DO $$ BEGIN FOR i IN 1..300 LOOP UPDATE counters SET v = v + 1 \
-                             WHERE id = 1 + (i % 200); END LOOP; END $$"
-                        ),
+                        _ => "DO $$ BEGIN FOR i IN 1..300 LOOP UPDATE counters SET v = v + 1 \
+                              WHERE id = 1 + (i % 200); END LOOP; END $$"
+                            .to_string(),
                     };
                     match client.batch_execute(&sql).await {
                         Ok(()) => done += 1,
