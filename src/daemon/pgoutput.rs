@@ -191,7 +191,8 @@ pub struct Truncate {
     pub relation_ids: Vec<u32>,
 }
 
-/// A message from `pg_logical_emit_message` (backfill watermarks use these).
+/// A message from `pg_logical_emit_message`. pgcache asks for none (`messages 'false'`): any role
+/// can emit one, so nothing it says could be trusted.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LogicalMessage {
     /// Transactional messages arrive between Begin and Commit; the others arrive on their own,

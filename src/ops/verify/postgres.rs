@@ -249,11 +249,10 @@ pub(super) async fn json_columns(
 
 /// Waits until the daemon has applied everything committed before the call.
 ///
-/// It emits a transactional logical message: the daemon applies its (empty) transaction
-/// like any other, in commit order, and writes its end into the checkpoint. Once the
-/// checkpoint has passed the message, every earlier commit is in Redis. When the message
-/// cannot be emitted, it waits for the slot's confirmed position to pass the current WAL
-/// position instead.
+/// It takes the end of the WAL now and waits for the daemon's checkpoint to pass it: the
+/// daemon moves its checkpoint past every position it has streamed, published changes or
+/// not, so once it has, every earlier commit is in Redis. When the position cannot be read,
+/// it waits for the slot's confirmed position to pass the current WAL position instead.
 pub(super) struct Settle {
     slot: String,
     checkpoint_key: String,
