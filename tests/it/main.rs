@@ -10,6 +10,7 @@ mod backfill;
 mod bench;
 mod cdc;
 mod common;
+mod control;
 mod demo;
 mod deploy;
 mod edges;
