@@ -22,6 +22,12 @@ pub fn quote_qualified(schema: &str, name: &str) -> String {
     format!("{}.{}", quote_ident(schema), quote_ident(name))
 }
 
+/// `'text'` with inner quotes doubled: a standard-conforming string literal, as the
+/// replication command grammar and `psql` scripts take them.
+pub fn quote_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
 /// Appends `text` as an `E'...'` literal, which means the same whatever
 /// `standard_conforming_strings` says.
 ///

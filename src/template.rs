@@ -463,6 +463,18 @@ pub fn unescape_value(s: &str) -> Result<Vec<u8>, TemplateError> {
 /// Otherwise Redis hashes the whole row key, so the whole row key becomes the lease key's
 /// hash tag, which is exact while the row key has no `}` (values never do; a template that
 /// has one also has a hash tag before it).
+/// `text` with Redis glob characters (`* ? [ ] \`) escaped, for `SCAN MATCH` patterns.
+pub fn glob_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
 pub fn lease_key(row_key: &str) -> String {
     let mut key = String::with_capacity(row_key.len() + LEASE_SUFFIX.len() + 2);
     if has_hash_tag(row_key) {

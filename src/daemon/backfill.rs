@@ -41,6 +41,7 @@ use crate::clock::now_ms;
 use crate::config::{Config, Mode, TableRule};
 use crate::daemon::apply::{Op, Repair};
 use crate::metrics as m;
+use crate::template::glob_escape;
 
 pub mod control;
 mod copy_text;
@@ -789,17 +790,6 @@ async fn scan_keys(
         })
         .collect();
     Ok(((next != "0").then_some(next), parsed))
-}
-
-fn glob_escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out
 }
 
 /// Progress in the log (a line every few seconds per table) and to the run command's hook.

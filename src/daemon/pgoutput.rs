@@ -13,7 +13,7 @@ use crate::Lsn;
 
 /// Microseconds between the Unix epoch and the Postgres epoch (2000-01-01 UTC), for turning
 /// `commit_time` into wall-clock time (replication lag).
-pub const PG_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
+pub use crate::clock::PG_EPOCH_UNIX_MICROS;
 
 /// Message tags (the first byte of every payload).
 mod tag {

@@ -13,7 +13,7 @@
 //! I/O: connecting, TLS, authentication, and the stream.
 
 use std::io;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
@@ -42,8 +42,6 @@ const READ_CHUNK: usize = 256 * 1024;
 const MIN_READ_SPACE: usize = 32 * 1024;
 /// How long [`ReplicationStream::finish`] waits for the server to end the copy.
 const FINISH_TIMEOUT: Duration = Duration::from_secs(10);
-/// Microseconds from the Unix epoch to the Postgres epoch (2000-01-01 UTC).
-const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
 
 /// A replication connection failed. Classify with [`is_retryable`](Self::is_retryable)
 /// before retrying: a missing slot or a bad password will not fix itself.
@@ -801,14 +799,7 @@ impl ReplicationStream {
     }
 }
 
-/// The client clock in the protocol's unit: microseconds since 2000-01-01 UTC.
-fn pg_now_micros() -> i64 {
-    let unix = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
-        .unwrap_or(0);
-    unix - PG_EPOCH_OFFSET_MICROS
-}
+use crate::clock::pg_now_micros;
 
 #[cfg(test)]
 mod tests {

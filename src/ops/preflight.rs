@@ -431,13 +431,7 @@ fn abbreviate(items: &[String], max: usize) -> String {
     }
 }
 
-pub fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-pub fn quote_qualified(schema: &str, name: &str) -> String {
-    format!("{}.{}", quote_ident(schema), quote_ident(name))
-}
+pub use crate::sql::{quote_ident, quote_qualified};
 
 #[cfg(test)]
 mod tests {

@@ -494,37 +494,7 @@ impl RowSource {
     }
 }
 
-/// Appends `text` as an `E'...'` literal, which means the same whatever
-/// `standard_conforming_strings` says.
-pub(crate) fn push_literal(out: &mut String, text: &str) -> Result<(), String> {
-    if text.contains('\0') {
-        return Err("contains a NUL character, which Postgres text cannot hold".to_string());
-    }
-    out.push_str("E'");
-    for c in text.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '\'' => out.push_str("''"),
-            c => out.push(c),
-        }
-    }
-    out.push('\'');
-    Ok(())
-}
-
-/// `"name"` with inner quotes doubled.
-fn quote_ident(name: &str) -> String {
-    let mut out = String::with_capacity(name.len() + 2);
-    out.push('"');
-    for c in name.chars() {
-        if c == '"' {
-            out.push('"');
-        }
-        out.push(c);
-    }
-    out.push('"');
-    out
-}
+pub(crate) use crate::sql::{push_literal, quote_ident};
 
 #[cfg(test)]
 mod tests {

@@ -569,13 +569,7 @@ fn check_role_name(name: &str) -> Result<()> {
     Ok(())
 }
 
-fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-fn quote_literal(value: &str) -> String {
-    format!("'{}'", value.replace('\'', "''"))
-}
+use crate::sql::{quote_ident, quote_literal};
 
 /// A libpq keyword/value: quoted, with `\` and `'` escaped.
 fn conninfo_value(value: &str) -> String {

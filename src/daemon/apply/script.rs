@@ -21,7 +21,7 @@
 use super::{Merge, MergeValue, Op, Prepared, Repair};
 use crate::checkpoint::{self, FIELD_APPLIED, FIELD_HEARTBEAT_MS, FIELD_LSN, FIELD_UPDATED_MS};
 use crate::config::Format;
-use crate::template::lease_key;
+use crate::template::{glob_escape, lease_key};
 use crate::Lsn;
 
 const CHECK: &str = include_str!("check.lua");
@@ -432,15 +432,4 @@ fn add_merge(pipe: &mut redis::Pipeline, ck: &str, merge: &Merge) {
         };
     }
     cmd.ignore();
-}
-
-fn glob_escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out
 }

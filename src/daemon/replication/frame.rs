@@ -177,15 +177,7 @@ pub(super) fn parse_data_row(body: &[u8]) -> Result<Vec<Option<String>>, Replica
     Ok(row)
 }
 
-/// `"name"` with embedded quotes doubled: the replication grammar's quoted identifier.
-pub(super) fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-/// `'text'` with embedded quotes doubled: the replication grammar's string literal.
-pub(super) fn quote_literal(text: &str) -> String {
-    format!("'{}'", text.replace('\'', "''"))
-}
+pub(super) use crate::sql::{quote_ident, quote_literal};
 
 /// The `START_REPLICATION` command for a pgoutput slot. `publication_names` is itself a
 /// list of identifiers inside a literal, hence the double quoting.

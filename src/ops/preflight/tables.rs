@@ -48,16 +48,15 @@ pub(super) async fn table_findings(
             ),
         ));
     }
-    let columns: Vec<(String, bool)> = client
-        .query(
-            "SELECT attname::text, attgenerated <> '' FROM pg_attribute \
-             WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
-            &[&oid],
-        )
+    let columns: Vec<(String, bool)> = crate::sql::table_columns(client, &rule.schema, &rule.name)
         .await?
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+        .map(|(_, attributes)| {
+            attributes
+                .into_iter()
+                .map(|a| (a.name, a.generated))
+                .collect()
+        })
+        .unwrap_or_default();
     let wanted = wanted_columns(rule, &columns);
     let mut missing: Vec<&str> = wanted
         .iter()

@@ -343,13 +343,7 @@ impl Settle {
     }
 }
 
-/// An `E'...'` literal, which means the same whatever `standard_conforming_strings` says.
-fn literal(value: &str) -> String {
-    // Values here come from Postgres text output, which cannot hold NUL.
-    let mut out = String::with_capacity(value.len() + 3);
-    let _ = crate::reader::source::push_literal(&mut out, value);
-    out
-}
+use crate::sql::literal;
 
 /// A row source for the rule, as the read helper builds it.
 pub(super) fn source(rule: &TableRule) -> RowSource {
