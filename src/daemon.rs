@@ -486,7 +486,7 @@ async fn max_value_bytes(redis: &mut redis::aio::MultiplexedConnection) -> usize
     reply
         .ok()
         .and_then(|pair| pair.get(1).and_then(|v| v.parse().ok()))
-        .unwrap_or(crate::daemon::apply::DEFAULT_MAX_VALUE)
+        .unwrap_or(apply::DEFAULT_MAX_VALUE)
 }
 
 impl Stream<'_> {
@@ -543,7 +543,7 @@ impl Stream<'_> {
         self.applied_upto = saved.lsn;
         self.resume_partial = saved.partial;
         for (key, text) in &saved.repairs {
-            match crate::daemon::apply::Repair::decode(text) {
+            match apply::Repair::decode(text) {
                 Some(repair) => self.backfills.repair(repair),
                 None => warn!(%key, "a repair in the checkpoint does not parse; dropping it"),
             }

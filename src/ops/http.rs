@@ -179,7 +179,7 @@ pub async fn serve(
     listener: TcpListener,
     handle: PrometheusHandle,
     limits: Limits,
-    health: std::sync::Arc<Health>,
+    health: Arc<Health>,
     shutdown: impl Future<Output = ()>,
 ) {
     let started = Instant::now();

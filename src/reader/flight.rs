@@ -185,7 +185,7 @@ mod tests {
         let flights: Flights<u32> = Flights::default();
         let (published_tx, published_rx) = tokio::sync::oneshot::channel::<()>();
         let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
-        let cell = std::sync::Mutex::new(Some((published_tx, release_rx)));
+        let cell = Mutex::new(Some((published_tx, release_rx)));
         let leader = flights.share("k", |early| {
             let (published, release) = cell.lock().unwrap().take().unwrap();
             async move {

@@ -187,7 +187,7 @@ impl<'de> serde::Deserialize<'de> for RawObject {
         struct Members;
         impl<'de> serde::de::Visitor<'de> for Members {
             type Value = RawObject;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 f.write_str("a JSON object")
             }
             fn visit_map<A: serde::de::MapAccess<'de>>(

@@ -12,7 +12,7 @@ use crate::common::{eventually, get, Env};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_outage_falls_back_to_postgres_and_recovers() {
     let mut env = Env::start(ITEMS, "");
-    super::daemon_caught_up(&env).await;
+    daemon_caught_up(&env).await;
     env.sql("INSERT INTO items VALUES (1, 'a', 1), (2, 'b', 2), (3, 'c', 3)");
     let reader = reader(
         &env.config(ITEMS_RULE),
@@ -58,7 +58,7 @@ async fn redis_outage_falls_back_to_postgres_and_recovers() {
 
     env.redis.start_again().unwrap();
     // Redis came back empty; with no daemon here, nothing writes the checkpoint again.
-    super::daemon_caught_up(&env).await;
+    daemon_caught_up(&env).await;
     let mut r = env.redis().await;
     eventually(
         Duration::from_secs(20),
@@ -90,7 +90,7 @@ async fn redis_outage_falls_back_to_postgres_and_recovers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_outage_still_serves_hits() {
     let mut env = Env::start(ITEMS, "");
-    super::daemon_caught_up(&env).await;
+    daemon_caught_up(&env).await;
     env.sql("INSERT INTO items VALUES (1, 'a', 1), (2, 'b', 2)");
     let reader = reader(
         &env.config(ITEMS_RULE),

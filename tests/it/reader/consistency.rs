@@ -292,7 +292,7 @@ async fn negative_caching_ends_with_an_insert() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn non_canonical_and_invalid_keys_are_refused() {
     let env = Env::start(ITEMS, "");
-    super::daemon_caught_up(&env).await;
+    daemon_caught_up(&env).await;
     env.sql("INSERT INTO items VALUES (42, 'x', 1)");
     let reader = reader(&env.config(ITEMS_RULE), ReaderOptions::default());
     let e = reader.get_json("items", "042").await.unwrap_err();
@@ -347,7 +347,7 @@ async fn a_reader_follows_alter_table_between_reads() {
         "CREATE TABLE shifting (id int PRIMARY KEY, a text, b text, n int);",
         "",
     );
-    super::daemon_caught_up(&env).await;
+    daemon_caught_up(&env).await;
     env.sql("INSERT INTO shifting VALUES (1, 'A', 'B', 7)");
     let config = env.config("[[tables]]\ntable = \"public.shifting\"\nkey = \"shift:{id}\"\n");
     let reader = reader(&config, ReaderOptions::default());

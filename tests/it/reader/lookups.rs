@@ -12,7 +12,7 @@ use crate::common::{get, Env};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn callers_in_one_process_share_one_read() {
     let env = Env::start(ITEMS, "");
-    super::daemon_caught_up(&env).await;
+    daemon_caught_up(&env).await;
     env.sql("INSERT INTO items VALUES (1, 'lamp', 19.90)");
     let reader = reader(&env.config(ITEMS_RULE), ReaderOptions::default());
     let handles: Vec<_> = (0..100)
@@ -40,7 +40,7 @@ async fn callers_in_one_process_share_one_read() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn get_many_reads_misses_together() {
     let env = Env::start(ITEMS, "");
-    super::daemon_caught_up(&env).await;
+    daemon_caught_up(&env).await;
     env.sql("INSERT INTO items SELECT g, 'n' || g, g FROM generate_series(1, 5) g");
     let reader = reader(&env.config(ITEMS_RULE), ReaderOptions::default());
     let items = reader.table("items").unwrap();
@@ -84,7 +84,7 @@ async fn get_many_reads_misses_together() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hot_keys_with_a_ttl_are_refreshed_early() {
     let env = Env::start(ITEMS, "");
-    super::daemon_caught_up(&env).await;
+    daemon_caught_up(&env).await;
     env.sql("INSERT INTO items VALUES (1, 'lamp', 19.90)");
     let config = env.config(
         "[[tables]]\ntable = \"items\"\nkey = \"item:{id}\"\nmode = \"refresh\"\nttl = \"3s\"\n",

@@ -74,7 +74,7 @@ async fn stampede_across_processes_reads_postgres_once() {
         ITEMS,
         "",
     );
-    super::daemon_caught_up(&env).await;
+    daemon_caught_up(&env).await;
     env.sql("INSERT INTO items VALUES (1, 'lamp', 19.90)");
     let config = env.write_config(ITEMS_RULE);
     let barrier = env.dir.path().join("barrier");
@@ -231,7 +231,7 @@ async fn dead_lease_holder_frees_the_key_within_the_lease_ttl() {
         ..ReaderOptions::default()
     };
     let env = Env::start(ITEMS, "");
-    super::daemon_caught_up(&env).await;
+    daemon_caught_up(&env).await;
     env.sql("INSERT INTO items VALUES (1, 'lamp', 19.90)");
     let config_path = env.write_config(ITEMS_RULE);
     let mut holder = worker_command(
