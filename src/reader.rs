@@ -40,6 +40,7 @@ pub(crate) mod source;
 pub mod stats;
 #[cfg(test)]
 mod tests;
+mod written;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -62,6 +63,7 @@ use self::refresh::FillTimer;
 use self::source::{KeyTexts, RowSource};
 use self::stats::Counters;
 use crate::config::{Config, Format, TableRule};
+use crate::Lsn;
 
 /// Reads rows through Redis with Postgres behind it. Cheap to clone; clones share the
 /// connections, the single-flight map and the counters.
@@ -96,6 +98,8 @@ pub(crate) struct Inner {
     lookups: Flights<Looked>,
     /// Whether the last Redis command worked, so that an outage is logged once, not per call.
     redis_ok: AtomicBool,
+    /// The daemon's applied position, polled once for all read-your-writes waiters.
+    applied_watch: written::AppliedWatch,
 }
 
 pub(crate) struct TableEntry {
@@ -203,6 +207,47 @@ impl Reader {
         get_many(&self.inner, self.inner.entry(table)?, keys).await
     }
 
+    /// The end of the WAL now: every transaction committed before this call, by any session,
+    /// ends at or before it. Pass it to [`wait_applied`](Self::wait_applied) or
+    /// [`Table::get_after`] to read your own writes. One Postgres round trip (two when WAL
+    /// written under `synchronous_commit = off` is waiting to be flushed: it is flushed, so
+    /// that the daemon can see it).
+    ///
+    /// A position taken by the application itself (`SELECT pg_current_wal_insert_lsn()`
+    /// after its commit, parsed with `str::parse::<Lsn>`) works too, with one difference:
+    /// after commits under `synchronous_commit = off` the wait can last until the WAL
+    /// writer flushes them (`wal_writer_delay`, 200 ms by default).
+    ///
+    /// # Errors
+    /// [`ReaderError::PostgresUnavailable`] or [`ReaderError::Postgres`].
+    pub async fn write_position(&self) -> Result<Lsn, ReaderError> {
+        written::write_position(&self.inner).await
+    }
+
+    /// Returns once the daemon has applied the stream up to `position`: from then on every
+    /// lookup sees every change committed before it (read-your-writes). Polls the daemon's
+    /// checkpoint in Redis, every 0.2 ms at first and at most every 2 ms. The daemon also
+    /// moves its position past commits of tables it does not cache, so any position is
+    /// reached while it runs.
+    ///
+    /// # Errors
+    /// [`ReaderError::NotApplied`] past [`ReaderOptions::max_write_wait`] (the daemon is
+    /// stopped or far behind), or [`ReaderError::Redis`]: unlike lookups, this call has no
+    /// fallback, since only Redis can say what the daemon has applied.
+    pub async fn wait_applied(&self, position: Lsn) -> Result<(), ReaderError> {
+        written::wait_applied(&self.inner, position, self.inner.options.max_write_wait).await
+    }
+
+    /// [`write_position`](Self::write_position) then [`wait_applied`](Self::wait_applied):
+    /// call it after committing, before reading through the cache.
+    ///
+    /// # Errors
+    /// As the two calls.
+    pub async fn wait_for_writes(&self) -> Result<(), ReaderError> {
+        let position = self.write_position().await?;
+        self.wait_applied(position).await
+    }
+
     /// Counts over all tables since the reader was built.
     pub fn stats(&self) -> Stats {
         self.inner
@@ -294,6 +339,20 @@ impl Table {
     /// As [`Reader::get`].
     pub async fn get<T: DeserializeOwned>(&self, key: impl Key) -> Result<Option<T>, ReaderError> {
         get(&self.inner, &self.entry, key).await
+    }
+
+    /// [`get`](Self::get) once the daemon has applied the stream up to `position` (see
+    /// [`Reader::wait_applied`]): the row as of that position or newer.
+    ///
+    /// # Errors
+    /// As [`Reader::wait_applied`] and [`Reader::get`].
+    pub async fn get_after<T: DeserializeOwned>(
+        &self,
+        key: impl Key,
+        position: Lsn,
+    ) -> Result<Option<T>, ReaderError> {
+        written::wait_applied(&self.inner, position, self.inner.options.max_write_wait).await?;
+        self.get(key).await
     }
 
     /// As [`Reader::get_json`].

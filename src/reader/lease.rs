@@ -460,6 +460,14 @@ impl Backoff {
         }
     }
 
+    /// Steps from `first`, doubling up to `max`.
+    pub(crate) fn with_steps(first: Duration, max: Duration) -> Backoff {
+        Backoff {
+            next: first.min(max),
+            max,
+        }
+    }
+
     /// The next pause: between half and all of the current step.
     pub(crate) fn step(&mut self) -> Duration {
         let step = self.next;

@@ -66,7 +66,7 @@ static FINGERPRINT_BY_OID: LazyLock<String> = LazyLock::new(|| {
 /// lose to any change of a busy row meanwhile. A transaction that takes an xid commits with
 /// a commit record, and `synchronous_commit = local` flushes everything before it: one
 /// round trip, an xid, and a WAL flush, only when WAL is waiting to be flushed.
-async fn flush_wal(client: &ClientWrapper) -> Result<(), tokio_postgres::Error> {
+pub(super) async fn flush_wal(client: &ClientWrapper) -> Result<(), tokio_postgres::Error> {
     client
         .batch_execute(
             "BEGIN; SET LOCAL synchronous_commit = local; SELECT pg_current_xact_id(); COMMIT",

@@ -9,12 +9,14 @@
 //! - `lookups`: single flight in one process, `get_many`, early refresh.
 //! - `monotonic`: readers in several processes never see a row go back (G10), while the
 //!   daemon lags, is killed, and Redis loses its data.
+//! - `written`: read-your-writes: waiting for the daemon to apply a position.
 
 mod availability;
 mod consistency;
 mod lookups;
 mod monotonic;
 mod processes;
+mod written;
 
 use std::path::Path;
 use std::process::{Command, Stdio};
