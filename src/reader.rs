@@ -273,8 +273,8 @@ impl Reader {
         E: Into<LoaderError>,
     {
         let bytes = self
-            .get_with_bytes(key, ttl, || async {
-                let value = loader().await.map_err(Into::into)?;
+            .get_with_bytes(key, ttl, move || async move {
+                let value = loader().await.map_err(Into::<LoaderError>::into)?;
                 serde_json::to_vec(&value).map_err(LoaderError::from)
             })
             .await?;
@@ -303,8 +303,8 @@ impl Reader {
     {
         let redis_key = format!("{}{key}", self.inner.key_prefix);
         let ttl_ms = ttl.map_or(0, lease::millis);
-        let value = computed::get_with(&self.inner, &redis_key, ttl_ms, || async {
-            loader().await.map_err(Into::into)
+        let value = computed::get_with(&self.inner, &redis_key, ttl_ms, move || async move {
+            loader().await.map_err(Into::<LoaderError>::into)
         })
         .await?;
         Ok(value.unwrap_or_default())

@@ -164,7 +164,8 @@ fn example_config_parses() {
     );
 }
 
-const INVALIDATE_BASE: &str = "[postgres]\nurl = \"postgres://u@h/db\"\n[redis]\nurl = \"redis://h\"\n";
+const INVALIDATE_BASE: &str =
+    "[postgres]\nurl = \"postgres://u@h/db\"\n[redis]\nurl = \"redis://h\"\n";
 
 #[test]
 fn invalidation_rules_are_read() {
@@ -206,9 +207,15 @@ fn invalidation_rules_are_checked() {
     let errors = err.errors();
     let has = |needle: &str| errors.iter().any(|e| e.contains(needle));
     assert!(has("tables[0].invalidate[1].key: missing"), "{errors:#?}");
-    assert!(has("tables[0].invalidate[2].key: key prefix \"pgcache:\" overlaps"), "{errors:#?}");
+    assert!(
+        has("tables[0].invalidate[2].key: key prefix \"pgcache:\" overlaps"),
+        "{errors:#?}"
+    );
     assert!(has("tables[0].invalidate[3].key: "), "{errors:#?}");
-    assert!(has("unknown key \"tables[0].invalidate[3].ttl\""), "{errors:#?}");
+    assert!(
+        has("unknown key \"tables[0].invalidate[3].ttl\""),
+        "{errors:#?}"
+    );
     assert!(has("tables[1].invalidate: expected a list"), "{errors:#?}");
     assert!(
         has("tables[0].invalidate[0].key: key prefix \"order:\" is inside the key space \"order:\" of tables[0].key"),

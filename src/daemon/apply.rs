@@ -392,7 +392,12 @@ impl Batch {
     /// TOASTed value that the old row does not carry either) drops every key of the rule
     /// instead: absence is safe.
     fn invalidate(&mut self, table: &TableState, new: Option<&Tuple>, old: Option<&Tuple>) {
-        for (rule, positions) in table.rule.invalidate.iter().zip(&table.invalidate_positions) {
+        for (rule, positions) in table
+            .rule
+            .invalidate
+            .iter()
+            .zip(&table.invalidate_positions)
+        {
             let mut keys: Vec<String> = Vec::with_capacity(2);
             let mut unknown = false;
             for tuple in [new, old].into_iter().flatten() {

@@ -572,9 +572,15 @@ impl<'a> Stream<'a> {
                     metrics::counter!(m::ERRORS, "kind" => "rule").increment(1);
                     self.batch.drop_key_space(key_space);
                     // Its changes no longer delete its invalidation keys: they go too.
-                    if let Some(rule) = self.config.tables.iter().find(|r| r.qualified_name() == table) {
-                        self.batch
-                            .drop_matching(rule.invalidation_patterns(&self.config.redis.key_prefix));
+                    if let Some(rule) = self
+                        .config
+                        .tables
+                        .iter()
+                        .find(|r| r.qualified_name() == table)
+                    {
+                        self.batch.drop_matching(
+                            rule.invalidation_patterns(&self.config.redis.key_prefix),
+                        );
                     }
                     self.backfills.remove_table(&table);
                 }

@@ -107,11 +107,14 @@ where
     let take = || loader.lock().ok().and_then(|mut l| l.take());
     let (outcome, _) = inner
         .flights
-        .share(redis_key, |_| async {
-            match take() {
-                Some(loader) => lead(inner, redis_key, ttl_ms, loader).await,
-                // `share` runs the work at most once per caller.
-                None => Ok(None),
+        .share(redis_key, |_| {
+            let loader = take();
+            async move {
+                match loader {
+                    Some(loader) => lead(inner, redis_key, ttl_ms, loader).await,
+                    // `share` runs the work at most once per caller.
+                    None => Ok(None),
+                }
             }
         })
         .await;
@@ -214,7 +217,14 @@ where
 }
 
 /// Fills under the lease once the daemon has applied up to `at` (at most `max_lag_wait`).
-async fn fill(inner: &Arc<Inner>, mut held: Held, redis_key: &str, value: &[u8], ttl_ms: u64, at: Lsn) {
+async fn fill(
+    inner: &Arc<Inner>,
+    mut held: Held,
+    redis_key: &str,
+    value: &[u8],
+    ttl_ms: u64,
+    at: Lsn,
+) {
     let at = crate::checkpoint::hex(at);
     let deadline = Instant::now() + inner.options.max_lag_wait;
     let mut backoff = Backoff::lag(inner.options.max_wait_step);

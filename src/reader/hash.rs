@@ -25,7 +25,10 @@ use super::stats::Event;
 use super::{Inner, Key, ReaderError, TableEntry};
 
 /// Writes fields as a JSON object of strings.
-pub(crate) fn write_fields<'a>(out: &mut Vec<u8>, fields: impl IntoIterator<Item = (&'a str, &'a str)>) {
+pub(crate) fn write_fields<'a>(
+    out: &mut Vec<u8>,
+    fields: impl IntoIterator<Item = (&'a str, &'a str)>,
+) {
     out.push(b'{');
     for (i, (name, value)) in fields.into_iter().enumerate() {
         if i > 0 {
@@ -41,7 +44,10 @@ pub(crate) fn write_fields<'a>(out: &mut Vec<u8>, fields: impl IntoIterator<Item
 
 fn fields_to_bytes(fields: &[(String, String)]) -> Bytes {
     let mut out = Vec::new();
-    write_fields(&mut out, fields.iter().map(|(n, v)| (n.as_str(), v.as_str())));
+    write_fields(
+        &mut out,
+        fields.iter().map(|(n, v)| (n.as_str(), v.as_str())),
+    );
     Bytes::from(out)
 }
 
@@ -304,10 +310,7 @@ impl<'de> de::Deserializer<'de> for Field {
         visitor.visit_string(self.0)
     }
 
-    fn deserialize_option<V: de::Visitor<'de>>(
-        self,
-        visitor: V,
-    ) -> Result<V::Value, Self::Error> {
+    fn deserialize_option<V: de::Visitor<'de>>(self, visitor: V) -> Result<V::Value, Self::Error> {
         visitor.visit_some(self)
     }
 

@@ -32,7 +32,8 @@ use super::stats::Event;
 use super::{Inner, ReaderError, TableEntry};
 use crate::Lsn;
 
-pub(crate) static ACQUIRE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("acquire.lua")));
+pub(crate) static ACQUIRE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("acquire.lua")));
 pub(crate) static FILL: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("fill.lua")));
 static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("release.lua")));
 
@@ -356,7 +357,11 @@ impl Lease {
     }
 }
 
-pub(crate) async fn release(inner: &Inner, lease_key: &str, token: &str) -> Result<(), redis::RedisError> {
+pub(crate) async fn release(
+    inner: &Inner,
+    lease_key: &str,
+    token: &str,
+) -> Result<(), redis::RedisError> {
     let mut conn = inner.redis.clone();
     RELEASE
         .key(lease_key)

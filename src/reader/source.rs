@@ -99,8 +99,11 @@ pub(crate) async fn read_position(pool: &Pool) -> Result<Lsn, ReaderError> {
             .await
             .map_err(|e| unavailable(Arc::new(e)))?;
     }
-    at.parse()
-        .map_err(|_| unavailable(format!("Postgres reported WAL position {at:?}, which is not an LSN").into()))
+    at.parse().map_err(|_| {
+        let problem: Box<dyn std::error::Error + Send + Sync> =
+            format!("Postgres reported WAL position {at:?}, which is not an LSN").into();
+        unavailable(Arc::from(problem))
+    })
 }
 
 /// One key to read: its Redis key (for messages) and its values' texts, in template order.

@@ -397,11 +397,12 @@ fn docs_invalidating(replica_identity: u8) -> Result<TableState, String> {
             column("body", TEXT, 0),
         ],
     };
-    table_state(&rule, &relation, &[PgType::Int, PgType::Int, PgType::Text], "app:")
-}
-
-fn del(key: &str) -> Op {
-    Op::Del { key: key.into() }
+    table_state(
+        &rule,
+        &relation,
+        &[PgType::Int, PgType::Int, PgType::Text],
+        "app:",
+    )
 }
 
 #[test]

@@ -179,10 +179,12 @@ async fn identity_finding(
     let mut invalidation_outside: Vec<String> = Vec::new();
     for inv in &rule.invalidate {
         for c in inv.key.columns() {
-            if columns.iter().any(|(have, _)| have == c)
-                && !identity_columns.iter().any(|i| i == c)
+            if columns.iter().any(|(have, _)| have == c) && !identity_columns.iter().any(|i| i == c)
             {
-                invalidation_outside.push(format!("{c:?} (of invalidation key {:?})", inv.key.as_str()));
+                invalidation_outside.push(format!(
+                    "{c:?} (of invalidation key {:?})",
+                    inv.key.as_str()
+                ));
             }
         }
     }

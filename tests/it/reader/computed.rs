@@ -10,7 +10,7 @@ use serde::Deserialize;
 use tokio::sync::oneshot;
 
 use super::*;
-use crate::common::{eventually, wait_streaming, Env, InProcess};
+use crate::common::{eventually, get, wait_streaming, Env, InProcess};
 
 const SCHEMA: &str = "
 CREATE TABLE orders (id int PRIMARY KEY, user_id int NOT NULL, total numeric(10,2) NOT NULL,
@@ -41,7 +41,10 @@ struct Order {
 }
 
 /// The loader: the ids of a user's orders, straight from Postgres.
-async fn order_ids(db: &tokio_postgres::Client, user: i32) -> Result<Vec<i32>, tokio_postgres::Error> {
+async fn order_ids(
+    db: &tokio_postgres::Client,
+    user: i32,
+) -> Result<Vec<i32>, tokio_postgres::Error> {
     let rows = db
         .query(
             "SELECT id FROM orders WHERE user_id = $1 ORDER BY id",
@@ -95,14 +98,13 @@ async fn a_fill_racing_an_insert_loses() {
     // A miss loads and fills; the next call is a hit (the loader is not called).
     let key = reader.key("user-orders:{user_id}", 7).unwrap();
     assert_eq!(key, "user-orders:7");
-    let list: Vec<i32> = reader
-        .get_with(&key, || order_ids(&db, 7))
-        .await
-        .unwrap();
+    let list: Vec<i32> = reader.get_with(&key, || order_ids(&db, 7)).await.unwrap();
     assert_eq!(list, [1]);
     assert_eq!(get(&mut r, "user-orders:7").await.as_deref(), Some("[1]"));
     let again: Vec<i32> = reader
-        .get_with(&key, || async { Err::<Vec<i32>, _>("the loader must not run on a hit") })
+        .get_with(&key, || async {
+            Err::<Vec<i32>, _>("the loader must not run on a hit")
+        })
         .await
         .unwrap();
     assert_eq!(again, [1]);
@@ -143,12 +145,12 @@ async fn a_fill_racing_an_insert_loses() {
     );
 
     // The next call loads the fresh list and caches it.
-    let fresh: Vec<i32> = reader
-        .get_with(&key, || order_ids(&db, 7))
-        .await
-        .unwrap();
+    let fresh: Vec<i32> = reader.get_with(&key, || order_ids(&db, 7)).await.unwrap();
     assert_eq!(fresh, [1, 2, 3]);
-    assert_eq!(get(&mut r, "user-orders:7").await.as_deref(), Some("[1,2,3]"));
+    assert_eq!(
+        get(&mut r, "user-orders:7").await.as_deref(),
+        Some("[1,2,3]")
+    );
 
     // Control: a load with no change meanwhile, with a TTL, fills.
     let count: i64 = reader
@@ -307,7 +309,7 @@ async fn hash_tables_are_served() {
         reader.get("public.orders", 1).await.unwrap();
     assert_eq!(map.unwrap()["total"], "10.50");
     let raw = orders.get_raw(2).await.unwrap().unwrap();
-    let raw: serde_json::Value = serde_json::from_slice(&raw).unwrap();
+    let raw: Value = serde_json::from_slice(&raw).unwrap();
     assert_eq!(raw, json!({"id": "2", "user_id": "8", "total": "20.00"}));
 
     // The daemon's next change replaces the filled hash.
