@@ -360,6 +360,13 @@ async fn session(
             if let Some(key_space) = relations.stop_table(table, &finding.to_string()) {
                 batch.push_committed(Op::DropKeySpace { key_space });
             }
+            // Its changes stop deleting its invalidation keys, so those go too.
+            if let Some(rule) = config.tables.iter().find(|r| r.qualified_name() == *table) {
+                let patterns = rule.invalidation_patterns(&config.redis.key_prefix);
+                if !patterns.is_empty() {
+                    batch.push_committed(Op::DropMatching { patterns });
+                }
+            }
             stopped_tables.push(table.clone());
         }
     }
@@ -524,6 +531,11 @@ impl Stream<'_> {
                 rule.key.literal_prefix()
             );
             self.batch.push_committed(Op::DropKeySpace { key_space });
+            // Values computed from what Redis lost may be older than Postgres too.
+            let patterns = rule.invalidation_patterns(&self.config.redis.key_prefix);
+            if !patterns.is_empty() {
+                self.batch.push_committed(Op::DropMatching { patterns });
+            }
         }
         self.batch
             .push_field(checkpoint::FIELD_PARTIAL.to_string(), String::new());

@@ -5,7 +5,7 @@ use std::time::Duration;
 use config::{Value, ValueKind};
 
 use super::tree::{duration, kind_name, Section};
-use super::{Format, Mode, TableRule, RESERVED_KEY_PREFIX};
+use super::{Format, InvalidateRule, Mode, TableRule, RESERVED_KEY_PREFIX};
 use crate::encoder::EncodeOptions;
 use crate::template::KeyTemplate;
 
@@ -44,7 +44,9 @@ pub(super) fn read_tables(value: Option<Value>, errors: &mut Vec<String>) -> Vec
             if let (Some((xs, xn)), Some((ys, yn))) = (&x.name, &y.name) {
                 if xs == ys && xn == yn {
                     errors.push(format!(
-                        "tables[{i}].table and tables[{j}].table: {xs}.{xn} is configured twice"
+                        "tables[{i}].table and tables[{j}].table: {xs}.{xn} is configured twice \
+                         (one [[tables]] entry per table; for more keys that its changes delete, \
+                         add [[tables.invalidate]] entries to it)"
                     ));
                 }
             }
@@ -58,6 +60,22 @@ pub(super) fn read_tables(value: Option<Value>, errors: &mut Vec<String>) -> Vec
             }
         }
     }
+    // An invalidation key inside a table's key space would be counted as that table's by
+    // verify (and dropped by its TRUNCATE).
+    for (i, x) in entries.iter().enumerate() {
+        for (j, y) in entries.iter().enumerate() {
+            let Some(yk) = &y.key else { continue };
+            for (k, inv) in &x.invalidate {
+                let (p, q) = (inv.key.literal_prefix(), yk.literal_prefix());
+                if p.starts_with(q) {
+                    errors.push(format!(
+                        "tables[{i}].invalidate[{k}].key: key prefix {p:?} is inside the key space {q:?} of tables[{j}].key, so verify and TRUNCATE would take its keys for that table's rows (give it a prefix of its own, e.g. \"list:{}\")",
+                        inv.key.as_str()
+                    ));
+                }
+            }
+        }
+    }
     entries.into_iter().filter_map(|e| e.rule).collect()
 }
 
@@ -66,6 +84,8 @@ pub(super) fn read_tables(value: Option<Value>, errors: &mut Vec<String>) -> Vec
 struct Entry {
     name: Option<(String, String)>,
     key: Option<KeyTemplate>,
+    /// The invalidation rules that could be read, with their index in the entry.
+    invalidate: Vec<(usize, InvalidateRule)>,
     rule: Option<TableRule>,
 }
 
@@ -203,8 +223,18 @@ fn read_table(mut sec: Section, errors: &mut Vec<String>) -> Entry {
             }
         },
     };
+    let invalidate = read_invalidate(&mut sec, errors);
     sec.finish(errors);
+    let invalid_rules = invalidate.iter().any(Option::is_none);
+    let invalidate: Vec<(usize, InvalidateRule)> = invalidate
+        .into_iter()
+        .enumerate()
+        .filter_map(|(k, rule)| Some((k, rule?)))
+        .collect();
     let rule = (|| {
+        if invalid_rules {
+            return None;
+        }
         let (schema, name) = name.clone()?;
         Some(TableRule {
             schema,
@@ -217,9 +247,67 @@ fn read_table(mut sec: Section, errors: &mut Vec<String>) -> Entry {
             encode: EncodeOptions {
                 numeric_as_number: numeric?,
             },
+            invalidate: invalidate.iter().map(|(_, rule)| rule.clone()).collect(),
         })
     })();
-    Entry { name, key, rule }
+    Entry {
+        name,
+        key,
+        invalidate,
+        rule,
+    }
+}
+
+/// `[[tables.invalidate]]`: each entry's rule, `None` for one that is wrong (reported).
+fn read_invalidate(sec: &mut Section, errors: &mut Vec<String>) -> Vec<Option<InvalidateRule>> {
+    let path = sec.path_of("invalidate");
+    let entries = match sec.take("invalidate").map(|(_, v)| v.kind) {
+        None => return Vec::new(),
+        Some(ValueKind::Array(entries)) => entries,
+        Some(kind) => {
+            errors.push(format!(
+                "{path}: expected a list of [[tables.invalidate]] entries (key = \"user:{{user_id}}:orders\"), found {}",
+                kind_name(&kind)
+            ));
+            return vec![None];
+        }
+    };
+    entries
+        .into_iter()
+        .enumerate()
+        .map(|(i, entry)| {
+            let mut inv = Section::new(&format!("{path}[{i}]"), Some(entry), errors);
+            let at = inv.path.clone();
+            let key = match inv.string("key", errors) {
+                None => {
+                    errors.push(format!(
+                        "{at}.key: missing (e.g. key = \"user:{{user_id}}:orders\")"
+                    ));
+                    None
+                }
+                Some(k) => match KeyTemplate::parse(&k.value) {
+                    Ok(key) => {
+                        let p = key.literal_prefix();
+                        if p.starts_with(RESERVED_KEY_PREFIX) || RESERVED_KEY_PREFIX.starts_with(p) {
+                            errors.push(format!(
+                                "{}: key prefix {p:?} overlaps {RESERVED_KEY_PREFIX:?}, which pgcache keeps for its own keys",
+                                k.label
+                            ));
+                            None
+                        } else {
+                            Some(key)
+                        }
+                    }
+                    Err(e) => {
+                        errors.push(format!("{}: {e}", k.label));
+                        None
+                    }
+                },
+            };
+            inv.finish(errors);
+            key.map(|key| InvalidateRule { key })
+        })
+        .collect()
 }
 
 /// `schema.table` or `table` (schema `public`). Names are matched exactly as Postgres

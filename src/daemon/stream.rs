@@ -571,6 +571,17 @@ impl<'a> Stream<'a> {
                     error!(%table, %error, "table stopped: its rule no longer fits the table; its keys are dropped so nothing stale is served");
                     metrics::counter!(m::ERRORS, "kind" => "rule").increment(1);
                     self.batch.drop_key_space(key_space);
+                    // Its changes no longer delete its invalidation keys: they go too.
+                    if let Some(rule) = self
+                        .config
+                        .tables
+                        .iter()
+                        .find(|r| r.qualified_name() == table)
+                    {
+                        self.batch.drop_matching(
+                            rule.invalidation_patterns(&self.config.redis.key_prefix),
+                        );
+                    }
                     self.backfills.remove_table(&table);
                 }
             }

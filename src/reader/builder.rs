@@ -152,6 +152,7 @@ impl ReaderBuilder {
                 ttl: None,
                 format: Format::Json,
                 encode: EncodeOptions::default(),
+                invalidate: Vec::new(),
             }),
             Err(e) => self.problems.push(format!("table {table}: {e}")),
         }

@@ -133,6 +133,16 @@ pub enum ReaderError {
     /// The reader's own options are unusable.
     #[error("invalid reader option: {0}")]
     Options(String),
+
+    /// A computed value ([`Reader::get_with`](super::Reader::get_with)) could not be
+    /// loaded: the loader failed (its error is the source), or the WAL position to fill
+    /// under could not be read. Nothing was cached.
+    #[error("loading {key:?} failed: {source}")]
+    Loader {
+        key: String,
+        #[source]
+        source: Arc<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 impl ReaderError {

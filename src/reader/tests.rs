@@ -146,6 +146,7 @@ async fn hash_tables_are_refused_by_name() {
         ttl: None,
         format: Format::Hash,
         encode: crate::encoder::EncodeOptions::default(),
+        invalidate: Vec::new(),
     };
     let reader = Reader::builder(NO_POSTGRES, NO_REDIS)
         .rule(rule)
