@@ -106,19 +106,32 @@ impl From<ReplicationError> for RunError {
     }
 }
 
+/// A wrong password or a missing permission will not fix itself; anything else (a dropped
+/// connection, OOM, a loading or failing-over server) may. redis-rs's own `retry_method`
+/// would also give up on replies it cannot parse and on server errors such as `WRONGTYPE`,
+/// which here concern one key (handled per key), not the connection.
+fn redis_is_fatal(e: &redis::RedisError) -> bool {
+    use redis::{ErrorKind, ServerErrorKind};
+    matches!(
+        e.kind(),
+        ErrorKind::AuthenticationFailed
+            | ErrorKind::InvalidClientConfig
+            | ErrorKind::Server(ServerErrorKind::NoPerm)
+    )
+}
+
+/// Bad credentials (class 28), a missing database, or a missing privilege.
+fn postgres_is_fatal(e: &tokio_postgres::Error) -> bool {
+    e.code().is_some_and(|c| {
+        let c = c.code();
+        c.starts_with("28") || c == "3D000" || c == "42501"
+    })
+}
+
 impl From<redis::RedisError> for RunError {
     fn from(e: redis::RedisError) -> Self {
-        use redis::{ErrorKind, ServerErrorKind};
         let message = format!("redis: {e}");
-        // A wrong password or a missing permission will not fix itself; anything else
-        // (a dropped connection, OOM, a loading or failing-over server) may.
-        let fatal = matches!(
-            e.kind(),
-            ErrorKind::AuthenticationFailed
-                | ErrorKind::InvalidClientConfig
-                | ErrorKind::Server(ServerErrorKind::NoPerm)
-        );
-        if fatal {
+        if redis_is_fatal(&e) {
             RunError::fatal("redis", message).because(e)
         } else {
             RunError::transient("redis", message).because(e)
@@ -128,18 +141,33 @@ impl From<redis::RedisError> for RunError {
 
 impl From<tokio_postgres::Error> for RunError {
     fn from(e: tokio_postgres::Error) -> Self {
-        let fatal = e.code().is_some_and(|c| {
-            let c = c.code();
-            c.starts_with("28") || c == "3D000" || c == "42501"
-        });
         let message = match e.as_db_error() {
             Some(db) => format!("postgres: {}: {}", db.code().code(), db.message()),
             None => format!("postgres: {e}"),
         };
-        if fatal {
+        if postgres_is_fatal(&e) {
             RunError::fatal("postgres", message).because(e)
         } else {
             RunError::transient("postgres", message).because(e)
+        }
+    }
+}
+
+/// Classified by the server error underneath, which stays the error's source; a table
+/// problem or a failed read task is retried with the session.
+impl From<backfill::BackfillError> for RunError {
+    fn from(e: backfill::BackfillError) -> Self {
+        use backfill::BackfillError;
+        let (fatal, kind) = match &e {
+            BackfillError::Postgres { source, .. } => (postgres_is_fatal(source), "postgres"),
+            BackfillError::Redis { source, .. } => (redis_is_fatal(source), "redis"),
+            BackfillError::Table { .. } | BackfillError::Task(_) => (false, "backfill"),
+        };
+        RunError {
+            fatal,
+            kind,
+            message: e.to_string(),
+            source: Some(Box::new(e)),
         }
     }
 }
@@ -592,5 +620,47 @@ impl Stream<'_> {
             self.record_shape(&table, now);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use super::*;
+
+    #[test]
+    fn backfill_errors_keep_their_cause_and_class() {
+        let redis_down =
+            redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        let e = RunError::from(backfill::BackfillError::Redis {
+            table: "public.t".to_string(),
+            source: redis_down,
+        });
+        assert!(!e.is_fatal());
+        assert_eq!(e.kind(), "redis");
+        assert!(
+            e.to_string().starts_with("backfill of public.t: redis:"),
+            "{e}"
+        );
+        let cause = e
+            .source()
+            .and_then(|s| s.source())
+            .expect("the Redis error");
+        assert!(cause.downcast_ref::<redis::RedisError>().is_some());
+
+        let no_perm = redis::RedisError::from((
+            redis::ErrorKind::Server(redis::ServerErrorKind::NoPerm),
+            "NOPERM",
+        ));
+        let e = RunError::from(backfill::BackfillError::Redis {
+            table: "public.t".to_string(),
+            source: no_perm,
+        });
+        assert!(e.is_fatal());
+
+        let e = RunError::from(backfill::BackfillError::Task("panicked".to_string()));
+        assert!(!e.is_fatal());
+        assert_eq!(e.kind(), "backfill");
     }
 }

@@ -229,10 +229,7 @@ impl<'a> Stream<'a> {
             if self.backfills.can_start() && self.tx.is_none() && self.muted_until.is_none() {
                 let mut pending = self.batch.xids().to_vec();
                 pending.extend_from_slice(&self.in_flight_xids);
-                self.backfills
-                    .start_next(pending)
-                    .await
-                    .map_err(|e| RunError::transient("backfill", e.to_string()))?;
+                self.backfills.start_next(pending).await?;
             }
             let readable = self.can_read();
             tokio::select! {
@@ -256,7 +253,7 @@ impl<'a> Stream<'a> {
                 read = self.backfills.read_finished() => {
                     self.backfills
                         .on_read(read)
-                        .map_err(|e| RunError::transient("backfill", e.to_string()))?;
+                        ?;
                 }
                 done = in_flight_done(&mut self.in_flight) => {
                     self.in_flight = None;
@@ -445,11 +442,7 @@ impl<'a> Stream<'a> {
             return Ok(());
         }
         for id in tx.highs {
-            let chunk = self
-                .backfills
-                .on_high(&id)
-                .await
-                .map_err(|e| RunError::transient("backfill", e.to_string()))?;
+            let chunk = self.backfills.on_high(&id).await?;
             if let Some((ops, fields)) = chunk {
                 self.batch.push_chunk(ops, fields);
             }
