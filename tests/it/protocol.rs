@@ -420,6 +420,11 @@ async fn encoding_and_keys_match_the_daemon_the_reader_and_the_backfill() {
         }
     }
 
+    // A port's way, as PROTOCOL.md tells it: a connection with the pinned settings, the
+    // lease first, then the row as `format('%s', v)` text and the read position after it,
+    // encoded by the encoding table, filled once the daemon has applied up to the position.
+    failures.extend(port_fills(&env, &mut r, &encoding).await);
+
     // The backfill: every key gone, every table read again.
     for group in array_of(&encoding["groups"], "groups") {
         for case in array_of(&group["cases"], "cases") {
@@ -455,6 +460,119 @@ async fn encoding_and_keys_match_the_daemon_the_reader_and_the_backfill() {
         failures.len(),
         failures.join("\n")
     );
+}
+
+/// Fills every JSON encoding case the way PROTOCOL.md tells a port to; one line per
+/// difference from the fixtures.
+async fn port_fills(env: &Env, r: &mut MultiplexedConnection, encoding: &Value) -> Vec<String> {
+    let mut config: tokio_postgres::Config = env.pg.url(crate::common::DB).parse().expect("url");
+    config.options(pgcache::pgconn::session_options());
+    let (client, connection) = config
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(connection);
+    let acquire = redis::Script::new(include_str!("../../src/reader/acquire.lua"));
+    let fill = redis::Script::new(include_str!("../../src/reader/fill.lua"));
+    let mut out = Vec::new();
+    for group in array_of(&encoding["groups"], "groups") {
+        let table = str_of(&group["table"], "table");
+        let oid: u32 = client
+            .query_one(
+                &format!("SELECT {}::regtype::oid", pgcache::sql::literal(str_of(&group["type"], "type"))),
+                &[],
+            )
+            .await
+            .expect("type oid")
+            .get(0);
+        let ty = pgcache::encoder::PgType::resolve(&client, oid)
+            .await
+            .expect("type");
+        let opts = pgcache::encoder::EncodeOptions {
+            numeric_as_number: group["rule"]["numeric"] == "number",
+        };
+        for case in array_of(&group["cases"], "cases") {
+            let key = str_of(&case["key"], "key");
+            let want = str_of(&case["value"], "value");
+            let _: i64 = redis::cmd("DEL").arg(key).query_async(r).await.expect("DEL");
+            let token = format!("port-{key}");
+            let reply: redis::Value = acquire
+                .key(key)
+                .key(lease_key(key))
+                .arg(&token)
+                .arg(2000)
+                .arg("pgcache:absent")
+                .invoke_async(r)
+                .await
+                .expect("acquire");
+            if !reply_matches(&serde_json::json!([2]), &reply) {
+                out.push(format!("port: {key}: acquire replied {reply:?}"));
+                continue;
+            }
+            let rows = client
+                .simple_query(&format!(
+                    "SELECT id::text, CASE WHEN v IS NULL THEN NULL ELSE format('%s', v) END \
+                     FROM {table} WHERE id = {}",
+                    case["id"]
+                ))
+                .await
+                .expect("row");
+            let row = rows
+                .iter()
+                .find_map(|m| match m {
+                    tokio_postgres::SimpleQueryMessage::Row(row) => Some(row),
+                    _ => None,
+                })
+                .expect("a row");
+            let position: String = client
+                .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+                .await
+                .expect("position")
+                .get(0);
+            let read_at = checkpoint::hex(position.parse().expect("an LSN"));
+            let mut value = Vec::new();
+            let columns = [("id", pgcache::encoder::PgType::Int), ("v", ty.clone())];
+            let texts = [row.get(0), row.get(1)];
+            if let Err(e) = pgcache::encoder::encode_row(
+                &mut value,
+                &columns,
+                texts.iter().map(|t| t.map(str::as_bytes)),
+                opts,
+            ) {
+                out.push(format!("port: {key}: cannot encode {texts:?}: {e}"));
+                continue;
+            }
+            if value != want.as_bytes() {
+                out.push(format!(
+                    "port: {key}: format('%s') text encodes as {:?}, fixture {want:?}",
+                    String::from_utf8_lossy(&value)
+                ));
+            }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let filled = loop {
+                let filled: i64 = fill
+                    .key(key)
+                    .key(lease_key(key))
+                    .key(CHECKPOINT)
+                    .arg(&token)
+                    .arg("row")
+                    .arg(&value)
+                    .arg("0")
+                    .arg(&read_at)
+                    .invoke_async(r)
+                    .await
+                    .expect("fill");
+                if filled != 2 || Instant::now() > deadline {
+                    break filled;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            };
+            if filled != 1 {
+                out.push(format!("port: {key}: fill replied {filled}"));
+            }
+        }
+    }
+    out
 }
 
 /// A reply as the fixtures write it: integers, strings, arrays, null, "OK".
