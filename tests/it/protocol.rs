@@ -449,6 +449,7 @@ async fn encoding_and_keys_match_the_daemon_the_reader_and_the_backfill() {
     // lease first, then the row as `format('%s', v)` text and the read position after it,
     // encoded by the encoding table, filled once the daemon has applied up to the position.
     failures.extend(port_fills(&env, &mut r, &encoding).await);
+    failures.extend(live_revocation(&env, &mut r, &client).await);
 
     // The backfill: every key gone, every table read again.
     for group in array_of(&encoding["groups"], "groups") {
@@ -485,6 +486,73 @@ async fn encoding_and_keys_match_the_daemon_the_reader_and_the_backfill() {
         failures.len(),
         failures.join("\n")
     );
+}
+
+/// The daemon itself, not a scripted batch, revokes a lease: a holder that read the row
+/// before an UPDATE applied by the daemon loses its fill, and Redis keeps the daemon's value.
+async fn live_revocation(
+    env: &Env,
+    r: &mut MultiplexedConnection,
+    client: &tokio_postgres::Client,
+) -> Vec<String> {
+    let (key, lease) = ("p_text:3", lease_key("p_text:3"));
+    let acquire = redis::Script::new(include_str!("../../src/reader/acquire.lua"));
+    let fill = redis::Script::new(include_str!("../../src/reader/fill.lua"));
+    let _: i64 = redis::cmd("DEL")
+        .arg(key)
+        .query_async(r)
+        .await
+        .expect("DEL");
+    let mut out = Vec::new();
+    let reply: redis::Value = acquire
+        .key(key)
+        .key(&lease)
+        .arg("live-token")
+        .arg(60_000)
+        .arg("pgcache:absent")
+        .invoke_async(r)
+        .await
+        .expect("acquire");
+    if !reply_matches(&serde_json::json!([2]), &reply) {
+        out.push(format!("live: {key}: acquire replied {reply:?}"));
+    }
+    // The holder's read happened here; then the row changes (to the same value, so the
+    // backfill below still finds the fixture's bytes).
+    let read_at: String = client
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await
+        .expect("position")
+        .get(0);
+    client
+        .batch_execute("UPDATE p_text SET v = v WHERE id = 3")
+        .await
+        .expect("update");
+    wait_applied_now(env, r).await;
+    if get(r, &lease).await.is_some() {
+        out.push(format!(
+            "live: the daemon applied an update of {key} but kept its lease"
+        ));
+    }
+    let filled: i64 = fill
+        .key(key)
+        .key(&lease)
+        .key(CHECKPOINT)
+        .arg("live-token")
+        .arg("row")
+        .arg("stale")
+        .arg("0")
+        .arg(checkpoint::hex(read_at.parse().expect("an LSN")))
+        .invoke_async(r)
+        .await
+        .expect("fill");
+    if filled != 0 {
+        out.push(format!("live: {key}: a revoked fill replied {filled}"));
+    }
+    let value = get(r, key).await;
+    if value.as_deref() == Some(b"stale".as_slice()) {
+        out.push(format!("live: {key}: the revoked fill was written"));
+    }
+    out
 }
 
 /// Fills every JSON encoding case the way PROTOCOL.md tells a port to; one line per
