@@ -214,9 +214,57 @@ pub struct TableRule {
     pub ttl: Option<Duration>,
     pub format: Format,
     pub encode: EncodeOptions,
+    /// `[[tables.invalidate]]`: keys of values built elsewhere (a user's order list, a
+    /// page) that every change to this table deletes, rendered from the new row and from
+    /// the old one. Empty when the table has none.
+    pub invalidate: Vec<InvalidateRule>,
+}
+
+/// One `[[tables.invalidate]]` entry: a key that a change to the table deletes (with its
+/// lease, so a [`Reader::get_with`](crate::Reader::get_with) fill that began before the
+/// change loses).
+#[derive(Debug, Clone)]
+pub struct InvalidateRule {
+    /// Rendered from the changed row's columns, as a table key is (the Redis key prefix
+    /// first, values escaped).
+    pub key: KeyTemplate,
+}
+
+impl InvalidateRule {
+    /// A rule deleting the keys rendered from `template` (`user:{user_id}:orders`).
+    ///
+    /// # Errors
+    /// The template does not parse.
+    pub fn new(template: &str) -> Result<InvalidateRule, crate::template::TemplateError> {
+        Ok(InvalidateRule {
+            key: KeyTemplate::parse(template)?,
+        })
+    }
+
+    /// `SCAN MATCH` patterns for every key this rule can render, and their leases: what a
+    /// TRUNCATE, or a table whose changes stop reaching the daemon, must drop, since the
+    /// rows are not there to render the keys from.
+    pub fn patterns(&self, key_prefix: &str) -> Vec<String> {
+        let glob = self.key.glob(key_prefix);
+        let lease = crate::template::LEASE_SUFFIX;
+        vec![
+            glob.clone(),
+            format!("{{{glob}}}{lease}"),
+            format!("{glob}{lease}"),
+        ]
+    }
 }
 
 impl TableRule {
+    /// Every `SCAN MATCH` pattern of this table's invalidation keys (see
+    /// [`InvalidateRule::patterns`]); empty when it has none.
+    pub fn invalidation_patterns(&self, key_prefix: &str) -> Vec<String> {
+        self.invalidate
+            .iter()
+            .flat_map(|rule| rule.patterns(key_prefix))
+            .collect()
+    }
+
     /// `schema.name`, e.g. `public.users`.
     pub fn qualified_name(&self) -> String {
         format!("{}.{}", self.schema, self.name)

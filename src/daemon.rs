@@ -106,19 +106,32 @@ impl From<ReplicationError> for RunError {
     }
 }
 
+/// A wrong password or a missing permission will not fix itself; anything else (a dropped
+/// connection, OOM, a loading or failing-over server) may. redis-rs's own `retry_method`
+/// would also give up on replies it cannot parse and on server errors such as `WRONGTYPE`,
+/// which here concern one key (handled per key), not the connection.
+fn redis_is_fatal(e: &redis::RedisError) -> bool {
+    use redis::{ErrorKind, ServerErrorKind};
+    matches!(
+        e.kind(),
+        ErrorKind::AuthenticationFailed
+            | ErrorKind::InvalidClientConfig
+            | ErrorKind::Server(ServerErrorKind::NoPerm)
+    )
+}
+
+/// Bad credentials (class 28), a missing database, or a missing privilege.
+fn postgres_is_fatal(e: &tokio_postgres::Error) -> bool {
+    e.code().is_some_and(|c| {
+        let c = c.code();
+        c.starts_with("28") || c == "3D000" || c == "42501"
+    })
+}
+
 impl From<redis::RedisError> for RunError {
     fn from(e: redis::RedisError) -> Self {
-        use redis::{ErrorKind, ServerErrorKind};
         let message = format!("redis: {e}");
-        // A wrong password or a missing permission will not fix itself; anything else
-        // (a dropped connection, OOM, a loading or failing-over server) may.
-        let fatal = matches!(
-            e.kind(),
-            ErrorKind::AuthenticationFailed
-                | ErrorKind::InvalidClientConfig
-                | ErrorKind::Server(ServerErrorKind::NoPerm)
-        );
-        if fatal {
+        if redis_is_fatal(&e) {
             RunError::fatal("redis", message).because(e)
         } else {
             RunError::transient("redis", message).because(e)
@@ -128,18 +141,33 @@ impl From<redis::RedisError> for RunError {
 
 impl From<tokio_postgres::Error> for RunError {
     fn from(e: tokio_postgres::Error) -> Self {
-        let fatal = e.code().is_some_and(|c| {
-            let c = c.code();
-            c.starts_with("28") || c == "3D000" || c == "42501"
-        });
         let message = match e.as_db_error() {
             Some(db) => format!("postgres: {}: {}", db.code().code(), db.message()),
             None => format!("postgres: {e}"),
         };
-        if fatal {
+        if postgres_is_fatal(&e) {
             RunError::fatal("postgres", message).because(e)
         } else {
             RunError::transient("postgres", message).because(e)
+        }
+    }
+}
+
+/// Classified by the server error underneath, which stays the error's source; a table
+/// problem or a failed read task is retried with the session.
+impl From<backfill::BackfillError> for RunError {
+    fn from(e: backfill::BackfillError) -> Self {
+        use backfill::BackfillError;
+        let (fatal, kind) = match &e {
+            BackfillError::Postgres { source, .. } => (postgres_is_fatal(source), "postgres"),
+            BackfillError::Redis { source, .. } => (redis_is_fatal(source), "redis"),
+            BackfillError::Table { .. } | BackfillError::Task(_) => (false, "backfill"),
+        };
+        RunError {
+            fatal,
+            kind,
+            message: e.to_string(),
+            source: Some(Box::new(e)),
         }
     }
 }
@@ -292,18 +320,7 @@ async fn session(
         })
     };
     let catalog = connect().await?;
-    let findings = preflight::postgres_findings(&catalog, config).await?;
-    let failed: Vec<String> = findings
-        .iter()
-        .filter(|f| f.level == Level::Fail && f.table.is_none())
-        .map(|f| f.to_string())
-        .collect();
-    if !failed.is_empty() {
-        return Err(RunError::fatal(
-            "postgres",
-            format!("Postgres is not ready for pgcache:\n{}", failed.join("\n")),
-        ));
-    }
+    let findings = ready_findings(&catalog, config).await?;
     let max_value = max_value_bytes(&mut redis).await;
     let layout = WalLayout::read(&catalog).await?;
 
@@ -322,8 +339,7 @@ async fn session(
         &checkpoint::random_token(),
     )
     .await?;
-    let saved = taken.state;
-    if saved.lsn < before.lsn && !taken.fresh {
+    if taken.state.lsn < before.lsn && !taken.fresh {
         return Err(RunError::transient(
             "redis_data_lost",
             "Redis went back in time while the session started (a restore, or a replica \
@@ -331,18 +347,8 @@ async fn session(
         ));
     }
     let slot_confirmed = slot_confirmed(&catalog, &config.postgres.slot).await?;
-    let loss = if taken.fresh {
-        Some(Loss::NoCheckpoint {
-            had_data: before.lsn.is_some() || !before.backfills.is_empty(),
-        })
-    } else if saved.lsn.unwrap_or(Lsn::ZERO) < slot_confirmed {
-        Some(Loss::Behind {
-            checkpoint: saved.lsn,
-            slot: slot_confirmed,
-        })
-    } else {
-        None
-    };
+    let loss = Loss::detect(&before, &taken, slot_confirmed);
+    let saved = taken.state;
 
     // Backfills scan keys on a connection of their own: the writes' connection carries
     // WATCH state between a batch's check and its EXEC.
@@ -352,17 +358,7 @@ async fn session(
     let backfills = Backfills::new(connect().await?, scans, config, hooks.on_backfill.clone());
     let mut relations = RelationCache::new(config);
     let mut batch = Batch::with_max_value(max_value);
-    // A table that is not set up right stops alone, its keys dropped; the others go on.
-    let mut stopped_tables = Vec::new();
-    for finding in findings.iter().filter(|f| f.level == Level::Fail) {
-        if let Some(table) = &finding.table {
-            error!(%table, problem = %finding, "table stopped: it is not set up for pgcache; its keys are dropped");
-            if let Some(key_space) = relations.stop_table(table, &finding.to_string()) {
-                batch.push_committed(Op::DropKeySpace { key_space });
-            }
-            stopped_tables.push(table.clone());
-        }
-    }
+    let stopped_tables = stop_unready_tables(config, &findings, &mut relations, &mut batch);
     let owner = Owner {
         checkpoint_key,
         token: owner_token,
@@ -385,24 +381,10 @@ async fn session(
     for table in &stopped_tables {
         state.backfills.remove_table(table);
     }
-    match &loss {
-        // What a reader may have seen from Redis before it lost it: at most what this
-        // process applied, or what the slot confirmed (an earlier process's writes beyond
-        // its last confirmation are the one window a restart cannot know of).
-        Some(loss) => {
-            // The stream starts past what the slot confirmed: only what this process
-            // applied beyond that can come again.
-            let horizon = applied.position.filter(|&p| p > slot_confirmed.max(start));
-            state.recover(loss, horizon);
-            // Every value is written anew: record the shapes they are written in.
-            for rule in &config.tables {
-                if let Some(shape) = state.catalog_shape(rule).await? {
-                    state.record_shape(&rule.qualified_name(), shape);
-                }
-            }
-        }
-        None => state.resume(&saved).await?,
-    }
+    // The stream starts past what the slot confirmed: after a loss, only what this process
+    // applied beyond that can come again.
+    let replay_horizon = applied.position.filter(|&p| p > slot_confirmed.max(start));
+    begin(&mut state, config, loss.as_ref(), &saved, replay_horizon).await?;
     info!(
         slot = %config.postgres.slot,
         checkpoint = %checkpoint::position_text(saved.lsn),
@@ -420,6 +402,104 @@ async fn session(
         let _ = tokio::time::timeout(Duration::from_secs(5), stream.finish()).await;
     }
     result
+}
+
+/// Sets the stream up from the checkpoint: resumed as saved, or recovered from a loss.
+///
+/// What a reader may have seen from Redis before it lost it is at most what this process
+/// applied (`replay_horizon`), or what the slot confirmed: an earlier process's writes
+/// beyond its last confirmation are the one window a restart cannot know of.
+async fn begin(
+    state: &mut Stream<'_>,
+    config: &Config,
+    loss: Option<&Loss>,
+    saved: &CheckpointState,
+    replay_horizon: Option<Lsn>,
+) -> Result<(), RunError> {
+    let Some(loss) = loss else {
+        return state.resume(saved).await;
+    };
+    state.recover(loss, replay_horizon);
+    // Every value is written anew: record the shapes they are written in.
+    for rule in &config.tables {
+        if let Some(shape) = state.catalog_shape(rule).await? {
+            state.record_shape(&rule.qualified_name(), shape);
+        }
+    }
+    Ok(())
+}
+
+impl Loss {
+    /// What Redis lost, from the checkpoint before and after this session took it over and
+    /// the slot's confirmed position.
+    fn detect(
+        before: &CheckpointState,
+        taken: &checkpoint::Takeover,
+        slot_confirmed: Lsn,
+    ) -> Option<Loss> {
+        if taken.fresh {
+            Some(Loss::NoCheckpoint {
+                had_data: before.lsn.is_some() || !before.backfills.is_empty(),
+            })
+        } else if taken.state.lsn.unwrap_or(Lsn::ZERO) < slot_confirmed {
+            Some(Loss::Behind {
+                checkpoint: taken.state.lsn,
+                slot: slot_confirmed,
+            })
+        } else {
+            None
+        }
+    }
+}
+
+/// Preflight's findings, once Postgres as a whole is ready (else a fatal error listing
+/// what is not); findings about single tables are left to [`stop_unready_tables`].
+async fn ready_findings(
+    catalog: &tokio_postgres::Client,
+    config: &Config,
+) -> Result<Vec<preflight::Finding>, RunError> {
+    let findings = preflight::postgres_findings(catalog, config).await?;
+    let failed: Vec<String> = findings
+        .iter()
+        .filter(|f| f.level == Level::Fail && f.table.is_none())
+        .map(|f| f.to_string())
+        .collect();
+    if !failed.is_empty() {
+        return Err(RunError::fatal(
+            "postgres",
+            format!("Postgres is not ready for pgcache:\n{}", failed.join("\n")),
+        ));
+    }
+    Ok(findings)
+}
+
+/// A table that is not set up right stops alone, its keys (and its invalidation keys, which
+/// its changes would no longer delete) dropped; the others go on. Returns the tables
+/// stopped.
+fn stop_unready_tables(
+    config: &Config,
+    findings: &[preflight::Finding],
+    relations: &mut RelationCache,
+    batch: &mut Batch,
+) -> Vec<String> {
+    let mut stopped = Vec::new();
+    for finding in findings.iter().filter(|f| f.level == Level::Fail) {
+        let Some(table) = &finding.table else {
+            continue;
+        };
+        error!(%table, problem = %finding, "table stopped: it is not set up for pgcache; its keys are dropped");
+        if let Some(key_space) = relations.stop_table(table, &finding.to_string()) {
+            batch.push_committed(Op::DropKeySpace { key_space });
+        }
+        if let Some(rule) = config.tables.iter().find(|r| r.qualified_name() == *table) {
+            let patterns = rule.invalidation_patterns(&config.redis.key_prefix);
+            if !patterns.is_empty() {
+                batch.push_committed(Op::DropMatching { patterns });
+            }
+        }
+        stopped.push(table.clone());
+    }
+    stopped
 }
 
 /// The slot's `confirmed_flush_lsn`: Redis holds at least this much, unless it went back.
@@ -524,6 +604,11 @@ impl Stream<'_> {
                 rule.key.literal_prefix()
             );
             self.batch.push_committed(Op::DropKeySpace { key_space });
+            // Values computed from what Redis lost may be older than Postgres too.
+            let patterns = rule.invalidation_patterns(&self.config.redis.key_prefix);
+            if !patterns.is_empty() {
+                self.batch.push_committed(Op::DropMatching { patterns });
+            }
         }
         self.batch
             .push_field(checkpoint::FIELD_PARTIAL.to_string(), String::new());
@@ -580,5 +665,47 @@ impl Stream<'_> {
             self.record_shape(&table, now);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use super::*;
+
+    #[test]
+    fn backfill_errors_keep_their_cause_and_class() {
+        let redis_down =
+            redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        let e = RunError::from(backfill::BackfillError::Redis {
+            table: "public.t".to_string(),
+            source: redis_down,
+        });
+        assert!(!e.is_fatal());
+        assert_eq!(e.kind(), "redis");
+        assert!(
+            e.to_string().starts_with("backfill of public.t: redis:"),
+            "{e}"
+        );
+        let cause = e
+            .source()
+            .and_then(|s| s.source())
+            .expect("the Redis error");
+        assert!(cause.downcast_ref::<redis::RedisError>().is_some());
+
+        let no_perm = redis::RedisError::from((
+            redis::ErrorKind::Server(redis::ServerErrorKind::NoPerm),
+            "NOPERM",
+        ));
+        let e = RunError::from(backfill::BackfillError::Redis {
+            table: "public.t".to_string(),
+            source: no_perm,
+        });
+        assert!(e.is_fatal());
+
+        let e = RunError::from(backfill::BackfillError::Task("panicked".to_string()));
+        assert!(!e.is_fatal());
+        assert_eq!(e.kind(), "backfill");
     }
 }

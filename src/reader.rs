@@ -30,8 +30,10 @@
 //! - [`error`]: what can go wrong, [`ReaderError`].
 
 mod builder;
+mod computed;
 pub mod error;
 mod flight;
+mod hash;
 pub mod key;
 pub mod lease;
 mod lookup;
@@ -40,6 +42,7 @@ pub(crate) mod source;
 pub mod stats;
 #[cfg(test)]
 mod tests;
+mod written;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -49,8 +52,10 @@ use bytes::Bytes;
 use deadpool_postgres::Pool;
 use redis::aio::ConnectionManager;
 use serde::de::DeserializeOwned;
+use serde::Serialize;
 
 pub use self::builder::{ReaderBuilder, ReaderOptions};
+pub use self::computed::LoaderError;
 pub use self::error::ReaderError;
 pub use self::key::{Key, KeyText, KeyValue};
 pub use self::lease::{FillOutcome, Lease, LeaseOutcome};
@@ -62,6 +67,7 @@ use self::refresh::FillTimer;
 use self::source::{KeyTexts, RowSource};
 use self::stats::Counters;
 use crate::config::{Config, Format, TableRule};
+use crate::Lsn;
 
 /// Reads rows through Redis with Postgres behind it. Cheap to clone; clones share the
 /// connections, the single-flight map and the counters.
@@ -96,6 +102,8 @@ pub(crate) struct Inner {
     lookups: Flights<Looked>,
     /// Whether the last Redis command worked, so that an outage is logged once, not per call.
     redis_ok: AtomicBool,
+    /// The daemon's applied position, polled once for all read-your-writes waiters.
+    applied_watch: written::AppliedWatch,
 }
 
 pub(crate) struct TableEntry {
@@ -147,8 +155,7 @@ impl Reader {
     /// The table called `name` (`public.users`, or `users` when no other schema has one).
     ///
     /// # Errors
-    /// [`ReaderError::UnknownTable`], [`ReaderError::AmbiguousTable`], or
-    /// [`ReaderError::Schema`] for a table stored as hashes.
+    /// [`ReaderError::UnknownTable`] or [`ReaderError::AmbiguousTable`].
     pub fn table(&self, name: &str) -> Result<Table, ReaderError> {
         Ok(Table {
             inner: self.inner.clone(),
@@ -166,7 +173,11 @@ impl Reader {
         table: &str,
         key: impl Key,
     ) -> Result<Option<T>, ReaderError> {
-        get(&self.inner, self.inner.entry(table)?, key).await
+        let entry = self.inner.entry(table)?;
+        if entry.rule.format == Format::Hash {
+            return get_hash(&self.inner, entry, key).await;
+        }
+        get(&self.inner, entry, key).await
     }
 
     /// [`get`](Self::get) as a `serde_json::Value`.
@@ -186,7 +197,11 @@ impl Reader {
     /// # Errors
     /// As [`get`](Self::get).
     pub async fn get_raw(&self, table: &str, key: impl Key) -> Result<Option<Bytes>, ReaderError> {
-        let (_, value) = fetch(&self.inner, self.inner.entry(table)?, key).await?;
+        let entry = self.inner.entry(table)?;
+        if entry.rule.format == Format::Hash {
+            return Ok(hash::fetch(&self.inner, entry, &key).await?.1);
+        }
+        let (_, value) = fetch(&self.inner, entry, key).await?;
         Ok(value.map(Fetched::into_bytes))
     }
 
@@ -200,7 +215,166 @@ impl Reader {
         table: &str,
         keys: impl IntoIterator<Item = K>,
     ) -> Result<Vec<Option<T>>, ReaderError> {
-        get_many(&self.inner, self.inner.entry(table)?, keys).await
+        let entry = self.inner.entry(table)?;
+        if entry.rule.format == Format::Hash {
+            return get_many_hash(&self.inner, entry, keys).await;
+        }
+        get_many(&self.inner, entry, keys).await
+    }
+
+    /// The value cached under `key` (the Redis key without `redis.key_prefix`), or, on a
+    /// miss, what `loader` returns, cached as JSON under the same lease protocol as table
+    /// rows. The key is meant to be named by a table's `[[tables.invalidate]]` rule
+    /// (`user:{user_id}:orders`; [`Reader::key`] renders it with the daemon's escaping), so
+    /// that every change to that table deletes it and revokes its lease: a load that began
+    /// before a change is returned to its caller but not cached (the next call loads
+    /// again). The fill also waits until the daemon has applied the WAL up to where it was
+    /// before the loader ran (at most `max_lag_wait`). Callers in this process that miss
+    /// the key together share one load; callers elsewhere wait for the fill. When Redis is
+    /// unreachable the loader runs and nothing is cached. No TTL: see
+    /// [`get_with_ttl`](Self::get_with_ttl).
+    ///
+    /// ```no_run
+    /// # async fn demo(reader: pgcache::Reader, db: tokio_postgres::Client) -> Result<(), pgcache::reader::ReaderError> {
+    /// let user_id = 42;
+    /// let key = reader.key("user:{user_id}:orders", user_id)?;
+    /// let orders: Vec<i64> = reader
+    ///     .get_with(&key, || async {
+    ///         let rows = db.query("SELECT id FROM orders WHERE user_id = $1 ORDER BY id", &[&user_id]).await?;
+    ///         Ok::<_, tokio_postgres::Error>(rows.iter().map(|r| r.get(0)).collect())
+    ///     })
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`ReaderError::Loader`] when the loader fails, [`ReaderError::Decode`] when a cached
+    /// value does not fit `T`.
+    pub async fn get_with<T, F, Fut, E>(&self, key: &str, loader: F) -> Result<T, ReaderError>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<T, E>>,
+        E: Into<LoaderError>,
+    {
+        self.get_with_ttl(key, None, loader).await
+    }
+
+    /// [`get_with`](Self::get_with), the value expiring `ttl` after its fill.
+    ///
+    /// # Errors
+    /// As [`get_with`](Self::get_with).
+    pub async fn get_with_ttl<T, F, Fut, E>(
+        &self,
+        key: &str,
+        ttl: Option<std::time::Duration>,
+        loader: F,
+    ) -> Result<T, ReaderError>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<T, E>>,
+        E: Into<LoaderError>,
+    {
+        let bytes = self
+            .get_with_bytes(key, ttl, move || async move {
+                let value = loader().await.map_err(Into::<LoaderError>::into)?;
+                serde_json::to_vec(&value).map_err(LoaderError::from)
+            })
+            .await?;
+        serde_json::from_slice(&bytes).map_err(|e| ReaderError::Decode {
+            table: "(computed)".to_string(),
+            key: key.to_string(),
+            source: Arc::new(e),
+        })
+    }
+
+    /// [`get_with_ttl`](Self::get_with_ttl) for values the caller encodes itself: the
+    /// loader's bytes are cached as they are.
+    ///
+    /// # Errors
+    /// As [`get_with`](Self::get_with).
+    pub async fn get_with_bytes<F, Fut, E>(
+        &self,
+        key: &str,
+        ttl: Option<std::time::Duration>,
+        loader: F,
+    ) -> Result<Bytes, ReaderError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<Vec<u8>, E>>,
+        E: Into<LoaderError>,
+    {
+        let redis_key = format!("{}{key}", self.inner.key_prefix);
+        let ttl_ms = ttl.map_or(0, lease::millis);
+        let value = computed::get_with(&self.inner, &redis_key, ttl_ms, move || async move {
+            loader().await.map_err(Into::<LoaderError>::into)
+        })
+        .await?;
+        Ok(value.unwrap_or_default())
+    }
+
+    /// Renders a key template (`user:{user_id}:orders`) with `key`'s values escaped as the
+    /// daemon escapes them, without `redis.key_prefix`: the key a `[[tables.invalidate]]`
+    /// rule with this template deletes, for [`get_with`](Self::get_with).
+    ///
+    /// # Errors
+    /// [`ReaderError::Options`] when the template does not parse,
+    /// [`ReaderError::KeyArity`] when `key` has the wrong number of values.
+    pub fn key(&self, template: &str, key: impl Key) -> Result<String, ReaderError> {
+        let parsed = crate::template::KeyTemplate::parse(template)
+            .map_err(|e| ReaderError::Options(format!("key template {template:?}: {e}")))?;
+        if parsed.columns().len() != key.len() {
+            return Err(ReaderError::KeyArity {
+                table: "(computed)".to_string(),
+                template: template.to_string(),
+                columns: parsed.columns().join(", "),
+                expected: parsed.columns().len(),
+                got: key.len(),
+            });
+        }
+        Ok(key.with_texts(|texts| parsed.render("", texts)))
+    }
+
+    /// The end of the WAL now: every transaction committed before this call, by any session,
+    /// ends at or before it. Pass it to [`wait_applied`](Self::wait_applied) or
+    /// [`Table::get_after`] to read your own writes. One Postgres round trip (two when WAL
+    /// written under `synchronous_commit = off` is waiting to be flushed: it is flushed, so
+    /// that the daemon can see it).
+    ///
+    /// A position taken by the application itself (`SELECT pg_current_wal_insert_lsn()`
+    /// after its commit, parsed with `str::parse::<Lsn>`) works too, with one difference:
+    /// after commits under `synchronous_commit = off` the wait can last until the WAL
+    /// writer flushes them (`wal_writer_delay`, 200 ms by default).
+    ///
+    /// # Errors
+    /// [`ReaderError::PostgresUnavailable`] or [`ReaderError::Postgres`].
+    pub async fn write_position(&self) -> Result<Lsn, ReaderError> {
+        written::write_position(&self.inner).await
+    }
+
+    /// Returns once the daemon has applied the stream up to `position`: from then on every
+    /// lookup sees every change committed before it (read-your-writes). Polls the daemon's
+    /// checkpoint in Redis, every 0.2 ms at first and at most every 2 ms. The daemon also
+    /// moves its position past commits of tables it does not cache, so any position is
+    /// reached while it runs.
+    ///
+    /// # Errors
+    /// [`ReaderError::NotApplied`] past [`ReaderOptions::max_write_wait`] (the daemon is
+    /// stopped or far behind), or [`ReaderError::Redis`]: unlike lookups, this call has no
+    /// fallback, since only Redis can say what the daemon has applied.
+    pub async fn wait_applied(&self, position: Lsn) -> Result<(), ReaderError> {
+        written::wait_applied(&self.inner, position, self.inner.options.max_write_wait).await
+    }
+
+    /// [`write_position`](Self::write_position) then [`wait_applied`](Self::wait_applied):
+    /// call it after committing, before reading through the cache.
+    ///
+    /// # Errors
+    /// As the two calls.
+    pub async fn wait_for_writes(&self) -> Result<(), ReaderError> {
+        let position = self.write_position().await?;
+        self.wait_applied(position).await
     }
 
     /// Counts over all tables since the reader was built.
@@ -237,14 +411,6 @@ impl Inner {
                 });
             }
         };
-        if entry.rule.format == Format::Hash {
-            return Err(ReaderError::Schema {
-                table: entry.name.clone(),
-                problem: "format = \"hash\" is not supported by the read helper; it reads \
-                          tables stored as JSON"
-                    .to_string(),
-            });
-        }
         Ok(entry)
     }
 
@@ -293,7 +459,24 @@ impl Table {
     /// # Errors
     /// As [`Reader::get`].
     pub async fn get<T: DeserializeOwned>(&self, key: impl Key) -> Result<Option<T>, ReaderError> {
+        if self.entry.rule.format == Format::Hash {
+            return get_hash(&self.inner, &self.entry, key).await;
+        }
         get(&self.inner, &self.entry, key).await
+    }
+
+    /// [`get`](Self::get) once the daemon has applied the stream up to `position` (see
+    /// [`Reader::wait_applied`]): the row as of that position or newer.
+    ///
+    /// # Errors
+    /// As [`Reader::wait_applied`] and [`Reader::get`].
+    pub async fn get_after<T: DeserializeOwned>(
+        &self,
+        key: impl Key,
+        position: Lsn,
+    ) -> Result<Option<T>, ReaderError> {
+        written::wait_applied(&self.inner, position, self.inner.options.max_write_wait).await?;
+        self.get(key).await
     }
 
     /// As [`Reader::get_json`].
@@ -309,6 +492,9 @@ impl Table {
     /// # Errors
     /// As [`Reader::get`].
     pub async fn get_raw(&self, key: impl Key) -> Result<Option<Bytes>, ReaderError> {
+        if self.entry.rule.format == Format::Hash {
+            return Ok(hash::fetch(&self.inner, &self.entry, &key).await?.1);
+        }
         let (_, value) = fetch(&self.inner, &self.entry, key).await?;
         Ok(value.map(Fetched::into_bytes))
     }
@@ -321,6 +507,9 @@ impl Table {
         &self,
         keys: impl IntoIterator<Item = K>,
     ) -> Result<Vec<Option<T>>, ReaderError> {
+        if self.entry.rule.format == Format::Hash {
+            return get_many_hash(&self.inner, &self.entry, keys).await;
+        }
         get_many(&self.inner, &self.entry, keys).await
     }
 
@@ -331,6 +520,13 @@ impl Table {
     /// # Errors
     /// [`ReaderError::KeyArity`], or [`ReaderError::Redis`] (no fallback here).
     pub async fn lease(&self, key: impl Key) -> Result<LeaseOutcome, ReaderError> {
+        if self.entry.rule.format == Format::Hash {
+            return Err(ReaderError::Schema {
+                table: self.entry.name.clone(),
+                problem: "the lease API reads tables stored as JSON; use get for format = \"hash\""
+                    .to_string(),
+            });
+        }
         let texts = self.entry.key_texts(&self.inner.key_prefix, &key)?;
         lease::acquire(&self.inner, &self.entry, &texts)
             .await
@@ -344,6 +540,31 @@ impl Table {
     pub fn stats(&self) -> Stats {
         self.entry.counters.snapshot()
     }
+}
+
+/// A row of a table stored as hashes, as the caller's type.
+async fn get_hash<T: DeserializeOwned>(
+    inner: &Arc<Inner>,
+    entry: &Arc<TableEntry>,
+    key: impl Key,
+) -> Result<Option<T>, ReaderError> {
+    match hash::fetch(inner, entry, &key).await? {
+        (_, None) => Ok(None),
+        (redis_key, Some(value)) => hash::decode(&entry.name, &redis_key, &value).map(Some),
+    }
+}
+
+/// Rows of a table stored as hashes, looked up concurrently.
+async fn get_many_hash<T: DeserializeOwned, K: Key>(
+    inner: &Arc<Inner>,
+    entry: &Arc<TableEntry>,
+    keys: impl IntoIterator<Item = K>,
+) -> Result<Vec<Option<T>>, ReaderError> {
+    let keys: Vec<K> = keys.into_iter().collect();
+    futures_util::future::join_all(keys.into_iter().map(|key| get_hash(inner, entry, key)))
+        .await
+        .into_iter()
+        .collect()
 }
 
 impl TableEntry {

@@ -245,6 +245,19 @@ impl KeyTemplate {
         }
     }
 
+    /// A Redis glob (`SCAN MATCH`) that every key rendered from this template with
+    /// `key_prefix` matches: the literals escaped, each column a `*`.
+    pub fn glob(&self, key_prefix: &str) -> String {
+        let mut out = glob_escape(key_prefix);
+        for part in &self.parts {
+            match part {
+                Part::Literal(s) => out.push_str(&glob_escape(s)),
+                Part::Column(_) => out.push('*'),
+            }
+        }
+        out
+    }
+
     /// Renders a key: `key_prefix`, then the template with each value escaped.
     /// Values are the columns' Postgres text output, in [`KeyTemplate::columns`] order.
     /// The caller guarantees the arity; a missing value renders as empty.

@@ -12,6 +12,10 @@
 //! and decoder, nothing else) in place of the daemon: the moment each commit reaches any
 //! logical consumer. The daemon's own `pgcache_apply_latency_seconds` histogram (commit
 //! timestamp to `EXEC` acknowledged, bucketed) is scraped and reported beside it.
+//!
+//! Read-your-writes: one more run at [`RYW_RATE`] in which every writer, once its commit
+//! returns, calls [`Reader::wait_for_writes`]; the time from commit to the wait returning is
+//! set against the same run's commit-to-visible latency (the stream's own).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -32,7 +36,7 @@ use crate::daemon::replication::{ReplicationConnection, ReplicationEvent};
 use crate::metrics::APPLY_LATENCY;
 use crate::pgconn::PgTarget;
 use crate::testkit;
-use crate::Lsn;
+use crate::{Lsn, Reader};
 
 /// Writer connections. One connection commits a few thousand transactions a second at
 /// most; the load is spread so that the writers are not what limits the offered rate.
@@ -40,13 +44,34 @@ const WRITERS: usize = 8;
 const QUANTILES: [(f64, &str); 3] = [(0.5, "p50"), (0.99, "p99"), (0.999, "p999")];
 const FLOOR_NAME: &str = "bare pgoutput consumer";
 const TABLE: (&str, &str) = ("public.lat_events", "lat:{id}");
+/// The offered rate of the read-your-writes run.
+const RYW_RATE: u32 = 1_000;
+const RYW_FLOOR_NAME: &str = "commit to visible in Redis, same run";
 
 pub fn specs(scale: &Scale) -> Vec<FigureSpec> {
     scale
         .latency_rates
         .iter()
         .flat_map(|&rate| QUANTILES.iter().map(move |&(_, name)| spec(rate, name)))
+        .chain(QUANTILES[..2].iter().map(|&(_, name)| ryw_spec(name)))
         .collect()
+}
+
+fn ryw_spec(name: &str) -> FigureSpec {
+    FigureSpec::new(
+        format!("latency.ryw.{RYW_RATE}.{name}"),
+        format!(
+            "Read-your-writes at {RYW_RATE} tx/s: commit to Reader::wait_for_writes returned, {name}"
+        ),
+        "ms",
+        RYW_FLOOR_NAME,
+        Better::Lower,
+        if name == "p99" {
+            Target::Below(5.0)
+        } else {
+            Target::None
+        },
+    )
 }
 
 fn spec(rate: u32, name: &str) -> FigureSpec {
@@ -80,6 +105,10 @@ struct LoadRun {
     early: u64,
     /// How busy the whole machine was while the load ran, in percent of all cores.
     machine_busy_percent: Option<f64>,
+    /// With a reader: commit returned to `wait_for_writes` returned, sorted.
+    waits: Vec<Duration>,
+    wait_errors: u64,
+    first_wait_error: Option<String>,
 }
 
 impl LoadRun {
@@ -96,6 +125,10 @@ impl LoadRun {
             "arrived_before_commit_returned": self.early,
             "max_ms": self.latencies.last().map(|d| ms(*d)),
             "machine_cpu_busy_percent": self.machine_busy_percent,
+            "read_your_writes_waits": self.waits.len(),
+            "read_your_writes_wait_errors": self.wait_errors,
+            "first_wait_error": self.first_wait_error,
+            "read_your_writes_max_ms": self.waits.last().map(|d| ms(*d)),
         })
     }
 
@@ -121,13 +154,16 @@ pub async fn run(lab: &Lab, scale: &Scale, progress: Progress) -> Result<Vec<Fig
     let floor = floor_phase(lab, &client, &writers, scale, progress).await?;
     progress.say("latency: pgcache");
     let pgcache = pgcache_phase(lab, &client, &writers, scale, progress).await;
-    let pgcache = match pgcache {
+    let (pgcache, ryw) = match pgcache {
         Ok(runs) => runs,
-        Err(e) => scale
-            .latency_rates
-            .iter()
-            .map(|_| Err(e.to_string()))
-            .collect(),
+        Err(e) => (
+            scale
+                .latency_rates
+                .iter()
+                .map(|_| Err(e.to_string()))
+                .collect(),
+            Err(e.to_string()),
+        ),
     };
 
     let mut figures = Vec::new();
@@ -166,7 +202,35 @@ pub async fn run(lab: &Lab, scale: &Scale, progress: Progress) -> Result<Vec<Fig
             figures.push(figure);
         }
     }
+    figures.extend(ryw_figures(&ryw));
     Ok(figures)
+}
+
+fn ryw_figures(run: &PgcacheRun) -> Vec<Figure> {
+    QUANTILES[..2]
+        .iter()
+        .map(|&(q, name)| {
+            let spec = ryw_spec(name);
+            let run = match run {
+                Ok((run, _)) => run,
+                Err(e) => return spec.failed(format!("pgcache: {e}")),
+            };
+            if run.wait_errors > 0 {
+                return spec.failed(format!(
+                    "{} of {} waits failed; the first: {}",
+                    run.wait_errors,
+                    run.committed,
+                    run.first_wait_error.as_deref().unwrap_or_default()
+                ));
+            }
+            match (percentile(&run.waits, q), run.quantile_ms(q)) {
+                (Some(wait), Some(floor)) => {
+                    spec.measured(ms(wait), floor, json!({ "run": run.details() }))
+                }
+                _ => spec.failed("no samples"),
+            }
+        })
+        .collect()
 }
 
 type Writer = (Arc<Client>, Statement);
@@ -223,6 +287,7 @@ async fn floor_phase(
             scale.latency_seconds,
             first_id(0, i),
             &mut arrivals,
+            None,
         )
         .await;
         if let Ok(run) = &run {
@@ -304,7 +369,7 @@ async fn pgcache_phase(
     writers: &[Writer],
     scale: &Scale,
     progress: Progress,
-) -> Result<Vec<PgcacheRun>, BenchError> {
+) -> Result<(Vec<PgcacheRun>, PgcacheRun), BenchError> {
     let slot = "lat_pgcache";
     lab.drop_slots(client, &[slot]).await;
     lab.create_slots(client, &[slot]).await?;
@@ -329,6 +394,7 @@ async fn pgcache_phase(
                 scale.latency_seconds,
                 first_id(1, i),
                 &mut arrivals,
+                None,
             )
             .await;
             let daemon_cpu_percent = match (cpu_before, daemon.cpu_seconds()) {
@@ -349,9 +415,32 @@ async fn pgcache_phase(
             }
             runs.push(run.map(|r| (r, view)).map_err(|e| e.to_string()));
         }
+        let reader = Reader::builder(&lab.pg_url(), &lab.redis_url())
+            .table(TABLE.0, TABLE.1)
+            .slot(slot)
+            .build()
+            .map_err(|e| BenchError::Setup(format!("building the reader: {e}")))?;
+        let ryw = offered_load(
+            writers,
+            RYW_RATE,
+            scale.latency_seconds,
+            first_id(2, 0),
+            &mut arrivals,
+            Some(&reader),
+        )
+        .await;
+        if let Ok(run) = &ryw {
+            progress.say(format!(
+                "latency read-your-writes at {RYW_RATE}/s: wait p99 {:.2} ms, commit to visible p99 {:.2} ms",
+                percentile(&run.waits, 0.99).map_or(f64::NAN, ms),
+                run.quantile_ms(0.99).unwrap_or(f64::NAN),
+            ));
+        }
+        daemon.check_running()?;
+        let ryw = ryw.map(|r| (r, Value::Null)).map_err(|e| e.to_string());
         let _ = stop.send(true);
         let _ = watcher.await;
-        Ok(runs)
+        Ok((runs, ryw))
     }
     .await;
     daemon.stop().await;
@@ -478,6 +567,7 @@ async fn offered_load(
     seconds: f64,
     first_id: i64,
     arrivals: &mut mpsc::UnboundedReceiver<(i64, Instant)>,
+    reader: Option<&Reader>,
 ) -> Result<LoadRun, BenchError> {
     // Arrivals from before this run (the warm-up, stragglers) are not ours.
     while arrivals.try_recv().is_ok() {}
@@ -489,11 +579,21 @@ async fn offered_load(
         tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / f64::from(rate))).await;
         let (client, statement) = writers[i as usize % writers.len()].clone();
         let id = first_id + i as i64;
+        let reader = reader.cloned();
         tasks.spawn(async move {
-            client
-                .execute(&statement, &[&id])
-                .await
-                .map(|_| (id, Instant::now()))
+            client.execute(&statement, &[&id]).await?;
+            let committed = Instant::now();
+            let waited = match reader {
+                Some(reader) => Some(
+                    reader
+                        .wait_for_writes()
+                        .await
+                        .map(|()| committed.elapsed())
+                        .map_err(|e| e.to_string()),
+                ),
+                None => None,
+            };
+            Ok::<_, tokio_postgres::Error>((id, committed, waited))
         });
     }
     let launched = per_second(total, start.elapsed());
@@ -501,9 +601,20 @@ async fn offered_load(
     let mut commits = Vec::with_capacity(total as usize);
     let mut write_errors = 0;
     let mut first_error = None;
+    let (mut waits, mut wait_errors, mut first_wait_error) = (Vec::new(), 0, None);
     while let Some(done) = tasks.join_next().await {
         match done {
-            Ok(Ok(commit)) => commits.push(commit),
+            Ok(Ok((id, committed, waited))) => {
+                commits.push((id, committed));
+                match waited {
+                    Some(Ok(waited)) => waits.push(waited),
+                    Some(Err(e)) => {
+                        wait_errors += 1;
+                        first_wait_error.get_or_insert(e);
+                    }
+                    None => {}
+                }
+            }
             Ok(Err(e)) => {
                 write_errors += 1;
                 first_error.get_or_insert_with(|| pg_error("insert", &e).to_string());
@@ -553,6 +664,7 @@ async fn offered_load(
         }
     }
     latencies.sort();
+    waits.sort();
     Ok(LoadRun {
         offered: f64::from(rate),
         launched,
@@ -564,5 +676,8 @@ async fn offered_load(
         latencies,
         early,
         machine_busy_percent,
+        waits,
+        wait_errors,
+        first_wait_error,
     })
 }

@@ -158,6 +158,69 @@ fn example_config_parses() {
     assert_eq!(c.tables[0].ttl, Some(Duration::from_secs(3600)));
     assert_eq!(c.tables[1].qualified_name(), "public.orders");
     assert_eq!(c.tables[2].format, Format::Hash);
+    assert_eq!(
+        c.tables[1].invalidate[0].key.as_str(),
+        "tenant-orders:{tenant_id}"
+    );
+}
+
+const INVALIDATE_BASE: &str =
+    "[postgres]\nurl = \"postgres://u@h/db\"\n[redis]\nurl = \"redis://h\"\n";
+
+#[test]
+fn invalidation_rules_are_read() {
+    let c = Config::from_toml_str(&format!(
+        "{INVALIDATE_BASE}[[tables]]\ntable = \"orders\"\nkey = \"order:{{id}}\"\n\
+         [[tables.invalidate]]\nkey = \"user-orders:{{user_id}}\"\n\
+         [[tables.invalidate]]\nkey = \"page:{{user_id}}:{{id}}\"\n\
+         [[tables]]\ntable = \"users\"\nkey = \"user:{{id}}\"\n"
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    let orders = &c.tables[0];
+    let keys: Vec<&str> = orders.invalidate.iter().map(|i| i.key.as_str()).collect();
+    assert_eq!(keys, ["user-orders:{user_id}", "page:{user_id}:{id}"]);
+    assert!(c.tables[1].invalidate.is_empty());
+    assert_eq!(
+        orders.invalidation_patterns("app:"),
+        [
+            "app:user-orders:*",
+            "{app:user-orders:*}:pgcache-lease",
+            "app:user-orders:*:pgcache-lease",
+            "app:page:*:*",
+            "{app:page:*:*}:pgcache-lease",
+            "app:page:*:*:pgcache-lease",
+        ]
+    );
+}
+
+#[test]
+fn invalidation_rules_are_checked() {
+    let err = Config::from_toml_str(&format!(
+        "{INVALIDATE_BASE}[[tables]]\ntable = \"orders\"\nkey = \"order:{{id}}\"\n\
+         [[tables.invalidate]]\nkey = \"order:{{id}}:items\"\n\
+         [[tables.invalidate]]\n\
+         [[tables.invalidate]]\nkey = \"pgcache:{{id}}\"\n\
+         [[tables.invalidate]]\nkey = \"list:{{id\"\nttl = \"1s\"\n\
+         [[tables]]\ntable = \"users\"\nkey = \"user:{{id}}\"\ninvalidate = \"x\"\n"
+    ))
+    .unwrap_err();
+    let errors = err.errors();
+    let has = |needle: &str| errors.iter().any(|e| e.contains(needle));
+    assert!(has("tables[0].invalidate[1].key: missing"), "{errors:#?}");
+    assert!(
+        has("tables[0].invalidate[2].key: key prefix \"pgcache:\" overlaps"),
+        "{errors:#?}"
+    );
+    assert!(has("tables[0].invalidate[3].key: "), "{errors:#?}");
+    assert!(
+        has("unknown key \"tables[0].invalidate[3].ttl\""),
+        "{errors:#?}"
+    );
+    assert!(has("tables[1].invalidate: expected a list"), "{errors:#?}");
+    assert!(
+        has("tables[0].invalidate[0].key: key prefix \"order:\" is inside the key space \"order:\" of tables[0].key"),
+        "{errors:#?}"
+    );
 }
 
 #[test]
@@ -404,7 +467,7 @@ key = "pg{id}"
             "tables[5].numeric: unknown numeric encoding \"float\" (expected string or number)",
             "tables[6].key: key prefix \"pgcache:\" overlaps \"pgcache:\", which pgcache keeps for its own keys",
             "tables[7].key: key prefix \"pg\" overlaps \"pgcache:\", which pgcache keeps for its own keys",
-            "tables[5].table and tables[6].table: public.f is configured twice",
+            "tables[5].table and tables[6].table: public.f is configured twice (one [[tables]] entry per table; for more keys that its changes delete, add [[tables.invalidate]] entries to it)",
             "tables[6].key and tables[7].key: key prefixes \"pgcache:\" and \"pg\" overlap, so TRUNCATE and verify could not tell the tables apart",
         ]
     );
@@ -418,7 +481,7 @@ fn duplicate_tables_and_same_prefixes() {
     assert_eq!(
         errs,
         [
-            "tables[0].table and tables[1].table: public.users is configured twice",
+            "tables[0].table and tables[1].table: public.users is configured twice (one [[tables]] entry per table; for more keys that its changes delete, add [[tables.invalidate]] entries to it)",
             "tables[0].key and tables[1].key: key prefixes \"user:\" and \"user:\" overlap, so TRUNCATE and verify could not tell the tables apart",
         ]
     );

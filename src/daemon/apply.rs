@@ -55,6 +55,10 @@ pub enum Op {
     Del { key: String },
     /// Every key (and lease) whose name starts with `key_space` (TRUNCATE).
     DropKeySpace { key_space: String },
+    /// Every key matching one of these `SCAN MATCH` patterns: a table's invalidation keys
+    /// (and their leases) when the rows to render them from are not at hand (TRUNCATE, a
+    /// table stopped, Redis lost data). Absence is safe.
+    DropMatching { patterns: Vec<String> },
     /// An update whose unchanged TOASTed columns were not sent: the new value takes them
     /// from the value under `base` (the old key when the key changed), in Redis, in stream
     /// order. Without a usable base the key is deleted.
@@ -118,7 +122,7 @@ impl Op {
             | Op::Hash { key, .. }
             | Op::Del { key } => Some(key),
             Op::Merge(merge) => Some(&merge.key),
-            Op::DropKeySpace { .. } => None,
+            Op::DropKeySpace { .. } | Op::DropMatching { .. } => None,
         }
     }
 
@@ -139,6 +143,7 @@ impl Op {
                 }
                 Op::Del { key } => key.len(),
                 Op::DropKeySpace { key_space } => key_space.len(),
+                Op::DropMatching { patterns } => patterns.iter().map(String::len).sum(),
                 Op::Merge(m) => {
                     m.key.len()
                         + m.base.len()
@@ -362,13 +367,72 @@ impl Batch {
     }
 
     pub fn insert(&mut self, table: &TableState, new: &Tuple) -> Result<(), ChangeError> {
-        let key = row_key(table, new, "")?;
-        self.write_row(table, key, new, None)
+        let result = row_key(table, new, "").and_then(|key| self.write_row(table, key, new, None));
+        self.invalidate(table, Some(new), None);
+        result
     }
 
     /// An update: a key change deletes the old key; unchanged TOASTed columns that neither
     /// the new row nor a FULL old row carry are merged from the cached value in Redis.
+    /// The invalidation keys of the new row and of the old one go.
     pub fn update(
+        &mut self,
+        table: &TableState,
+        old: Option<&OldTuple>,
+        new: &Tuple,
+    ) -> Result<(), ChangeError> {
+        let result = self.update_row(table, old, new);
+        self.invalidate(table, Some(new), old.map(OldTuple::tuple));
+        result
+    }
+
+    /// Deletes each invalidation key of the table rendered from `new` and from `old` (the
+    /// `DEL` revokes its lease too: a computed fill that began before this change loses).
+    /// A NULL column renders no key. A column whose value is not at hand (an unchanged
+    /// TOASTed value that the old row does not carry either) drops every key of the rule
+    /// instead: absence is safe.
+    fn invalidate(&mut self, table: &TableState, new: Option<&Tuple>, old: Option<&Tuple>) {
+        for (rule, positions) in table
+            .rule
+            .invalidate
+            .iter()
+            .zip(&table.invalidate_positions)
+        {
+            let mut keys: Vec<String> = Vec::with_capacity(2);
+            let mut unknown = false;
+            for tuple in [new, old].into_iter().flatten() {
+                let mut values: Vec<&[u8]> = Vec::with_capacity(positions.len());
+                let mut null = false;
+                for &at in positions {
+                    let value = match tuple.0.get(at) {
+                        Some(TupleData::Unchanged) => old.and_then(|old| old.0.get(at)),
+                        other => other,
+                    };
+                    match value {
+                        Some(TupleData::Text(v)) | Some(TupleData::Binary(v)) => values.push(v),
+                        Some(TupleData::Null) => null = true,
+                        _ => unknown = true,
+                    }
+                }
+                if !null && values.len() == positions.len() {
+                    let key = rule.key.render(&table.key_prefix, &values);
+                    if !keys.contains(&key) {
+                        keys.push(key);
+                    }
+                }
+            }
+            if unknown {
+                self.push(Op::DropMatching {
+                    patterns: rule.patterns(&table.key_prefix),
+                });
+            }
+            for key in keys {
+                self.push(Op::Del { key });
+            }
+        }
+    }
+
+    fn update_row(
         &mut self,
         table: &TableState,
         old: Option<&OldTuple>,
@@ -489,14 +553,24 @@ impl Batch {
             }
             OldTuple::Full(_) => "",
         };
-        let key = row_key(table, old.tuple(), hint)?;
-        self.push(Op::Del { key });
-        Ok(())
+        let result = row_key(table, old.tuple(), hint).map(|key| self.push(Op::Del { key }));
+        self.invalidate(table, None, Some(old.tuple()));
+        result
     }
 
-    /// TRUNCATE: every key of the table goes, in stream order.
+    /// TRUNCATE: every key of the table goes, in stream order, and every key its
+    /// invalidation rules could name.
     pub fn truncate(&mut self, table: &TableState) {
         self.drop_key_space(table.key_space.clone());
+        self.drop_matching(table.rule.invalidation_patterns(&table.key_prefix));
+    }
+
+    /// Drops every key matching these patterns (a table's invalidation keys); nothing when
+    /// there are none.
+    pub fn drop_matching(&mut self, patterns: Vec<String>) {
+        if !patterns.is_empty() {
+            self.push(Op::DropMatching { patterns });
+        }
     }
 
     /// Drops every key of a table (its rule no longer fits, it was renamed, truncated, or

@@ -24,6 +24,11 @@ pub struct TableState {
     pub key_positions: Vec<usize>,
     /// `<key_prefix><literal prefix of the template>`: every key of this table starts so.
     pub key_space: String,
+    /// For each of the rule's invalidation templates, the tuple position of each of its
+    /// columns, in template order.
+    pub invalidate_positions: Vec<Vec<usize>>,
+    /// The Redis key prefix (`redis.key_prefix`), which invalidation keys start with.
+    pub key_prefix: String,
     /// `pgcache_changes_total` for this table, by operation, registered once (a labelled
     /// lookup per change would cost more than the change).
     pub counters: OpCounters,
@@ -297,6 +302,35 @@ pub(crate) fn table_state(
         };
         key_positions.push(at);
     }
+    let mut invalidate_positions = Vec::with_capacity(rule.invalidate.len());
+    for inv in &rule.invalidate {
+        let mut positions = Vec::with_capacity(inv.key.columns().len());
+        for name in inv.key.columns() {
+            let Some(at) = position(name) else {
+                return Err(format!(
+                    "invalidation key {:?} names column {name:?}, which {} does not have \
+                     (it has {})",
+                    inv.key.as_str(),
+                    rule.qualified_name(),
+                    column_list(relation)
+                ));
+            };
+            // The old row of an update or delete carries only the replica identity: a
+            // column outside it could not name the old row's key, which would stay stale.
+            if relation.replica_identity != b'f' && !relation.columns[at].is_key() {
+                return Err(format!(
+                    "invalidation key {:?} of {} names column {name:?}, which is not in the \
+                     replica identity, so deletes and updates could not name the old row's \
+                     key: run ALTER TABLE {} REPLICA IDENTITY FULL",
+                    inv.key.as_str(),
+                    rule.qualified_name(),
+                    rule.qualified_name()
+                ));
+            }
+            positions.push(at);
+        }
+        invalidate_positions.push(positions);
+    }
     let shape = shape(positions.iter().map(|&at| {
         let column = &relation.columns[at];
         (column.name.as_str(), column.type_oid, column.type_modifier)
@@ -307,6 +341,8 @@ pub(crate) fn table_state(
         positions,
         key_positions,
         key_space: format!("{key_prefix}{}", rule.key.literal_prefix()),
+        invalidate_positions,
+        key_prefix: key_prefix.to_string(),
         counters: OpCounters::new(&rule.qualified_name()),
         shape,
     })

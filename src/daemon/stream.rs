@@ -229,10 +229,7 @@ impl<'a> Stream<'a> {
             if self.backfills.can_start() && self.tx.is_none() && self.muted_until.is_none() {
                 let mut pending = self.batch.xids().to_vec();
                 pending.extend_from_slice(&self.in_flight_xids);
-                self.backfills
-                    .start_next(pending)
-                    .await
-                    .map_err(|e| RunError::transient("backfill", e.to_string()))?;
+                self.backfills.start_next(pending).await?;
             }
             let readable = self.can_read();
             tokio::select! {
@@ -256,7 +253,7 @@ impl<'a> Stream<'a> {
                 read = self.backfills.read_finished() => {
                     self.backfills
                         .on_read(read)
-                        .map_err(|e| RunError::transient("backfill", e.to_string()))?;
+                        ?;
                 }
                 done = in_flight_done(&mut self.in_flight) => {
                     self.in_flight = None;
@@ -445,11 +442,7 @@ impl<'a> Stream<'a> {
             return Ok(());
         }
         for id in tx.highs {
-            let chunk = self
-                .backfills
-                .on_high(&id)
-                .await
-                .map_err(|e| RunError::transient("backfill", e.to_string()))?;
+            let chunk = self.backfills.on_high(&id).await?;
             if let Some((ops, fields)) = chunk {
                 self.batch.push_chunk(ops, fields);
             }
@@ -571,6 +564,17 @@ impl<'a> Stream<'a> {
                     error!(%table, %error, "table stopped: its rule no longer fits the table; its keys are dropped so nothing stale is served");
                     metrics::counter!(m::ERRORS, "kind" => "rule").increment(1);
                     self.batch.drop_key_space(key_space);
+                    // Its changes no longer delete its invalidation keys: they go too.
+                    if let Some(rule) = self
+                        .config
+                        .tables
+                        .iter()
+                        .find(|r| r.qualified_name() == table)
+                    {
+                        self.batch.drop_matching(
+                            rule.invalidation_patterns(&self.config.redis.key_prefix),
+                        );
+                    }
                     self.backfills.remove_table(&table);
                 }
             }

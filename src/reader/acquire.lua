@@ -5,11 +5,20 @@
 --   ARGV[1]  the caller's random token
 --   ARGV[2]  the lease TTL in milliseconds
 --   ARGV[3]  the marker of a cached absence (negative caching keeps it in the lease key)
--- Returns {1, value} when the row is cached, {2} when the caller now holds the lease,
--- {3} when another caller holds it, {4} when the row is known to be absent.
-local value = redis.call('GET', KEYS[1])
-if value then
-  return {1, value}
+--   ARGV[4]  optional: 'hash' for a table stored as hashes (format = "hash")
+-- Returns {1, value} when the row is cached (for a hash: {1, {field, value, ...}}), {2}
+-- when the caller now holds the lease, {3} when another caller holds it, {4} when the row
+-- is known to be absent.
+if ARGV[4] == 'hash' then
+  local fields = redis.call('HGETALL', KEYS[1])
+  if #fields > 0 then
+    return {1, fields}
+  end
+else
+  local value = redis.call('GET', KEYS[1])
+  if value then
+    return {1, value}
+  end
 end
 local holder = redis.call('GET', KEYS[2])
 if not holder then

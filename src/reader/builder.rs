@@ -31,6 +31,10 @@ pub struct ReaderOptions {
     /// was read at, before filling or returning the row (monotonic reads, G10). Past it the
     /// row read from Postgres is returned without filling (`lag_fallbacks`). Default 1 s.
     pub max_lag_wait: Duration,
+    /// How long [`Reader::wait_applied`](super::Reader::wait_applied) (and the calls built on
+    /// it: `wait_for_writes`, `get_after`) waits for the daemon before it returns
+    /// [`ReaderError::NotApplied`]. Default 5 s.
+    pub max_write_wait: Duration,
     /// Cache the absence of a row for this long (`None`, the default: do not). Safe with the
     /// daemon running: an insert ends a cached absence at once.
     pub negative_ttl: Option<Duration>,
@@ -51,6 +55,7 @@ impl Default for ReaderOptions {
             lease_ttl: Duration::from_secs(2),
             max_wait_step: Duration::from_millis(50),
             max_lag_wait: Duration::from_secs(1),
+            max_write_wait: Duration::from_secs(5),
             negative_ttl: None,
             early_refresh_beta: Some(1.0),
             pool_size: 16,
@@ -147,6 +152,7 @@ impl ReaderBuilder {
                 ttl: None,
                 format: Format::Json,
                 encode: EncodeOptions::default(),
+                invalidate: Vec::new(),
             }),
             Err(e) => self.problems.push(format!("table {table}: {e}")),
         }
@@ -236,6 +242,7 @@ impl ReaderBuilder {
                 flights: Flights::default(),
                 lookups: Flights::default(),
                 redis_ok: AtomicBool::new(true),
+                applied_watch: super::written::AppliedWatch::new(),
             }),
         };
         // Prepare in the background what the first miss would otherwise pay for (often a

@@ -116,9 +116,33 @@ pub enum ReaderError {
     #[error("invalid Redis settings: {0}")]
     RedisConfig(redis::RedisError),
 
+    /// The daemon did not apply the WAL up to a position within the time allowed
+    /// ([`Reader::wait_applied`](super::Reader::wait_applied)): it is stopped, far behind,
+    /// or configured with another slot or key prefix than the reader.
+    #[error(
+        "the daemon has not applied the WAL up to {position} after {waited:?} (its checkpoint \
+         is at {}); is it running and caught up, with this reader's slot and key prefix?",
+        applied.map_or_else(|| "no position: no checkpoint in Redis".to_string(), |a| a.to_string())
+    )]
+    NotApplied {
+        position: crate::Lsn,
+        applied: Option<crate::Lsn>,
+        waited: std::time::Duration,
+    },
+
     /// The reader's own options are unusable.
     #[error("invalid reader option: {0}")]
     Options(String),
+
+    /// A computed value ([`Reader::get_with`](super::Reader::get_with)) could not be
+    /// loaded: the loader failed (its error is the source), or the WAL position to fill
+    /// under could not be read. Nothing was cached.
+    #[error("loading {key:?} failed: {source}")]
+    Loader {
+        key: String,
+        #[source]
+        source: Arc<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 impl ReaderError {
@@ -126,7 +150,9 @@ impl ReaderError {
     /// later may succeed (as opposed to a mistake in the call or the configuration).
     pub fn is_unavailable(&self) -> bool {
         match self {
-            ReaderError::PostgresUnavailable { .. } | ReaderError::Redis { .. } => true,
+            ReaderError::PostgresUnavailable { .. }
+            | ReaderError::Redis { .. }
+            | ReaderError::NotApplied { .. } => true,
             ReaderError::Postgres { source, .. } => source.as_db_error().is_none(),
             _ => false,
         }

@@ -8,10 +8,12 @@
 --   KEYS[3]  the daemon's checkpoint (field `applied`: 16 hex digits, compared as text)
 --   ARGV[1]  the caller's token
 --   ARGV[2]  'row': write the value if the key is absent; 'refresh': replace the value
---            (early refresh of a cached key); 'absent': cache the row's absence
+--            (early refresh of a cached key); 'absent': cache the row's absence;
+--            'hash': write the hash of ARGV[6..] (field, value, ...) if the key is absent
 --   ARGV[3]  the value, or for 'absent' the absence marker
 --   ARGV[4]  TTL in milliseconds, '0' for none
 --   ARGV[5]  the position the row was read at, 16 hex digits
+--   ARGV[6..] for 'hash': the fields and their values
 -- Returns 1 when written, 0 when the fill lost, 2 when the daemon has not yet applied up to
 -- the read position (the lease is kept: try again).
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then
@@ -28,6 +30,16 @@ end
 if ARGV[2] == 'absent' then
   -- Kept in the lease key, so the next change to the row (an insert) deletes it.
   redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[4])
+  return 1
+end
+if ARGV[2] == 'hash' then
+  if #ARGV > 5 then
+    redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+    if ARGV[4] ~= '0' then
+      redis.call('PEXPIRE', KEYS[1], ARGV[4])
+    end
+  end
+  redis.call('DEL', KEYS[2])
   return 1
 end
 if ARGV[4] == '0' then

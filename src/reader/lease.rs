@@ -32,8 +32,9 @@ use super::stats::Event;
 use super::{Inner, ReaderError, TableEntry};
 use crate::Lsn;
 
-static ACQUIRE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("acquire.lua")));
-static FILL: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("fill.lua")));
+pub(crate) static ACQUIRE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("acquire.lua")));
+pub(crate) static FILL: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("fill.lua")));
 static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("release.lua")));
 
 /// Loads the scripts into Redis ahead of their first use (saves a `NOSCRIPT` round trip).
@@ -114,11 +115,11 @@ impl std::fmt::Debug for Lease {
     }
 }
 
-fn new_token() -> String {
+pub(crate) fn new_token() -> String {
     format!("{:032x}", rand::thread_rng().gen::<u128>())
 }
 
-fn millis(d: Duration) -> u64 {
+pub(crate) fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
@@ -356,7 +357,11 @@ impl Lease {
     }
 }
 
-async fn release(inner: &Inner, lease_key: &str, token: &str) -> Result<(), redis::RedisError> {
+pub(crate) async fn release(
+    inner: &Inner,
+    lease_key: &str,
+    token: &str,
+) -> Result<(), redis::RedisError> {
     let mut conn = inner.redis.clone();
     RELEASE
         .key(lease_key)
@@ -456,6 +461,14 @@ impl Backoff {
     pub(crate) fn lag(max: Duration) -> Backoff {
         Backoff {
             next: Duration::from_micros(250).min(max),
+            max,
+        }
+    }
+
+    /// Steps from `first`, doubling up to `max`.
+    pub(crate) fn with_steps(first: Duration, max: Duration) -> Backoff {
+        Backoff {
+            next: first.min(max),
             max,
         }
     }

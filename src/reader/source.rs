@@ -28,7 +28,7 @@ use deadpool_postgres::{ClientWrapper, Pool};
 use tokio_postgres::SimpleQueryMessage;
 
 use super::ReaderError;
-use crate::config::TableRule;
+use crate::config::{Format, TableRule};
 use crate::encoder::{self, PgType};
 use crate::Lsn;
 
@@ -66,12 +66,44 @@ static FINGERPRINT_BY_OID: LazyLock<String> = LazyLock::new(|| {
 /// lose to any change of a busy row meanwhile. A transaction that takes an xid commits with
 /// a commit record, and `synchronous_commit = local` flushes everything before it: one
 /// round trip, an xid, and a WAL flush, only when WAL is waiting to be flushed.
-async fn flush_wal(client: &ClientWrapper) -> Result<(), tokio_postgres::Error> {
+pub(super) async fn flush_wal(client: &ClientWrapper) -> Result<(), tokio_postgres::Error> {
     client
         .batch_execute(
             "BEGIN; SET LOCAL synchronous_commit = local; SELECT pg_current_xact_id(); COMMIT",
         )
         .await
+}
+
+/// The WAL position now, for a value computed outside the reader
+/// ([`Reader::get_with`](super::Reader::get_with)): taken before the loader runs, with the
+/// WAL flushed up to it when writers left some unflushed (see [`flush_wal`]), so that once
+/// the daemon has applied up to it, every change committed before the loader started has
+/// been applied (and has deleted its invalidation keys).
+pub(crate) async fn read_position(pool: &Pool) -> Result<Lsn, ReaderError> {
+    let unavailable = |e: Arc<dyn std::error::Error + Send + Sync>| ReaderError::Loader {
+        key: String::new(),
+        source: e,
+    };
+    let client = pool.get().await.map_err(|e| unavailable(Arc::new(e)))?;
+    let row = client
+        .query_one(
+            "SELECT pg_current_wal_insert_lsn()::text, \
+             pg_current_wal_insert_lsn() > pg_current_wal_flush_lsn()",
+            &[],
+        )
+        .await
+        .map_err(|e| unavailable(Arc::new(e)))?;
+    let at: String = row.get(0);
+    if row.get::<_, bool>(1) {
+        flush_wal(&client)
+            .await
+            .map_err(|e| unavailable(Arc::new(e)))?;
+    }
+    at.parse().map_err(|_| {
+        let problem: Box<dyn std::error::Error + Send + Sync> =
+            format!("Postgres reported WAL position {at:?}, which is not an LSN").into();
+        unavailable(Arc::from(problem))
+    })
 }
 
 /// One key to read: its Redis key (for messages) and its values' texts, in template order.
@@ -477,6 +509,19 @@ impl RowSource {
             let mut json = Vec::with_capacity(
                 64 + values.iter().flatten().map(|v| v.len() + 8).sum::<usize>(),
             );
+            if self.rule.format == Format::Hash {
+                // A hash's fields as the daemon writes them, carried as a JSON object of
+                // strings (NULL columns have no field).
+                encode_fields(&mut json, &columns, &values, self.rule.encode).map_err(
+                    |source| ReaderError::Encode {
+                        table: self.table.clone(),
+                        key: key.redis_key.clone(),
+                        source,
+                    },
+                )?;
+                out[o] = Some(json);
+                continue;
+            }
             encoder::encode_row(
                 &mut json,
                 &columns,
@@ -495,6 +540,27 @@ impl RowSource {
 }
 
 pub(crate) use crate::sql::{push_literal, quote_ident};
+
+/// A hash row's fields (each column's `encode_field` text, NULLs left out) as a JSON object
+/// of strings, in column order: how the reader carries a hash between Postgres, Redis and
+/// the caller.
+fn encode_fields(
+    out: &mut Vec<u8>,
+    columns: &[(&str, &PgType)],
+    values: &[Option<&str>],
+    opts: encoder::EncodeOptions,
+) -> Result<(), encoder::EncodeError> {
+    let mut map = Vec::with_capacity(columns.len());
+    for ((name, ty), value) in columns.iter().zip(values) {
+        if let Some(text) = value {
+            let mut field = Vec::with_capacity(text.len());
+            encoder::encode_field(&mut field, ty, text.as_bytes(), opts)?;
+            map.push((*name, String::from_utf8_lossy(&field).into_owned()));
+        }
+    }
+    super::hash::write_fields(out, map.iter().map(|(n, v)| (*n, v.as_str())));
+    Ok(())
+}
 
 #[cfg(test)]
 mod tests {

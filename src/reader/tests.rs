@@ -136,7 +136,7 @@ async fn bad_settings_are_named() {
 }
 
 #[tokio::test]
-async fn hash_tables_are_refused_by_name() {
+async fn hash_tables_are_served_but_not_by_the_lease_api() {
     let rule = TableRule {
         schema: "public".to_string(),
         name: "h".to_string(),
@@ -146,12 +146,14 @@ async fn hash_tables_are_refused_by_name() {
         ttl: None,
         format: Format::Hash,
         encode: crate::encoder::EncodeOptions::default(),
+        invalidate: Vec::new(),
     };
     let reader = Reader::builder(NO_POSTGRES, NO_REDIS)
         .rule(rule)
         .build()
         .unwrap();
-    let e = reader.table("public.h").err().unwrap();
+    let table = reader.table("public.h").unwrap();
+    let e = table.lease(1).await.err().unwrap();
     assert!(e.to_string().contains("format = \"hash\""), "{e}");
 }
 

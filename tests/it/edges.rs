@@ -618,7 +618,10 @@ async fn a_large_transaction_resumes_after_its_applied_part() {
         tokio::spawn(async move {
             let mut highest = 0i64;
             let mut went_back = Vec::new();
-            while watching.load(Ordering::Relaxed) {
+            // One last read after the stop, so the final value is always seen: the test
+            // stops watching as soon as it sees 20,000 itself.
+            loop {
+                let last = !watching.load(Ordering::Relaxed);
                 if let Ok(Some(text)) = redis::cmd("GET")
                     .arg("c:1")
                     .query_async::<Option<String>>(&mut r)
@@ -631,6 +634,9 @@ async fn a_large_transaction_resumes_after_its_applied_part() {
                         went_back.push((highest, v));
                     }
                     highest = highest.max(v);
+                }
+                if last {
+                    break;
                 }
                 tokio::time::sleep(Duration::from_micros(200)).await;
             }

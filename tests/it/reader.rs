@@ -7,14 +7,18 @@
 //! - `consistency`: stale fills, byte-identical values, negative caching, refused keys.
 //! - `availability`: Redis and Postgres outages.
 //! - `lookups`: single flight in one process, `get_many`, early refresh.
+//! - `computed`: `get_with` and `[[tables.invalidate]]` rules; tables stored as hashes.
 //! - `monotonic`: readers in several processes never see a row go back (G10), while the
 //!   daemon lags, is killed, and Redis loses its data.
+//! - `written`: read-your-writes: waiting for the daemon to apply a position.
 
 mod availability;
+mod computed;
 mod consistency;
 mod lookups;
 mod monotonic;
 mod processes;
+mod written;
 
 use std::path::Path;
 use std::process::{Command, Stdio};

@@ -383,6 +383,14 @@ fn add_op(pipe: &mut redis::Pipeline, ck: &str, op: &Op) {
                 .ignore();
             return;
         }
+        Op::DropMatching { patterns } => {
+            let cmd = pipe.cmd("EVAL").arg(DROP_KEY_SPACE).arg(0);
+            for pattern in patterns {
+                cmd.arg(pattern);
+            }
+            cmd.ignore();
+            return;
+        }
         Op::Merge(merge) => {
             // The merge script revokes the lease itself.
             add_merge(pipe, ck, merge);

@@ -28,6 +28,7 @@ fn docs(mode: Mode, format: Format, ttl: Option<Duration>) -> TableState {
         ttl,
         format,
         encode: EncodeOptions::default(),
+        invalidate: Vec::new(),
     });
     let column = |name: &str, type_oid, flags| Column {
         flags,
@@ -361,4 +362,126 @@ fn bytes_are_counted_and_released() {
     assert_eq!(batch.open_bytes(), 0);
     batch.prepare(false).unwrap();
     assert_eq!(batch.bytes(), 0);
+}
+
+/// `docs` with invalidation rules on `small` (outside the primary key: needs FULL).
+fn docs_invalidating(replica_identity: u8) -> Result<TableState, String> {
+    let rule = Arc::new(TableRule {
+        schema: "public".into(),
+        name: "docs".into(),
+        key: KeyTemplate::parse("doc:{id}").unwrap(),
+        columns: None,
+        mode: Mode::Mirror,
+        ttl: None,
+        format: Format::Json,
+        encode: EncodeOptions::default(),
+        invalidate: vec![
+            crate::config::InvalidateRule::new("list:{small}").unwrap(),
+            crate::config::InvalidateRule::new("page:{small}:{id}").unwrap(),
+        ],
+    });
+    let column = |name: &str, type_oid, flags| Column {
+        flags,
+        name: name.into(),
+        type_oid,
+        type_modifier: -1,
+    };
+    let relation = Relation {
+        id: 1,
+        namespace: "public".into(),
+        name: "docs".into(),
+        replica_identity,
+        columns: vec![
+            column("id", INT4, 1),
+            column("small", INT4, 0),
+            column("body", TEXT, 0),
+        ],
+    };
+    table_state(
+        &rule,
+        &relation,
+        &[PgType::Int, PgType::Int, PgType::Text],
+        "app:",
+    )
+}
+
+#[test]
+fn invalidation_keys_go_with_every_change_from_new_and_old_rows() {
+    let table = docs_invalidating(b'f').unwrap();
+    let mut batch = Batch::default();
+    batch.insert(&table, &row("1", "7", text("a"))).unwrap();
+    let ops = batch.prepare(true).unwrap().ops;
+    assert_eq!(ops[1..], [del("app:list:7"), del("app:page:7:1")]);
+
+    // An update that moves the row: the new row's keys, then the old row's.
+    let old = OldTuple::Full(row("1", "7", text("a")));
+    batch
+        .update(&table, Some(&old), &row("1", "8", text("a")))
+        .unwrap();
+    let ops = batch.prepare(true).unwrap().ops;
+    assert_eq!(
+        ops[1..],
+        [
+            del("app:list:8"),
+            del("app:list:7"),
+            del("app:page:8:1"),
+            del("app:page:7:1")
+        ]
+    );
+
+    // An update that leaves the template columns alone names each key once.
+    let old = OldTuple::Full(row("1", "8", text("a")));
+    batch
+        .update(&table, Some(&old), &row("1", "8", text("b")))
+        .unwrap();
+    let ops = batch.prepare(true).unwrap().ops;
+    assert_eq!(ops[1..], [del("app:list:8"), del("app:page:8:1")]);
+
+    // A delete renders from the old row; NULL renders no key.
+    batch
+        .delete(&table, &OldTuple::Full(row("1", "8", text("b"))))
+        .unwrap();
+    batch
+        .delete(
+            &table,
+            &OldTuple::Full(Tuple(vec![text("2"), TupleData::Null, text("x")])),
+        )
+        .unwrap();
+    let ops = batch.prepare(true).unwrap().ops;
+    assert_eq!(
+        ops,
+        [
+            del("app:doc:1"),
+            del("app:list:8"),
+            del("app:page:8:1"),
+            del("app:doc:2")
+        ]
+    );
+
+    // A value that is not at hand (unchanged TOAST in both images) drops the rule's keys.
+    let unknown = Tuple(vec![text("3"), TupleData::Unchanged, text("x")]);
+    batch.update(&table, None, &unknown).unwrap();
+    let ops = batch.prepare(true).unwrap().ops;
+    assert!(ops.contains(&Op::DropMatching {
+        patterns: vec![
+            "app:list:*".into(),
+            "{app:list:*}:pgcache-lease".into(),
+            "app:list:*:pgcache-lease".into()
+        ]
+    }));
+
+    // TRUNCATE drops every key the rules could name.
+    batch.truncate(&table);
+    let ops = batch.prepare(true).unwrap().ops;
+    assert_eq!(ops.len(), 2);
+    assert!(matches!(&ops[1], Op::DropMatching { patterns } if patterns.len() == 6));
+}
+
+#[test]
+fn invalidation_columns_outside_the_replica_identity_stop_the_table() {
+    let err = docs_invalidating(b'd').unwrap_err();
+    assert!(
+        err.contains("\"small\"") && err.contains("REPLICA IDENTITY FULL"),
+        "{err}"
+    );
 }

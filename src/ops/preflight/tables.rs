@@ -61,8 +61,14 @@ pub(super) async fn table_findings(
     let mut missing: Vec<&str> = wanted
         .iter()
         .copied()
+        .chain(
+            rule.invalidate
+                .iter()
+                .flat_map(|inv| inv.key.columns().iter().map(String::as_str)),
+        )
         .filter(|c| !columns.iter().any(|(have, _)| have == c))
         .collect();
+    missing.sort_unstable();
     missing.dedup();
     if !missing.is_empty() {
         findings.push(Finding::fail(
@@ -167,6 +173,33 @@ async fn identity_finding(
         .map(String::as_str)
         .filter(|c| !identity_columns.iter().any(|i| i == c))
         .collect();
+    // Invalidation keys are rendered from the old row too (an update that moves an order
+    // to another user deletes both users' lists), and the old row carries only the replica
+    // identity.
+    let mut invalidation_outside: Vec<String> = Vec::new();
+    for inv in &rule.invalidate {
+        for c in inv.key.columns() {
+            if columns.iter().any(|(have, _)| have == c) && !identity_columns.iter().any(|i| i == c)
+            {
+                invalidation_outside.push(format!(
+                    "{c:?} (of invalidation key {:?})",
+                    inv.key.as_str()
+                ));
+            }
+        }
+    }
+    if outside.is_empty() && !invalidation_outside.is_empty() {
+        return Ok(Finding::fail(
+            format!(
+                "table {name}: invalidation key column {} is not in the replica identity ({}), \
+                 so updates and deletes could not name the old row's key, which would stay \
+                 stale; the rule needs REPLICA IDENTITY FULL",
+                invalidation_outside.join(", "),
+                identity_columns.join(", ")
+            ),
+            full_fix,
+        ));
+    }
     Ok(if outside.is_empty() {
         Finding::ok(format!(
             "table {name}: key columns are in its replica identity ({})",

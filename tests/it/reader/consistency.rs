@@ -119,6 +119,9 @@ async fn stale_fills_lose_to_changes_the_daemon_applies() {
     // stale fill.
     let drafts = reader.table("drafts").unwrap();
     env.sql("INSERT INTO drafts VALUES (1, 'first')");
+    // Applied before the lease is taken: else applying it would revoke the lease too, and
+    // on a slow machine the update below could then revoke the next lookup's lease.
+    reader.wait_for_writes().await.unwrap();
     let LeaseOutcome::Acquired(lease) = drafts.lease(1).await.unwrap() else {
         panic!("lease on a cold key");
     };

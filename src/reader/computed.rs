@@ -1,0 +1,270 @@
+//! Computed values: [`Reader::get_with`](super::Reader::get_with) caches what a loader
+//! builds (a user's order list, a page) under the same lease protocol as table rows.
+//!
+//! The key is not a table's: nothing in the daemon writes it. A table's
+//! `[[tables.invalidate]]` rules name it, and every change to that table deletes it with its
+//! lease, in the same `MULTI … EXEC` as the change's other writes. So:
+//! 1. `GET key`; a hit is returned.
+//! 2. On a miss, `acquire.lua` takes the lease (or finds the value, or another holder).
+//! 3. The holder takes the WAL position (`pg_current_wal_insert_lsn()`) *before* calling
+//!    the loader: every change committed before the loader's reads began ends at or before
+//!    it.
+//! 4. The loader runs; its value is serialized (JSON, or the caller's bytes).
+//! 5. `fill.lua` writes it only while the lease still holds our token, the key is absent,
+//!    and the daemon has applied the stream up to the position of step 3 (waiting for it at
+//!    most `max_lag_wait`). A change applied since step 2 deleted the lease: the fill loses,
+//!    and the caller gets the value it loaded, not cached (the next call loads again).
+//!
+//! Callers in one process that miss the same key together share one load. Others wait for
+//! the holder's fill (polling with backoff, up to the lease TTL), then load without filling.
+//! When Redis fails, the loader runs and nothing is cached.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bytes::Bytes;
+
+use super::flight::Outcome;
+use super::lease::{self, Backoff, ABSENT};
+use super::{source, Inner, ReaderError};
+use crate::Lsn;
+
+/// The boxed error a loader may return.
+pub type LoaderError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What the acquire script found for a computed key.
+enum Found {
+    Hit(Bytes),
+    Acquired(String),
+    Held,
+}
+
+/// A held lease on a computed key; given back when dropped unsettled (a loader that
+/// failed, panicked or was cancelled), so that waiters need not sit out its TTL.
+struct Held {
+    inner: Arc<Inner>,
+    lease_key: String,
+    token: String,
+    settled: bool,
+}
+
+impl Held {
+    async fn release(mut self) {
+        self.settled = true;
+        if let Err(e) = lease::release(&self.inner, &self.lease_key, &self.token).await {
+            self.inner.redis_failed(&e);
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let inner = self.inner.clone();
+            let lease_key = std::mem::take(&mut self.lease_key);
+            let token = std::mem::take(&mut self.token);
+            runtime.spawn(async move {
+                let _ = lease::release(&inner, &lease_key, &token).await;
+            });
+        }
+    }
+}
+
+/// The value of `redis_key`, from Redis or from `loader` (filled under the lease). The
+/// loader gives the bytes to cache; `ttl_ms` 0 caches without expiry.
+pub(super) async fn get_with<F, Fut>(
+    inner: &Arc<Inner>,
+    redis_key: &str,
+    ttl_ms: u64,
+    loader: F,
+) -> Outcome
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = Result<Vec<u8>, LoaderError>>,
+{
+    let mut conn = inner.redis.clone();
+    match redis::cmd("GET")
+        .arg(redis_key)
+        .query_async::<Option<Vec<u8>>>(&mut conn)
+        .await
+    {
+        Ok(Some(value)) => {
+            inner.redis_worked();
+            return Ok(Some(Bytes::from(value)));
+        }
+        Ok(None) => inner.redis_worked(),
+        Err(e) => {
+            inner.redis_failed(&e);
+            return load(redis_key, loader).await.map(Some);
+        }
+    }
+    // The loader runs at most once, by whichever caller leads the key's flight.
+    let loader = Mutex::new(Some(loader));
+    let take = || loader.lock().ok().and_then(|mut l| l.take());
+    let (outcome, _) = inner
+        .flights
+        .share(redis_key, |_| {
+            let loader = take();
+            async move {
+                match loader {
+                    Some(loader) => lead(inner, redis_key, ttl_ms, loader).await,
+                    // `share` runs the work at most once per caller.
+                    None => Ok(None),
+                }
+            }
+        })
+        .await;
+    outcome
+}
+
+async fn load<F, Fut>(redis_key: &str, loader: F) -> Result<Bytes, ReaderError>
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = Result<Vec<u8>, LoaderError>>,
+{
+    loader()
+        .await
+        .map(Bytes::from)
+        .map_err(|e| ReaderError::Loader {
+            key: redis_key.to_string(),
+            source: Arc::from(e),
+        })
+}
+
+async fn acquire(inner: &Arc<Inner>, redis_key: &str) -> Result<Found, redis::RedisError> {
+    let lease_key = crate::template::lease_key(redis_key);
+    let token = lease::new_token();
+    let mut conn = inner.redis.clone();
+    let reply: redis::Value = lease::ACQUIRE
+        .key(redis_key)
+        .key(&lease_key)
+        .arg(&token)
+        .arg(lease::millis(inner.options.lease_ttl))
+        .arg(ABSENT)
+        .invoke_async(&mut conn)
+        .await?;
+    let mut items = match reply {
+        redis::Value::Array(items) => items.into_iter(),
+        _ => Vec::new().into_iter(),
+    };
+    Ok(match (items.next(), items.next()) {
+        (Some(redis::Value::Int(1)), Some(redis::Value::BulkString(v))) => {
+            Found::Hit(Bytes::from(v))
+        }
+        (Some(redis::Value::Int(2)), _) => Found::Acquired(token),
+        // Nothing caches an absence for a computed key; a marker there is someone else's.
+        (Some(redis::Value::Int(3 | 4)), _) => Found::Held,
+        _ => {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::Parse,
+                "unexpected reply from the pgcache acquire script",
+            )))
+        }
+    })
+}
+
+/// The lease protocol for one computed key, by the caller that leads its flight.
+async fn lead<F, Fut>(inner: &Arc<Inner>, redis_key: &str, ttl_ms: u64, loader: F) -> Outcome
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = Result<Vec<u8>, LoaderError>>,
+{
+    let mut backoff = Backoff::new(inner.options.max_wait_step);
+    let deadline = Instant::now() + inner.options.lease_ttl + inner.options.max_wait_step;
+    loop {
+        let token = match acquire(inner, redis_key).await {
+            Ok(Found::Hit(value)) => return Ok(Some(value)),
+            Ok(Found::Acquired(token)) => token,
+            Ok(Found::Held) => {
+                let now = Instant::now();
+                if now >= deadline {
+                    // The holder is slow or gone: load without filling.
+                    return load(redis_key, loader).await.map(Some);
+                }
+                tokio::time::sleep(backoff.step().min(deadline - now)).await;
+                continue;
+            }
+            Err(e) => {
+                inner.redis_failed(&e);
+                return load(redis_key, loader).await.map(Some);
+            }
+        };
+        let held = Held {
+            inner: inner.clone(),
+            lease_key: crate::template::lease_key(redis_key),
+            token,
+            settled: false,
+        };
+        // Before the loader: every change it could have missed ends at or before `at`.
+        let at = match source::read_position(&inner.pool).await {
+            Ok(at) => Some(at),
+            Err(e) => {
+                tracing::debug!(key = %redis_key, error = %e, "no WAL position: the value is loaded but not cached");
+                None
+            }
+        };
+        let value = load(redis_key, loader).await?;
+        match at {
+            Some(at) => fill(inner, held, redis_key, &value, ttl_ms, at).await,
+            None => held.release().await,
+        }
+        return Ok(Some(value));
+    }
+}
+
+/// Fills under the lease once the daemon has applied up to `at` (at most `max_lag_wait`).
+async fn fill(
+    inner: &Arc<Inner>,
+    mut held: Held,
+    redis_key: &str,
+    value: &[u8],
+    ttl_ms: u64,
+    at: Lsn,
+) {
+    let at = crate::checkpoint::hex(at);
+    let deadline = Instant::now() + inner.options.max_lag_wait;
+    let mut backoff = Backoff::lag(inner.options.max_wait_step);
+    let mut conn = inner.redis.clone();
+    loop {
+        let written: Result<i64, _> = lease::FILL
+            .key(redis_key)
+            .key(&held.lease_key)
+            .key(&inner.checkpoint_key)
+            .arg(&held.token)
+            .arg("row")
+            .arg(value)
+            .arg(ttl_ms)
+            .arg(&at)
+            .invoke_async(&mut conn)
+            .await;
+        match written {
+            Ok(2) => {
+                let now = Instant::now();
+                if now >= deadline {
+                    tracing::debug!(key = %redis_key, "the daemon lags: the value is not cached");
+                    return held.release().await;
+                }
+                tokio::time::sleep(backoff.step().min(deadline - now)).await;
+            }
+            Ok(1) => {
+                held.settled = true;
+                return;
+            }
+            Ok(_) => {
+                // A change deleted the key's lease (or the key was written): the value may
+                // predate it, so it is not cached.
+                tracing::debug!(key = %redis_key, "computed fill lost: a change invalidated the key meanwhile");
+                held.settled = true;
+                return;
+            }
+            Err(e) => {
+                inner.redis_failed(&e);
+                return held.release().await;
+            }
+        }
+    }
+}
