@@ -470,12 +470,6 @@ pub fn unescape_value(s: &str) -> Result<Vec<u8>, TemplateError> {
     Ok(out)
 }
 
-/// The lease key for a row key, in the same Redis Cluster slot as the row.
-///
-/// A row key with a hash tag keeps it: the suffix adds no brace, so the slot stays.
-/// Otherwise Redis hashes the whole row key, so the whole row key becomes the lease key's
-/// hash tag, which is exact while the row key has no `}` (values never do; a template that
-/// has one also has a hash tag before it).
 /// `text` with Redis glob characters (`* ? [ ] \`) escaped, for `SCAN MATCH` patterns.
 pub fn glob_escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
@@ -488,6 +482,13 @@ pub fn glob_escape(text: &str) -> String {
     out
 }
 
+/// The lease key for a row key, in the same Redis Cluster slot as the row (PROTOCOL.md,
+/// "Lease keys").
+///
+/// A row key with a hash tag keeps it: the suffix adds no brace, so the slot stays.
+/// Otherwise Redis hashes the whole row key, so the whole row key becomes the lease key's
+/// hash tag, which is exact while the row key has no `}` (values never do; a template that
+/// has one also has a hash tag before it).
 pub fn lease_key(row_key: &str) -> String {
     let mut key = String::with_capacity(row_key.len() + LEASE_SUFFIX.len() + 2);
     if has_hash_tag(row_key) {

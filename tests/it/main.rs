@@ -16,6 +16,7 @@ mod deploy;
 mod edges;
 mod faults;
 mod ops;
+mod protocol;
 mod reader;
 mod replication;
 mod security;

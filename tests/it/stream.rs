@@ -196,8 +196,8 @@ INSERT INTO matrix_num VALUES (1, 12.50, 3, '{1.50,NaN,-0.001}', 0.1),
                               (3, 123456789012345678901234567890.123456789, -0.5, '{}', NULL);
 "#;
 
-/// Every type of DESIGN.md's encoding table goes through the stream, and the read helper
-/// produces the same bytes for the same rows.
+/// Every type of the encoding table (PROTOCOL.md, "Encoding table") goes through the stream,
+/// and the read helper produces the same bytes for the same rows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn type_matrix_stream_backfill_and_reader_are_byte_identical() {
     let env = Env::start("", "");
