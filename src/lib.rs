@@ -54,4 +54,9 @@ pub mod ops;
 pub mod testkit;
 
 pub use lsn::Lsn;
-pub use reader::Reader;
+pub use reader::{Reader, ReaderOptions};
+
+/// The crates whose types appear in the reader's API (a pool or connection you pass in, the
+/// source of an error), at the versions pgcache is built with: use these to avoid a
+/// version mismatch.
+pub use {deadpool_postgres, redis, tokio_postgres};

@@ -104,6 +104,9 @@ pub(crate) struct Inner {
     redis_ok: AtomicBool,
     /// The daemon's applied position, polled once for all read-your-writes waiters.
     applied_watch: written::AppliedWatch,
+    /// Set once the pool's session settings are known to be the daemon's: at once for the
+    /// reader's own pool, on the first read for one the application gave.
+    settings_checked: tokio::sync::OnceCell<()>,
 }
 
 pub(crate) struct TableEntry {

@@ -101,6 +101,7 @@ pub struct ReaderBuilder {
     postgres_url: String,
     redis_url: String,
     redis: Option<ConnectionManager>,
+    pool: Option<Pool>,
     redis_roots: Option<RedisRoots>,
     key_prefix: String,
     slot: String,
@@ -115,6 +116,7 @@ impl ReaderBuilder {
             postgres_url: postgres_url.to_string(),
             redis_url: redis_url.to_string(),
             redis: None,
+            pool: None,
             redis_roots: None,
             key_prefix: String::new(),
             slot: crate::config::DEFAULT_SLOT.to_string(),
@@ -177,6 +179,17 @@ impl ReaderBuilder {
         self
     }
 
+    /// Reads Postgres through this pool (the application's own) instead of opening one from
+    /// the URL. Its connections must print values as the daemon's do: build its
+    /// `tokio_postgres::Config` with `options(&pgcache::pgconn::session_options())`. The
+    /// reader checks the settings on its first read and refuses to read with others
+    /// ([`ReaderError::Options`] naming the setting), since a fill in another `DateStyle` or
+    /// `TimeZone` would cache text the daemon never writes.
+    pub fn postgres_pool(mut self, pool: Pool) -> Self {
+        self.pool = Some(pool);
+        self
+    }
+
     /// Uses this Redis connection instead of opening one from the URL.
     pub fn redis_connection(mut self, connection: ConnectionManager) -> Self {
         self.redis = Some(connection);
@@ -199,7 +212,11 @@ impl ReaderBuilder {
                 "a Reader must be built inside a Tokio runtime".to_string(),
             ));
         }
-        let pool = build_pool(&self.postgres_url, &self.options)?;
+        let external_pool = self.pool.is_some();
+        let pool = match self.pool {
+            Some(pool) => pool,
+            None => build_pool(&self.postgres_url, &self.options)?,
+        };
         let redis = match self.redis {
             Some(redis) => redis,
             None => connect_redis(&self.redis_url, self.redis_roots.as_ref(), &self.options)?,
@@ -243,6 +260,7 @@ impl ReaderBuilder {
                 lookups: Flights::default(),
                 redis_ok: AtomicBool::new(true),
                 applied_watch: super::written::AppliedWatch::new(),
+                settings_checked: tokio::sync::OnceCell::new_with((!external_pool).then_some(())),
             }),
         };
         // Prepare in the background what the first miss would otherwise pay for (often a

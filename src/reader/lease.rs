@@ -397,8 +397,47 @@ pub(crate) async fn read_rows(
     entry: &TableEntry,
     keys: &[KeyTexts],
 ) -> Result<Read, ReaderError> {
+    inner
+        .settings_checked
+        .get_or_try_init(|| check_settings(&inner.pool, &entry.name))
+        .await?;
     entry.counters.record(Event::DbRead);
     entry.source.read(&inner.pool, keys).await
+}
+
+/// Checks that a pool the application gave prints values as the daemon does.
+async fn check_settings(pool: &deadpool_postgres::Pool, table: &str) -> Result<(), ReaderError> {
+    let client = pool
+        .get()
+        .await
+        .map_err(|e| ReaderError::PostgresUnavailable {
+            table: table.to_string(),
+            source: Arc::new(e),
+        })?;
+    let pg_error = |e| ReaderError::Postgres {
+        table: table.to_string(),
+        source: Arc::new(e),
+    };
+    for &(name, wanted) in crate::pgconn::SESSION_SETTINGS {
+        let row = client
+            .query_one("SELECT current_setting($1)", &[&name])
+            .await
+            .map_err(pg_error)?;
+        let actual: String = row.try_get(0).map_err(pg_error)?;
+        // DateStyle is "output style, field order"; with ISO output the order is unused.
+        let compared = match name {
+            "DateStyle" => actual.split(',').next().unwrap_or_default().trim(),
+            _ => actual.as_str(),
+        };
+        if !compared.eq_ignore_ascii_case(wanted) {
+            return Err(ReaderError::Options(format!(
+                "the Postgres pool given to the reader has {name} = {actual:?}, where the \
+                 daemon's values need {wanted:?}: build its config with \
+                 options(&pgcache::pgconn::session_options())"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Waits until the daemon has applied the stream up to `at` (its checkpoint's `applied`),

@@ -17,6 +17,7 @@ mod computed;
 mod consistency;
 mod lookups;
 mod monotonic;
+mod pool;
 mod processes;
 mod written;
 
