@@ -54,4 +54,4 @@ pub mod ops;
 pub mod testkit;
 
 pub use lsn::Lsn;
-pub use reader::Reader;
+pub use reader::{Reader, ReaderOptions};

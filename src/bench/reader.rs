@@ -17,7 +17,7 @@ use super::lab::{execute, pg_error, redis_error, Lab};
 use super::report::{Better, Figure, FigureSpec, Target};
 use super::stats::{median, ms, percentile};
 use super::{BenchError, Progress, Scale};
-use crate::reader::{Reader, ReaderOptions};
+use crate::reader::{Reader, ReaderOptions, Served};
 
 const TABLE: &str = "public.rd_users";
 const SLOT: &str = "rd_pgcache";
@@ -53,6 +53,17 @@ pub fn specs(scale: &Scale) -> Vec<FigureSpec> {
             format!(
                 "Stampede: p99 latency of {} concurrent callers ({} stampedes)",
                 scale.stampede_callers, scale.stampede_rounds
+            ),
+            "ms",
+            "one direct database read",
+            Better::Lower,
+            Target::AtMostFloorPlus(5.0),
+        ),
+        FigureSpec::new(
+            "reader.hung_redis.p99",
+            format!(
+                "Hung Redis (SIGSTOP): p99 of {:.0} s of lookups after the first timeout",
+                scale.hung_redis_seconds
             ),
             "ms",
             "one direct database read",
@@ -97,7 +108,16 @@ pub async fn run(lab: &Lab, scale: &Scale, progress: Progress) -> Result<Vec<Fig
     let measured = measure(lab, &client, &specs, scale, progress).await;
     daemon.stop().await;
     lab.drop_slots(&client, &[SLOT]).await;
-    measured
+    let mut figures = measured?;
+    // Without the daemon, which would stall on the paused Redis too.
+    progress.say("reader: hung Redis");
+    figures.push(
+        match hung_redis(lab, &client, &specs[3], scale, progress).await {
+            Ok(figure) => figure,
+            Err(e) => specs[3].failed(e.to_string()),
+        },
+    );
+    Ok(figures)
 }
 
 /// Waits until the daemon has written its first position.
@@ -374,6 +394,8 @@ async fn stampedes(reader: &Reader, lab: &Lab, scale: &Scale) -> Result<Stampede
             "coalesced": after.coalesced - before.coalesced,
             "fallbacks": after.fallbacks - before.fallbacks,
             "wait_timeouts": after.wait_timeouts - before.wait_timeouts,
+            "lag_waits": after.lag_waits - before.lag_waits,
+            "db_reads": after.db_reads - before.db_reads,
         }),
         p50_ms: q(0.5),
         p99_ms: q(0.99),
@@ -511,4 +533,115 @@ async fn direct_read(client: &tokio_postgres::Client, pause: Duration) -> Result
     median(samples)
         .map(ms)
         .ok_or_else(|| BenchError::Check("no direct read samples".into()))
+}
+
+/// Resumes a paused Redis however the measurement ends.
+struct Resume<'a>(&'a Lab);
+
+impl Drop for Resume<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.resume_redis();
+    }
+}
+
+/// Lookups with Redis stopped by `SIGSTOP`: the first one waits for `redis_timeout` and
+/// opens the circuit breaker; the ones after it, one at a time for a few seconds (across
+/// several cool-downs and their background probes), are timed against a direct read.
+async fn hung_redis(
+    lab: &Lab,
+    client: &tokio_postgres::Client,
+    spec: &FigureSpec,
+    scale: &Scale,
+    progress: Progress,
+) -> Result<Figure, BenchError> {
+    let options = ReaderOptions::default();
+    let reader = Reader::builder(&lab.pg_url(), &lab.redis_url())
+        .table(TABLE, TEMPLATE)
+        .slot(SLOT)
+        .options(options.clone())
+        .build()
+        .map_err(|e| BenchError::Setup(format!("building the reader: {e}")))?;
+    // A hit: the Redis connection is open and the pool warm before Redis hangs.
+    let hot = get(&reader, HOT_ID).await?;
+    let table = reader
+        .table(TABLE)
+        .map_err(|e| BenchError::Setup(e.to_string()))?;
+    lab.pause_redis()?;
+    let resume = Resume(lab);
+    let started = Instant::now();
+    let first = table
+        .lookup::<Value>(HOT_ID)
+        .await
+        .map_err(|e| BenchError::Check(format!("the first lookup with Redis paused: {e}")))?;
+    let first_ms = ms(started.elapsed());
+    if first.value.as_ref() != Some(&hot) {
+        return Err(BenchError::Check(format!(
+            "with Redis paused, the reader returned {:?} for {HOT_ID}, not {hot}",
+            first.value
+        )));
+    }
+    let mut latencies = Vec::new();
+    let mut served = std::collections::BTreeMap::<String, u64>::new();
+    let until = Instant::now() + Duration::from_secs_f64(scale.hung_redis_seconds);
+    let mut id = COLD_ID;
+    while Instant::now() < until {
+        id = id % ROWS + 1;
+        let started = Instant::now();
+        let found = table
+            .lookup::<Value>(id)
+            .await
+            .map_err(|e| BenchError::Check(format!("lookup of {id} with Redis paused: {e}")))?;
+        latencies.push(started.elapsed());
+        if found.value.as_ref().and_then(|v| v.get("id")) != Some(&json!(id)) {
+            return Err(BenchError::Check(format!(
+                "with Redis paused, the lookup of {id} returned {:?}",
+                found.value
+            )));
+        }
+        *served.entry(format!("{:?}", found.served)).or_default() += 1;
+    }
+    let paused_stats = reader.stats();
+    drop(resume);
+    // The breaker closes again once a probe gets an answer.
+    let resumed = Instant::now();
+    let closed_ms = loop {
+        let found = table
+            .lookup::<Value>(HOT_ID)
+            .await
+            .map_err(|e| BenchError::Check(format!("lookup after Redis resumed: {e}")))?;
+        if found.served == Served::Hit {
+            break ms(resumed.elapsed());
+        }
+        if resumed.elapsed() > options.redis_timeout + options.breaker_cooldown * 4 {
+            return Err(BenchError::Check(
+                "the breaker did not close after Redis resumed".into(),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    };
+    let direct = direct_read(client, Duration::ZERO).await?;
+    latencies.sort();
+    let q = |p: f64| percentile(&latencies, p).map_or(f64::NAN, ms);
+    progress.say(format!(
+        "reader: hung Redis: first lookup {first_ms:.0} ms, then p99 {:.2} ms over {} lookups",
+        q(0.99),
+        latencies.len()
+    ));
+    let details = json!({
+        "redis_timeout_ms": ms(options.redis_timeout),
+        "breaker_failures": options.breaker_failures,
+        "breaker_cooldown_ms": ms(options.breaker_cooldown),
+        "first_lookup_ms": first_ms,
+        "lookups": latencies.len(),
+        "served": served,
+        "p50_ms": q(0.5),
+        "p99_ms": q(0.99),
+        "max_ms": q(1.0),
+        "breaker_fallbacks": paused_stats.breaker_fallbacks,
+        "fallbacks": paused_stats.fallbacks,
+        "closed_after_resume_ms": closed_ms,
+        "direct_read_ms": direct,
+        "latency": "one caller at a time, each from its call to its return, after the first lookup (which waits for redis_timeout)",
+    });
+    Ok(spec.measured(q(0.99), direct, details))
 }

@@ -91,11 +91,9 @@ async fn hot_keys_with_a_ttl_are_refreshed_early() {
     );
     let reader = reader(
         &config,
-        ReaderOptions {
+        ReaderOptions::default()
             // Refresh at nearly every hit, to see it happen in a short test.
-            early_refresh_beta: Some(1000.0),
-            ..ReaderOptions::default()
-        },
+            .early_refresh_beta(Some(1000.0)),
     );
     assert!(reader.get_json("items", 1).await.unwrap().is_some());
     let mut r = env.redis().await;
