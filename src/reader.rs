@@ -428,7 +428,10 @@ impl Table {
     ///
     /// # Errors
     /// As [`Reader::get`].
-    pub async fn lookup<T: DeserializeOwned>(&self, key: impl Key) -> Result<Lookup<T>, ReaderError> {
+    pub async fn lookup<T: DeserializeOwned>(
+        &self,
+        key: impl Key,
+    ) -> Result<Lookup<T>, ReaderError> {
         lookup(&self.inner, &self.entry, key).await
     }
 

@@ -201,6 +201,7 @@ async fn measure(
         "rounds": scale.stampede_rounds,
         "latency": "per call, from each caller's call to its return; from_release: from the signal that released all callers",
         "round_p99_ms": stampede.round_p99_ms,
+        "round_lag_waits": stampede.round_lag_waits,
         "db_reads": stampede.db_reads,
         "coalesced": stampede.coalesced,
         "reader_stats": stampede.stats,
@@ -320,6 +321,8 @@ struct Stampede {
     max_ms: f64,
     /// Each round's own p99.
     round_p99_ms: Vec<f64>,
+    /// Each round's fills that waited for the daemon to apply up to their read.
+    round_lag_waits: Vec<u64>,
     /// Over every caller, timed from the release instead of from its call.
     from_release_p99_ms: f64,
 }
@@ -334,6 +337,7 @@ async fn stampedes(reader: &Reader, lab: &Lab, scale: &Scale) -> Result<Stampede
     let mut latencies = Vec::with_capacity(callers * scale.stampede_rounds);
     let mut from_release = Vec::with_capacity(callers * scale.stampede_rounds);
     let mut round_p99_ms = Vec::with_capacity(scale.stampede_rounds);
+    let mut round_lag_waits = Vec::with_capacity(scale.stampede_rounds);
     for round in 0..scale.stampede_rounds {
         let id = COLD_ID + round as i64;
         let key = reader
@@ -345,6 +349,7 @@ async fn stampedes(reader: &Reader, lab: &Lab, scale: &Scale) -> Result<Stampede
             .query_async::<()>(&mut redis)
             .await
             .map_err(|e| redis_error("DEL", e))?;
+        let lag_waits_before = reader.stats().lag_waits;
         let results = herd(callers, move || {
             let reader = reader.clone();
             async move { get(&reader, id).await }
@@ -377,6 +382,7 @@ async fn stampedes(reader: &Reader, lab: &Lab, scale: &Scale) -> Result<Stampede
         }
         round_latencies.sort();
         round_p99_ms.push(percentile(&round_latencies, 0.99).map_or(f64::NAN, ms));
+        round_lag_waits.push(reader.stats().lag_waits - lag_waits_before);
         latencies.extend(round_latencies);
     }
     latencies.sort();
@@ -401,6 +407,7 @@ async fn stampedes(reader: &Reader, lab: &Lab, scale: &Scale) -> Result<Stampede
         p99_ms: q(0.99),
         max_ms: q(1.0),
         round_p99_ms,
+        round_lag_waits,
         from_release_p99_ms: percentile(&from_release, 0.99).map_or(f64::NAN, ms),
     })
 }

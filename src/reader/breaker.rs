@@ -136,7 +136,10 @@ impl Breaker {
         if self.threshold == 0 {
             return Change::None;
         }
-        let failures = self.failures.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+        let failures = self
+            .failures
+            .fetch_add(1, Ordering::Relaxed)
+            .saturating_add(1);
         if failures < self.threshold {
             return Change::None;
         }
@@ -204,7 +207,11 @@ mod tests {
         assert_eq!(b.permit(), Permit::Skip, "one probe at a time");
         b.probe_failed();
         std::thread::sleep(Duration::from_millis(1));
-        assert_eq!(b.permit(), Permit::SkipAndProbe, "reopened, then half-open again");
+        assert_eq!(
+            b.permit(),
+            Permit::SkipAndProbe,
+            "reopened, then half-open again"
+        );
         assert_eq!(b.succeeded(), Change::Closed);
         assert_eq!(b.permit(), Permit::Redis);
     }

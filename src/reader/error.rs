@@ -186,7 +186,9 @@ mod tests {
         #[error("wrapped: {0}")]
         struct Repeats(#[source] std::io::Error);
         assert_eq!(
-            chain(&Outer(std::io::Error::from(std::io::ErrorKind::ConnectionRefused))),
+            chain(&Outer(std::io::Error::from(
+                std::io::ErrorKind::ConnectionRefused
+            ))),
             format!("error connecting to server: {refused}")
         );
         assert_eq!(chain(&Repeats(io)), format!("wrapped: {refused}"));

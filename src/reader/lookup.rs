@@ -690,7 +690,11 @@ async fn resolve_many(
         outcomes[j] = Some(outcome);
     }
     for (j, leader) in leaders {
-        leader.finish(outcomes[j].clone().unwrap_or(Ok(Resolved::new(None, Served::Uncached))));
+        leader.finish(
+            outcomes[j]
+                .clone()
+                .unwrap_or(Ok(Resolved::new(None, Served::Uncached))),
+        );
     }
     for (j, slot) in followers {
         entry.counters.record(Event::Coalesced);

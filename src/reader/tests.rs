@@ -184,12 +184,24 @@ async fn debug_names_tables_and_options_but_no_urls() {
         .key_prefix("app:")
         .table("public.users", "user:{id}");
     let text = format!("{builder:?}");
-    assert!(text.contains("public.users") && text.contains("app:"), "{text}");
-    assert!(!text.contains("hunter2") && !text.contains("127.0.0.1"), "{text}");
+    assert!(
+        text.contains("public.users") && text.contains("app:"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("hunter2") && !text.contains("127.0.0.1"),
+        "{text}"
+    );
     let reader = builder.build().unwrap();
     let text = format!("{reader:?}");
-    assert!(text.contains("public.users") && text.contains("redis_timeout"), "{text}");
-    assert!(!text.contains("hunter2") && !text.contains("127.0.0.1"), "{text}");
+    assert!(
+        text.contains("public.users") && text.contains("redis_timeout"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("hunter2") && !text.contains("127.0.0.1"),
+        "{text}"
+    );
     let table = reader.table("users").unwrap();
     assert_eq!(
         format!("{table:?}"),

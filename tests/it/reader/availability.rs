@@ -16,8 +16,7 @@ async fn redis_outage_falls_back_to_postgres_and_recovers() {
     env.sql("INSERT INTO items VALUES (1, 'a', 1), (2, 'b', 2), (3, 'c', 3)");
     let reader = reader(
         &env.config(ITEMS_RULE),
-        ReaderOptions::default()
-            .redis_timeout(Duration::from_millis(500)),
+        ReaderOptions::default().redis_timeout(Duration::from_millis(500)),
     );
     let expected =
         |id: i64, name: &str| Some(json!({"id": id, "name": name, "price": format!("{id}.00")}));
@@ -92,8 +91,7 @@ async fn postgres_outage_still_serves_hits() {
     env.sql("INSERT INTO items VALUES (1, 'a', 1), (2, 'b', 2)");
     let reader = reader(
         &env.config(ITEMS_RULE),
-        ReaderOptions::default()
-            .postgres_timeout(Duration::from_secs(2)),
+        ReaderOptions::default().postgres_timeout(Duration::from_secs(2)),
     );
     let one = Some(json!({"id": 1, "name": "a", "price": "1.00"}));
     assert_eq!(reader.get_json("items", 1).await.unwrap(), one);
@@ -135,9 +133,13 @@ async fn a_hung_redis_opens_the_breaker_and_lookups_read_postgres_at_once() {
             .breaker_cooldown(cooldown),
     );
     let items = reader.table("items").unwrap();
-    let item = |id: i64, name: &str| Some(json!({"id": id, "name": name, "price": format!("{id}.00")}));
+    let item =
+        |id: i64, name: &str| Some(json!({"id": id, "name": name, "price": format!("{id}.00")}));
     let first = items.lookup::<Value>(1).await.unwrap();
-    assert_eq!((first.value, first.served), (item(1, "cached"), Served::Filled));
+    assert_eq!(
+        (first.value, first.served),
+        (item(1, "cached"), Served::Filled)
+    );
     let hit = items.lookup::<Value>(1).await.unwrap();
     assert_eq!((hit.value, hit.served), (item(1, "cached"), Served::Hit));
     env.sql("UPDATE items SET name = 'fresh' WHERE id = 1");
@@ -146,7 +148,10 @@ async fn a_hung_redis_opens_the_breaker_and_lookups_read_postgres_at_once() {
     let started = Instant::now();
     let found = items.lookup::<Value>(1).await.unwrap();
     let first_took = started.elapsed();
-    assert_eq!((found.value, found.served), (item(1, "fresh"), Served::Fallback));
+    assert_eq!(
+        (found.value, found.served),
+        (item(1, "fresh"), Served::Fallback)
+    );
     assert!(
         first_took >= timeout - Duration::from_millis(100),
         "the first lookup waits for the timeout: {first_took:?}"
@@ -159,7 +164,10 @@ async fn a_hung_redis_opens_the_breaker_and_lookups_read_postgres_at_once() {
     while Instant::now() < until || lookups < 20 {
         let started = Instant::now();
         let found = items.lookup::<Value>(1).await.unwrap();
-        assert_eq!((found.value, found.served), (item(1, "fresh"), Served::BreakerOpen));
+        assert_eq!(
+            (found.value, found.served),
+            (item(1, "fresh"), Served::BreakerOpen)
+        );
         let absent = items.lookup::<Value>(99).await.unwrap();
         assert_eq!((absent.value, absent.served), (None, Served::BreakerOpen));
         slowest = slowest.max(started.elapsed());

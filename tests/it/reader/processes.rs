@@ -24,8 +24,7 @@ async fn stampede_worker() {
     let tasks: usize = std::env::var(WORKER_TASKS).unwrap().parse().unwrap();
     let reader = reader(
         &config,
-        ReaderOptions::default()
-            .lease_ttl(Duration::from_secs(10)),
+        ReaderOptions::default().lease_ttl(Duration::from_secs(10)),
     );
     // Open the Redis connection before the start, so the tasks really ask together.
     let items = reader.table("public.items").unwrap();
@@ -204,8 +203,7 @@ async fn lease_holder_worker() {
     let lease_ms: u64 = std::env::var(WORKER_LEASE_MS).unwrap().parse().unwrap();
     let reader = reader(
         &config,
-        ReaderOptions::default()
-            .lease_ttl(Duration::from_millis(lease_ms)),
+        ReaderOptions::default().lease_ttl(Duration::from_millis(lease_ms)),
     );
     let LeaseOutcome::Acquired(lease) = reader.table("items").unwrap().lease(1).await.unwrap()
     else {
