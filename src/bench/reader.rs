@@ -193,6 +193,20 @@ async fn measure(
 
     progress.say(format!("reader: {} stampedes", scale.stampede_rounds));
     let stampede = stampedes(&reader, lab, scale).await?;
+    // A herd on a reader built just before it, as after a deploy: with the warm-up the
+    // build starts, and with none.
+    let cold_id = COLD_ID + scale.stampede_rounds as i64;
+    let cold_bare = cold_round(
+        lab,
+        scale,
+        ReaderOptions::default().warm_connections(0),
+        cold_id,
+    )
+    .await?;
+    let cold = cold_round(lab, scale, ReaderOptions::default(), cold_id + 1).await?;
+    progress.say(format!(
+        "reader: a herd on a just-built reader: p99 {cold:.2} ms (without warm connections {cold_bare:.2} ms)"
+    ));
     let direct = direct_read(client, Duration::ZERO).await?;
     let direct_after_idle = direct_read(client, Duration::from_millis(100)).await?;
     let (herd_p99, herd_from_release_p99) = raw_herd(&raw, &key, scale.stampede_callers).await?;
@@ -202,6 +216,9 @@ async fn measure(
         "latency": "per call, from each caller's call to its return; from_release: from the signal that released all callers",
         "round_p99_ms": stampede.round_p99_ms,
         "round_lag_waits": stampede.round_lag_waits,
+        "cold_reader_p99_ms": cold,
+        "cold_reader_without_warm_connections_p99_ms": cold_bare,
+        "cold_reader": "one herd on a reader built 100 ms before it (not in the p99 above); without warm connections: warm_connections = 0, so the herd's leader connects",
         "db_reads": stampede.db_reads,
         "coalesced": stampede.coalesced,
         "reader_stats": stampede.stats,
@@ -412,6 +429,38 @@ async fn stampedes(reader: &Reader, lab: &Lab, scale: &Scale) -> Result<Stampede
     })
 }
 
+/// p99 of one herd of `callers` on key `id`, released 100 ms after a new reader is built.
+async fn cold_round(
+    lab: &Lab,
+    scale: &Scale,
+    options: ReaderOptions,
+    id: i64,
+) -> Result<f64, BenchError> {
+    let reader = Reader::builder(&lab.pg_url(), &lab.redis_url())
+        .table(TABLE, TEMPLATE)
+        .slot(SLOT)
+        .options(options)
+        .build()
+        .map_err(|e| BenchError::Setup(format!("building the reader: {e}")))?;
+    let results = herd(scale.stampede_callers, || {
+        let reader = reader.clone();
+        async move { get(&reader, id).await }
+    })
+    .await?;
+    let mut latencies = Vec::with_capacity(results.len());
+    for timed in results {
+        if timed.value.get("id") != Some(&json!(id)) {
+            return Err(BenchError::Check(format!(
+                "the herd on id {id} returned {}",
+                timed.value
+            )));
+        }
+        latencies.push(timed.call);
+    }
+    latencies.sort();
+    Ok(percentile(&latencies, 0.99).map_or(f64::NAN, ms))
+}
+
 /// p99 latency of `callers` concurrent raw `GET`s of a warm key, released together: per
 /// call, and from the release.
 async fn raw_herd(
@@ -588,6 +637,7 @@ async fn hung_redis(
         )));
     }
     let mut latencies = Vec::new();
+    let mut direct_latencies = Vec::new();
     let mut served = std::collections::BTreeMap::<String, u64>::new();
     let until = Instant::now() + Duration::from_secs_f64(scale.hung_redis_seconds);
     let mut id = COLD_ID;
@@ -606,6 +656,15 @@ async fn hung_redis(
             )));
         }
         *served.entry(format!("{:?}", found.served)).or_default() += 1;
+        // The same row read directly, under the same load, for the tail beside the floor.
+        let started = Instant::now();
+        client
+            .simple_query(&format!(
+                "SELECT id, name, email, score, created FROM rd_users WHERE id = {id}"
+            ))
+            .await
+            .map_err(|e| pg_error("the interleaved direct read", &e))?;
+        direct_latencies.push(started.elapsed());
     }
     let paused_stats = reader.stats();
     drop(resume);
@@ -628,11 +687,15 @@ async fn hung_redis(
     };
     let direct = direct_read(client, Duration::ZERO).await?;
     latencies.sort();
+    direct_latencies.sort();
     let q = |p: f64| percentile(&latencies, p).map_or(f64::NAN, ms);
+    let direct_q = |p: f64| percentile(&direct_latencies, p).map_or(f64::NAN, ms);
     progress.say(format!(
-        "reader: hung Redis: first lookup {first_ms:.0} ms, then p99 {:.2} ms over {} lookups",
+        "reader: hung Redis: first lookup {first_ms:.0} ms, then p99 {:.2} ms over {} lookups \
+         (direct reads beside them: p99 {:.2} ms)",
         q(0.99),
-        latencies.len()
+        latencies.len(),
+        direct_q(0.99)
     ));
     let details = json!({
         "redis_timeout_ms": ms(options.redis_timeout),
@@ -648,6 +711,9 @@ async fn hung_redis(
         "fallbacks": paused_stats.fallbacks,
         "closed_after_resume_ms": closed_ms,
         "direct_read_ms": direct,
+        "interleaved_direct_read_p50_ms": direct_q(0.5),
+        "interleaved_direct_read_p99_ms": direct_q(0.99),
+        "interleaved_direct_read": "after each lookup, the same row read directly on the bench's own connection: the tail of a bare read under the same load",
         "latency": "one caller at a time, each from its call to its return, after the first lookup (which waits for redis_timeout)",
     });
     Ok(spec.measured(q(0.99), direct, details))
