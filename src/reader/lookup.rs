@@ -175,9 +175,6 @@ pub(super) async fn fetch(
     let outcome = match looked {
         Looked::Hit(value, ttl_ms) => {
             entry.counters.record(Event::Hit);
-            if followed {
-                entry.counters.record(Event::Coalesced);
-            }
             if let (Some(beta), Ok(ttl_ms @ 1..)) = (beta, u64::try_from(ttl_ms)) {
                 maybe_refresh(
                     inner,
@@ -367,9 +364,7 @@ async fn lead(
                         }
                         return read_settled(inner, entry, key).await;
                     }
-                    Some(FillOutcome::Lagging) => Served::Uncached,
-                    Some(_) => Served::Filled,
-                    None => Served::Fallback,
+                    settled => served_by(settled),
                 };
                 let outcome = Ok(Resolved::new(row, served));
                 early(&outcome);
@@ -421,6 +416,15 @@ async fn settle(inner: &Inner, lease: Lease, row: Option<&[u8]>) -> Option<FillO
             tracing::debug!(%key, error = %e, "fill failed");
             None
         }
+    }
+}
+
+/// How a row read under a lease was served, from how its fill settled (not lost).
+fn served_by(settled: Option<FillOutcome>) -> Served {
+    match settled {
+        Some(FillOutcome::Lagging) => Served::Uncached,
+        Some(_) => Served::Filled,
+        None => Served::Fallback,
     }
 }
 
@@ -653,11 +657,7 @@ async fn resolve_many(
                         // The row read may be older than the change that revoked the lease.
                         waiting.push(j);
                     } else {
-                        let served = match outcome {
-                            Some(FillOutcome::Lagging) => Served::Uncached,
-                            Some(_) => Served::Filled,
-                            None => Served::Fallback,
-                        };
+                        let served = served_by(outcome);
                         outcomes[j] = Some(Ok(Resolved::new(row.map(Bytes::from), served)));
                     }
                 }
