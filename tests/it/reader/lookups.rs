@@ -139,7 +139,7 @@ async fn lookup_says_how_each_call_was_served() {
     let handles: Vec<_> = (0..50)
         .map(|_| {
             let items = items.clone();
-            tokio::spawn(async move { items.lookup::<serde_json::Value>(1).await.unwrap() })
+            tokio::spawn(async move { items.lookup::<Value>(1).await.unwrap() })
         })
         .collect();
     let mut filled_alone = 0;
@@ -153,7 +153,7 @@ async fn lookup_says_how_each_call_was_served() {
         }
     }
     assert_eq!(filled_alone, 1);
-    let hit = items.lookup::<serde_json::Value>(1).await.unwrap();
+    let hit = items.lookup::<Value>(1).await.unwrap();
     assert_eq!(
         (hit.value, hit.served, hit.coalesced),
         (lamp, Served::Hit, false)
@@ -165,7 +165,7 @@ async fn lookup_says_how_each_call_was_served() {
     };
     let waiting = {
         let items = items.clone();
-        tokio::spawn(async move { items.lookup::<serde_json::Value>(2).await.unwrap() })
+        tokio::spawn(async move { items.lookup::<Value>(2).await.unwrap() })
     };
     tokio::time::sleep(Duration::from_millis(50)).await;
     let row = lease.read_row().await.unwrap().unwrap();
@@ -177,9 +177,9 @@ async fn lookup_says_how_each_call_was_served() {
     assert_eq!((found.value, found.served), (desk, Served::Waited));
 
     // No row: read once, then a cached absence.
-    let absent = items.lookup::<serde_json::Value>(99).await.unwrap();
+    let absent = items.lookup::<Value>(99).await.unwrap();
     assert_eq!((absent.value, absent.served), (None, Served::Filled));
-    let absent = items.lookup::<serde_json::Value>(99).await.unwrap();
+    let absent = items.lookup::<Value>(99).await.unwrap();
     assert_eq!((absent.value, absent.served), (None, Served::NegativeHit));
     assert!(absent.served.from_cache());
 }
