@@ -30,10 +30,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let var = |name: &str| std::env::var(name).map_err(|_| format!("set {name}"));
     let reader = Reader::builder(&var("PG_URL")?, &var("REDIS_URL")?)
         .table("shop.products", "product:{sku}")
-        .options(ReaderOptions {
-            negative_ttl: Some(Duration::from_secs(30)),
-            ..ReaderOptions::default()
-        })
+        .options(ReaderOptions::default().negative_ttl(Some(Duration::from_secs(30))))
         .build()?;
 
     let skus: Vec<String> = std::env::args().skip(1).collect();

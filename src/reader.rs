@@ -9,16 +9,21 @@
 //! # Ok(()) }
 //! ```
 //!
+//! The reader runs on Tokio: build it and call it inside a Tokio runtime, multi-thread or
+//! current-thread, with I/O and time enabled (see [`ReaderBuilder::build`]).
+//!
 //! A lookup reads Redis (one `GET`). On a miss it follows the lease protocol ([`lease`]):
 //! take the key's lease, read the row from Postgres encoded exactly as the daemon encodes
 //! it, and fill only if no change revoked the lease meanwhile, so a fill never puts an older
 //! row over a newer one. Callers that find the lease taken wait for the fill (short polling
 //! with backoff, bounded by the lease TTL), and callers in one process share one wait and
-//! one read per key. When Redis fails, lookups read Postgres; when Postgres fails, hits are
-//! still served.
+//! one read per key. When Redis fails, lookups read Postgres, and after a timeout or a
+//! connection error a circuit breaker skips Redis for a cool-down; when Postgres fails, hits
+//! are still served. [`Table::lookup`] says per call how the value was served ([`Served`]).
 //!
 //! # Layout
 //! - `builder`: [`ReaderOptions`] and [`ReaderBuilder`]: the pool and the Redis connection.
+//! - `breaker`: the circuit breaker that skips a Redis that times out.
 //! - `lookup`: the hit path, and what a miss does, for one key and for many.
 //! - [`key`]: key values as callers pass them (`42`, `("acme", 42)`).
 //! - `source`: the Postgres side: a table's columns and the read that matches the stream.
@@ -29,6 +34,7 @@
 //! - [`stats`]: counters, in process and through the `metrics` facade.
 //! - [`error`]: what can go wrong, [`ReaderError`].
 
+mod breaker;
 mod builder;
 mod computed;
 pub mod error;
@@ -50,6 +56,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use deadpool_postgres::Pool;
+use futures_util::future::join_all;
 use redis::aio::ConnectionManager;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -59,10 +66,12 @@ pub use self::computed::LoaderError;
 pub use self::error::ReaderError;
 pub use self::key::{Key, KeyText, KeyValue};
 pub use self::lease::{FillOutcome, Lease, LeaseOutcome};
+pub use self::lookup::{Lookup, Served};
 pub use self::stats::Stats;
 
+use self::breaker::{Breaker, Change, Permit};
 use self::flight::Flights;
-use self::lookup::{fetch, get, get_many, Fetched, Looked};
+use self::lookup::{fetch, get, get_many, lookup, Fetched, Looked};
 use self::refresh::FillTimer;
 use self::source::{KeyTexts, RowSource};
 use self::stats::Counters;
@@ -107,6 +116,10 @@ pub(crate) struct Inner {
     /// Set once the pool's session settings are known to be the daemon's: at once for the
     /// reader's own pool, on the first read for one the application gave.
     settings_checked: tokio::sync::OnceCell<()>,
+    /// Skips Redis for a cool-down after it timed out or refused.
+    breaker: Breaker,
+    /// Computed keys (`get_with`) being resolved: one loader run per key per process.
+    computed_flights: Flights<computed::Outcome>,
 }
 
 pub(crate) struct TableEntry {
@@ -118,7 +131,8 @@ pub(crate) struct TableEntry {
 }
 
 impl Reader {
-    /// A reader for the tables of the daemon's config file, with default options.
+    /// A reader for the tables of the daemon's config file, with default options. Must be
+    /// called inside a Tokio runtime (see [`ReaderBuilder::build`]).
     ///
     /// # Errors
     /// As [`ReaderBuilder::build`].
@@ -204,8 +218,24 @@ impl Reader {
         if entry.rule.format == Format::Hash {
             return Ok(hash::fetch(&self.inner, entry, &key).await?.1);
         }
-        let (_, value) = fetch(&self.inner, entry, key).await?;
-        Ok(value.map(Fetched::into_bytes))
+        let found = fetch(&self.inner, entry, key).await?;
+        Ok(found.value.map(Fetched::into_bytes))
+    }
+
+    /// [`get`](Self::get) that also says how the value was served (a hit, a fill, a wait
+    /// for another process, a fallback to Postgres...), for per-call monitoring. The
+    /// counters of [`stats`](Self::stats) count the same events, summed over all calls.
+    ///
+    /// # Errors
+    /// As [`get`](Self::get).
+    pub async fn lookup<T: DeserializeOwned>(
+        &self,
+        table: &str,
+        key: impl Key,
+    ) -> Result<Lookup<T>, ReaderError> {
+        let entry = self.inner.entry(table)?;
+        entry.json_only("lookup")?;
+        lookup(&self.inner, entry, key).await
     }
 
     /// The rows with these keys, in order: one `MGET`, then the misses together (one lease
@@ -389,6 +419,35 @@ impl Reader {
     }
 }
 
+/// Names the tables, the key prefix and the options; never the connection strings, whose
+/// passwords it does not keep anyway.
+impl std::fmt::Debug for Reader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let inner = &self.inner;
+        let tables: Vec<&str> = inner.tables.iter().map(|t| t.name.as_str()).collect();
+        let pool = inner.pool.status();
+        f.debug_struct("Reader")
+            .field("tables", &tables)
+            .field("key_prefix", &inner.key_prefix)
+            .field("checkpoint_key", &inner.checkpoint_key)
+            .field("options", &inner.options)
+            .field("pool_connections", &pool.size)
+            .field("pool_idle", &pool.available)
+            .field("breaker_open", &inner.breaker.is_open())
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for Table {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Table")
+            .field("name", &self.entry.name)
+            .field("key", &self.entry.rule.key.as_str())
+            .field("key_prefix", &self.inner.key_prefix)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Inner {
     fn entry(&self, name: &str) -> Result<&Arc<TableEntry>, ReaderError> {
         let indexes = self.names.get(name).map(Vec::as_slice).unwrap_or_default();
@@ -418,23 +477,69 @@ impl Inner {
     }
 
     fn redis_worked(&self) {
+        if self.breaker.succeeded() == Change::Closed {
+            tracing::info!("Redis answers again; the circuit breaker is closed");
+        }
         if !self.redis_ok.load(Ordering::Relaxed) && !self.redis_ok.swap(true, Ordering::Relaxed) {
             tracing::info!("Redis answers again; lookups use the cache");
         }
     }
 
-    /// Opens a Postgres connection, loads each table's column list and the lease scripts,
-    /// so that the first miss does not pay for them. Best effort.
-    async fn warm_up(&self) {
-        lease::load_scripts(&mut self.redis.clone()).await;
-        if let Ok(client) = self.pool.get().await {
-            for table in &self.tables {
-                let _ = table.source.prepare(&client).await;
+    /// Whether a lookup should ask Redis now: not while the circuit breaker is open. When its
+    /// cool-down is over, the first caller to ask starts the probe that may close it, and
+    /// reads Postgres meanwhile like the others.
+    fn use_redis(self: &Arc<Self>) -> bool {
+        match self.breaker.permit() {
+            Permit::Redis => true,
+            Permit::Skip => false,
+            Permit::SkipAndProbe => {
+                let inner = self.clone();
+                tokio::spawn(async move { inner.probe().await });
+                false
             }
         }
     }
 
+    /// The half-open breaker's probe: one `PING`, within `redis_timeout`.
+    async fn probe(&self) {
+        let mut conn = self.redis.clone();
+        match redis::cmd("PING").query_async::<()>(&mut conn).await {
+            Ok(()) => self.redis_worked(),
+            Err(error) => {
+                tracing::debug!(%error, "Redis probe failed; the circuit breaker stays open");
+                self.breaker.probe_failed();
+            }
+        }
+    }
+
+    /// Opens `warm_connections` Postgres connections (together, so that the pool keeps that
+    /// many), prepares each table's statements on each and loads its column list, and loads
+    /// the lease scripts, so that the first misses do not pay for them. Best effort.
+    async fn warm_up(&self) {
+        let wanted = self.options.warm_connections.min(self.options.pool_size);
+        let mut redis = self.redis.clone();
+        let (_, clients) = tokio::join!(
+            lease::load_scripts(&mut redis),
+            join_all((0..wanted).map(|_| self.pool.get()))
+        );
+        let clients: Vec<_> = clients.into_iter().flatten().collect();
+        join_all(clients.iter().map(|client| async move {
+            for table in &self.tables {
+                let _ = table.source.prepare(client).await;
+            }
+        }))
+        .await;
+    }
+
     fn redis_failed(&self, error: &redis::RedisError) {
+        if self.breaker.failed(error) == Change::Opened {
+            tracing::warn!(
+                %error,
+                cooldown = ?self.options.breaker_cooldown,
+                "Redis did not answer; the circuit breaker is open: lookups read Postgres \
+                 without asking Redis until a probe gets an answer"
+            );
+        }
         if self.redis_ok.swap(false, Ordering::Relaxed) {
             tracing::warn!(%error, "Redis failed; lookups read Postgres until it answers again");
         } else {
@@ -498,8 +603,30 @@ impl Table {
         if self.entry.rule.format == Format::Hash {
             return Ok(hash::fetch(&self.inner, &self.entry, &key).await?.1);
         }
-        let (_, value) = fetch(&self.inner, &self.entry, key).await?;
-        Ok(value.map(Fetched::into_bytes))
+        let found = fetch(&self.inner, &self.entry, key).await?;
+        Ok(found.value.map(Fetched::into_bytes))
+    }
+
+    /// As [`Reader::lookup`]: the row with how it was served.
+    ///
+    /// ```no_run
+    /// # async fn demo(users: pgcache::reader::Table) -> Result<(), pgcache::reader::ReaderError> {
+    /// use pgcache::reader::Served;
+    /// let found = users.lookup::<serde_json::Value>(42).await?;
+    /// if found.served != Served::Hit {
+    ///     tracing::info!(served = ?found.served, coalesced = found.coalesced, "cache miss");
+    /// }
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// As [`Reader::get`].
+    pub async fn lookup<T: DeserializeOwned>(
+        &self,
+        key: impl Key,
+    ) -> Result<Lookup<T>, ReaderError> {
+        self.entry.json_only("lookup")?;
+        lookup(&self.inner, &self.entry, key).await
     }
 
     /// As [`Reader::get_many`].
@@ -564,13 +691,26 @@ async fn get_many_hash<T: DeserializeOwned, K: Key>(
     keys: impl IntoIterator<Item = K>,
 ) -> Result<Vec<Option<T>>, ReaderError> {
     let keys: Vec<K> = keys.into_iter().collect();
-    futures_util::future::join_all(keys.into_iter().map(|key| get_hash(inner, entry, key)))
+    join_all(keys.into_iter().map(|key| get_hash(inner, entry, key)))
         .await
         .into_iter()
         .collect()
 }
 
 impl TableEntry {
+    /// Refuses a table stored as hashes for a call that serves JSON tables only.
+    fn json_only(&self, call: &str) -> Result<(), ReaderError> {
+        if self.rule.format == Format::Hash {
+            return Err(ReaderError::Schema {
+                table: self.name.clone(),
+                problem: format!(
+                    "{call} serves tables stored as JSON; use get for format = \"hash\""
+                ),
+            });
+        }
+        Ok(())
+    }
+
     fn check_arity(&self, got: usize) -> Result<(), ReaderError> {
         let columns = self.rule.key.columns();
         if got == columns.len() {

@@ -92,6 +92,20 @@ impl Lab {
         self.redis.url()
     }
 
+    /// Stops Redis where it is (`SIGSTOP`): a hung Redis.
+    pub fn pause_redis(&self) -> Result<(), BenchError> {
+        self.redis
+            .pause()
+            .map_err(|e| BenchError::Setup(format!("pausing Redis: {e:#}")))
+    }
+
+    /// Lets a paused Redis go on (`SIGCONT`).
+    pub fn resume_redis(&self) -> Result<(), BenchError> {
+        self.redis
+            .resume()
+            .map_err(|e| BenchError::Setup(format!("resuming Redis: {e:#}")))
+    }
+
     /// The end of the Postgres log, for failure messages.
     pub fn pg_log(&self) -> String {
         self.pg.log()

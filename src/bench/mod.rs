@@ -9,8 +9,9 @@
 //! - latency: commit to visible in Redis at a steady offered load, against the same
 //!   commits arriving at a bare pgoutput consumer;
 //! - backfill: against `COPY ... TO STDOUT` piped into pipelined Redis `SET`s;
-//! - reader: the hit path against a raw `GET` plus `serde_json` parse, and a stampede on a
-//!   cold key against one direct database read;
+//! - reader: the hit path against a raw `GET` plus `serde_json` parse, a stampede on a
+//!   cold key against one direct database read, and lookups with Redis hung (`SIGSTOP`)
+//!   against the same read;
 //! - memory: the daemon's peak RSS in the large transaction, beside `pg_recvlogical`'s.
 //!
 //! The daemon runs as a child process (this executable, `pgcache run`), so its memory and
@@ -104,6 +105,8 @@ pub struct Scale {
     pub stampede_callers: usize,
     /// Stampedes, each on a key of its own; the p99 is over every caller of every round.
     pub stampede_rounds: usize,
+    /// How long lookups run with Redis paused, after the first timeout.
+    pub hung_redis_seconds: f64,
 }
 
 impl Scale {
@@ -120,6 +123,7 @@ impl Scale {
             reader_ops_per_round: 5_000,
             stampede_callers: 1_000,
             stampede_rounds: 10,
+            hung_redis_seconds: 5.0,
         }
     }
 
@@ -136,6 +140,7 @@ impl Scale {
             reader_ops_per_round: 500,
             stampede_callers: 1_000,
             stampede_rounds: 2,
+            hung_redis_seconds: 2.0,
         }
     }
 }

@@ -17,7 +17,7 @@ use super::lab::{execute, pg_error, redis_error, Lab};
 use super::report::{Better, Figure, FigureSpec, Target};
 use super::stats::{median, ms, percentile};
 use super::{BenchError, Progress, Scale};
-use crate::reader::{Reader, ReaderOptions};
+use crate::reader::{Reader, ReaderOptions, Served};
 
 const TABLE: &str = "public.rd_users";
 const SLOT: &str = "rd_pgcache";
@@ -53,6 +53,17 @@ pub fn specs(scale: &Scale) -> Vec<FigureSpec> {
             format!(
                 "Stampede: p99 latency of {} concurrent callers ({} stampedes)",
                 scale.stampede_callers, scale.stampede_rounds
+            ),
+            "ms",
+            "one direct database read",
+            Better::Lower,
+            Target::AtMostFloorPlus(5.0),
+        ),
+        FigureSpec::new(
+            "reader.hung_redis.p99",
+            format!(
+                "Hung Redis (SIGSTOP): p99 of {:.0} s of lookups after the first timeout",
+                scale.hung_redis_seconds
             ),
             "ms",
             "one direct database read",
@@ -97,7 +108,16 @@ pub async fn run(lab: &Lab, scale: &Scale, progress: Progress) -> Result<Vec<Fig
     let measured = measure(lab, &client, &specs, scale, progress).await;
     daemon.stop().await;
     lab.drop_slots(&client, &[SLOT]).await;
-    measured
+    let mut figures = measured?;
+    // Without the daemon, which would stall on the paused Redis too.
+    progress.say("reader: hung Redis");
+    figures.push(
+        match hung_redis(lab, &client, &specs[3], scale, progress).await {
+            Ok(figure) => figure,
+            Err(e) => specs[3].failed(e.to_string()),
+        },
+    );
+    Ok(figures)
 }
 
 /// Waits until the daemon has written its first position.
@@ -173,6 +193,20 @@ async fn measure(
 
     progress.say(format!("reader: {} stampedes", scale.stampede_rounds));
     let stampede = stampedes(&reader, lab, scale).await?;
+    // A herd on a reader built just before it, as after a deploy: with the warm-up the
+    // build starts, and with none.
+    let cold_id = COLD_ID + scale.stampede_rounds as i64;
+    let cold_bare = cold_round(
+        lab,
+        scale,
+        ReaderOptions::default().warm_connections(0),
+        cold_id,
+    )
+    .await?;
+    let cold = cold_round(lab, scale, ReaderOptions::default(), cold_id + 1).await?;
+    progress.say(format!(
+        "reader: a herd on a just-built reader: p99 {cold:.2} ms (without warm connections {cold_bare:.2} ms)"
+    ));
     let direct = direct_read(client, Duration::ZERO).await?;
     let direct_after_idle = direct_read(client, Duration::from_millis(100)).await?;
     let (herd_p99, herd_from_release_p99) = raw_herd(&raw, &key, scale.stampede_callers).await?;
@@ -181,6 +215,10 @@ async fn measure(
         "rounds": scale.stampede_rounds,
         "latency": "per call, from each caller's call to its return; from_release: from the signal that released all callers",
         "round_p99_ms": stampede.round_p99_ms,
+        "round_lag_waits": stampede.round_lag_waits,
+        "cold_reader_p99_ms": cold,
+        "cold_reader_without_warm_connections_p99_ms": cold_bare,
+        "cold_reader": "one herd on a reader built 100 ms before it (not in the p99 above); without warm connections: warm_connections = 0, so the herd's leader connects",
         "db_reads": stampede.db_reads,
         "coalesced": stampede.coalesced,
         "reader_stats": stampede.stats,
@@ -300,6 +338,8 @@ struct Stampede {
     max_ms: f64,
     /// Each round's own p99.
     round_p99_ms: Vec<f64>,
+    /// Each round's fills that waited for the daemon to apply up to their read.
+    round_lag_waits: Vec<u64>,
     /// Over every caller, timed from the release instead of from its call.
     from_release_p99_ms: f64,
 }
@@ -314,6 +354,7 @@ async fn stampedes(reader: &Reader, lab: &Lab, scale: &Scale) -> Result<Stampede
     let mut latencies = Vec::with_capacity(callers * scale.stampede_rounds);
     let mut from_release = Vec::with_capacity(callers * scale.stampede_rounds);
     let mut round_p99_ms = Vec::with_capacity(scale.stampede_rounds);
+    let mut round_lag_waits = Vec::with_capacity(scale.stampede_rounds);
     for round in 0..scale.stampede_rounds {
         let id = COLD_ID + round as i64;
         let key = reader
@@ -325,6 +366,7 @@ async fn stampedes(reader: &Reader, lab: &Lab, scale: &Scale) -> Result<Stampede
             .query_async::<()>(&mut redis)
             .await
             .map_err(|e| redis_error("DEL", e))?;
+        let lag_waits_before = reader.stats().lag_waits;
         let results = herd(callers, move || {
             let reader = reader.clone();
             async move { get(&reader, id).await }
@@ -357,6 +399,7 @@ async fn stampedes(reader: &Reader, lab: &Lab, scale: &Scale) -> Result<Stampede
         }
         round_latencies.sort();
         round_p99_ms.push(percentile(&round_latencies, 0.99).map_or(f64::NAN, ms));
+        round_lag_waits.push(reader.stats().lag_waits - lag_waits_before);
         latencies.extend(round_latencies);
     }
     latencies.sort();
@@ -374,13 +417,48 @@ async fn stampedes(reader: &Reader, lab: &Lab, scale: &Scale) -> Result<Stampede
             "coalesced": after.coalesced - before.coalesced,
             "fallbacks": after.fallbacks - before.fallbacks,
             "wait_timeouts": after.wait_timeouts - before.wait_timeouts,
+            "lag_waits": after.lag_waits - before.lag_waits,
+            "db_reads": after.db_reads - before.db_reads,
         }),
         p50_ms: q(0.5),
         p99_ms: q(0.99),
         max_ms: q(1.0),
         round_p99_ms,
+        round_lag_waits,
         from_release_p99_ms: percentile(&from_release, 0.99).map_or(f64::NAN, ms),
     })
+}
+
+/// p99 of one herd of `callers` on key `id`, released 100 ms after a new reader is built.
+async fn cold_round(
+    lab: &Lab,
+    scale: &Scale,
+    options: ReaderOptions,
+    id: i64,
+) -> Result<f64, BenchError> {
+    let reader = Reader::builder(&lab.pg_url(), &lab.redis_url())
+        .table(TABLE, TEMPLATE)
+        .slot(SLOT)
+        .options(options)
+        .build()
+        .map_err(|e| BenchError::Setup(format!("building the reader: {e}")))?;
+    let results = herd(scale.stampede_callers, || {
+        let reader = reader.clone();
+        async move { get(&reader, id).await }
+    })
+    .await?;
+    let mut latencies = Vec::with_capacity(results.len());
+    for timed in results {
+        if timed.value.get("id") != Some(&json!(id)) {
+            return Err(BenchError::Check(format!(
+                "the herd on id {id} returned {}",
+                timed.value
+            )));
+        }
+        latencies.push(timed.call);
+    }
+    latencies.sort();
+    Ok(percentile(&latencies, 0.99).map_or(f64::NAN, ms))
 }
 
 /// p99 latency of `callers` concurrent raw `GET`s of a warm key, released together: per
@@ -511,4 +589,132 @@ async fn direct_read(client: &tokio_postgres::Client, pause: Duration) -> Result
     median(samples)
         .map(ms)
         .ok_or_else(|| BenchError::Check("no direct read samples".into()))
+}
+
+/// Resumes a paused Redis however the measurement ends.
+struct Resume<'a>(&'a Lab);
+
+impl Drop for Resume<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.resume_redis();
+    }
+}
+
+/// Lookups with Redis stopped by `SIGSTOP`: the first one waits for `redis_timeout` and
+/// opens the circuit breaker; the ones after it, one at a time for a few seconds (across
+/// several cool-downs and their background probes), are timed against a direct read.
+async fn hung_redis(
+    lab: &Lab,
+    client: &tokio_postgres::Client,
+    spec: &FigureSpec,
+    scale: &Scale,
+    progress: Progress,
+) -> Result<Figure, BenchError> {
+    let options = ReaderOptions::default();
+    let reader = Reader::builder(&lab.pg_url(), &lab.redis_url())
+        .table(TABLE, TEMPLATE)
+        .slot(SLOT)
+        .options(options.clone())
+        .build()
+        .map_err(|e| BenchError::Setup(format!("building the reader: {e}")))?;
+    // A hit: the Redis connection is open and the pool warm before Redis hangs.
+    let hot = get(&reader, HOT_ID).await?;
+    let table = reader
+        .table(TABLE)
+        .map_err(|e| BenchError::Setup(e.to_string()))?;
+    lab.pause_redis()?;
+    let resume = Resume(lab);
+    let started = Instant::now();
+    let first = table
+        .lookup::<Value>(HOT_ID)
+        .await
+        .map_err(|e| BenchError::Check(format!("the first lookup with Redis paused: {e}")))?;
+    let first_ms = ms(started.elapsed());
+    if first.value.as_ref() != Some(&hot) {
+        return Err(BenchError::Check(format!(
+            "with Redis paused, the reader returned {:?} for {HOT_ID}, not {hot}",
+            first.value
+        )));
+    }
+    let mut latencies = Vec::new();
+    let mut direct_latencies = Vec::new();
+    let mut served = std::collections::BTreeMap::<String, u64>::new();
+    let until = Instant::now() + Duration::from_secs_f64(scale.hung_redis_seconds);
+    let mut id = COLD_ID;
+    while Instant::now() < until {
+        id = id % ROWS + 1;
+        let started = Instant::now();
+        let found = table
+            .lookup::<Value>(id)
+            .await
+            .map_err(|e| BenchError::Check(format!("lookup of {id} with Redis paused: {e}")))?;
+        latencies.push(started.elapsed());
+        if found.value.as_ref().and_then(|v| v.get("id")) != Some(&json!(id)) {
+            return Err(BenchError::Check(format!(
+                "with Redis paused, the lookup of {id} returned {:?}",
+                found.value
+            )));
+        }
+        *served.entry(format!("{:?}", found.served)).or_default() += 1;
+        // The same row read directly, under the same load, for the tail beside the floor.
+        let started = Instant::now();
+        client
+            .simple_query(&format!(
+                "SELECT id, name, email, score, created FROM rd_users WHERE id = {id}"
+            ))
+            .await
+            .map_err(|e| pg_error("the interleaved direct read", &e))?;
+        direct_latencies.push(started.elapsed());
+    }
+    let paused_stats = reader.stats();
+    drop(resume);
+    // The breaker closes again once a probe gets an answer.
+    let resumed = Instant::now();
+    let closed_ms = loop {
+        let found = table
+            .lookup::<Value>(HOT_ID)
+            .await
+            .map_err(|e| BenchError::Check(format!("lookup after Redis resumed: {e}")))?;
+        if found.served == Served::Hit {
+            break ms(resumed.elapsed());
+        }
+        if resumed.elapsed() > options.redis_timeout + options.breaker_cooldown * 4 {
+            return Err(BenchError::Check(
+                "the breaker did not close after Redis resumed".into(),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    };
+    let direct = direct_read(client, Duration::ZERO).await?;
+    latencies.sort();
+    direct_latencies.sort();
+    let q = |p: f64| percentile(&latencies, p).map_or(f64::NAN, ms);
+    let direct_q = |p: f64| percentile(&direct_latencies, p).map_or(f64::NAN, ms);
+    progress.say(format!(
+        "reader: hung Redis: first lookup {first_ms:.0} ms, then p99 {:.2} ms over {} lookups \
+         (direct reads beside them: p99 {:.2} ms)",
+        q(0.99),
+        latencies.len(),
+        direct_q(0.99)
+    ));
+    let details = json!({
+        "redis_timeout_ms": ms(options.redis_timeout),
+        "breaker_failures": options.breaker_failures,
+        "breaker_cooldown_ms": ms(options.breaker_cooldown),
+        "first_lookup_ms": first_ms,
+        "lookups": latencies.len(),
+        "served": served,
+        "p50_ms": q(0.5),
+        "p99_ms": q(0.99),
+        "max_ms": q(1.0),
+        "breaker_fallbacks": paused_stats.breaker_fallbacks,
+        "fallbacks": paused_stats.fallbacks,
+        "closed_after_resume_ms": closed_ms,
+        "direct_read_ms": direct,
+        "interleaved_direct_read_p50_ms": direct_q(0.5),
+        "interleaved_direct_read_p99_ms": direct_q(0.99),
+        "interleaved_direct_read": "after each lookup, the same row read directly on the bench's own connection: the tail of a bare read under the same load",
+        "latency": "one caller at a time, each from its call to its return, after the first lookup (which waits for redis_timeout)",
+    });
+    Ok(spec.measured(q(0.99), direct, details))
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use deadpool_postgres::{Pool, Runtime};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
+use super::breaker::Breaker;
 use super::flight::Flights;
 use super::refresh::FillTimer;
 use super::source::RowSource;
@@ -20,7 +21,20 @@ use crate::pgconn::{self, PgTarget};
 use crate::template::KeyTemplate;
 
 /// Tuning of a [`Reader`]; the defaults suit most applications.
+///
+/// Start from the defaults and change what you need, with the setters or the fields:
+///
+/// ```
+/// use std::time::Duration;
+/// use pgcache::ReaderOptions;
+///
+/// let options = ReaderOptions::default()
+///     .negative_ttl(Some(Duration::from_secs(30)))
+///     .redis_timeout(Duration::from_millis(200));
+/// assert_eq!(options.breaker_failures, 1);
+/// ```
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ReaderOptions {
     /// How long a lease lasts: the longest a dead lease holder can keep others waiting, and
     /// how long waiters poll before reading Postgres themselves. Default 2 s.
@@ -43,8 +57,20 @@ pub struct ReaderOptions {
     pub early_refresh_beta: Option<f64>,
     /// Postgres connections in the pool. Default 16.
     pub pool_size: usize,
+    /// Postgres connections opened when the reader is built, in the background, so that the
+    /// first misses (often a stampede right after a deploy) do not pay for connecting; at
+    /// most `pool_size`. Default 2.
+    pub warm_connections: usize,
     /// Connect and response timeout for Redis; past it a lookup reads Postgres. Default 1 s.
     pub redis_timeout: Duration,
+    /// Consecutive Redis timeouts or connection errors that open the circuit breaker: while
+    /// it is open, lookups read Postgres without asking Redis, so a hung Redis costs one
+    /// `redis_timeout` rather than one per call. 0 turns the breaker off. Default 1.
+    pub breaker_failures: u32,
+    /// How long the breaker stays open before a probe (one `PING`, in the background, that
+    /// no caller waits for) checks Redis again: an answer closes the breaker, a failure
+    /// opens it for another cool-down. Default 1 s.
+    pub breaker_cooldown: Duration,
     /// Connect and pool wait timeout for Postgres. Default 5 s.
     pub postgres_timeout: Duration,
 }
@@ -59,9 +85,87 @@ impl Default for ReaderOptions {
             negative_ttl: None,
             early_refresh_beta: Some(1.0),
             pool_size: 16,
+            warm_connections: 2,
             redis_timeout: Duration::from_secs(1),
+            breaker_failures: 1,
+            breaker_cooldown: Duration::from_secs(1),
             postgres_timeout: Duration::from_secs(5),
         }
+    }
+}
+
+/// Builder-style setters, one per field: `ReaderOptions::default().lease_ttl(d)`.
+impl ReaderOptions {
+    /// Sets [`lease_ttl`](Self::lease_ttl).
+    pub fn lease_ttl(mut self, lease_ttl: Duration) -> Self {
+        self.lease_ttl = lease_ttl;
+        self
+    }
+
+    /// Sets [`max_wait_step`](Self::max_wait_step).
+    pub fn max_wait_step(mut self, max_wait_step: Duration) -> Self {
+        self.max_wait_step = max_wait_step;
+        self
+    }
+
+    /// Sets [`max_lag_wait`](Self::max_lag_wait).
+    pub fn max_lag_wait(mut self, max_lag_wait: Duration) -> Self {
+        self.max_lag_wait = max_lag_wait;
+        self
+    }
+
+    /// Sets [`max_write_wait`](Self::max_write_wait).
+    pub fn max_write_wait(mut self, max_write_wait: Duration) -> Self {
+        self.max_write_wait = max_write_wait;
+        self
+    }
+
+    /// Sets [`negative_ttl`](Self::negative_ttl).
+    pub fn negative_ttl(mut self, negative_ttl: Option<Duration>) -> Self {
+        self.negative_ttl = negative_ttl;
+        self
+    }
+
+    /// Sets [`early_refresh_beta`](Self::early_refresh_beta).
+    pub fn early_refresh_beta(mut self, early_refresh_beta: Option<f64>) -> Self {
+        self.early_refresh_beta = early_refresh_beta;
+        self
+    }
+
+    /// Sets [`pool_size`](Self::pool_size).
+    pub fn pool_size(mut self, pool_size: usize) -> Self {
+        self.pool_size = pool_size;
+        self
+    }
+
+    /// Sets [`warm_connections`](Self::warm_connections).
+    pub fn warm_connections(mut self, warm_connections: usize) -> Self {
+        self.warm_connections = warm_connections;
+        self
+    }
+
+    /// Sets [`redis_timeout`](Self::redis_timeout).
+    pub fn redis_timeout(mut self, redis_timeout: Duration) -> Self {
+        self.redis_timeout = redis_timeout;
+        self
+    }
+
+    /// Sets [`breaker_failures`](Self::breaker_failures).
+    pub fn breaker_failures(mut self, breaker_failures: u32) -> Self {
+        self.breaker_failures = breaker_failures;
+        self
+    }
+
+    /// Sets [`breaker_cooldown`](Self::breaker_cooldown).
+    pub fn breaker_cooldown(mut self, breaker_cooldown: Duration) -> Self {
+        self.breaker_cooldown = breaker_cooldown;
+        self
+    }
+
+    /// Sets [`postgres_timeout`](Self::postgres_timeout).
+    pub fn postgres_timeout(mut self, postgres_timeout: Duration) -> Self {
+        self.postgres_timeout = postgres_timeout;
+        self
     }
 }
 
@@ -92,11 +196,17 @@ impl ReaderOptions {
         if self.redis_timeout.is_zero() || self.postgres_timeout.is_zero() {
             return bad("timeouts must be more than zero");
         }
+        if self.breaker_failures > 0 && self.breaker_cooldown < Duration::from_millis(1) {
+            return bad("breaker_cooldown must be at least 1 ms (or breaker_failures 0 to turn the breaker off)");
+        }
         Ok(())
     }
 }
 
 /// Builds a [`Reader`] without a config file.
+///
+/// [`build`](Self::build) must run inside a Tokio runtime, multi-thread or current-thread,
+/// with its I/O and time drivers enabled (`enable_all()`, as `#[tokio::main]` does).
 pub struct ReaderBuilder {
     postgres_url: String,
     redis_url: String,
@@ -108,6 +218,23 @@ pub struct ReaderBuilder {
     rules: Vec<TableRule>,
     problems: Vec<String>,
     options: ReaderOptions,
+}
+
+/// Names what the reader will serve; never the connection strings, which may hold
+/// passwords.
+impl std::fmt::Debug for ReaderBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let tables: Vec<String> = self.rules.iter().map(TableRule::qualified_name).collect();
+        f.debug_struct("ReaderBuilder")
+            .field("tables", &tables)
+            .field("key_prefix", &self.key_prefix)
+            .field("slot", &self.slot)
+            .field("options", &self.options)
+            .field("redis_connection_given", &self.redis.is_some())
+            .field("redis_tls_roots", &self.redis_roots.is_some())
+            .field("problems", &self.problems)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ReaderBuilder {
@@ -167,6 +294,7 @@ impl ReaderBuilder {
         self
     }
 
+    /// Replaces the options (default: [`ReaderOptions::default`]).
     pub fn options(mut self, options: ReaderOptions) -> Self {
         self.options = options;
         self
@@ -196,8 +324,15 @@ impl ReaderBuilder {
         self
     }
 
-    /// Builds the reader. Nothing connects yet: both servers are reached on first use, so
-    /// a reader can start while either is down. Must run inside a Tokio runtime.
+    /// Builds the reader. It does not wait for either server, so a reader can start while
+    /// either is down: a background task opens `warm_connections` Postgres connections,
+    /// loads each table's columns and the lease scripts, so that the first misses do not
+    /// pay for them.
+    ///
+    /// Must run inside a Tokio runtime, multi-thread or current-thread, with its I/O and
+    /// time drivers enabled (`enable_all()`, as `#[tokio::main]` and `#[tokio::test]` do):
+    /// the reader spawns tasks on it, and its timeouts use its timer. Lookups must run on
+    /// a runtime too.
     ///
     /// # Errors
     /// An unusable URL or TLS setting, a bad template or option, two rules for one table,
@@ -209,7 +344,9 @@ impl ReaderBuilder {
         self.options.validate()?;
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(ReaderError::Options(
-                "a Reader must be built inside a Tokio runtime".to_string(),
+                "a Reader must be built inside a Tokio runtime (multi-thread or current-thread, \
+                 with I/O and time enabled)"
+                    .to_string(),
             ));
         }
         let external_pool = self.pool.is_some();
@@ -247,6 +384,7 @@ impl ReaderBuilder {
                 rule,
             }));
         }
+        let breaker = Breaker::new(self.options.breaker_failures, self.options.breaker_cooldown);
         let reader = Reader {
             inner: Arc::new(Inner {
                 redis,
@@ -261,10 +399,12 @@ impl ReaderBuilder {
                 redis_ok: AtomicBool::new(true),
                 applied_watch: super::written::AppliedWatch::new(),
                 settings_checked: tokio::sync::OnceCell::new_with((!external_pool).then_some(())),
+                breaker,
+                computed_flights: Flights::default(),
             }),
         };
         // Prepare in the background what the first miss would otherwise pay for (often a
-        // stampede right after a deploy): a Postgres connection, each table's column list,
+        // stampede right after a deploy): Postgres connections, each table's column list,
         // the lease scripts in Redis. A server that is down is no error here.
         let inner = Arc::downgrade(&reader.inner);
         tokio::spawn(async move {

@@ -25,7 +25,9 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use super::flight::Outcome;
+/// A computed key's value (`None` only for a follower whose leader was cancelled), or the
+/// error every sharer gets.
+pub(crate) type Outcome = Result<Option<Bytes>, ReaderError>;
 use super::lease::{self, Backoff, ABSENT};
 use super::{source, Inner, ReaderError};
 use crate::Lsn;
@@ -106,7 +108,7 @@ where
     let loader = Mutex::new(Some(loader));
     let take = || loader.lock().ok().and_then(|mut l| l.take());
     let (outcome, _) = inner
-        .flights
+        .computed_flights
         .share(redis_key, |_| {
             let loader = take();
             async move {

@@ -12,6 +12,7 @@ use crate::pgconn::PgTargetError;
 
 /// An error from [`Reader`](super::Reader).
 #[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
 pub enum ReaderError {
     /// The table has no rule in the configuration.
     #[error("no table rule for {name:?}; configured tables: {known}")]
@@ -67,7 +68,9 @@ pub enum ReaderError {
     Schema { table: String, problem: String },
 
     /// No Postgres connection could be had (server down, pool exhausted, bad credentials).
-    #[error("{table}: cannot get a Postgres connection: {source}")]
+    /// The message names the underlying cause ("Connection refused", the server's
+    /// authentication error...), not only the pool's summary of it.
+    #[error("{table}: cannot get a Postgres connection: {}", pool_error_text(.source))]
     PostgresUnavailable {
         table: String,
         #[source]
@@ -156,5 +159,64 @@ impl ReaderError {
             ReaderError::Postgres { source, .. } => source.as_db_error().is_none(),
             _ => false,
         }
+    }
+}
+
+/// What went wrong getting a pooled connection, in words that name the cause: the pool's
+/// own message for a backend error ("Error occurred while creating a new object") hides
+/// it in the source chain.
+fn pool_error_text(error: &deadpool_postgres::PoolError) -> String {
+    use deadpool_postgres::{PoolError, TimeoutType};
+    match error {
+        PoolError::Backend(e) => chain(e),
+        PoolError::Timeout(TimeoutType::Create) => {
+            "connecting timed out (postgres_timeout)".to_string()
+        }
+        PoolError::Timeout(TimeoutType::Wait) => {
+            "no pooled connection became free in time (postgres_timeout; pool_size may be too \
+             small)"
+                .to_string()
+        }
+        other => chain(other),
+    }
+}
+
+/// `error` and each of its sources, joined with ": ", leaving out a source whose text the
+/// message already holds.
+pub(crate) fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let part = cause.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_chain_names_every_cause_once() {
+        let io = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let refused = io.to_string();
+        #[derive(Debug, thiserror::Error)]
+        #[error("error connecting to server")]
+        struct Outer(#[source] std::io::Error);
+        #[derive(Debug, thiserror::Error)]
+        #[error("wrapped: {0}")]
+        struct Repeats(#[source] std::io::Error);
+        assert_eq!(
+            chain(&Outer(std::io::Error::from(
+                std::io::ErrorKind::ConnectionRefused
+            ))),
+            format!("error connecting to server: {refused}")
+        );
+        assert_eq!(chain(&Repeats(io)), format!("wrapped: {refused}"));
     }
 }

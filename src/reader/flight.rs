@@ -14,13 +14,14 @@
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
 
-use bytes::Bytes;
 use tokio::sync::watch;
 
+use super::lookup::Resolved;
 use super::ReaderError;
 
-/// What a lookup ends with: the value, `None` for no row, or the error every sharer gets.
-pub(crate) type Outcome = Result<Option<Bytes>, ReaderError>;
+/// What a lookup ends with: the value (`None` for no row) and how it was served, or the
+/// error every sharer gets.
+pub(crate) type Outcome = Result<Resolved, ReaderError>;
 
 type Slot<T> = watch::Receiver<Option<T>>;
 
@@ -149,7 +150,10 @@ pub(crate) async fn follow<T: Clone>(mut slot: Slot<T>) -> Option<T> {
 
 #[cfg(test)]
 mod tests {
+    use bytes::Bytes;
+
     use super::*;
+    use crate::reader::Served;
 
     #[tokio::test]
     async fn followers_get_the_leaders_outcome() {
@@ -161,9 +165,14 @@ mod tests {
             panic!("second caller must follow");
         };
         let waiting = tokio::spawn(follow(slot));
-        leader.finish(Ok(Some(Bytes::from_static(b"v"))));
+        leader.finish(Ok(Resolved {
+            value: Some(Bytes::from_static(b"v")),
+            served: Served::Filled,
+            coalesced: false,
+        }));
         let outcome = waiting.await.unwrap().unwrap().unwrap();
-        assert_eq!(outcome.as_deref(), Some(&b"v"[..]));
+        assert_eq!(outcome.value.as_deref(), Some(&b"v"[..]));
+        assert_eq!(outcome.served, Served::Filled);
         assert_eq!(flights.len(), 0);
         assert!(matches!(flights.join("k"), Joined::Leader(_)));
     }

@@ -17,6 +17,78 @@ use super::source::KeyTexts;
 use super::stats::Event;
 use super::{Inner, Key, ReaderError, TableEntry};
 
+/// How one call got its value, as [`Table::lookup`](super::Table::lookup) reports it: per
+/// call, so that monitoring need not diff the shared counters under concurrency.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Served {
+    /// Redis had the value (the first `GET`, or the lease script's check right after it).
+    Hit,
+    /// Redis had the row's absence (negative caching): no row, and no database read.
+    NegativeHit,
+    /// A miss: the row was read from Postgres under this process's lease and written to
+    /// Redis (with no row and no negative caching, nothing is written).
+    Filled,
+    /// A miss that another process was filling: the call waited for that fill and took the
+    /// value from Redis.
+    Waited,
+    /// Redis failed during the call: the row was read from Postgres and not cached.
+    Fallback,
+    /// The circuit breaker was open (Redis timed out or refused recently): Redis was not
+    /// asked, and the row was read from Postgres and not cached.
+    BreakerOpen,
+    /// A miss answered from Postgres without filling: the wait for another process reached
+    /// the lease TTL, changes kept revoking the lease, or the daemon lagged past
+    /// `max_lag_wait`.
+    Uncached,
+}
+
+impl Served {
+    /// Whether the value came from Redis without a database read by this process.
+    pub fn from_cache(self) -> bool {
+        matches!(self, Served::Hit | Served::NegativeHit | Served::Waited)
+    }
+}
+
+/// A value with how it was served, from [`Table::lookup`](super::Table::lookup).
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct Lookup<T> {
+    /// The row, `None` when no row has the key.
+    pub value: Option<T>,
+    pub served: Served,
+    /// The call shared the work of another caller in this process (single flight): its
+    /// `GET`, or the resolution of its miss.
+    pub coalesced: bool,
+}
+
+/// A miss resolved: the value, and how, as every caller that shared it sees it.
+#[derive(Debug, Clone)]
+pub(crate) struct Resolved {
+    pub(crate) value: Option<Bytes>,
+    pub(crate) served: Served,
+    /// Set on the copies that callers other than the one who did the work get.
+    pub(crate) coalesced: bool,
+}
+
+impl Resolved {
+    fn new(value: Option<Bytes>, served: Served) -> Resolved {
+        Resolved {
+            value,
+            served,
+            coalesced: false,
+        }
+    }
+}
+
+/// What [`fetch`] found for one call.
+pub(super) struct Found {
+    pub(super) redis_key: String,
+    pub(super) value: Option<Fetched>,
+    pub(super) served: Served,
+    pub(super) coalesced: bool,
+}
+
 /// A value as found: straight from the `GET` reply, or shared with other callers.
 #[derive(Clone)]
 pub(super) enum Fetched {
@@ -45,10 +117,24 @@ pub(super) async fn get<T: DeserializeOwned>(
     entry: &Arc<TableEntry>,
     key: impl Key,
 ) -> Result<Option<T>, ReaderError> {
-    match fetch(inner, entry, key).await? {
-        (_, None) => Ok(None),
-        (redis_key, Some(value)) => entry.decode(&redis_key, value.as_slice()).map(Some),
-    }
+    lookup(inner, entry, key).await.map(|found| found.value)
+}
+
+pub(super) async fn lookup<T: DeserializeOwned>(
+    inner: &Arc<Inner>,
+    entry: &Arc<TableEntry>,
+    key: impl Key,
+) -> Result<Lookup<T>, ReaderError> {
+    let found = fetch(inner, entry, key).await?;
+    let value = match &found.value {
+        None => None,
+        Some(value) => Some(entry.decode(&found.redis_key, value.as_slice())?),
+    };
+    Ok(Lookup {
+        value,
+        served: found.served,
+        coalesced: found.coalesced,
+    })
 }
 
 /// What one lookup found, as every caller that shared it sees it.
@@ -60,6 +146,8 @@ pub(crate) enum Looked {
     Miss(Outcome),
     /// The `GET` failed; the row was read from Postgres.
     Fallback(Outcome),
+    /// The breaker was open: no `GET`; the row was read from Postgres.
+    Skipped(Outcome),
 }
 
 /// One lookup: the hit path is a single `GET` (with `PTTL` in the same round trip when the
@@ -75,7 +163,7 @@ pub(super) async fn fetch(
     inner: &Arc<Inner>,
     entry: &Arc<TableEntry>,
     key: impl Key,
-) -> Result<(String, Option<Fetched>), ReaderError> {
+) -> Result<Found, ReaderError> {
     let redis_key = entry.render(&inner.key_prefix, &key)?;
     let beta = entry.early_refresh_beta(&inner.options);
     let (looked, followed) = inner
@@ -97,7 +185,12 @@ pub(super) async fn fetch(
                     beta,
                 );
             }
-            return Ok((redis_key, Some(Fetched::Shared(value))));
+            return Ok(Found {
+                redis_key,
+                value: Some(Fetched::Shared(value)),
+                served: Served::Hit,
+                coalesced: followed,
+            });
         }
         Looked::Miss(outcome) => {
             entry.counters.record(Event::Miss);
@@ -108,11 +201,23 @@ pub(super) async fn fetch(
             entry.counters.record(Event::Fallback);
             outcome
         }
+        Looked::Skipped(outcome) => {
+            entry.counters.record(Event::Miss);
+            entry.counters.record(Event::Fallback);
+            entry.counters.record(Event::BreakerFallback);
+            outcome
+        }
     };
     if followed {
         entry.counters.record(Event::Coalesced);
     }
-    Ok((redis_key, outcome?.map(Fetched::Shared)))
+    let resolved = outcome?;
+    Ok(Found {
+        redis_key,
+        value: resolved.value.map(Fetched::Shared),
+        served: resolved.served,
+        coalesced: followed || resolved.coalesced,
+    })
 }
 
 /// The work of one shared lookup, done by the first caller.
@@ -124,6 +229,16 @@ async fn look_up(
     beta: Option<f64>,
     early: Early<Looked>,
 ) -> Looked {
+    if !inner.use_redis() {
+        let texts = match entry.with_key(redis_key.to_string(), key) {
+            Ok(texts) => texts,
+            Err(e) => return Looked::Skipped(Err(e)),
+        };
+        let read = shared(inner, entry, &texts, |_| {
+            read_one(inner, entry, &texts, Served::BreakerOpen)
+        });
+        return Looked::Skipped(Box::pin(read).await);
+    }
     let mut conn = inner.redis.clone();
     let found: redis::RedisResult<(Option<Vec<u8>>, i64)> = match beta {
         None => redis::cmd("GET")
@@ -164,7 +279,9 @@ async fn look_up(
             };
             // Shared with batch lookups too, so that an outage does not turn every caller
             // into a query.
-            let read = shared(inner, entry, &texts, |_| read_one(inner, entry, &texts));
+            let read = shared(inner, entry, &texts, |_| {
+                read_one(inner, entry, &texts, Served::Fallback)
+            });
             Looked::Fallback(Box::pin(read).await)
         }
     }
@@ -193,9 +310,12 @@ where
     F: Fn(Early<Outcome>) -> Fut,
     Fut: std::future::Future<Output = Outcome>,
 {
-    let (outcome, followed) = inner.flights.share(&key.redis_key, work).await;
+    let (mut outcome, followed) = inner.flights.share(&key.redis_key, work).await;
     if followed {
         entry.counters.record(Event::Coalesced);
+        if let Ok(resolved) = &mut outcome {
+            resolved.coalesced = true;
+        }
     }
     outcome
 }
@@ -215,29 +335,43 @@ async fn lead(
 ) -> Outcome {
     let mut backoff = Backoff::new(inner.options.max_wait_step);
     let mut deadline = None;
+    let mut waited = false;
     loop {
+        if !inner.use_redis() {
+            entry.counters.record(Event::Fallback);
+            entry.counters.record(Event::BreakerFallback);
+            return read_one(inner, entry, key, Served::BreakerOpen).await;
+        }
         match lease::acquire(inner, entry, key).await {
-            Ok(LeaseOutcome::Hit(value)) => return Ok(Some(value)),
+            Ok(LeaseOutcome::Hit(value)) => {
+                let served = if waited { Served::Waited } else { Served::Hit };
+                return Ok(Resolved::new(Some(value), served));
+            }
             Ok(LeaseOutcome::Absent) => {
                 entry.counters.record(Event::NegativeHit);
-                return Ok(None);
+                return Ok(Resolved::new(None, Served::NegativeHit));
             }
             Ok(LeaseOutcome::Acquired(lease)) => {
                 let row = lease.read_row().await?.map(Bytes::from);
-                if settle(inner, lease, row.as_deref()).await == Some(FillOutcome::Lost) {
-                    let now = Instant::now();
-                    let deadline = *deadline
-                        .get_or_insert(now + inner.options.lease_ttl + inner.options.max_wait_step);
-                    if now < deadline {
-                        continue;
+                let served = match settle(inner, lease, row.as_deref()).await {
+                    Some(FillOutcome::Lost) => {
+                        let now = Instant::now();
+                        let deadline = *deadline.get_or_insert(
+                            now + inner.options.lease_ttl + inner.options.max_wait_step,
+                        );
+                        if now < deadline {
+                            continue;
+                        }
+                        return read_settled(inner, entry, key).await;
                     }
-                    return read_settled(inner, entry, key).await;
-                }
-                let outcome = Ok(row);
+                    settled => served_by(settled),
+                };
+                let outcome = Ok(Resolved::new(row, served));
                 early(&outcome);
                 return outcome;
             }
             Ok(LeaseOutcome::Held) => {
+                waited = true;
                 let now = Instant::now();
                 // A holder that died frees the key when its lease expires, at the latest one
                 // lease TTL from now; one more step covers the poll that notices.
@@ -254,7 +388,7 @@ async fn lead(
             Err(e) => {
                 inner.redis_failed(&e);
                 entry.counters.record(Event::Fallback);
-                return read_one(inner, entry, key).await;
+                return read_one(inner, entry, key, Served::Fallback).await;
             }
         }
     }
@@ -285,10 +419,23 @@ async fn settle(inner: &Inner, lease: Lease, row: Option<&[u8]>) -> Option<FillO
     }
 }
 
-/// Reads one row from Postgres without filling (Redis failed: nothing to wait for).
-async fn read_one(inner: &Inner, entry: &TableEntry, key: &KeyTexts) -> Outcome {
+/// How a row read under a lease was served, from how its fill settled (not lost).
+fn served_by(settled: Option<FillOutcome>) -> Served {
+    match settled {
+        Some(FillOutcome::Lagging) => Served::Uncached,
+        Some(_) => Served::Filled,
+        None => Served::Fallback,
+    }
+}
+
+/// Reads one row from Postgres without filling (Redis failed or is skipped: nothing to wait
+/// for).
+async fn read_one(inner: &Inner, entry: &TableEntry, key: &KeyTexts, served: Served) -> Outcome {
     let mut read = lease::read_rows(inner, entry, std::slice::from_ref(key)).await?;
-    Ok(read.rows.pop().flatten().map(Bytes::from))
+    Ok(Resolved::new(
+        read.rows.pop().flatten().map(Bytes::from),
+        served,
+    ))
 }
 
 /// Reads one row from Postgres without filling, and returns it once the daemon has applied
@@ -299,7 +446,10 @@ async fn read_settled(inner: &Inner, entry: &TableEntry, key: &KeyTexts) -> Outc
     if let Err(e) = lease::wait_applied(inner, entry, read.at).await {
         inner.redis_failed(&e);
     }
-    Ok(read.rows.pop().flatten().map(Bytes::from))
+    Ok(Resolved::new(
+        read.rows.pop().flatten().map(Bytes::from),
+        Served::Uncached,
+    ))
 }
 
 /// Starts an early refresh of a hit key when XFetch says so.
@@ -340,7 +490,7 @@ fn maybe_refresh(
                     // A row deleted since would have revoked the lease; give it back.
                     None => drop(lease.release().await),
                 }
-                Ok(row.map(Bytes::from))
+                Ok(Resolved::new(row.map(Bytes::from), Served::Filled))
             }
             Err(e) => Err(e),
         };
@@ -375,6 +525,22 @@ async fn fetch_many(
     if keys.is_empty() {
         return Ok(Vec::new());
     }
+    let n = keys.len() as u64;
+    let skipped = || async move {
+        entry.counters.add(Event::Miss, n);
+        entry.counters.add(Event::Fallback, n);
+        let read = lease::read_rows(inner, entry, keys).await?;
+        Ok::<_, ReaderError>(
+            read.rows
+                .into_iter()
+                .map(|r| r.map(Fetched::Owned))
+                .collect(),
+        )
+    };
+    if !inner.use_redis() {
+        entry.counters.add(Event::BreakerFallback, n);
+        return skipped().await;
+    }
     let mut mget = redis::cmd("MGET");
     for key in keys {
         mget.arg(&key.redis_key);
@@ -393,14 +559,7 @@ async fn fetch_many(
                 ))
             });
             inner.redis_failed(&error);
-            entry.counters.add(Event::Miss, keys.len() as u64);
-            entry.counters.add(Event::Fallback, keys.len() as u64);
-            let read = lease::read_rows(inner, entry, keys).await?;
-            return Ok(read
-                .rows
-                .into_iter()
-                .map(|r| r.map(Fetched::Owned))
-                .collect());
+            return skipped().await;
         }
     };
     let mut out = Vec::with_capacity(keys.len());
@@ -429,7 +588,7 @@ async fn fetch_many(
     let missing: Vec<&KeyTexts> = unique.iter().map(|&i| &keys[i]).collect();
     let outcomes = resolve_many(inner, entry, &missing).await;
     for (&i, outcome) in unique.iter().zip(outcomes) {
-        out[i] = outcome?.map(Fetched::Shared);
+        out[i] = outcome?.value.map(Fetched::Shared);
     }
     for (i, first) in repeats {
         out[i] = out[first].clone();
@@ -465,10 +624,12 @@ async fn resolve_many(
     let mut waiting = Vec::new();
     for ((j, _), attempt) in leaders.iter().zip(attempts) {
         match attempt {
-            Ok(LeaseOutcome::Hit(value)) => outcomes[*j] = Some(Ok(Some(value))),
+            Ok(LeaseOutcome::Hit(value)) => {
+                outcomes[*j] = Some(Ok(Resolved::new(Some(value), Served::Hit)));
+            }
             Ok(LeaseOutcome::Absent) => {
                 entry.counters.record(Event::NegativeHit);
-                outcomes[*j] = Some(Ok(None));
+                outcomes[*j] = Some(Ok(Resolved::new(None, Served::NegativeHit)));
             }
             Ok(LeaseOutcome::Acquired(lease)) => leases.push((*j, lease)),
             Ok(LeaseOutcome::Held) => waiting.push(*j),
@@ -496,7 +657,8 @@ async fn resolve_many(
                         // The row read may be older than the change that revoked the lease.
                         waiting.push(j);
                     } else {
-                        outcomes[j] = Some(Ok(row.map(Bytes::from)));
+                        let served = served_by(outcome);
+                        outcomes[j] = Some(Ok(Resolved::new(row.map(Bytes::from), served)));
                     }
                 }
             }
@@ -513,7 +675,7 @@ async fn resolve_many(
         match lease::read_rows(inner, entry, &texts).await {
             Ok(read) => {
                 for (&j, row) in unfilled.iter().zip(read.rows) {
-                    outcomes[j] = Some(Ok(row.map(Bytes::from)));
+                    outcomes[j] = Some(Ok(Resolved::new(row.map(Bytes::from), Served::Fallback)));
                 }
             }
             Err(e) => {
@@ -528,7 +690,11 @@ async fn resolve_many(
         outcomes[j] = Some(outcome);
     }
     for (j, leader) in leaders {
-        leader.finish(outcomes[j].clone().unwrap_or(Ok(None)));
+        leader.finish(
+            outcomes[j]
+                .clone()
+                .unwrap_or(Ok(Resolved::new(None, Served::Uncached))),
+        );
     }
     for (j, slot) in followers {
         entry.counters.record(Event::Coalesced);
@@ -539,6 +705,6 @@ async fn resolve_many(
     }
     outcomes
         .into_iter()
-        .map(|o| o.unwrap_or(Ok(None)))
+        .map(|o| o.unwrap_or(Ok(Resolved::new(None, Served::Uncached))))
         .collect()
 }

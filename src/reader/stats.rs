@@ -34,6 +34,9 @@ pub const LAG_WAITS: &str = "pgcache_reader_lag_waits_total";
 /// Misses answered from Postgres without filling because the daemon lagged past
 /// `max_lag_wait`.
 pub const LAG_FALLBACKS: &str = "pgcache_reader_lag_fallbacks_total";
+/// Lookups answered from Postgres without asking Redis, because the circuit breaker was
+/// open (a subset of the fallbacks).
+pub const BREAKER_FALLBACKS: &str = "pgcache_reader_breaker_fallbacks_total";
 
 /// Everything the reader counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,9 +54,10 @@ pub(crate) enum Event {
     DbRead,
     LagWait,
     LagFallback,
+    BreakerFallback,
 }
 
-const EVENTS: [(Event, &str, &str); 13] = [
+const EVENTS: [(Event, &str, &str); 14] = [
     (Event::Hit, HITS, "Lookups answered by the first Redis read"),
     (
         Event::Miss,
@@ -106,6 +110,11 @@ const EVENTS: [(Event, &str, &str); 13] = [
         Event::LagFallback,
         LAG_FALLBACKS,
         "Misses answered from Postgres without filling because the daemon lagged",
+    ),
+    (
+        Event::BreakerFallback,
+        BREAKER_FALLBACKS,
+        "Lookups answered from Postgres without asking Redis because the circuit breaker was open",
     ),
 ];
 
@@ -160,6 +169,7 @@ impl Counters {
             db_reads: get(Event::DbRead),
             lag_waits: get(Event::LagWait),
             lag_fallbacks: get(Event::LagFallback),
+            breaker_fallbacks: get(Event::BreakerFallback),
         }
     }
 }
@@ -181,7 +191,7 @@ pub struct Stats {
     pub waits: u64,
     /// Lookups that shared the wait or fill of another caller in this process.
     pub coalesced: u64,
-    /// Lookups answered from Postgres because Redis failed.
+    /// Lookups answered from Postgres because Redis failed or the circuit breaker was open.
     pub fallbacks: u64,
     /// Waits that reached the lease TTL and read Postgres without filling.
     pub wait_timeouts: u64,
@@ -197,6 +207,9 @@ pub struct Stats {
     /// Misses answered from Postgres without filling because the daemon lagged more than
     /// `max_lag_wait`.
     pub lag_fallbacks: u64,
+    /// Fallbacks that did not ask Redis at all, because the circuit breaker was open after
+    /// Redis timed out or refused (counted in `fallbacks` too).
+    pub breaker_fallbacks: u64,
 }
 
 impl Stats {
@@ -224,6 +237,7 @@ impl Stats {
         self.db_reads += other.db_reads;
         self.lag_waits += other.lag_waits;
         self.lag_fallbacks += other.lag_fallbacks;
+        self.breaker_fallbacks += other.breaker_fallbacks;
         self
     }
 }

@@ -17,11 +17,11 @@ fn reader() -> Reader {
         .table("shop.orders", "order:{tenant}:{id}")
         .table("shop.users", "shopuser:{id}")
         .table("audit", "audit:{id}")
-        .options(ReaderOptions {
-            redis_timeout: Duration::from_millis(500),
-            postgres_timeout: Duration::from_secs(2),
-            ..ReaderOptions::default()
-        })
+        .options(
+            ReaderOptions::default()
+                .redis_timeout(Duration::from_millis(500))
+                .postgres_timeout(Duration::from_secs(2)),
+        )
         .build()
         .unwrap()
 }
@@ -70,6 +70,14 @@ async fn both_servers_down_is_an_error_not_a_hang() {
     let e = reader.get_json("public.users", 1).await.unwrap_err();
     assert!(matches!(e, ReaderError::PostgresUnavailable { .. }), "{e}");
     assert!(e.is_unavailable());
+    // The cause, not only the pool's "Error occurred while creating a new object".
+    assert!(
+        e.to_string().starts_with(
+            "public.users: cannot get a Postgres connection: error connecting to server: \
+             Connection refused"
+        ),
+        "{e}"
+    );
     assert!(started.elapsed() < Duration::from_secs(5));
     let s = reader.stats();
     assert_eq!((s.hits, s.misses, s.fallbacks, s.db_reads), (0, 1, 1, 1));
@@ -112,10 +120,7 @@ async fn bad_settings_are_named() {
         "{e}"
     );
     let e = Reader::builder(NO_POSTGRES, NO_REDIS)
-        .options(ReaderOptions {
-            early_refresh_beta: Some(f64::NAN),
-            ..ReaderOptions::default()
-        })
+        .options(ReaderOptions::default().early_refresh_beta(Some(f64::NAN)))
         .build()
         .err()
         .unwrap();
@@ -157,6 +162,55 @@ async fn hash_tables_are_served_but_not_by_the_lease_api() {
     assert!(e.to_string().contains("format = \"hash\""), "{e}");
 }
 
+/// What `build` and lookups need of the runtime: a current-thread runtime with only I/O and
+/// time enabled is enough (the README and rustdoc say so).
+#[test]
+fn a_current_thread_runtime_with_io_and_time_is_enough() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let reader = reader();
+        let e = reader.get_json("public.users", 1).await.unwrap_err();
+        assert!(matches!(e, ReaderError::PostgresUnavailable { .. }), "{e}");
+        let s = reader.stats();
+        assert_eq!((s.misses, s.fallbacks), (1, 1), "{s:?}");
+    });
+}
+
+#[tokio::test]
+async fn debug_names_tables_and_options_but_no_urls() {
+    let builder = Reader::builder("postgres://app:hunter2@127.0.0.1:1/app", NO_REDIS)
+        .key_prefix("app:")
+        .table("public.users", "user:{id}");
+    let text = format!("{builder:?}");
+    assert!(
+        text.contains("public.users") && text.contains("app:"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("hunter2") && !text.contains("127.0.0.1"),
+        "{text}"
+    );
+    let reader = builder.build().unwrap();
+    let text = format!("{reader:?}");
+    assert!(
+        text.contains("public.users") && text.contains("redis_timeout"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("hunter2") && !text.contains("127.0.0.1"),
+        "{text}"
+    );
+    let table = reader.table("users").unwrap();
+    assert_eq!(
+        format!("{table:?}"),
+        r#"Table { name: "public.users", key: "user:{id}", key_prefix: "app:", .. }"#
+    );
+}
+
 #[test]
 fn building_needs_a_runtime() {
     let e = Reader::builder(NO_POSTGRES, NO_REDIS)
@@ -173,5 +227,7 @@ fn lookups_are_send(reader: &Reader, table: &Table) {
     send(&reader.get_json("t", 1));
     send(&reader.get_many::<serde_json::Value, _>("t", [1, 2]));
     send(&table.get_raw(("a", 1)));
+    send(&table.lookup::<serde_json::Value>(1));
+    send(&reader.lookup::<serde_json::Value>("t", 1));
     send(&table.lease(1));
 }

@@ -179,6 +179,36 @@ impl TestRedis {
         Ok(())
     }
 
+    /// Stops the server where it is (`SIGSTOP`): its connections stay open and nothing is
+    /// answered, as with a hung Redis, until [`resume`](Self::resume).
+    ///
+    /// # Errors
+    /// When it is not running or cannot be signalled.
+    pub fn pause(&self) -> Result<()> {
+        self.signal(libc::SIGSTOP)
+    }
+
+    /// Lets a paused server go on (`SIGCONT`); it then answers what it was sent meanwhile.
+    ///
+    /// # Errors
+    /// When it is not running or cannot be signalled.
+    pub fn resume(&self) -> Result<()> {
+        self.signal(libc::SIGCONT)
+    }
+
+    fn signal(&self, signal: libc::c_int) -> Result<()> {
+        let Some(child) = &self.child else {
+            bail!("Redis on port {} is not running", self.port);
+        };
+        let pid = libc::pid_t::try_from(child.id()).context("the server's pid")?;
+        // SAFETY: kill(2) with our own child's pid and a valid signal number.
+        if unsafe { libc::kill(pid, signal) } != 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("signalling redis-server (pid {pid})"));
+        }
+        Ok(())
+    }
+
     /// Starts the stopped (or killed) server again on the same port and directory.
     ///
     /// # Errors

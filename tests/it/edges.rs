@@ -174,10 +174,7 @@ async fn a_commit_not_yet_visible_is_neither_applied_nor_undone_by_a_fill() {
     .await;
     let reader = pgcache::Reader::from_config_with(
         &config,
-        ReaderOptions {
-            max_lag_wait: Duration::from_millis(300),
-            ..ReaderOptions::default()
-        },
+        ReaderOptions::default().max_lag_wait(Duration::from_millis(300)),
     )
     .unwrap();
     // The miss reads the old row (the new one is not visible) and must not fill it.

@@ -64,10 +64,7 @@ fn reader(config: &Config, options: ReaderOptions) -> Reader {
 
 fn long_leases() -> ReaderOptions {
     // Only the daemon may end these leases within a test.
-    ReaderOptions {
-        lease_ttl: Duration::from_secs(30),
-        ..ReaderOptions::default()
-    }
+    ReaderOptions::default().lease_ttl(Duration::from_secs(30))
 }
 
 async fn exists(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> bool {

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use pgcache::reader::ReaderOptions;
+use pgcache::reader::{ReaderOptions, Served};
 use serde_json::{json, Value};
 
 use super::*;
@@ -16,10 +16,7 @@ async fn redis_outage_falls_back_to_postgres_and_recovers() {
     env.sql("INSERT INTO items VALUES (1, 'a', 1), (2, 'b', 2), (3, 'c', 3)");
     let reader = reader(
         &env.config(ITEMS_RULE),
-        ReaderOptions {
-            redis_timeout: Duration::from_millis(500),
-            ..ReaderOptions::default()
-        },
+        ReaderOptions::default().redis_timeout(Duration::from_millis(500)),
     );
     let expected =
         |id: i64, name: &str| Some(json!({"id": id, "name": name, "price": format!("{id}.00")}));
@@ -94,10 +91,7 @@ async fn postgres_outage_still_serves_hits() {
     env.sql("INSERT INTO items VALUES (1, 'a', 1), (2, 'b', 2)");
     let reader = reader(
         &env.config(ITEMS_RULE),
-        ReaderOptions {
-            postgres_timeout: Duration::from_secs(2),
-            ..ReaderOptions::default()
-        },
+        ReaderOptions::default().postgres_timeout(Duration::from_secs(2)),
     );
     let one = Some(json!({"id": 1, "name": "a", "price": "1.00"}));
     assert_eq!(reader.get_json("items", 1).await.unwrap(), one);
@@ -119,4 +113,100 @@ async fn postgres_outage_still_serves_hits() {
     )
     .await;
     assert_eq!(two, Some(json!({"id": 2, "name": "b", "price": "2.00"})));
+}
+
+/// Issue 14: with Redis hung (SIGSTOP), only the lookup that finds it hung waits for
+/// `redis_timeout`; the circuit breaker then sends lookups straight to Postgres, and closes
+/// once Redis answers again. No daemon runs here, so Redis keeps row 1 as it was cached
+/// while Postgres has a newer one: the value says where it came from.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_redis_opens_the_breaker_and_lookups_read_postgres_at_once() {
+    let env = Env::start(ITEMS, "");
+    daemon_caught_up(&env).await;
+    env.sql("INSERT INTO items VALUES (1, 'cached', 1), (2, 'b', 2)");
+    let timeout = Duration::from_secs(2);
+    let cooldown = Duration::from_millis(300);
+    let reader = reader(
+        &env.config(ITEMS_RULE),
+        ReaderOptions::default()
+            .redis_timeout(timeout)
+            .breaker_cooldown(cooldown),
+    );
+    let items = reader.table("items").unwrap();
+    let item =
+        |id: i64, name: &str| Some(json!({"id": id, "name": name, "price": format!("{id}.00")}));
+    let first = items.lookup::<Value>(1).await.unwrap();
+    assert_eq!(
+        (first.value, first.served),
+        (item(1, "cached"), Served::Filled)
+    );
+    let hit = items.lookup::<Value>(1).await.unwrap();
+    assert_eq!((hit.value, hit.served), (item(1, "cached"), Served::Hit));
+    env.sql("UPDATE items SET name = 'fresh' WHERE id = 1");
+
+    env.redis.pause().unwrap();
+    let started = Instant::now();
+    let found = items.lookup::<Value>(1).await.unwrap();
+    let first_took = started.elapsed();
+    assert_eq!(
+        (found.value, found.served),
+        (item(1, "fresh"), Served::Fallback)
+    );
+    assert!(
+        first_took >= timeout - Duration::from_millis(100),
+        "the first lookup waits for the timeout: {first_took:?}"
+    );
+    // Past the first timeout, lookups do not ask Redis: each takes a database read, across
+    // several cool-downs (whose probes run in the background).
+    let mut slowest = Duration::ZERO;
+    let until = Instant::now() + cooldown * 4;
+    let mut lookups = 0;
+    while Instant::now() < until || lookups < 20 {
+        let started = Instant::now();
+        let found = items.lookup::<Value>(1).await.unwrap();
+        assert_eq!(
+            (found.value, found.served),
+            (item(1, "fresh"), Served::BreakerOpen)
+        );
+        let absent = items.lookup::<Value>(99).await.unwrap();
+        assert_eq!((absent.value, absent.served), (None, Served::BreakerOpen));
+        slowest = slowest.max(started.elapsed());
+        lookups += 1;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let started = Instant::now();
+    let many: Vec<Option<Value>> = items.get_many([2, 1]).await.unwrap();
+    assert_eq!(many, vec![item(2, "b"), item(1, "fresh")]);
+    slowest = slowest.max(started.elapsed());
+    assert!(
+        slowest < timeout / 4,
+        "with the breaker open, lookups take a database read, not a Redis timeout: \
+         slowest {slowest:?} of {lookups}"
+    );
+    let s = reader.stats();
+    assert_eq!(s.breaker_fallbacks, 2 * lookups + 2, "{s:?}");
+    assert_eq!(s.fallbacks, s.breaker_fallbacks + 1, "{s:?}");
+
+    env.redis.resume().unwrap();
+    let closed_after = Instant::now();
+    let hit = eventually(
+        timeout + cooldown * 4,
+        "the breaker to close and a hit from Redis",
+        || {
+            let items = items.clone();
+            async move {
+                let found = items.lookup::<Value>(1).await.unwrap();
+                (found.served == Served::Hit).then_some(found)
+            }
+        },
+    )
+    .await;
+    assert_eq!(hit.value, item(1, "cached"), "served from Redis again");
+    let closed_after = closed_after.elapsed();
+    let hit = items.lookup::<Value>(1).await.unwrap();
+    assert_eq!((hit.value, hit.served), (item(1, "cached"), Served::Hit));
+    // A key Redis does not hold is filled again.
+    let found = items.lookup::<Value>(2).await.unwrap();
+    assert_eq!((found.value, found.served), (item(2, "b"), Served::Filled));
+    assert!(closed_after < timeout + cooldown * 2, "{closed_after:?}");
 }

@@ -266,10 +266,7 @@ async fn negative_caching_ends_with_an_insert() {
     crate::common::wait_streaming(&mut env.redis().await).await;
     let reader = reader(
         &config,
-        ReaderOptions {
-            negative_ttl: Some(Duration::from_secs(60)),
-            ..ReaderOptions::default()
-        },
+        ReaderOptions::default().negative_ttl(Some(Duration::from_secs(60))),
     );
     let drafts = reader.table("drafts").unwrap();
     assert_eq!(drafts.get_json(7).await.unwrap(), None);

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use pgcache::reader::ReaderOptions;
+use pgcache::reader::{ReaderOptions, Served};
 use serde_json::json;
 
 use super::*;
@@ -91,11 +91,9 @@ async fn hot_keys_with_a_ttl_are_refreshed_early() {
     );
     let reader = reader(
         &config,
-        ReaderOptions {
+        ReaderOptions::default()
             // Refresh at nearly every hit, to see it happen in a short test.
-            early_refresh_beta: Some(1000.0),
-            ..ReaderOptions::default()
-        },
+            .early_refresh_beta(Some(1000.0)),
     );
     assert!(reader.get_json("items", 1).await.unwrap().is_some());
     let mut r = env.redis().await;
@@ -120,4 +118,68 @@ async fn hot_keys_with_a_ttl_are_refreshed_early() {
     assert_eq!(s.misses, 1, "only the first lookup missed: {s:?}");
     assert!(ttl(r.clone()).await > 0);
     assert!(get(&mut r, "item:1").await.is_some());
+}
+
+/// Issue 14: `lookup` says per call how the value was served: a fill, a hit, a wait for
+/// another holder's fill, a cached absence, and which calls shared another caller's work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lookup_says_how_each_call_was_served() {
+    let env = Env::start(ITEMS, "");
+    daemon_caught_up(&env).await;
+    env.sql("INSERT INTO items VALUES (1, 'lamp', 19.90), (2, 'desk', 120)");
+    let reader = reader(
+        &env.config(ITEMS_RULE),
+        ReaderOptions::default().negative_ttl(Some(Duration::from_secs(60))),
+    );
+    let items = reader.table("items").unwrap();
+    let lamp = Some(json!({"id": 1, "name": "lamp", "price": "19.90"}));
+    let desk = Some(json!({"id": 2, "name": "desk", "price": "120.00"}));
+
+    // A herd on a cold key: one call fills, the others share it (or hit, once it is filled).
+    let handles: Vec<_> = (0..50)
+        .map(|_| {
+            let items = items.clone();
+            tokio::spawn(async move { items.lookup::<Value>(1).await.unwrap() })
+        })
+        .collect();
+    let mut filled_alone = 0;
+    for handle in handles {
+        let found = handle.await.unwrap();
+        assert_eq!(found.value, lamp);
+        match (found.served, found.coalesced) {
+            (Served::Filled, false) => filled_alone += 1,
+            (Served::Filled, true) | (Served::Hit, _) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(filled_alone, 1);
+    let hit = items.lookup::<Value>(1).await.unwrap();
+    assert_eq!(
+        (hit.value, hit.served, hit.coalesced),
+        (lamp, Served::Hit, false)
+    );
+
+    // Another holder has the lease of key 2: the lookup waits for its fill.
+    let pgcache::reader::LeaseOutcome::Acquired(lease) = items.lease(2).await.unwrap() else {
+        panic!("the lease of a cold key is free");
+    };
+    let waiting = {
+        let items = items.clone();
+        tokio::spawn(async move { items.lookup::<Value>(2).await.unwrap() })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let row = lease.read_row().await.unwrap().unwrap();
+    assert_eq!(
+        lease.fill(&row).await.unwrap(),
+        pgcache::reader::FillOutcome::Filled
+    );
+    let found = waiting.await.unwrap();
+    assert_eq!((found.value, found.served), (desk, Served::Waited));
+
+    // No row: read once, then a cached absence.
+    let absent = items.lookup::<Value>(99).await.unwrap();
+    assert_eq!((absent.value, absent.served), (None, Served::Filled));
+    let absent = items.lookup::<Value>(99).await.unwrap();
+    assert_eq!((absent.value, absent.served), (None, Served::NegativeHit));
+    assert!(absent.served.from_cache());
 }

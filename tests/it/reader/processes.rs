@@ -24,10 +24,7 @@ async fn stampede_worker() {
     let tasks: usize = std::env::var(WORKER_TASKS).unwrap().parse().unwrap();
     let reader = reader(
         &config,
-        ReaderOptions {
-            lease_ttl: Duration::from_secs(10),
-            ..ReaderOptions::default()
-        },
+        ReaderOptions::default().lease_ttl(Duration::from_secs(10)),
     );
     // Open the Redis connection before the start, so the tasks really ask together.
     let items = reader.table("public.items").unwrap();
@@ -206,10 +203,7 @@ async fn lease_holder_worker() {
     let lease_ms: u64 = std::env::var(WORKER_LEASE_MS).unwrap().parse().unwrap();
     let reader = reader(
         &config,
-        ReaderOptions {
-            lease_ttl: Duration::from_millis(lease_ms),
-            ..ReaderOptions::default()
-        },
+        ReaderOptions::default().lease_ttl(Duration::from_millis(lease_ms)),
     );
     let LeaseOutcome::Acquired(lease) = reader.table("items").unwrap().lease(1).await.unwrap()
     else {
@@ -225,11 +219,9 @@ async fn lease_holder_worker() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_lease_holder_frees_the_key_within_the_lease_ttl() {
     const LEASE: Duration = Duration::from_millis(1500);
-    let options = ReaderOptions {
-        lease_ttl: LEASE,
-        max_wait_step: Duration::from_millis(50),
-        ..ReaderOptions::default()
-    };
+    let options = ReaderOptions::default()
+        .lease_ttl(LEASE)
+        .max_wait_step(Duration::from_millis(50));
     let env = Env::start(ITEMS, "");
     daemon_caught_up(&env).await;
     env.sql("INSERT INTO items VALUES (1, 'lamp', 19.90)");

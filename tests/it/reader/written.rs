@@ -79,10 +79,7 @@ async fn writes_to_uncached_tables_are_reached() {
     crate::common::wait_streaming(&mut env.redis().await).await;
     let reader = reader(
         &config,
-        ReaderOptions {
-            max_write_wait: Duration::from_secs(3),
-            ..ReaderOptions::default()
-        },
+        ReaderOptions::default().max_write_wait(Duration::from_secs(3)),
     );
     let app = env.pg_client().await;
     let mut slowest = Duration::ZERO;
@@ -126,10 +123,7 @@ async fn the_wait_fails_clearly_while_the_daemon_is_stopped() {
 
     let reader = reader(
         &config,
-        ReaderOptions {
-            max_write_wait: Duration::from_millis(300),
-            ..ReaderOptions::default()
-        },
+        ReaderOptions::default().max_write_wait(Duration::from_millis(300)),
     );
     env.sql("UPDATE carts SET items = 7 WHERE id = 1");
     let position = reader.write_position().await.unwrap();
