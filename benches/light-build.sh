@@ -81,10 +81,14 @@ RS
 measure() {
     local app=$1
     cp "$repo/Cargo.lock" "$work/$app/Cargo.lock"
-    (cd "$work/$app" && cargo fetch -q)
+    (cd "$work/$app" && cargo fetch -q) >&2
     local start end
     start=$(date +%s.%N)
-    (cd "$work/$app" && cargo build --release 2> "$work/$app.log")
+    if ! (cd "$work/$app" && cargo build --release 2> "$work/$app.log"); then
+        echo "building the $app app failed:" >&2
+        tail -30 "$work/$app.log" >&2
+        return 1
+    fi
     end=$(date +%s.%N)
     local crates size secs
     crates=$(grep -c '^ *Compiling ' "$work/$app.log" || true)
