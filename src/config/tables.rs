@@ -72,6 +72,13 @@ pub(super) fn read_tables(value: Option<Value>, errors: &mut Vec<String>) -> Vec
                         "tables[{i}].invalidate[{k}].key: key prefix {p:?} is inside the key space {q:?} of tables[{j}].key, so verify and TRUNCATE would take its keys for that table's rows (give it a prefix of its own, e.g. \"list:{}\")",
                         inv.key.as_str()
                     ));
+                } else if q.starts_with(p) {
+                    // The other way round: deleting the invalidation keys by pattern (on
+                    // TRUNCATE, or when the rows are not at hand) would delete that table's.
+                    errors.push(format!(
+                        "tables[{i}].invalidate[{k}].key: its key space {p:?} takes in the keys of tables[{j}].key (prefix {q:?}), so deleting its keys by pattern (on TRUNCATE) would delete that table's rows too (give it a prefix of its own, e.g. \"list:{}\")",
+                        inv.key.as_str()
+                    ));
                 }
             }
         }

@@ -223,6 +223,25 @@ fn invalidation_rules_are_checked() {
     );
 }
 
+/// The other way round: an invalidation pattern that takes in another table's keys
+/// (`stats:*` over `stats:daily:*`), which deleting it by pattern would wipe.
+#[test]
+fn invalidation_keys_may_not_take_in_a_tables_keys() {
+    let err = Config::from_toml_str(&format!(
+        "{INVALIDATE_BASE}[[tables]]\ntable = \"orders\"\nkey = \"order:{{id}}\"\n\
+         [[tables.invalidate]]\nkey = \"stats:{{user_id}}\"\n\
+         [[tables]]\ntable = \"daily\"\nkey = \"stats:daily:{{day}}\"\n"
+    ))
+    .unwrap_err();
+    let errors = err.errors();
+    assert!(
+        errors.iter().any(|e| e.contains(
+            "tables[0].invalidate[0].key: its key space \"stats:\" takes in the keys of tables[1].key"
+        )),
+        "{errors:#?}"
+    );
+}
+
 #[test]
 fn environment_overrides_keys() {
     let c = Config::from_toml_str_with_env(

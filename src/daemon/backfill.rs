@@ -200,6 +200,12 @@ impl Backfills {
         self.queue.retain(|job| job.table != table);
     }
 
+    /// Covers a table again (one [`remove_table`](Self::remove_table) took out, which fits
+    /// its rule again).
+    pub fn restore_table(&mut self, rule: Arc<TableRule>) {
+        self.rules.insert(rule.qualified_name(), rule);
+    }
+
     /// Qualified names of the tables backfills cover (mirror tables).
     pub fn mirror_tables(&self) -> Vec<String> {
         let mut tables: Vec<String> = self

@@ -588,6 +588,9 @@ impl<'a> Stream<'a> {
         let name = table.rule.qualified_name();
         if was_broken {
             info!(table = %name, "the table fits its rule again: backfilling it");
+            // Stopping it took it out of the backfills: without its rule back, the schedule
+            // would find no mirror table and do nothing.
+            self.backfills.restore_table(table.rule.clone());
             self.backfills.schedule(&name, None);
         } else if self
             .shapes

@@ -171,8 +171,13 @@ async fn lead(
                 }
                 let now = Instant::now();
                 if now >= deadline {
+                    // As for JSON tables: the row read now may be ahead of the daemon, and
+                    // the slow holder's older fill may still land; return it only once the
+                    // daemon has applied up to it, so no later read sees an older one (G10).
                     entry.counters.record(Event::WaitTimeout);
-                    return Ok(read(inner, entry, key).await?.0);
+                    let (row, at) = read(inner, entry, key).await?;
+                    let _ = lease::wait_applied(inner, entry, at).await;
+                    return Ok(row);
                 }
                 tokio::time::sleep(backoff.step().min(deadline - now)).await;
                 continue;

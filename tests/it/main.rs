@@ -19,6 +19,7 @@ mod ops;
 mod protocol;
 mod reader;
 mod replication;
+mod review;
 mod security;
 mod soak;
 mod stream;

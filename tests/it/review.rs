@@ -1,0 +1,296 @@
+//! Found by the adversarial review of the release build, where features meet: a computed key
+//! under a key prefix is invalidated; a reader whose wait for another holder's fill times
+//! out never returns a row the daemon has not reached, for JSON and hash tables (G10); a
+//! table stopped at run time is backfilled once it fits its rule again (G6).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use pgcache::reader::ReaderOptions;
+use pgcache::Reader;
+
+use crate::common::{
+    eventually, get, keys, pgcache, wait_backfill_done, wait_streaming, Env, InProcess,
+};
+
+const CHECKPOINT: &str = "pgcache:{pgcache}:checkpoint";
+
+async fn settled(env: &Env, r: &mut redis::aio::MultiplexedConnection) {
+    let client = env.pg_client().await;
+    let lsn: String = client
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let lsn: pgcache::Lsn = lsn.parse().unwrap();
+    let want = pgcache::checkpoint::hex(lsn);
+    eventually(Duration::from_secs(60), "the daemon to catch up", || {
+        let mut r = r.clone();
+        let want = want.clone();
+        async move {
+            let applied: Option<String> = redis::cmd("HGET")
+                .arg(CHECKPOINT)
+                .arg("applied")
+                .query_async(&mut r)
+                .await
+                .ok()?;
+            applied.filter(|a| *a >= want).map(drop)
+        }
+    })
+    .await;
+}
+
+async fn user_order_ids(
+    db: &tokio_postgres::Client,
+    user: i32,
+) -> Result<Vec<i32>, tokio_postgres::Error> {
+    let rows = db
+        .query(
+            "SELECT id FROM orders WHERE user_id = $1 ORDER BY id",
+            &[&user],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// `get_with` under a `redis.key_prefix`: the daemon's invalidation must delete the
+/// prefixed key and revoke the prefixed lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_get_with_under_a_key_prefix_is_invalidated() {
+    let env = Env::start(
+        "CREATE TABLE orders (id int PRIMARY KEY, user_id int NOT NULL);
+         ALTER TABLE orders REPLICA IDENTITY FULL;
+         INSERT INTO orders VALUES (1, 7);",
+        "public.orders",
+    );
+    let toml = env
+        .config_toml(
+            "[[tables]]\ntable = \"public.orders\"\nkey = \"order:{id}\"\n\n[[tables.invalidate]]\nkey = \"user-orders:{user_id}\"\n",
+        )
+        .replace("[redis]\n", "[redis]\nkey_prefix = \"app:\"\n");
+    let config = Arc::new(pgcache::config::Config::from_toml_str(&toml).unwrap());
+    let daemon = InProcess::start(config.clone());
+    let mut r = env.redis().await;
+    eventually(Duration::from_secs(30), "streaming", || {
+        let mut r = r.clone();
+        async move {
+            let a: Option<String> = redis::cmd("HGET")
+                .arg("app:pgcache:{pgcache}:checkpoint")
+                .arg("applied")
+                .query_async(&mut r)
+                .await
+                .ok()?;
+            a.map(drop)
+        }
+    })
+    .await;
+    let reader = Reader::from_config_with(&config, ReaderOptions::default()).unwrap();
+    let db = Arc::new(env.pg_client().await);
+    let key = reader.key("user-orders:{user_id}", 7).unwrap();
+    let list: Vec<i32> = reader
+        .get_with(&key, || user_order_ids(&db, 7))
+        .await
+        .unwrap();
+    assert_eq!(list, [1]);
+    assert_eq!(
+        get(&mut r, "app:user-orders:7").await.as_deref(),
+        Some("[1]")
+    );
+    env.sql("INSERT INTO orders VALUES (2, 7)");
+    eventually(Duration::from_secs(20), "app:user-orders:7 deleted", || {
+        let mut r = r.clone();
+        async move {
+            get(&mut r, "app:user-orders:7")
+                .await
+                .is_none()
+                .then_some(())
+        }
+    })
+    .await;
+    let list: Vec<i32> = reader
+        .get_with(&key, || user_order_ids(&db, 7))
+        .await
+        .unwrap();
+    assert_eq!(list, [1, 2]);
+    daemon.stop().await.unwrap();
+    let _ = wait_streaming;
+}
+
+const FILL_LUA: &str = include_str!("../../src/reader/fill.lua");
+
+/// A reader that gives up waiting for a lease holder (WaitTimeout) reads Postgres. For JSON
+/// tables it then waits until the daemon has applied up to that read (`read_settled`, at most
+/// `max_lag_wait`), so that nothing older can show up in Redis after it returned (G10). For
+/// `format = "hash"` tables (src/reader/hash.rs, `lead`: `read(...)` on WaitTimeout and on a
+/// lost fill past the deadline) it returns at once: the slow holder's fill of the row it read
+/// before the update still succeeds (the daemon, a few hundred ms behind, has not revoked
+/// the lease yet), and a later reader sees the older value. Holds for both.
+async fn wait_timeout_then_slow_holder(format: &str) -> Result<(), String> {
+    let env = Env::start(
+        "CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL); INSERT INTO items VALUES (1, 0);",
+        "public.items",
+    );
+    let rules = format!(
+        "[[tables]]\ntable = \"public.items\"\nkey = \"item:{{id}}\"\nformat = \"{format}\"\n"
+    );
+    let path = env.write_config(&rules);
+    let config = env.config(&rules);
+    let log = env.dir.path().join("daemon.log");
+    let mut daemon = crate::common::Daemon::spawn(&path, &log);
+    let mut r = env.redis().await;
+    wait_streaming(&mut r).await;
+    wait_backfill_done(&mut r, "public.items", Duration::from_secs(60)).await;
+    settled(&env, &mut r).await;
+
+    // The key is evicted; a holder H (another process) takes the lease and reads v = 0.
+    let _: () = redis::cmd("DEL")
+        .arg("item:1")
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    let lease = "{item:1}:pgcache-lease";
+    let _: () = redis::cmd("SET")
+        .arg(lease)
+        .arg("holder-H")
+        .arg("PX")
+        .arg(30_000)
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    let db = env.pg_client().await;
+    let at_h: String = db
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let at_h = pgcache::checkpoint::hex(at_h.parse().unwrap());
+    settled(&env, &mut r).await;
+
+    // The daemon lags (paused for 600 ms, under max_lag_wait = 1 s); the row changes.
+    daemon.pause();
+    env.sql("UPDATE items SET v = 1 WHERE id = 1");
+    let pid = daemon.pid() as i32;
+    let resumer = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        unsafe {
+            libc::kill(pid, libc::SIGCONT);
+        }
+    });
+
+    // Reader A gives up on H's lease after 200 ms and reads Postgres: v = 1.
+    let a = Reader::from_config_with(
+        &config,
+        ReaderOptions::default().lease_ttl(Duration::from_millis(200)),
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    let seen_a = a.get_raw("public.items", 1).await.unwrap().unwrap();
+    let seen_a: serde_json::Value = serde_json::from_slice(&seen_a).unwrap();
+    let a_took = started.elapsed();
+
+    // H's fill of what it read before the update.
+    let mut fill = redis::cmd("EVAL");
+    fill.arg(FILL_LUA)
+        .arg(3)
+        .arg("item:1")
+        .arg(lease)
+        .arg(CHECKPOINT)
+        .arg("holder-H");
+    if format == "hash" {
+        fill.arg("hash")
+            .arg("")
+            .arg(0)
+            .arg(&at_h)
+            .arg("id")
+            .arg("1")
+            .arg("v")
+            .arg("0");
+    } else {
+        fill.arg("row").arg("{\"id\":1,\"v\":0}").arg(0).arg(&at_h);
+    }
+    let filled: i64 = fill.query_async(&mut r).await.unwrap();
+
+    // Reader B, afterwards.
+    let b = Reader::from_config_with(&config, ReaderOptions::default()).unwrap();
+    let seen_b = b.get_raw("public.items", 1).await.unwrap().unwrap();
+    let seen_b: serde_json::Value = serde_json::from_slice(&seen_b).unwrap();
+    resumer.await.unwrap();
+    daemon.resume();
+    settled(&env, &mut r).await;
+    daemon.terminate();
+    let v = |j: &serde_json::Value| j["v"].to_string().trim_matches('"').to_string();
+    if v(&seen_a) == "1" && v(&seen_b) == "0" {
+        return Err(format!(
+            "{format}: reader A saw v=1 (returned after {a_took:?}, daemon lag < 600 ms), then H's fill \
+             returned {filled} and reader B saw v=0: {seen_a} then {seen_b}"
+        ));
+    }
+    Ok(())
+}
+
+/// Control: JSON tables hold (A waits for the daemon before returning).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_json_wait_timeout_is_monotonic() {
+    wait_timeout_then_slow_holder("json").await.unwrap();
+}
+
+/// Hash tables wait for the daemon as JSON tables do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_hash_wait_timeout_is_monotonic() {
+    wait_timeout_then_slow_holder("hash").await.unwrap();
+}
+
+/// A table that stops at run time (its rule no longer fits: a cached column renamed)
+/// has its keys dropped and `Backfills::remove_table` forgets its rule; when a later Relation
+/// message shows that it fits again, the daemon logs "the table fits its rule again:
+/// backfilling it", but `Backfills::schedule` returns at once because `is_mirror` looks the
+/// rule up in the map it was removed from. No backfill runs until the daemon restarts: the
+/// mirror table holds only the rows changed since, and `verify` reports the rest missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_a_table_that_fits_again_is_backfilled() {
+    let env = Env::start(
+        "CREATE TABLE t (id int PRIMARY KEY, x int NOT NULL);
+         INSERT INTO t SELECT g, g FROM generate_series(1, 20) g;",
+        "public.t",
+    );
+    let rules = "[[tables]]\ntable = \"public.t\"\nkey = \"t:{id}\"\ncolumns = [\"id\", \"x\"]\n";
+    let path = env.write_config(rules);
+    let daemon = InProcess::start(env.config(rules));
+    let mut r = env.redis().await;
+    wait_backfill_done(&mut r, "public.t", Duration::from_secs(60)).await;
+    assert_eq!(keys(&mut r, "t:*").await.len(), 20);
+
+    // The rule stops fitting: the table stops, its keys go.
+    env.sql("ALTER TABLE t RENAME COLUMN x TO y; UPDATE t SET y = 0 WHERE id = 1;");
+    eventually(
+        Duration::from_secs(20),
+        "the stopped table's keys dropped",
+        || {
+            let mut r = r.clone();
+            async move { keys(&mut r, "t:*").await.is_empty().then_some(()) }
+        },
+    )
+    .await;
+    // It fits again; one row changes, which brings the new Relation message.
+    env.sql("ALTER TABLE t RENAME COLUMN y TO x; UPDATE t SET x = 100 WHERE id = 2;");
+    settled(&env, &mut r).await;
+    let backfilled = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            if keys(&mut r.clone(), "t:*").await.len() == 20 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    let n = keys(&mut r, "t:*").await.len();
+    let p = path.display().to_string();
+    let (code, out, _) = tokio::task::spawn_blocking(move || pgcache(&["verify", "--config", &p]))
+        .await
+        .unwrap();
+    daemon.stop().await.unwrap();
+    assert!(
+        backfilled.is_ok(),
+        "20 rows, {n} keys 20 s after the table fit its rule again; verify exit {code}:\n{out}"
+    );
+}
