@@ -19,6 +19,7 @@ mod ops;
 mod reader;
 mod replication;
 mod security;
+mod slots;
 mod soak;
 mod stream;
 mod testkit;
