@@ -51,6 +51,10 @@ pub const FIELD_RECONCILE_PREFIX: &str = "reconcile:";
 /// A transaction too large for one write, applied in part: `<commit LSN> <changes applied>`
 /// (empty when none), so that a restart resumes it instead of replaying its start.
 pub const FIELD_PARTIAL: &str = "partial";
+/// Set (to why) before a daemon recreates a lost replication slot, and cleared by the write
+/// that starts the rebuild: a daemon that stops in between rebuilds at its next start,
+/// rather than resuming from a checkpoint the new slot does not cover.
+pub const FIELD_SLOT_LOST: &str = "slot_lost";
 
 /// Where a table's backfill stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -130,6 +134,8 @@ pub struct CheckpointState {
     pub repairs: BTreeMap<String, String>,
     /// Reconciles under way, by qualified table name: the scan cursor to go on from.
     pub reconciles: BTreeMap<String, String>,
+    /// The slot was lost and recreated and the cache not yet rebuilt: why it was lost.
+    pub slot_lost: Option<String>,
 }
 
 /// The stored text of a position, as the apply script compares it (`-` for none).
@@ -170,7 +176,8 @@ fn parse_state(
             FIELD_EPOCH => state.epoch = Some(value),
             FIELD_OWNER => state.owner = Some(value),
             FIELD_HEARTBEAT_MS => state.heartbeat_ms = value.parse().ok(),
-            FIELD_PARTIAL if value.is_empty() => {}
+            FIELD_PARTIAL | FIELD_SLOT_LOST if value.is_empty() => {}
+            FIELD_SLOT_LOST => state.slot_lost = Some(value),
             FIELD_PARTIAL => state.partial = Some(Partial::parse(&value).ok_or_else(corrupt)?),
             other => {
                 if let Some(table) = other.strip_prefix(FIELD_BACKFILL_PREFIX) {

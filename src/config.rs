@@ -66,6 +66,11 @@ pub struct PostgresConfig {
     /// Replication slot name: `[a-z0-9_]{1,63}`.
     pub slot: String,
     pub publication: String,
+    /// When the slot is gone (a failover to a server without it) or Postgres invalidated it
+    /// (`max_slot_wal_keep_size`, `idle_replication_slot_timeout`): create it again and
+    /// rebuild the cache (drop the cached keys, backfill every mirror table) instead of
+    /// stopping with an error.
+    pub recreate_lost_slot: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -553,11 +558,13 @@ fn read_postgres(
         Some(p) => Some(p.value),
         None => Some(DEFAULT_PUBLICATION.to_string()),
     };
+    let recreate_lost_slot = sec.bool("recreate_lost_slot", errors).unwrap_or(false);
     sec.finish(errors);
     Some(PostgresConfig {
         url: url?,
         slot: slot?,
         publication: publication?,
+        recreate_lost_slot,
     })
 }
 

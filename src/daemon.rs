@@ -42,6 +42,7 @@ pub mod backfill;
 pub mod pgoutput;
 pub mod relations;
 pub mod replication;
+pub(crate) mod slot;
 mod stream;
 pub mod visibility;
 
@@ -288,6 +289,9 @@ enum Loss {
     NoCheckpoint { had_data: bool },
     /// The checkpoint is behind what the slot confirmed: Redis went back in time.
     Behind { checkpoint: Option<Lsn>, slot: Lsn },
+    /// The replication slot was lost (gone or invalidated, `reason`) and created again: the
+    /// changes since its last position are gone from the WAL.
+    SlotLost { reason: String },
 }
 
 async fn session(
@@ -320,6 +324,13 @@ async fn session(
         })
     };
     let catalog = connect().await?;
+    if let Some(lost) = slot::Lost::find(&catalog, &config.postgres.slot, &before).await? {
+        if !config.postgres.recreate_lost_slot {
+            return Err(lost.error(&checkpoint_key));
+        }
+        lost.recreate(&catalog, &mut redis, &checkpoint_key, &before)
+            .await?;
+    }
     let findings = ready_findings(&catalog, config).await?;
     let max_value = max_value_bytes(&mut redis).await;
     let layout = WalLayout::read(&catalog).await?;
@@ -327,9 +338,34 @@ async fn session(
     let mut replication = ReplicationConnection::connect(target).await?;
     let identity = replication.identify_system().await?;
     let start = before.lsn.unwrap_or(Lsn::ZERO);
-    let mut stream = replication
+    let mut stream = match replication
         .start_logical(&config.postgres.slot, start, &config.postgres.publication)
-        .await?;
+        .await
+    {
+        Ok(stream) => stream,
+        Err(e) if slot::is_lost_error(&e) => {
+            // Lost since the check above (invalidated, or dropped): the same outcomes.
+            let Some(lost) = slot::Lost::find(&catalog, &config.postgres.slot, &before).await?
+            else {
+                return Err(e.into());
+            };
+            if !config.postgres.recreate_lost_slot {
+                return Err(lost.error(&checkpoint_key));
+            }
+            lost.recreate(&catalog, &mut redis, &checkpoint_key, &before)
+                .await?;
+            // The mark in the checkpoint makes the next session rebuild the cache.
+            return Err(RunError::transient(
+                "slot_lost",
+                format!(
+                    "replication slot {:?} was lost ({}) and created again: starting over",
+                    config.postgres.slot,
+                    lost.reason()
+                ),
+            ));
+        }
+        Err(e) => return Err(e.into()),
+    };
     // Postgres gave us the slot: from here on, only this session may write.
     let owner_token = checkpoint::random_token();
     let taken = checkpoint::takeover(
@@ -440,6 +476,10 @@ impl Loss {
         if taken.fresh {
             Some(Loss::NoCheckpoint {
                 had_data: before.lsn.is_some() || !before.backfills.is_empty(),
+            })
+        } else if let Some(reason) = &taken.state.slot_lost {
+            Some(Loss::SlotLost {
+                reason: reason.clone(),
             })
         } else if taken.state.lsn.unwrap_or(Lsn::ZERO) < slot_confirmed {
             Some(Loss::Behind {
@@ -590,12 +630,25 @@ impl Stream<'_> {
                  changes in between are gone from it, so every table's keys are dropped and \
                  the mirror tables backfilled"
             ),
+            Loss::SlotLost { reason } => warn!(
+                slot = %self.config.postgres.slot,
+                %reason,
+                "the replication slot was lost and created again: the changes since its \
+                 last position are gone from the WAL, so every table's keys are dropped and \
+                 the mirror tables backfilled"
+            ),
         }
-        if matches!(
-            loss,
-            Loss::NoCheckpoint { had_data: true } | Loss::Behind { .. }
-        ) {
-            metrics::counter!(m::ERRORS, "kind" => "redis_data_lost").increment(1);
+        match loss {
+            Loss::NoCheckpoint { had_data: true } | Loss::Behind { .. } => {
+                metrics::counter!(m::ERRORS, "kind" => "redis_data_lost").increment(1);
+            }
+            Loss::SlotLost { .. } => {
+                metrics::counter!(m::ERRORS, "kind" => "slot_lost").increment(1);
+                // Written with the drops: from then on the rebuild itself is under way.
+                self.batch
+                    .push_field(checkpoint::FIELD_SLOT_LOST.to_string(), String::new());
+            }
+            Loss::NoCheckpoint { had_data: false } => {}
         }
         for rule in &self.config.tables {
             let key_space = format!(

@@ -33,6 +33,7 @@ const VALID: &[Section] = &[
             ("url", Kind::Str, r#""postgres://pgcache@localhost/app""#),
             ("slot", Kind::Str, r#""pgcache_2""#),
             ("publication", Kind::Str, r#""Cache Pub""#),
+            ("recreate_lost_slot", Kind::Bool, "true"),
         ],
     },
     Section {
@@ -376,7 +377,7 @@ proptest! {
         value in prop_oneof![Just("1".to_string()), Just("\"x\"".to_string()), Just("true".to_string())],
     ) {
         let known: &[&str] = match VALID[s].path {
-            "postgres" => &["url", "url_file", "slot", "publication"],
+            "postgres" => &["url", "url_file", "slot", "publication", "recreate_lost_slot"],
             "redis" => &["url", "url_file", "key_prefix"],
             "apply" => &["max_batch_changes", "max_transaction_changes", "confirm_delay"],
             "backfill" => &["chunk_rows", "auto"],
@@ -406,6 +407,7 @@ proptest! {
             Just((3, 1)),           // backfill.auto
             Just((5, 0)),           // log.format
             Just((0, 1)),           // postgres.slot
+            Just((0, 3)),           // postgres.recreate_lost_slot
         ],
         value in "[A-Za-z %:.-]{1,8}",
     ) {

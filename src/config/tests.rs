@@ -40,6 +40,7 @@ fn minimal_config_gets_defaults() {
     assert_eq!(c.postgres.url.expose(), "postgres://pgcache@localhost/app");
     assert_eq!(c.postgres.slot, "pgcache");
     assert_eq!(c.postgres.publication, "pgcache");
+    assert!(!c.postgres.recreate_lost_slot);
     assert_eq!(c.redis.url.expose(), "redis://localhost:6379");
     assert_eq!(c.redis.key_prefix, "");
     assert_eq!(c.apply, ApplyConfig::default());
@@ -70,6 +71,7 @@ fn every_key_is_read() {
 url = "host=/run/postgresql dbname=app user=pgcache"
 slot = "pgcache_2"
 publication = "Cache Pub"
+recreate_lost_slot = true
 [redis]
 url = "rediss://:pw@cache:6380/2"
 key_prefix = "app1:"
@@ -107,6 +109,7 @@ mode = "invalidate"
     .unwrap();
     assert_eq!(c.postgres.slot, "pgcache_2");
     assert_eq!(c.postgres.publication, "Cache Pub");
+    assert!(c.postgres.recreate_lost_slot);
     assert_eq!(c.redis.key_prefix, "app1:");
     assert_eq!(c.redis.tls_ca_file, Some(RedisRoots::System));
     assert_eq!(

@@ -364,17 +364,18 @@ async fn slot_findings(
     client: &tokio_postgres::Client,
     config: &Config,
 ) -> Result<Vec<Finding>, tokio_postgres::Error> {
+    use crate::daemon::slot::{self, SlotState};
     let slot = &config.postgres.slot;
     let row = client
         .query_opt(
-            "SELECT plugin::text, database::text, wal_status, active, \
+            "SELECT plugin::text, database::text, active, \
                     pg_size_pretty(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)), \
                     current_database()::text \
              FROM pg_replication_slots WHERE slot_name = $1",
             &[slot],
         )
         .await?;
-    let create = format!("SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput');");
+    let create = slot::recreate_sql(slot, false);
     let Some(row) = row else {
         return Ok(vec![Finding::fail(
             format!("replication slot {slot:?} does not exist"),
@@ -383,18 +384,21 @@ async fn slot_findings(
     };
     let plugin: Option<String> = row.get(0);
     let slot_db: Option<String> = row.get(1);
-    let wal_status: Option<String> = row.get(2);
-    let active: bool = row.get(3);
-    let retained: Option<String> = row.get(4);
-    let db: String = row.get(5);
-    let drop = format!("SELECT pg_drop_replication_slot('{slot}');");
+    let active: bool = row.get(2);
+    let retained: Option<String> = row.get(3);
+    let db: String = row.get(4);
+    let recreate = slot::recreate_sql(slot, true);
+    let invalidated = match slot::slot_state(client, slot).await? {
+        SlotState::Invalidated { reason, .. } => Some(reason),
+        SlotState::Missing | SlotState::Usable => None,
+    };
     Ok(vec![if plugin.as_deref() != Some("pgoutput") {
         Finding::fail(
             format!(
                 "slot {slot:?} uses plugin {:?}, not pgoutput",
                 plugin.unwrap_or_default()
             ),
-            format!("{drop} {create}"),
+            recreate,
         )
     } else if slot_db.as_deref() != Some(db.as_str()) {
         Finding::fail(
@@ -404,10 +408,20 @@ async fn slot_findings(
             ),
             "point postgres.url at the slot's database, or create the slot in this one",
         )
-    } else if wal_status.as_deref() == Some("lost") {
+    } else if let Some(reason) = invalidated {
         Finding::fail(
-            format!("slot {slot:?} was invalidated (its WAL was removed, max_slot_wal_keep_size)"),
-            format!("{drop} {create} then delete the checkpoint key so pgcache backfills"),
+            format!(
+                "slot {slot:?} was invalidated by Postgres ({}): the changes since its last \
+                 confirmed position are gone from the WAL, so the cache cannot be brought up \
+                 to date from it",
+                slot::explain(&reason)
+            ),
+            format!(
+                "set [postgres] recreate_lost_slot = true and start pgcache (it recreates the \
+                 slot, drops the cached keys and backfills every mirror table); or by hand: \
+                 {recreate} then redis-cli DEL '{}' so that the daemon rebuilds the cache",
+                crate::checkpoint::checkpoint_key(&config.redis.key_prefix, slot)
+            ),
         )
     } else {
         Finding::ok(format!(

@@ -21,6 +21,7 @@ mod reader;
 mod replication;
 mod review;
 mod security;
+mod slots;
 mod soak;
 mod stream;
 mod testkit;
