@@ -6,7 +6,7 @@
 use std::process::Command;
 
 /// Every figure the full bench reports (latency rates as the quick run uses them).
-const FIGURES: [&str; 14] = [
+const FIGURES: [&str; 17] = [
     "catchup.updates",
     "catchup.bulk_insert",
     "catchup.mixed",
@@ -17,10 +17,13 @@ const FIGURES: [&str; 14] = [
     "latency.10000.p50",
     "latency.10000.p99",
     "latency.10000.p999",
+    "latency.ryw.1000.p50",
+    "latency.ryw.1000.p99",
     "backfill.rows",
     "reader.hit",
     "reader.stampede.db_reads",
     "reader.stampede.p99",
+    "reader.hung_redis.p99",
 ];
 
 #[test]
