@@ -270,6 +270,13 @@ impl TableRule {
             .collect()
     }
 
+    /// `SCAN MATCH` patterns of the leases of this table's row keys (not the keys).
+    pub fn lease_patterns(&self, key_prefix: &str) -> Vec<String> {
+        let glob = self.key.glob(key_prefix);
+        let lease = crate::template::LEASE_SUFFIX;
+        vec![format!("{{{glob}}}{lease}"), format!("{glob}{lease}")]
+    }
+
     /// `schema.name`, e.g. `public.users`.
     pub fn qualified_name(&self) -> String {
         format!("{}.{}", self.schema, self.name)

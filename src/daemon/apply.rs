@@ -579,6 +579,11 @@ impl Batch {
         self.push(Op::DropKeySpace { key_space });
     }
 
+    /// Revokes every lease matching these patterns (fills that began before lose).
+    pub fn revoke_leases(&mut self, patterns: Vec<String>) {
+        self.push(Op::DropMatching { patterns });
+    }
+
     /// Writes the row's value under `key` per the table's mode and format; columns marked
     /// unchanged are taken from `fallback` (a FULL old image).
     fn write_row(

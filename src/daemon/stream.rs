@@ -509,7 +509,21 @@ impl<'a> Stream<'a> {
             }
             Control::Low(_) => {}
             Control::Resync(table) => self.backfills.resync(table.as_deref()),
-            Control::Reconcile(table) => self.backfills.reconcile(&table, None),
+            Control::Reconcile(table) => {
+                // Rows went without a change of their own (a partition detached, dropped or
+                // truncated): a fill that read one of them before may not land after, so
+                // every lease of the table is revoked with this transaction.
+                if let Some(rule) = self
+                    .config
+                    .tables
+                    .iter()
+                    .find(|r| r.qualified_name() == table)
+                {
+                    let patterns = rule.lease_patterns(&self.config.redis.key_prefix);
+                    self.batch.revoke_leases(patterns);
+                }
+                self.backfills.reconcile(&table, None);
+            }
         }
     }
 

@@ -294,3 +294,65 @@ async fn review_a_table_that_fits_again_is_backfilled() {
         "20 rows, {n} keys 20 s after the table fit its rule again; verify exit {code}:\n{out}"
     );
 }
+
+/// A fill that read a row before its partition was detached (or truncated, or
+/// dropped) and fills after the daemon reconciled the table must lose: the reconcile event
+/// revokes every lease of the table (it used to revoke none, and the row came back for
+/// good). A row DELETE (lease revoked by the change) and a root TRUNCATE (leases of
+/// the key space dropped) both make such a fill lose. `verify` then reports an extra key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_a_fill_racing_a_partition_detach_loses() {
+    use pgcache::reader::{FillOutcome, LeaseOutcome};
+    let env = Env::start(
+        "CREATE TABLE events (id int, day date, note text, PRIMARY KEY (id, day)) PARTITION BY RANGE (day);
+         CREATE TABLE events_2024 PARTITION OF events FOR VALUES FROM ('2024-01-01') TO ('2025-01-01');
+         CREATE TABLE events_2025 PARTITION OF events FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');
+         INSERT INTO events SELECT g, date '2024-06-01', 'a' FROM generate_series(1, 10) g;
+         INSERT INTO events SELECT g, date '2025-06-01', 'b' FROM generate_series(11, 20) g;",
+        "public.events",
+    );
+    let rules = "[[tables]]\ntable = \"events\"\nkey = \"ev:{id}:{day}\"\n";
+    let path = env.write_config(rules);
+    let config = env.config(rules);
+    let daemon = InProcess::start(config.clone());
+    let mut r = env.redis().await;
+    wait_backfill_done(&mut r, "public.events", Duration::from_secs(60)).await;
+    assert_eq!(keys(&mut r, "ev:*").await.len(), 20);
+
+    // Row 5 is not cached (evicted); a reader takes its lease and reads it.
+    let _: () = redis::cmd("DEL").arg("ev:5:2024-06-01").query_async(&mut r).await.unwrap();
+    let reader = Reader::from_config_with(
+        &config,
+        ReaderOptions::default().lease_ttl(Duration::from_secs(30)),
+    )
+    .unwrap();
+    let events = reader.table("public.events").unwrap();
+    let LeaseOutcome::Acquired(lease) = events.lease((5, "2024-06-01")).await.unwrap() else {
+        panic!("expected to take the lease");
+    };
+    let row = lease.read_row().await.unwrap().expect("row 5 exists");
+
+    // The partition goes; the daemon reconciles the table.
+    env.sql("ALTER TABLE events DETACH PARTITION events_2024");
+    eventually(Duration::from_secs(30), "the detached rows' keys gone", || {
+        let mut r = r.clone();
+        async move { (keys(&mut r, "ev:*").await.len() == 10).then_some(()) }
+    })
+    .await;
+    settled(&env, &mut r).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // The slow fill.
+    let outcome = lease.fill(&row).await.unwrap();
+    let resurrected = get(&mut r, "ev:5:2024-06-01").await;
+    let p = path.display().to_string();
+    let (code, out, _) = tokio::task::spawn_blocking(move || pgcache(&["verify", "--config", &p]))
+        .await
+        .unwrap();
+    daemon.stop().await.unwrap();
+    assert!(
+        matches!(outcome, FillOutcome::Lost) && resurrected.is_none(),
+        "the fill of a detached row {}: ev:5:2024-06-01 = {resurrected:?}; verify exit {code}:\n{out}",
+        if matches!(outcome, FillOutcome::Filled) { "won" } else { "did not win" }
+    );
+}
