@@ -579,7 +579,8 @@ impl Batch {
         self.push(Op::DropKeySpace { key_space });
     }
 
-    /// Revokes every lease matching these patterns (fills that began before lose).
+    /// Deletes every key matching these `SCAN MATCH` patterns, inside the write: leases
+    /// (fills that began before lose), or keys no row is at hand to render.
     pub fn revoke_leases(&mut self, patterns: Vec<String>) {
         self.push(Op::DropMatching { patterns });
     }

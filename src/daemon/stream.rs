@@ -203,6 +203,22 @@ impl<'a> Stream<'a> {
         }
     }
 
+    /// Deletes every key the table's invalidation rules name, and their leases.
+    fn drop_invalidation_keys(&mut self, table: &str) {
+        let Some(rule) = self
+            .config
+            .tables
+            .iter()
+            .find(|r| r.qualified_name() == table)
+        else {
+            return;
+        };
+        let patterns = rule.invalidation_patterns(&self.config.redis.key_prefix);
+        if !patterns.is_empty() {
+            self.batch.revoke_leases(patterns);
+        }
+    }
+
     fn key_space(&self, table: &str) -> Option<String> {
         self.config
             .tables
@@ -508,11 +524,19 @@ impl<'a> Stream<'a> {
                 }
             }
             Control::Low(_) => {}
-            Control::Resync(table) => self.backfills.resync(table.as_deref()),
+            Control::Resync(table) => {
+                // A table's rows came or went wholesale (a partition attached): the keys its
+                // invalidation rules name may be stale.
+                if let Some(table) = &table {
+                    self.drop_invalidation_keys(table);
+                }
+                self.backfills.resync(table.as_deref());
+            }
             Control::Reconcile(table) => {
                 // Rows went without a change of their own (a partition detached, dropped or
                 // truncated): a fill that read one of them before may not land after, so
-                // every lease of the table is revoked with this transaction.
+                // every lease of the table is revoked with this transaction, and the keys
+                // its invalidation rules name go (no row is at hand to render them from).
                 if let Some(rule) = self
                     .config
                     .tables
@@ -522,6 +546,7 @@ impl<'a> Stream<'a> {
                     let patterns = rule.lease_patterns(&self.config.redis.key_prefix);
                     self.batch.revoke_leases(patterns);
                 }
+                self.drop_invalidation_keys(&table);
                 self.backfills.reconcile(&table, None);
             }
         }

@@ -320,7 +320,11 @@ async fn review_a_fill_racing_a_partition_detach_loses() {
     assert_eq!(keys(&mut r, "ev:*").await.len(), 20);
 
     // Row 5 is not cached (evicted); a reader takes its lease and reads it.
-    let _: () = redis::cmd("DEL").arg("ev:5:2024-06-01").query_async(&mut r).await.unwrap();
+    let _: () = redis::cmd("DEL")
+        .arg("ev:5:2024-06-01")
+        .query_async(&mut r)
+        .await
+        .unwrap();
     let reader = Reader::from_config_with(
         &config,
         ReaderOptions::default().lease_ttl(Duration::from_secs(30)),
@@ -334,10 +338,14 @@ async fn review_a_fill_racing_a_partition_detach_loses() {
 
     // The partition goes; the daemon reconciles the table.
     env.sql("ALTER TABLE events DETACH PARTITION events_2024");
-    eventually(Duration::from_secs(30), "the detached rows' keys gone", || {
-        let mut r = r.clone();
-        async move { (keys(&mut r, "ev:*").await.len() == 10).then_some(()) }
-    })
+    eventually(
+        Duration::from_secs(30),
+        "the detached rows' keys gone",
+        || {
+            let mut r = r.clone();
+            async move { (keys(&mut r, "ev:*").await.len() == 10).then_some(()) }
+        },
+    )
     .await;
     settled(&env, &mut r).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -354,5 +362,109 @@ async fn review_a_fill_racing_a_partition_detach_loses() {
         matches!(outcome, FillOutcome::Lost) && resurrected.is_none(),
         "the fill of a detached row {}: ev:5:2024-06-01 = {resurrected:?}; verify exit {code}:\n{out}",
         if matches!(outcome, FillOutcome::Filled) { "won" } else { "did not win" }
+    );
+}
+
+const PARTITIONED_ORDERS: &str = "
+CREATE TABLE orders (id int, day date, user_id int NOT NULL, PRIMARY KEY (id, day))
+  PARTITION BY RANGE (day);
+CREATE TABLE orders_2024 PARTITION OF orders FOR VALUES FROM ('2024-01-01') TO ('2025-01-01');
+CREATE TABLE orders_2025 PARTITION OF orders FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');
+CREATE TABLE orders_2026 PARTITION OF orders FOR VALUES FROM ('2026-01-01') TO ('2027-01-01');
+ALTER TABLE orders REPLICA IDENTITY FULL;
+ALTER TABLE orders_2024 REPLICA IDENTITY FULL;
+ALTER TABLE orders_2025 REPLICA IDENTITY FULL;
+ALTER TABLE orders_2026 REPLICA IDENTITY FULL;
+INSERT INTO orders VALUES (1, '2024-06-01', 7), (2, '2025-06-01', 7), (3, '2026-06-01', 7),
+                          (4, '2026-06-01', 8);
+";
+
+const PARTITIONED_RULES: &str = "
+[[tables]]
+table = \"public.orders\"
+key = \"order:{id}:{day}\"
+
+[[tables.invalidate]]
+key = \"user-orders:{user_id}\"
+";
+
+/// . Partition TRUNCATE / DETACH / DROP / ATTACH change which rows the partitioned
+/// table holds without row changes in the WAL. The daemon reconciles (or backfills) the
+/// table's own keys, but leaves the keys of its `[[tables.invalidate]]` rules alone, so a
+/// user's order list computed with `get_with` keeps listing orders that are gone (or misses
+/// attached ones) for good: no TTL, and nothing else ever deletes it. A plain TRUNCATE of
+/// the table drops every `user-orders:*` key (README); the partition forms must too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_partition_events_delete_invalidation_keys() {
+    let env = Env::start(PARTITIONED_ORDERS, "public.orders");
+    let config = env.config(PARTITIONED_RULES);
+    let daemon = InProcess::start(config.clone());
+    let mut r = env.redis().await;
+    wait_backfill_done(&mut r, "public.orders", Duration::from_secs(60)).await;
+    let reader = Reader::from_config_with(&config, ReaderOptions::default()).unwrap();
+    let db = Arc::new(env.pg_client().await);
+    let key = reader.key("user-orders:{user_id}", 7).unwrap();
+
+    let mut failures = Vec::new();
+    let steps: [(&str, &str, Vec<i32>); 4] = [
+        ("TRUNCATE orders_2024", "order:1:*", vec![2, 3]),
+        ("ALTER TABLE orders DETACH PARTITION orders_2025", "order:2:*", vec![3]),
+        ("DROP TABLE orders_2026", "order:3:*", vec![]),
+        (
+            "CREATE TABLE orders_2027 (LIKE orders INCLUDING ALL);
+             INSERT INTO orders_2027 VALUES (5, '2027-06-01', 7);
+             ALTER TABLE orders ATTACH PARTITION orders_2027 FOR VALUES FROM ('2027-01-01') TO ('2028-01-01');",
+            "order:5:*",
+            vec![5],
+        ),
+    ];
+    for (sql, order_keys, expected) in steps {
+        // Fill the computed list.
+        let list: Vec<i32> = reader
+            .get_with(&key, || user_order_ids(&db, 7))
+            .await
+            .unwrap();
+        eventually(Duration::from_secs(10), "the list cached", || {
+            let mut r = r.clone();
+            async move { get(&mut r, "user-orders:7").await }
+        })
+        .await;
+        let before = get(&mut r, "user-orders:7").await;
+        env.sql(sql);
+        // Wait until the daemon followed the event for the table's own keys.
+        let attach = sql.contains("ATTACH");
+        eventually(Duration::from_secs(30), "the table's keys followed", || {
+            let mut r = r.clone();
+            async move {
+                let n = keys(&mut r, order_keys).await.len();
+                (if attach { n == 1 } else { n == 0 }).then_some(())
+            }
+        })
+        .await;
+        settled(&env, &mut r).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = get(&mut r, "user-orders:7").await;
+        let fresh = user_order_ids(&db, 7).await.unwrap();
+        assert_eq!(fresh, expected);
+        if let Some(cached) = &now {
+            let cached: Vec<i32> = serde_json::from_str(cached).unwrap();
+            if cached != fresh {
+                failures.push(format!(
+                    "after `{sql}`: user-orders:7 still holds {cached:?} (filled as {list:?}, was {before:?}), Postgres has {fresh:?}"
+                ));
+                // Let the next step start clean.
+                let _: () = redis::cmd("DEL")
+                    .arg("user-orders:7")
+                    .query_async(&mut r)
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+    daemon.stop().await.unwrap();
+    assert!(
+        failures.is_empty(),
+        "stale computed values:\n{}",
+        failures.join("\n")
     );
 }
