@@ -65,14 +65,11 @@ impl Drop for Held {
         if self.settled {
             return;
         }
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let inner = self.inner.clone();
-            let lease_key = std::mem::take(&mut self.lease_key);
-            let token = std::mem::take(&mut self.token);
-            runtime.spawn(async move {
-                let _ = lease::release(&inner, &lease_key, &token).await;
-            });
-        }
+        lease::release_in_background(
+            &self.inner,
+            std::mem::take(&mut self.lease_key),
+            std::mem::take(&mut self.token),
+        );
     }
 }
 

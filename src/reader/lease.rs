@@ -371,6 +371,19 @@ pub(crate) async fn release(
         .map(drop)
 }
 
+/// Gives a lease back from a `Drop` (cancelled or failed before filling), so that waiters
+/// need not sit out its TTL. Without a runtime (or if this fails) it simply expires.
+pub(crate) fn release_in_background(inner: &Arc<Inner>, lease_key: String, token: String) {
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        let inner = inner.clone();
+        runtime.spawn(async move {
+            if let Err(e) = release(&inner, &lease_key, &token).await {
+                tracing::debug!(lease = %lease_key, error = %e, "could not give a lease back; it will expire");
+            }
+        });
+    }
+}
+
 impl Drop for Lease {
     fn drop(&mut self) {
         if self.settled {
@@ -378,16 +391,11 @@ impl Drop for Lease {
         }
         // Cancelled or failed before filling: give the lease back so that waiters need not
         // sit out its TTL. Without a runtime (or if this fails) it simply expires.
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let inner = self.inner.clone();
-            let lease_key = std::mem::take(&mut self.lease_key);
-            let token = std::mem::take(&mut self.token);
-            runtime.spawn(async move {
-                if let Err(e) = release(&inner, &lease_key, &token).await {
-                    tracing::debug!(lease = %lease_key, error = %e, "could not give a lease back; it will expire");
-                }
-            });
-        }
+        release_in_background(
+            &self.inner,
+            std::mem::take(&mut self.lease_key),
+            std::mem::take(&mut self.token),
+        );
     }
 }
 

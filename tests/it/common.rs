@@ -394,3 +394,29 @@ impl Daemon {
         self.child.id()
     }
 }
+
+/// Waits until the daemon has applied everything written so far.
+pub async fn settled(env: &Env, r: &mut redis::aio::MultiplexedConnection) {
+    let client = env.pg_client().await;
+    let lsn: String = client
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let lsn: pgcache::Lsn = lsn.parse().unwrap();
+    let want = pgcache::checkpoint::hex(lsn);
+    eventually(Duration::from_secs(60), "the daemon to catch up", || {
+        let mut r = r.clone();
+        let want = want.clone();
+        async move {
+            let applied: Option<String> = redis::cmd("HGET")
+                .arg("pgcache:{pgcache}:checkpoint")
+                .arg("applied")
+                .query_async(&mut r)
+                .await
+                .ok()?;
+            applied.filter(|a| *a >= want).map(drop)
+        }
+    })
+    .await;
+}

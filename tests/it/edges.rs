@@ -13,8 +13,8 @@ use rand::Rng;
 use serde_json::json;
 
 use crate::common::{
-    eventually, get, get_json, keys, pgcache, wait_backfill_done, wait_for_json, wait_streaming,
-    Daemon, Env, InProcess,
+    eventually, get, get_json, keys, pgcache, settled, wait_backfill_done, wait_for_json,
+    wait_streaming, Daemon, Env, InProcess,
 };
 
 const CHECKPOINT: &str = "pgcache:{pgcache}:checkpoint";
@@ -27,32 +27,6 @@ async fn verify(config: &std::path::Path) -> (i32, String) {
             .await
             .unwrap();
     (code, format!("{out}{err}"))
-}
-
-/// Waits until the daemon has applied everything written so far.
-async fn settled(env: &Env, r: &mut redis::aio::MultiplexedConnection) {
-    let client = env.pg_client().await;
-    let lsn: String = client
-        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
-        .await
-        .unwrap()
-        .get(0);
-    let lsn: pgcache::Lsn = lsn.parse().unwrap();
-    let want = pgcache::checkpoint::hex(lsn);
-    eventually(Duration::from_secs(60), "the daemon to catch up", || {
-        let mut r = r.clone();
-        let want = want.clone();
-        async move {
-            let applied: Option<String> = redis::cmd("HGET")
-                .arg(CHECKPOINT)
-                .arg("applied")
-                .query_async(&mut r)
-                .await
-                .ok()?;
-            applied.filter(|a| *a >= want).map(drop)
-        }
-    })
-    .await;
 }
 
 /// Rows whose `body` is stored out of line (TOAST): 4 kB of md5 text each, incompressible

@@ -10,35 +10,10 @@ use pgcache::reader::ReaderOptions;
 use pgcache::Reader;
 
 use crate::common::{
-    eventually, get, keys, pgcache, wait_backfill_done, wait_streaming, Env, InProcess,
+    eventually, get, keys, pgcache, settled, wait_backfill_done, wait_streaming, Env, InProcess,
 };
 
 const CHECKPOINT: &str = "pgcache:{pgcache}:checkpoint";
-
-async fn settled(env: &Env, r: &mut redis::aio::MultiplexedConnection) {
-    let client = env.pg_client().await;
-    let lsn: String = client
-        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
-        .await
-        .unwrap()
-        .get(0);
-    let lsn: pgcache::Lsn = lsn.parse().unwrap();
-    let want = pgcache::checkpoint::hex(lsn);
-    eventually(Duration::from_secs(60), "the daemon to catch up", || {
-        let mut r = r.clone();
-        let want = want.clone();
-        async move {
-            let applied: Option<String> = redis::cmd("HGET")
-                .arg(CHECKPOINT)
-                .arg("applied")
-                .query_async(&mut r)
-                .await
-                .ok()?;
-            applied.filter(|a| *a >= want).map(drop)
-        }
-    })
-    .await;
-}
 
 async fn user_order_ids(
     db: &tokio_postgres::Client,
