@@ -43,6 +43,10 @@ pub const FIELD_BACKFILL_PREFIX: &str = "backfill:";
 /// (`shape:public.users`), so that a schema change made while the daemon was stopped is
 /// noticed when it starts.
 pub const FIELD_SHAPE_PREFIX: &str = "shape:";
+/// Prefix of the fields holding the rule each table's keys were written under
+/// (`rule:public.users`): key template, mode, format, encoding, TTL and the patterns of its
+/// keys, so that a rule changed while the daemon was stopped is noticed when it starts.
+pub const FIELD_RULE_PREFIX: &str = "rule:";
 /// Prefix of the fields holding keys waiting to be read again (`repair:<key>`): their
 /// values could not be built, so they were deleted, and a crash must not forget them.
 pub const FIELD_REPAIR_PREFIX: &str = "repair:";
@@ -129,6 +133,8 @@ pub struct CheckpointState {
     pub backfills: BTreeMap<String, BackfillProgress>,
     /// By qualified table name: the shape the table's cached values are in.
     pub shapes: BTreeMap<String, String>,
+    /// By qualified table name: the rule its keys were written under (JSON).
+    pub rules: BTreeMap<String, String>,
     pub partial: Option<Partial>,
     /// Keys waiting to be read again, by key: what to read (see `apply::Repair`).
     pub repairs: BTreeMap<String, String>,
@@ -179,12 +185,16 @@ fn parse_state(
             FIELD_PARTIAL | FIELD_SLOT_LOST if value.is_empty() => {}
             FIELD_SLOT_LOST => state.slot_lost = Some(value),
             FIELD_PARTIAL => state.partial = Some(Partial::parse(&value).ok_or_else(corrupt)?),
+            // An empty value is a field being removed.
+            _ if value.is_empty() => {}
             other => {
                 if let Some(table) = other.strip_prefix(FIELD_BACKFILL_PREFIX) {
                     let progress = serde_json::from_str(&value).map_err(|_| corrupt())?;
                     state.backfills.insert(table.to_string(), progress);
                 } else if let Some(table) = other.strip_prefix(FIELD_SHAPE_PREFIX) {
                     state.shapes.insert(table.to_string(), value);
+                } else if let Some(table) = other.strip_prefix(FIELD_RULE_PREFIX) {
+                    state.rules.insert(table.to_string(), value);
                 } else if let Some(key) = other.strip_prefix(FIELD_REPAIR_PREFIX) {
                     state.repairs.insert(key.to_string(), value);
                 } else if let Some(table) = other.strip_prefix(FIELD_RECONCILE_PREFIX) {

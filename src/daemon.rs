@@ -4,6 +4,7 @@
 //! - [`replication`]: the streaming replication protocol client (the WAL in).
 //! - [`pgoutput`]: the pgoutput decoder, a pure function over `Bytes`.
 //! - [`relations`]: relation ids resolved against the table rules; table shapes.
+//! - `rules`: table rules changed while the daemon was stopped (their old keys dropped).
 //! - [`apply`]: row changes to Redis operations (pure, `Batch`), and the guarded write of a
 //!   batch with the checkpoint (`apply::script`).
 //! - [`visibility`]: a batch waits until Postgres readers can see its commits.
@@ -42,6 +43,7 @@ pub mod backfill;
 pub mod pgoutput;
 pub mod relations;
 pub mod replication;
+mod rules;
 pub(crate) mod slot;
 mod stream;
 pub mod visibility;
@@ -456,6 +458,7 @@ async fn begin(
         return state.resume(saved).await;
     };
     state.recover(loss, replay_horizon);
+    state.notice_rule_changes(&saved.rules, true);
     // Every value is written anew: record the shapes they are written in.
     for rule in &config.tables {
         if let Some(shape) = state.catalog_shape(rule).await? {
@@ -717,6 +720,7 @@ impl Stream<'_> {
             }
             self.record_shape(&table, now);
         }
+        self.notice_rule_changes(&saved.rules, false);
         Ok(())
     }
 }

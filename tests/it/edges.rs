@@ -375,6 +375,108 @@ async fn alter_table_while_stopped_reshapes_the_cached_values() {
     daemon.stop().await.unwrap();
 }
 
+/// Review B6: a table's rule (key template, format, numeric encoding, invalidation rules)
+/// changed while the daemon was stopped, or the table taken out of the config: the keys the
+/// old rule wrote are dropped, the table is written again in its new form, and `verify` is
+/// clean. Without it the old keys stayed for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_changed_while_stopped_leaves_no_old_keys() {
+    let env = Env::start(
+        "CREATE TABLE items (id int PRIMARY KEY, price numeric NOT NULL, owner int NOT NULL);
+         ALTER TABLE items REPLICA IDENTITY FULL;
+         CREATE TABLE other (id int PRIMARY KEY, v int NOT NULL);
+         INSERT INTO items SELECT g, g * 1.5, g % 3 FROM generate_series(1, 30) g;
+         INSERT INTO other VALUES (1, 1);",
+        "public.items,public.other",
+    );
+    let other = "[[tables]]\ntable = \"other\"\nkey = \"other:{id}\"\n";
+    let before = format!(
+        "[[tables]]\ntable = \"items\"\nkey = \"item:{{id}}\"\n\
+         [[tables.invalidate]]\nkey = \"owner:{{owner}}:items\"\n\n{other}"
+    );
+    let daemon = InProcess::start(env.config(&before));
+    let mut r = env.redis().await;
+    wait_backfill_done(&mut r, "public.items", Duration::from_secs(60)).await;
+    wait_for_json(
+        &mut r,
+        "item:7",
+        Some(json!({"id": 7, "price": "10.5", "owner": 1})),
+    )
+    .await;
+    // A value the application computed, under the invalidation rule.
+    let _: () = redis::cmd("SET")
+        .arg("owner:1:items")
+        .arg("[7]")
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    daemon.stop().await.unwrap();
+
+    // Key template, format, numeric encoding and invalidation rule all changed.
+    let after = format!(
+        "[[tables]]\ntable = \"items\"\nkey = \"it:{{id}}\"\nformat = \"hash\"\n\
+         numeric = \"number\"\n\
+         [[tables.invalidate]]\nkey = \"holder:{{owner}}:items\"\n\n{other}"
+    );
+    let daemon = InProcess::start(env.config(&after));
+    eventually(Duration::from_secs(30), "items in their new form", || {
+        let mut r = r.clone();
+        async move {
+            let fields: std::collections::BTreeMap<String, String> = redis::cmd("HGETALL")
+                .arg("it:7")
+                .query_async(&mut r)
+                .await
+                .ok()?;
+            (fields.get("price").map(String::as_str) == Some("10.5")).then_some(())
+        }
+    })
+    .await;
+    wait_backfill_done(&mut r, "public.items", Duration::from_secs(60)).await;
+    settled(&env, &mut r).await;
+    assert_eq!(
+        keys(&mut r, "item:*").await,
+        Vec::<String>::new(),
+        "old keys left"
+    );
+    assert_eq!(
+        get(&mut r, "owner:1:items").await,
+        None,
+        "old invalidation key left"
+    );
+    assert_eq!(keys(&mut r, "it:*").await.len(), 30);
+    assert_eq!(
+        get(&mut r, "other:1").await.as_deref(),
+        Some(r#"{"id":1,"v":1}"#)
+    );
+    let (code, out) = verify(&env.write_config(&after)).await;
+    assert_eq!(code, 0, "{out}");
+    daemon.stop().await.unwrap();
+
+    // The table taken out of the config: its keys go; the other table's stay.
+    let daemon = InProcess::start(env.config(other));
+    eventually(
+        Duration::from_secs(30),
+        "the removed table's keys gone",
+        || {
+            let mut r = r.clone();
+            async move { keys(&mut r, "it:*").await.is_empty().then_some(()) }
+        },
+    )
+    .await;
+    env.sql("UPDATE other SET v = 2 WHERE id = 1");
+    wait_for_json(&mut r, "other:1", Some(json!({"id": 1, "v": 2}))).await;
+    daemon.stop().await.unwrap();
+
+    // And back in: it is backfilled again, not taken as done from before.
+    let daemon = InProcess::start(env.config(&after));
+    wait_backfill_done(&mut r, "public.items", Duration::from_secs(60)).await;
+    settled(&env, &mut r).await;
+    assert_eq!(keys(&mut r, "it:*").await.len(), 30);
+    let (code, out) = verify(&env.write_config(&after)).await;
+    assert_eq!(code, 0, "{out}");
+    daemon.stop().await.unwrap();
+}
+
 /// Item 8: a renamed table stops, its keys dropped, with a log line that says so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_renamed_table_stops_and_its_keys_go() {
