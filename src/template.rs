@@ -84,6 +84,104 @@ fn needs_escape(b: u8) -> bool {
     b == b'%' || is_structural(b)
 }
 
+/// The state of [`KeyTemplate::parse`]: the parts so far and the literal text being read.
+struct Parser<'a> {
+    source: &'a str,
+    parts: Vec<Part>,
+    columns: Vec<String>,
+    literal: String,
+}
+
+impl Parser<'_> {
+    fn template(&self) -> String {
+        self.source.to_string()
+    }
+
+    fn unbalanced(&self, brace: char, position: usize) -> TemplateError {
+        TemplateError::UnbalancedBrace {
+            template: self.template(),
+            brace,
+            position,
+        }
+    }
+
+    /// A `{name}` at byte `position`: checks the name and what separates it from the
+    /// column before, then ends the literal before it.
+    fn column(&mut self, name: &str, position: usize) -> Result<(), TemplateError> {
+        let template = self.template();
+        if name.is_empty() {
+            return Err(TemplateError::EmptyColumn { template, position });
+        }
+        if !is_column_name(name) {
+            let name = name.to_string();
+            return Err(TemplateError::BadColumnName { template, name });
+        }
+        if self.columns.iter().any(|c| c == name) {
+            let name = name.to_string();
+            return Err(TemplateError::DuplicateColumn { template, name });
+        }
+        let previous = match self.parts.last() {
+            Some(&Part::Column(prev)) => Some(self.columns[prev].clone()),
+            _ => None,
+        };
+        match previous {
+            _ if self.literal.is_empty() && self.parts.is_empty() => {
+                return Err(TemplateError::NoLiteralPrefix { template });
+            }
+            Some(first) if self.literal.is_empty() => {
+                let second = name.to_string();
+                return Err(TemplateError::AdjacentColumns {
+                    template,
+                    first,
+                    second,
+                });
+            }
+            Some(first) if !self.literal.bytes().any(is_structural) => {
+                return Err(TemplateError::AmbiguousSeparator {
+                    template,
+                    first,
+                    second: name.to_string(),
+                    separator: std::mem::take(&mut self.literal),
+                });
+            }
+            _ => {}
+        }
+        if !self.literal.is_empty() {
+            self.parts
+                .push(Part::Literal(std::mem::take(&mut self.literal)));
+        }
+        self.parts.push(Part::Column(self.columns.len()));
+        self.columns.push(name.to_string());
+        Ok(())
+    }
+
+    /// The end of the template: a literal prefix, at least one column, hash tags closed.
+    fn finish(mut self) -> Result<KeyTemplate, TemplateError> {
+        if !self.literal.is_empty() {
+            self.parts
+                .push(Part::Literal(std::mem::take(&mut self.literal)));
+        }
+        let template = self.template();
+        if !matches!(self.parts.first(), Some(Part::Literal(_))) {
+            return Err(TemplateError::NoLiteralPrefix { template });
+        }
+        if self.columns.is_empty() {
+            return Err(TemplateError::NoColumns { template });
+        }
+        check_hash_tag(&self.parts).map_err(|problem| match problem {
+            TagProblem::Unclosed => TemplateError::UnclosedHashTag { template },
+            TagProblem::Stray => TemplateError::StrayClosingBrace {
+                template: self.template(),
+            },
+        })?;
+        Ok(KeyTemplate {
+            source: self.template(),
+            parts: self.parts,
+            columns: self.columns,
+        })
+    }
+}
+
 fn is_column_name(name: &str) -> bool {
     let mut chars = name.chars();
     match chars.next() {
@@ -103,126 +201,35 @@ impl KeyTemplate {
     /// `:`, `{`, `}` or a space; a literal `{{` (a cluster hash tag) must be closed by `}}`,
     /// and a literal `}}` must come after one.
     pub fn parse(s: &str) -> Result<KeyTemplate, TemplateError> {
-        let template = || s.to_string();
-        let mut parts = Vec::new();
-        let mut columns: Vec<String> = Vec::new();
-        let mut literal = String::new();
+        let mut parser = Parser {
+            source: s,
+            parts: Vec::new(),
+            columns: Vec::new(),
+            literal: String::new(),
+        };
         let mut chars = s.char_indices().peekable();
         while let Some((i, c)) = chars.next() {
+            let doubled = chars.peek().map(|&(_, next)| next) == Some(c);
             match c {
-                '{' if chars.peek().map(|&(_, c)| c) == Some('{') => {
+                '{' | '}' if doubled => {
                     chars.next();
-                    literal.push('{');
+                    parser.literal.push(c);
                 }
-                '}' if chars.peek().map(|&(_, c)| c) == Some('}') => {
-                    chars.next();
-                    literal.push('}');
-                }
-                '}' => {
-                    return Err(TemplateError::UnbalancedBrace {
-                        template: template(),
-                        brace: '}',
-                        position: i,
-                    })
-                }
+                '}' => return Err(parser.unbalanced('}', i)),
                 '{' => {
-                    let start = i + 1;
                     let end = loop {
                         match chars.next() {
                             Some((j, '}')) => break j,
-                            Some((_, '{')) | None => {
-                                return Err(TemplateError::UnbalancedBrace {
-                                    template: template(),
-                                    brace: '{',
-                                    position: i,
-                                })
-                            }
+                            Some((_, '{')) | None => return Err(parser.unbalanced('{', i)),
                             Some(_) => {}
                         }
                     };
-                    let name = &s[start..end];
-                    if name.is_empty() {
-                        return Err(TemplateError::EmptyColumn {
-                            template: template(),
-                            position: i,
-                        });
-                    }
-                    if !is_column_name(name) {
-                        return Err(TemplateError::BadColumnName {
-                            template: template(),
-                            name: name.to_string(),
-                        });
-                    }
-                    if columns.iter().any(|c| c == name) {
-                        return Err(TemplateError::DuplicateColumn {
-                            template: template(),
-                            name: name.to_string(),
-                        });
-                    }
-                    if literal.is_empty() {
-                        match parts.last() {
-                            None => {
-                                return Err(TemplateError::NoLiteralPrefix {
-                                    template: template(),
-                                })
-                            }
-                            Some(&Part::Column(prev)) => {
-                                return Err(TemplateError::AdjacentColumns {
-                                    template: template(),
-                                    first: columns[prev].clone(),
-                                    second: name.to_string(),
-                                })
-                            }
-                            Some(Part::Literal(_)) => {}
-                        }
-                    } else {
-                        if let Some(&Part::Column(prev)) = parts.last() {
-                            if !literal.bytes().any(is_structural) {
-                                return Err(TemplateError::AmbiguousSeparator {
-                                    template: template(),
-                                    first: columns[prev].clone(),
-                                    second: name.to_string(),
-                                    separator: literal,
-                                });
-                            }
-                        }
-                        parts.push(Part::Literal(std::mem::take(&mut literal)));
-                    }
-                    parts.push(Part::Column(columns.len()));
-                    columns.push(name.to_string());
+                    parser.column(&s[i + 1..end], i)?;
                 }
-                c => literal.push(c),
+                c => parser.literal.push(c),
             }
         }
-        if !literal.is_empty() {
-            parts.push(Part::Literal(literal));
-        }
-        match parts.first() {
-            Some(Part::Literal(_)) => {}
-            _ => {
-                return Err(TemplateError::NoLiteralPrefix {
-                    template: template(),
-                })
-            }
-        }
-        if columns.is_empty() {
-            return Err(TemplateError::NoColumns {
-                template: template(),
-            });
-        }
-        check_hash_tag(&parts).map_err(|problem| match problem {
-            TagProblem::Unclosed => TemplateError::UnclosedHashTag {
-                template: template(),
-            },
-            TagProblem::Stray => TemplateError::StrayClosingBrace {
-                template: template(),
-            },
-        })?;
-        Ok(KeyTemplate {
-            source: s.to_string(),
-            parts,
-            columns,
-        })
+        parser.finish()
     }
 
     /// The template as written in the config.

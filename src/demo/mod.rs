@@ -40,7 +40,7 @@ use self::sample::{Sample, Sampler};
 use self::servers::Servers;
 use self::summary::Summary;
 use self::view::View;
-use self::workload::Workload;
+use self::workload::{Counts as WorkloadCounts, Workload};
 use crate::config::Config;
 use crate::daemon::{self, RunError};
 use crate::pgconn::{self, PgTarget};
@@ -290,9 +290,8 @@ async fn traffic(stage: &Stage<'_>, meter: Option<Arc<Meter>>) -> Result<(), Dem
     let Stage {
         servers,
         options,
-        signals,
         config,
-        daemon,
+        ..
     } = *stage;
     let app_url = servers.pg.url(shop::DATABASE);
     let target = PgTarget::parse(&app_url)
@@ -315,49 +314,8 @@ async fn traffic(stage: &Stage<'_>, meter: Option<Arc<Meter>>) -> Result<(), Dem
         .map_err(DemoError::redis("connecting"))?;
 
     wait_until_streaming(stage, redis.clone()).await?;
-    // The daemon is streaming past its initial backfill, so the seed reaches Redis through
-    // the stream, as every later write does.
-    app.batch_execute(&shop::seed_sql())
-        .await
-        .map_err(DemoError::postgres("inserting the seed"))?;
-    let seed_rows = (shop::SEED_PRODUCTS + shop::SEED_CUSTOMERS) as u64;
-    let seeded = Instant::now();
     let mut sampler = Sampler::new(connect().await?, redis.clone(), meter, shop::SLOT);
-    loop {
-        // Until the deadline, a Redis that does not answer in time is asked again.
-        let keys = match sampler.key_counts().await {
-            Ok(keys) => keys,
-            Err(e) if seeded.elapsed() > SEED_PATIENCE => return Err(e),
-            Err(_) => Default::default(),
-        };
-        if keys.get("product") == shop::SEED_PRODUCTS as u64
-            && keys.get("customer") == shop::SEED_CUSTOMERS as u64
-        {
-            break;
-        }
-        if daemon.has_stopped() {
-            return Err(DemoError::Daemon(
-                "it stopped before the seed reached Redis (see the log above)".to_string(),
-            ));
-        }
-        if signals.count() > 0 {
-            return Err(DemoError::Interrupted);
-        }
-        if seeded.elapsed() > SEED_PATIENCE {
-            return Err(DemoError::Setup(format!(
-                "the seed did not reach Redis within {} s: {}",
-                SEED_PATIENCE.as_secs(),
-                keys.pairs()
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    say(&format!(
-        "seed: {} products and {} customers inserted in Postgres reached Redis through the stream in {} ms",
-        shop::SEED_PRODUCTS,
-        shop::SEED_CUSTOMERS,
-        seeded.elapsed().as_millis()
-    ));
+    let seed_rows = seed(stage, &app, &mut sampler).await?;
 
     let reader = Reader::from_config_with(
         config,
@@ -383,19 +341,95 @@ async fn traffic(stage: &Stage<'_>, meter: Option<Arc<Meter>>) -> Result<(), Dem
     let (last, daemon_died) = live_view(stage, &mut sampler, &workload, &reader, first).await;
     let (counts, problem) = workload.stop().await;
     let stopped_at = Instant::now();
-    let after_seconds = last.elapsed;
     if daemon_died {
         return Err(DemoError::Daemon(
             "it stopped during the run (see the log above)".to_string(),
         ));
     }
 
+    conclude(
+        stage,
+        &mut sampler,
+        &reader,
+        (counts, problem),
+        &last,
+        stopped_at,
+    )
+    .await
+}
+
+/// Inserts the seed and waits until it reached Redis through the stream: the rows seeded.
+async fn seed(
+    stage: &Stage<'_>,
+    app: &tokio_postgres::Client,
+    sampler: &mut Sampler,
+) -> Result<u64, DemoError> {
+    // The daemon is streaming past its initial backfill, so the seed reaches Redis through
+    // the stream, as every later write does.
+    app.batch_execute(&shop::seed_sql())
+        .await
+        .map_err(DemoError::postgres("inserting the seed"))?;
+    let seeded = Instant::now();
+    loop {
+        // Until the deadline, a Redis that does not answer in time is asked again.
+        let keys = match sampler.key_counts().await {
+            Ok(keys) => keys,
+            Err(e) if seeded.elapsed() > SEED_PATIENCE => return Err(e),
+            Err(_) => Default::default(),
+        };
+        if keys.get("product") == shop::SEED_PRODUCTS as u64
+            && keys.get("customer") == shop::SEED_CUSTOMERS as u64
+        {
+            break;
+        }
+        if stage.daemon.has_stopped() {
+            return Err(DemoError::Daemon(
+                "it stopped before the seed reached Redis (see the log above)".to_string(),
+            ));
+        }
+        if stage.signals.count() > 0 {
+            return Err(DemoError::Interrupted);
+        }
+        if seeded.elapsed() > SEED_PATIENCE {
+            return Err(DemoError::Setup(format!(
+                "the seed did not reach Redis within {} s: {}",
+                SEED_PATIENCE.as_secs(),
+                keys.pairs()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    say(&format!(
+        "seed: {} products and {} customers inserted in Postgres reached Redis through the stream in {} ms",
+        shop::SEED_PRODUCTS,
+        shop::SEED_CUSTOMERS,
+        seeded.elapsed().as_millis()
+    ));
+    Ok((shop::SEED_PRODUCTS + shop::SEED_CUSTOMERS) as u64)
+}
+
+/// After the workload: waits for Redis to equal Postgres, prints the summary, and with
+/// `--keep` leaves everything running until Ctrl-C.
+async fn conclude(
+    stage: &Stage<'_>,
+    sampler: &mut Sampler,
+    reader: &Reader,
+    (counts, problem): (WorkloadCounts, Option<String>),
+    last: &Sample,
+    stopped_at: Instant,
+) -> Result<(), DemoError> {
+    let Stage {
+        servers,
+        options,
+        signals,
+        ..
+    } = *stage;
     say("writes stopped; comparing Redis with Postgres...");
     let checks = wait_for_convergence(&sampler.pg, &mut sampler.redis.clone()).await?;
     let converged = checks.iter().all(TableCheck::matches);
-    let final_sample = sampler.take(counts, reader.stats(), &last).await;
+    let final_sample = sampler.take(counts, reader.stats(), last).await;
     let summary = Summary {
-        ran: after_seconds,
+        ran: last.elapsed,
         sample: &final_sample,
         checks: &checks,
         converged_in: converged.then(|| stopped_at.elapsed()),

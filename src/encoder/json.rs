@@ -84,54 +84,57 @@ pub(super) fn is_json_integer(s: &[u8]) -> bool {
     is_json_number(s) && !s.iter().any(|b| matches!(b, b'.' | b'e' | b'E'))
 }
 
+/// Skips JSON whitespace.
+fn ws(s: &[u8], i: &mut usize) {
+    while matches!(s.get(*i), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+        *i += 1;
+    }
+}
+/// One JSON string at `*i`, escapes checked.
+fn string(s: &[u8], i: &mut usize) -> bool {
+    if s.get(*i) != Some(&b'"') {
+        return false;
+    }
+    *i += 1;
+    loop {
+        match s.get(*i) {
+            Some(b'"') => {
+                *i += 1;
+                return true;
+            }
+            Some(b'\\') => match s.get(*i + 1) {
+                Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => *i += 2,
+                Some(b'u') => {
+                    let hex = s.get(*i + 2..*i + 6);
+                    if !hex.is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)) {
+                        return false;
+                    }
+                    *i += 6;
+                }
+                _ => return false,
+            },
+            Some(&b) if b >= 0x20 => *i += 1,
+            _ => return false,
+        }
+    }
+}
+/// An object key and its colon.
+fn key(s: &[u8], i: &mut usize) -> bool {
+    ws(s, i);
+    if !string(s, i) {
+        return false;
+    }
+    ws(s, i);
+    if s.get(*i) != Some(&b':') {
+        return false;
+    }
+    *i += 1;
+    true
+}
+
 /// Whether `s` is one JSON document. Iterative, so deeply nested jsonb cannot overflow the
 /// stack; Postgres produced it, so this is a guard against corrupt input, not a parser.
 pub(super) fn is_json(s: &[u8]) -> bool {
-    fn ws(s: &[u8], i: &mut usize) {
-        while matches!(s.get(*i), Some(b' ' | b'\t' | b'\n' | b'\r')) {
-            *i += 1;
-        }
-    }
-    fn string(s: &[u8], i: &mut usize) -> bool {
-        if s.get(*i) != Some(&b'"') {
-            return false;
-        }
-        *i += 1;
-        loop {
-            match s.get(*i) {
-                Some(b'"') => {
-                    *i += 1;
-                    return true;
-                }
-                Some(b'\\') => match s.get(*i + 1) {
-                    Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => *i += 2,
-                    Some(b'u') => {
-                        let hex = s.get(*i + 2..*i + 6);
-                        if !hex.is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)) {
-                            return false;
-                        }
-                        *i += 6;
-                    }
-                    _ => return false,
-                },
-                Some(&b) if b >= 0x20 => *i += 1,
-                _ => return false,
-            }
-        }
-    }
-    fn key(s: &[u8], i: &mut usize) -> bool {
-        ws(s, i);
-        if !string(s, i) {
-            return false;
-        }
-        ws(s, i);
-        if s.get(*i) != Some(&b':') {
-            return false;
-        }
-        *i += 1;
-        true
-    }
-
     let mut open: Vec<u8> = Vec::new();
     let mut i = 0;
     'value: loop {

@@ -55,6 +55,38 @@ impl RowValue {
     }
 }
 
+/// The columns a backfill query selects, each once whatever roles it plays (cached, key,
+/// primary key).
+struct SelectList<'a> {
+    /// The table's columns as pgoutput sends them (generated ones left out).
+    all: Vec<&'a sql::Attribute>,
+    names: Vec<String>,
+}
+
+impl<'a> SelectList<'a> {
+    fn attribute(&self, name: &str) -> Result<&'a sql::Attribute, String> {
+        self.all
+            .iter()
+            .copied()
+            .find(|a| a.name == name)
+            .ok_or_else(|| format!("the table has no column {name:?}"))
+    }
+
+    /// The column's index in the select list, adding it on first use.
+    fn at(&mut self, name: &str) -> Result<usize, String> {
+        self.attribute(name)?;
+        if let Some(at) = self.names.iter().position(|n| n == name) {
+            return Ok(at);
+        }
+        self.names.push(name.to_string());
+        Ok(self.names.len() - 1)
+    }
+
+    fn at_all(&mut self, names: &[String]) -> Result<Vec<usize>, String> {
+        names.iter().map(|n| self.at(n)).collect()
+    }
+}
+
 impl TablePlan {
     /// Looks the table up in the catalog.
     ///
@@ -81,56 +113,37 @@ impl TablePlan {
             return Err(fail("the table does not exist".into()));
         };
         let estimate = row_estimate(client, oid).await.map_err(pg)?;
-        let all: Vec<&sql::Attribute> = attributes.iter().filter(|a| !a.generated).collect();
         let pk_names = sql::primary_key_columns(client, oid).await.map_err(pg)?;
         if pk_names.is_empty() {
             return Err(fail(
                 "the table has no primary key, which backfill pages by; add one".into(),
             ));
         }
-        let attribute = |name: &str| {
-            all.iter()
-                .copied()
-                .find(|a| a.name == name)
-                .ok_or_else(|| fail(format!("the table has no column {name:?}")))
-        };
-
-        let mut select_list: Vec<String> = Vec::new();
-        let mut slot = |name: &str| -> Result<usize, BackfillError> {
-            attribute(name)?;
-            if let Some(at) = select_list.iter().position(|n| n == name) {
-                return Ok(at);
-            }
-            select_list.push(name.to_string());
-            Ok(select_list.len() - 1)
+        let mut list = SelectList {
+            all: attributes.iter().filter(|a| !a.generated).collect(),
+            names: Vec::new(),
         };
         let names: Vec<String> = match &rule.columns {
             Some(columns) => columns.clone(),
-            None => all.iter().map(|a| a.name.clone()).collect(),
+            None => list.all.iter().map(|a| a.name.clone()).collect(),
         };
-        let column_at = names
-            .iter()
-            .map(|n| slot(n))
-            .collect::<Result<Vec<_>, _>>()?;
-        let key_at = rule
-            .key
-            .columns()
-            .iter()
-            .map(|n| slot(n))
-            .collect::<Result<Vec<_>, _>>()?;
+        let column_at = list.at_all(&names).map_err(&fail)?;
+        let key_at = list.at_all(rule.key.columns()).map_err(&fail)?;
         let pk = pk_names
             .iter()
-            .map(|n| Ok((slot(n)?, attribute(n)?.sql_type.clone())))
-            .collect::<Result<Vec<_>, BackfillError>>()?;
+            .map(|n| Ok((list.at(n)?, list.attribute(n)?.sql_type.clone())))
+            .collect::<Result<Vec<_>, String>>()
+            .map_err(&fail)?;
         let key_columns = rule
             .key
             .columns()
             .iter()
-            .map(|n| Ok((quote_ident(n), attribute(n)?.sql_type.clone())))
-            .collect::<Result<Vec<_>, BackfillError>>()?;
+            .map(|n| Ok((quote_ident(n), list.attribute(n)?.sql_type.clone())))
+            .collect::<Result<Vec<_>, String>>()
+            .map_err(&fail)?;
         let mut columns = Vec::with_capacity(names.len());
         for name in &names {
-            let oid = attribute(name)?.type_oid;
+            let oid = list.attribute(name).map_err(&fail)?.type_oid;
             let ty = match PgType::from_oid(oid) {
                 Some(ty) => ty,
                 None => PgType::resolve(client, oid).await.map_err(pg)?,
@@ -140,7 +153,7 @@ impl TablePlan {
         let relation = quote_qualified(&rule.schema, &rule.name);
         let select = format!(
             "SELECT {} FROM {relation}",
-            select_list
+            list.names
                 .iter()
                 .map(|n| quote_ident(n))
                 .collect::<Vec<_>>()
@@ -158,7 +171,7 @@ impl TablePlan {
             pk,
             select,
             relation,
-            width: select_list.len(),
+            width: list.names.len(),
             order_by: pk_cols.join(", "),
             pk_tuple: format!("({})", pk_cols.join(", ")),
             estimate,
