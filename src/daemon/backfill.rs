@@ -599,33 +599,22 @@ impl Backfills {
         else {
             return Ok(None);
         };
-        // What the stream touched from the chunk's start to here wins over the read.
-        if cleared {
-            chunk.rows.clear();
-            chunk.deletes.clear();
-        }
-        for key in &touched {
-            chunk.rows.remove(key);
-        }
-        chunk.deletes.retain(|key| !touched.contains(key));
-        let ttl_ms = plan.rule.ttl.map(|ttl| ttl.as_millis().max(1) as u64);
-        let written = chunk.rows.len() as u64;
-        let mut ops: Vec<Op> = chunk
-            .rows
-            .into_iter()
-            .map(|(key, value)| match value {
-                RowValue::Json(value) => Op::Fill { key, value, ttl_ms },
-                RowValue::Hash(fields) => Op::Hash {
-                    key,
-                    fields,
-                    ttl_ms,
-                    only_if_cached: false,
-                },
-            })
-            .collect();
-        let deleted = chunk.deletes.len();
-        ops.extend(chunk.deletes.into_iter().map(|key| Op::Del { key }));
+        let (ops, written, deleted) = chunk_ops(&mut chunk, &touched, cleared, &plan);
         metrics::counter!(m::BACKFILL_ROWS, "table" => job.table.clone()).increment(written);
+        let fields = self.done_fields(job, &plan, &mut chunk, written, deleted);
+        Ok(Some((ops, fields)))
+    }
+
+    /// The checkpoint fields a written chunk moves: the backfill's progress, repairs done,
+    /// the reconcile's scan cursor.
+    fn done_fields(
+        &mut self,
+        job: Job,
+        plan: &TablePlan,
+        chunk: &mut ChunkRead,
+        written: u64,
+        deleted: usize,
+    ) -> Vec<(String, String)> {
         let mut fields = Vec::new();
         match job.work {
             Work::Rows {
@@ -686,12 +675,47 @@ impl Backfills {
                 }
                 fields.push((
                     format!("{FIELD_RECONCILE_PREFIX}{}", job.table),
-                    chunk.scan.unwrap_or_default(),
+                    chunk.scan.take().unwrap_or_default(),
                 ));
             }
         }
-        Ok(Some((ops, fields)))
+        fields
     }
+}
+
+/// A read chunk's writes, once what the stream touched from the chunk's start to its high
+/// watermark is taken out (the stream wins): the operations, rows written, keys deleted.
+fn chunk_ops(
+    chunk: &mut ChunkRead,
+    touched: &HashSet<String>,
+    cleared: bool,
+    plan: &TablePlan,
+) -> (Vec<Op>, u64, usize) {
+    if cleared {
+        chunk.rows.clear();
+        chunk.deletes.clear();
+    }
+    for key in touched {
+        chunk.rows.remove(key);
+    }
+    chunk.deletes.retain(|key| !touched.contains(key));
+    let ttl_ms = plan.rule.ttl.map(|ttl| ttl.as_millis().max(1) as u64);
+    let written = chunk.rows.len() as u64;
+    let mut ops: Vec<Op> = std::mem::take(&mut chunk.rows)
+        .into_iter()
+        .map(|(key, value)| match value {
+            RowValue::Json(value) => Op::Fill { key, value, ttl_ms },
+            RowValue::Hash(fields) => Op::Hash {
+                key,
+                fields,
+                ttl_ms,
+                only_if_cached: false,
+            },
+        })
+        .collect();
+    let deleted = chunk.deletes.len();
+    ops.extend(chunk.deletes.drain(..).map(|key| Op::Del { key }));
+    (ops, written, deleted)
 }
 
 impl Drop for Backfills {
