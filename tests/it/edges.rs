@@ -66,7 +66,8 @@ async fn toast_unchanged_updates_during_a_backfill_lose_no_row() {
     let mut r = env.redis().await;
     wait_backfill_done(&mut r, "public.docs", Duration::from_secs(120)).await;
     let _: () = redis::cmd("FLUSHALL").query_async(&mut r).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The flush took the checkpoint, and with it the backfill's "done": this waits for the
+    // rebuild.
     wait_backfill_done(&mut r, "public.docs", Duration::from_secs(120)).await;
     stop.store(true, Ordering::Relaxed);
     writer.await.unwrap();
