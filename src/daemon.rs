@@ -458,7 +458,7 @@ async fn begin(
         return state.resume(saved).await;
     };
     state.recover(loss, replay_horizon);
-    state.notice_rule_changes(&saved.rules, true);
+    state.notice_rule_changes(saved, true);
     // Every value is written anew: record the shapes they are written in.
     for rule in &config.tables {
         if let Some(shape) = state.catalog_shape(rule).await? {
@@ -720,7 +720,7 @@ impl Stream<'_> {
             }
             self.record_shape(&table, now);
         }
-        self.notice_rule_changes(&saved.rules, false);
+        self.notice_rule_changes(saved, false);
         Ok(())
     }
 }

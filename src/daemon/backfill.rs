@@ -325,6 +325,13 @@ impl Backfills {
         }
     }
 
+    /// Forgets the keys of `table` waiting to be read again: its rule changed, so they are
+    /// in the old form and the table is written again anyway.
+    pub fn drop_repairs(&mut self, table: &str) {
+        self.queue
+            .retain(|q| !(q.table == table && matches!(q.work, Work::Keys(_))));
+    }
+
     /// Deletes the keys of `table` whose rows are gone, scanning from `scan` ("0": the
     /// start).
     pub fn reconcile(&mut self, table: &str, scan: Option<&str>) {

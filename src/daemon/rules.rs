@@ -13,9 +13,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use crate::checkpoint::{FIELD_BACKFILL_PREFIX, FIELD_RULE_PREFIX, FIELD_SHAPE_PREFIX};
+use crate::checkpoint::{
+    CheckpointState, FIELD_BACKFILL_PREFIX, FIELD_REPAIR_PREFIX, FIELD_RULE_PREFIX,
+    FIELD_SHAPE_PREFIX,
+};
 use crate::config::TableRule;
-use crate::daemon::apply::Op;
+use crate::daemon::apply::{Op, Repair};
 use crate::daemon::stream::Stream;
 
 /// What a table's rule made of its keys, as recorded in the checkpoint (JSON).
@@ -130,11 +133,8 @@ impl Stream<'_> {
     /// Compares the config's rules with the ones recorded in the checkpoint, drops the keys
     /// the old rules wrote where they differ, and records the config's. With `rebuilding`
     /// (Redis lost its data) every table is written anew anyway, so only the drops are added.
-    pub(super) fn notice_rule_changes(
-        &mut self,
-        saved: &BTreeMap<String, String>,
-        rebuilding: bool,
-    ) {
+    pub(super) fn notice_rule_changes(&mut self, checkpoint: &CheckpointState, rebuilding: bool) {
+        let saved = &checkpoint.rules;
         let key_prefix = self.config.redis.key_prefix.clone();
         let now: BTreeMap<String, RuleRecord> = self
             .config
@@ -159,6 +159,17 @@ impl Stream<'_> {
                 }
                 RuleChange::Invalidates => {
                     info!(%table, "the table's invalidation rules changed while the daemon was stopped: dropping the keys the old ones named");
+                }
+            }
+            if change != RuleChange::Invalidates {
+                // Keys waiting to be read again are in the old form, and the table is
+                // written again (or gone).
+                self.backfills.drop_repairs(&table);
+                for (key, text) in &checkpoint.repairs {
+                    if Repair::decode(text).is_some_and(|r| r.table == table) {
+                        self.batch
+                            .push_field(format!("{FIELD_REPAIR_PREFIX}{key}"), String::new());
+                    }
                 }
             }
             // Another table's keys under the dropped patterns go too: write that one again.
@@ -195,6 +206,9 @@ impl Stream<'_> {
                     .push_field(format!("{FIELD_RULE_PREFIX}{table}"), text);
             }
         }
+        // The backfills' restarts go in the same write as the drops and the new records: a
+        // crash after it must not find the new rule recorded and the old backfill done.
+        self.take_backfill_fields();
     }
 }
 

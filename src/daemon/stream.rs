@@ -409,7 +409,8 @@ impl<'a> Stream<'a> {
         Ok(())
     }
 
-    fn take_backfill_fields(&mut self) {
+    /// Moves the backfills' checkpoint fields into the batch, to be written with its ops.
+    pub(super) fn take_backfill_fields(&mut self) {
         for (field, value) in self.backfills.take_fields() {
             self.batch.push_field(field, value);
         }
