@@ -24,7 +24,7 @@ use rand::Rng;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
-use crate::checkpoint::{self, CheckpointState};
+use crate::checkpoint::{self, CheckpointState, FIELD_BACKFILL_PREFIX};
 use crate::config::{Config, Mode};
 use crate::daemon::apply::script::{Owner, Refused, WriteError};
 use crate::daemon::apply::{Batch, Op};
@@ -533,6 +533,8 @@ fn stop_unready_tables(
         error!(%table, problem = %finding, "table stopped: it is not set up for pgcache; its keys are dropped");
         if let Some(key_space) = relations.stop_table(table, &finding.to_string()) {
             batch.push_committed(Op::DropKeySpace { key_space });
+            // Its keys are gone: once it is set up right, the next start backfills it.
+            batch.push_field(format!("{FIELD_BACKFILL_PREFIX}{table}"), String::new());
         }
         if let Some(rule) = config.tables.iter().find(|r| r.qualified_name() == *table) {
             let patterns = rule.invalidation_patterns(&config.redis.key_prefix);

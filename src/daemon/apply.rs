@@ -359,6 +359,21 @@ impl Batch {
     }
 
     fn push(&mut self, op: Op) {
+        if let Some(key) = op.key() {
+            // Redis refuses a key over `proto-max-bulk-len` in any command (with its lease
+            // key, a little longer), so no such key can exist: there is nothing to write or
+            // delete, and sending it would break the connection for every table.
+            if key.len() + crate::template::LEASE_SUFFIX.len() + 2 > self.max_value {
+                tracing::warn!(
+                    key = %String::from_utf8_lossy(&key.as_bytes()[..key.len().min(200)]),
+                    bytes = key.len(),
+                    limit = self.max_value,
+                    "a key longer than Redis's proto-max-bulk-len: not written (its row cannot be cached)"
+                );
+                metrics::counter!(crate::metrics::ERRORS, "kind" => "key_too_large").increment(1);
+                return;
+            }
+        }
         self.bytes += op.size();
         if self.open_xid.is_some() {
             self.open_has_ops = true;

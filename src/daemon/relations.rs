@@ -140,6 +140,11 @@ pub struct RelationCache {
     stopped: HashMap<String, String>,
     key_prefix: String,
     relations: HashMap<u32, RelationState>,
+    /// The OID of each configured table as the catalog showed it at the session's start (or
+    /// as its Relation message since): a Relation message under another name for one of
+    /// these is a rename, and one under the table's name with another OID is the table
+    /// dropped and created again.
+    oids: HashMap<u32, Arc<TableRule>>,
 }
 
 impl RelationCache {
@@ -159,6 +164,46 @@ impl RelationCache {
             stopped: HashMap::new(),
             key_prefix: config.redis.key_prefix.clone(),
             relations: HashMap::new(),
+            oids: HashMap::new(),
+        }
+    }
+
+    /// Records the OID the catalog gives a configured table.
+    pub fn know_oid(&mut self, oid: u32, table: &str) {
+        if let Some(rule) = self.rules.values().find(|r| r.qualified_name() == table) {
+            let rule = rule.clone();
+            self.oids.retain(|_, r| r.qualified_name() != table);
+            self.oids.insert(oid, rule);
+        }
+    }
+
+    /// Whether this Relation message names a configured table that was known under another
+    /// OID: it was dropped and created again (or swapped for another table). Records the
+    /// new OID.
+    pub fn recreated(&mut self, relation: &Relation) -> bool {
+        let known = self
+            .oids
+            .iter()
+            .find(|(_, r)| r.schema == relation.namespace && r.name == relation.name)
+            .map(|(&oid, _)| oid);
+        match known {
+            Some(oid) if oid != relation.id => {
+                if let Some(rule) = self.oids.remove(&oid) {
+                    self.oids.insert(relation.id, rule);
+                }
+                true
+            }
+            Some(_) => false,
+            None => {
+                let configured = self
+                    .rules
+                    .get(&(relation.namespace.clone(), relation.name.clone()))
+                    .cloned();
+                if let Some(rule) = configured {
+                    self.oids.insert(relation.id, rule);
+                }
+                false
+            }
         }
     }
 
@@ -193,7 +238,7 @@ impl RelationCache {
                 .values()
                 .find(|r| r.qualified_name() == *table)
                 .cloned(),
-            _ => None,
+            _ => self.oids.get(&relation.id).cloned(),
         }
         .filter(|rule| rule.schema != relation.namespace || rule.name != relation.name);
         let control = relation.namespace == crate::daemon::backfill::control::SCHEMA

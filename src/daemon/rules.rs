@@ -31,6 +31,10 @@ pub struct RuleRecord {
     pub keys: Vec<String>,
     /// `SCAN MATCH` patterns of its `[[tables.invalidate]]` keys and their leases.
     pub invalidates: Vec<String>,
+    /// The `[[tables.invalidate]]` templates as written: a column changed under the same
+    /// pattern (`user-orders:{user_id}` to `user-orders:{buyer_id}`) is a change too.
+    #[serde(default)]
+    pub invalidate_templates: Vec<String>,
 }
 
 impl RuleRecord {
@@ -49,6 +53,11 @@ impl RuleRecord {
             values,
             keys,
             invalidates: rule.invalidation_patterns(key_prefix),
+            invalidate_templates: rule
+                .invalidate
+                .iter()
+                .map(|inv| inv.key.as_str().to_string())
+                .collect(),
         }
     }
 
@@ -96,7 +105,10 @@ pub fn changes(
             Some(now) if now.values != old.values || now.keys != old.keys => {
                 out.push((table.clone(), RuleChange::Values, old.all_patterns()));
             }
-            Some(now) if now.invalidates != old.invalidates => {
+            Some(now)
+                if now.invalidates != old.invalidates
+                    || now.invalidate_templates != old.invalidate_templates =>
+            {
                 out.push((table.clone(), RuleChange::Invalidates, old.invalidates));
             }
             Some(_) => {}
@@ -221,6 +233,7 @@ mod tests {
             values: values.to_string(),
             keys: keys.iter().map(|s| s.to_string()).collect(),
             invalidates: invalidates.iter().map(|s| s.to_string()).collect(),
+            invalidate_templates: Vec::new(),
         }
     }
 
@@ -271,6 +284,24 @@ mod tests {
                     vec!["a:*".to_string(), "u:*:orders".to_string()]
                 ),
             ]
+        );
+    }
+
+    #[test]
+    fn an_invalidation_column_changed_under_the_same_pattern_is_a_change() {
+        let mut old = record("key=a", &["a:*"], &["u:*:orders"]);
+        old.invalidate_templates = vec!["u:{user_id}:orders".to_string()];
+        let mut now = old.clone();
+        now.invalidate_templates = vec!["u:{buyer_id}:orders".to_string()];
+        let saved = [("public.t".to_string(), old.encode())].into();
+        let now = [("public.t".to_string(), now)].into();
+        assert_eq!(
+            changes(&saved, &now),
+            vec![(
+                "public.t".to_string(),
+                RuleChange::Invalidates,
+                vec!["u:*:orders".to_string()]
+            )]
         );
     }
 

@@ -14,7 +14,9 @@ use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
 use super::{stopped, RunError, WalLayout};
-use crate::checkpoint::{self, Partial, FIELD_HEARTBEAT_MS, FIELD_PARTIAL, FIELD_SHAPE_PREFIX};
+use crate::checkpoint::{
+    self, Partial, FIELD_BACKFILL_PREFIX, FIELD_HEARTBEAT_MS, FIELD_PARTIAL, FIELD_SHAPE_PREFIX,
+};
 use crate::clock::{now_ms, pg_now_micros};
 use crate::config::{Config, Mode, TableRule};
 use crate::daemon::apply::script::{self, Owner};
@@ -153,12 +155,17 @@ impl<'a> Stream<'a> {
     }
 
     /// The shape of a table's cached columns in the catalog now (`None`: no such table).
-    pub(super) async fn catalog_shape(&self, rule: &TableRule) -> Result<Option<String>, RunError> {
-        let Some((_, attributes)) =
+    /// Records the table's OID, so that a rename or a drop and create is noticed.
+    pub(super) async fn catalog_shape(
+        &mut self,
+        rule: &TableRule,
+    ) -> Result<Option<String>, RunError> {
+        let Some((oid, attributes)) =
             crate::sql::table_columns(self.types.client(), &rule.schema, &rule.name).await?
         else {
             return Ok(None);
         };
+        self.relations.know_oid(oid, &rule.qualified_name());
         let sent: Vec<&crate::sql::Attribute> =
             attributes.iter().filter(|a| !a.generated).collect();
         let cached: Option<Vec<&crate::sql::Attribute>> = match &rule.columns {
@@ -589,6 +596,7 @@ impl<'a> Stream<'a> {
     }
 
     async fn on_relation(&mut self, relation: &Relation) -> Result<(), RunError> {
+        let recreated = self.relations.recreated(relation);
         let (state, before) = self
             .relations
             .on_relation(relation, &mut self.types)
@@ -604,6 +612,10 @@ impl<'a> Stream<'a> {
                     error!(%table, %error, "table stopped: its rule no longer fits the table; its keys are dropped so nothing stale is served");
                     metrics::counter!(m::ERRORS, "kind" => "rule").increment(1);
                     self.batch.drop_key_space(key_space);
+                    // Its keys are gone: if it fits again only after a restart, that start
+                    // must backfill it, not find it done.
+                    self.batch
+                        .push_field(format!("{FIELD_BACKFILL_PREFIX}{table}"), String::new());
                     // Its changes no longer delete its invalidation keys: they go too.
                     if let Some(rule) = self
                         .config
@@ -618,10 +630,29 @@ impl<'a> Stream<'a> {
                     self.backfills.remove_table(&table);
                 }
             }
+            RelationState::Active(table) if recreated && !was_broken => {
+                self.on_recreated(&table);
+            }
             RelationState::Active(table) => self.on_active(&table, was_broken),
             RelationState::Ignored | RelationState::Control { .. } => {}
         }
         Ok(())
+    }
+
+    /// The table was dropped and created again (a reload, a swap): the keys of rows that
+    /// are gone must go, and the rows there are written again.
+    fn on_recreated(&mut self, table: &TableState) {
+        let name = table.rule.qualified_name();
+        info!(table = %name, "the table was dropped and created again: deleting the keys of rows that are gone, and writing it again");
+        match table.rule.mode {
+            Mode::Mirror => {
+                self.backfills.reconcile(&name, None);
+                self.backfills.schedule(&name, None);
+            }
+            Mode::Refresh | Mode::Invalidate => self.batch.drop_key_space(table.key_space.clone()),
+        }
+        self.drop_invalidation_keys(&name);
+        self.record_shape(&name, table.shape.clone());
     }
 
     fn on_active(&mut self, table: &TableState, was_broken: bool) {

@@ -21,7 +21,7 @@
 use super::{Merge, MergeValue, Op, Prepared, Repair};
 use crate::checkpoint::{self, FIELD_APPLIED, FIELD_HEARTBEAT_MS, FIELD_LSN, FIELD_UPDATED_MS};
 use crate::config::Format;
-use crate::template::{glob_escape, lease_key};
+use crate::template::{glob_escape, lease_key, LEASE_SUFFIX};
 use crate::Lsn;
 
 const CHECK: &str = include_str!("check.lua");
@@ -379,7 +379,11 @@ fn add_op(pipe: &mut redis::Pipeline, ck: &str, op: &Op) {
                 .arg(DROP_KEY_SPACE)
                 .arg(0)
                 .arg(format!("{escaped}*"))
-                .arg(format!("{{{escaped}*"))
+                // The leases of keys without a hash tag (`{<key>}:pgcache-lease`); a tagged
+                // key's lease starts with the key itself. Not `{<key space>*`: that would
+                // take in another table's keys hash-tagged with this one's prefix
+                // (`{user:7}:order:1` beside `user:{id}`).
+                .arg(format!("{{{escaped}*}}{LEASE_SUFFIX}"))
                 .ignore();
             return;
         }

@@ -281,11 +281,20 @@ fn values_that_cannot_be_built_delete_their_key() {
         .unwrap_err();
     assert_eq!(err.kind(), "encode");
     assert!(err.to_string().contains("doc:1"), "{err}");
-    let mut small = Batch::with_max_value(16);
+    let mut small = Batch::with_max_value(32);
     let err = small
-        .insert(&table, &row("2", "1", text("a long body")))
+        .insert(&table, &row("2", "1", text("a body longer than the limit")))
         .unwrap_err();
     assert_eq!(err.kind(), "too_large");
+    // A key over the limit cannot exist in Redis: nothing is sent for it, not even a DEL,
+    // which Redis would refuse by breaking the connection.
+    let long_id = "9".repeat(40);
+    small
+        .insert(&table, &row(&long_id, "1", text("b")))
+        .unwrap_or_default();
+    small
+        .delete(&table, &OldTuple::Full(row(&long_id, "1", text("b"))))
+        .unwrap();
     let err = batch
         .insert(&table, &Tuple(vec![TupleData::Null, text("1"), text("b")]))
         .unwrap_err();
