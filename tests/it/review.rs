@@ -443,3 +443,166 @@ async fn review_partition_events_delete_invalidation_keys() {
         failures.join("\n")
     );
 }
+
+/// `pgcache verify` for one config: exit code and output.
+async fn verify_config(config: &std::path::Path) -> (i32, String) {
+    let config = config.display().to_string();
+    let (code, out, err) =
+        tokio::task::spawn_blocking(move || pgcache(&["verify", "--config", &config]))
+            .await
+            .unwrap();
+    (code, format!("{out}{err}"))
+}
+
+/// Review 3, R8: a TRUNCATE of `users` (keys `user:{id}`) must not delete the keys of
+/// `orders`, hash-tagged by user (`{user:7}:order:1`): the lease pattern it drops used to
+/// be `{user:*`, which takes them in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_truncate_leaves_a_hash_tagged_neighbour() {
+    let env = Env::start(
+        "CREATE TABLE users (id int PRIMARY KEY, name text);
+         CREATE TABLE orders (id int PRIMARY KEY, user_id int NOT NULL);
+         ALTER TABLE orders REPLICA IDENTITY FULL;
+         INSERT INTO users VALUES (1, 'a'), (2, 'b');
+         INSERT INTO orders SELECT g, 1 + g % 2 FROM generate_series(1, 6) g;",
+        "public.users,public.orders",
+    );
+    let rules = "[[tables]]\ntable = \"users\"\nkey = \"user:{id}\"\n\n\
+                 [[tables]]\ntable = \"orders\"\nkey = \"{{user:{user_id}}}:order:{id}\"\n";
+    let daemon = InProcess::start(env.config(rules));
+    let mut r = env.redis().await;
+    wait_backfill_done(&mut r, "public.orders", Duration::from_secs(60)).await;
+    wait_backfill_done(&mut r, "public.users", Duration::from_secs(60)).await;
+    assert_eq!(keys(&mut r, "{user:*}:order:*").await.len(), 6);
+    env.sql("TRUNCATE users");
+    settled(&env, &mut r).await;
+    assert_eq!(keys(&mut r, "user:*").await, Vec::<String>::new());
+    assert_eq!(
+        keys(&mut r, "{user:*}:order:*").await.len(),
+        6,
+        "orders' keys deleted"
+    );
+    let (code, out) = verify_config(&env.write_config(rules)).await;
+    assert_eq!(code, 0, "{out}");
+    daemon.stop().await.unwrap();
+}
+
+/// Review 3, R3: a mirror table stopped at run time (a column of its rule dropped), its keys
+/// deleted, then fixed while the daemon is stopped: the next start backfills it (the
+/// checkpoint no longer says its backfill is done).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_a_table_fixed_while_stopped_is_backfilled() {
+    let env = Env::start(
+        "CREATE TABLE items (id int PRIMARY KEY, a text, b text);
+         INSERT INTO items SELECT g, 'a' || g, 'b' || g FROM generate_series(1, 50) g;",
+        "public.items",
+    );
+    let rule =
+        "[[tables]]\ntable = \"items\"\nkey = \"item:{id}\"\ncolumns = [\"id\", \"a\", \"b\"]\n";
+    let daemon = InProcess::start(env.config(rule));
+    let mut r = env.redis().await;
+    wait_backfill_done(&mut r, "public.items", Duration::from_secs(60)).await;
+    assert_eq!(keys(&mut r, "item:*").await.len(), 50);
+    env.sql("ALTER TABLE items DROP COLUMN b; UPDATE items SET a = 'x' WHERE id = 1;");
+    eventually(
+        Duration::from_secs(30),
+        "the stopped table's keys gone",
+        || {
+            let mut r = r.clone();
+            async move { keys(&mut r, "item:*").await.is_empty().then_some(()) }
+        },
+    )
+    .await;
+    settled(&env, &mut r).await;
+    daemon.stop().await.unwrap();
+    env.sql("ALTER TABLE items ADD COLUMN b text");
+    let daemon = InProcess::start(env.config(rule));
+    wait_backfill_done(&mut r, "public.items", Duration::from_secs(60)).await;
+    settled(&env, &mut r).await;
+    assert_eq!(keys(&mut r, "item:*").await.len(), 50);
+    let (code, out) = verify_config(&env.write_config(rule)).await;
+    assert_eq!(code, 0, "{out}");
+    daemon.stop().await.unwrap();
+}
+
+/// Review 3, R10: a table renamed before any change to it in this session is noticed (by
+/// its OID), so its keys go; renamed back and restarted, every change made under the other
+/// name is in Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_a_rename_is_noticed_without_an_earlier_change() {
+    let env = Env::start(
+        "CREATE TABLE items (id int PRIMARY KEY, v text);
+         INSERT INTO items SELECT g, 'v' || g FROM generate_series(1, 5) g;",
+        "public.items",
+    );
+    let rule = "[[tables]]\ntable = \"items\"\nkey = \"item:{id}\"\n";
+    let daemon = InProcess::start(env.config(rule));
+    let mut r = env.redis().await;
+    wait_backfill_done(&mut r, "public.items", Duration::from_secs(60)).await;
+    env.sql(
+        "ALTER TABLE items RENAME TO items_renamed;
+         UPDATE items_renamed SET v = 'changed' WHERE id = 1;
+         DELETE FROM items_renamed WHERE id = 2;",
+    );
+    eventually(
+        Duration::from_secs(30),
+        "the renamed table's keys gone",
+        || {
+            let mut r = r.clone();
+            async move { keys(&mut r, "item:*").await.is_empty().then_some(()) }
+        },
+    )
+    .await;
+    daemon.stop().await.unwrap();
+    env.sql("ALTER TABLE items_renamed RENAME TO items");
+    let daemon = InProcess::start(env.config(rule));
+    wait_backfill_done(&mut r, "public.items", Duration::from_secs(60)).await;
+    settled(&env, &mut r).await;
+    assert_eq!(
+        get(&mut r, "item:1").await.as_deref(),
+        Some(r#"{"id":1,"v":"changed"}"#)
+    );
+    assert_eq!(get(&mut r, "item:2").await, None);
+    let (code, out) = verify_config(&env.write_config(rule)).await;
+    assert_eq!(code, 0, "{out}");
+    daemon.stop().await.unwrap();
+}
+
+/// Review 3, R12: a table dropped and created again (a reload) under the daemon: the keys of
+/// the old rows go, the new rows are there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_a_table_dropped_and_created_again_leaves_no_old_keys() {
+    let env = Env::start(
+        "CREATE TABLE items (id int PRIMARY KEY, v text);
+         INSERT INTO items SELECT g, 'old' || g FROM generate_series(1, 10) g;",
+        "public.items",
+    );
+    let rule = "[[tables]]\ntable = \"items\"\nkey = \"item:{id}\"\n";
+    let daemon = InProcess::start(env.config(rule));
+    let mut r = env.redis().await;
+    wait_backfill_done(&mut r, "public.items", Duration::from_secs(60)).await;
+    env.sql(
+        "BEGIN;
+         DROP TABLE items;
+         CREATE TABLE items (id int PRIMARY KEY, v text);
+         GRANT SELECT ON items TO pgcache;
+         ALTER PUBLICATION pgcache ADD TABLE items;
+         INSERT INTO items SELECT g, 'new' || g FROM generate_series(1, 3) g;
+         COMMIT;",
+    );
+    eventually(Duration::from_secs(30), "only the new rows' keys", || {
+        let mut r = r.clone();
+        async move { (keys(&mut r, "item:*").await.len() == 3).then_some(()) }
+    })
+    .await;
+    wait_backfill_done(&mut r, "public.items", Duration::from_secs(60)).await;
+    settled(&env, &mut r).await;
+    assert_eq!(get(&mut r, "item:7").await, None);
+    assert_eq!(
+        get(&mut r, "item:2").await.as_deref(),
+        Some(r#"{"id":2,"v":"new2"}"#)
+    );
+    let (code, out) = verify_config(&env.write_config(rule)).await;
+    assert_eq!(code, 0, "{out}");
+    daemon.stop().await.unwrap();
+}
