@@ -15,6 +15,7 @@ mod demo;
 mod deploy;
 mod edges;
 mod faults;
+mod heartbeat;
 mod ops;
 mod protocol;
 mod reader;
