@@ -14,6 +14,7 @@ mod control;
 mod demo;
 mod deploy;
 mod edges;
+mod failover;
 mod faults;
 mod heartbeat;
 mod ops;

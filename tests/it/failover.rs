@@ -1,0 +1,275 @@
+//! Failover slots (issue 16 item 2, Postgres 17+): a primary and a physical standby made
+//! with `pg_basebackup`, the slot synchronized to the standby (`sync_replication_slots`),
+//! the primary's logical walsender held to what the standby has
+//! (`synchronized_standby_slots`). The primary dies under a write load, the standby is
+//! promoted, and the daemon, given both hosts with `target_session_attrs=read-write`,
+//! resumes from the synchronized slot: no rebuild, nothing lost, no key seen going back,
+//! `verify` clean.
+//!
+//! Postgres 17+ only, so ignored in the default run (Debian's 15); `.ci/run` runs them on
+//! Postgres 18: `PGCACHE_PG_BINDIR=$(bash .ci/install-pg18) cargo test --test it failover::
+//! -- --include-ignored`.
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pgcache::testkit::{PgOptions, TestPostgres};
+
+use crate::common::{eventually, get_json, pgcache, wait_backfill_done, Daemon, Env, DB};
+
+const ROWS: i64 = 20;
+const RULES: &str = "[[tables]]\ntable = \"public.items\"\nkey = \"item:{id}\"\n";
+
+fn server_version_num(pg: &TestPostgres) -> u32 {
+    pg.psql(DB, "SHOW server_version_num")
+        .unwrap()
+        .parse()
+        .expect("server_version_num is a number")
+}
+
+/// Runs SQL through psql with a libpq connection string (multi-host allowed).
+fn psql_conninfo(conninfo: &str, sql: &str) -> Result<String, String> {
+    let out = Command::new(TestPostgres::bin("psql").expect("psql"))
+        .args([
+            "-X",
+            "-q",
+            "-A",
+            "-t",
+            "-w",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-d",
+            conninfo,
+            "-c",
+            sql,
+        ])
+        .env_remove("PGHOST")
+        .env_remove("PGPORT")
+        .output()
+        .map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Postgres 17+: PGCACHE_PG_BINDIR=$(bash .ci/install-pg18) cargo test --test it failover:: -- --include-ignored"]
+async fn promoted_standby_resumes_from_the_synchronized_slot() {
+    let mut env = Env::start(
+        &format!(
+            "CREATE TABLE items (id int PRIMARY KEY, n int NOT NULL);
+             INSERT INTO items SELECT i, 0 FROM generate_series(1, {ROWS}) i;"
+        ),
+        "public.items",
+    );
+    let version = server_version_num(&env.pg);
+    assert!(
+        version >= 170_000,
+        "failover slots need Postgres 17+, this is {version}: run \
+         PGCACHE_PG_BINDIR=$(bash .ci/install-pg18) cargo test --test it failover:: -- --include-ignored"
+    );
+    // sql/slot.sql made a failover slot.
+    assert_eq!(
+        env.sql("SELECT failover FROM pg_replication_slots WHERE slot_name = 'pgcache'"),
+        "t"
+    );
+    let standby = env
+        .pg
+        .start_standby(
+            "standby1",
+            DB,
+            PgOptions {
+                extra_conf: vec![
+                    "hot_standby_feedback = on".into(),
+                    "sync_replication_slots = on".into(),
+                ],
+                ..PgOptions::default()
+            },
+        )
+        .expect("start the standby");
+    // The primary's walsender sends nothing the standby has not received.
+    env.sql("ALTER SYSTEM SET synchronized_standby_slots = 'standby1'; SELECT pg_reload_conf();");
+
+    let (p1, p2) = (env.pg.port(), standby.port());
+    let url = format!(
+        "postgres://postgres@127.0.0.1:{p1},127.0.0.1:{p2}/{DB}?sslmode=disable&target_session_attrs=read-write"
+    );
+    let config = env.dir.path().join("failover.toml");
+    let text = env.config_toml(RULES).replacen(&env.pg.url(DB), &url, 1);
+    assert!(text.contains(&url), "{text}");
+    std::fs::write(&config, text).unwrap();
+
+    let config_path = config.display().to_string();
+    let log = env.dir.path().join("daemon.log");
+    let mut daemon = Daemon::spawn(&config, &log);
+    let mut r = env.redis().await;
+    wait_backfill_done(&mut r, "public.items", Duration::from_secs(30)).await;
+
+    // The standby holds a synchronized, persistent copy of the slot.
+    eventually(
+        Duration::from_secs(60),
+        "the slot synchronized to the standby",
+        || {
+            let standby = &standby;
+            async move {
+                let row = standby
+                    .psql(
+                        DB,
+                        "SELECT synced AND NOT temporary FROM pg_replication_slots \
+                     WHERE slot_name = 'pgcache'",
+                    )
+                    .ok()?;
+                (row == "t").then_some(())
+            }
+        },
+    )
+    .await;
+
+    // `check` visits both servers: the primary's synchronized_standby_slots, and the
+    // standby's settings, each OK.
+    let (code, out, err) = pgcache(&["check", "--config", &config_path]);
+    assert_eq!(code, 0, "check failed:\n{out}\n{err}");
+    for part in [
+        "slot \"pgcache\" is a failover slot",
+        "synchronized_standby_slots lists \"standby1\"",
+        &format!("standby 127.0.0.1:{p2}: sync_replication_slots is on"),
+        &format!("standby 127.0.0.1:{p2}: hot_standby_feedback is on"),
+        &format!("standby 127.0.0.1:{p2}: primary_slot_name is \"standby1\""),
+        &format!("standby 127.0.0.1:{p2}: primary_conninfo names dbname"),
+        &format!("standby 127.0.0.1:{p2}: slot \"pgcache\" is synchronized"),
+    ] {
+        assert!(out.contains(part), "{part:?} not in:\n{out}");
+    }
+
+    // Readers: every key's value only goes up (G10).
+    let stop = Arc::new(AtomicBool::new(false));
+    let reads = Arc::new(AtomicU64::new(0));
+    let reader = {
+        let (stop, reads, mut r) = (stop.clone(), reads.clone(), r.clone());
+        tokio::spawn(async move {
+            let mut seen: HashMap<i64, i64> = HashMap::new();
+            while !stop.load(Ordering::Relaxed) {
+                for id in 1..=ROWS {
+                    let Some(value) = get_json(&mut r, &format!("item:{id}")).await else {
+                        panic!("item:{id} vanished");
+                    };
+                    let n = value["n"].as_i64().expect("n");
+                    let before = seen.insert(id, n).unwrap_or(0);
+                    assert!(n >= before, "item:{id} went back from {before} to {n}");
+                }
+                reads.fetch_add(1, Ordering::Relaxed);
+            }
+            seen
+        })
+    };
+    // Writers: increments through both hosts, read-write, as a failover-aware application
+    // does; failed attempts (the primary gone, the standby not yet promoted) are retried.
+    let writes = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let (stop, writes) = (stop.clone(), writes.clone());
+        let conninfo = format!(
+            "host=127.0.0.1,127.0.0.1 port={p1},{p2} user=postgres dbname={DB} \
+             sslmode=disable target_session_attrs=read-write connect_timeout=2"
+        );
+        std::thread::spawn(move || {
+            let mut i = 0i64;
+            while !stop.load(Ordering::Relaxed) {
+                let sql: String = (0..10)
+                    .map(|k| {
+                        format!(
+                            "UPDATE items SET n = n + 1 WHERE id = {};",
+                            (i + k) % ROWS + 1
+                        )
+                    })
+                    .collect();
+                match psql_conninfo(&conninfo, &sql) {
+                    Ok(_) => {
+                        i += 10;
+                        writes.fetch_add(10, Ordering::Relaxed);
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                }
+            }
+        })
+    };
+    let wait_writes = |at_least: u64| {
+        let writes = writes.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while writes.load(Ordering::Relaxed) < at_least {
+                assert!(Instant::now() < deadline, "the write load stalled");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    wait_writes(200).await;
+
+    // The primary dies; the standby is promoted while the writers keep trying.
+    env.pg.kill9().expect("kill the primary");
+    standby.promote().expect("promote the standby");
+    let after = writes.load(Ordering::Relaxed);
+    wait_writes(after + 300).await;
+    stop.store(true, Ordering::Relaxed);
+    writer.join().expect("writer");
+    let seen = reader.await.expect("no key went back");
+    assert!(reads.load(Ordering::Relaxed) > 0);
+
+    // Redis converges to the new primary: every value, then verify.
+    let truth: HashMap<i64, i64> = standby
+        .psql(DB, "SELECT id || ' ' || n FROM items")
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let (id, n) = l.split_once(' ').unwrap();
+            (id.parse().unwrap(), n.parse().unwrap())
+        })
+        .collect();
+    for (id, n) in &truth {
+        crate::common::wait_for_json(
+            &mut r,
+            &format!("item:{id}"),
+            Some(serde_json::json!({"id": id, "n": n})),
+        )
+        .await;
+        assert!(seen.get(id).copied().unwrap_or(0) <= *n);
+    }
+    let (code, out, err) =
+        tokio::task::spawn_blocking(move || pgcache(&["verify", "--config", &config_path]))
+            .await
+            .unwrap();
+    assert_eq!(code, 0, "verify found drift:\n{out}\n{err}");
+
+    // It resumed from the synchronized slot: no rebuild, no lost slot.
+    let text = daemon.log();
+    assert!(
+        !text.contains("was lost") && !text.contains("Redis lost its data"),
+        "{text}"
+    );
+    assert!(
+        text.contains("session ended; reconnecting"),
+        "the daemon never lost the primary:\n{text}"
+    );
+    assert_eq!(
+        standby
+            .psql(
+                DB,
+                "SELECT active FROM pg_replication_slots WHERE slot_name = 'pgcache'"
+            )
+            .unwrap(),
+        "t",
+        "the daemon does not stream from the promoted standby:\n{text}"
+    );
+    let mark: Option<String> = redis::cmd("HGET")
+        .arg("pgcache:{pgcache}:checkpoint")
+        .arg("slot_lost")
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    assert_eq!(mark, None);
+    assert!(daemon.terminate().success(), "{}", daemon.log());
+}
