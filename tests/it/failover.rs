@@ -273,3 +273,135 @@ async fn promoted_standby_resumes_from_the_synchronized_slot() {
     assert_eq!(mark, None);
     assert!(daemon.terminate().success(), "{}", daemon.log());
 }
+
+/// Without a failover slot (Postgres 15 and 16 have none; on 17+ the slot is made without
+/// `failover`), promoting the standby loses the slot. `check` says so beforehand; the daemon
+/// then stops with an error that says what happened and how to fix it, and with
+/// `recreate_lost_slot = true` it recreates the slot on the promoted server and rebuilds the
+/// cache, which then equals Postgres. Runs on every version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promotion_without_a_failover_slot_loses_the_slot_clearly() {
+    let mut env = Env::start(
+        &format!(
+            "CREATE TABLE items (id int PRIMARY KEY, n int NOT NULL);
+             INSERT INTO items SELECT i, 0 FROM generate_series(1, {ROWS}) i;"
+        ),
+        "public.items",
+    );
+    let version = server_version_num(&env.pg);
+    let mut standby_conf = vec!["hot_standby_feedback = on".to_string()];
+    if version >= 170_000 {
+        env.sql(
+            "SELECT pg_drop_replication_slot('pgcache');
+             SELECT pg_create_logical_replication_slot('pgcache', 'pgoutput');",
+        );
+        standby_conf.push("sync_replication_slots = on".into());
+    }
+    let standby = env
+        .pg
+        .start_standby(
+            "standby1",
+            DB,
+            PgOptions {
+                extra_conf: standby_conf,
+                ..PgOptions::default()
+            },
+        )
+        .expect("start the standby");
+    let (p1, p2) = (env.pg.port(), standby.port());
+    let url = format!(
+        "host=127.0.0.1,127.0.0.1 port={p1},{p2} user=postgres dbname={DB} sslmode=disable \
+         target_session_attrs=read-write"
+    );
+    let write = |name: &str, recreate: bool| {
+        let text = env
+            .config_toml(RULES)
+            .replacen(&format!("\"{}\"", env.pg.url(DB)), &format!("'{url}'"), 1)
+            .replacen(
+                "publication = \"pgcache\"\n",
+                &format!("publication = \"pgcache\"\nrecreate_lost_slot = {recreate}\n"),
+                1,
+            );
+        assert!(
+            text.contains(&url) && text.contains("recreate_lost_slot"),
+            "{text}"
+        );
+        let path = env.dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let plain = write("plain.toml", false);
+    let recreating = write("recreating.toml", true);
+
+    let plain_path = plain.display().to_string();
+    let (code, out, err) = pgcache(&["check", "--config", &plain_path]);
+    assert_eq!(code, 0, "check failed:\n{out}\n{err}");
+    let expected = if version >= 170_000 {
+        "slot \"pgcache\" is not a failover slot: the standbys (standby1) do not get a copy of it, so promoting one loses it"
+    } else {
+        "has no failover slots: a standby never gets a copy of slot \"pgcache\", so promoting it loses the slot"
+    };
+    assert!(out.contains(expected), "{expected:?} not in:\n{out}");
+    let fix = if version >= 170_000 {
+        "ALTER_REPLICATION_SLOT \"pgcache\" (FAILOVER true)"
+    } else {
+        "recreate_lost_slot = true"
+    };
+    assert!(out.contains(fix), "{fix:?} not in:\n{out}");
+
+    let log = env.dir.path().join("daemon.log");
+    let mut daemon = Daemon::spawn(&plain, &log);
+    let mut r = env.redis().await;
+    wait_backfill_done(&mut r, "public.items", Duration::from_secs(30)).await;
+    env.sql("UPDATE items SET n = 1 WHERE id = 1");
+    crate::common::wait_for_json(&mut r, "item:1", Some(serde_json::json!({"id": 1, "n": 1})))
+        .await;
+    // The standby has everything; then the primary dies and the standby is promoted.
+    let lsn = env.sql("SELECT pg_current_wal_lsn()");
+    eventually(Duration::from_secs(30), "the standby to catch up", || {
+        let (standby, lsn) = (&standby, lsn.clone());
+        async move {
+            let done = standby
+                .psql(DB, &format!("SELECT pg_last_wal_replay_lsn() >= '{lsn}'"))
+                .ok()?;
+            (done == "t").then_some(())
+        }
+    })
+    .await;
+    env.pg.kill9().expect("kill the primary");
+    standby.promote().expect("promote the standby");
+    standby
+        .psql(DB, "UPDATE items SET n = 2 WHERE id = 2")
+        .unwrap();
+
+    // Without the option: a fatal error that says what happened, exit 1.
+    let status = daemon.wait(Duration::from_secs(120));
+    let text = daemon.log();
+    assert_eq!(status.code(), Some(1), "{text}");
+    for part in [
+        "replication slot \"pgcache\" does not exist, but Redis holds a checkpoint made through it",
+        "as after promoting a standby without failover slots",
+        "recreate_lost_slot = true",
+        "stopping: this needs an operator",
+    ] {
+        assert!(text.contains(part), "{part:?} not in the log:\n{text}");
+    }
+
+    // With it: the slot is made again on the promoted server and the cache rebuilt.
+    let mut daemon = Daemon::spawn(&recreating, &env.dir.path().join("recreating.log"));
+    crate::common::wait_for_json(&mut r, "item:2", Some(serde_json::json!({"id": 2, "n": 2})))
+        .await;
+    wait_backfill_done(&mut r, "public.items", Duration::from_secs(30)).await;
+    standby
+        .psql(DB, "UPDATE items SET n = 3 WHERE id = 3")
+        .unwrap();
+    crate::common::wait_for_json(&mut r, "item:3", Some(serde_json::json!({"id": 3, "n": 3})))
+        .await;
+    let path = recreating.display().to_string();
+    let (code, out, err) =
+        tokio::task::spawn_blocking(move || pgcache(&["verify", "--config", &path]))
+            .await
+            .unwrap();
+    assert_eq!(code, 0, "verify found drift:\n{out}\n{err}");
+    assert!(daemon.terminate().success(), "{}", daemon.log());
+}
