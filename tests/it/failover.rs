@@ -146,6 +146,26 @@ async fn promoted_standby_resumes_from_the_synchronized_slot() {
         assert!(out.contains(part), "{part:?} not in:\n{out}");
     }
 
+    // Pointed at the standby alone: a FAIL (the daemon streams from the primary), and the
+    // standby's findings.
+    let alone = env.dir.path().join("standby-only.toml");
+    std::fs::write(
+        &alone,
+        env.config_toml(RULES)
+            .replacen(&env.pg.url(DB), &standby.url(DB), 1),
+    )
+    .unwrap();
+    let (code, out, err) = pgcache(&["check", "--config", &alone.display().to_string()]);
+    assert_eq!(code, 1, "check passed a standby:\n{out}\n{err}");
+    for part in [
+        "FAIL this server is a standby (in recovery): pgcache streams from the primary",
+        "target_session_attrs=read-write",
+        "OK   sync_replication_slots is on",
+        "OK   slot \"pgcache\" is synchronized",
+    ] {
+        assert!(out.contains(part), "{part:?} not in:\n{out}");
+    }
+
     // Readers: every key's value only goes up (G10).
     let stop = Arc::new(AtomicBool::new(false));
     let reads = Arc::new(AtomicU64::new(0));
@@ -404,4 +424,65 @@ async fn promotion_without_a_failover_slot_loses_the_slot_clearly() {
             .unwrap();
     assert_eq!(code, 0, "verify found drift:\n{out}\n{err}");
     assert!(daemon.terminate().success(), "{}", daemon.log());
+}
+
+/// The replication connection with several hosts: tried in order; with
+/// `target_session_attrs=read-write` a standby is passed over for the primary behind it, and
+/// with no primary at all the error names every host and is retryable (a promotion may be
+/// under way); `read-only` takes the standby. Every version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_replication_connection_finds_the_primary_among_the_hosts() {
+    use pgcache::daemon::replication::ReplicationConnection;
+    use pgcache::pgconn::PgTarget;
+
+    let env = Env::start("CREATE TABLE items (id int PRIMARY KEY)", "public.items");
+    let standby = env
+        .pg
+        .start_standby("standby1", DB, PgOptions::default())
+        .expect("start the standby");
+    let (primary, standby_port) = (env.pg.port(), standby.port());
+    let dead = pgcache::testkit::free_port().unwrap();
+    let url = |ports: &[u16], attrs: &str| {
+        let hosts: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        format!(
+            "postgres://postgres@{}/{DB}?sslmode=disable&target_session_attrs={attrs}&connect_timeout=5",
+            hosts.join(",")
+        )
+    };
+    let port_of = |url: String| async move {
+        let target = PgTarget::parse(&url).unwrap();
+        let mut conn = ReplicationConnection::connect(&target)
+            .await
+            .unwrap_or_else(|e| panic!("{url}: {e}"));
+        let rows = conn.simple_query("SHOW port").await.unwrap();
+        rows[0][0].clone().unwrap().parse::<u16>().unwrap()
+    };
+    assert_eq!(
+        port_of(url(&[dead, standby_port, primary], "read-write")).await,
+        primary
+    );
+    assert_eq!(
+        port_of(url(&[standby_port, primary], "any")).await,
+        standby_port
+    );
+    assert_eq!(
+        port_of(url(&[primary, standby_port], "read-only")).await,
+        standby_port
+    );
+
+    // No primary among them: an error naming each host, and worth retrying.
+    let target = PgTarget::parse(&url(&[dead, standby_port], "read-write")).unwrap();
+    let err = match ReplicationConnection::connect(&target).await {
+        Ok(_) => panic!("connected to a standby with target_session_attrs=read-write"),
+        Err(e) => e,
+    };
+    let text = err.to_string();
+    assert!(err.is_retryable(), "{text}");
+    assert!(
+        text.contains(&format!("127.0.0.1:{dead}"))
+            && text.contains(&format!(
+                "127.0.0.1:{standby_port} is read-only (a standby), and target_session_attrs=read-write"
+            )),
+        "{text}"
+    );
 }
