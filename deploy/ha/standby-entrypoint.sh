@@ -7,6 +7,9 @@
 #   primary_slot_name = standby1   slots are synchronized only through a physical slot
 #   hot_standby_feedback = on      the primary keeps the catalog rows the copies still need
 #   sync_replication_slots = on    the worker that copies the primary's failover slots
+#   synchronized_standby_slots = '' pg_basebackup copied the primary's 'standby1', a slot
+#                                  that does not exist here: once promoted, this server
+#                                  would hold pgcache's stream back waiting for it
 #
 # Then it runs Postgres as the image's entrypoint would.
 set -Eeo pipefail
@@ -30,6 +33,7 @@ primary_conninfo = 'host=$PRIMARY_HOST port=5432 user=replicator password=$REPLI
 primary_slot_name = 'standby1'
 hot_standby_feedback = on
 sync_replication_slots = on
+synchronized_standby_slots = ''
 CONF
 fi
 

@@ -302,12 +302,32 @@ impl Wire {
     }
 }
 
+/// A NoticeResponse: a WARNING is logged as one, with its hint and what it means for
+/// pgcache where that is known; anything else at INFO.
 fn log_notice(body: &[u8]) {
-    if let ReplicationError::Server {
-        severity, message, ..
+    let ReplicationError::Server {
+        severity,
+        message,
+        detail,
+        hint,
+        ..
     } = server_error(body)
-    {
+    else {
+        return;
+    };
+    if severity != "WARNING" {
         tracing::info!(%severity, %message, "notice from the replication connection");
+        return;
+    }
+    let (detail, hint) = (detail.unwrap_or_default(), hint.unwrap_or_default());
+    if message.contains("synchronized_standby_slots") {
+        tracing::warn!(
+            %message,
+            %hint,
+            "the server holds the stream back until the standbys listed in              synchronized_standby_slots confirm, and one of them does not exist (or is              invalidated): pgcache receives nothing until it does or the setting is amended.              After a promotion the new primary keeps the old primary's setting, which names              slots that exist only there: ALTER SYSTEM SET synchronized_standby_slots = '<its              own standbys' physical slots, or empty>'; SELECT pg_reload_conf(); (pgcache check              lists what is missing)"
+        );
+    } else {
+        tracing::warn!(%message, %detail, %hint, "warning from the replication connection");
     }
 }
 

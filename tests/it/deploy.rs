@@ -853,6 +853,8 @@ fn ha_compose_runs_a_primary_a_standby_with_failover_slots_and_pgcache_on_both()
         "primary_slot_name = 'standby1'",
         "hot_standby_feedback = on",
         "sync_replication_slots = on",
+        // Else, promoted, it would wait for the old primary's standby slot.
+        "synchronized_standby_slots = ''",
     ] {
         ensure!(
             standby.contains(part),

@@ -486,3 +486,59 @@ async fn the_replication_connection_finds_the_primary_among_the_hosts() {
         "{text}"
     );
 }
+
+/// `synchronized_standby_slots` naming a slot that does not exist (as on a promoted standby
+/// that kept its old primary's setting) holds the stream back. `check` says so with the fix,
+/// the daemon logs a WARN that says what it means, and once the setting is amended the stream
+/// flows. Postgres 17+.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Postgres 17+: PGCACHE_PG_BINDIR=$(bash .ci/install-pg18) cargo test --test it failover:: -- --include-ignored"]
+async fn a_missing_synchronized_standby_slot_is_reported() {
+    let env = Env::start(
+        "CREATE TABLE items (id int PRIMARY KEY, n int NOT NULL);
+         INSERT INTO items VALUES (1, 0);",
+        "public.items",
+    );
+    let version = server_version_num(&env.pg);
+    assert!(version >= 170_000, "needs Postgres 17+, this is {version}");
+    env.sql("ALTER SYSTEM SET synchronized_standby_slots = 'gone'; SELECT pg_reload_conf();");
+    let config = env.write_config(RULES);
+    let path = config.display().to_string();
+    let (code, out, err) = pgcache(&["check", "--config", &path]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    for part in [
+        "WARN synchronized_standby_slots lists \"gone\", which is no physical slot here",
+        "pg_create_physical_replication_slot('gone')",
+    ] {
+        assert!(out.contains(part), "{part:?} not in:\n{out}");
+    }
+
+    let log = env.dir.path().join("daemon.log");
+    let mut daemon = Daemon::spawn(&config, &log);
+    let mut r = env.redis().await;
+    env.sql("UPDATE items SET n = 1 WHERE id = 1");
+    eventually(Duration::from_secs(30), "the daemon's warning", || {
+        let text = daemon.log();
+        async move {
+            (text.contains("WARN")
+                && text.contains("replication slot \"gone\" specified in parameter")
+                && text
+                    .contains("pgcache receives nothing until it does or the setting is amended"))
+            .then_some(())
+        }
+    })
+    .await;
+    // Held back: even the backfill, whose watermarks travel in the stream, waits.
+    assert!(
+        !matches!(
+            crate::common::backfill_progress(&mut r, "public.items").await,
+            Some(p) if p["state"] == "done"
+        ),
+        "the stream was not held back"
+    );
+    env.sql("ALTER SYSTEM RESET synchronized_standby_slots; SELECT pg_reload_conf();");
+    wait_backfill_done(&mut r, "public.items", Duration::from_secs(30)).await;
+    crate::common::wait_for_json(&mut r, "item:1", Some(serde_json::json!({"id": 1, "n": 1})))
+        .await;
+    assert!(daemon.terminate().success(), "{}", daemon.log());
+}
