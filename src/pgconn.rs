@@ -310,7 +310,8 @@ impl fmt::Debug for PgTarget {
 
 impl PgTarget {
     /// Parse a URL (`postgres://user:pass@host:port/db?sslmode=..&sslrootcert=..`) or a libpq
-    /// `key=value` string.
+    /// `key=value` string, with one host or several (`postgres://a,b:5433/db`, `host=a,b
+    /// port=5432,5433`; see [`endpoints`](Self::endpoints)) and `target_session_attrs`.
     ///
     /// # Errors
     /// [`PgTargetError`] naming what is wrong: syntax, an unknown parameter, an unknown

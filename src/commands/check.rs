@@ -98,25 +98,28 @@ async fn standby_hosts_findings(config: &Config, target: &PgTarget) -> Vec<Findi
     let mut findings = Vec::new();
     for endpoint in target.endpoints() {
         let host = target.at(endpoint);
-        let client = match tokio::time::timeout(CONNECT_TIMEOUT, pgconn::connect(&host)).await {
-            Ok(Ok(client)) => client,
-            Ok(Err(e)) => {
-                findings.push(Finding::warn(
+        let client =
+            match tokio::time::timeout(CONNECT_TIMEOUT, pgconn::connect(&host)).await {
+                Ok(Ok(client)) => client,
+                Ok(Err(e)) => {
+                    findings.push(Finding::warn(
                     redact(&format!("host {endpoint} of postgres.url is not reachable: {e}")),
-                    "if it is a standby, check that it runs and pg_hba.conf admits this role; a                      failed primary can be left in the list",
+                    "if it is a standby, check that it runs and pg_hba.conf admits this role; a \
+                     failed primary can be left in the list",
                 ));
-                continue;
-            }
-            Err(_) => {
-                findings.push(Finding::warn(
-                    format!(
+                    continue;
+                }
+                Err(_) => {
+                    findings.push(Finding::warn(
+                        format!(
                         "host {endpoint} of postgres.url gave no answer within {CONNECT_TIMEOUT:?}"
                     ),
-                    "if it is a standby, check that it runs; a failed primary can be left in                      the list",
-                ));
-                continue;
-            }
-        };
+                        "if it is a standby, check that it runs; a failed primary can be left in \
+                     the list",
+                    ));
+                    continue;
+                }
+            };
         let in_recovery = match client.query_one("SELECT pg_is_in_recovery()", &[]).await {
             Ok(row) => row.get::<_, bool>(0),
             Err(e) => {

@@ -324,7 +324,13 @@ fn log_notice(body: &[u8]) {
         tracing::warn!(
             %message,
             %hint,
-            "the server holds the stream back until the standbys listed in              synchronized_standby_slots confirm, and one of them does not exist (or is              invalidated): pgcache receives nothing until it does or the setting is amended.              After a promotion the new primary keeps the old primary's setting, which names              slots that exist only there: ALTER SYSTEM SET synchronized_standby_slots = '<its              own standbys' physical slots, or empty>'; SELECT pg_reload_conf(); (pgcache check              lists what is missing)"
+            "the server holds the stream back until the standbys listed in \
+             synchronized_standby_slots confirm, and one of them does not exist (or is \
+             invalidated): pgcache receives nothing until it does or the setting is amended. \
+             After a promotion the new primary keeps the old primary's setting, which names \
+             slots that exist only there: ALTER SYSTEM SET synchronized_standby_slots = '<its \
+             own standbys' physical slots, or empty>'; SELECT pg_reload_conf(); (pgcache check \
+             lists what is missing)"
         );
     } else {
         tracing::warn!(%message, %detail, %hint, "warning from the replication connection");

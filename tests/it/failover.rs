@@ -542,3 +542,42 @@ async fn a_missing_synchronized_standby_slot_is_reported() {
         .await;
     assert!(daemon.terminate().success(), "{}", daemon.log());
 }
+
+/// Given a standby (a name that points at a server being promoted, say), the daemon waits
+/// for it to be promoted instead of stopping: each session ends with a message that says
+/// why, and the daemon retries. Every version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_given_a_standby_waits_for_its_promotion() {
+    let env = Env::start("CREATE TABLE items (id int PRIMARY KEY)", "public.items");
+    let standby = env
+        .pg
+        .start_standby("standby1", DB, PgOptions::default())
+        .expect("start the standby");
+    let config = env.dir.path().join("standby.toml");
+    std::fs::write(
+        &config,
+        env.config_toml(RULES)
+            .replacen(&env.pg.url(DB), &standby.url(DB), 1),
+    )
+    .unwrap();
+    let log = env.dir.path().join("daemon.log");
+    let mut daemon = Daemon::spawn(&config, &log);
+    eventually(Duration::from_secs(30), "two attempts", || {
+        let text = daemon.log();
+        async move {
+            (text
+                .matches(
+                    "is a standby (in recovery), and pgcache streams from the primary: waiting \
+                     for it to be promoted",
+                )
+                .count()
+                >= 2)
+                .then_some(())
+        }
+    })
+    .await;
+    let text = daemon.log();
+    assert!(text.contains("session ended; reconnecting"), "{text}");
+    assert!(!text.contains("stopping: this needs an operator"), "{text}");
+    assert!(daemon.terminate().success(), "{}", daemon.log());
+}
