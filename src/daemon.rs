@@ -326,6 +326,23 @@ async fn session(
         })
     };
     let catalog = connect().await?;
+    let in_recovery: bool = catalog
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await?
+        .get(0);
+    if in_recovery {
+        // Retried, not fatal: behind a name that moves to the new primary, the server may
+        // be one whose promotion is under way.
+        return Err(RunError::transient(
+            "postgres",
+            format!(
+                "postgres {} is a standby (in recovery), and pgcache streams from the primary: \
+                 waiting for it to be promoted. If postgres.url names only standbys, list the \
+                 primary too, with target_session_attrs=read-write",
+                target.redacted()
+            ),
+        ));
+    }
     if let Some(lost) = slot::Lost::find(&catalog, &config.postgres.slot, &before).await? {
         if !config.postgres.recreate_lost_slot {
             return Err(lost.error(&checkpoint_key));

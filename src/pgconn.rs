@@ -263,6 +263,9 @@ impl ConnectError {
 pub struct PgTarget {
     /// Everything but the TLS settings, as tokio-postgres parsed it.
     config: tokio_postgres::Config,
+    /// Every host of the connection string, in order (libpq's multi-host form:
+    /// `postgres://a,b:5433/db` or `host=a,b port=5432,5433`); never empty.
+    endpoints: Vec<Endpoint>,
     /// The first host, as text (a Unix socket directory starts with `/`).
     host: String,
     unix_socket: bool,
@@ -275,6 +278,29 @@ pub struct PgTarget {
     channel_binding: ChannelBinding,
 }
 
+/// One host of a connection string, with its port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// A name, an IP address, or a Unix socket directory.
+    pub host: String,
+    pub unix_socket: bool,
+    /// The address to connect to instead of resolving `host` (`hostaddr`), if given.
+    pub hostaddr: Option<IpAddr>,
+    pub port: u16,
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.unix_socket {
+            write!(f, "{}:{}", percent_encode(&self.host), self.port)
+        } else if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
 impl fmt::Debug for PgTarget {
     // Debug output ends up in logs: never show the password.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -284,7 +310,8 @@ impl fmt::Debug for PgTarget {
 
 impl PgTarget {
     /// Parse a URL (`postgres://user:pass@host:port/db?sslmode=..&sslrootcert=..`) or a libpq
-    /// `key=value` string.
+    /// `key=value` string, with one host or several (`postgres://a,b:5433/db`, `host=a,b
+    /// port=5432,5433`; see [`endpoints`](Self::endpoints)) and `target_session_attrs`.
     ///
     /// # Errors
     /// [`PgTargetError`] naming what is wrong: syntax, an unknown parameter, an unknown
@@ -296,16 +323,16 @@ impl PgTarget {
             ssl_root_cert,
             channel_binding,
         } = tls;
-        let (host, unix_socket) = match config.get_hosts().first() {
-            Some(Host::Tcp(host)) => (host.clone(), false),
-            #[cfg(unix)]
-            Some(Host::Unix(path)) => (path.to_string_lossy().into_owned(), true),
-            None => {
-                config.host("localhost");
-                ("localhost".to_string(), false)
-            }
-        };
-        let port = config.get_ports().first().copied().unwrap_or(5432);
+        if config.get_hosts().is_empty() {
+            config.host("localhost");
+        }
+        let endpoints = endpoints_of(&config)?;
+        let Endpoint {
+            host,
+            unix_socket,
+            port,
+            ..
+        } = endpoints[0].clone();
         let user = config
             .get_user()
             .filter(|u| !u.is_empty())
@@ -316,17 +343,22 @@ impl PgTarget {
             .filter(|d| !d.is_empty())
             .unwrap_or(&user)
             .to_string();
-        if unix_socket && !matches!(ssl_mode, SslMode::Disable | SslMode::Prefer) {
-            return Err(PgTargetError::UnixSocketTls {
-                mode: ssl_mode,
-                host,
-            });
-        }
-        if unix_socket && channel_binding == ChannelBinding::Require {
-            return Err(PgTargetError::ChannelBindingOverUnixSocket(host));
+        for endpoint in endpoints.iter().filter(|e| e.unix_socket) {
+            if !matches!(ssl_mode, SslMode::Disable | SslMode::Prefer) {
+                return Err(PgTargetError::UnixSocketTls {
+                    mode: ssl_mode,
+                    host: endpoint.host.clone(),
+                });
+            }
+            if channel_binding == ChannelBinding::Require {
+                return Err(PgTargetError::ChannelBindingOverUnixSocket(
+                    endpoint.host.clone(),
+                ));
+            }
         }
         Ok(PgTarget {
             config,
+            endpoints,
             host,
             unix_socket,
             port,
@@ -336,6 +368,79 @@ impl PgTarget {
             ssl_root_cert,
             channel_binding,
         })
+    }
+
+    /// Every host of the connection string, in order, with its port and `hostaddr`.
+    pub fn endpoints(&self) -> &[Endpoint] {
+        &self.endpoints
+    }
+
+    /// Whether the connection string asks for a server that accepts writes
+    /// (`target_session_attrs=read-write`): hosts are tried in order until one is not
+    /// read-only (a primary, not a standby).
+    pub fn wants_read_write(&self) -> bool {
+        self.config.get_target_session_attrs()
+            == tokio_postgres::config::TargetSessionAttrs::ReadWrite
+    }
+
+    /// Whether the connection string asks for a read-only server
+    /// (`target_session_attrs=read-only`).
+    pub fn wants_read_only(&self) -> bool {
+        self.config.get_target_session_attrs()
+            == tokio_postgres::config::TargetSessionAttrs::ReadOnly
+    }
+
+    /// This target with only `endpoint` as its host, and any session accepted
+    /// (`target_session_attrs=any`): to visit every server of a multi-host string.
+    pub fn at(&self, endpoint: &Endpoint) -> PgTarget {
+        let old = &self.config;
+        let mut config = tokio_postgres::Config::new();
+        if let Some(user) = old.get_user() {
+            config.user(user);
+        }
+        if let Some(password) = old.get_password() {
+            config.password(password);
+        }
+        if let Some(dbname) = old.get_dbname() {
+            config.dbname(dbname);
+        }
+        if let Some(options) = old.get_options() {
+            config.options(options);
+        }
+        if let Some(name) = old.get_application_name() {
+            config.application_name(name);
+        }
+        if let Some(timeout) = old.get_connect_timeout() {
+            config.connect_timeout(*timeout);
+        }
+        if let Some(timeout) = old.get_tcp_user_timeout() {
+            config.tcp_user_timeout(*timeout);
+        }
+        config.keepalives(old.get_keepalives());
+        config.keepalives_idle(old.get_keepalives_idle());
+        if let Some(interval) = old.get_keepalives_interval() {
+            config.keepalives_interval(interval);
+        }
+        if let Some(retries) = old.get_keepalives_retries() {
+            config.keepalives_retries(retries);
+        }
+        if endpoint.unix_socket {
+            config.host_path(&endpoint.host);
+        } else {
+            config.host(&endpoint.host);
+        }
+        if let Some(addr) = endpoint.hostaddr {
+            config.hostaddr(addr);
+        }
+        config.port(endpoint.port);
+        PgTarget {
+            config,
+            endpoints: vec![endpoint.clone()],
+            host: endpoint.host.clone(),
+            unix_socket: endpoint.unix_socket,
+            port: endpoint.port,
+            ..self.clone()
+        }
     }
 
     /// The first host: a name, an IP address, or a Unix socket directory.
@@ -404,19 +509,21 @@ impl PgTarget {
     }
 
     /// `postgres://user@host:port/db?sslmode=..`: for logs and error messages, never the password.
+    /// With several hosts, all of them (`postgres://user@a:5432,b:5432/db?...`), and
+    /// `target_session_attrs` when it is not `any`.
     pub fn redacted(&self) -> String {
-        let host = if self.unix_socket {
-            percent_encode(&self.host)
-        } else if self.host.contains(':') {
-            format!("[{}]", self.host)
+        let hosts: Vec<String> = self.endpoints.iter().map(Endpoint::to_string).collect();
+        let attrs = if self.wants_read_write() {
+            "&target_session_attrs=read-write"
+        } else if self.wants_read_only() {
+            "&target_session_attrs=read-only"
         } else {
-            self.host.clone()
+            ""
         };
         format!(
-            "postgres://{}@{}:{}/{}?sslmode={}",
+            "postgres://{}@{}/{}?sslmode={}{attrs}",
             percent_encode(&self.user),
-            host,
-            self.port,
+            hosts.join(","),
             percent_encode(&self.dbname),
             self.ssl_mode
         )
@@ -443,6 +550,49 @@ impl PgTarget {
         });
         config
     }
+}
+
+/// The hosts of a parsed configuration with their ports (one port for all, or one per host,
+/// as libpq allows) and `hostaddr`s (none, or one per host).
+fn endpoints_of(config: &tokio_postgres::Config) -> Result<Vec<Endpoint>, PgTargetError> {
+    let hosts = config.get_hosts();
+    let ports = config.get_ports();
+    let addrs = config.get_hostaddrs();
+    if ports.len() > 1 && ports.len() != hosts.len() {
+        return Err(PgTargetError::Invalid(format!(
+            "{} hosts but {} ports: give one port for all hosts, or one per host",
+            hosts.len(),
+            ports.len()
+        )));
+    }
+    if !addrs.is_empty() && addrs.len() != hosts.len() {
+        return Err(PgTargetError::Invalid(format!(
+            "{} hosts but {} hostaddrs: give one hostaddr per host, or none",
+            hosts.len(),
+            addrs.len()
+        )));
+    }
+    Ok(hosts
+        .iter()
+        .enumerate()
+        .map(|(i, host)| {
+            let (host, unix_socket) = match host {
+                Host::Tcp(host) => (host.clone(), false),
+                #[cfg(unix)]
+                Host::Unix(path) => (path.to_string_lossy().into_owned(), true),
+            };
+            Endpoint {
+                host,
+                unix_socket,
+                hostaddr: addrs.get(i).copied(),
+                port: match ports {
+                    [] => 5432,
+                    [one] => *one,
+                    many => many[i],
+                },
+            }
+        })
+        .collect())
 }
 
 /// Parse a URL or libpq `key=value` string into what tokio-postgres understands and the TLS

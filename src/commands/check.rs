@@ -85,6 +85,65 @@ async fn postgres_findings(config: &Config) -> Vec<Finding> {
             "check that the role may read the catalogs (pg_replication_slots, pg_publication)",
         )),
     }
+    if target.endpoints().len() > 1 {
+        findings.extend(standby_hosts_findings(config, &target).await);
+    }
+    findings
+}
+
+/// With several hosts in postgres.url, each one that is a standby: whether it keeps a
+/// usable copy of the slot for when it is promoted. A host that does not answer is a WARN
+/// (it may be a failed primary); one that accepts writes was checked above.
+async fn standby_hosts_findings(config: &Config, target: &PgTarget) -> Vec<Finding> {
+    let mut findings = Vec::new();
+    for endpoint in target.endpoints() {
+        let host = target.at(endpoint);
+        let client =
+            match tokio::time::timeout(CONNECT_TIMEOUT, pgconn::connect(&host)).await {
+                Ok(Ok(client)) => client,
+                Ok(Err(e)) => {
+                    findings.push(Finding::warn(
+                    redact(&format!("host {endpoint} of postgres.url is not reachable: {e}")),
+                    "if it is a standby, check that it runs and pg_hba.conf admits this role; a \
+                     failed primary can be left in the list",
+                ));
+                    continue;
+                }
+                Err(_) => {
+                    findings.push(Finding::warn(
+                        format!(
+                        "host {endpoint} of postgres.url gave no answer within {CONNECT_TIMEOUT:?}"
+                    ),
+                        "if it is a standby, check that it runs; a failed primary can be left in \
+                     the list",
+                    ));
+                    continue;
+                }
+            };
+        let in_recovery = match client.query_one("SELECT pg_is_in_recovery()", &[]).await {
+            Ok(row) => row.get::<_, bool>(0),
+            Err(e) => {
+                findings.push(Finding::warn(
+                    format!("host {endpoint}: {}", describe_pg_error(&e)),
+                    "check that the role may connect to it",
+                ));
+                continue;
+            }
+        };
+        if !in_recovery {
+            continue;
+        }
+        match preflight::standby_findings(&client, config, &format!("standby {endpoint}: ")).await {
+            Ok(more) => findings.extend(more),
+            Err(e) => findings.push(Finding::warn(
+                format!(
+                    "standby {endpoint}: a catalog query failed: {}",
+                    describe_pg_error(&e)
+                ),
+                "check that the role may read pg_settings and pg_replication_slots there",
+            )),
+        }
+    }
     findings
 }
 

@@ -31,7 +31,7 @@ use self::frame::{
     decode_copy_data, parse_data_row, server_error, split_frame, start_replication_command,
     unexpected, write_status_update, Fields, Frame,
 };
-use crate::pgconn::{tls_config, ChannelBinding, PgTarget, SslMode};
+use crate::pgconn::{tls_config, ChannelBinding, Endpoint, PgTarget, SslMode};
 use crate::Lsn;
 
 mod frame;
@@ -302,12 +302,38 @@ impl Wire {
     }
 }
 
+/// A NoticeResponse: a WARNING is logged as one, with its hint and what it means for
+/// pgcache where that is known; anything else at INFO.
 fn log_notice(body: &[u8]) {
-    if let ReplicationError::Server {
-        severity, message, ..
+    let ReplicationError::Server {
+        severity,
+        message,
+        detail,
+        hint,
+        ..
     } = server_error(body)
-    {
+    else {
+        return;
+    };
+    if severity != "WARNING" {
         tracing::info!(%severity, %message, "notice from the replication connection");
+        return;
+    }
+    let (detail, hint) = (detail.unwrap_or_default(), hint.unwrap_or_default());
+    if message.contains("synchronized_standby_slots") {
+        tracing::warn!(
+            %message,
+            %hint,
+            "the server holds the stream back until the standbys listed in \
+             synchronized_standby_slots confirm, and one of them does not exist (or is \
+             invalidated): pgcache receives nothing until it does or the setting is amended. \
+             After a promotion the new primary keeps the old primary's setting, which names \
+             slots that exist only there: ALTER SYSTEM SET synchronized_standby_slots = '<its \
+             own standbys' physical slots, or empty>'; SELECT pg_reload_conf(); (pgcache check \
+             lists what is missing)"
+        );
+    } else {
+        tracing::warn!(%message, %detail, %hint, "warning from the replication connection");
     }
 }
 
@@ -332,27 +358,84 @@ impl ReplicationConnection {
     /// `Auth` for rejected or missing credentials (including the server's 28xxx errors),
     /// `Tls` for TLS failures, `Server` for other server refusals (e.g. 3D000 no such
     /// database, 53300 too many connections), `Io`/`Closed` for network failures.
+    ///
+    /// With several hosts (`postgres://a,b/db`, `host=a,b`) they are tried in order, as libpq
+    /// does, each within `connect_timeout`; with `target_session_attrs=read-write` a server
+    /// whose `transaction_read_only` is on (a standby) is passed over, and with `read-only`
+    /// one where it is off. The error is the last host's, naming every host tried.
     pub async fn connect(target: &PgTarget) -> Result<ReplicationConnection, ReplicationError> {
-        let attempt = Self::connect_inner(target);
-        match target.connect_timeout() {
-            Some(limit) => tokio::time::timeout(limit, attempt).await.map_err(|_| {
-                ReplicationError::Io(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!(
-                        "connecting to {} timed out after {limit:?}",
-                        target.redacted()
-                    ),
-                ))
-            })?,
-            None => attempt.await,
+        let endpoints = target.endpoints();
+        let mut failures = Vec::new();
+        for endpoint in endpoints {
+            let attempt = Self::connect_to(target, endpoint);
+            let result = match target.connect_timeout() {
+                Some(limit) => tokio::time::timeout(limit, attempt)
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(ReplicationError::Io(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            format!("connecting to {endpoint} timed out after {limit:?}"),
+                        )))
+                    }),
+                None => attempt.await,
+            };
+            match result {
+                Ok(conn) => return Ok(conn),
+                // One host: its error as it is.
+                Err(e) if endpoints.len() == 1 => return Err(e),
+                Err(e) => {
+                    tracing::debug!(host = %endpoint, error = %e, "replication connection: trying the next host");
+                    failures.push((endpoint.to_string(), e));
+                }
+            }
         }
+        let tried = failures
+            .iter()
+            .map(|(host, e)| format!("{host}: {e}"))
+            .collect::<Vec<_>>()
+            .join("; ");
+        // The last retryable error decides, else the last: one host that may come back (or
+        // be promoted) is reason enough to retry.
+        let at = failures
+            .iter()
+            .rposition(|(_, e)| e.is_retryable())
+            .unwrap_or(failures.len().saturating_sub(1));
+        let last = (at < failures.len()).then(|| failures.remove(at).1);
+        Err(match last {
+            Some(ReplicationError::Server {
+                severity,
+                code,
+                message,
+                detail,
+                hint,
+            }) => ReplicationError::Server {
+                severity,
+                code,
+                message: format!("{message} (hosts tried: {tried})"),
+                detail,
+                hint,
+            },
+            Some(ReplicationError::Auth(_)) => ReplicationError::Auth(tried),
+            Some(ReplicationError::Tls(_)) => ReplicationError::Tls(tried),
+            Some(ReplicationError::Protocol(_)) => ReplicationError::Protocol(tried),
+            Some(ReplicationError::Io(e)) => {
+                ReplicationError::Io(io::Error::new(e.kind(), format!("hosts tried: {tried}")))
+            }
+            Some(ReplicationError::Closed) | None => ReplicationError::Io(io::Error::new(
+                io::ErrorKind::NotConnected,
+                format!("hosts tried: {tried}"),
+            )),
+        })
     }
 
-    async fn connect_inner(target: &PgTarget) -> Result<ReplicationConnection, ReplicationError> {
-        let (io, channel) = match open_transport(target, target.ssl_mode()).await {
+    async fn connect_to(
+        target: &PgTarget,
+        endpoint: &Endpoint,
+    ) -> Result<ReplicationConnection, ReplicationError> {
+        let (io, channel) = match open_transport(target, endpoint, target.ssl_mode()).await {
             Err(ReplicationError::Tls(reason)) if target.ssl_mode() == SslMode::Prefer => {
                 tracing::debug!(%reason, "TLS handshake failed with sslmode=prefer; retrying without TLS");
-                open_transport(target, SslMode::Disable).await?
+                open_transport(target, endpoint, SslMode::Disable).await?
             }
             other => other?,
         };
@@ -361,6 +444,38 @@ impl ReplicationConnection {
             parameters: Vec::new(),
         };
         conn.startup(target, &channel).await?;
+        if target.wants_read_write() || target.wants_read_only() {
+            let rows = conn.simple_query("SHOW transaction_read_only").await?;
+            let read_only = rows
+                .first()
+                .and_then(|row| row.first())
+                .and_then(|v| v.as_deref())
+                == Some("on");
+            if read_only && target.wants_read_write() {
+                return Err(ReplicationError::Server {
+                    severity: "FATAL".into(),
+                    // 57P03 cannot_connect_now, as a server in recovery answers: retried,
+                    // since a standby may be promoted (or the primary come back) meanwhile.
+                    code: "57P03".into(),
+                    message: format!(
+                        "{endpoint} is read-only (a standby), and target_session_attrs=read-write"
+                    ),
+                    detail: None,
+                    hint: None,
+                });
+            }
+            if !read_only && target.wants_read_only() {
+                return Err(ReplicationError::Server {
+                    severity: "FATAL".into(),
+                    code: "57P03".into(),
+                    message: format!(
+                        "{endpoint} accepts writes, and target_session_attrs=read-only"
+                    ),
+                    detail: None,
+                    hint: None,
+                });
+            }
+        }
         Ok(conn)
     }
 
@@ -625,19 +740,20 @@ impl ReplicationConnection {
 /// (PgTarget refuses sslmode=require and stricter for them).
 async fn open_transport(
     target: &PgTarget,
+    endpoint: &Endpoint,
     mode: SslMode,
 ) -> Result<(Box<dyn Transport>, ChannelData), ReplicationError> {
     #[cfg(unix)]
-    if target.is_unix_socket() {
-        let path = format!("{}/.s.PGSQL.{}", target.host(), target.port());
+    if endpoint.unix_socket {
+        let path = format!("{}/.s.PGSQL.{}", endpoint.host, endpoint.port);
         return Ok((
             Box::new(tokio::net::UnixStream::connect(path).await?),
             ChannelData::Plain,
         ));
     }
-    let mut tcp = match target.hostaddr() {
-        Some(addr) => TcpStream::connect((addr, target.port())).await?,
-        None => TcpStream::connect((target.host(), target.port())).await?,
+    let mut tcp = match endpoint.hostaddr {
+        Some(addr) => TcpStream::connect((addr, endpoint.port)).await?,
+        None => TcpStream::connect((endpoint.host.as_str(), endpoint.port)).await?,
     };
     // Status updates are small and latency-sensitive; never hold them back.
     tcp.set_nodelay(true)?;
@@ -656,8 +772,7 @@ async fn open_transport(
         b'N' => {
             return Err(ReplicationError::Tls(format!(
                 "sslmode={mode}, but the server at {}:{} does not accept TLS",
-                target.host(),
-                target.port()
+                endpoint.host, endpoint.port
             )))
         }
         other => {
@@ -668,8 +783,8 @@ async fn open_transport(
     }
     let config = tls_config(mode, target.ssl_root_cert())
         .map_err(|e| ReplicationError::Tls(e.to_string()))?;
-    let name = ServerName::try_from(target.host().to_string()).map_err(|e| {
-        ReplicationError::Tls(format!("{:?} is not a TLS server name: {e}", target.host()))
+    let name = ServerName::try_from(endpoint.host.clone()).map_err(|e| {
+        ReplicationError::Tls(format!("{:?} is not a TLS server name: {e}", endpoint.host))
     })?;
     let tls = tokio_rustls::TlsConnector::from(config)
         .connect(name, tcp)
@@ -678,8 +793,7 @@ async fn open_transport(
             |e| match e.get_ref().and_then(|r| r.downcast_ref::<rustls::Error>()) {
                 Some(tls_err) => ReplicationError::Tls(format!(
                     "handshake with {}:{} (sslmode={mode}): {tls_err}",
-                    target.host(),
-                    target.port()
+                    endpoint.host, endpoint.port
                 )),
                 None => ReplicationError::Io(e),
             },

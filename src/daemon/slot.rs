@@ -162,10 +162,13 @@ impl Lost {
                  drops the cached keys and backfills every mirror table); or recreate the \
                  slot by hand: {} and delete the checkpoint (redis-cli DEL '{checkpoint_key}'), \
                  so that the next start drops the cached keys and backfills; `pgcache \
-                 resync` alone rewrites the rows but keeps the keys of rows deleted meanwhile",
+                 resync` alone rewrites the rows but keeps the keys of rows deleted meanwhile. \
+                 On Postgres 17+ create it with psql -v slot={} -f sql/slot.sql instead, \
+                 which makes a failover slot, so that a standby keeps a copy of it",
                 self.what(),
                 checkpoint::position_text(self.confirmed),
                 recreate_sql(&self.slot, self.reason.is_some()),
+                self.slot,
             ),
         )
     }

@@ -10,16 +10,20 @@
 //! # Layout
 //! - this file: the finding type, and the server-wide Postgres checks (settings, role,
 //!   publication, slot);
+//! - `failover`: failover slots on a primary, and what a standby needs to keep a copy of
+//!   the slot;
 //! - `tables`: one table's checks (publication membership, columns, replica identity,
 //!   privileges);
 //! - `redis`: reachability, version, eviction policy and persistence.
 
 mod control;
+mod failover;
 mod redis;
 mod tables;
 
 use std::fmt;
 
+pub use self::failover::standby_findings;
 pub use self::redis::redis_findings;
 use crate::config::Config;
 
@@ -105,6 +109,7 @@ pub async fn postgres_findings(
     findings.extend(role_findings(client).await?);
     findings.extend(publication_findings(client, config).await?);
     findings.extend(slot_findings(client, config).await?);
+    findings.extend(failover::failover_findings(client, config).await?);
     findings.extend(control::control_findings(client, config).await?);
     for rule in &config.tables {
         let table = rule.qualified_name();
@@ -369,7 +374,8 @@ async fn slot_findings(
     let row = client
         .query_opt(
             "SELECT plugin::text, database::text, active, \
-                    pg_size_pretty(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)), \
+                    pg_size_pretty(pg_wal_lsn_diff(CASE WHEN pg_is_in_recovery() \
+                        THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END, restart_lsn)), \
                     current_database()::text \
              FROM pg_replication_slots WHERE slot_name = $1",
             &[slot],

@@ -269,3 +269,72 @@ fn channel_binding_is_parsed_as_libpq_spells_it() {
     let e = PgTarget::parse("host=/run/postgresql user=u channel_binding=require").unwrap_err();
     assert!(e.to_string().contains("Unix socket"), "{e}");
 }
+
+#[test]
+fn parses_multi_host_strings() {
+    let ep = |host: &str, port: u16| Endpoint {
+        host: host.into(),
+        unix_socket: false,
+        hostaddr: None,
+        port,
+    };
+    // URL: a port per host, or the default.
+    let t = PgTarget::parse(
+        "postgres://pgcache:pw@db1:5433,db2/app?target_session_attrs=read-write&sslmode=disable",
+    )
+    .unwrap();
+    assert_eq!(t.endpoints(), &[ep("db1", 5433), ep("db2", 5432)]);
+    assert!(t.wants_read_write() && !t.wants_read_only());
+    assert_eq!((t.host(), t.port()), ("db1", 5433));
+    assert_eq!(
+        t.redacted(),
+        "postgres://pgcache@db1:5433,db2:5432/app?sslmode=disable&target_session_attrs=read-write"
+    );
+    // Key-value: one port for all hosts.
+    let t = PgTarget::parse(
+        "host=db1,db2 port=6000 user=pgcache dbname=app target_session_attrs=read-write",
+    )
+    .unwrap();
+    assert_eq!(t.endpoints(), &[ep("db1", 6000), ep("db2", 6000)]);
+    assert!(t.wants_read_write());
+    // Key-value: a port and a hostaddr per host.
+    let t = PgTarget::parse(
+        "host=db1,db2 hostaddr=10.0.0.1,10.0.0.2 port=6000,6001 user=pgcache dbname=app",
+    )
+    .unwrap();
+    assert_eq!(t.endpoints()[1].hostaddr, Some("10.0.0.2".parse().unwrap()));
+    assert_eq!(t.endpoints()[1].port, 6001);
+    assert!(!t.wants_read_write());
+    // One host: as before.
+    let t = PgTarget::parse("postgres://u@db/app").unwrap();
+    assert_eq!(t.endpoints(), &[ep("db", 5432)]);
+    assert_eq!(t.redacted(), "postgres://u@db:5432/app?sslmode=prefer");
+}
+
+#[test]
+fn multi_host_mismatches_are_named() {
+    let e = PgTarget::parse("host=a,b,c port=1,2 user=u").unwrap_err();
+    assert!(e.to_string().contains("3 hosts but 2 ports"), "{e}");
+    let e = PgTarget::parse("host=a,b hostaddr=10.0.0.1 user=u").unwrap_err();
+    assert!(e.to_string().contains("2 hosts but 1 hostaddrs"), "{e}");
+}
+
+#[test]
+fn one_host_of_many_keeps_the_rest_of_the_target() {
+    let t = PgTarget::parse(
+        "postgres://pgcache:pw@db1,db2:6000/app?target_session_attrs=read-write&application_name=x&connect_timeout=3",
+    )
+    .unwrap();
+    let second = t.at(&t.endpoints()[1]);
+    assert_eq!(second.endpoints(), &t.endpoints()[1..]);
+    assert_eq!((second.host(), second.port()), ("db2", 6000));
+    assert!(!second.wants_read_write());
+    assert_eq!(second.user(), "pgcache");
+    assert_eq!(second.password(), Some(&b"pw"[..]));
+    assert_eq!(second.dbname(), "app");
+    assert_eq!(second.application_name(), "x");
+    assert_eq!(second.connect_timeout(), Some(Duration::from_secs(3)));
+    let config = second.tokio_config();
+    assert_eq!(config.get_hosts().len(), 1);
+    assert_eq!(config.get_ports(), &[6000]);
+}

@@ -147,6 +147,85 @@ impl TestPostgres {
         Ok(pg)
     }
 
+    /// Starts a physical standby of this server: a copy made with `pg_basebackup`
+    /// (WAL streamed, fast checkpoint) through a new physical replication slot `slot`, then
+    /// started in standby mode (`standby.signal`) on a free port, streaming from this server
+    /// with `primary_conninfo` naming `dbname` (which slot synchronization needs) and
+    /// `primary_slot_name = slot`. `opts.extra_conf` comes last, e.g. `hot_standby_feedback
+    /// = on` and, from Postgres 17, `sync_replication_slots = on`. `wal_level`, `ssl` and
+    /// `scram_user` of `opts` are not used: the copy has this server's.
+    ///
+    /// # Errors
+    /// When the slot cannot be created, pg_basebackup fails, or the standby does not start
+    /// (the error holds its log).
+    pub fn start_standby(&self, slot: &str, dbname: &str, opts: PgOptions) -> Result<TestPostgres> {
+        let user = server_user()?;
+        let dir = tempfile::Builder::new()
+            .prefix("pgcache-pg-standby-")
+            .tempdir_in(tmp_root())
+            .context("creating a temporary directory for the standby")?;
+        let root = dir.path().to_path_buf();
+        if let Some(user) = user {
+            chown_tree(&root, user)?;
+        }
+        let mut extra_conf = vec![
+            format!(
+                "primary_conninfo = {}",
+                quote_literal(&format!(
+                    "host=127.0.0.1 port={} user=postgres dbname={} application_name={}",
+                    self.port,
+                    conninfo_value(dbname),
+                    conninfo_value(slot)
+                ))
+            ),
+            format!("primary_slot_name = {}", quote_literal(slot)),
+        ];
+        extra_conf.extend(opts.extra_conf);
+        let mut standby = TestPostgres {
+            data_dir: root.join("data"),
+            log_path: root.join("postgres.log"),
+            dir,
+            port: 0,
+            opts: PgOptions {
+                extra_conf,
+                ..self.opts.clone()
+            },
+            ca_cert: self.ca_cert.clone(),
+            postmaster: None,
+            state: State::Stopped,
+            watchdog: None,
+        };
+        let mut cmd = server_command("pg_basebackup", &root)?;
+        cmd.arg("-D")
+            .arg(&standby.data_dir)
+            .args(["-h", "127.0.0.1", "-U", "postgres", "-X", "stream"])
+            .args(["--checkpoint", "fast", "-C", "-S", slot])
+            .arg("-p")
+            .arg(self.port.to_string());
+        run(&mut cmd, "pg_basebackup")
+            .with_context(|| format!("making a standby\n--- primary log ---\n{}", self.log()))?;
+        // The copy holds the primary's pid file and certificates' paths as they were; the
+        // pid file must go, the rest stays valid.
+        let _ = fs::remove_file(standby.data_dir.join("postmaster.pid"));
+        fs::write(standby.data_dir.join("standby.signal"), "").context("writing standby.signal")?;
+        if let Some(user) = user {
+            chown_tree(&root, user)?;
+        }
+        standby.watchdog = Some(standby.spawn_watchdog()?);
+        standby.start_on_a_free_port()?;
+        Ok(standby)
+    }
+
+    /// Promotes a standby to a primary (`pg_ctl promote`) and waits until it accepts writes.
+    ///
+    /// # Errors
+    /// When pg_ctl fails or the promotion does not finish within 60 s.
+    pub fn promote(&self) -> Result<()> {
+        self.pg_ctl(&["promote", "-w", "-t", "60"])
+            .with_context(|| format!("promoting the standby\n--- server log ---\n{}", self.log()))
+            .map(drop)
+    }
+
     /// The TCP port on 127.0.0.1; it stays the same across restarts.
     pub fn port(&self) -> u16 {
         self.port

@@ -800,3 +800,87 @@ fn compose_initdb_script_prepares_postgres() -> Result<()> {
     );
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------------
+// The primary/standby example (deploy/ha)
+
+#[test]
+fn ha_compose_runs_a_primary_a_standby_with_failover_slots_and_pgcache_on_both() -> Result<()> {
+    let ha = deploy().join("ha");
+    let compose = yaml_document(&ha.join("compose.yaml"))?;
+    let services = at(&compose, &["services"])?;
+    for name in ["primary", "standby", "redis", "pgcache"] {
+        ensure!(
+            services.get(name).is_some(),
+            "ha/compose.yaml has no `{name}` service"
+        );
+    }
+    for name in ["primary", "standby"] {
+        let image = str_at(services, &[name, "image"])?;
+        let major: u32 = image
+            .strip_prefix("postgres:")
+            .and_then(|v| v.split(['.', '-']).next()?.parse().ok())
+            .with_context(|| format!("{name} image {image:?}"))?;
+        ensure!(
+            major >= 17,
+            "{name}: failover slots need Postgres 17+, not {image}"
+        );
+    }
+    let command = command_line(at(services, &["primary", "command"])?);
+    ensure!(command.contains("wal_level=logical"), "{command}");
+
+    // The primary's init scripts: setup.sql (the failover slot), then the standby's slot.
+    let mounts = command_line(at(services, &["primary", "volumes"])?);
+    ensure!(
+        mounts.contains("../compose/initdb.sh:") && mounts.contains("./primary-init.sh:"),
+        "{mounts}"
+    );
+    let init = read(&ha.join("primary-init.sh"))?;
+    for part in [
+        "pg_create_physical_replication_slot('standby1')",
+        "ALTER SYSTEM SET synchronized_standby_slots = 'standby1'",
+        "host replication replicator",
+    ] {
+        ensure!(init.contains(part), "primary-init.sh lacks {part:?}");
+    }
+    // The standby: the four settings `pgcache check` looks for.
+    let standby = read(&ha.join("standby-entrypoint.sh"))?;
+    for part in [
+        "pg_basebackup",
+        "-S standby1",
+        "standby.signal",
+        "dbname=app",
+        "primary_slot_name = 'standby1'",
+        "hot_standby_feedback = on",
+        "sync_replication_slots = on",
+        // Else, promoted, it would wait for the old primary's standby slot.
+        "synchronized_standby_slots = ''",
+    ] {
+        ensure!(
+            standby.contains(part),
+            "standby-entrypoint.sh lacks {part:?}"
+        );
+    }
+
+    // pgcache gets both servers, read-write, in the URL; the file's URL says the same.
+    let url = str_at(
+        services,
+        &["pgcache", "environment", "PGCACHE__POSTGRES__URL"],
+    )?;
+    let toml = read(&ha.join("pgcache.toml"))?;
+    let config = Config::from_toml_str(&toml).map_err(|e| anyhow!("ha/pgcache.toml: {e}"))?;
+    for url in [url, config.postgres.url.expose()] {
+        let target = pgcache::pgconn::PgTarget::parse(url).map_err(|e| anyhow!("{url}: {e}"))?;
+        let hosts: Vec<String> = target.endpoints().iter().map(|e| e.host.clone()).collect();
+        ensure!(hosts == ["primary", "standby"], "{url}: hosts {hosts:?}");
+        ensure!(
+            target.wants_read_write(),
+            "{url} lacks target_session_attrs=read-write"
+        );
+    }
+    ensure!(
+        config.postgres.recreate_lost_slot,
+        "ha/pgcache.toml: recreate_lost_slot"
+    );
+    Ok(())
+}
