@@ -736,7 +736,7 @@ impl Drop for Backfills {
 }
 
 /// `public.` before a bare table name.
-fn qualified(table: &str) -> String {
+pub(crate) fn qualified(table: &str) -> String {
     if table.contains('.') {
         table.to_string()
     } else {

@@ -21,7 +21,7 @@ use crate::clock::{now_ms, pg_now_micros};
 use crate::config::{Config, Mode, TableRule};
 use crate::daemon::apply::script::{self, Owner};
 use crate::daemon::apply::{Batch, ChangeError, Prepared, Repair};
-use crate::daemon::backfill::{Backfills, Control};
+use crate::daemon::backfill::{self, Backfills, Control};
 use crate::daemon::pgoutput::{
     self, Begin, Commit, Delete, Insert, Message, Relation, Truncate, Update,
 };
@@ -537,6 +537,24 @@ impl<'a> Stream<'a> {
                 // invalidation rules name may be stale.
                 if let Some(table) = &table {
                     self.drop_invalidation_keys(table);
+                }
+                // Tables that are not backfilled (refresh, invalidate) forget their keys and
+                // leases instead: a cached value, or a cached "no such row", may be wrong
+                // now, and a fill that read before this event must not land after it.
+                let forget: Vec<String> = self
+                    .config
+                    .tables
+                    .iter()
+                    .filter(|r| r.mode != Mode::Mirror)
+                    .filter(|r| {
+                        table
+                            .as_deref()
+                            .is_none_or(|t| backfill::qualified(t) == r.qualified_name())
+                    })
+                    .map(|r| format!("{}{}", self.config.redis.key_prefix, r.key.literal_prefix()))
+                    .collect();
+                for key_space in forget {
+                    self.batch.drop_key_space(key_space);
                 }
                 self.backfills.resync(table.as_deref());
             }
