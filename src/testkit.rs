@@ -47,9 +47,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use rand::Rng;
 
+pub use crate::cluster::{parse_cluster_nodes, ClusterNode, CLUSTER_SLOTS};
 pub use pg_server::{PgOptions, TestPostgres};
 pub use proxy::{Direction, TcpProxy};
-pub use redis_cluster::{parse_cluster_nodes, ClusterNode, TestRedisCluster, CLUSTER_SLOTS};
+pub use redis_cluster::TestRedisCluster;
 pub use redis_server::{RedisOptions, TestRedis, CLUSTER_NODE_TIMEOUT_MS};
 pub use tls_certs::{generate as generate_tls_certs, CertFiles};
 

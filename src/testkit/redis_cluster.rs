@@ -17,9 +17,7 @@ use anyhow::{bail, ensure, Context, Result};
 
 use super::redis_server::redis_major_version;
 use super::{RedisOptions, TestRedis};
-
-/// Hash slots in a Redis Cluster.
-pub const CLUSTER_SLOTS: u16 = 16384;
+use crate::cluster::{parse_cluster_nodes, ClusterNode, CLUSTER_SLOTS};
 
 /// How long a new cluster gets to become whole (every node agrees, replicas synced).
 const FORM_TIMEOUT: Duration = Duration::from_secs(60);
@@ -34,31 +32,6 @@ pub struct TestRedisCluster {
     nodes: Vec<TestRedis>,
     masters: usize,
     replicas: usize,
-}
-
-/// One line of `CLUSTER NODES`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ClusterNode {
-    pub id: String,
-    /// `127.0.0.1:port`.
-    pub addr: String,
-    pub flags: Vec<String>,
-    /// The master's id for a replica.
-    pub master_id: Option<String>,
-    pub connected: bool,
-    /// Slot ranges served, inclusive (masters only; migrating markers are left out).
-    pub slots: Vec<(u16, u16)>,
-}
-
-impl ClusterNode {
-    pub fn is_master(&self) -> bool {
-        self.flags.iter().any(|f| f == "master")
-    }
-
-    /// The node's client port.
-    pub fn port(&self) -> Option<u16> {
-        self.addr.rsplit_once(':')?.1.parse().ok()
-    }
 }
 
 impl TestRedisCluster {
@@ -324,36 +297,6 @@ fn cluster_info(node: &TestRedis) -> Result<HashMap<String, String>> {
         .collect())
 }
 
-/// Parses `CLUSTER NODES` (`id ip:port@bus[,hostname] flags master ping pong epoch link
-/// slot...`).
-pub fn parse_cluster_nodes(text: &str) -> Vec<ClusterNode> {
-    text.lines()
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            if fields.len() < 8 {
-                return None;
-            }
-            let addr = fields[1].split(['@', ',']).next()?.to_string();
-            let slots = fields[8..]
-                .iter()
-                .filter(|s| !s.starts_with('['))
-                .filter_map(|s| match s.split_once('-') {
-                    Some((a, b)) => Some((a.parse().ok()?, b.parse().ok()?)),
-                    None => s.parse().ok().map(|a| (a, a)),
-                })
-                .collect();
-            Some(ClusterNode {
-                id: fields[0].to_string(),
-                addr,
-                flags: fields[2].split(',').map(str::to_string).collect(),
-                master_id: (fields[3] != "-").then(|| fields[3].to_string()),
-                connected: fields[7] == "connected",
-                slots,
-            })
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -370,23 +313,5 @@ mod tests {
             }
             assert_eq!(next, u32::from(CLUSTER_SLOTS));
         }
-    }
-
-    #[test]
-    fn cluster_nodes_lines_parse() {
-        let text = "\
-07c3 127.0.0.1:30004@31004 slave e7d1 0 1426238317239 4 connected
-67ed 127.0.0.1:30002@31002,host.example master - 0 1426238316232 2 connected 5461-10922 [10923->-e7d1]
-e7d1 127.0.0.1:30001@31001 myself,master - 0 0 1 connected 0-5460 16000
-";
-        let nodes = parse_cluster_nodes(text);
-        assert_eq!(nodes.len(), 3);
-        assert!(!nodes[0].is_master());
-        assert_eq!(nodes[0].master_id.as_deref(), Some("e7d1"));
-        assert_eq!(nodes[1].addr, "127.0.0.1:30002");
-        assert_eq!(nodes[1].slots, vec![(5461, 10922)]);
-        assert_eq!(nodes[2].slots, vec![(0, 5460), (16000, 16000)]);
-        assert_eq!(nodes[2].port(), Some(30001));
-        assert!(nodes[2].is_master() && nodes[2].connected);
     }
 }

@@ -1,0 +1,262 @@
+//! Redis Cluster (issue 15), against a real 3-master, 3-replica cluster from the testkit:
+//! the configuration, `pgcache check` on a cluster, hash slots as Redis computes them, and
+//! the refusal of everything that does not run on a cluster yet.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use pgcache::cluster::key_slot;
+use pgcache::config::Config;
+use pgcache::template::lease_key;
+use pgcache::testkit::{free_port, RedisOptions, TestRedisCluster};
+use pgcache::Reader;
+use tokio::sync::watch;
+
+use crate::common::{pgcache, Env, DB};
+
+const ITEMS: &str = "CREATE TABLE items (id int PRIMARY KEY, name text NOT NULL);";
+const RULE: &str = "[[tables]]\ntable = \"items\"\nkey = \"item:{id}\"\n";
+
+fn start_cluster() -> TestRedisCluster {
+    TestRedisCluster::start_with(
+        3,
+        1,
+        RedisOptions {
+            appendonly: true,
+            ..Default::default()
+        },
+    )
+    .expect("start a Redis Cluster")
+}
+
+/// Lines of `check`'s output that start with `level` and contain every one of `parts`.
+fn lines_with<'a>(out: &'a str, level: &str, parts: &[&str]) -> Vec<&'a str> {
+    out.lines()
+        .filter(|l| l.starts_with(level) && parts.iter().all(|p| l.contains(p)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reports_the_cluster_state_its_slots_and_every_master() {
+    let env = Env::start(ITEMS, "public.items");
+    let cluster = tokio::task::spawn_blocking(start_cluster).await.unwrap();
+    let masters: Vec<u16> = cluster
+        .masters()
+        .unwrap()
+        .iter()
+        .map(|m| m.port())
+        .collect();
+    assert_eq!(masters.len(), 3);
+    // One master may evict: its finding alone warns.
+    let evicting = cluster
+        .nodes()
+        .iter()
+        .find(|n| n.port() == masters[1])
+        .unwrap();
+    evicting
+        .cli(&["CONFIG", "SET", "maxmemory-policy", "allkeys-lru"])
+        .unwrap();
+
+    // The first seed is dead: check goes on to the next.
+    let dead = free_port().unwrap();
+    let url = env.pg.url_as("pgcache", Some("pgcache-secret"), DB);
+    let config_text = format!(
+        "[postgres]\nurl = \"{url}\"\n[redis]\ncluster = true\nurls = [\"redis://127.0.0.1:{dead}\", \"{}\"]\n\
+         [metrics]\nlisten = \"\"\n{RULE}",
+        cluster.nodes()[2].url()
+    );
+    let config = env.dir.path().join("cluster.toml");
+    std::fs::write(&config, &config_text).unwrap();
+    let path = config.display().to_string();
+    let check = || {
+        let path = path.clone();
+        tokio::task::spawn_blocking(move || pgcache(&["check", "--config", &path]))
+    };
+
+    let (code, out, err) = check().await.unwrap();
+    assert_eq!(code, 1, "the daemon's refusal is a FAIL:\n{out}\n{err}");
+    let seed = cluster.nodes()[2].url();
+    for (level, parts) in [
+        ("OK", vec!["redis cluster seed", seed.as_str(), "reachable"]),
+        (
+            "OK",
+            vec!["redis cluster state ok (6 nodes, 3 masters, 3 replicas)"],
+        ),
+        (
+            "OK",
+            vec!["redis cluster serves all 16384 hash slots (3 masters)"],
+        ),
+    ] {
+        assert_eq!(
+            lines_with(&out, level, &parts).len(),
+            1,
+            "{parts:?} in:\n{out}"
+        );
+    }
+    for &port in &masters {
+        let addr = format!("redis master 127.0.0.1:{port}: ");
+        for (level, part) in [
+            ("OK", "version 7"),
+            ("OK", "persistence: appendonly yes, appendfsync always"),
+            ("OK", "1 working replica(s), serves slots "),
+        ] {
+            assert_eq!(
+                lines_with(&out, level, &[&addr, part]).len(),
+                1,
+                "{addr}{part} in:\n{out}"
+            );
+        }
+        let eviction = if port == masters[1] {
+            lines_with(
+                &out,
+                "WARN",
+                &[&addr, "maxmemory-policy allkeys-lru", "public.items"],
+            )
+        } else {
+            lines_with(&out, "OK", &[&addr, "maxmemory-policy noeviction"])
+        };
+        assert_eq!(eviction.len(), 1, "{addr} eviction in:\n{out}");
+    }
+    // The only FAIL: the daemon does not run on a cluster yet, and says what does.
+    let fails = lines_with(&out, "FAIL", &[]);
+    assert_eq!(fails.len(), 1, "{out}");
+    assert!(
+        fails[0].contains(
+            "redis.cluster = true (Redis Cluster) is not supported by the daemon (pgcache run) yet"
+        ),
+        "{out}"
+    );
+    assert!(out.contains("1 WARN, 1 FAIL"), "{out}");
+
+    // Slots 0-99 lose their master on every node: check names them.
+    for node in cluster.nodes() {
+        node.cli(&["CLUSTER", "DELSLOTSRANGE", "0", "99"]).unwrap();
+    }
+    let mut last = String::new();
+    for _ in 0..100 {
+        let (code, out, _) = check().await.unwrap();
+        assert_eq!(code, 1);
+        last = out;
+        if last.contains("redis cluster state is fail") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        lines_with(
+            &last,
+            "FAIL",
+            &["redis cluster: 100 of 16384 hash slots are served by no working master (0-99)"]
+        )
+        .len(),
+        1,
+        "{last}"
+    );
+    assert_eq!(
+        lines_with(
+            &last,
+            "FAIL",
+            &["redis cluster state is fail (6 nodes, 3 masters"]
+        )
+        .len(),
+        1,
+        "{last}"
+    );
+    assert!(last.contains("fix: assign them to a master"), "{last}");
+}
+
+/// pgcache's hash slots are the cluster's, for the key shapes it writes: rows, their
+/// leases (in the row's slot, PROTOCOL.md "Lease keys"), the checkpoint, hash-tagged keys.
+#[test]
+fn key_slots_agree_with_the_cluster() {
+    let cluster = TestRedisCluster::start_with(1, 0, RedisOptions::default()).unwrap();
+    let node = &cluster.nodes()[0];
+    let slot_of = |key: &str| -> u16 {
+        node.cli(&["CLUSTER", "KEYSLOT", key])
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let rows = [
+        "item:1",
+        "pgcache:{pgcache}:checkpoint",
+        "tenant:{42}:order:7",
+        "app:user:profile:\u{e9}t\u{e9}",
+        "a{}b",
+        "x{{y}}z",
+        "",
+    ]
+    .map(String::from);
+    for key in rows
+        .iter()
+        .cloned()
+        .chain((0..200).map(|i| format!("user:profile:{i}")))
+    {
+        let slot = slot_of(&key);
+        assert_eq!(key_slot(key.as_bytes()), slot, "{key:?}");
+        if !key.is_empty() && !key.contains("{}") {
+            let lease = lease_key(&key);
+            assert_eq!(slot_of(&lease), slot, "{lease:?} is not in {key:?}'s slot");
+        }
+    }
+}
+
+/// Until the daemon's cluster apply exists, nothing but `check` accepts a cluster (or
+/// sentinels): `run` exits 2 before it connects, the library's entry points refuse, and
+/// each says what is supported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn everything_but_check_refuses_a_cluster_and_says_what_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster_toml = format!(
+        "[postgres]\nurl = \"postgres://u@127.0.0.1:1/db\"\n[redis]\nurl = \"redis://127.0.0.1:1\"\ncluster = true\n{RULE}"
+    );
+    let sentinel_toml = format!(
+        "[postgres]\nurl = \"postgres://u@127.0.0.1:1/db\"\n[redis.sentinel]\nmaster = \"m\"\nurls = [\"redis://127.0.0.1:1\"]\n{RULE}"
+    );
+    for (name, text, setting) in [
+        (
+            "cluster.toml",
+            &cluster_toml,
+            "redis.cluster = true (Redis Cluster)",
+        ),
+        (
+            "sentinel.toml",
+            &sentinel_toml,
+            "[redis.sentinel] (Redis Sentinel)",
+        ),
+    ] {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        let path = path.display().to_string();
+        let (code, out, err) =
+            tokio::task::spawn_blocking(move || pgcache(&["run", "--config", &path]))
+                .await
+                .unwrap();
+        assert_eq!(code, 2, "{out}\n{err}");
+        assert!(
+            err.contains(&format!(
+                "error: {setting} is not supported by the daemon (pgcache run) yet: the daemon, \
+                 the read helper, verify and status work with one Redis server (redis.url)"
+            )),
+            "{err}"
+        );
+
+        let config = Arc::new(Config::from_toml_str(text).unwrap());
+        let (_stop, stopped) = watch::channel(false);
+        let err = pgcache::daemon::run(config.clone(), stopped, Default::default())
+            .await
+            .expect_err("the daemon refuses");
+        assert!(err.is_fatal(), "{err}");
+        assert!(err.to_string().contains(setting), "{err}");
+        let Err(err) = Reader::from_config(&config) else {
+            panic!("the reader refuses a {setting}");
+        };
+        let err = err.to_string();
+        assert!(
+            err.contains(&format!(
+                "{setting} is not supported by the read helper (Reader::from_config) yet"
+            )),
+            "{err}"
+        );
+    }
+}
