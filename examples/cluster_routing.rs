@@ -8,10 +8,18 @@
 //!   pipelined per master, the masters written concurrently;
 //! - `slot-script`: the same per-slot atomicity as one `EVAL` per slot (check, writes,
 //!   checkpoint in one script), pipelined per master;
+//! - `node-script`: one `EVAL` per master per batch (Redis 7 runs a script without a
+//!   shebang across the slots of its node): it first checks every touched slot's checkpoint
+//!   and that every key is served here (`pcall EXISTS`), writes nothing if any check fails,
+//!   then writes the keys and each slot's checkpoint, so the whole batch's part on that
+//!   master is atomic;
 //! - `slot-plain`: the floor: one `MSET` per slot and nothing else, no checkpoint at all.
 //!
-//! Run: `cargo run --release --example cluster_routing -- [changes] [batch] [distinct keys]`
-//! (defaults 200000, 1000, 1000000). It starts its own servers from the local
+//! Every variant also deletes each written key's lease, as the daemon does.
+//!
+//! Run: `cargo run --release --example cluster_routing -- [changes] [batch] [distinct keys]
+//! [tenants]` (defaults 200000, 1000, 1000000, 0; with tenants, keys carry a hash tag
+//! `tenant:{t}:item:i`, so a batch touches at most that many slots). It starts its own servers from the local
 //! `redis-server` and removes them at the end.
 
 use std::collections::BTreeMap;
@@ -19,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use pgcache::cluster::{key_slot, slot_tag};
+use pgcache::template::lease_key;
 use pgcache::testkit::{RedisOptions, TestRedis, TestRedisCluster};
 use rand::Rng;
 use redis::aio::MultiplexedConnection;
@@ -32,14 +41,50 @@ const CHECK: &str = "local found = redis.call('HMGET', KEYS[1], 'epoch', 'owner'
 const SLOT_SCRIPT: &str = "local found = redis.call('HMGET', KEYS[1], 'epoch', 'owner', 'lsn') \
     if found[1] ~= ARGV[2] or found[2] ~= ARGV[1] or (found[3] or '-') ~= ARGV[3] then \
     return 0 end \
-    for i = 2, #KEYS do redis.call('SET', KEYS[i], ARGV[i + 3]) end \
+    local n = (#KEYS - 1) / 2 \
+    for i = 2, n + 1 do redis.call('SET', KEYS[i], ARGV[i + 3]) redis.call('DEL', KEYS[i + n]) end \
     redis.call('HSET', KEYS[1], 'lsn', ARGV[4]) return 1";
+
+/// ARGV: owner, epoch, position, then per slot: checkpoint key, expected position, number of
+/// keys, and that many (key, lease key, value) triples. KEYS[1] is the first slot's checkpoint (it routes
+/// the script to its master).
+const NODE_SCRIPT: &str = "
+local owner, epoch, position = ARGV[1], ARGV[2], ARGV[3]
+local i = 4
+while i <= #ARGV do
+  local found = redis.call('HMGET', ARGV[i], 'epoch', 'owner', 'lsn')
+  if found[1] ~= epoch or found[2] ~= owner or (found[3] or '-') ~= ARGV[i + 1] then
+    return {0, ARGV[i]}
+  end
+  local n = tonumber(ARGV[i + 2])
+  for j = 0, n - 1 do
+    local at = i + 3 + 3 * j
+    for _, key in ipairs({ARGV[at], ARGV[at + 1]}) do
+      local r = redis.pcall('EXISTS', key)
+      if type(r) == 'table' and r.err then return {0, r.err} end
+    end
+  end
+  i = i + 3 + 3 * n
+end
+i = 4
+while i <= #ARGV do
+  local n = tonumber(ARGV[i + 2])
+  for j = 0, n - 1 do
+    local at = i + 3 + 3 * j
+    redis.call('SET', ARGV[at], ARGV[at + 2])
+    redis.call('DEL', ARGV[at + 1])
+  end
+  redis.call('HSET', ARGV[i], 'lsn', position)
+  i = i + 3 + 3 * n
+end
+return {1}";
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Variant {
     Single,
     SlotMulti,
     SlotScript,
+    NodeScript,
     SlotPlain,
 }
 
@@ -116,6 +161,11 @@ async fn apply(target: &mut Target, variant: Variant, batches: &[Group]) -> Resu
                 mset = mset.arg(key).arg(value);
             }
             mset.ignore();
+            let mut del = pipe.cmd("DEL");
+            for (key, _) in batch {
+                del = del.arg(lease_key(key));
+            }
+            del.ignore();
             pipe.cmd("HSET").arg(&ck).arg("lsn").arg(position).ignore();
             pipe.cmd("EXEC").ignore();
             let conn = &mut target.masters[0].0;
@@ -134,6 +184,8 @@ async fn apply(target: &mut Target, variant: Variant, batches: &[Group]) -> Resu
         let mut pipes: Vec<redis::Pipeline> =
             (0..target.masters.len()).map(|_| redis::pipe()).collect();
         let mut expected = vec![0usize; target.masters.len()];
+        let mut node_args: Vec<Vec<Vec<u8>>> = vec![Vec::new(); target.masters.len()];
+        let mut first_ck: Vec<Option<String>> = vec![None; target.masters.len()];
         for (slot, group) in &by_slot {
             let master = target.master_of(*slot);
             let pipe = &mut pipes[master];
@@ -156,6 +208,11 @@ async fn apply(target: &mut Target, variant: Variant, batches: &[Group]) -> Resu
                         mset = mset.arg(key).arg(value);
                     }
                     mset.ignore();
+                    let mut del = pipe.cmd("DEL");
+                    for (key, _) in group {
+                        del = del.arg(lease_key(key));
+                    }
+                    del.ignore();
                     pipe.cmd("HSET").arg(&ck).arg("lsn").arg(position).ignore();
                     pipe.cmd("EXEC");
                 }
@@ -163,15 +220,30 @@ async fn apply(target: &mut Target, variant: Variant, batches: &[Group]) -> Resu
                     let cmd = pipe
                         .cmd("EVAL")
                         .arg(SLOT_SCRIPT)
-                        .arg(1 + group.len())
+                        .arg(1 + 2 * group.len())
                         .arg(&ck);
                     for (key, _) in group {
                         cmd.arg(key);
+                    }
+                    for (key, _) in group {
+                        cmd.arg(lease_key(key));
                     }
                     cmd.arg("o").arg("e").arg(&was).arg(position);
                     for (_, value) in group {
                         cmd.arg(value);
                     }
+                }
+                Variant::NodeScript => {
+                    node_args[master].push(ck.into_bytes());
+                    node_args[master].push(was.into_bytes());
+                    node_args[master].push(group.len().to_string().into_bytes());
+                    for (key, value) in group {
+                        node_args[master].push(key.clone().into_bytes());
+                        node_args[master].push(lease_key(key).into_bytes());
+                        node_args[master].push(value.clone());
+                    }
+                    first_ck[master].get_or_insert_with(|| checkpoint_key(Some(*slot)));
+                    continue;
                 }
                 Variant::SlotPlain => {
                     let mut mset = pipe.cmd("MSET");
@@ -182,6 +254,22 @@ async fn apply(target: &mut Target, variant: Variant, batches: &[Group]) -> Resu
                 Variant::Single => unreachable!(),
             }
             expected[master] += 1;
+        }
+        if variant == Variant::NodeScript {
+            for (master, args) in node_args.into_iter().enumerate() {
+                let Some(ck) = first_ck[master].take() else {
+                    continue;
+                };
+                pipes[master]
+                    .cmd("EVAL")
+                    .arg(NODE_SCRIPT)
+                    .arg(1)
+                    .arg(ck)
+                    .arg("o")
+                    .arg("e")
+                    .arg(position)
+                    .arg(args);
+            }
         }
         let sends = target
             .masters
@@ -194,12 +282,13 @@ async fn apply(target: &mut Target, variant: Variant, batches: &[Group]) -> Resu
             });
         for replies in futures_util::future::try_join_all(sends).await? {
             for reply in replies {
-                let ok = matches!(
-                    (variant, &reply),
-                    (Variant::SlotMulti, redis::Value::Array(_))
-                        | (Variant::SlotScript, redis::Value::Int(1))
-                        | (Variant::SlotPlain, redis::Value::Okay)
-                );
+                let ok = match variant {
+                    Variant::SlotMulti => matches!(reply, redis::Value::Array(_)),
+                    Variant::SlotScript => reply == redis::Value::Int(1),
+                    Variant::NodeScript => node_accepted(&reply),
+                    Variant::SlotPlain => reply == redis::Value::Okay,
+                    Variant::Single => false,
+                };
                 anyhow::ensure!(ok, "{variant:?}: unexpected reply {reply:?}");
             }
         }
@@ -208,6 +297,11 @@ async fn apply(target: &mut Target, variant: Variant, batches: &[Group]) -> Resu
         }
     }
     Ok(started.elapsed())
+}
+
+/// The node script's `{1}`.
+fn node_accepted(reply: &redis::Value) -> bool {
+    matches!(reply, redis::Value::Array(items) if items.first() == Some(&redis::Value::Int(1)))
 }
 
 async fn connect(url: &str) -> Result<MultiplexedConnection> {
@@ -224,6 +318,8 @@ async fn main() -> Result<()> {
     let changes = args.next().transpose()?.unwrap_or(200_000);
     let batch = args.next().transpose()?.unwrap_or(1_000);
     let distinct = args.next().transpose()?.unwrap_or(1_000_000);
+    // With tenants, keys are `tenant:{t}:item:i`: a batch touches at most that many slots.
+    let tenants = args.next().transpose()?.unwrap_or(0);
 
     let mut rng = rand::thread_rng();
     let value = vec![b'x'; 100];
@@ -231,10 +327,13 @@ async fn main() -> Result<()> {
         .map(|_| {
             (0..batch)
                 .map(|_| {
-                    (
-                        format!("item:{}", rng.gen_range(0..distinct)),
-                        value.clone(),
-                    )
+                    let id = rng.gen_range(0..distinct);
+                    let key = if tenants > 0 {
+                        format!("tenant:{{{}}}:item:{id}", id % tenants)
+                    } else {
+                        format!("item:{id}")
+                    };
+                    (key, value.clone())
                 })
                 .collect()
         })
@@ -275,6 +374,7 @@ async fn main() -> Result<()> {
         Variant::Single,
         Variant::SlotMulti,
         Variant::SlotScript,
+        Variant::NodeScript,
         Variant::SlotPlain,
     ] {
         let target = if variant == Variant::Single {

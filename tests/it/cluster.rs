@@ -241,6 +241,21 @@ async fn everything_but_check_refuses_a_cluster_and_says_what_works() {
             "{err}"
         );
 
+        for command in ["verify", "status"] {
+            let path = dir.path().join(name).display().to_string();
+            let (code, out, err) =
+                tokio::task::spawn_blocking(move || pgcache(&[command, "--config", &path]))
+                    .await
+                    .unwrap();
+            assert_eq!(code, 2, "{command}: {out}\n{err}");
+            assert!(
+                err.contains(&format!(
+                    "error: {setting} is not supported by pgcache {command} yet"
+                )),
+                "{command}: {err}"
+            );
+        }
+
         let config = Arc::new(Config::from_toml_str(text).unwrap());
         let (_stop, stopped) = watch::channel(false);
         let err = pgcache::daemon::run(config.clone(), stopped, Default::default())
