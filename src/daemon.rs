@@ -43,6 +43,7 @@ pub mod pgoutput;
 pub mod relations;
 pub mod replication;
 pub(crate) mod slot;
+pub mod slot_router;
 mod stream;
 pub mod visibility;
 
