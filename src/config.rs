@@ -682,10 +682,21 @@ fn read_redis(
     if cluster || has_urls || has_sentinel {
         let (url, topology) =
             read_topology(&mut sec, cluster, tls_ca_file.as_ref(), base_dir, errors)?;
-        let key_prefix = sec
-            .string("key_prefix", errors)
-            .map(|p| p.value)
-            .unwrap_or_default();
+        let key_prefix = match sec.string("key_prefix", errors) {
+            Some(p)
+                if matches!(topology, RedisTopology::Cluster { .. })
+                    && p.value.contains(['{', '}']) =>
+            {
+                errors.push(format!(
+                    "{}: {:?} holds a brace; on a Redis Cluster a hash tag in the prefix would put \
+                     every key, and every slot's checkpoint, in one hash slot (leave braces out)",
+                    p.label, p.value
+                ));
+                String::new()
+            }
+            Some(p) => p.value,
+            None => String::new(),
+        };
         sec.finish(errors);
         return Some(RedisConfig {
             url,

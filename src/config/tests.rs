@@ -896,6 +896,10 @@ fn cluster_seeds_are_checked() {
             "redis.urls[1]: rediss:// checks the server's certificate, but no CA is configured: set redis.tls_ca_file = \"/path/to/ca.pem\" (the CA that signed Redis' certificate), or redis.tls_ca_file = \"system\" to trust the operating system's roots",
         ),
         (
+            "cluster = true\nurl = \"redis://a:1\"\nkey_prefix = \"app{1}:\"",
+            "redis.key_prefix: \"app{1}:\" holds a brace; on a Redis Cluster a hash tag in the prefix would put every key, and every slot's checkpoint, in one hash slot (leave braces out)",
+        ),
+        (
             "cluster = true\nurls = [\"redis://:one@a:1\", \"redis://:two@b:1\"]",
             "redis.urls[1]: has another user or password than redis.urls[0]; the nodes of a Redis Cluster share one login, so every seed must carry the same",
         ),

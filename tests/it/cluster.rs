@@ -187,6 +187,11 @@ fn key_slots_agree_with_the_cluster() {
         "",
     ]
     .map(String::from);
+    // Each hash slot's checkpoint (docs/cluster.md) lands in that slot.
+    for hash_slot in (0..16384u16).step_by(97).chain([16383]) {
+        let key = pgcache::checkpoint::slot_checkpoint_key("app:", "pgcache", hash_slot);
+        assert_eq!(slot_of(&key), hash_slot, "{key}");
+    }
     for key in rows
         .iter()
         .cloned()
