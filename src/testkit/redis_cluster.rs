@@ -207,6 +207,49 @@ impl TestRedisCluster {
         }
     }
 
+    /// Kills the node at `index` with `SIGKILL`, as a machine failure would, and waits until
+    /// one of its replicas serves its slots and every running node reports
+    /// `cluster_state:ok`. Returns the promoted replica's port. [`TestRedis::start_again`]
+    /// on the node (through [`node_mut`](Self::node_mut)) brings it back as a replica.
+    ///
+    /// # Errors
+    /// When the node is not a running master with slots, or no replica takes over within
+    /// `timeout`.
+    pub fn fail_over(&mut self, index: usize, timeout: Duration) -> Result<u16> {
+        let port = self.nodes[index].port();
+        let view = self.topology()?;
+        let slot = view
+            .iter()
+            .find(|n| n.port() == Some(port) && n.is_master())
+            .and_then(|n| n.slots.first().map(|&(first, _)| first))
+            .with_context(|| format!("the node on port {port} is not a master with slots"))?;
+        self.nodes[index].kill9()?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let promoted = self.topology().ok().and_then(|view| {
+                view.iter()
+                    .filter(|n| n.is_master() && !n.is_failing() && n.port() != Some(port))
+                    .find(|n| n.slots.iter().any(|&(a, b)| (a..=b).contains(&slot)))
+                    .and_then(ClusterNode::port)
+            });
+            let all_ok = self.nodes.iter().filter(|n| n.is_running()).all(|n| {
+                cluster_info(n)
+                    .is_ok_and(|info| info.get("cluster_state").map(String::as_str) == Some("ok"))
+            });
+            if let (Some(promoted), true) = (promoted, all_ok) {
+                return Ok(promoted);
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "no replica took over slot {slot} of the master on port {port} within \
+                     {timeout:?}; topology now: {:?}",
+                    self.topology().ok()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Every node, masters first (as started; see [`masters`](Self::masters) for the
     /// current roles).
     pub fn nodes(&self) -> &[TestRedis] {

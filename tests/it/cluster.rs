@@ -165,6 +165,78 @@ async fn check_reports_the_cluster_state_its_slots_and_every_master() {
     assert!(last.contains("fix: assign them to a master"), "{last}");
 }
 
+/// After a master is killed and its replica has taken over, `check` says the cluster works,
+/// that the old master is down without slots, and that the new master has no replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_after_a_failover_names_the_dead_node_and_the_lone_master() {
+    let env = Env::start(ITEMS, "public.items");
+    let (cluster, killed, promoted) = tokio::task::spawn_blocking(|| {
+        let mut cluster = start_cluster();
+        let killed = cluster.nodes()[0].port();
+        let promoted = cluster
+            .fail_over(0, Duration::from_secs(60))
+            .expect("a replica takes over");
+        (cluster, killed, promoted)
+    })
+    .await
+    .unwrap();
+    let url = env.pg.url_as("pgcache", Some("pgcache-secret"), DB);
+    let config = env.dir.path().join("failover.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[postgres]\nurl = \"{url}\"\n[redis]\ncluster = true\nurl = \"{}\"\n[metrics]\nlisten = \"\"\n{RULE}",
+            cluster.nodes()[1].url()
+        ),
+    )
+    .unwrap();
+    let path = config.display().to_string();
+    let (code, out, err) =
+        tokio::task::spawn_blocking(move || pgcache(&["check", "--config", &path]))
+            .await
+            .unwrap();
+    assert_eq!(code, 1, "{out}\n{err}");
+    for (level, parts) in [
+        (
+            "OK",
+            vec!["redis cluster state ok (6 nodes, 3 masters, 2 replicas, 1 failing)"],
+        ),
+        (
+            "OK",
+            vec!["redis cluster serves all 16384 hash slots (3 masters)"],
+        ),
+        (
+            "WARN",
+            vec![&*format!(
+                "redis node 127.0.0.1:{killed} is down (master,fail); it serves no hash slots"
+            )],
+        ),
+        (
+            "WARN",
+            vec![&*format!(
+                "redis master 127.0.0.1:{promoted} has no working replica"
+            )],
+        ),
+        (
+            "OK",
+            vec![&*format!(
+                "redis master 127.0.0.1:{promoted}: persistence: appendonly yes"
+            )],
+        ),
+    ] {
+        assert_eq!(
+            lines_with(&out, level, &parts).len(),
+            1,
+            "{parts:?} in:\n{out}"
+        );
+    }
+    assert_eq!(
+        lines_with(&out, "FAIL", &[]).len(),
+        1,
+        "only the daemon's refusal:\n{out}"
+    );
+}
+
 /// pgcache's hash slots are the cluster's, for the key shapes it writes: rows, their
 /// leases (in the row's slot, PROTOCOL.md "Lease keys"), the checkpoint, hash-tagged keys.
 #[test]

@@ -504,6 +504,42 @@ fn redis_cluster_comes_up_with_every_slot_covered() -> Result<()> {
     Ok(())
 }
 
+/// A killed master's replica takes its slots over with the writes it acknowledged (WAIT),
+/// and the old master comes back as a replica, the cluster whole again.
+#[test]
+fn redis_cluster_fails_over_a_killed_master() -> Result<()> {
+    let mut cluster = TestRedisCluster::start()?;
+    let slot: u16 = cluster.nodes()[0]
+        .cli(&["CLUSTER", "KEYSLOT", "survivor"])?
+        .parse()?;
+    let owner = cluster.master_of_slot(slot)?;
+    let old_port = owner.port();
+    owner.cli(&["SET", "survivor", "kept"])?;
+    assert_eq!(owner.cli(&["WAIT", "1", "5000"])?, "1");
+    let index = cluster
+        .nodes()
+        .iter()
+        .position(|n| n.port() == old_port)
+        .context("the owner's index")?;
+
+    let promoted = cluster.fail_over(index, Duration::from_secs(60))?;
+    assert_ne!(promoted, old_port);
+    assert_eq!(cluster.master_of_slot(slot)?.port(), promoted);
+    let new_master = cluster.master_of_slot(slot)?;
+    assert_eq!(new_master.cli(&["GET", "survivor"])?, "kept");
+
+    cluster.node_mut(index).start_again()?;
+    cluster.wait_ready(Duration::from_secs(60))?;
+    let back = cluster
+        .topology()?
+        .into_iter()
+        .find(|n| n.port() == Some(old_port))
+        .context("the old master is known")?;
+    assert!(!back.is_master(), "{back:?} came back as a master");
+    assert_eq!(cluster.masters()?.len(), 3);
+    Ok(())
+}
+
 #[test]
 fn drop_stops_servers_and_removes_their_files() -> Result<()> {
     let pg = TestPostgres::start()?;

@@ -75,11 +75,20 @@ pub(super) async fn cluster_findings(config: &Config, seeds: &[Secret]) -> Vec<F
     };
     let masters: Vec<&ClusterNode> = nodes.iter().filter(|n| n.is_master()).collect();
     let state = field("cluster_state");
+    let failing = nodes.iter().filter(|n| n.is_failing()).count();
     let summary = format!(
-        "{} nodes, {} masters, {} replicas",
+        "{} nodes, {} masters, {} replicas{}",
         nodes.len(),
-        masters.len(),
-        nodes.len() - masters.len()
+        masters.iter().filter(|n| !n.is_failing()).count(),
+        nodes
+            .iter()
+            .filter(|n| !n.is_master() && !n.is_failing())
+            .count(),
+        if failing > 0 {
+            format!(", {failing} failing")
+        } else {
+            String::new()
+        }
     );
     findings.push(if state == "ok" {
         Finding::ok(format!("redis cluster state ok ({summary})"))
@@ -116,7 +125,11 @@ pub(super) async fn cluster_findings(config: &Config, seeds: &[Secret]) -> Vec<F
         )
     });
     for master in &masters {
-        findings.extend(master_findings(config, seed, master, &nodes).await);
+        if master.is_failing() {
+            findings.push(failing_master(master));
+        } else {
+            findings.extend(master_findings(config, seed, master, &nodes).await);
+        }
     }
     findings.push(Finding::fail(
         config
@@ -127,6 +140,30 @@ pub(super) async fn cluster_findings(config: &Config, seeds: &[Secret]) -> Vec<F
         "until then run the daemon against one Redis server (redis.url, without redis.cluster)",
     ));
     findings
+}
+
+/// A master the cluster marks as failing: down with its slots (FAIL), or down after its
+/// replica took its slots over (WARN: the cluster works, one replica fewer).
+fn failing_master(master: &ClusterNode) -> Finding {
+    let addr = &master.addr;
+    if master.slots.is_empty() {
+        Finding::warn(
+            format!(
+                "redis node {addr} is down ({}); it serves no hash slots (a replica took them over)",
+                master.flags.join(",")
+            ),
+            "restart it (it comes back as a replica), or remove it with CLUSTER FORGET on every node",
+        )
+    } else {
+        Finding::fail(
+            format!(
+                "redis master {addr} is failing ({}) and still holds hash slots {}",
+                master.flags.join(","),
+                ranges_text(&master.slots)
+            ),
+            "bring it back, or promote one of its replicas (CLUSTER FAILOVER on the replica)",
+        )
+    }
 }
 
 /// One master: reachable at its announced address, its version, eviction policy and
