@@ -507,3 +507,122 @@ async fn a_slot_transaction_follows_a_live_migration_exactly_once() {
     );
     eprintln!("redirects during the migration: {redirects:?}, EXEC retried {retries} times");
 }
+
+/// A batch split by hash slot, each slot's part written through the router in the guarded
+/// transaction with that slot's own checkpoint: every value and deletion lands on the master
+/// of its slot, leases are revoked, each touched slot's checkpoint holds the position and
+/// no other slot's does, and a write from another owner or at a stale position is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_slot_part_is_written_with_its_own_checkpoint() {
+    use pgcache::checkpoint::slot_checkpoint_key;
+    use pgcache::daemon::apply::script::{Owner, Refused};
+    use pgcache::daemon::apply::slot_write::{SlotOutcome, SlotWrite, SlotWriteError};
+    use pgcache::daemon::apply::slots::{split, Segment};
+    use pgcache::daemon::apply::Op;
+    use pgcache::daemon::slot_router::SlotRouter;
+    use pgcache::Lsn;
+
+    let cluster =
+        tokio::task::spawn_blocking(|| TestRedisCluster::start_with(3, 0, RedisOptions::default()))
+            .await
+            .unwrap()
+            .expect("start a 3-master cluster");
+    let cli = |key: &str, args: &[&str]| -> String {
+        cluster
+            .master_of_slot(key_slot(key.as_bytes()))
+            .unwrap()
+            .cli(args)
+            .unwrap()
+    };
+    let set = |key: String, value: String| Op::Set {
+        key,
+        value: value.into_bytes(),
+        ttl_ms: None,
+    };
+    let mut ops: Vec<Op> = (0..200)
+        .map(|i| set(format!("item:{i}"), format!("v{i}")))
+        .collect();
+    ops.push(set("tenant:{7}:a".into(), "a".into()));
+    ops.push(set("tenant:{7}:b".into(), "b".into()));
+    ops.push(Op::Del {
+        key: "item:5".into(),
+    });
+    // Leases a reader took before these changes: each write revokes its key's.
+    for i in 0..10 {
+        let lease = lease_key(&format!("item:{i}"));
+        cli(&lease, &["SET", &lease, "token"]);
+    }
+
+    let batch = split(ops);
+    let [Segment::Slots(slots)] = batch.segments.as_slice() else {
+        panic!("{:?}", batch.segments)
+    };
+    assert_eq!(batch.transactions(), slots.len());
+    let position = Lsn(0x100);
+    let owner_of = |slot: u16, token: &str, at: Option<Lsn>| Owner {
+        checkpoint_key: slot_checkpoint_key("", "pgcache", slot),
+        token: token.to_string(),
+        epoch: "e".to_string(),
+        position: at,
+    };
+    let mut router = SlotRouter::connect(&cluster.urls(), None).await.unwrap();
+    for (&slot, ops) in slots {
+        // What the takeover of every slot will do.
+        let ck = slot_checkpoint_key("", "pgcache", slot);
+        cli(&ck, &["HSET", &ck, "epoch", "e", "owner", "o"]);
+        let write = SlotWrite::new(&owner_of(slot, "o", None), ops, Some(position), 1);
+        loop {
+            let replies = router.send(slot, &write.tx).await.unwrap();
+            match write.outcome(&replies).unwrap() {
+                SlotOutcome::Applied { repairs } => {
+                    assert!(repairs.is_empty());
+                    break;
+                }
+                SlotOutcome::Retry => {}
+            }
+        }
+    }
+
+    for i in (0..200).filter(|&i| i != 5) {
+        let key = format!("item:{i}");
+        assert_eq!(cli(&key, &["GET", &key]), format!("v{i}"));
+    }
+    assert_eq!(cli("item:5", &["EXISTS", "item:5"]), "0");
+    assert_eq!(cli("tenant:{7}:b", &["GET", "tenant:{7}:b"]), "b");
+    for i in 0..10 {
+        let lease = lease_key(&format!("item:{i}"));
+        assert_eq!(
+            cli(&lease, &["EXISTS", &lease]),
+            "0",
+            "{lease} was not revoked"
+        );
+    }
+    for &slot in slots.keys() {
+        let ck = slot_checkpoint_key("", "pgcache", slot);
+        assert_eq!(cli(&ck, &["HGET", &ck, "lsn"]), "0/100", "{ck}");
+    }
+    let untouched = (0..16384u16).find(|s| !slots.contains_key(s)).unwrap();
+    let ck = slot_checkpoint_key("", "pgcache", untouched);
+    assert_eq!(cli(&ck, &["EXISTS", &ck]), "0");
+
+    // Another owner, and a stale position, are refused and write nothing.
+    let (&slot, ops) = slots.iter().next().unwrap();
+    for (owner, expected) in [
+        (owner_of(slot, "intruder", Some(position)), "fenced"),
+        (owner_of(slot, "o", Some(Lsn(0x50))), "moved"),
+    ] {
+        let write = SlotWrite::new(&owner, ops, Some(Lsn(0x200)), 2);
+        let replies = router.send(slot, &write.tx).await.unwrap();
+        match (write.outcome(&replies), expected) {
+            (Err(SlotWriteError::Refused(Refused::Fenced(found))), "fenced") => {
+                assert_eq!(found, "o")
+            }
+            (Err(SlotWriteError::Refused(Refused::Moved { found, .. })), "moved") => {
+                assert_eq!(found, "0/100")
+            }
+            (other, _) => panic!("{expected}: {other:?}"),
+        }
+    }
+    let ck = slot_checkpoint_key("", "pgcache", slot);
+    assert_eq!(cli(&ck, &["HGET", &ck, "lsn"]), "0/100");
+}
