@@ -160,7 +160,7 @@ pub async fn read_state(
     parse_state(key, fields)
 }
 
-fn parse_state(
+pub(crate) fn parse_state(
     key: &str,
     fields: impl IntoIterator<Item = (String, String)>,
 ) -> Result<CheckpointState, CheckpointError> {
@@ -239,8 +239,10 @@ pub async fn read(
     }
 }
 
-static TAKEOVER: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("checkpoint/takeover.lua")));
+/// The takeover script (`checkpoint/takeover.lua`).
+pub(crate) const TAKEOVER_LUA: &str = include_str!("checkpoint/takeover.lua");
+
+static TAKEOVER: LazyLock<Script> = LazyLock::new(|| Script::new(TAKEOVER_LUA));
 
 /// What [`takeover`] found.
 #[derive(Debug, Clone)]

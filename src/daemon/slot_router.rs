@@ -223,6 +223,57 @@ impl SlotRouter {
         }
     }
 
+    /// Sends each command to the master of its slot: one pipeline per master; a command
+    /// that is redirected (`MOVED`, `ASK`, `TRYAGAIN`, `CLUSTERDOWN`) is sent again on its
+    /// own through [`send`](Self::send). Replies come in the order of `cmds`; other error
+    /// replies are returned as [`Value::ServerError`].
+    ///
+    /// # Errors
+    /// A connection error, or a redirection that persists for 30 s.
+    pub async fn send_each(&mut self, cmds: &[(u16, Cmd)]) -> Result<Vec<Value>, RouteError> {
+        let mut replies = vec![Value::Nil; cmds.len()];
+        let mut by_node: std::collections::BTreeMap<String, Vec<usize>> = Default::default();
+        for (i, (slot, _)) in cmds.iter().enumerate() {
+            let owner = self.owner(*slot).ok_or(RouteError::Unserved(*slot))?;
+            by_node.entry(owner.to_string()).or_default().push(i);
+        }
+        let mut again = Vec::new();
+        for (addr, indexes) in by_node {
+            let mut pipe = redis::pipe();
+            pipe.ignore_errors();
+            for &i in &indexes {
+                pipe.add_command(cmds[i].1.clone());
+            }
+            let mut conn = self.connection(&addr).await?;
+            let values: Vec<Value> = pipe.query_async(&mut conn).await?;
+            for (&i, value) in indexes.iter().zip(values) {
+                let redirected = matches!(
+                    &value,
+                    Value::ServerError(e) if matches!(
+                        e.kind(),
+                        Some(ServerErrorKind::Moved | ServerErrorKind::Ask
+                            | ServerErrorKind::TryAgain | ServerErrorKind::ClusterDown)
+                    )
+                );
+                if redirected {
+                    again.push(i);
+                } else {
+                    replies[i] = value;
+                }
+            }
+        }
+        for i in again {
+            let (slot, cmd) = &cmds[i];
+            let tx = SlotTransaction {
+                pre: vec![cmd.clone()],
+                ops: Vec::new(),
+            };
+            let mut sent = self.send(*slot, &tx).await?;
+            replies[i] = sent.pre.pop().unwrap_or(Value::Nil);
+        }
+        Ok(replies)
+    }
+
     fn url_of(&self, addr: &str) -> String {
         self.template.replace("{addr}", addr)
     }

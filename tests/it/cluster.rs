@@ -626,3 +626,90 @@ async fn each_slot_part_is_written_with_its_own_checkpoint() {
     let ck = slot_checkpoint_key("", "pgcache", slot);
     assert_eq!(cli(&ck, &["HGET", &ck, "lsn"]), "0/100");
 }
+
+/// The takeover reaches every one of the 16384 slot checkpoints on its master: the first
+/// finds them all fresh; a second daemon's takes them over with their state (a position
+/// written meanwhile), keeps their epoch, and fences the first daemon's writes slot by slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_takeover_claims_every_slot_checkpoint_and_fences_the_old_owner() {
+    use pgcache::checkpoint::slot_checkpoint_key;
+    use pgcache::daemon::apply::script::{Owner, Refused};
+    use pgcache::daemon::apply::slot_write::{
+        takeover_slots, SlotOutcome, SlotWrite, SlotWriteError,
+    };
+    use pgcache::daemon::apply::Op;
+    use pgcache::daemon::slot_router::SlotRouter;
+    use pgcache::Lsn;
+
+    let cluster =
+        tokio::task::spawn_blocking(|| TestRedisCluster::start_with(3, 0, RedisOptions::default()))
+            .await
+            .unwrap()
+            .expect("start a 3-master cluster");
+    let mut router = SlotRouter::connect(&cluster.urls(), None).await.unwrap();
+
+    let first = takeover_slots(&mut router, "app:", "pgcache", "old", "e1")
+        .await
+        .unwrap();
+    assert_eq!(first.len(), 16384);
+    assert!(first.iter().all(|t| t.fresh && t.state.lsn.is_none()));
+    let mut per_master = 0;
+    for master in cluster.masters().unwrap() {
+        let keys: u64 = master.cli(&["DBSIZE"]).unwrap().parse().unwrap();
+        per_master += keys;
+        assert!(keys > 5000, "{keys} checkpoints on port {}", master.port());
+    }
+    assert_eq!(
+        per_master, 16384,
+        "one checkpoint per slot, each on its slot's master"
+    );
+
+    // The old daemon writes to one slot.
+    let slot = key_slot(b"app:item:1");
+    let owner = |token: &str, at: Option<Lsn>| Owner {
+        checkpoint_key: slot_checkpoint_key("app:", "pgcache", slot),
+        token: token.to_string(),
+        epoch: "e1".to_string(),
+        position: at,
+    };
+    let ops = vec![Op::Set {
+        key: "app:item:1".to_string(),
+        value: b"one".to_vec(),
+        ttl_ms: None,
+    }];
+    let write = SlotWrite::new(&owner("old", None), &ops, Some(Lsn(0x10)), 1);
+    let replies = router.send(slot, &write.tx).await.unwrap();
+    assert!(matches!(
+        write.outcome(&replies).unwrap(),
+        SlotOutcome::Applied { .. }
+    ));
+
+    // The new daemon takes over: it sees that position, and the epoch stays.
+    let second = takeover_slots(&mut router, "app:", "pgcache", "new", "e2")
+        .await
+        .unwrap();
+    assert!(second.iter().all(|t| !t.fresh));
+    assert!(
+        second
+            .iter()
+            .all(|t| t.state.epoch.as_deref() == Some("e1")
+                && t.state.owner.as_deref() == Some("new"))
+    );
+    assert_eq!(second[usize::from(slot)].state.lsn, Some(Lsn(0x10)));
+    assert_eq!(
+        second.iter().filter(|t| t.state.lsn.is_some()).count(),
+        1,
+        "only the written slot has a position"
+    );
+
+    // The old daemon's next write to that slot is refused, and nothing of it lands.
+    let late = SlotWrite::new(&owner("old", Some(Lsn(0x10))), &ops, Some(Lsn(0x20)), 2);
+    let replies = router.send(slot, &late.tx).await.unwrap();
+    match late.outcome(&replies) {
+        Err(SlotWriteError::Refused(Refused::Fenced(found))) => assert_eq!(found, "new"),
+        other => panic!("{other:?}"),
+    }
+    let ck = slot_checkpoint_key("app:", "pgcache", slot);
+    let master = cluster.master_of_slot(slot).unwrap();
+    assert_eq!(master.cli(&["HGET", &ck, "lsn"]).unwrap(), "0/10");
+}

@@ -21,8 +21,11 @@ use std::collections::BTreeSet;
 
 use super::script::{add_ops, check_status, refusal, unexpected, Owner, Refused, CHECK};
 use super::{Op, Repair};
-use crate::checkpoint::{self, FIELD_APPLIED, FIELD_LSN, FIELD_UPDATED_MS};
-use crate::daemon::slot_router::{SlotReplies, SlotTransaction};
+use crate::checkpoint::{
+    self, CheckpointError, Takeover, FIELD_APPLIED, FIELD_LSN, FIELD_UPDATED_MS,
+};
+use crate::cluster::CLUSTER_SLOTS;
+use crate::daemon::slot_router::{RouteError, SlotReplies, SlotRouter, SlotTransaction};
 use crate::template::lease_key;
 use crate::Lsn;
 
@@ -139,4 +142,54 @@ impl SlotWrite {
         }
         Ok(SlotOutcome::Applied { repairs })
     }
+}
+
+/// Why the takeover of the slot checkpoints failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TakeoverError {
+    #[error(transparent)]
+    Route(#[from] RouteError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+}
+
+/// Makes every hash slot's checkpoint this session's (docs/cluster.md, "Fencing per slot"):
+/// the takeover script of one server on each of the 16384 slot checkpoints, pipelined per
+/// master, before the first write. Returns each slot's state as the takeover found it,
+/// indexed by slot (`fresh`: the slot had no epoch, first start or its data lost).
+///
+/// # Errors
+/// A routing error, or a checkpoint that does not parse.
+pub async fn takeover_slots(
+    router: &mut SlotRouter,
+    key_prefix: &str,
+    pg_slot: &str,
+    owner: &str,
+    new_epoch: &str,
+) -> Result<Vec<Takeover>, TakeoverError> {
+    let keys: Vec<String> = (0..CLUSTER_SLOTS)
+        .map(|slot| checkpoint::slot_checkpoint_key(key_prefix, pg_slot, slot))
+        .collect();
+    let cmds: Vec<(u16, redis::Cmd)> = (0..CLUSTER_SLOTS)
+        .map(|slot| {
+            let mut cmd = redis::cmd("EVAL");
+            cmd.arg(checkpoint::TAKEOVER_LUA)
+                .arg(1)
+                .arg(&keys[usize::from(slot)])
+                .arg(owner)
+                .arg(new_epoch);
+            (slot, cmd)
+        })
+        .collect();
+    let replies = router.send_each(&cmds).await?;
+    let mut out = Vec::with_capacity(replies.len());
+    for (key, reply) in keys.iter().zip(replies) {
+        let (fresh, fields): (i64, Vec<(String, String)>) = redis::from_redis_value(reply)
+            .map_err(|e| CheckpointError::from(redis::RedisError::from(e)))?;
+        out.push(Takeover {
+            state: checkpoint::parse_state(key, fields)?,
+            fresh: fresh == 1,
+        });
+    }
+    Ok(out)
 }
