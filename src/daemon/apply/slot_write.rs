@@ -1,6 +1,6 @@
 //! The guarded write of one hash slot's part of a batch, for the planned cluster apply
 //! (docs/cluster.md): the write of [`script`](super::script) with the slot's own checkpoint,
-//! as a [`SlotTransaction`] for the [`SlotRouter`](crate::daemon::slot_router::SlotRouter).
+//! as a [`SlotTransaction`] for the [`SlotRouter`].
 //! Nothing in the daemon uses it yet.
 //!
 //! ```text
