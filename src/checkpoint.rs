@@ -166,7 +166,7 @@ pub async fn read_state(
     parse_state(key, fields)
 }
 
-fn parse_state(
+pub(crate) fn parse_state(
     key: &str,
     fields: impl IntoIterator<Item = (String, String)>,
 ) -> Result<CheckpointState, CheckpointError> {
@@ -212,6 +212,18 @@ pub fn checkpoint_key(key_prefix: &str, slot: &str) -> String {
     format!("{key_prefix}pgcache:{{{slot}}}:checkpoint")
 }
 
+/// `<prefix>pgcache:{<tag>}:<slot>:ck`: the checkpoint of one Redis Cluster hash slot in the
+/// planned cluster mode (docs/cluster.md). Its hash tag is [`slot_tag`](crate::cluster::slot_tag)
+/// of `hash_slot`, so it lives in that slot: it is written in the same transaction as the
+/// slot's keys and moves with them when the slot is resharded. (A `key_prefix` with a hash
+/// tag of its own would move it; the config refuses braces in it on a cluster.)
+pub fn slot_checkpoint_key(key_prefix: &str, slot: &str, hash_slot: u16) -> String {
+    format!(
+        "{key_prefix}pgcache:{{{}}}:{slot}:ck",
+        crate::cluster::slot_tag(hash_slot)
+    )
+}
+
 /// The stored position, if any.
 ///
 /// # Errors
@@ -237,8 +249,10 @@ pub async fn read(
     }
 }
 
-static TAKEOVER: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("checkpoint/takeover.lua")));
+/// The takeover script (`checkpoint/takeover.lua`).
+pub(crate) const TAKEOVER_LUA: &str = include_str!("checkpoint/takeover.lua");
+
+static TAKEOVER: LazyLock<Script> = LazyLock::new(|| Script::new(TAKEOVER_LUA));
 
 /// What [`takeover`] found.
 #[derive(Debug, Clone)]
@@ -296,6 +310,15 @@ mod tests {
             "pgcache:{pgcache}:checkpoint"
         );
         assert_eq!(checkpoint_key("app:", "s1"), "app:pgcache:{s1}:checkpoint");
+    }
+
+    #[test]
+    fn slot_checkpoints_live_in_their_slot() {
+        for hash_slot in [0, 1, 5460, 5461, 12182, 16383] {
+            let key = slot_checkpoint_key("app:", "pgcache", hash_slot);
+            assert!(key.starts_with("app:pgcache:{") && key.ends_with("}:pgcache:ck"));
+            assert_eq!(crate::cluster::key_slot(key.as_bytes()), hash_slot, "{key}");
+        }
     }
 
     #[test]

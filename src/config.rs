@@ -8,6 +8,7 @@
 //! message is passed through [`redact`], so passwords never reach a log.
 
 mod redis_tls;
+mod redis_topology;
 mod secret;
 mod tables;
 mod tree;
@@ -21,6 +22,7 @@ use std::time::Duration;
 use config::{Map, Value};
 
 pub use self::redis_tls::{redis_client, RedisRoots};
+use self::redis_topology::read_topology;
 pub use self::secret::{redact, Secret};
 use self::tables::read_tables;
 use self::tree::{duration, is_env_override, Field, Section};
@@ -75,21 +77,98 @@ pub struct PostgresConfig {
 
 #[derive(Debug, Clone)]
 pub struct RedisConfig {
-    /// `redis://`, `rediss://` (TLS), or a Unix socket (`redis+unix://`, `unix://`).
+    /// `redis://`, `rediss://` (TLS), or a Unix socket (`redis+unix://`, `unix://`): the
+    /// one server. With [`RedisTopology::Cluster`], the first seed; with
+    /// [`RedisTopology::Sentinel`], the first sentinel.
     pub url: Secret,
     /// Prepended to every key pgcache writes, including the checkpoint.
     pub key_prefix: String,
     /// What vouches for a `rediss://` server: required with TLS, refused without.
     pub tls_ca_file: Option<RedisRoots>,
+    /// One server, a Redis Cluster, or a Sentinel-managed master.
+    pub topology: RedisTopology,
+}
+
+/// What `[redis]` points at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisTopology {
+    /// One server at `url` (the default).
+    Single,
+    /// `cluster = true`: a Redis Cluster, whose slots and nodes are discovered from the seeds
+    /// (`url`, or every entry of `urls`). Every seed has the same scheme and login, and
+    /// database 0 (the only one a cluster has).
+    Cluster { seeds: Vec<Secret> },
+    /// `[redis.sentinel]`: the master that the sentinels name.
+    Sentinel(SentinelConfig),
+}
+
+/// `[redis.sentinel]`: where the sentinels are and which master they watch. `Debug`
+/// hides the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SentinelConfig {
+    /// The name the sentinels monitor the master under (`SENTINEL MONITOR <master> ...`).
+    pub master: String,
+    /// The sentinels, `redis://host:26379` (with the sentinels' own login if they need
+    /// one); `rediss://` makes the master's connection TLS too.
+    pub urls: Vec<Secret>,
+    /// The master's ACL user, if it has one (the sentinels' is in their URLs).
+    pub username: Option<String>,
+    /// The master's password, if it needs one (`password`, or `password_file`).
+    pub password: Option<Secret>,
+    /// The master's database.
+    pub db: u32,
+}
+
+impl fmt::Debug for SentinelConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SentinelConfig")
+            .field("master", &self.master)
+            .field("urls", &self.urls)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("db", &self.db)
+            .finish()
+    }
 }
 
 impl RedisConfig {
-    /// A redis-rs client for this server, checking a TLS server against `tls_ca_file`.
+    /// A redis-rs client for the one server, checking a TLS server against `tls_ca_file`.
     ///
     /// # Errors
-    /// The URL is invalid or the CA file cannot be read.
+    /// The URL is invalid or the CA file cannot be read, or `[redis]` names a cluster or
+    /// sentinels (see [`single_only`](Self::single_only)).
     pub fn client(&self) -> redis::RedisResult<redis::Client> {
+        if let Err(message) = self.single_only("this command") {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "unsupported Redis topology",
+                message,
+            )));
+        }
         redis_client(self.url.expose(), self.tls_ca_file.as_ref())
+    }
+
+    /// `Ok` for one server; for a cluster or sentinels, the message that `what` does not
+    /// support them yet, naming what does.
+    ///
+    /// # Errors
+    /// The message, for [`RedisTopology::Cluster`] and [`RedisTopology::Sentinel`].
+    pub fn single_only(&self, what: &str) -> Result<(), String> {
+        let (setting, so_far) = match &self.topology {
+            RedisTopology::Single => return Ok(()),
+            RedisTopology::Cluster { .. } => (
+                "redis.cluster = true (Redis Cluster)",
+                "on a cluster only `pgcache check` works so far",
+            ),
+            RedisTopology::Sentinel(_) => (
+                "[redis.sentinel] (Redis Sentinel)",
+                "the Sentinel form is only read and validated so far",
+            ),
+        };
+        Err(format!(
+            "{setting} is not supported by {what} yet: the daemon, the read helper, verify and \
+             status work with one Redis server (redis.url); {so_far} (see docs/cluster.md)"
+        ))
     }
 }
 
@@ -586,6 +665,46 @@ fn read_redis(
     base_dir: Option<&Path>,
     errors: &mut Vec<String>,
 ) -> Option<RedisConfig> {
+    let ca = sec.string("tls_ca_file", errors);
+    let tls_ca_file = match &ca {
+        Some(f) if f.value.is_empty() => None,
+        Some(f) => Some(RedisRoots::from_setting(&f.value, base_dir)),
+        None => None,
+    };
+    if let (Some(ca), Some(RedisRoots::File(path))) = (&ca, &tls_ca_file) {
+        if let Err(e) = std::fs::metadata(path) {
+            errors.push(format!("{}: cannot read {}: {e}", ca.label, path.display()));
+        }
+    }
+    let cluster = sec.bool("cluster", errors).unwrap_or(false);
+    let has_urls = sec.map.contains_key("urls");
+    let has_sentinel = sec.map.contains_key("sentinel");
+    if cluster || has_urls || has_sentinel {
+        let (url, topology) =
+            read_topology(&mut sec, cluster, tls_ca_file.as_ref(), base_dir, errors)?;
+        let key_prefix = match sec.string("key_prefix", errors) {
+            Some(p)
+                if matches!(topology, RedisTopology::Cluster { .. })
+                    && p.value.contains(['{', '}']) =>
+            {
+                errors.push(format!(
+                    "{}: {:?} holds a brace; on a Redis Cluster a hash tag in the prefix would put \
+                     every key, and every slot's checkpoint, in one hash slot (leave braces out)",
+                    p.label, p.value
+                ));
+                String::new()
+            }
+            Some(p) => p.value,
+            None => String::new(),
+        };
+        sec.finish(errors);
+        return Some(RedisConfig {
+            url,
+            key_prefix,
+            tls_ca_file,
+            topology,
+        });
+    }
     let url =
         read_url(&mut sec, base_dir, errors).and_then(|url| match redis_url_problem(&url.value) {
             Some(problem) => {
@@ -598,17 +717,6 @@ fn read_redis(
         .string("key_prefix", errors)
         .map(|p| p.value)
         .unwrap_or_default();
-    let ca = sec.string("tls_ca_file", errors);
-    let tls_ca_file = match &ca {
-        Some(f) if f.value.is_empty() => None,
-        Some(f) => Some(RedisRoots::from_setting(&f.value, base_dir)),
-        None => None,
-    };
-    if let (Some(ca), Some(RedisRoots::File(path))) = (&ca, &tls_ca_file) {
-        if let Err(e) = std::fs::metadata(path) {
-            errors.push(format!("{}: cannot read {}: {e}", ca.label, path.display()));
-        }
-    }
     let url =
         url.and_then(
             |url| match redis_tls::tls_problem(url.expose(), tls_ca_file.as_ref()) {
@@ -624,6 +732,7 @@ fn read_redis(
         url: url?,
         key_prefix,
         tls_ca_file,
+        topology: RedisTopology::Single,
     })
 }
 

@@ -45,6 +45,7 @@ pub mod relations;
 pub mod replication;
 mod rules;
 pub(crate) mod slot;
+pub mod slot_router;
 mod stream;
 pub mod visibility;
 
@@ -230,6 +231,10 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
     hooks: Hooks,
 ) -> Result<(), RunError> {
+    config
+        .redis
+        .single_only("the daemon (pgcache run)")
+        .map_err(|message| RunError::fatal("config", message))?;
     let target = PgTarget::parse(config.postgres.url.expose())
         .map_err(|e| RunError::fatal("config", format!("postgres.url: {e}")))?;
     let mut failures = 0u32;

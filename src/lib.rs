@@ -27,6 +27,7 @@
 
 pub mod checkpoint;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod encoder;
 #[cfg(test)]

@@ -150,6 +150,16 @@ impl Reader {
         config: &Config,
         options: ReaderOptions,
     ) -> Result<Reader, ReaderError> {
+        if let Err(message) = config
+            .redis
+            .single_only("the read helper (Reader::from_config)")
+        {
+            return Err(ReaderError::RedisConfig(redis::RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "unsupported Redis topology",
+                message,
+            ))));
+        }
         let postgres_url = config.reader.url.as_ref().unwrap_or(&config.postgres.url);
         let mut builder = Self::builder(postgres_url.expose(), config.redis.url.expose())
             .key_prefix(config.redis.key_prefix.clone())

@@ -14,6 +14,8 @@
 //!   system's), the OS user the server runs as, the initdb template (one per installation).
 //! - `pg_server`: [`TestPostgres`] and its options.
 //! - `redis_server`: [`TestRedis`] and its options.
+//! - `redis_cluster`: [`TestRedisCluster`], masters and replicas joined into a Redis
+//!   Cluster.
 //! - `tls_certs`: a throwaway CA and server certificate for `PgOptions::ssl` (and for tests
 //!   that run TLS servers of their own: [`generate_tls_certs`]).
 //! - here: free ports, process and log helpers shared by both servers.
@@ -27,6 +29,7 @@
 mod pg_install;
 mod pg_server;
 mod proxy;
+mod redis_cluster;
 mod redis_server;
 mod tls_certs;
 
@@ -44,9 +47,11 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use rand::Rng;
 
+pub use crate::cluster::{parse_cluster_nodes, ClusterNode, CLUSTER_SLOTS};
 pub use pg_server::{PgOptions, TestPostgres};
 pub use proxy::{Direction, TcpProxy};
-pub use redis_server::{RedisOptions, TestRedis};
+pub use redis_cluster::TestRedisCluster;
+pub use redis_server::{RedisOptions, TestRedis, CLUSTER_NODE_TIMEOUT_MS};
 pub use tls_certs::{generate as generate_tls_certs, CertFiles};
 
 /// Ports of the system servers on this machine; never hand them out even if they look free.

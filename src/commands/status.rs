@@ -91,6 +91,10 @@ pub(crate) async fn status(path: &Path, json: bool) -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
+    if let Err(message) = config.redis.single_only("pgcache status") {
+        eprintln!("error: {message}");
+        return ExitCode::from(2);
+    }
     let status = gather(&config).await;
     if json {
         match serde_json::to_string_pretty(&status) {

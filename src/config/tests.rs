@@ -764,3 +764,266 @@ fn metrics_limits_are_checked() {
         ]
     );
 }
+
+/// `[postgres]` and a table around the given `[redis]` section.
+fn with_redis(redis: &str) -> String {
+    format!(
+        "[postgres]\nurl = \"postgres://pgcache@localhost/app\"\n[redis]\n{redis}\n\
+         [[tables]]\ntable = \"public.users\"\nkey = \"user:{{id}}\"\n"
+    )
+}
+
+fn redis_errors(redis: &str) -> Vec<String> {
+    errors(&with_redis(redis))
+}
+
+#[test]
+fn one_server_is_the_default_topology() {
+    let c = Config::from_toml_str(MINIMAL).unwrap();
+    assert_eq!(c.redis.topology, RedisTopology::Single);
+    assert_eq!(c.redis.single_only("x"), Ok(()));
+    let c = Config::from_toml_str(&with_redis("url = \"redis://h\"\ncluster = false")).unwrap();
+    assert_eq!(c.redis.topology, RedisTopology::Single);
+}
+
+#[test]
+fn cluster_takes_one_seed_or_several() {
+    let c = Config::from_toml_str(&with_redis(
+        "url = \"redis://10.0.0.1:6379\"\ncluster = true\nkey_prefix = \"app:\"",
+    ))
+    .unwrap();
+    assert_eq!(
+        c.redis.topology,
+        RedisTopology::Cluster {
+            seeds: vec![Secret::new("redis://10.0.0.1:6379")]
+        }
+    );
+    assert_eq!(c.redis.url.expose(), "redis://10.0.0.1:6379");
+    assert_eq!(c.redis.key_prefix, "app:");
+
+    let c = Config::from_toml_str(&with_redis(
+        "cluster = true\nurls = [\"redis://:pw@10.0.0.1:6379\", \"redis://:pw@10.0.0.2:6379/0\"]",
+    ))
+    .unwrap();
+    let RedisTopology::Cluster { seeds } = &c.redis.topology else {
+        panic!("{:?}", c.redis.topology)
+    };
+    let seeds: Vec<&str> = seeds.iter().map(Secret::expose).collect();
+    assert_eq!(
+        seeds,
+        ["redis://:pw@10.0.0.1:6379", "redis://:pw@10.0.0.2:6379/0"]
+    );
+    assert_eq!(c.redis.url.expose(), "redis://:pw@10.0.0.1:6379");
+
+    // TLS seeds with their CA.
+    let c = Config::from_toml_str(&with_redis(
+        "cluster = true\ntls_ca_file = \"system\"\nurls = [\"rediss://a:6380\", \"rediss://b:6380\"]",
+    ))
+    .unwrap();
+    assert!(matches!(c.redis.topology, RedisTopology::Cluster { ref seeds } if seeds.len() == 2));
+}
+
+#[test]
+fn cluster_seeds_come_from_the_environment_comma_separated() {
+    let c = Config::from_toml_str_with_env(
+        &with_redis("url = \"redis://ignored:1\""),
+        env(&[
+            ("PGCACHE__REDIS__CLUSTER", "true"),
+            ("PGCACHE__REDIS__URL", ""),
+            ("PGCACHE__REDIS__URLS", "redis://a:7000, redis://b:7001"),
+        ]),
+    );
+    // url and urls together are refused, wherever they come from.
+    let errs = c.expect_err("url and urls").errors().to_vec();
+    assert!(
+        errs[0].starts_with("redis.url (from PGCACHE__REDIS__URL) and redis.urls"),
+        "{errs:?}"
+    );
+
+    let c = Config::from_toml_str_with_env(
+        &with_redis("cluster = true\nurls = [\"redis://x:1\"]"),
+        env(&[("PGCACHE__REDIS__URLS", "redis://a:7000, redis://b:7001")]),
+    )
+    .unwrap();
+    let RedisTopology::Cluster { seeds } = &c.redis.topology else {
+        panic!("{:?}", c.redis.topology)
+    };
+    let seeds: Vec<&str> = seeds.iter().map(Secret::expose).collect();
+    assert_eq!(seeds, ["redis://a:7000", "redis://b:7001"]);
+}
+
+#[test]
+fn cluster_seeds_are_checked() {
+    let cases: &[(&str, &str)] = &[
+        (
+            "urls = [\"redis://a:1\"]\nurl = \"redis://b:1\"",
+            "redis.urls: lists the seeds of a Redis Cluster, but redis.cluster is not true (set redis.cluster = true, or use redis.url for one server)",
+        ),
+        (
+            "cluster = true\nurl = \"redis://b:1\"\nurls = [\"redis://a:1\"]",
+            "redis.url and redis.urls: set one of them, not both (urls lists several seeds)",
+        ),
+        (
+            "cluster = true\nurls = []",
+            "redis.urls: empty; list at least one URL (e.g. [\"redis://10.0.0.1:6379\"])",
+        ),
+        (
+            "cluster = true",
+            "redis.url: missing (set redis.url, redis.url_file or PGCACHE__REDIS__URL)",
+        ),
+        (
+            "cluster = \"yes\"\nurl = \"redis://a\"",
+            "redis.cluster: expected true or false, found \"yes\"",
+        ),
+        (
+            "cluster = true\nurl = \"redis+unix:///run/redis.sock\"",
+            "redis.url: \"redis+unix:///run/redis.sock\" is a Unix socket, but a Redis Cluster is reached over TCP (redis://host:port)",
+        ),
+        (
+            "cluster = true\nurl = \"redis://:secret@a:1/2\"",
+            "redis.url: \"redis://:***@a:1/2\" names database 2, but a Redis Cluster has only database 0",
+        ),
+        (
+            "cluster = true\nurls = [\"redis://a:1\", \"http://b\"]",
+            "redis.urls[1]: \"http://b\" is not a Redis URL (examples: redis://localhost:6379, rediss://host:6380/0, redis+unix:///run/redis.sock)",
+        ),
+        (
+            "cluster = true\ntls_ca_file = \"system\"\nurls = [\"rediss://a:1\", \"redis://b:1\"]",
+            "redis.urls[1]: redis.tls_ca_file is set, but the URL is not rediss://, so nothing would use it (write rediss:// for TLS, or remove tls_ca_file)",
+        ),
+        (
+            "cluster = true\nurls = [\"redis://a:1\", \"rediss://b:1\"]",
+            "redis.urls[1]: rediss:// checks the server's certificate, but no CA is configured: set redis.tls_ca_file = \"/path/to/ca.pem\" (the CA that signed Redis' certificate), or redis.tls_ca_file = \"system\" to trust the operating system's roots",
+        ),
+        (
+            "cluster = true\nurl = \"redis://a:1\"\nkey_prefix = \"app{1}:\"",
+            "redis.key_prefix: \"app{1}:\" holds a brace; on a Redis Cluster a hash tag in the prefix would put every key, and every slot's checkpoint, in one hash slot (leave braces out)",
+        ),
+        (
+            "cluster = true\nurls = [\"redis://:one@a:1\", \"redis://:two@b:1\"]",
+            "redis.urls[1]: has another user or password than redis.urls[0]; the nodes of a Redis Cluster share one login, so every seed must carry the same",
+        ),
+    ];
+    for (redis, expected) in cases {
+        let errs = redis_errors(redis);
+        assert_eq!(errs, [*expected], "for:\n{redis}");
+    }
+    // The password that differs is not printed.
+    let errs = redis_errors("cluster = true\nurls = [\"redis://:one@a:1\", \"redis://:two@b:1\"]");
+    assert!(
+        !errs[0].contains("one") || !errs[0].contains("two@"),
+        "{errs:?}"
+    );
+}
+
+#[test]
+fn sentinel_form_is_read() {
+    let c = Config::from_toml_str(&with_redis(
+        "key_prefix = \"p:\"\n[redis.sentinel]\nmaster = \"mymaster\"\n\
+         urls = [\"redis://10.0.0.5:26379\", \"redis://:spw@10.0.0.6:26379\"]\n\
+         username = \"pgcache\"\npassword = \"mpw\"\ndb = 3",
+    ))
+    .unwrap();
+    let RedisTopology::Sentinel(sentinel) = &c.redis.topology else {
+        panic!("{:?}", c.redis.topology)
+    };
+    assert_eq!(sentinel.master, "mymaster");
+    let urls: Vec<&str> = sentinel.urls.iter().map(Secret::expose).collect();
+    assert_eq!(
+        urls,
+        ["redis://10.0.0.5:26379", "redis://:spw@10.0.0.6:26379"]
+    );
+    assert_eq!(sentinel.username.as_deref(), Some("pgcache"));
+    assert_eq!(sentinel.password.as_ref().map(Secret::expose), Some("mpw"));
+    assert_eq!(sentinel.db, 3);
+    assert_eq!(c.redis.key_prefix, "p:");
+    assert!(!format!("{:?}", c.redis).contains("mpw"), "{:?}", c.redis);
+
+    // Defaults, and the password from a file.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pw");
+    std::fs::write(&file, "from-file\n").unwrap();
+    let c = Config::from_toml_str(&with_redis(&format!(
+        "[redis.sentinel]\nmaster = \"m\"\nurls = [\"redis://s:26379\"]\npassword_file = {:?}",
+        file.display().to_string()
+    )))
+    .unwrap();
+    let RedisTopology::Sentinel(sentinel) = &c.redis.topology else {
+        panic!("{:?}", c.redis.topology)
+    };
+    assert_eq!(
+        sentinel.password.as_ref().map(Secret::expose),
+        Some("from-file")
+    );
+    assert_eq!((sentinel.db, sentinel.username.as_deref()), (0, None));
+}
+
+#[test]
+fn sentinel_form_is_checked() {
+    let cases: &[(&str, &[&str])] = &[
+        (
+            "[redis.sentinel]\nurls = [\"redis://s:26379\"]",
+            &["redis.sentinel.master: missing (the name the sentinels monitor the master under, e.g. \"mymaster\")"],
+        ),
+        (
+            "[redis.sentinel]\nmaster = \"my master\"",
+            &[
+                "redis.sentinel.master: \"my master\" is not a master name (the name in the sentinels' SENTINEL MONITOR, without spaces)",
+                "redis.sentinel.urls: missing (the sentinels, e.g. [\"redis://10.0.0.5:26379\", \"redis://10.0.0.6:26379\"])",
+            ],
+        ),
+        (
+            "url = \"redis://a\"\n[redis.sentinel]\nmaster = \"m\"\nurls = [\"redis://s:26379\"]",
+            &["redis.url: with [redis.sentinel] the sentinels name the master; remove redis.url (the sentinels go in redis.sentinel.urls, the master's login in redis.sentinel.username and password)"],
+        ),
+        (
+            "cluster = true\n[redis.sentinel]\nmaster = \"m\"\nurls = [\"redis://s:26379\"]",
+            &["redis.cluster and redis.sentinel: a Redis Cluster has no sentinels; set one of them"],
+        ),
+        (
+            "[redis.sentinel]\nmaster = \"m\"\nurls = [\"redis://s:26379\", \"unix:///tmp/s.sock\"]",
+            &["redis.sentinel.urls[1]: \"unix:///tmp/s.sock\" is a Unix socket, but a sentinel is reached over TCP (redis://host:port)"],
+        ),
+        (
+            "[redis.sentinel]\nmaster = \"m\"\nurls = [\"redis://s:26379\"]\ndb = -1\nport = 1",
+            &[
+                "redis.sentinel.db: expected a database number (0, 1, ...), found -1",
+                "unknown key \"redis.sentinel.port\"",
+            ],
+        ),
+        (
+            "[redis.sentinel]\nmaster = \"m\"\nurls = [\"redis://s:26379\"]\npassword = \"a\"\npassword_file = \"b\"",
+            &["redis.sentinel.password and redis.sentinel.password_file: set one of them, not both"],
+        ),
+    ];
+    for (redis, expected) in cases {
+        let errs = redis_errors(redis);
+        assert_eq!(errs, *expected, "for:\n{redis}");
+    }
+}
+
+#[test]
+fn only_check_accepts_a_cluster_or_sentinels_so_far() {
+    let c = Config::from_toml_str(&with_redis("url = \"redis://a:1\"\ncluster = true")).unwrap();
+    let message = c.redis.single_only("the daemon (pgcache run)").unwrap_err();
+    assert_eq!(
+        message,
+        "redis.cluster = true (Redis Cluster) is not supported by the daemon (pgcache run) yet: \
+         the daemon, the read helper, verify and status work with one Redis server (redis.url); \
+         on a cluster only `pgcache check` works so far (see docs/cluster.md)"
+    );
+    let err = c.redis.client().unwrap_err().to_string();
+    assert!(
+        err.contains("is not supported by this command yet"),
+        "{err}"
+    );
+    let c = Config::from_toml_str(&with_redis(
+        "[redis.sentinel]\nmaster = \"m\"\nurls = [\"redis://s:26379\"]",
+    ))
+    .unwrap();
+    assert!(c
+        .redis
+        .single_only("x")
+        .unwrap_err()
+        .ends_with("; the Sentinel form is only read and validated so far (see docs/cluster.md)"));
+}

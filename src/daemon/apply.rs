@@ -23,6 +23,8 @@ use crate::encoder::{self, EncodeError};
 use crate::Lsn;
 
 pub mod script;
+pub mod slot_write;
+pub mod slots;
 #[cfg(test)]
 mod tests;
 

@@ -21,6 +21,9 @@ pub struct RedisOptions {
     pub appendonly: bool,
     /// More `redis-server` arguments, e.g. `["--maxmemory", "10mb"]`.
     pub extra_args: Vec<String>,
+    /// `cluster-enabled yes`, with the cluster bus on a free port of its own (Redis 7 on):
+    /// a node for [`TestRedisCluster`](super::TestRedisCluster), which joins the nodes.
+    pub cluster: bool,
 }
 
 /// A Redis server of our own, on a free port, with its files in a temporary directory.
@@ -29,6 +32,8 @@ pub struct TestRedis {
     /// The working directory: AOF files, the log, the captured stdout and stderr.
     dir: tempfile::TempDir,
     port: u16,
+    /// The cluster bus port (`cluster-port`) with [`RedisOptions::cluster`], else 0.
+    bus_port: u16,
     opts: RedisOptions,
     /// The running server; `None` after `stop` or `kill9`.
     child: Option<Child>,
@@ -36,6 +41,10 @@ pub struct TestRedis {
     /// by its parent-death signal).
     watchdog: Option<Child>,
 }
+
+/// `cluster-node-timeout` of cluster nodes: how long a master may be unreachable before
+/// its replica takes over. Short, so that failover tests are quick.
+pub const CLUSTER_NODE_TIMEOUT_MS: u64 = 2_000;
 
 /// How long a server gets to answer PING after it is started, or to exit after SHUTDOWN.
 const PATIENCE: Duration = Duration::from_secs(10);
@@ -62,6 +71,7 @@ impl TestRedis {
         let mut redis = TestRedis {
             dir,
             port: 0,
+            bus_port: 0,
             opts,
             child: None,
             watchdog: None,
@@ -76,9 +86,18 @@ impl TestRedis {
             .current_dir(redis.dir.path());
         redis.watchdog =
             Some(super::spawn_watchdog(watchdog).context("starting the Redis watchdog shell")?);
+        if redis.opts.cluster && redis_major_version() < 7 {
+            bail!(
+                "a cluster node needs redis-server 7 or newer (for cluster-port); this one is {}",
+                redis_major_version()
+            );
+        }
         const ATTEMPTS: usize = 5;
         for attempt in 1..=ATTEMPTS {
             redis.port = free_port()?;
+            if redis.opts.cluster {
+                redis.bus_port = free_port()?;
+            }
             let log_offset = file_len(&redis.log_path());
             match redis.launch() {
                 Ok(()) => return Ok(redis),
@@ -95,6 +114,16 @@ impl TestRedis {
     /// The TCP port on 127.0.0.1; it stays the same across restarts.
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// Whether the server runs (not stopped or killed).
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// The cluster bus port of a cluster node (`cluster-port`); 0 when not one.
+    pub fn bus_port(&self) -> u16 {
+        self.bus_port
     }
 
     /// The server's working directory (AOF files, `redis.log`).
@@ -266,6 +295,19 @@ impl TestRedis {
         if self.opts.appendonly {
             cmd.args(["--appendfsync", "always"]);
         }
+        if self.opts.cluster {
+            // nodes.conf lives in --dir, so a restarted node rejoins with its identity.
+            cmd.args(["--cluster-enabled", "yes"])
+                .args(["--cluster-config-file", "nodes.conf"])
+                .arg("--cluster-port")
+                .arg(self.bus_port.to_string())
+                .args([
+                    "--cluster-node-timeout",
+                    &CLUSTER_NODE_TIMEOUT_MS.to_string(),
+                ])
+                // The topology stays as the test built it: no replica moves to another master.
+                .args(["--cluster-allow-replica-migration", "no"]);
+        }
         if redis_major_version() >= 7 {
             cmd.args(["--enable-debug-command", "yes"]);
         }
@@ -333,7 +375,7 @@ fn resp_command(port: u16, args: &[&str]) -> std::io::Result<String> {
 }
 
 /// The major version of `redis-server` (`--enable-debug-command` exists from 7 on).
-fn redis_major_version() -> u32 {
+pub(super) fn redis_major_version() -> u32 {
     static MAJOR: OnceLock<u32> = OnceLock::new();
     *MAJOR.get_or_init(|| {
         let Some(server) = find_on_path("redis-server") else {

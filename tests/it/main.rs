@@ -9,6 +9,7 @@
 mod backfill;
 mod bench;
 mod cdc;
+mod cluster;
 mod common;
 mod control;
 mod demo;

@@ -10,7 +10,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use pgcache::testkit::{free_port, PgOptions, RedisOptions, TestPostgres, TestRedis};
+use pgcache::testkit::{
+    free_port, PgOptions, RedisOptions, TestPostgres, TestRedis, TestRedisCluster, CLUSTER_SLOTS,
+};
 
 fn refuses_connections(port: u16) -> bool {
     TcpStream::connect(("127.0.0.1", port)).is_err()
@@ -401,6 +403,141 @@ fn failed_start_reports_the_server_log() {
     let message = format!("{err:#}");
     assert!(message.contains("shared_buffers"), "{message}");
     assert!(message.contains("server log"), "{message}");
+}
+
+/// Three masters and three replicas come up on free ports with every one of the 16384
+/// hash slots served exactly once, each replica following a distinct master with its data,
+/// and `Drop` takes every node and its files away.
+#[test]
+fn redis_cluster_comes_up_with_every_slot_covered() -> Result<()> {
+    let cluster = TestRedisCluster::start()?;
+    let nodes = cluster.nodes();
+    assert_eq!(nodes.len(), 6);
+    let mut ports: Vec<u16> = nodes
+        .iter()
+        .flat_map(|n| [n.port(), n.bus_port()])
+        .collect();
+    ports.sort_unstable();
+    ports.dedup();
+    assert_eq!(ports.len(), 12, "client and bus ports collide: {ports:?}");
+
+    // Every node agrees: state ok, all slots assigned and ok.
+    for node in nodes {
+        let info = node.cli(&["CLUSTER", "INFO"])?;
+        for line in [
+            "cluster_state:ok",
+            "cluster_slots_assigned:16384",
+            "cluster_slots_ok:16384",
+            "cluster_known_nodes:6",
+            "cluster_size:3",
+        ] {
+            assert!(info.lines().any(|l| l.trim() == line), "{line} in {info}");
+        }
+    }
+
+    // The masters' ranges cover 0..=16383, none twice.
+    let topology = cluster.topology()?;
+    let mut covered = vec![0u8; usize::from(CLUSTER_SLOTS)];
+    let masters: Vec<_> = topology.iter().filter(|n| n.is_master()).collect();
+    assert_eq!(masters.len(), 3);
+    for master in &masters {
+        assert!(!master.slots.is_empty(), "{master:?} serves no slot");
+        for &(first, last) in &master.slots {
+            for slot in first..=last {
+                covered[usize::from(slot)] += 1;
+            }
+        }
+    }
+    assert!(
+        covered.iter().all(|&n| n == 1),
+        "a slot is served 0 or 2 times"
+    );
+    let mut followed: Vec<_> = topology
+        .iter()
+        .filter(|n| !n.is_master())
+        .map(|n| n.master_id.clone().expect("a replica names its master"))
+        .collect();
+    followed.sort();
+    followed.dedup();
+    assert_eq!(followed.len(), 3, "each master has its own replica");
+    assert_eq!(cluster.masters()?.len(), 3);
+
+    // A key lives on the master of its slot, reaches that master's replica, and another
+    // master redirects to it.
+    let slot: u16 = nodes[0]
+        .cli(&["CLUSTER", "KEYSLOT", "pgcache:probe"])?
+        .parse()?;
+    let owner = cluster.master_of_slot(slot)?;
+    owner.cli(&["SET", "pgcache:probe", "here"])?;
+    assert_eq!(owner.cli(&["WAIT", "1", "5000"])?, "1");
+    let owner_id = owner.cli(&["CLUSTER", "MYID"])?;
+    let replica = topology
+        .iter()
+        .find(|n| n.master_id.as_deref() == Some(owner_id.as_str()))
+        .and_then(|n| n.port())
+        .and_then(|port| nodes.iter().find(|n| n.port() == port))
+        .context("the owner's replica")?;
+    // Keyless, so not redirected: the replica holds the one key.
+    assert_eq!(replica.cli(&["DBSIZE"])?, "1");
+    let other = cluster
+        .masters()?
+        .into_iter()
+        .find(|m| m.port() != owner.port())
+        .context("another master")?;
+    let moved = other
+        .cli(&["GET", "pgcache:probe"])
+        .expect_err("another master must refuse the key");
+    assert!(
+        format!("{moved:#}").contains(&format!("MOVED {slot} 127.0.0.1:{}", owner.port())),
+        "{moved:#}"
+    );
+
+    let dirs: Vec<PathBuf> = nodes.iter().map(|n| n.dir().to_path_buf()).collect();
+    let client_ports: Vec<u16> = nodes.iter().map(TestRedis::port).collect();
+    drop(cluster);
+    for port in client_ports {
+        assert!(refuses_connections(port), "port {port} still answers");
+    }
+    for dir in dirs {
+        assert!(!dir.exists(), "{} was left behind", dir.display());
+    }
+    Ok(())
+}
+
+/// A killed master's replica takes its slots over with the writes it acknowledged (WAIT),
+/// and the old master comes back as a replica, the cluster whole again.
+#[test]
+fn redis_cluster_fails_over_a_killed_master() -> Result<()> {
+    let mut cluster = TestRedisCluster::start()?;
+    let slot: u16 = cluster.nodes()[0]
+        .cli(&["CLUSTER", "KEYSLOT", "survivor"])?
+        .parse()?;
+    let owner = cluster.master_of_slot(slot)?;
+    let old_port = owner.port();
+    owner.cli(&["SET", "survivor", "kept"])?;
+    assert_eq!(owner.cli(&["WAIT", "1", "5000"])?, "1");
+    let index = cluster
+        .nodes()
+        .iter()
+        .position(|n| n.port() == old_port)
+        .context("the owner's index")?;
+
+    let promoted = cluster.fail_over(index, Duration::from_secs(60))?;
+    assert_ne!(promoted, old_port);
+    assert_eq!(cluster.master_of_slot(slot)?.port(), promoted);
+    let new_master = cluster.master_of_slot(slot)?;
+    assert_eq!(new_master.cli(&["GET", "survivor"])?, "kept");
+
+    cluster.node_mut(index).start_again()?;
+    cluster.wait_ready(Duration::from_secs(60))?;
+    let back = cluster
+        .topology()?
+        .into_iter()
+        .find(|n| n.port() == Some(old_port))
+        .context("the old master is known")?;
+    assert!(!back.is_master(), "{back:?} came back as a master");
+    assert_eq!(cluster.masters()?.len(), 3);
+    Ok(())
 }
 
 #[test]

@@ -24,7 +24,7 @@ use crate::config::Format;
 use crate::template::{glob_escape, lease_key, LEASE_SUFFIX};
 use crate::Lsn;
 
-const CHECK: &str = include_str!("check.lua");
+pub(super) const CHECK: &str = include_str!("check.lua");
 const MERGE: &str = include_str!("merge.lua");
 
 /// Deletes every key with a prefix, and the leases of those keys, inside the `EXEC`, so it is
@@ -187,15 +187,7 @@ impl Write {
             None => {}
             Some(refused) => {
                 // The failed check touched the checkpoint, so EXEC ran nothing.
-                let refused = match refused {
-                    ("epoch", _) => Refused::EpochGone,
-                    ("owner", found) => Refused::Fenced(found),
-                    (_, found) => Refused::Moved {
-                        found,
-                        expected: checkpoint::position_text(expected),
-                    },
-                };
-                return Err(refused.into());
+                return Err(refusal(refused, expected).into());
             }
         }
         let replies = match exec {
@@ -240,8 +232,22 @@ pub async fn heartbeat(
     write(conn, owner, &prepared, now_ms).await.map(drop)
 }
 
+/// The refusal for what the check found, when the checkpoint was expected at `expected`.
+pub(super) fn refusal(status: (&'static str, String), expected: Option<Lsn>) -> Refused {
+    match status {
+        ("epoch", _) => Refused::EpochGone,
+        ("owner", found) => Refused::Fenced(found),
+        (_, found) => Refused::Moved {
+            found,
+            expected: checkpoint::position_text(expected),
+        },
+    }
+}
+
 /// `None` when the check passed, else its refusal and what it found.
-fn check_status(value: &redis::Value) -> Result<Option<(&'static str, String)>, redis::RedisError> {
+pub(super) fn check_status(
+    value: &redis::Value,
+) -> Result<Option<(&'static str, String)>, redis::RedisError> {
     let redis::Value::Array(items) = value else {
         return Err(unexpected("the check script did not reply with an array"));
     };
@@ -266,7 +272,7 @@ fn text(value: &redis::Value) -> String {
     }
 }
 
-fn unexpected(what: &str) -> redis::RedisError {
+pub(super) fn unexpected(what: &str) -> redis::RedisError {
     redis::RedisError::from((
         redis::ErrorKind::Parse,
         "unexpected reply to the daemon's write",
@@ -276,7 +282,7 @@ fn unexpected(what: &str) -> redis::RedisError {
 
 /// Appends the operations inside the `MULTI`; `merges` gets each merge's index among the
 /// `EXEC`'s replies, with its repair.
-fn add_ops(
+pub(super) fn add_ops(
     pipe: &mut redis::Pipeline,
     ck: &str,
     ops: &[Op],

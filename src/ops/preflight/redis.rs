@@ -5,13 +5,29 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use super::Finding;
-use crate::config::{redact, Config, Mode};
+use crate::config::{redact, Config, Mode, RedisTopology};
+
+mod cluster;
 
 /// How long `check` waits for Redis to answer before calling it unreachable.
 const TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Checks Redis. Never fails: an unreachable server is a FAIL finding.
 pub async fn redis_findings(config: &Config) -> Vec<Finding> {
+    match &config.redis.topology {
+        RedisTopology::Single => {}
+        RedisTopology::Cluster { seeds } => return cluster::cluster_findings(config, seeds).await,
+        RedisTopology::Sentinel(_) => {
+            return vec![Finding::fail(
+                config
+                    .redis
+                    .single_only("pgcache check")
+                    .err()
+                    .unwrap_or_default(),
+                "for now, set redis.url to the current master (SENTINEL GET-MASTER-ADDR-BY-NAME)",
+            )]
+        }
+    }
     let mut conn = match connect(config).await {
         Ok(conn) => conn,
         Err(message) => {
@@ -36,6 +52,12 @@ pub async fn redis_findings(config: &Config) -> Vec<Finding> {
 
 async fn connect(config: &Config) -> Result<redis::aio::MultiplexedConnection, String> {
     let client = config.redis.client().map_err(|e| redact(&e.to_string()))?;
+    connect_client(&client).await
+}
+
+async fn connect_client(
+    client: &redis::Client,
+) -> Result<redis::aio::MultiplexedConnection, String> {
     let mut conn = tokio::time::timeout(TIMEOUT, client.get_multiplexed_async_connection())
         .await
         .map_err(|_| format!("no answer within {TIMEOUT:?}"))?

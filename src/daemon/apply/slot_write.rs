@@ -1,0 +1,195 @@
+//! The guarded write of one hash slot's part of a batch, for the planned cluster apply
+//! (docs/cluster.md): the write of [`script`](super::script) with the slot's own checkpoint,
+//! as a [`SlotTransaction`] for the [`SlotRouter`].
+//! Nothing in the daemon uses it yet.
+//!
+//! ```text
+//! WATCH <slot checkpoint>
+//! EVAL check.lua <slot checkpoint> <every key, lease and merge base> owner epoch position
+//! MULTI
+//!   ... the slot's operations ...
+//!   HSET <slot checkpoint> lsn … applied … updated_ms …
+//! EXEC
+//! ```
+//!
+//! The check declares every key of the part, not only the checkpoint: during a migration
+//! of the slot it then runs only where all of them are (docs/cluster.md, "Resharding").
+//! An `EXEC` that answers nil is [`SlotOutcome::Retry`], not fencing: `MIGRATE` of the
+//! checkpoint touches the `WATCH`; the check decides again when it is sent again.
+
+use std::collections::BTreeSet;
+
+use super::script::{add_ops, check_status, refusal, unexpected, Owner, Refused, CHECK};
+use super::{Op, Repair};
+use crate::checkpoint::{
+    self, CheckpointError, Takeover, FIELD_APPLIED, FIELD_LSN, FIELD_UPDATED_MS,
+};
+use crate::cluster::CLUSTER_SLOTS;
+use crate::daemon::slot_router::{RouteError, SlotReplies, SlotRouter, SlotTransaction};
+use crate::template::lease_key;
+use crate::Lsn;
+
+/// One slot's write, built.
+#[derive(Debug)]
+pub struct SlotWrite {
+    pub tx: SlotTransaction,
+    merges: Vec<(usize, Option<Repair>)>,
+    expected: Option<Lsn>,
+}
+
+/// What became of a slot's write.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SlotOutcome {
+    /// Written; mirror keys whose merge found no base, to read again.
+    Applied { repairs: Vec<Repair> },
+    /// Nothing was written: the watched checkpoint changed (a migration moved it, or a
+    /// takeover); send the same write again, and its check decides.
+    Retry,
+}
+
+/// Why a slot's write failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SlotWriteError {
+    #[error(transparent)]
+    Refused(#[from] Refused),
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+}
+
+impl SlotWrite {
+    /// The write of `ops` (all in the hash slot of `owner.checkpoint_key`), moving the slot's
+    /// checkpoint to `position` if given.
+    pub fn new(owner: &Owner, ops: &[Op], position: Option<Lsn>, now_ms: u64) -> SlotWrite {
+        let ck = &owner.checkpoint_key;
+        let mut seen = BTreeSet::new();
+        let mut keys = Vec::new();
+        let mut declare = |key: String| {
+            if seen.insert(key.clone()) {
+                keys.push(key);
+            }
+        };
+        for op in ops {
+            if let Some(key) = op.key() {
+                declare(key.to_string());
+                declare(lease_key(key));
+            }
+            if let Op::Merge(merge) = op {
+                declare(merge.base.clone());
+            }
+        }
+        let mut watch = redis::cmd("WATCH");
+        watch.arg(ck);
+        let mut check = redis::cmd("EVAL");
+        check
+            .arg(CHECK)
+            .arg(1 + keys.len())
+            .arg(ck)
+            .arg(&keys)
+            .arg(&owner.token)
+            .arg(&owner.epoch)
+            .arg(checkpoint::position_text(owner.position));
+        let mut pipe = redis::pipe();
+        let mut merges = Vec::new();
+        add_ops(&mut pipe, ck, ops, &mut merges);
+        let mut set = redis::cmd("HSET");
+        set.arg(ck).arg(FIELD_UPDATED_MS).arg(now_ms);
+        if let Some(lsn) = position {
+            set.arg(FIELD_LSN)
+                .arg(lsn.to_string())
+                .arg(FIELD_APPLIED)
+                .arg(checkpoint::hex(lsn));
+        }
+        let mut queued: Vec<redis::Cmd> = pipe.cmd_iter().cloned().collect();
+        queued.push(set);
+        SlotWrite {
+            tx: SlotTransaction {
+                pre: vec![watch, check],
+                ops: queued,
+            },
+            merges,
+            expected: owner.position,
+        }
+    }
+
+    /// Reads what the router got back.
+    ///
+    /// # Errors
+    /// [`SlotWriteError::Refused`] when the check failed (nothing was written); a Redis
+    /// error for a reply that makes no sense.
+    pub fn outcome(&self, replies: &SlotReplies) -> Result<SlotOutcome, SlotWriteError> {
+        let check = replies
+            .pre
+            .get(1)
+            .ok_or_else(|| unexpected("the check's reply is missing"))?;
+        if let Some(status) = check_status(check)? {
+            return Err(refusal(status, self.expected).into());
+        }
+        let results = match &replies.exec {
+            redis::Value::Array(results) => results,
+            redis::Value::Nil => return Ok(SlotOutcome::Retry),
+            other => return Err(unexpected(&format!("EXEC replied {other:?}")).into()),
+        };
+        let mut repairs = Vec::new();
+        for (at, repair) in &self.merges {
+            match results.get(*at) {
+                Some(redis::Value::Int(0)) => repairs.extend(repair.clone()),
+                Some(redis::Value::Int(_)) => {}
+                Some(redis::Value::ServerError(e)) => {
+                    return Err(unexpected(&format!("a merge failed: {e:?}")).into())
+                }
+                _ => return Err(unexpected("a merge's reply is missing").into()),
+            }
+        }
+        Ok(SlotOutcome::Applied { repairs })
+    }
+}
+
+/// Why the takeover of the slot checkpoints failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TakeoverError {
+    #[error(transparent)]
+    Route(#[from] RouteError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+}
+
+/// Makes every hash slot's checkpoint this session's (docs/cluster.md, "Fencing per slot"):
+/// the takeover script of one server on each of the 16384 slot checkpoints, pipelined per
+/// master, before the first write. Returns each slot's state as the takeover found it,
+/// indexed by slot (`fresh`: the slot had no epoch, first start or its data lost).
+///
+/// # Errors
+/// A routing error, or a checkpoint that does not parse.
+pub async fn takeover_slots(
+    router: &mut SlotRouter,
+    key_prefix: &str,
+    pg_slot: &str,
+    owner: &str,
+    new_epoch: &str,
+) -> Result<Vec<Takeover>, TakeoverError> {
+    let keys: Vec<String> = (0..CLUSTER_SLOTS)
+        .map(|slot| checkpoint::slot_checkpoint_key(key_prefix, pg_slot, slot))
+        .collect();
+    let cmds: Vec<(u16, redis::Cmd)> = (0..CLUSTER_SLOTS)
+        .map(|slot| {
+            let mut cmd = redis::cmd("EVAL");
+            cmd.arg(checkpoint::TAKEOVER_LUA)
+                .arg(1)
+                .arg(&keys[usize::from(slot)])
+                .arg(owner)
+                .arg(new_epoch);
+            (slot, cmd)
+        })
+        .collect();
+    let replies = router.send_each(&cmds).await?;
+    let mut out = Vec::with_capacity(replies.len());
+    for (key, reply) in keys.iter().zip(replies) {
+        let (fresh, fields): (i64, Vec<(String, String)>) = redis::from_redis_value(reply)
+            .map_err(|e| CheckpointError::from(redis::RedisError::from(e)))?;
+        out.push(Takeover {
+            state: checkpoint::parse_state(key, fields)?,
+            fresh: fresh == 1,
+        });
+    }
+    Ok(out)
+}

@@ -1,0 +1,193 @@
+//! A batch's operations split by Redis Cluster hash slot, for the planned cluster apply
+//! (docs/cluster.md, "Applying a batch"): each slot's operations are to be written in one
+//! guarded transaction with that slot's checkpoint. Nothing in the daemon uses it yet.
+//!
+//! - Within a slot, operations keep their stream order; every operation on a row key also
+//!   revokes the key's lease, which is in the same slot ([`crate::template::lease_key`]).
+//! - An operation over a key space ([`Op::DropKeySpace`], [`Op::DropMatching`]) touches every
+//!   slot, so it cuts the batch: the operations before it, it, then the operations after it
+//!   ([`Segment`]), applied in that order.
+//! - A merge whose base (the old key of a row whose key changed) is in another slot cannot
+//!   read it in the same transaction; its key is deleted instead, and a mirror row is read
+//!   again ([`SlotSplit::repairs`]), as when a merge finds no base. Absence is safe.
+
+use std::collections::BTreeMap;
+
+use super::{Op, Repair};
+use crate::cluster::key_slot;
+
+/// One stretch of the batch, in stream order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Segment {
+    /// Operations on keys, by hash slot, each slot's in stream order.
+    Slots(BTreeMap<u16, Vec<Op>>),
+    /// An operation over a key space, on every slot.
+    Everywhere(Op),
+}
+
+/// What [`split`] made of a batch.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SlotSplit {
+    pub segments: Vec<Segment>,
+    /// Mirror rows whose merge base was in another slot: their keys are deleted in the
+    /// segments, and they are to be read again.
+    pub repairs: Vec<Repair>,
+}
+
+impl SlotSplit {
+    /// How many slot transactions the batch takes (a key-space operation counts once).
+    pub fn transactions(&self) -> usize {
+        self.segments
+            .iter()
+            .map(|segment| match segment {
+                Segment::Slots(slots) => slots.len(),
+                Segment::Everywhere(_) => 1,
+            })
+            .sum()
+    }
+}
+
+/// Splits `ops` by hash slot (see the module's doc).
+pub fn split(ops: Vec<Op>) -> SlotSplit {
+    let mut out = SlotSplit::default();
+    let mut current: BTreeMap<u16, Vec<Op>> = BTreeMap::new();
+    for op in ops {
+        let op = match op {
+            Op::Merge(merge)
+                if key_slot(merge.base.as_bytes()) != key_slot(merge.key.as_bytes()) =>
+            {
+                out.repairs.extend(merge.repair.clone());
+                Op::Del { key: merge.key }
+            }
+            other => other,
+        };
+        match op.key().map(|key| key_slot(key.as_bytes())) {
+            Some(slot) => current.entry(slot).or_default().push(op),
+            None => {
+                if !current.is_empty() {
+                    out.segments
+                        .push(Segment::Slots(std::mem::take(&mut current)));
+                }
+                out.segments.push(Segment::Everywhere(op));
+            }
+        }
+    }
+    if !current.is_empty() {
+        out.segments.push(Segment::Slots(current));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Format;
+    use crate::daemon::apply::{Merge, MergeValue};
+
+    fn set(key: &str, value: &str) -> Op {
+        Op::Set {
+            key: key.to_string(),
+            value: value.as_bytes().to_vec(),
+            ttl_ms: None,
+        }
+    }
+
+    fn merge(key: &str, base: &str, repair: bool) -> Op {
+        Op::Merge(Box::new(Merge {
+            key: key.to_string(),
+            base: base.to_string(),
+            format: Format::Json,
+            columns: vec![(b"\"a\"".to_vec(), MergeValue::Unchanged)],
+            ttl_ms: None,
+            only_if_cached: !repair,
+            repair: repair.then(|| Repair {
+                table: "public.t".to_string(),
+                key: key.to_string(),
+                key_texts: vec!["2".to_string()],
+            }),
+        }))
+    }
+
+    #[test]
+    fn operations_group_by_slot_in_stream_order() {
+        let ops = vec![
+            set("t:1", "a"),
+            set("tenant:{9}:x", "b"),
+            Op::Del {
+                key: "t:1".to_string(),
+            },
+            set("tenant:{9}:y", "c"),
+            set("t:1", "d"),
+        ];
+        let split = split(ops);
+        assert!(split.repairs.is_empty());
+        let [Segment::Slots(slots)] = split.segments.as_slice() else {
+            panic!("{:?}", split.segments)
+        };
+        assert_eq!(slots.len(), 2);
+        let keys = |slot: u16| -> Vec<Option<&str>> { slots[&slot].iter().map(Op::key).collect() };
+        assert_eq!(keys(key_slot(b"t:1")), [Some("t:1"); 3]);
+        assert_eq!(slots[&key_slot(b"t:1")][2], set("t:1", "d"));
+        assert_eq!(
+            keys(key_slot(b"9")),
+            [Some("tenant:{9}:x"), Some("tenant:{9}:y")]
+        );
+        assert_eq!(split.transactions(), 2);
+    }
+
+    #[test]
+    fn key_space_operations_cut_the_batch() {
+        let drop = Op::DropKeySpace {
+            key_space: "t:".to_string(),
+        };
+        let split = split(vec![set("t:1", "a"), drop.clone(), set("t:1", "b")]);
+        assert_eq!(split.segments.len(), 3);
+        assert_eq!(split.segments[1], Segment::Everywhere(drop));
+        let Segment::Slots(after) = &split.segments[2] else {
+            panic!("{:?}", split.segments)
+        };
+        assert_eq!(after[&key_slot(b"t:1")], [set("t:1", "b")]);
+        assert_eq!(split.transactions(), 3);
+    }
+
+    #[test]
+    fn merges_across_slots_become_deletes_and_repairs() {
+        // Same hash tag: one slot, the merge stays.
+        let same = merge("tenant:{9}:2", "tenant:{9}:1", true);
+        let split_same = split(vec![same.clone()]);
+        assert!(split_same.repairs.is_empty());
+        assert_eq!(
+            split_same.segments,
+            [Segment::Slots(BTreeMap::from([(
+                key_slot(b"9"),
+                vec![same]
+            )]))]
+        );
+
+        // t:1 and t:2 are in different slots.
+        assert_ne!(key_slot(b"t:1"), key_slot(b"t:2"));
+        assert_ne!(key_slot(b"r:1"), key_slot(b"r:2"));
+        let split_apart = split(vec![merge("t:2", "t:1", true), merge("r:2", "r:1", false)]);
+        assert_eq!(
+            split_apart.repairs.len(),
+            1,
+            "only the mirror row is read again"
+        );
+        assert_eq!(split_apart.repairs[0].key, "t:2");
+        let Segment::Slots(slots) = &split_apart.segments[0] else {
+            panic!("{:?}", split_apart.segments)
+        };
+        assert_eq!(
+            slots[&key_slot(b"t:2")],
+            [Op::Del {
+                key: "t:2".to_string()
+            }]
+        );
+        assert_eq!(
+            slots[&key_slot(b"r:2")],
+            [Op::Del {
+                key: "r:2".to_string()
+            }]
+        );
+    }
+}

@@ -1,0 +1,715 @@
+//! Redis Cluster (issue 15), against a real 3-master, 3-replica cluster from the testkit:
+//! the configuration, `pgcache check` on a cluster, hash slots as Redis computes them, and
+//! the refusal of everything that does not run on a cluster yet.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use pgcache::cluster::key_slot;
+use pgcache::config::Config;
+use pgcache::template::lease_key;
+use pgcache::testkit::{free_port, RedisOptions, TestRedisCluster};
+use pgcache::Reader;
+use tokio::sync::watch;
+
+use crate::common::{pgcache, Env, DB};
+
+const ITEMS: &str = "CREATE TABLE items (id int PRIMARY KEY, name text NOT NULL);";
+const RULE: &str = "[[tables]]\ntable = \"items\"\nkey = \"item:{id}\"\n";
+
+fn start_cluster() -> TestRedisCluster {
+    TestRedisCluster::start_with(
+        3,
+        1,
+        RedisOptions {
+            appendonly: true,
+            ..Default::default()
+        },
+    )
+    .expect("start a Redis Cluster")
+}
+
+/// Lines of `check`'s output that start with `level` and contain every one of `parts`.
+fn lines_with<'a>(out: &'a str, level: &str, parts: &[&str]) -> Vec<&'a str> {
+    out.lines()
+        .filter(|l| l.starts_with(level) && parts.iter().all(|p| l.contains(p)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reports_the_cluster_state_its_slots_and_every_master() {
+    let env = Env::start(ITEMS, "public.items");
+    let cluster = tokio::task::spawn_blocking(start_cluster).await.unwrap();
+    let masters: Vec<u16> = cluster
+        .masters()
+        .unwrap()
+        .iter()
+        .map(|m| m.port())
+        .collect();
+    assert_eq!(masters.len(), 3);
+    // One master may evict: its finding alone warns.
+    let evicting = cluster
+        .nodes()
+        .iter()
+        .find(|n| n.port() == masters[1])
+        .unwrap();
+    evicting
+        .cli(&["CONFIG", "SET", "maxmemory-policy", "allkeys-lru"])
+        .unwrap();
+
+    // The first seed is dead: check goes on to the next.
+    let dead = free_port().unwrap();
+    let url = env.pg.url_as("pgcache", Some("pgcache-secret"), DB);
+    let config_text = format!(
+        "[postgres]\nurl = \"{url}\"\n[redis]\ncluster = true\nurls = [\"redis://127.0.0.1:{dead}\", \"{}\"]\n\
+         [metrics]\nlisten = \"\"\n{RULE}",
+        cluster.nodes()[2].url()
+    );
+    let config = env.dir.path().join("cluster.toml");
+    std::fs::write(&config, &config_text).unwrap();
+    let path = config.display().to_string();
+    let check = || {
+        let path = path.clone();
+        tokio::task::spawn_blocking(move || pgcache(&["check", "--config", &path]))
+    };
+
+    let (code, out, err) = check().await.unwrap();
+    assert_eq!(code, 1, "the daemon's refusal is a FAIL:\n{out}\n{err}");
+    let seed = cluster.nodes()[2].url();
+    for (level, parts) in [
+        ("OK", vec!["redis cluster seed", seed.as_str(), "reachable"]),
+        (
+            "OK",
+            vec!["redis cluster state ok (6 nodes, 3 masters, 3 replicas)"],
+        ),
+        (
+            "OK",
+            vec!["redis cluster serves all 16384 hash slots (3 masters)"],
+        ),
+    ] {
+        assert_eq!(
+            lines_with(&out, level, &parts).len(),
+            1,
+            "{parts:?} in:\n{out}"
+        );
+    }
+    for &port in &masters {
+        let addr = format!("redis master 127.0.0.1:{port}: ");
+        for (level, part) in [
+            ("OK", "version 7"),
+            ("OK", "persistence: appendonly yes, appendfsync always"),
+            ("OK", "1 working replica(s), serves slots "),
+        ] {
+            assert_eq!(
+                lines_with(&out, level, &[&addr, part]).len(),
+                1,
+                "{addr}{part} in:\n{out}"
+            );
+        }
+        let eviction = if port == masters[1] {
+            lines_with(
+                &out,
+                "WARN",
+                &[&addr, "maxmemory-policy allkeys-lru", "public.items"],
+            )
+        } else {
+            lines_with(&out, "OK", &[&addr, "maxmemory-policy noeviction"])
+        };
+        assert_eq!(eviction.len(), 1, "{addr} eviction in:\n{out}");
+    }
+    // The only FAIL: the daemon does not run on a cluster yet, and says what does.
+    let fails = lines_with(&out, "FAIL", &[]);
+    assert_eq!(fails.len(), 1, "{out}");
+    assert!(
+        fails[0].contains(
+            "redis.cluster = true (Redis Cluster) is not supported by the daemon (pgcache run) yet"
+        ),
+        "{out}"
+    );
+    assert!(out.contains("1 WARN, 1 FAIL"), "{out}");
+
+    // Slots 0-99 lose their master on every node: check names them.
+    for node in cluster.nodes() {
+        node.cli(&["CLUSTER", "DELSLOTSRANGE", "0", "99"]).unwrap();
+    }
+    let mut last = String::new();
+    for _ in 0..100 {
+        let (code, out, _) = check().await.unwrap();
+        assert_eq!(code, 1);
+        last = out;
+        if last.contains("redis cluster state is fail") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        lines_with(
+            &last,
+            "FAIL",
+            &["redis cluster: 100 of 16384 hash slots are served by no working master (0-99)"]
+        )
+        .len(),
+        1,
+        "{last}"
+    );
+    assert_eq!(
+        lines_with(
+            &last,
+            "FAIL",
+            &["redis cluster state is fail (6 nodes, 3 masters"]
+        )
+        .len(),
+        1,
+        "{last}"
+    );
+    assert!(last.contains("fix: assign them to a master"), "{last}");
+}
+
+/// After a master is killed and its replica has taken over, `check` says the cluster works,
+/// that the old master is down without slots, and that the new master has no replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_after_a_failover_names_the_dead_node_and_the_lone_master() {
+    let env = Env::start(ITEMS, "public.items");
+    let (cluster, killed, promoted) = tokio::task::spawn_blocking(|| {
+        let mut cluster = start_cluster();
+        let killed = cluster.nodes()[0].port();
+        let promoted = cluster
+            .fail_over(0, Duration::from_secs(60))
+            .expect("a replica takes over");
+        (cluster, killed, promoted)
+    })
+    .await
+    .unwrap();
+    let url = env.pg.url_as("pgcache", Some("pgcache-secret"), DB);
+    let config = env.dir.path().join("failover.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[postgres]\nurl = \"{url}\"\n[redis]\ncluster = true\nurl = \"{}\"\n[metrics]\nlisten = \"\"\n{RULE}",
+            cluster.nodes()[1].url()
+        ),
+    )
+    .unwrap();
+    let path = config.display().to_string();
+    let (code, out, err) =
+        tokio::task::spawn_blocking(move || pgcache(&["check", "--config", &path]))
+            .await
+            .unwrap();
+    assert_eq!(code, 1, "{out}\n{err}");
+    for (level, parts) in [
+        (
+            "OK",
+            vec!["redis cluster state ok (6 nodes, 3 masters, 2 replicas, 1 failing)"],
+        ),
+        (
+            "OK",
+            vec!["redis cluster serves all 16384 hash slots (3 masters)"],
+        ),
+        (
+            "WARN",
+            vec![&*format!(
+                "redis node 127.0.0.1:{killed} is down (master,fail); it serves no hash slots"
+            )],
+        ),
+        (
+            "WARN",
+            vec![&*format!(
+                "redis master 127.0.0.1:{promoted} has no working replica"
+            )],
+        ),
+        (
+            "OK",
+            vec![&*format!(
+                "redis master 127.0.0.1:{promoted}: persistence: appendonly yes"
+            )],
+        ),
+    ] {
+        assert_eq!(
+            lines_with(&out, level, &parts).len(),
+            1,
+            "{parts:?} in:\n{out}"
+        );
+    }
+    assert_eq!(
+        lines_with(&out, "FAIL", &[]).len(),
+        1,
+        "only the daemon's refusal:\n{out}"
+    );
+}
+
+/// pgcache's hash slots are the cluster's, for the key shapes it writes: rows, their
+/// leases (in the row's slot, PROTOCOL.md "Lease keys"), the checkpoint, hash-tagged keys.
+#[test]
+fn key_slots_agree_with_the_cluster() {
+    let cluster = TestRedisCluster::start_with(1, 0, RedisOptions::default()).unwrap();
+    let node = &cluster.nodes()[0];
+    let slot_of = |key: &str| -> u16 {
+        node.cli(&["CLUSTER", "KEYSLOT", key])
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let rows = [
+        "item:1",
+        "pgcache:{pgcache}:checkpoint",
+        "tenant:{42}:order:7",
+        "app:user:profile:\u{e9}t\u{e9}",
+        "a{}b",
+        "x{{y}}z",
+        "",
+    ]
+    .map(String::from);
+    // Each hash slot's checkpoint (docs/cluster.md) lands in that slot.
+    for hash_slot in (0..16384u16).step_by(97).chain([16383]) {
+        let key = pgcache::checkpoint::slot_checkpoint_key("app:", "pgcache", hash_slot);
+        assert_eq!(slot_of(&key), hash_slot, "{key}");
+    }
+    for key in rows
+        .iter()
+        .cloned()
+        .chain((0..200).map(|i| format!("user:profile:{i}")))
+    {
+        let slot = slot_of(&key);
+        assert_eq!(key_slot(key.as_bytes()), slot, "{key:?}");
+        if !key.is_empty() && !key.contains("{}") {
+            let lease = lease_key(&key);
+            assert_eq!(slot_of(&lease), slot, "{lease:?} is not in {key:?}'s slot");
+        }
+    }
+}
+
+/// Until the daemon's cluster apply exists, nothing but `check` accepts a cluster (or
+/// sentinels): `run` exits 2 before it connects, the library's entry points refuse, and
+/// each says what is supported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn everything_but_check_refuses_a_cluster_and_says_what_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster_toml = format!(
+        "[postgres]\nurl = \"postgres://u@127.0.0.1:1/db\"\n[redis]\nurl = \"redis://127.0.0.1:1\"\ncluster = true\n{RULE}"
+    );
+    let sentinel_toml = format!(
+        "[postgres]\nurl = \"postgres://u@127.0.0.1:1/db\"\n[redis.sentinel]\nmaster = \"m\"\nurls = [\"redis://127.0.0.1:1\"]\n{RULE}"
+    );
+    for (name, text, setting) in [
+        (
+            "cluster.toml",
+            &cluster_toml,
+            "redis.cluster = true (Redis Cluster)",
+        ),
+        (
+            "sentinel.toml",
+            &sentinel_toml,
+            "[redis.sentinel] (Redis Sentinel)",
+        ),
+    ] {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        let path = path.display().to_string();
+        let (code, out, err) =
+            tokio::task::spawn_blocking(move || pgcache(&["run", "--config", &path]))
+                .await
+                .unwrap();
+        assert_eq!(code, 2, "{out}\n{err}");
+        assert!(
+            err.contains(&format!(
+                "error: {setting} is not supported by the daemon (pgcache run) yet: the daemon, \
+                 the read helper, verify and status work with one Redis server (redis.url)"
+            )),
+            "{err}"
+        );
+
+        for command in ["verify", "status"] {
+            let path = dir.path().join(name).display().to_string();
+            let (code, out, err) =
+                tokio::task::spawn_blocking(move || pgcache(&[command, "--config", &path]))
+                    .await
+                    .unwrap();
+            assert_eq!(code, 2, "{command}: {out}\n{err}");
+            assert!(
+                err.contains(&format!(
+                    "error: {setting} is not supported by pgcache {command} yet"
+                )),
+                "{command}: {err}"
+            );
+        }
+
+        let config = Arc::new(Config::from_toml_str(text).unwrap());
+        let (_stop, stopped) = watch::channel(false);
+        let err = pgcache::daemon::run(config.clone(), stopped, Default::default())
+            .await
+            .expect_err("the daemon refuses");
+        assert!(err.is_fatal(), "{err}");
+        assert!(err.to_string().contains(setting), "{err}");
+        let Err(err) = Reader::from_config(&config) else {
+            panic!("the reader refuses a {setting}");
+        };
+        let err = err.to_string();
+        assert!(
+            err.contains(&format!(
+                "{setting} is not supported by the read helper (Reader::from_config) yet"
+            )),
+            "{err}"
+        );
+    }
+}
+
+/// The guarded write of one hash slot (check script declaring every key, then MULTI ... EXEC
+/// with the slot's checkpoint) keeps going while its slot migrates to another master by hand
+/// (SETSLOT IMPORTING/MIGRATING, MIGRATE key by key, SETSLOT NODE), as `redis-cli --cluster
+/// reshard` does: every write lands exactly once and in order (the log list is 1..=N), the
+/// checkpoint moves with the slot, and the router follows MOVED, ASK and TRYAGAIN.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_transaction_follows_a_live_migration_exactly_once() {
+    use pgcache::daemon::slot_router::{SlotRouter, SlotTransaction};
+
+    const WRITES: u64 = 3000;
+    let cluster =
+        tokio::task::spawn_blocking(|| TestRedisCluster::start_with(2, 0, RedisOptions::default()))
+            .await
+            .unwrap()
+            .expect("start a 2-master cluster");
+    let slot = key_slot(b"{w}");
+    let (ck, log) = ("pgcache:{w}:ck", "log:{w}");
+    let source = cluster.master_of_slot(slot).unwrap().port();
+    let target = cluster
+        .nodes()
+        .iter()
+        .map(|n| n.port())
+        .find(|&p| p != source)
+        .unwrap();
+    let node = |port: u16| cluster.nodes().iter().find(|n| n.port() == port).unwrap();
+    let id = |port: u16| node(port).cli(&["CLUSTER", "MYID"]).unwrap();
+    let (source_id, target_id) = (id(source), id(target));
+
+    let mut router = SlotRouter::connect(&cluster.urls(), None).await.unwrap();
+    assert_eq!(
+        router.owner(slot),
+        Some(format!("127.0.0.1:{source}").as_str())
+    );
+    let check = "local lsn = redis.call('HGET', KEYS[1], 'lsn') or '0' \
+                 if lsn ~= ARGV[1] then return lsn end return 'ok'";
+    let migrated = Arc::new(std::sync::atomic::AtomicBool::new(false));
+
+    // Run on a blocking thread once the writer is under way, with connections of its own.
+    let migration = {
+        let migrated = migrated.clone();
+        let (source_url, target_url) = (node(source).url(), node(target).url());
+        let (source_id, target_id) = (source_id.clone(), target_id.clone());
+        move || -> redis::RedisResult<()> {
+            let mut src = redis::Client::open(source_url)?.get_connection()?;
+            let mut tgt = redis::Client::open(target_url)?.get_connection()?;
+            let setslot = |state: &str, id: &str| {
+                let mut cmd = redis::cmd("CLUSTER");
+                cmd.arg("SETSLOT").arg(slot).arg(state).arg(id);
+                cmd
+            };
+            setslot("IMPORTING", &source_id).query::<()>(&mut tgt)?;
+            setslot("MIGRATING", &target_id).query::<()>(&mut src)?;
+            loop {
+                let keys: Vec<String> = redis::cmd("CLUSTER")
+                    .arg("GETKEYSINSLOT")
+                    .arg(slot)
+                    .arg(1)
+                    .query(&mut src)?;
+                let Some(key) = keys.first() else { break };
+                redis::cmd("MIGRATE")
+                    .arg("127.0.0.1")
+                    .arg(target)
+                    .arg("")
+                    .arg(0)
+                    .arg(5000)
+                    .arg("KEYS")
+                    .arg(key)
+                    .query::<()>(&mut src)?;
+            }
+            setslot("NODE", &target_id).query::<()>(&mut tgt)?;
+            setslot("NODE", &target_id).query::<()>(&mut src)?;
+            migrated.store(true, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        }
+    };
+
+    let mut migration = Some(migration);
+    let mut handle = None;
+    let mut retries = 0u64;
+    for i in 1..=WRITES {
+        if i == 200 {
+            handle = Some(tokio::task::spawn_blocking(migration.take().unwrap()));
+        }
+        let row = format!("row:{{w}}:{}", i % 50);
+        let mut tx = SlotTransaction::default();
+        let mut watch = redis::cmd("WATCH");
+        watch.arg(ck);
+        let mut eval = redis::cmd("EVAL");
+        eval.arg(check)
+            .arg(3)
+            .arg(ck)
+            .arg(&row)
+            .arg(log)
+            .arg((i - 1).to_string());
+        tx.pre = vec![watch, eval];
+        let mut set = redis::cmd("SET");
+        set.arg(&row).arg(i);
+        let mut push = redis::cmd("RPUSH");
+        push.arg(log).arg(i);
+        let mut hset = redis::cmd("HSET");
+        hset.arg(ck).arg("lsn").arg(i);
+        tx.ops = vec![set, push, hset];
+        loop {
+            let replies = router.send(slot, &tx).await.unwrap();
+            let verdict: String = redis::from_redis_value(replies.pre[1].clone()).unwrap();
+            assert_eq!(verdict, "ok", "write {i}: the checkpoint moved");
+            match replies.exec {
+                redis::Value::Array(_) => break,
+                // MIGRATE touched the watched checkpoint: nothing ran; the check decides again.
+                redis::Value::Nil => retries += 1,
+                other => panic!("write {i}: EXEC replied {other:?}"),
+            }
+        }
+    }
+    handle
+        .expect("the migration started")
+        .await
+        .unwrap()
+        .expect("the migration ran");
+    assert!(migrated.load(std::sync::atomic::Ordering::SeqCst));
+
+    // Everything is on the target, once and in order.
+    let target_node = node(target);
+    let logged = target_node.cli(&["LRANGE", log, "0", "-1"]).unwrap();
+    let logged: Vec<u64> = logged.lines().map(|l| l.parse().unwrap()).collect();
+    assert_eq!(logged, (1..=WRITES).collect::<Vec<_>>());
+    assert_eq!(
+        target_node.cli(&["HGET", ck, "lsn"]).unwrap(),
+        WRITES.to_string()
+    );
+    for j in 0..50u64 {
+        let last = (1..=WRITES).filter(|i| i % 50 == j).max().unwrap();
+        assert_eq!(
+            target_node
+                .cli(&["GET", &format!("row:{{w}}:{j}")])
+                .unwrap(),
+            last.to_string()
+        );
+    }
+    let slot_text = slot.to_string();
+    assert_eq!(
+        node(source)
+            .cli(&["CLUSTER", "COUNTKEYSINSLOT", &slot_text])
+            .unwrap(),
+        "0"
+    );
+    let redirects = router.redirects();
+    assert!(redirects.moved >= 1, "{redirects:?}");
+    assert_eq!(
+        router.owner(slot),
+        Some(format!("127.0.0.1:{target}").as_str())
+    );
+    eprintln!("redirects during the migration: {redirects:?}, EXEC retried {retries} times");
+}
+
+/// A batch split by hash slot, each slot's part written through the router in the guarded
+/// transaction with that slot's own checkpoint: every value and deletion lands on the master
+/// of its slot, leases are revoked, each touched slot's checkpoint holds the position and
+/// no other slot's does, and a write from another owner or at a stale position is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_slot_part_is_written_with_its_own_checkpoint() {
+    use pgcache::checkpoint::slot_checkpoint_key;
+    use pgcache::daemon::apply::script::{Owner, Refused};
+    use pgcache::daemon::apply::slot_write::{SlotOutcome, SlotWrite, SlotWriteError};
+    use pgcache::daemon::apply::slots::{split, Segment};
+    use pgcache::daemon::apply::Op;
+    use pgcache::daemon::slot_router::SlotRouter;
+    use pgcache::Lsn;
+
+    let cluster =
+        tokio::task::spawn_blocking(|| TestRedisCluster::start_with(3, 0, RedisOptions::default()))
+            .await
+            .unwrap()
+            .expect("start a 3-master cluster");
+    let cli = |key: &str, args: &[&str]| -> String {
+        cluster
+            .master_of_slot(key_slot(key.as_bytes()))
+            .unwrap()
+            .cli(args)
+            .unwrap()
+    };
+    let set = |key: String, value: String| Op::Set {
+        key,
+        value: value.into_bytes(),
+        ttl_ms: None,
+    };
+    let mut ops: Vec<Op> = (0..200)
+        .map(|i| set(format!("item:{i}"), format!("v{i}")))
+        .collect();
+    ops.push(set("tenant:{7}:a".into(), "a".into()));
+    ops.push(set("tenant:{7}:b".into(), "b".into()));
+    ops.push(Op::Del {
+        key: "item:5".into(),
+    });
+    // Leases a reader took before these changes: each write revokes its key's.
+    for i in 0..10 {
+        let lease = lease_key(&format!("item:{i}"));
+        cli(&lease, &["SET", &lease, "token"]);
+    }
+
+    let batch = split(ops);
+    let [Segment::Slots(slots)] = batch.segments.as_slice() else {
+        panic!("{:?}", batch.segments)
+    };
+    assert_eq!(batch.transactions(), slots.len());
+    let position = Lsn(0x100);
+    let owner_of = |slot: u16, token: &str, at: Option<Lsn>| Owner {
+        checkpoint_key: slot_checkpoint_key("", "pgcache", slot),
+        token: token.to_string(),
+        epoch: "e".to_string(),
+        position: at,
+    };
+    let mut router = SlotRouter::connect(&cluster.urls(), None).await.unwrap();
+    for (&slot, ops) in slots {
+        // What the takeover of every slot will do.
+        let ck = slot_checkpoint_key("", "pgcache", slot);
+        cli(&ck, &["HSET", &ck, "epoch", "e", "owner", "o"]);
+        let write = SlotWrite::new(&owner_of(slot, "o", None), ops, Some(position), 1);
+        loop {
+            let replies = router.send(slot, &write.tx).await.unwrap();
+            match write.outcome(&replies).unwrap() {
+                SlotOutcome::Applied { repairs } => {
+                    assert!(repairs.is_empty());
+                    break;
+                }
+                SlotOutcome::Retry => {}
+            }
+        }
+    }
+
+    for i in (0..200).filter(|&i| i != 5) {
+        let key = format!("item:{i}");
+        assert_eq!(cli(&key, &["GET", &key]), format!("v{i}"));
+    }
+    assert_eq!(cli("item:5", &["EXISTS", "item:5"]), "0");
+    assert_eq!(cli("tenant:{7}:b", &["GET", "tenant:{7}:b"]), "b");
+    for i in 0..10 {
+        let lease = lease_key(&format!("item:{i}"));
+        assert_eq!(
+            cli(&lease, &["EXISTS", &lease]),
+            "0",
+            "{lease} was not revoked"
+        );
+    }
+    for &slot in slots.keys() {
+        let ck = slot_checkpoint_key("", "pgcache", slot);
+        assert_eq!(cli(&ck, &["HGET", &ck, "lsn"]), "0/100", "{ck}");
+    }
+    let untouched = (0..16384u16).find(|s| !slots.contains_key(s)).unwrap();
+    let ck = slot_checkpoint_key("", "pgcache", untouched);
+    assert_eq!(cli(&ck, &["EXISTS", &ck]), "0");
+
+    // Another owner, and a stale position, are refused and write nothing.
+    let (&slot, ops) = slots.iter().next().unwrap();
+    for (owner, expected) in [
+        (owner_of(slot, "intruder", Some(position)), "fenced"),
+        (owner_of(slot, "o", Some(Lsn(0x50))), "moved"),
+    ] {
+        let write = SlotWrite::new(&owner, ops, Some(Lsn(0x200)), 2);
+        let replies = router.send(slot, &write.tx).await.unwrap();
+        match (write.outcome(&replies), expected) {
+            (Err(SlotWriteError::Refused(Refused::Fenced(found))), "fenced") => {
+                assert_eq!(found, "o")
+            }
+            (Err(SlotWriteError::Refused(Refused::Moved { found, .. })), "moved") => {
+                assert_eq!(found, "0/100")
+            }
+            (other, _) => panic!("{expected}: {other:?}"),
+        }
+    }
+    let ck = slot_checkpoint_key("", "pgcache", slot);
+    assert_eq!(cli(&ck, &["HGET", &ck, "lsn"]), "0/100");
+}
+
+/// The takeover reaches every one of the 16384 slot checkpoints on its master: the first
+/// finds them all fresh; a second daemon's takes them over with their state (a position
+/// written meanwhile), keeps their epoch, and fences the first daemon's writes slot by slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_takeover_claims_every_slot_checkpoint_and_fences_the_old_owner() {
+    use pgcache::checkpoint::slot_checkpoint_key;
+    use pgcache::daemon::apply::script::{Owner, Refused};
+    use pgcache::daemon::apply::slot_write::{
+        takeover_slots, SlotOutcome, SlotWrite, SlotWriteError,
+    };
+    use pgcache::daemon::apply::Op;
+    use pgcache::daemon::slot_router::SlotRouter;
+    use pgcache::Lsn;
+
+    let cluster =
+        tokio::task::spawn_blocking(|| TestRedisCluster::start_with(3, 0, RedisOptions::default()))
+            .await
+            .unwrap()
+            .expect("start a 3-master cluster");
+    let mut router = SlotRouter::connect(&cluster.urls(), None).await.unwrap();
+
+    let first = takeover_slots(&mut router, "app:", "pgcache", "old", "e1")
+        .await
+        .unwrap();
+    assert_eq!(first.len(), 16384);
+    assert!(first.iter().all(|t| t.fresh && t.state.lsn.is_none()));
+    let mut per_master = 0;
+    for master in cluster.masters().unwrap() {
+        let keys: u64 = master.cli(&["DBSIZE"]).unwrap().parse().unwrap();
+        per_master += keys;
+        assert!(keys > 5000, "{keys} checkpoints on port {}", master.port());
+    }
+    assert_eq!(
+        per_master, 16384,
+        "one checkpoint per slot, each on its slot's master"
+    );
+
+    // The old daemon writes to one slot.
+    let slot = key_slot(b"app:item:1");
+    let owner = |token: &str, at: Option<Lsn>| Owner {
+        checkpoint_key: slot_checkpoint_key("app:", "pgcache", slot),
+        token: token.to_string(),
+        epoch: "e1".to_string(),
+        position: at,
+    };
+    let ops = vec![Op::Set {
+        key: "app:item:1".to_string(),
+        value: b"one".to_vec(),
+        ttl_ms: None,
+    }];
+    let write = SlotWrite::new(&owner("old", None), &ops, Some(Lsn(0x10)), 1);
+    let replies = router.send(slot, &write.tx).await.unwrap();
+    assert!(matches!(
+        write.outcome(&replies).unwrap(),
+        SlotOutcome::Applied { .. }
+    ));
+
+    // The new daemon takes over: it sees that position, and the epoch stays.
+    let second = takeover_slots(&mut router, "app:", "pgcache", "new", "e2")
+        .await
+        .unwrap();
+    assert!(second.iter().all(|t| !t.fresh));
+    assert!(
+        second
+            .iter()
+            .all(|t| t.state.epoch.as_deref() == Some("e1")
+                && t.state.owner.as_deref() == Some("new"))
+    );
+    assert_eq!(second[usize::from(slot)].state.lsn, Some(Lsn(0x10)));
+    assert_eq!(
+        second.iter().filter(|t| t.state.lsn.is_some()).count(),
+        1,
+        "only the written slot has a position"
+    );
+
+    // The old daemon's next write to that slot is refused, and nothing of it lands.
+    let late = SlotWrite::new(&owner("old", Some(Lsn(0x10))), &ops, Some(Lsn(0x20)), 2);
+    let replies = router.send(slot, &late.tx).await.unwrap();
+    match late.outcome(&replies) {
+        Err(SlotWriteError::Refused(Refused::Fenced(found))) => assert_eq!(found, "new"),
+        other => panic!("{other:?}"),
+    }
+    let ck = slot_checkpoint_key("app:", "pgcache", slot);
+    let master = cluster.master_of_slot(slot).unwrap();
+    assert_eq!(master.cli(&["HGET", &ck, "lsn"]).unwrap(), "0/10");
+}
