@@ -606,3 +606,42 @@ async fn review_a_table_dropped_and_created_again_leaves_no_old_keys() {
     assert_eq!(code, 0, "{out}");
     daemon.stop().await.unwrap();
 }
+
+/// Review 3, R6: a refresh table's cached row, its partition detached, updated and attached
+/// again in one transaction (no row change under the table's name): the attach's resync
+/// makes the daemon forget the table's keys, so the old value is not served for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_a_refresh_table_forgets_its_keys_on_attach() {
+    let env = Env::start(
+        "CREATE TABLE items (id int PRIMARY KEY, v text) PARTITION BY RANGE (id);
+         CREATE TABLE items_p1 PARTITION OF items FOR VALUES FROM (1) TO (100);
+         INSERT INTO items SELECT g, 'v' || g FROM generate_series(1, 10) g;",
+        "public.items",
+    );
+    let rule = "[[tables]]\ntable = \"items\"\nkey = \"item:{id}\"\nmode = \"refresh\"\n";
+    let config = env.config(rule);
+    let daemon = InProcess::start(config.clone());
+    let mut r = env.redis().await;
+    wait_streaming(&mut r).await;
+    let reader = Reader::from_config_with(&config, ReaderOptions::default()).unwrap();
+    let items = reader.table("public.items").unwrap();
+    let value: serde_json::Value = items.get(5).await.unwrap().expect("row 5");
+    assert_eq!(value["v"], "v5");
+    assert!(get(&mut r, "item:5").await.is_some(), "the fill is cached");
+    env.sql(
+        "BEGIN;
+         ALTER TABLE items DETACH PARTITION items_p1;
+         UPDATE items_p1 SET v = 'changed' WHERE id = 5;
+         ALTER TABLE items ATTACH PARTITION items_p1 FOR VALUES FROM (1) TO (100);
+         COMMIT;",
+    );
+    settled(&env, &mut r).await;
+    assert_eq!(
+        get(&mut r, "item:5").await,
+        None,
+        "the old value is still cached"
+    );
+    let value: serde_json::Value = items.get(5).await.unwrap().expect("row 5");
+    assert_eq!(value["v"], "changed");
+    daemon.stop().await.unwrap();
+}
