@@ -345,6 +345,17 @@ pub(crate) fn table_state(
                 column_list(relation)
             ));
         };
+        if relation.replica_identity != b'f' && !relation.columns[at].is_key() {
+            // Deletes and key changes would come without this column: the old row's key
+            // could not be named, and would stay stale (`ALTER TABLE ... REPLICA IDENTITY`
+            // made while running).
+            return Err(format!(
+                "key template {:?} of {} names column {name:?}, which is not in the replica                  identity, so deletes and key changes could not name the old row's key: run                  ALTER TABLE {} REPLICA IDENTITY FULL (or key the rule by the primary key)",
+                rule.key.as_str(),
+                rule.qualified_name(),
+                rule.qualified_name()
+            ));
+        }
         key_positions.push(at);
     }
     let mut invalidate_positions = Vec::with_capacity(rule.invalidate.len());

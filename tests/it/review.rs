@@ -645,3 +645,30 @@ async fn review_a_refresh_table_forgets_its_keys_on_attach() {
     assert_eq!(value["v"], "changed");
     daemon.stop().await.unwrap();
 }
+
+/// Review 3, R1: the replica identity changed under a running daemon so that the key column
+/// is no longer in it: deletes would come without the key, so the table stops with its keys
+/// deleted (nothing stale served) instead of keeping keys of deleted rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_a_replica_identity_without_the_key_stops_the_table() {
+    let env = Env::start(
+        "CREATE TABLE users (id int PRIMARY KEY, email text NOT NULL UNIQUE);
+         INSERT INTO users SELECT g, 'u' || g || '@x' FROM generate_series(1, 5) g;",
+        "public.users",
+    );
+    let rule = "[[tables]]\ntable = \"users\"\nkey = \"user:{id}\"\n";
+    let daemon = InProcess::start(env.config(rule));
+    let mut r = env.redis().await;
+    wait_backfill_done(&mut r, "public.users", Duration::from_secs(60)).await;
+    assert_eq!(keys(&mut r, "user:*").await.len(), 5);
+    env.sql(
+        "ALTER TABLE users REPLICA IDENTITY USING INDEX users_email_key;
+         DELETE FROM users WHERE id = 1;",
+    );
+    eventually(Duration::from_secs(30), "the table's keys gone", || {
+        let mut r = r.clone();
+        async move { keys(&mut r, "user:*").await.is_empty().then_some(()) }
+    })
+    .await;
+    daemon.stop().await.unwrap();
+}
