@@ -672,3 +672,35 @@ async fn review_a_replica_identity_without_the_key_stops_the_table() {
     .await;
     daemon.stop().await.unwrap();
 }
+
+/// Review 3, R15: a publication row filter leaves the changes of rows outside it out of the
+/// stream: `check` fails the table with the fix, and the daemon stops it (no keys) rather
+/// than serving what the backfill read for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_a_publication_row_filter_is_refused() {
+    let env = Env::start(
+        "CREATE TABLE items (id int PRIMARY KEY, v text);
+         INSERT INTO items SELECT g, 'v' || g FROM generate_series(1, 20) g;",
+        "public.items",
+    );
+    env.sql("ALTER PUBLICATION pgcache SET TABLE items WHERE (id < 10), pgcache.events");
+    let rule = "[[tables]]\ntable = \"items\"\nkey = \"item:{id}\"\n";
+    let config_path = env.write_config(rule).display().to_string();
+    let (code, out, err) =
+        tokio::task::spawn_blocking(move || pgcache(&["check", "--config", &config_path]))
+            .await
+            .unwrap();
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(out.contains("row filter (WHERE (id < 10))"), "{out}{err}");
+    assert!(
+        out.contains("DROP TABLE \"public\".\"items\""),
+        "{out}{err}"
+    );
+    let daemon = InProcess::start(env.config(rule));
+    let mut r = env.redis().await;
+    wait_streaming(&mut r).await;
+    env.sql("UPDATE items SET v = 'x' WHERE id = 15");
+    settled(&env, &mut r).await;
+    assert_eq!(keys(&mut r, "item:*").await, Vec::<String>::new());
+    daemon.stop().await.unwrap();
+}

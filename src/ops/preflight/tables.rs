@@ -48,6 +48,9 @@ pub(super) async fn table_findings(
             ),
         ));
     }
+    if published {
+        findings.extend(row_filter_finding(client, config, rule).await?);
+    }
     let columns: Vec<(String, bool)> = crate::sql::table_columns(client, &rule.schema, &rule.name)
         .await?
         .map(|(_, attributes)| {
@@ -290,6 +293,39 @@ async fn privilege_finding(
         Finding::warn(
             format!("{what}; the read helper cannot fill misses if it connects as this role"),
             fix,
+        )
+    }))
+}
+
+/// A publication row filter (`ADD TABLE t WHERE (...)`, Postgres 15+): the backfill reads
+/// every row but the stream brings only the filtered ones' changes, so the others would
+/// stay as first read, for good.
+async fn row_filter_finding(
+    client: &tokio_postgres::Client,
+    config: &Config,
+    rule: &TableRule,
+) -> Result<Option<Finding>, tokio_postgres::Error> {
+    let filter: Option<String> = client
+        .query_opt(
+            "SELECT rowfilter FROM pg_publication_tables \
+             WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
+            &[&config.postgres.publication, &rule.schema, &rule.name],
+        )
+        .await?
+        .and_then(|row| row.get(0));
+    Ok(filter.map(|filter| {
+        let qualified = quote_qualified(&rule.schema, &rule.name);
+        Finding::fail(
+            format!(
+                "table {} is published with a row filter (WHERE {filter}): changes to rows \
+                 outside it never arrive, so their cached values would go stale",
+                rule.qualified_name()
+            ),
+            format!(
+                "ALTER PUBLICATION {pubname} DROP TABLE {qualified}; \
+                 ALTER PUBLICATION {pubname} ADD TABLE {qualified};",
+                pubname = quote_ident(&config.postgres.publication),
+            ),
         )
     }))
 }
