@@ -299,6 +299,10 @@ enum Loss {
     /// The replication slot was lost (gone or invalidated, `reason`) and created again: the
     /// changes since its last position are gone from the WAL.
     SlotLost { reason: String },
+    /// The checkpoint is ahead of the server's WAL: Postgres went back in time (restored
+    /// from a copy of its data directory, or a lagging standby promoted), so Redis holds
+    /// changes Postgres no longer has.
+    PostgresBehind { checkpoint: Lsn, server: Lsn },
 }
 
 async fn session(
@@ -361,7 +365,14 @@ async fn session(
 
     let mut replication = ReplicationConnection::connect(target).await?;
     let identity = replication.identify_system().await?;
-    let start = before.lsn.unwrap_or(Lsn::ZERO);
+    // A checkpoint ahead of the server's WAL: Postgres went back in time (restored from a
+    // copy, or a lagging standby promoted). Asking to start there would skip every commit
+    // the server makes until it gets there again, so the stream starts where the slot is.
+    let postgres_behind = before.lsn.is_some_and(|lsn| lsn > identity.xlog_pos);
+    let start = match before.lsn {
+        Some(lsn) if !postgres_behind => lsn,
+        _ => Lsn::ZERO,
+    };
     let mut stream = match replication
         .start_logical(&config.postgres.slot, start, &config.postgres.publication)
         .await
@@ -407,7 +418,11 @@ async fn session(
         ));
     }
     let slot_confirmed = slot_confirmed(&catalog, &config.postgres.slot).await?;
-    let loss = Loss::detect(&before, &taken, slot_confirmed);
+    let loss = Loss::detect(&before, &taken, slot_confirmed, identity.xlog_pos);
+    if matches!(loss, Some(Loss::PostgresBehind { .. })) {
+        // What this process applied is from the lost future: nothing to mute.
+        applied.position = None;
+    }
     let saved = taken.state;
 
     // Backfills scan keys on a connection of their own: the writes' connection carries
@@ -497,6 +512,7 @@ impl Loss {
         before: &CheckpointState,
         taken: &checkpoint::Takeover,
         slot_confirmed: Lsn,
+        server_wal: Lsn,
     ) -> Option<Loss> {
         if taken.fresh {
             Some(Loss::NoCheckpoint {
@@ -505,6 +521,11 @@ impl Loss {
         } else if let Some(reason) = &taken.state.slot_lost {
             Some(Loss::SlotLost {
                 reason: reason.clone(),
+            })
+        } else if let Some(checkpoint) = taken.state.lsn.filter(|&lsn| lsn > server_wal) {
+            Some(Loss::PostgresBehind {
+                checkpoint,
+                server: server_wal,
             })
         } else if taken.state.lsn.unwrap_or(Lsn::ZERO) < slot_confirmed {
             Some(Loss::Behind {
@@ -657,6 +678,14 @@ impl Stream<'_> {
                  changes in between are gone from it, so every table's keys are dropped and \
                  the mirror tables backfilled"
             ),
+            Loss::PostgresBehind { checkpoint, server } => error!(
+                %checkpoint,
+                %server,
+                "Postgres went back in time: the checkpoint in Redis is ahead of the server's \
+                 WAL (restored from a copy of its data directory, or a lagging standby \
+                 promoted); Redis holds changes Postgres no longer has, so every table's keys \
+                 are dropped and the mirror tables backfilled"
+            ),
             Loss::SlotLost { reason } => warn!(
                 slot = %self.config.postgres.slot,
                 %reason,
@@ -668,6 +697,9 @@ impl Stream<'_> {
         match loss {
             Loss::NoCheckpoint { had_data: true } | Loss::Behind { .. } => {
                 metrics::counter!(m::ERRORS, "kind" => "redis_data_lost").increment(1);
+            }
+            Loss::PostgresBehind { .. } => {
+                metrics::counter!(m::ERRORS, "kind" => "postgres_data_lost").increment(1);
             }
             Loss::SlotLost { .. } => {
                 metrics::counter!(m::ERRORS, "kind" => "slot_lost").increment(1);

@@ -47,7 +47,7 @@ pub fn describe() {
     );
     describe_counter!(
         ERRORS,
-        "Errors by kind (rule, change, too_large, key_too_large, redis, postgres, redis_data_lost, control)"
+        "Errors by kind (rule, change, too_large, key_too_large, redis, postgres, redis_data_lost, postgres_data_lost, control)"
     );
     describe_histogram!(
         VISIBILITY_WAIT,
