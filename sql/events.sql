@@ -37,6 +37,15 @@ CREATE TABLE IF NOT EXISTS pgcache.partitions (
 );
 REVOKE ALL ON TABLE pgcache.partitions FROM PUBLIC;
 
+-- The columns each published table had at the last DDL the triggers saw: an ALTER TABLE
+-- that changes them without a row change in the WAL (ADD COLUMN ... DEFAULT fills every
+-- row at once) is reported as a resync.
+CREATE TABLE IF NOT EXISTS pgcache.columns (
+  relid   oid PRIMARY KEY,
+  columns text NOT NULL
+);
+REVOKE ALL ON TABLE pgcache.columns FROM PUBLIC;
+
 -- The publication whose partitioned tables the triggers watch.
 CREATE TABLE IF NOT EXISTS pgcache.settings (
   name  text PRIMARY KEY,
@@ -83,6 +92,28 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
                     AND t.schemaname = n.nspname AND t.tablename = c.relname);
 $$;
 REVOKE ALL ON FUNCTION pgcache.published_root(oid) FROM PUBLIC;
+
+-- A table the publication carries (itself, or as the root of its partition tree), as
+-- schema.name, or NULL.
+CREATE OR REPLACE FUNCTION pgcache.published_table(rel oid) RETURNS text
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+  SELECT format('%s.%s', n.nspname, c.relname)
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+   WHERE c.oid = coalesce(pg_partition_root(rel), rel)
+     AND c.relkind IN ('r', 'p')
+     AND EXISTS (SELECT 1 FROM pg_publication_tables t
+                  WHERE t.pubname = (SELECT value FROM pgcache.settings WHERE name = 'publication')
+                    AND t.schemaname = n.nspname AND t.tablename = c.relname);
+$$;
+REVOKE ALL ON FUNCTION pgcache.published_table(oid) FROM PUBLIC;
+
+-- The columns of a table as name:type:modifier, in order: what its cached values hold.
+CREATE OR REPLACE FUNCTION pgcache.columns_of(rel oid) RETURNS text
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+  SELECT coalesce(string_agg(format('%s:%s:%s', attname, atttypid, atttypmod), ',' ORDER BY attnum), '')
+    FROM pg_attribute WHERE attrelid = rel AND attnum > 0 AND NOT attisdropped;
+$$;
+REVOKE ALL ON FUNCTION pgcache.columns_of(oid) FROM PUBLIC;
 
 CREATE OR REPLACE FUNCTION pgcache.on_partition_truncate() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
@@ -142,6 +173,24 @@ BEGIN
   FOR cmd IN SELECT * FROM pg_event_trigger_ddl_commands()
               WHERE object_type IN ('table', 'table column') LOOP
     CONTINUE WHEN NOT EXISTS (SELECT 1 FROM pg_class WHERE oid = cmd.objid);
+    -- Columns changed under a published table, with no row change in the WAL: every
+    -- cached value is in the old shape until its row changes.
+    published := pgcache.published_table(cmd.objid);
+    IF published IS NOT NULL AND cmd.command_tag = 'ALTER TABLE' THEN
+      DECLARE
+        now_columns text := pgcache.columns_of(coalesce(pg_partition_root(cmd.objid), cmd.objid));
+        was text;
+      BEGIN
+        SELECT c.columns INTO was FROM pgcache.columns c
+         WHERE c.relid = coalesce(pg_partition_root(cmd.objid), cmd.objid);
+        IF was IS DISTINCT FROM now_columns THEN
+          INSERT INTO pgcache.columns VALUES (coalesce(pg_partition_root(cmd.objid), cmd.objid), now_columns)
+            ON CONFLICT (relid) DO UPDATE SET columns = excluded.columns;
+          -- Unknown before (published after this script ran): changed, to be safe.
+          PERFORM pgcache.emit('resync', published);
+        END IF;
+      END;
+    END IF;
     root_oid := pg_partition_root(cmd.objid);
     published := pgcache.published_root(root_oid);
     CONTINUE WHEN published IS NULL;
@@ -183,6 +232,24 @@ REVOKE ALL ON FUNCTION pgcache.on_drop() FROM PUBLIC;
 DROP EVENT TRIGGER IF EXISTS pgcache_ddl;
 CREATE EVENT TRIGGER pgcache_ddl ON ddl_command_end
   WHEN TAG IN ('CREATE TABLE', 'ALTER TABLE') EXECUTE FUNCTION pgcache.on_ddl();
+-- A table rewritten by ALTER TABLE (ALTER COLUMN ... TYPE ... USING, among others) has new
+-- values in every row, and none of them is a row change in the WAL.
+CREATE OR REPLACE FUNCTION pgcache.on_rewrite() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  published text := pgcache.published_table(pg_event_trigger_table_rewrite_oid());
+BEGIN
+  IF published IS NOT NULL THEN
+    PERFORM pgcache.emit('resync', published);
+  END IF;
+END
+$$;
+REVOKE ALL ON FUNCTION pgcache.on_rewrite() FROM PUBLIC;
+
+DROP EVENT TRIGGER IF EXISTS pgcache_rewrite;
+CREATE EVENT TRIGGER pgcache_rewrite ON table_rewrite
+  WHEN TAG IN ('ALTER TABLE') EXECUTE FUNCTION pgcache.on_rewrite();
+
 DROP EVENT TRIGGER IF EXISTS pgcache_drop;
 CREATE EVENT TRIGGER pgcache_drop ON sql_drop
   WHEN TAG IN ('DROP TABLE') EXECUTE FUNCTION pgcache.on_drop();
@@ -194,3 +261,12 @@ SELECT count(*) AS partitions_watched
   JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = t.tablename AND c.relkind = 'p'
   CROSS JOIN LATERAL pgcache.watch_partitions(c.oid)
  WHERE t.pubname = current_setting('pgcache.publication');
+
+-- Record the columns of the tables published now.
+INSERT INTO pgcache.columns
+SELECT c.oid, pgcache.columns_of(c.oid)
+  FROM pg_publication_tables t
+  JOIN pg_namespace n ON n.nspname = t.schemaname
+  JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = t.tablename
+ WHERE t.pubname = current_setting('pgcache.publication')
+ON CONFLICT (relid) DO UPDATE SET columns = excluded.columns;

@@ -790,3 +790,45 @@ async fn review_postgres_restored_from_an_older_copy_is_followed() {
     daemon.stop().await.unwrap();
     let _ = std::fs::remove_dir_all(&copy);
 }
+
+/// Review 3, R11: an ALTER TABLE that changes every row without a row change in the WAL
+/// (a rewrite with `USING`, a column added with a default) reaches every cached value while
+/// the daemon runs, through the event triggers of `sql/events.sql`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_alter_table_without_row_changes_reaches_the_values() {
+    let env = Env::start(
+        "CREATE TABLE items (id int PRIMARY KEY, price numeric(10,2) NOT NULL);
+         INSERT INTO items SELECT g, g FROM generate_series(1, 5) g;",
+        "public.items",
+    );
+    let rule = "[[tables]]\ntable = \"items\"\nkey = \"item:{id}\"\n";
+    let daemon = InProcess::start(env.config(rule));
+    let mut r = env.redis().await;
+    wait_backfill_done(&mut r, "public.items", Duration::from_secs(60)).await;
+    assert_eq!(
+        get(&mut r, "item:3").await.as_deref(),
+        Some(r#"{"id":3,"price":"3.00"}"#)
+    );
+    env.sql("ALTER TABLE items ALTER COLUMN price TYPE numeric(10,2) USING price * 100");
+    eventually(Duration::from_secs(30), "the rewritten values", || {
+        let mut r = r.clone();
+        async move {
+            (get(&mut r, "item:3").await? == r#"{"id":3,"price":"300.00"}"#).then_some(())
+        }
+    })
+    .await;
+    env.sql("ALTER TABLE items ADD COLUMN label text NOT NULL DEFAULT 'new'");
+    eventually(Duration::from_secs(30), "the added column", || {
+        let mut r = r.clone();
+        async move {
+            (get(&mut r, "item:3").await? == r#"{"id":3,"price":"300.00","label":"new"}"#)
+                .then_some(())
+        }
+    })
+    .await;
+    wait_backfill_done(&mut r, "public.items", Duration::from_secs(60)).await;
+    settled(&env, &mut r).await;
+    let (code, out) = verify_config(&env.write_config(rule)).await;
+    assert_eq!(code, 0, "{out}");
+    daemon.stop().await.unwrap();
+}
