@@ -3,11 +3,15 @@
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! # #[derive(serde::Deserialize)] struct User { id: i64, email: String }
-//! let config = pgcache::config::Config::load("pgcache.toml".as_ref())?;
-//! let reader = pgcache::Reader::from_config(&config)?;
+//! let reader = pgcache::Reader::builder("postgres://app@db/shop", "redis://cache:6379")
+//!     .table("public.users", "user:{id}")
+//!     .build()?;
 //! let user: Option<User> = reader.get("public.users", 42).await?;
 //! # Ok(()) }
 //! ```
+//!
+//! With the `config-file` feature, `Reader::from_config(&Config::load(path)?)` takes the
+//! tables from the daemon's config file instead.
 //!
 //! The reader runs on Tokio: build it and call it inside a Tokio runtime, multi-thread or
 //! current-thread, with I/O and time enabled (see [`ReaderBuilder::build`]).

@@ -24,7 +24,6 @@ use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use rand::Rng;
 use redis::Script;
 
 use super::source::{KeyTexts, Read};
@@ -116,7 +115,7 @@ impl std::fmt::Debug for Lease {
 }
 
 pub(crate) fn new_token() -> String {
-    format!("{:032x}", rand::thread_rng().gen::<u128>())
+    format!("{:032x}", fastrand::u128(..))
 }
 
 pub(crate) fn millis(d: Duration) -> u64 {
@@ -525,9 +524,7 @@ impl Backoff {
         let step = self.next;
         self.next = (self.next * 2).min(self.max);
         let half = step / 2;
-        half + step
-            .saturating_sub(half)
-            .mul_f64(rand::thread_rng().gen::<f64>())
+        half + step.saturating_sub(half).mul_f64(fastrand::f64())
     }
 }
 

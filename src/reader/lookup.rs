@@ -461,7 +461,7 @@ fn maybe_refresh(
     remaining: Duration,
     beta: f64,
 ) {
-    let u = 1.0 - rand::random::<f64>();
+    let u = 1.0 - fastrand::f64();
     if !refresh::should_refresh(entry.fill_time.delta(), beta, remaining, u) {
         return;
     }
