@@ -124,6 +124,8 @@ pub(crate) struct Inner {
     breaker: Breaker,
     /// Computed keys (`get_with`) being resolved: one loader run per key per process.
     computed_flights: Flights<computed::Outcome>,
+    /// What computed-key calls did ([`Reader::computed_stats`]).
+    computed_counters: Counters,
 }
 
 pub(crate) struct TableEntry {
@@ -313,16 +315,51 @@ impl Reader {
         Fut: std::future::Future<Output = Result<T, E>>,
         E: Into<LoaderError>,
     {
-        let bytes = self
-            .get_with_bytes(key, ttl, move || async move {
+        let found = self.lookup_with(key, ttl, loader).await?;
+        // A computed lookup always has a value.
+        found
+            .value
+            .ok_or_else(|| ReaderError::Options(format!("{key}: no value")))
+    }
+
+    /// [`get_with_ttl`](Self::get_with_ttl) that also says how the value was served, as
+    /// [`lookup`](Self::lookup) does for rows: [`Served::Hit`] (cached), [`Served::Filled`]
+    /// (loaded under this process's lease and cached), [`Served::Waited`] (another process
+    /// filled it), [`Served::Fallback`] or [`Served::BreakerOpen`] (Redis failed or was
+    /// skipped: loaded, not cached), [`Served::Uncached`] (loaded, not cached: a change
+    /// invalidated the key meanwhile, the daemon lagged, or the wait for another process
+    /// reached the lease TTL). `value` is always `Some`. The same events are counted in
+    /// [`computed_stats`](Self::computed_stats), a loader run as a `db_read`.
+    ///
+    /// # Errors
+    /// As [`get_with`](Self::get_with).
+    pub async fn lookup_with<T, F, Fut, E>(
+        &self,
+        key: &str,
+        ttl: Option<std::time::Duration>,
+        loader: F,
+    ) -> Result<Lookup<T>, ReaderError>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<T, E>>,
+        E: Into<LoaderError>,
+    {
+        let found = self
+            .computed(key, ttl, move || async move {
                 let value = loader().await.map_err(Into::<LoaderError>::into)?;
                 serde_json::to_vec(&value).map_err(LoaderError::from)
             })
             .await?;
-        serde_json::from_slice(&bytes).map_err(|e| ReaderError::Decode {
-            table: "(computed)".to_string(),
+        let value = serde_json::from_slice(&found.value).map_err(|e| ReaderError::Decode {
+            table: computed::COUNTERS_LABEL.to_string(),
             key: key.to_string(),
             source: Arc::new(e),
+        })?;
+        Ok(Lookup {
+            value: Some(value),
+            served: found.served,
+            coalesced: found.coalesced,
         })
     }
 
@@ -342,13 +379,32 @@ impl Reader {
         Fut: std::future::Future<Output = Result<Vec<u8>, E>>,
         E: Into<LoaderError>,
     {
+        let found = self
+            .computed(key, ttl, move || async move {
+                loader().await.map_err(Into::<LoaderError>::into)
+            })
+            .await?;
+        Ok(found.value)
+    }
+
+    async fn computed<F, Fut>(
+        &self,
+        key: &str,
+        ttl: Option<std::time::Duration>,
+        loader: F,
+    ) -> Result<computed::Computed, ReaderError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<Vec<u8>, LoaderError>>,
+    {
         let redis_key = format!("{}{key}", self.inner.key_prefix);
         let ttl_ms = ttl.map_or(0, lease::millis);
-        let value = computed::get_with(&self.inner, &redis_key, ttl_ms, move || async move {
-            loader().await.map_err(Into::<LoaderError>::into)
-        })
-        .await?;
-        Ok(value.unwrap_or_default())
+        let found = computed::get_with(&self.inner, &redis_key, ttl_ms, loader).await?;
+        Ok(found.unwrap_or_else(|| computed::Computed {
+            value: Bytes::new(),
+            served: Served::Uncached,
+            coalesced: true,
+        }))
     }
 
     /// Renders a key template (`user:{user_id}:orders`) with `key`'s values escaped as the
@@ -414,12 +470,21 @@ impl Reader {
         self.wait_applied(position).await
     }
 
-    /// Counts over all tables since the reader was built.
+    /// Counts over all tables and computed keys since the reader was built.
     pub fn stats(&self) -> Stats {
         self.inner
             .tables
             .iter()
-            .fold(Stats::default(), |sum, t| sum.merge(t.counters.snapshot()))
+            .fold(self.computed_stats(), |sum, t| {
+                sum.merge(t.counters.snapshot())
+            })
+    }
+
+    /// Counts of computed keys ([`get_with`](Self::get_with) and its variants) since the
+    /// reader was built: the same events as a table's, with each loader run counted in
+    /// `db_reads`. Exported with the label `table="(computed)"`.
+    pub fn computed_stats(&self) -> Stats {
+        self.inner.computed_counters.snapshot()
     }
 }
 
