@@ -197,9 +197,6 @@ impl Reader {
         key: impl Key,
     ) -> Result<Option<T>, ReaderError> {
         let entry = self.inner.entry(table)?;
-        if entry.rule.format == Format::Hash {
-            return get_hash(&self.inner, entry, key).await;
-        }
         get(&self.inner, entry, key).await
     }
 
@@ -221,9 +218,6 @@ impl Reader {
     /// As [`get`](Self::get).
     pub async fn get_raw(&self, table: &str, key: impl Key) -> Result<Option<Bytes>, ReaderError> {
         let entry = self.inner.entry(table)?;
-        if entry.rule.format == Format::Hash {
-            return Ok(hash::fetch(&self.inner, entry, &key).await?.1);
-        }
         let found = fetch(&self.inner, entry, key).await?;
         Ok(found.value.map(Fetched::into_bytes))
     }
@@ -240,7 +234,6 @@ impl Reader {
         key: impl Key,
     ) -> Result<Lookup<T>, ReaderError> {
         let entry = self.inner.entry(table)?;
-        entry.json_only("lookup")?;
         lookup(&self.inner, entry, key).await
     }
 
@@ -255,9 +248,6 @@ impl Reader {
         keys: impl IntoIterator<Item = K>,
     ) -> Result<Vec<Option<T>>, ReaderError> {
         let entry = self.inner.entry(table)?;
-        if entry.rule.format == Format::Hash {
-            return get_many_hash(&self.inner, entry, keys).await;
-        }
         get_many(&self.inner, entry, keys).await
     }
 
@@ -636,9 +626,6 @@ impl Table {
     /// # Errors
     /// As [`Reader::get`].
     pub async fn get<T: DeserializeOwned>(&self, key: impl Key) -> Result<Option<T>, ReaderError> {
-        if self.entry.rule.format == Format::Hash {
-            return get_hash(&self.inner, &self.entry, key).await;
-        }
         get(&self.inner, &self.entry, key).await
     }
 
@@ -669,9 +656,6 @@ impl Table {
     /// # Errors
     /// As [`Reader::get`].
     pub async fn get_raw(&self, key: impl Key) -> Result<Option<Bytes>, ReaderError> {
-        if self.entry.rule.format == Format::Hash {
-            return Ok(hash::fetch(&self.inner, &self.entry, &key).await?.1);
-        }
         let found = fetch(&self.inner, &self.entry, key).await?;
         Ok(found.value.map(Fetched::into_bytes))
     }
@@ -694,7 +678,6 @@ impl Table {
         &self,
         key: impl Key,
     ) -> Result<Lookup<T>, ReaderError> {
-        self.entry.json_only("lookup")?;
         lookup(&self.inner, &self.entry, key).await
     }
 
@@ -706,26 +689,18 @@ impl Table {
         &self,
         keys: impl IntoIterator<Item = K>,
     ) -> Result<Vec<Option<T>>, ReaderError> {
-        if self.entry.rule.format == Format::Hash {
-            return get_many_hash(&self.inner, &self.entry, keys).await;
-        }
         get_many(&self.inner, &self.entry, keys).await
     }
 
     /// The lower-level protocol, for callers that manage fills themselves: checks the key
     /// and, if it is absent and its lease free, takes the lease. [`get`](Self::get) is this
-    /// plus waiting, single flight and fallbacks.
+    /// plus waiting, single flight and fallbacks. For a table stored as hashes, values
+    /// (a hit's, [`Lease::read_row`]'s, [`Lease::fill`]'s) are the row as a JSON object of
+    /// the fields' text, as [`get_raw`](Self::get_raw) gives it.
     ///
     /// # Errors
     /// [`ReaderError::KeyArity`], or [`ReaderError::Redis`] (no fallback here).
     pub async fn lease(&self, key: impl Key) -> Result<LeaseOutcome, ReaderError> {
-        if self.entry.rule.format == Format::Hash {
-            return Err(ReaderError::Schema {
-                table: self.entry.name.clone(),
-                problem: "the lease API reads tables stored as JSON; use get for format = \"hash\""
-                    .to_string(),
-            });
-        }
         let texts = self.entry.key_texts(&self.inner.key_prefix, &key)?;
         lease::acquire(&self.inner, &self.entry, &texts)
             .await
@@ -741,45 +716,7 @@ impl Table {
     }
 }
 
-/// A row of a table stored as hashes, as the caller's type.
-async fn get_hash<T: DeserializeOwned>(
-    inner: &Arc<Inner>,
-    entry: &Arc<TableEntry>,
-    key: impl Key,
-) -> Result<Option<T>, ReaderError> {
-    match hash::fetch(inner, entry, &key).await? {
-        (_, None) => Ok(None),
-        (redis_key, Some(value)) => hash::decode(&entry.name, &redis_key, &value).map(Some),
-    }
-}
-
-/// Rows of a table stored as hashes, looked up concurrently.
-async fn get_many_hash<T: DeserializeOwned, K: Key>(
-    inner: &Arc<Inner>,
-    entry: &Arc<TableEntry>,
-    keys: impl IntoIterator<Item = K>,
-) -> Result<Vec<Option<T>>, ReaderError> {
-    let keys: Vec<K> = keys.into_iter().collect();
-    join_all(keys.into_iter().map(|key| get_hash(inner, entry, key)))
-        .await
-        .into_iter()
-        .collect()
-}
-
 impl TableEntry {
-    /// Refuses a table stored as hashes for a call that serves JSON tables only.
-    fn json_only(&self, call: &str) -> Result<(), ReaderError> {
-        if self.rule.format == Format::Hash {
-            return Err(ReaderError::Schema {
-                table: self.name.clone(),
-                problem: format!(
-                    "{call} serves tables stored as JSON; use get for format = \"hash\""
-                ),
-            });
-        }
-        Ok(())
-    }
-
     fn check_arity(&self, got: usize) -> Result<(), ReaderError> {
         let columns = self.rule.key.columns();
         if got == columns.len() {
@@ -832,7 +769,11 @@ impl TableEntry {
         self.rule.ttl.and(options.early_refresh_beta)
     }
 
+    /// A value as the caller's type: JSON, or a hash's fields (see `hash::decode`).
     fn decode<T: DeserializeOwned>(&self, key: &str, value: &[u8]) -> Result<T, ReaderError> {
+        if self.rule.format == Format::Hash {
+            return hash::decode(&self.name, key, value);
+        }
         serde_json::from_slice(value).map_err(|e| ReaderError::Decode {
             table: self.name.clone(),
             key: key.to_string(),

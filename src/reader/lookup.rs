@@ -1,5 +1,7 @@
 //! Lookups: the hit path, and what a miss does (single flight, the lease protocol, waiting,
-//! fallbacks, early refresh), for one key and for many.
+//! fallbacks, early refresh), for one key and for many, for tables stored as JSON and as
+//! hashes alike (the Redis commands that differ are in `read_cached`, `read_cached_many`
+//! and the lease's acquire and fill).
 
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
@@ -11,14 +13,18 @@ use futures_util::future::join_all;
 use serde::de::DeserializeOwned;
 
 use super::flight::{self, Early, Joined, Outcome};
+use super::hash;
 use super::lease::{self, Backoff, FillOutcome, Lease, LeaseOutcome};
 use super::refresh;
 use super::source::KeyTexts;
 use super::stats::Event;
 use super::{Inner, Key, ReaderError, TableEntry};
+use crate::config::Format;
 
 /// How one call got its value, as [`Table::lookup`](super::Table::lookup) reports it: per
-/// call, so that monitoring need not diff the shared counters under concurrency.
+/// call, so that monitoring need not diff the shared counters under concurrency. For
+/// computed keys ([`Reader::lookup_with`](super::Reader::lookup_with)), read "the loader
+/// ran" where this says "read from Postgres".
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Served {
@@ -239,27 +245,10 @@ async fn look_up(
         });
         return Looked::Skipped(Box::pin(read).await);
     }
-    let mut conn = inner.redis.clone();
-    let found: redis::RedisResult<(Option<Vec<u8>>, i64)> = match beta {
-        None => redis::cmd("GET")
-            .arg(redis_key)
-            .query_async(&mut conn)
-            .await
-            .map(|value| (value, -1)),
-        Some(_) => {
-            redis::pipe()
-                .cmd("GET")
-                .arg(redis_key)
-                .cmd("PTTL")
-                .arg(redis_key)
-                .query_async(&mut conn)
-                .await
-        }
-    };
-    match found {
+    match read_cached(inner, entry, redis_key, beta.is_some()).await {
         Ok((Some(value), ttl_ms)) => {
             inner.redis_worked();
-            Looked::Hit(Bytes::from(value), ttl_ms)
+            Looked::Hit(value, ttl_ms)
         }
         Ok((None, _)) => {
             inner.redis_worked();
@@ -285,6 +274,91 @@ async fn look_up(
             Looked::Fallback(Box::pin(read).await)
         }
     }
+}
+
+/// The cached value of one key: `GET`, or for a table stored as hashes `HGETALL` (no fields:
+/// a miss), with the key's `PTTL` in the same round trip when `with_ttl` (else -1).
+async fn read_cached(
+    inner: &Inner,
+    entry: &TableEntry,
+    redis_key: &str,
+    with_ttl: bool,
+) -> redis::RedisResult<(Option<Bytes>, i64)> {
+    let mut conn = inner.redis.clone();
+    match (entry.rule.format, with_ttl) {
+        (Format::Json, false) => redis::cmd("GET")
+            .arg(redis_key)
+            .query_async::<Option<Vec<u8>>>(&mut conn)
+            .await
+            .map(|value| (value.map(Bytes::from), -1)),
+        (Format::Json, true) => redis::pipe()
+            .cmd("GET")
+            .arg(redis_key)
+            .cmd("PTTL")
+            .arg(redis_key)
+            .query_async::<(Option<Vec<u8>>, i64)>(&mut conn)
+            .await
+            .map(|(value, ttl)| (value.map(Bytes::from), ttl)),
+        (Format::Hash, false) => redis::cmd("HGETALL")
+            .arg(redis_key)
+            .query_async::<Vec<(String, String)>>(&mut conn)
+            .await
+            .map(|fields| (hash_value(&fields), -1)),
+        (Format::Hash, true) => redis::pipe()
+            .cmd("HGETALL")
+            .arg(redis_key)
+            .cmd("PTTL")
+            .arg(redis_key)
+            .query_async::<(Vec<(String, String)>, i64)>(&mut conn)
+            .await
+            .map(|(fields, ttl)| (hash_value(&fields), ttl)),
+    }
+}
+
+/// A hash's fields as the row's value in process; `None` for no fields (no such key).
+fn hash_value(fields: &[(String, String)]) -> Option<Bytes> {
+    (!fields.is_empty()).then(|| hash::fields_to_bytes(fields))
+}
+
+/// The cached values of many keys in one round trip: `MGET`, or for a table stored as
+/// hashes a pipeline of `HGETALL`s.
+async fn read_cached_many(
+    inner: &Inner,
+    entry: &TableEntry,
+    keys: &[KeyTexts],
+) -> redis::RedisResult<Vec<Option<Fetched>>> {
+    let mut conn = inner.redis.clone();
+    let values = match entry.rule.format {
+        Format::Json => {
+            let mut mget = redis::cmd("MGET");
+            for key in keys {
+                mget.arg(&key.redis_key);
+            }
+            let values: Vec<Option<Vec<u8>>> = mget.query_async(&mut conn).await?;
+            values
+                .into_iter()
+                .map(|v| v.map(Fetched::Owned))
+                .collect::<Vec<_>>()
+        }
+        Format::Hash => {
+            let mut pipe = redis::pipe();
+            for key in keys {
+                pipe.cmd("HGETALL").arg(&key.redis_key);
+            }
+            let values: Vec<Vec<(String, String)>> = pipe.query_async(&mut conn).await?;
+            values
+                .iter()
+                .map(|fields| hash_value(fields).map(Fetched::Shared))
+                .collect()
+        }
+    };
+    if values.len() != keys.len() {
+        return Err(redis::RedisError::from((
+            redis::ErrorKind::Parse,
+            "Redis returned a wrong number of values",
+        )));
+    }
+    Ok(values)
 }
 
 /// Resolves a miss, sharing the work with other callers in this process. `early` gets the
@@ -541,23 +615,12 @@ async fn fetch_many(
         entry.counters.add(Event::BreakerFallback, n);
         return skipped().await;
     }
-    let mut mget = redis::cmd("MGET");
-    for key in keys {
-        mget.arg(&key.redis_key);
-    }
-    let mut conn = inner.redis.clone();
-    let values: Vec<Option<Vec<u8>>> = match mget.query_async(&mut conn).await {
-        Ok(values) if Vec::len(&values) == keys.len() => {
+    let values = match read_cached_many(inner, entry, keys).await {
+        Ok(values) => {
             inner.redis_worked();
             values
         }
-        result => {
-            let error = result.err().unwrap_or_else(|| {
-                redis::RedisError::from((
-                    redis::ErrorKind::Parse,
-                    "MGET returned a wrong number of values",
-                ))
-            });
+        Err(error) => {
             inner.redis_failed(&error);
             return skipped().await;
         }
@@ -577,7 +640,7 @@ async fn fetch_many(
                 }
             }
         }
-        out.push(value.map(Fetched::Owned));
+        out.push(value);
     }
     let misses = unique.len() + repeats.len();
     entry.counters.add(Event::Hit, (keys.len() - misses) as u64);
