@@ -165,34 +165,40 @@ pub(crate) enum Looked {
 /// then each be woken twice more (for the reply, and for the fill). A caller that joins
 /// while the `GET` is in flight can get a value read a round trip before it asked: the same
 /// a caller whose own `GET` was queued behind a write would see.
+///
+/// Only this entry point is generic over the key's type: it turns the key into text, and
+/// the rest ([`fetch_texts`]) is compiled once, in this crate, rather than in every
+/// application for every key type it uses.
 pub(super) async fn fetch(
     inner: &Arc<Inner>,
     entry: &Arc<TableEntry>,
     key: impl Key,
 ) -> Result<Found, ReaderError> {
-    let redis_key = entry.render(&inner.key_prefix, &key)?;
+    let texts = entry.key_texts(&inner.key_prefix, &key)?;
+    fetch_texts(inner, entry, texts).await
+}
+
+/// [`fetch`] of a key as text.
+async fn fetch_texts(
+    inner: &Arc<Inner>,
+    entry: &Arc<TableEntry>,
+    texts: KeyTexts,
+) -> Result<Found, ReaderError> {
     let beta = entry.early_refresh_beta(&inner.options);
     let (looked, followed) = inner
         .lookups
-        .share(&redis_key, |early| {
-            look_up(inner, entry, &redis_key, &key, beta, early)
+        .share(&texts.redis_key, |early| {
+            look_up(inner, entry, &texts, beta, early)
         })
         .await;
     let outcome = match looked {
         Looked::Hit(value, ttl_ms) => {
             entry.counters.record(Event::Hit);
             if let (Some(beta), Ok(ttl_ms @ 1..)) = (beta, u64::try_from(ttl_ms)) {
-                maybe_refresh(
-                    inner,
-                    entry,
-                    &redis_key,
-                    &key,
-                    Duration::from_millis(ttl_ms),
-                    beta,
-                );
+                maybe_refresh(inner, entry, &texts, Duration::from_millis(ttl_ms), beta);
             }
             return Ok(Found {
-                redis_key,
+                redis_key: texts.redis_key,
                 value: Some(Fetched::Shared(value)),
                 served: Served::Hit,
                 coalesced: followed,
@@ -219,7 +225,7 @@ pub(super) async fn fetch(
     }
     let resolved = outcome?;
     Ok(Found {
-        redis_key,
+        redis_key: texts.redis_key,
         value: resolved.value.map(Fetched::Shared),
         served: resolved.served,
         coalesced: followed || resolved.coalesced,
@@ -230,46 +236,33 @@ pub(super) async fn fetch(
 async fn look_up(
     inner: &Arc<Inner>,
     entry: &Arc<TableEntry>,
-    redis_key: &str,
-    key: &impl Key,
+    texts: &KeyTexts,
     beta: Option<f64>,
     early: Early<Looked>,
 ) -> Looked {
     if !inner.use_redis() {
-        let texts = match entry.with_key(redis_key.to_string(), key) {
-            Ok(texts) => texts,
-            Err(e) => return Looked::Skipped(Err(e)),
-        };
-        let read = shared(inner, entry, &texts, |_| {
-            read_one(inner, entry, &texts, Served::BreakerOpen)
+        let read = shared(inner, entry, texts, |_| {
+            read_one(inner, entry, texts, Served::BreakerOpen)
         });
         return Looked::Skipped(Box::pin(read).await);
     }
-    match read_cached(inner, entry, redis_key, beta.is_some()).await {
+    match read_cached(inner, entry, &texts.redis_key, beta.is_some()).await {
         Ok((Some(value), ttl_ms)) => {
             inner.redis_worked();
             Looked::Hit(value, ttl_ms)
         }
         Ok((None, _)) => {
             inner.redis_worked();
-            let texts = match entry.with_key(redis_key.to_string(), key) {
-                Ok(texts) => texts,
-                Err(e) => return Looked::Miss(Err(e)),
-            };
             let early = |outcome: &Outcome| early.publish(Looked::Miss(outcome.clone()));
             // Boxed so that the hit path's future stays small.
-            Looked::Miss(Box::pin(resolve(inner, entry, &texts, &early)).await)
+            Looked::Miss(Box::pin(resolve(inner, entry, texts, &early)).await)
         }
         Err(e) => {
             inner.redis_failed(&e);
-            let texts = match entry.with_key(redis_key.to_string(), key) {
-                Ok(texts) => texts,
-                Err(e) => return Looked::Fallback(Err(e)),
-            };
             // Shared with batch lookups too, so that an outage does not turn every caller
             // into a query.
-            let read = shared(inner, entry, &texts, |_| {
-                read_one(inner, entry, &texts, Served::Fallback)
+            let read = shared(inner, entry, texts, |_| {
+                read_one(inner, entry, texts, Served::Fallback)
             });
             Looked::Fallback(Box::pin(read).await)
         }
@@ -530,8 +523,7 @@ async fn read_settled(inner: &Inner, entry: &TableEntry, key: &KeyTexts) -> Outc
 fn maybe_refresh(
     inner: &Arc<Inner>,
     entry: &Arc<TableEntry>,
-    redis_key: &str,
-    key: &impl Key,
+    texts: &KeyTexts,
     remaining: Duration,
     beta: f64,
 ) {
@@ -539,9 +531,7 @@ fn maybe_refresh(
     if !refresh::should_refresh(entry.fill_time.delta(), beta, remaining, u) {
         return;
     }
-    let Ok(texts) = entry.with_key(redis_key.to_string(), key) else {
-        return;
-    };
+    let texts = texts.clone();
     let inner = inner.clone();
     let entry = entry.clone();
     tokio::spawn(async move {
