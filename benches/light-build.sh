@@ -3,6 +3,8 @@
 # written by hand with redis-rs and tokio-postgres: crates compiled, clean release build
 # time, binary size. Both apps are built one after the other from clean target directories,
 # with pgcache's own Cargo.lock as the starting point so both use the same crate versions.
+# Build time is given twice: wall clock, and CPU time (user + system, of cargo and every
+# compiler it runs), which other work on a shared machine disturbs far less.
 #
 #   bash benches/light-build.sh            # prints a table; JSON with --json FILE
 set -euo pipefail
@@ -84,31 +86,35 @@ measure() {
     (cd "$work/$app" && cargo fetch -q) >&2
     local start end
     start=$(date +%s.%N)
-    if ! (cd "$work/$app" && cargo build --release 2> "$work/$app.log"); then
+    # `times` in the subshell: user and system time of its children (cargo, rustc, cc).
+    if ! (cd "$work/$app" && cargo build --release 2> "$work/$app.log" && times > "$work/$app.cpu"); then
         echo "building the $app app failed:" >&2
         tail -30 "$work/$app.log" >&2
         return 1
     fi
     end=$(date +%s.%N)
-    local crates size secs
+    local crates size secs cpu
     crates=$(grep -c '^ *Compiling ' "$work/$app.log" || true)
     size=$(stat -c %s "$work/$app/target/release/$app-app")
     secs=$(echo "$end - $start" | bc)
-    echo "$app $crates $secs $size"
+    # The second line of `times` is "XmY.YYYs XmZ.ZZZs" (children's user, system).
+    cpu=$(sed -n 2p "$work/$app.cpu" | tr 'ms' '  ' | awk '{print $1*60 + $2 + $3*60 + $4}')
+    echo "$app $crates $secs $size $cpu"
 }
 
 echo "building both apps from clean (release); this takes a few minutes" >&2
-read -r _ r_crates r_secs r_size < <(measure reader)
-read -r _ h_crates h_secs h_size < <(measure byhand)
+read -r _ r_crates r_secs r_size r_cpu < <(measure reader)
+read -r _ h_crates h_secs h_size h_cpu < <(measure byhand)
 ratio() { echo "scale=2; $1 / $2" | bc; }
 printf '%-28s %12s %12s %8s\n' "" "pgcache reader" "by hand" "ratio"
 printf '%-28s %12s %12s %8s\n' "crates compiled" "$r_crates" "$h_crates" "$(ratio "$r_crates" "$h_crates")"
 printf '%-28s %12.1f %12.1f %8s\n' "clean release build (s)" "$r_secs" "$h_secs" "$(ratio "$r_secs" "$h_secs")"
+printf '%-28s %12.1f %12.1f %8s\n' "  CPU time (s)" "$r_cpu" "$h_cpu" "$(ratio "$r_cpu" "$h_cpu")"
 printf '%-28s %12.1f %12.1f %8s\n' "binary (MB)" "$(echo "$r_size/1000000" | bc -l)" "$(echo "$h_size/1000000" | bc -l)" "$(ratio "$r_size" "$h_size")"
 echo "load average at the end: $(cut -d' ' -f1-3 /proc/loadavg) ($(nproc) CPUs)"
 if [[ -n "$json_out" ]]; then
     cat > "$json_out" <<JSON
-{"reader": {"crates": $r_crates, "build_seconds": $r_secs, "binary_bytes": $r_size},
- "by_hand": {"crates": $h_crates, "build_seconds": $h_secs, "binary_bytes": $h_size}}
+{"reader": {"crates": $r_crates, "build_seconds": $r_secs, "build_cpu_seconds": $r_cpu, "binary_bytes": $r_size},
+ "by_hand": {"crates": $h_crates, "build_seconds": $h_secs, "build_cpu_seconds": $h_cpu, "binary_bytes": $h_size}}
 JSON
 fi

@@ -288,7 +288,7 @@ pub async fn takeover(
 
 /// A random token, for owners and epochs.
 pub fn random_token() -> String {
-    format!("{:016x}", rand::random::<u64>())
+    format!("{:016x}", fastrand::u64(..))
 }
 
 #[derive(Debug, thiserror::Error)]

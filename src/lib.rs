@@ -24,6 +24,21 @@
 //!   `bench`).
 //! - [`demo`], `bench`, `testkit`: the demo, the benchmark, and throwaway Postgres and
 //!   Redis servers for both and for the tests.
+//!
+//! # Features
+//! - `daemon` (default): the modules above and the `pgcache` binary; turns on all of the
+//!   following.
+//! - `tls`: TLS to Postgres (`sslmode`, with rustls) and to Redis (`rediss://`). Without it
+//!   `sslmode=prefer` connects in plain text and what demands TLS is refused.
+//! - `config-file`: loading the TOML config file (`Config::load`), with `PGCACHE__`
+//!   environment overrides.
+//! - `metrics`: the reader's counters exported through the `metrics` facade; without it
+//!   they are kept in process only ([`Reader::stats`]).
+//!
+//! An application that only reads uses `default-features = false` and adds what it needs.
+
+// The layout above links the daemon's modules, which a build without it does not have.
+#![cfg_attr(not(feature = "daemon"), allow(rustdoc::broken_intra_doc_links))]
 
 pub mod checkpoint;
 pub mod clock;

@@ -1,5 +1,6 @@
 //! Metric names, recorded through the `metrics` facade so any exporter works. The daemon
-//! installs a Prometheus exporter; the read helper leaves the choice to the application.
+//! installs a Prometheus exporter; the read helper leaves the choice to the application
+//! (with the `metrics` feature; see [`reader::stats`](crate::reader::stats)).
 
 pub const CHANGES: &str = "pgcache_changes_total";
 pub const TRANSACTIONS: &str = "pgcache_transactions_total";
@@ -17,6 +18,7 @@ pub const REPAIRS: &str = "pgcache_repairs_total";
 pub const FENCED: &str = "pgcache_fenced_total";
 
 /// Registers descriptions, so exporters print help text.
+#[cfg(feature = "metrics")]
 pub fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!(

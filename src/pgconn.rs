@@ -9,20 +9,17 @@
 //! value clearly) out of the connection string and keeps them itself; TLS is then built here
 //! with rustls, following libpq's meaning of each mode and libpq's choice of root
 //! certificates (`sslrootcert`, else `~/.postgresql/root.crt`, or `sslrootcert=system`).
+//!
+//! TLS is the `tls` feature (on with the default `daemon` feature). Without it, connections
+//! are plain: `sslmode=prefer` (the default) connects without TLS, as a libpq built without
+//! SSL does, and a connection string that demands TLS is refused ([`PgTarget::plain`]).
 
 use std::fmt;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::WebPkiSupportedAlgorithms;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::server::ParsedCertificate;
-use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use tokio_postgres::config::Host;
 
 /// Session settings pinned on every connection, because they change how values print as text.
@@ -529,9 +526,36 @@ impl PgTarget {
         )
     }
 
+    /// Whether connections go without TLS: `sslmode=disable`, a Unix socket, or, in a build
+    /// without the `tls` feature, `sslmode=prefer` (as with a libpq built without SSL).
+    ///
+    /// # Errors
+    /// [`PgTargetError::Tls`] when the target demands TLS (`sslmode=require` or stricter,
+    /// `channel_binding=require`) and the build has none.
+    pub fn plain(&self) -> Result<bool, PgTargetError> {
+        if self.ssl_mode == SslMode::Disable || self.unix_socket {
+            return Ok(true);
+        }
+        if cfg!(feature = "tls") {
+            return Ok(false);
+        }
+        let demand = if self.ssl_mode != SslMode::Prefer {
+            format!("sslmode={}", self.ssl_mode)
+        } else if self.channel_binding == ChannelBinding::Require {
+            "channel_binding=require".to_string()
+        } else {
+            return Ok(true);
+        };
+        Err(PgTargetError::Tls(format!(
+            "{demand} needs TLS, and this build of pgcache has none: enable its `tls` feature \
+             (pgcache = {{ ..., features = [\"tls\"] }}), or connect with sslmode=prefer or \
+             disable"
+        )))
+    }
+
     /// The tokio-postgres configuration: pinned settings in `options`, the application name,
     /// and the TLS mode mapped onto what tokio-postgres knows (verify-* become `Require`; the
-    /// checking itself lives in [`tls_config`]).
+    /// checking itself lives in `tls_config`).
     pub fn tokio_config(&self) -> tokio_postgres::Config {
         let mut config = self.config.clone();
         config.options(self.startup_options());
@@ -661,15 +685,25 @@ pub fn pool_manager(target: &PgTarget) -> Result<deadpool_postgres::Manager, PgT
     let manager_config = deadpool_postgres::ManagerConfig {
         recycling_method: deadpool_postgres::RecyclingMethod::Fast,
     };
-    Ok(
-        if target.ssl_mode() == SslMode::Disable || target.is_unix_socket() {
-            deadpool_postgres::Manager::from_config(config, tokio_postgres::NoTls, manager_config)
-        } else {
-            let tls = tls_config(target.ssl_mode(), target.ssl_root_cert())?;
-            let tls = tokio_postgres_rustls::MakeRustlsConnect::new((*tls).clone());
-            deadpool_postgres::Manager::from_config(config, tls, manager_config)
-        },
-    )
+    if target.plain()? {
+        return Ok(deadpool_postgres::Manager::from_config(
+            config,
+            tokio_postgres::NoTls,
+            manager_config,
+        ));
+    }
+    #[cfg(feature = "tls")]
+    {
+        let tls = tls_config(target.ssl_mode(), target.ssl_root_cert())?;
+        let tls = tokio_postgres_rustls::MakeRustlsConnect::new((*tls).clone());
+        Ok(deadpool_postgres::Manager::from_config(
+            config,
+            tls,
+            manager_config,
+        ))
+    }
+    #[cfg(not(feature = "tls"))]
+    unreachable!("plain() refuses TLS in a build without the tls feature")
 }
 
 /// The primary key columns of a table (by OID), in key order; empty when it has none.
@@ -705,21 +739,24 @@ pub async fn connect(target: &PgTarget) -> Result<tokio_postgres::Client, Connec
         target: target.redacted(),
         source,
     };
-    let client = if target.ssl_mode == SslMode::Disable || target.unix_socket {
+    if target.plain()? {
         let (client, connection) = config
             .connect(tokio_postgres::NoTls)
             .await
             .map_err(postgres_err)?;
         spawn_connection(connection, target.redacted());
-        client
-    } else {
+        return Ok(client);
+    }
+    #[cfg(feature = "tls")]
+    {
         let tls = tls_config(target.ssl_mode, target.ssl_root_cert())?;
         let make_tls = tokio_postgres_rustls::MakeRustlsConnect::new((*tls).clone());
         let (client, connection) = config.connect(make_tls).await.map_err(postgres_err)?;
         spawn_connection(connection, target.redacted());
-        client
-    };
-    Ok(client)
+        Ok(client)
+    }
+    #[cfg(not(feature = "tls"))]
+    unreachable!("plain() refuses TLS in a build without the tls feature")
 }
 
 fn spawn_connection<S, T>(connection: tokio_postgres::Connection<S, T>, target: String)
@@ -734,78 +771,15 @@ where
     });
 }
 
-/// The rustls client configuration for an ssl mode, with libpq's semantics:
-/// `Prefer`/`Require` encrypt without checking the certificate; `VerifyCa` checks the chain
-/// against the root certificates but not the host name; `VerifyFull` checks both. Root
-/// certificates come, as with libpq, from `root_cert` (a PEM file, or the operating system's
-/// store for [`SslRootCert::System`]), else from `~/.postgresql/root.crt`; with neither, a
-/// verifying mode is an error. There is no silent fallback to public roots: they would let
-/// anyone with a certificate from a public CA pose as the database.
-///
-/// Uses the `ring` provider explicitly so no process-wide default provider is needed.
-///
-/// # Errors
-/// No root certificates, a root certificate file that cannot be read or holds no
-/// certificates, or rustls rejects the configuration.
-pub fn tls_config(
-    mode: SslMode,
-    root_cert: Option<&SslRootCert>,
-) -> Result<Arc<rustls::ClientConfig>, PgTargetError> {
-    tls_config_with_home(mode, root_cert, home_dir().as_deref())
-}
-
-/// [`tls_config`] with the home directory given, so tests need not touch `$HOME`.
-///
-/// # Errors
-/// As [`tls_config`].
-pub fn tls_config_with_home(
-    mode: SslMode,
-    root_cert: Option<&SslRootCert>,
-    home: Option<&Path>,
-) -> Result<Arc<rustls::ClientConfig>, PgTargetError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| PgTargetError::Tls(e.to_string()))?;
-    let algorithms = provider.signature_verification_algorithms;
-    let config = match mode {
-        SslMode::Disable | SslMode::Prefer | SslMode::Require => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PgCertVerifier {
-                roots: None,
-                algorithms,
-            }))
-            .with_no_client_auth(),
-        SslMode::VerifyCa => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PgCertVerifier {
-                roots: Some(Arc::new(root_store(mode, root_cert, home)?)),
-                algorithms,
-            }))
-            .with_no_client_auth(),
-        SslMode::VerifyFull => builder
-            .with_root_certificates(root_store(mode, root_cert, home)?)
-            .with_no_client_auth(),
-    };
-    Ok(Arc::new(config))
-}
-
-/// The user's home directory, where libpq looks for `.postgresql/root.crt`: `$HOME`, else
-/// the password database's entry.
-fn home_dir() -> Option<PathBuf> {
-    #[allow(deprecated)] // Deprecated only for its old Windows behaviour.
-    std::env::home_dir().filter(|home| !home.as_os_str().is_empty())
-}
-
 /// Where libpq looks for root certificates when `sslrootcert` is not given.
 pub fn default_root_cert_file(home: &Path) -> PathBuf {
     home.join(".postgresql").join("root.crt")
 }
 
-/// Which root certificates a verifying mode uses: see [`tls_config`].
+/// Which root certificates a verifying mode uses: see `tls_config`.
 ///
 /// # Errors
-/// As [`tls_config`].
+/// [`PgTargetError::NoRootCert`]: none given and none in the home directory.
 pub fn select_root_cert(
     mode: SslMode,
     root_cert: Option<&SslRootCert>,
@@ -818,100 +792,6 @@ pub fn select_root_cert(
     match home_file {
         Some(path) if path.exists() => Ok(SslRootCert::File(path)),
         home_file => Err(PgTargetError::NoRootCert { mode, home_file }),
-    }
-}
-
-fn root_store(
-    mode: SslMode,
-    root_cert: Option<&SslRootCert>,
-    home: Option<&Path>,
-) -> Result<RootCertStore, PgTargetError> {
-    let mut store = RootCertStore::empty();
-    let path = match select_root_cert(mode, root_cert, home)? {
-        SslRootCert::File(path) => path,
-        SslRootCert::System => {
-            let found = rustls_native_certs::load_native_certs();
-            let (added, _unparsable) = store.add_parsable_certificates(found.certs);
-            if added == 0 {
-                let why = match found.errors.first() {
-                    Some(e) => format!(" ({e})"),
-                    None => String::new(),
-                };
-                return Err(PgTargetError::NoSystemRoots(why));
-            }
-            return Ok(store);
-        }
-    };
-    let path = path.as_path();
-    let read_err = |reason: String| PgTargetError::RootCert {
-        path: path.to_path_buf(),
-        reason,
-    };
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| read_err(e.to_string()))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| read_err(e.to_string()))?;
-    if certs.is_empty() {
-        return Err(PgTargetError::NoRootCerts(path.to_path_buf()));
-    }
-    for cert in certs {
-        store.add(cert).map_err(|e| read_err(e.to_string()))?;
-    }
-    Ok(store)
-}
-
-/// Certificate checks for `require` (none) and `verify-ca` (chain, no host name), which
-/// rustls's own verifier cannot express. Handshake signatures are always verified, so the
-/// peer must at least hold the key of the certificate it shows.
-#[derive(Debug)]
-struct PgCertVerifier {
-    /// `None`: accept any certificate (sslmode=require semantics).
-    roots: Option<Arc<RootCertStore>>,
-    algorithms: WebPkiSupportedAlgorithms,
-}
-
-impl ServerCertVerifier for PgCertVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        if let Some(roots) = &self.roots {
-            let cert = ParsedCertificate::try_from(end_entity)?;
-            rustls::client::verify_server_cert_signed_by_trust_anchor(
-                &cert,
-                roots,
-                intermediates,
-                now,
-                self.algorithms.all,
-            )?;
-        }
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
     }
 }
 
@@ -1145,3 +1025,8 @@ fn percent_encode(s: &str) -> String {
 
 #[cfg(test)]
 mod tests;
+#[cfg(feature = "tls")]
+mod tls;
+
+#[cfg(feature = "tls")]
+pub use self::tls::{tls_config, tls_config_with_home};

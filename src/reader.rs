@@ -3,11 +3,15 @@
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! # #[derive(serde::Deserialize)] struct User { id: i64, email: String }
-//! let config = pgcache::config::Config::load("pgcache.toml".as_ref())?;
-//! let reader = pgcache::Reader::from_config(&config)?;
+//! let reader = pgcache::Reader::builder("postgres://app@db/shop", "redis://cache:6379")
+//!     .table("public.users", "user:{id}")
+//!     .build()?;
 //! let user: Option<User> = reader.get("public.users", 42).await?;
 //! # Ok(()) }
 //! ```
+//!
+//! With the `config-file` feature, `Reader::from_config(&Config::load(path)?)` takes the
+//! tables from the daemon's config file instead.
 //!
 //! The reader runs on Tokio: build it and call it inside a Tokio runtime, multi-thread or
 //! current-thread, with I/O and time enabled (see [`ReaderBuilder::build`]).
@@ -120,6 +124,8 @@ pub(crate) struct Inner {
     breaker: Breaker,
     /// Computed keys (`get_with`) being resolved: one loader run per key per process.
     computed_flights: Flights<computed::Outcome>,
+    /// What computed-key calls did ([`Reader::computed_stats`]).
+    computed_counters: Counters,
 }
 
 pub(crate) struct TableEntry {
@@ -201,9 +207,6 @@ impl Reader {
         key: impl Key,
     ) -> Result<Option<T>, ReaderError> {
         let entry = self.inner.entry(table)?;
-        if entry.rule.format == Format::Hash {
-            return get_hash(&self.inner, entry, key).await;
-        }
         get(&self.inner, entry, key).await
     }
 
@@ -225,9 +228,6 @@ impl Reader {
     /// As [`get`](Self::get).
     pub async fn get_raw(&self, table: &str, key: impl Key) -> Result<Option<Bytes>, ReaderError> {
         let entry = self.inner.entry(table)?;
-        if entry.rule.format == Format::Hash {
-            return Ok(hash::fetch(&self.inner, entry, &key).await?.1);
-        }
         let found = fetch(&self.inner, entry, key).await?;
         Ok(found.value.map(Fetched::into_bytes))
     }
@@ -244,7 +244,6 @@ impl Reader {
         key: impl Key,
     ) -> Result<Lookup<T>, ReaderError> {
         let entry = self.inner.entry(table)?;
-        entry.json_only("lookup")?;
         lookup(&self.inner, entry, key).await
     }
 
@@ -259,9 +258,6 @@ impl Reader {
         keys: impl IntoIterator<Item = K>,
     ) -> Result<Vec<Option<T>>, ReaderError> {
         let entry = self.inner.entry(table)?;
-        if entry.rule.format == Format::Hash {
-            return get_many_hash(&self.inner, entry, keys).await;
-        }
         get_many(&self.inner, entry, keys).await
     }
 
@@ -319,16 +315,51 @@ impl Reader {
         Fut: std::future::Future<Output = Result<T, E>>,
         E: Into<LoaderError>,
     {
-        let bytes = self
-            .get_with_bytes(key, ttl, move || async move {
+        let found = self.lookup_with(key, ttl, loader).await?;
+        // A computed lookup always has a value.
+        found
+            .value
+            .ok_or_else(|| ReaderError::Options(format!("{key}: no value")))
+    }
+
+    /// [`get_with_ttl`](Self::get_with_ttl) that also says how the value was served, as
+    /// [`lookup`](Self::lookup) does for rows: [`Served::Hit`] (cached), [`Served::Filled`]
+    /// (loaded under this process's lease and cached), [`Served::Waited`] (another process
+    /// filled it), [`Served::Fallback`] or [`Served::BreakerOpen`] (Redis failed or was
+    /// skipped: loaded, not cached), [`Served::Uncached`] (loaded, not cached: a change
+    /// invalidated the key meanwhile, the daemon lagged, or the wait for another process
+    /// reached the lease TTL). `value` is always `Some`. The same events are counted in
+    /// [`computed_stats`](Self::computed_stats), a loader run as a `db_read`.
+    ///
+    /// # Errors
+    /// As [`get_with`](Self::get_with).
+    pub async fn lookup_with<T, F, Fut, E>(
+        &self,
+        key: &str,
+        ttl: Option<std::time::Duration>,
+        loader: F,
+    ) -> Result<Lookup<T>, ReaderError>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<T, E>>,
+        E: Into<LoaderError>,
+    {
+        let found = self
+            .computed(key, ttl, move || async move {
                 let value = loader().await.map_err(Into::<LoaderError>::into)?;
                 serde_json::to_vec(&value).map_err(LoaderError::from)
             })
             .await?;
-        serde_json::from_slice(&bytes).map_err(|e| ReaderError::Decode {
-            table: "(computed)".to_string(),
+        let value = serde_json::from_slice(&found.value).map_err(|e| ReaderError::Decode {
+            table: computed::COUNTERS_LABEL.to_string(),
             key: key.to_string(),
             source: Arc::new(e),
+        })?;
+        Ok(Lookup {
+            value: Some(value),
+            served: found.served,
+            coalesced: found.coalesced,
         })
     }
 
@@ -348,13 +379,32 @@ impl Reader {
         Fut: std::future::Future<Output = Result<Vec<u8>, E>>,
         E: Into<LoaderError>,
     {
+        let found = self
+            .computed(key, ttl, move || async move {
+                loader().await.map_err(Into::<LoaderError>::into)
+            })
+            .await?;
+        Ok(found.value)
+    }
+
+    async fn computed<F, Fut>(
+        &self,
+        key: &str,
+        ttl: Option<std::time::Duration>,
+        loader: F,
+    ) -> Result<computed::Computed, ReaderError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<Vec<u8>, LoaderError>>,
+    {
         let redis_key = format!("{}{key}", self.inner.key_prefix);
         let ttl_ms = ttl.map_or(0, lease::millis);
-        let value = computed::get_with(&self.inner, &redis_key, ttl_ms, move || async move {
-            loader().await.map_err(Into::<LoaderError>::into)
-        })
-        .await?;
-        Ok(value.unwrap_or_default())
+        let found = computed::get_with(&self.inner, &redis_key, ttl_ms, loader).await?;
+        Ok(found.unwrap_or_else(|| computed::Computed {
+            value: Bytes::new(),
+            served: Served::Uncached,
+            coalesced: true,
+        }))
     }
 
     /// Renders a key template (`user:{user_id}:orders`) with `key`'s values escaped as the
@@ -420,12 +470,21 @@ impl Reader {
         self.wait_applied(position).await
     }
 
-    /// Counts over all tables since the reader was built.
+    /// Counts over all tables and computed keys since the reader was built.
     pub fn stats(&self) -> Stats {
         self.inner
             .tables
             .iter()
-            .fold(Stats::default(), |sum, t| sum.merge(t.counters.snapshot()))
+            .fold(self.computed_stats(), |sum, t| {
+                sum.merge(t.counters.snapshot())
+            })
+    }
+
+    /// Counts of computed keys ([`get_with`](Self::get_with) and its variants) since the
+    /// reader was built: the same events as a table's, with each loader run counted in
+    /// `db_reads`. Exported with the label `table="(computed)"`.
+    pub fn computed_stats(&self) -> Stats {
+        self.inner.computed_counters.snapshot()
     }
 }
 
@@ -577,9 +636,6 @@ impl Table {
     /// # Errors
     /// As [`Reader::get`].
     pub async fn get<T: DeserializeOwned>(&self, key: impl Key) -> Result<Option<T>, ReaderError> {
-        if self.entry.rule.format == Format::Hash {
-            return get_hash(&self.inner, &self.entry, key).await;
-        }
         get(&self.inner, &self.entry, key).await
     }
 
@@ -610,9 +666,6 @@ impl Table {
     /// # Errors
     /// As [`Reader::get`].
     pub async fn get_raw(&self, key: impl Key) -> Result<Option<Bytes>, ReaderError> {
-        if self.entry.rule.format == Format::Hash {
-            return Ok(hash::fetch(&self.inner, &self.entry, &key).await?.1);
-        }
         let found = fetch(&self.inner, &self.entry, key).await?;
         Ok(found.value.map(Fetched::into_bytes))
     }
@@ -635,7 +688,6 @@ impl Table {
         &self,
         key: impl Key,
     ) -> Result<Lookup<T>, ReaderError> {
-        self.entry.json_only("lookup")?;
         lookup(&self.inner, &self.entry, key).await
     }
 
@@ -647,26 +699,18 @@ impl Table {
         &self,
         keys: impl IntoIterator<Item = K>,
     ) -> Result<Vec<Option<T>>, ReaderError> {
-        if self.entry.rule.format == Format::Hash {
-            return get_many_hash(&self.inner, &self.entry, keys).await;
-        }
         get_many(&self.inner, &self.entry, keys).await
     }
 
     /// The lower-level protocol, for callers that manage fills themselves: checks the key
     /// and, if it is absent and its lease free, takes the lease. [`get`](Self::get) is this
-    /// plus waiting, single flight and fallbacks.
+    /// plus waiting, single flight and fallbacks. For a table stored as hashes, values
+    /// (a hit's, [`Lease::read_row`]'s, [`Lease::fill`]'s) are the row as a JSON object of
+    /// the fields' text, as [`get_raw`](Self::get_raw) gives it.
     ///
     /// # Errors
     /// [`ReaderError::KeyArity`], or [`ReaderError::Redis`] (no fallback here).
     pub async fn lease(&self, key: impl Key) -> Result<LeaseOutcome, ReaderError> {
-        if self.entry.rule.format == Format::Hash {
-            return Err(ReaderError::Schema {
-                table: self.entry.name.clone(),
-                problem: "the lease API reads tables stored as JSON; use get for format = \"hash\""
-                    .to_string(),
-            });
-        }
         let texts = self.entry.key_texts(&self.inner.key_prefix, &key)?;
         lease::acquire(&self.inner, &self.entry, &texts)
             .await
@@ -682,45 +726,7 @@ impl Table {
     }
 }
 
-/// A row of a table stored as hashes, as the caller's type.
-async fn get_hash<T: DeserializeOwned>(
-    inner: &Arc<Inner>,
-    entry: &Arc<TableEntry>,
-    key: impl Key,
-) -> Result<Option<T>, ReaderError> {
-    match hash::fetch(inner, entry, &key).await? {
-        (_, None) => Ok(None),
-        (redis_key, Some(value)) => hash::decode(&entry.name, &redis_key, &value).map(Some),
-    }
-}
-
-/// Rows of a table stored as hashes, looked up concurrently.
-async fn get_many_hash<T: DeserializeOwned, K: Key>(
-    inner: &Arc<Inner>,
-    entry: &Arc<TableEntry>,
-    keys: impl IntoIterator<Item = K>,
-) -> Result<Vec<Option<T>>, ReaderError> {
-    let keys: Vec<K> = keys.into_iter().collect();
-    join_all(keys.into_iter().map(|key| get_hash(inner, entry, key)))
-        .await
-        .into_iter()
-        .collect()
-}
-
 impl TableEntry {
-    /// Refuses a table stored as hashes for a call that serves JSON tables only.
-    fn json_only(&self, call: &str) -> Result<(), ReaderError> {
-        if self.rule.format == Format::Hash {
-            return Err(ReaderError::Schema {
-                table: self.name.clone(),
-                problem: format!(
-                    "{call} serves tables stored as JSON; use get for format = \"hash\""
-                ),
-            });
-        }
-        Ok(())
-    }
-
     fn check_arity(&self, got: usize) -> Result<(), ReaderError> {
         let columns = self.rule.key.columns();
         if got == columns.len() {
@@ -773,7 +779,11 @@ impl TableEntry {
         self.rule.ttl.and(options.early_refresh_beta)
     }
 
+    /// A value as the caller's type: JSON, or a hash's fields (see `hash::decode`).
     fn decode<T: DeserializeOwned>(&self, key: &str, value: &[u8]) -> Result<T, ReaderError> {
+        if self.rule.format == Format::Hash {
+            return hash::decode(&self.name, key, value);
+        }
         serde_json::from_slice(value).map_err(|e| ReaderError::Decode {
             table: self.name.clone(),
             key: key.to_string(),

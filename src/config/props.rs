@@ -4,6 +4,7 @@
 use proptest::collection::vec;
 use proptest::prelude::*;
 
+use super::file::is_slot_name;
 use super::*;
 use crate::fuzz;
 

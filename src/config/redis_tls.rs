@@ -7,6 +7,8 @@
 //! name from one of them pose as it. So a `rediss://` URL needs `[redis] tls_ca_file`: a PEM
 //! file, or `"system"` to choose the operating system's roots on purpose (the same spelling
 //! as libpq's `sslrootcert=system`).
+//!
+//! TLS is the `tls` feature; without it a `rediss://` URL is refused with an error saying so.
 
 use std::path::{Path, PathBuf};
 
@@ -84,9 +86,20 @@ pub fn redis_client(url: &str, roots: Option<&RedisRoots>) -> redis::RedisResult
     if let Some(problem) = tls_problem(url, roots) {
         return Err(invalid(problem));
     }
+    #[cfg(not(feature = "tls"))]
+    if is_tls_url(url) {
+        return Err(invalid(
+            "rediss:// needs TLS, and this build of pgcache has none: enable its `tls` feature \
+             (pgcache = { ..., features = [\"tls\"] })"
+                .to_string(),
+        ));
+    }
     match roots {
         // redis-rs uses the operating system's store when it is given no roots.
         None | Some(RedisRoots::System) => redis::Client::open(url),
+        #[cfg(not(feature = "tls"))]
+        Some(RedisRoots::File(_)) => unreachable!("rediss:// is refused above without TLS"),
+        #[cfg(feature = "tls")]
         Some(RedisRoots::File(path)) => {
             let pem = std::fs::read(path).map_err(|e| {
                 invalid(format!(
@@ -143,10 +156,19 @@ mod tests {
     fn clients_refuse_what_the_config_refuses() {
         let e = redis_client("rediss://h:6380", None).unwrap_err();
         assert!(e.to_string().contains("no CA is configured"), "{e}");
-        let missing = RedisRoots::File("/nonexistent/redis-ca.pem".into());
-        let e = redis_client("rediss://h:6380", Some(&missing)).unwrap_err();
-        assert!(e.to_string().contains("/nonexistent/redis-ca.pem"), "{e}");
         redis_client("redis://h:6379", None).unwrap();
-        redis_client("rediss://h:6380", Some(&RedisRoots::System)).unwrap();
+        let missing = RedisRoots::File("/nonexistent/redis-ca.pem".into());
+        let tls = redis_client("rediss://h:6380", Some(&missing));
+        let system = redis_client("rediss://h:6380", Some(&RedisRoots::System));
+        if cfg!(feature = "tls") {
+            let e = tls.unwrap_err();
+            assert!(e.to_string().contains("/nonexistent/redis-ca.pem"), "{e}");
+            system.unwrap();
+        } else {
+            // Without TLS built, rediss:// is refused, naming the feature.
+            for e in [tls.unwrap_err(), system.unwrap_err()] {
+                assert!(e.to_string().contains("`tls` feature"), "{e}");
+            }
+        }
     }
 }

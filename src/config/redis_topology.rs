@@ -20,9 +20,10 @@ use std::path::{Path, PathBuf};
 
 use config::ValueKind;
 
+use super::file::{read_url, redis_url_problem};
 use super::redis_tls::{self, RedisRoots};
 use super::tree::{Field, Section};
-use super::{read_url, redact, redis_url_problem, RedisTopology, Secret, SentinelConfig};
+use super::{redact, RedisTopology, Secret, SentinelConfig};
 
 /// Reads the seeds of a cluster (`cluster = true`) or `[redis.sentinel]`, with their checks;
 /// returns the URL to show first (the first seed or sentinel) and the topology.

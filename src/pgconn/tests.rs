@@ -136,6 +136,7 @@ fn redact_url_hides_passwords() {
 /// A self-signed CA certificate (ECDSA P-256 with SHA-256), valid until 2126.
 const CA_PEM: &str = include_str!("test-ca.pem");
 
+#[cfg(feature = "tls")]
 #[test]
 fn tls_configs_build_for_every_mode() {
     let dir = tempfile::tempdir().unwrap();
@@ -184,8 +185,11 @@ fn verifying_modes_take_roots_as_libpq_does() {
     ] {
         assert!(message.contains(part), "{part:?} missing in {message}");
     }
-    let e = tls_config_with_home(SslMode::VerifyCa, None, Some(home.path())).unwrap_err();
-    assert!(matches!(e, PgTargetError::NoRootCert { .. }), "{e}");
+    #[cfg(feature = "tls")]
+    {
+        let e = tls_config_with_home(SslMode::VerifyCa, None, Some(home.path())).unwrap_err();
+        assert!(matches!(e, PgTargetError::NoRootCert { .. }), "{e}");
+    }
     let e = select_root_cert(SslMode::VerifyCa, None, None).unwrap_err();
     assert!(e.to_string().contains("no home directory"), "{e}");
 
@@ -195,9 +199,44 @@ fn verifying_modes_take_roots_as_libpq_does() {
         select_root_cert(SslMode::VerifyCa, None, Some(home.path())).unwrap(),
         SslRootCert::File(expected)
     );
-    tls_config_with_home(SslMode::VerifyCa, None, Some(home.path())).unwrap();
-    // Modes that do not verify need no roots.
-    tls_config_with_home(SslMode::Require, None, None).unwrap();
+    #[cfg(feature = "tls")]
+    {
+        tls_config_with_home(SslMode::VerifyCa, None, Some(home.path())).unwrap();
+        // Modes that do not verify need no roots.
+        tls_config_with_home(SslMode::Require, None, None).unwrap();
+    }
+}
+
+#[test]
+fn plain_unless_tls_is_wanted_and_built() {
+    let plain = |s: &str| PgTarget::parse(s).unwrap().plain();
+    assert!(plain("postgres://u@db/app?sslmode=disable").unwrap());
+    assert!(plain("host=/run/postgresql user=u").unwrap());
+    let tls = cfg!(feature = "tls");
+    // sslmode=prefer (the default) takes TLS when it is built, as libpq does.
+    assert_eq!(plain("postgres://u@db/app").unwrap(), !tls);
+    for demands in [
+        "postgres://u@db/app?sslmode=require",
+        "postgres://u@db/app?sslmode=verify-full&sslrootcert=/etc/ca.pem",
+        "postgres://u@db/app?channel_binding=require",
+    ] {
+        match plain(demands) {
+            Ok(plain) => assert!(tls && !plain, "{demands}"),
+            Err(e) => {
+                assert!(!tls, "{demands}: {e}");
+                let message = e.to_string();
+                assert!(message.contains("`tls` feature"), "{message}");
+                let setting = demands
+                    .split_once('?')
+                    .unwrap()
+                    .1
+                    .split('&')
+                    .next()
+                    .unwrap();
+                assert!(message.contains(setting), "{message}");
+            }
+        }
+    }
 }
 
 #[test]

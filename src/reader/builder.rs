@@ -401,6 +401,7 @@ impl ReaderBuilder {
                 settings_checked: tokio::sync::OnceCell::new_with((!external_pool).then_some(())),
                 breaker,
                 computed_flights: Flights::default(),
+                computed_counters: Counters::new(super::computed::COUNTERS_LABEL),
             }),
         };
         // Prepare in the background what the first miss would otherwise pay for (often a

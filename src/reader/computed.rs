@@ -17,7 +17,11 @@
 //!
 //! Callers in one process that miss the same key together share one load. Others wait for
 //! the holder's fill (polling with backoff, up to the lease TTL), then load without filling.
-//! When Redis fails, the loader runs and nothing is cached.
+//! When Redis fails, or the circuit breaker is open, the loader runs and nothing is cached.
+//!
+//! Every call is counted as a table lookup is ([`Event`]), in the reader's counters for
+//! computed keys (label `table="(computed)"`), with a loader run counted as a database
+//! read; and each call says how it was served ([`Served`]).
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -25,12 +29,36 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-/// A computed key's value (`None` only for a follower whose leader was cancelled), or the
-/// error every sharer gets.
-pub(crate) type Outcome = Result<Option<Bytes>, ReaderError>;
 use super::lease::{self, Backoff, ABSENT};
-use super::{source, Inner, ReaderError};
+use super::stats::{Counters, Event};
+use super::{source, Inner, ReaderError, Served};
 use crate::Lsn;
+
+/// The label of computed keys' counters, in place of a table name.
+pub(crate) const COUNTERS_LABEL: &str = "(computed)";
+
+/// A computed key's value and how it was served.
+#[derive(Debug, Clone)]
+pub(crate) struct Computed {
+    pub(crate) value: Bytes,
+    pub(crate) served: Served,
+    /// The caller shared another caller's miss in this process.
+    pub(crate) coalesced: bool,
+}
+
+impl Computed {
+    fn new(value: Bytes, served: Served) -> Computed {
+        Computed {
+            value,
+            served,
+            coalesced: false,
+        }
+    }
+}
+
+/// What the leader of a computed key's flight ends with, as every sharer sees it (`None`
+/// only when this caller's loader was already taken), or the error every sharer gets.
+pub(crate) type Outcome = Result<Option<Computed>, ReaderError>;
 
 /// The boxed error a loader may return.
 pub type LoaderError = Box<dyn std::error::Error + Send + Sync>;
@@ -85,6 +113,14 @@ where
     F: FnOnce() -> Fut,
     Fut: Future<Output = Result<Vec<u8>, LoaderError>>,
 {
+    let counters = &inner.computed_counters;
+    if !inner.use_redis() {
+        counters.record(Event::Miss);
+        counters.record(Event::Fallback);
+        counters.record(Event::BreakerFallback);
+        let value = load(counters, redis_key, loader).await?;
+        return Ok(Some(Computed::new(value, Served::BreakerOpen)));
+    }
     let mut conn = inner.redis.clone();
     match redis::cmd("GET")
         .arg(redis_key)
@@ -93,38 +129,53 @@ where
     {
         Ok(Some(value)) => {
             inner.redis_worked();
-            return Ok(Some(Bytes::from(value)));
+            counters.record(Event::Hit);
+            return Ok(Some(Computed::new(Bytes::from(value), Served::Hit)));
         }
-        Ok(None) => inner.redis_worked(),
+        Ok(None) => {
+            inner.redis_worked();
+            counters.record(Event::Miss);
+        }
         Err(e) => {
             inner.redis_failed(&e);
-            return load(redis_key, loader).await.map(Some);
+            counters.record(Event::Miss);
+            counters.record(Event::Fallback);
+            let value = load(counters, redis_key, loader).await?;
+            return Ok(Some(Computed::new(value, Served::Fallback)));
         }
     }
     // The loader runs at most once, by whichever caller leads the key's flight.
     let loader = Mutex::new(Some(loader));
     let take = || loader.lock().ok().and_then(|mut l| l.take());
-    let (outcome, _) = inner
+    let (mut outcome, followed) = inner
         .computed_flights
         .share(redis_key, |_| {
             let loader = take();
             async move {
                 match loader {
-                    Some(loader) => lead(inner, redis_key, ttl_ms, loader).await,
+                    Some(loader) => lead(inner, redis_key, ttl_ms, loader).await.map(Some),
                     // `share` runs the work at most once per caller.
                     None => Ok(None),
                 }
             }
         })
         .await;
+    if followed {
+        counters.record(Event::Coalesced);
+        if let Ok(Some(computed)) = &mut outcome {
+            computed.coalesced = true;
+        }
+    }
     outcome
 }
 
-async fn load<F, Fut>(redis_key: &str, loader: F) -> Result<Bytes, ReaderError>
+/// Runs the loader (counted as a database read).
+async fn load<F, Fut>(counters: &Counters, redis_key: &str, loader: F) -> Result<Bytes, ReaderError>
 where
     F: FnOnce() -> Fut,
     Fut: Future<Output = Result<Vec<u8>, LoaderError>>,
 {
+    counters.record(Event::DbRead);
     loader()
         .await
         .map(Bytes::from)
@@ -167,29 +218,47 @@ async fn acquire(inner: &Arc<Inner>, redis_key: &str) -> Result<Found, redis::Re
 }
 
 /// The lease protocol for one computed key, by the caller that leads its flight.
-async fn lead<F, Fut>(inner: &Arc<Inner>, redis_key: &str, ttl_ms: u64, loader: F) -> Outcome
+async fn lead<F, Fut>(
+    inner: &Arc<Inner>,
+    redis_key: &str,
+    ttl_ms: u64,
+    loader: F,
+) -> Result<Computed, ReaderError>
 where
     F: FnOnce() -> Fut,
     Fut: Future<Output = Result<Vec<u8>, LoaderError>>,
 {
+    let counters = &inner.computed_counters;
     let mut backoff = Backoff::new(inner.options.max_wait_step);
     let deadline = Instant::now() + inner.options.lease_ttl + inner.options.max_wait_step;
+    let mut waited = false;
     loop {
         let token = match acquire(inner, redis_key).await {
-            Ok(Found::Hit(value)) => return Ok(Some(value)),
+            Ok(Found::Hit(value)) => {
+                let served = if waited { Served::Waited } else { Served::Hit };
+                return Ok(Computed::new(value, served));
+            }
             Ok(Found::Acquired(token)) => token,
             Ok(Found::Held) => {
+                if !waited {
+                    waited = true;
+                    counters.record(Event::Wait);
+                }
                 let now = Instant::now();
                 if now >= deadline {
                     // The holder is slow or gone: load without filling.
-                    return load(redis_key, loader).await.map(Some);
+                    counters.record(Event::WaitTimeout);
+                    let value = load(counters, redis_key, loader).await?;
+                    return Ok(Computed::new(value, Served::Uncached));
                 }
                 tokio::time::sleep(backoff.step().min(deadline - now)).await;
                 continue;
             }
             Err(e) => {
                 inner.redis_failed(&e);
-                return load(redis_key, loader).await.map(Some);
+                counters.record(Event::Fallback);
+                let value = load(counters, redis_key, loader).await?;
+                return Ok(Computed::new(value, Served::Fallback));
             }
         };
         let held = Held {
@@ -206,16 +275,20 @@ where
                 None
             }
         };
-        let value = load(redis_key, loader).await?;
-        match at {
+        let value = load(counters, redis_key, loader).await?;
+        let served = match at {
             Some(at) => fill(inner, held, redis_key, &value, ttl_ms, at).await,
-            None => held.release().await,
-        }
-        return Ok(Some(value));
+            None => {
+                held.release().await;
+                Served::Uncached
+            }
+        };
+        return Ok(Computed::new(value, served));
     }
 }
 
-/// Fills under the lease once the daemon has applied up to `at` (at most `max_lag_wait`).
+/// Fills under the lease once the daemon has applied up to `at` (at most `max_lag_wait`),
+/// and says how the value was served: filled, or not cached.
 async fn fill(
     inner: &Arc<Inner>,
     mut held: Held,
@@ -223,11 +296,13 @@ async fn fill(
     value: &[u8],
     ttl_ms: u64,
     at: Lsn,
-) {
+) -> Served {
+    let counters = &inner.computed_counters;
     let at = crate::checkpoint::hex(at);
     let deadline = Instant::now() + inner.options.max_lag_wait;
     let mut backoff = Backoff::lag(inner.options.max_wait_step);
     let mut conn = inner.redis.clone();
+    let mut lagged = false;
     loop {
         let written: Result<i64, _> = lease::FILL
             .key(redis_key)
@@ -242,27 +317,36 @@ async fn fill(
             .await;
         match written {
             Ok(2) => {
+                if !lagged {
+                    lagged = true;
+                    counters.record(Event::LagWait);
+                }
                 let now = Instant::now();
                 if now >= deadline {
                     tracing::debug!(key = %redis_key, "the daemon lags: the value is not cached");
-                    return held.release().await;
+                    counters.record(Event::LagFallback);
+                    held.release().await;
+                    return Served::Uncached;
                 }
                 tokio::time::sleep(backoff.step().min(deadline - now)).await;
             }
             Ok(1) => {
                 held.settled = true;
-                return;
+                counters.record(Event::Fill);
+                return Served::Filled;
             }
             Ok(_) => {
                 // A change deleted the key's lease (or the key was written): the value may
                 // predate it, so it is not cached.
                 tracing::debug!(key = %redis_key, "computed fill lost: a change invalidated the key meanwhile");
                 held.settled = true;
-                return;
+                counters.record(Event::LostFill);
+                return Served::Uncached;
             }
             Err(e) => {
                 inner.redis_failed(&e);
-                return held.release().await;
+                held.release().await;
+                return Served::Fallback;
             }
         }
     }

@@ -9,17 +9,19 @@
 --   ARGV[1]  the caller's token
 --   ARGV[2]  'row': write the value if the key is absent; 'refresh': replace the value
 --            (early refresh of a cached key); 'absent': cache the row's absence;
---            'hash': write the hash of ARGV[6..] (field, value, ...) if the key is absent
+--            'hash': write the hash of ARGV[6..] (field, value, ...) if the key is absent;
+--            'hash-refresh': replace the hash with that of ARGV[6..] (early refresh)
 --   ARGV[3]  the value, or for 'absent' the absence marker
 --   ARGV[4]  TTL in milliseconds, '0' for none
 --   ARGV[5]  the position the row was read at, 16 hex digits
---   ARGV[6..] for 'hash': the fields and their values
+--   ARGV[6..] for 'hash' and 'hash-refresh': the fields and their values
 -- Returns 1 when written, 0 when the fill lost, 2 when the daemon has not yet applied up to
 -- the read position (the lease is kept: try again).
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then
   return 0
 end
-if ARGV[2] ~= 'refresh' and redis.call('EXISTS', KEYS[1]) == 1 then
+local refresh = ARGV[2] == 'refresh' or ARGV[2] == 'hash-refresh'
+if not refresh and redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('DEL', KEYS[2])
   return 0
 end
@@ -32,7 +34,10 @@ if ARGV[2] == 'absent' then
   redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[4])
   return 1
 end
-if ARGV[2] == 'hash' then
+if ARGV[2] == 'hash' or ARGV[2] == 'hash-refresh' then
+  if ARGV[2] == 'hash-refresh' then
+    redis.call('DEL', KEYS[1])
+  end
   if #ARGV > 5 then
     redis.call('HSET', KEYS[1], unpack(ARGV, 6))
     if ARGV[4] ~= '0' then

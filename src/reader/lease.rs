@@ -24,12 +24,13 @@ use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use rand::Rng;
 use redis::Script;
 
+use super::hash;
 use super::source::{KeyTexts, Read};
 use super::stats::Event;
 use super::{Inner, ReaderError, TableEntry};
+use crate::config::Format;
 use crate::Lsn;
 
 pub(crate) static ACQUIRE: LazyLock<Script> =
@@ -116,7 +117,7 @@ impl std::fmt::Debug for Lease {
 }
 
 pub(crate) fn new_token() -> String {
-    format!("{:032x}", rand::thread_rng().gen::<u128>())
+    format!("{:032x}", fastrand::u128(..))
 }
 
 pub(crate) fn millis(d: Duration) -> u64 {
@@ -132,14 +133,17 @@ pub(crate) async fn acquire(
     let lease_key = crate::template::lease_key(&key.redis_key);
     let token = new_token();
     let mut conn = inner.redis.clone();
-    let reply: redis::Value = ACQUIRE
-        .key(&key.redis_key)
+    let hash = entry.rule.format == Format::Hash;
+    let mut acquire = ACQUIRE.key(&key.redis_key);
+    acquire
         .key(&lease_key)
         .arg(&token)
         .arg(millis(inner.options.lease_ttl))
-        .arg(ABSENT)
-        .invoke_async(&mut conn)
-        .await?;
+        .arg(ABSENT);
+    if hash {
+        acquire.arg("hash");
+    }
+    let reply: redis::Value = acquire.invoke_async(&mut conn).await?;
     let (code, value) = match reply {
         redis::Value::Array(items) => {
             let mut items = items.into_iter();
@@ -148,8 +152,11 @@ pub(crate) async fn acquire(
         _ => (None, None),
     };
     Ok(match (code, value) {
-        (Some(redis::Value::Int(1)), Some(redis::Value::BulkString(v))) => {
+        (Some(redis::Value::Int(1)), Some(redis::Value::BulkString(v))) if !hash => {
             LeaseOutcome::Hit(Bytes::from(v))
+        }
+        (Some(redis::Value::Int(1)), Some(redis::Value::Array(flat))) if hash => {
+            LeaseOutcome::Hit(hash::fields_to_bytes(&hash::pairs(flat)))
         }
         (Some(redis::Value::Int(2)), _) => LeaseOutcome::Acquired(Lease {
             inner: inner.clone(),
@@ -237,16 +244,35 @@ impl Lease {
     /// Writes `value` to the key if the lease is still ours (and, unless this is an early
     /// refresh, the key still absent), with the table's TTL, once the daemon has applied
     /// the stream up to where the row was read (waiting for it at most `max_lag_wait`).
+    /// For a table stored as hashes, `value` is the row as a JSON object of the fields'
+    /// text (what [`read_row`](Self::read_row) returns), written as the hash's fields.
     ///
     /// # Errors
     /// [`ReaderError::Redis`] when the script cannot run; the lease then expires by itself.
+    /// [`ReaderError::Decode`] when a hash table's `value` is not a JSON object.
     pub async fn fill(mut self, value: &[u8]) -> Result<FillOutcome, ReaderError> {
-        let kind = match self.purpose {
-            Purpose::Fill => "row",
-            Purpose::Refresh => "refresh",
-        };
         let ttl = self.entry.rule.ttl.map_or(0, millis);
-        let outcome = self.run_fill(kind, value, ttl).await;
+        let outcome = match self.entry.rule.format {
+            Format::Json => {
+                let kind = match self.purpose {
+                    Purpose::Fill => "row",
+                    Purpose::Refresh => "refresh",
+                };
+                self.run_fill(kind, value, ttl, &[]).await
+            }
+            Format::Hash => {
+                let kind = match self.purpose {
+                    Purpose::Fill => "hash",
+                    Purpose::Refresh => "hash-refresh",
+                };
+                let fields = hash::parse_fields(value).map_err(|e| ReaderError::Decode {
+                    table: self.entry.name.clone(),
+                    key: self.key.redis_key.clone(),
+                    source: Arc::new(e),
+                })?;
+                self.run_fill(kind, b"", ttl, &fields).await
+            }
+        };
         self.settled = true;
         if matches!(outcome, Ok(FillOutcome::Filled)) {
             self.entry.fill_time.record(self.taken.elapsed());
@@ -263,7 +289,7 @@ impl Lease {
     pub async fn fill_absent(mut self) -> Result<FillOutcome, ReaderError> {
         let outcome = match (self.inner.options.negative_ttl, self.purpose) {
             (Some(ttl), Purpose::Fill) => {
-                self.run_fill("absent", ABSENT.as_bytes(), millis(ttl))
+                self.run_fill("absent", ABSENT.as_bytes(), millis(ttl), &[])
                     .await
             }
             _ => {
@@ -294,11 +320,14 @@ impl Lease {
         result
     }
 
+    /// Runs `fill.lua` until it settles; `fields` are a hash's (kinds `hash`,
+    /// `hash-refresh`).
     async fn run_fill(
         &self,
         kind: &str,
         value: &[u8],
         ttl_ms: u64,
+        fields: &[(String, String)],
     ) -> Result<FillOutcome, ReaderError> {
         let mut conn = self.inner.redis.clone();
         let at = crate::checkpoint::hex(Lsn(self.read_at.load(Ordering::Relaxed)));
@@ -306,21 +335,24 @@ impl Lease {
         let mut backoff = Backoff::lag(self.inner.options.max_wait_step);
         let mut waited = false;
         loop {
-            let written: i64 = FILL
-                .key(&self.key.redis_key)
-                .key(&self.lease_key)
+            let mut fill = FILL.key(&self.key.redis_key);
+            fill.key(&self.lease_key)
                 .key(&self.inner.checkpoint_key)
                 .arg(&self.token)
                 .arg(kind)
                 .arg(value)
                 .arg(ttl_ms)
-                .arg(&at)
-                .invoke_async(&mut conn)
-                .await
-                .map_err(|source| ReaderError::Redis {
-                    key: self.key.redis_key.clone(),
-                    source,
-                })?;
+                .arg(&at);
+            for (name, text) in fields {
+                fill.arg(name).arg(text);
+            }
+            let written: i64 =
+                fill.invoke_async(&mut conn)
+                    .await
+                    .map_err(|source| ReaderError::Redis {
+                        key: self.key.redis_key.clone(),
+                        source,
+                    })?;
             match written {
                 1 => {
                     self.entry.counters.record(Event::Fill);
@@ -525,9 +557,7 @@ impl Backoff {
         let step = self.next;
         self.next = (self.next * 2).min(self.max);
         let half = step / 2;
-        half + step
-            .saturating_sub(half)
-            .mul_f64(rand::thread_rng().gen::<f64>())
+        half + step.saturating_sub(half).mul_f64(fastrand::f64())
     }
 }
 

@@ -1,5 +1,7 @@
 //! Lookups: the hit path, and what a miss does (single flight, the lease protocol, waiting,
-//! fallbacks, early refresh), for one key and for many.
+//! fallbacks, early refresh), for one key and for many, for tables stored as JSON and as
+//! hashes alike (the Redis commands that differ are in `read_cached`, `read_cached_many`
+//! and the lease's acquire and fill).
 
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
@@ -11,14 +13,18 @@ use futures_util::future::join_all;
 use serde::de::DeserializeOwned;
 
 use super::flight::{self, Early, Joined, Outcome};
+use super::hash;
 use super::lease::{self, Backoff, FillOutcome, Lease, LeaseOutcome};
 use super::refresh;
 use super::source::KeyTexts;
 use super::stats::Event;
 use super::{Inner, Key, ReaderError, TableEntry};
+use crate::config::Format;
 
 /// How one call got its value, as [`Table::lookup`](super::Table::lookup) reports it: per
-/// call, so that monitoring need not diff the shared counters under concurrency.
+/// call, so that monitoring need not diff the shared counters under concurrency. For
+/// computed keys ([`Reader::lookup_with`](super::Reader::lookup_with)), read "the loader
+/// ran" where this says "read from Postgres".
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Served {
@@ -159,34 +165,40 @@ pub(crate) enum Looked {
 /// then each be woken twice more (for the reply, and for the fill). A caller that joins
 /// while the `GET` is in flight can get a value read a round trip before it asked: the same
 /// a caller whose own `GET` was queued behind a write would see.
+///
+/// Only this entry point is generic over the key's type: it turns the key into text, and
+/// the rest ([`fetch_texts`]) is compiled once, in this crate, rather than in every
+/// application for every key type it uses.
 pub(super) async fn fetch(
     inner: &Arc<Inner>,
     entry: &Arc<TableEntry>,
     key: impl Key,
 ) -> Result<Found, ReaderError> {
-    let redis_key = entry.render(&inner.key_prefix, &key)?;
+    let texts = entry.key_texts(&inner.key_prefix, &key)?;
+    fetch_texts(inner, entry, texts).await
+}
+
+/// [`fetch`] of a key as text.
+async fn fetch_texts(
+    inner: &Arc<Inner>,
+    entry: &Arc<TableEntry>,
+    texts: KeyTexts,
+) -> Result<Found, ReaderError> {
     let beta = entry.early_refresh_beta(&inner.options);
     let (looked, followed) = inner
         .lookups
-        .share(&redis_key, |early| {
-            look_up(inner, entry, &redis_key, &key, beta, early)
+        .share(&texts.redis_key, |early| {
+            look_up(inner, entry, &texts, beta, early)
         })
         .await;
     let outcome = match looked {
         Looked::Hit(value, ttl_ms) => {
             entry.counters.record(Event::Hit);
             if let (Some(beta), Ok(ttl_ms @ 1..)) = (beta, u64::try_from(ttl_ms)) {
-                maybe_refresh(
-                    inner,
-                    entry,
-                    &redis_key,
-                    &key,
-                    Duration::from_millis(ttl_ms),
-                    beta,
-                );
+                maybe_refresh(inner, entry, &texts, Duration::from_millis(ttl_ms), beta);
             }
             return Ok(Found {
-                redis_key,
+                redis_key: texts.redis_key,
                 value: Some(Fetched::Shared(value)),
                 served: Served::Hit,
                 coalesced: followed,
@@ -213,7 +225,7 @@ pub(super) async fn fetch(
     }
     let resolved = outcome?;
     Ok(Found {
-        redis_key,
+        redis_key: texts.redis_key,
         value: resolved.value.map(Fetched::Shared),
         served: resolved.served,
         coalesced: followed || resolved.coalesced,
@@ -224,67 +236,122 @@ pub(super) async fn fetch(
 async fn look_up(
     inner: &Arc<Inner>,
     entry: &Arc<TableEntry>,
-    redis_key: &str,
-    key: &impl Key,
+    texts: &KeyTexts,
     beta: Option<f64>,
     early: Early<Looked>,
 ) -> Looked {
     if !inner.use_redis() {
-        let texts = match entry.with_key(redis_key.to_string(), key) {
-            Ok(texts) => texts,
-            Err(e) => return Looked::Skipped(Err(e)),
-        };
-        let read = shared(inner, entry, &texts, |_| {
-            read_one(inner, entry, &texts, Served::BreakerOpen)
+        let read = shared(inner, entry, texts, |_| {
+            read_one(inner, entry, texts, Served::BreakerOpen)
         });
         return Looked::Skipped(Box::pin(read).await);
     }
-    let mut conn = inner.redis.clone();
-    let found: redis::RedisResult<(Option<Vec<u8>>, i64)> = match beta {
-        None => redis::cmd("GET")
-            .arg(redis_key)
-            .query_async(&mut conn)
-            .await
-            .map(|value| (value, -1)),
-        Some(_) => {
-            redis::pipe()
-                .cmd("GET")
-                .arg(redis_key)
-                .cmd("PTTL")
-                .arg(redis_key)
-                .query_async(&mut conn)
-                .await
-        }
-    };
-    match found {
+    match read_cached(inner, entry, &texts.redis_key, beta.is_some()).await {
         Ok((Some(value), ttl_ms)) => {
             inner.redis_worked();
-            Looked::Hit(Bytes::from(value), ttl_ms)
+            Looked::Hit(value, ttl_ms)
         }
         Ok((None, _)) => {
             inner.redis_worked();
-            let texts = match entry.with_key(redis_key.to_string(), key) {
-                Ok(texts) => texts,
-                Err(e) => return Looked::Miss(Err(e)),
-            };
             let early = |outcome: &Outcome| early.publish(Looked::Miss(outcome.clone()));
             // Boxed so that the hit path's future stays small.
-            Looked::Miss(Box::pin(resolve(inner, entry, &texts, &early)).await)
+            Looked::Miss(Box::pin(resolve(inner, entry, texts, &early)).await)
         }
         Err(e) => {
             inner.redis_failed(&e);
-            let texts = match entry.with_key(redis_key.to_string(), key) {
-                Ok(texts) => texts,
-                Err(e) => return Looked::Fallback(Err(e)),
-            };
             // Shared with batch lookups too, so that an outage does not turn every caller
             // into a query.
-            let read = shared(inner, entry, &texts, |_| {
-                read_one(inner, entry, &texts, Served::Fallback)
+            let read = shared(inner, entry, texts, |_| {
+                read_one(inner, entry, texts, Served::Fallback)
             });
             Looked::Fallback(Box::pin(read).await)
         }
     }
+}
+
+/// The cached value of one key: `GET`, or for a table stored as hashes `HGETALL` (no fields:
+/// a miss), with the key's `PTTL` in the same round trip when `with_ttl` (else -1).
+async fn read_cached(
+    inner: &Inner,
+    entry: &TableEntry,
+    redis_key: &str,
+    with_ttl: bool,
+) -> redis::RedisResult<(Option<Bytes>, i64)> {
+    let mut conn = inner.redis.clone();
+    match (entry.rule.format, with_ttl) {
+        (Format::Json, false) => redis::cmd("GET")
+            .arg(redis_key)
+            .query_async::<Option<Vec<u8>>>(&mut conn)
+            .await
+            .map(|value| (value.map(Bytes::from), -1)),
+        (Format::Json, true) => redis::pipe()
+            .cmd("GET")
+            .arg(redis_key)
+            .cmd("PTTL")
+            .arg(redis_key)
+            .query_async::<(Option<Vec<u8>>, i64)>(&mut conn)
+            .await
+            .map(|(value, ttl)| (value.map(Bytes::from), ttl)),
+        (Format::Hash, false) => redis::cmd("HGETALL")
+            .arg(redis_key)
+            .query_async::<Vec<(String, String)>>(&mut conn)
+            .await
+            .map(|fields| (hash_value(&fields), -1)),
+        (Format::Hash, true) => redis::pipe()
+            .cmd("HGETALL")
+            .arg(redis_key)
+            .cmd("PTTL")
+            .arg(redis_key)
+            .query_async::<(Vec<(String, String)>, i64)>(&mut conn)
+            .await
+            .map(|(fields, ttl)| (hash_value(&fields), ttl)),
+    }
+}
+
+/// A hash's fields as the row's value in process; `None` for no fields (no such key).
+fn hash_value(fields: &[(String, String)]) -> Option<Bytes> {
+    (!fields.is_empty()).then(|| hash::fields_to_bytes(fields))
+}
+
+/// The cached values of many keys in one round trip: `MGET`, or for a table stored as
+/// hashes a pipeline of `HGETALL`s.
+async fn read_cached_many(
+    inner: &Inner,
+    entry: &TableEntry,
+    keys: &[KeyTexts],
+) -> redis::RedisResult<Vec<Option<Fetched>>> {
+    let mut conn = inner.redis.clone();
+    let values = match entry.rule.format {
+        Format::Json => {
+            let mut mget = redis::cmd("MGET");
+            for key in keys {
+                mget.arg(&key.redis_key);
+            }
+            let values: Vec<Option<Vec<u8>>> = mget.query_async(&mut conn).await?;
+            values
+                .into_iter()
+                .map(|v| v.map(Fetched::Owned))
+                .collect::<Vec<_>>()
+        }
+        Format::Hash => {
+            let mut pipe = redis::pipe();
+            for key in keys {
+                pipe.cmd("HGETALL").arg(&key.redis_key);
+            }
+            let values: Vec<Vec<(String, String)>> = pipe.query_async(&mut conn).await?;
+            values
+                .iter()
+                .map(|fields| hash_value(fields).map(Fetched::Shared))
+                .collect()
+        }
+    };
+    if values.len() != keys.len() {
+        return Err(redis::RedisError::from((
+            redis::ErrorKind::Parse,
+            "Redis returned a wrong number of values",
+        )));
+    }
+    Ok(values)
 }
 
 /// Resolves a miss, sharing the work with other callers in this process. `early` gets the
@@ -456,18 +523,15 @@ async fn read_settled(inner: &Inner, entry: &TableEntry, key: &KeyTexts) -> Outc
 fn maybe_refresh(
     inner: &Arc<Inner>,
     entry: &Arc<TableEntry>,
-    redis_key: &str,
-    key: &impl Key,
+    texts: &KeyTexts,
     remaining: Duration,
     beta: f64,
 ) {
-    let u = 1.0 - rand::random::<f64>();
+    let u = 1.0 - fastrand::f64();
     if !refresh::should_refresh(entry.fill_time.delta(), beta, remaining, u) {
         return;
     }
-    let Ok(texts) = entry.with_key(redis_key.to_string(), key) else {
-        return;
-    };
+    let texts = texts.clone();
     let inner = inner.clone();
     let entry = entry.clone();
     tokio::spawn(async move {
@@ -541,23 +605,12 @@ async fn fetch_many(
         entry.counters.add(Event::BreakerFallback, n);
         return skipped().await;
     }
-    let mut mget = redis::cmd("MGET");
-    for key in keys {
-        mget.arg(&key.redis_key);
-    }
-    let mut conn = inner.redis.clone();
-    let values: Vec<Option<Vec<u8>>> = match mget.query_async(&mut conn).await {
-        Ok(values) if Vec::len(&values) == keys.len() => {
+    let values = match read_cached_many(inner, entry, keys).await {
+        Ok(values) => {
             inner.redis_worked();
             values
         }
-        result => {
-            let error = result.err().unwrap_or_else(|| {
-                redis::RedisError::from((
-                    redis::ErrorKind::Parse,
-                    "MGET returned a wrong number of values",
-                ))
-            });
+        Err(error) => {
             inner.redis_failed(&error);
             return skipped().await;
         }
@@ -577,7 +630,7 @@ async fn fetch_many(
                 }
             }
         }
-        out.push(value.map(Fetched::Owned));
+        out.push(value);
     }
     let misses = unique.len() + repeats.len();
     entry.counters.add(Event::Hit, (keys.len() - misses) as u64);

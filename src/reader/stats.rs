@@ -1,9 +1,11 @@
 //! What the read helper did: counters kept per table, readable in process with
-//! [`Reader::stats`](super::Reader::stats) and exported through the `metrics` facade.
+//! [`Reader::stats`](super::Reader::stats) and, with the `metrics` feature, exported through
+//! the `metrics` facade.
 //!
 //! Metric handles are registered once per table when the reader is built (label `table`),
 //! so recording is an atomic add with no lookup or allocation; install the application's
-//! metrics recorder before building the reader, or the handles are no-ops.
+//! metrics recorder before building the reader, or the handles are no-ops. Without the
+//! `metrics` feature only the in-process counts are kept.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -118,8 +120,9 @@ const EVENTS: [(Event, &str, &str); 14] = [
     ),
 ];
 
-/// Registers help texts with the installed recorder.
+/// Registers help texts with the installed recorder (nothing without the `metrics` feature).
 pub fn describe() {
+    #[cfg(feature = "metrics")]
     for (_, name, help) in EVENTS {
         metrics::describe_counter!(name, help);
     }
@@ -128,13 +131,15 @@ pub fn describe() {
 /// One table's counters.
 pub(crate) struct Counters {
     counts: [AtomicU64; EVENTS.len()],
+    #[cfg(feature = "metrics")]
     exported: [metrics::Counter; EVENTS.len()],
 }
 
 impl Counters {
-    pub(crate) fn new(table: &str) -> Counters {
+    pub(crate) fn new(#[allow(unused_variables)] table: &str) -> Counters {
         Counters {
             counts: Default::default(),
+            #[cfg(feature = "metrics")]
             exported: EVENTS
                 .map(|(_, name, _)| metrics::counter!(name, "table" => table.to_string())),
         }
@@ -150,6 +155,7 @@ impl Counters {
         }
         let i = event as usize;
         self.counts[i].fetch_add(n, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
         self.exported[i].increment(n);
     }
 

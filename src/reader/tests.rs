@@ -140,8 +140,10 @@ async fn bad_settings_are_named() {
     assert!(e.to_string().starts_with("invalid Redis settings"), "{e}");
 }
 
+/// Tables stored as hashes are served by every call, the lease API included (issue 14): with
+/// no Redis, the lease fails for want of Redis, not because of the table's format.
 #[tokio::test]
-async fn hash_tables_are_served_but_not_by_the_lease_api() {
+async fn hash_tables_are_served_by_the_lease_api_too() {
     let rule = TableRule {
         schema: "public".to_string(),
         name: "h".to_string(),
@@ -159,7 +161,7 @@ async fn hash_tables_are_served_but_not_by_the_lease_api() {
         .unwrap();
     let table = reader.table("public.h").unwrap();
     let e = table.lease(1).await.err().unwrap();
-    assert!(e.to_string().contains("format = \"hash\""), "{e}");
+    assert!(matches!(e, ReaderError::Redis { .. }), "{e}");
 }
 
 /// What `build` and lookups need of the runtime: a current-thread runtime with only I/O and

@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use pgcache::reader::{Lookup, Served};
 use serde::Deserialize;
 use tokio::sync::oneshot;
 
@@ -123,7 +124,7 @@ async fn a_fill_racing_an_insert_loses() {
         let key = key.clone();
         tokio::spawn(async move {
             reader
-                .get_with(&key, || async move {
+                .lookup_with(&key, None, || async move {
                     let ids = order_ids(&db, 7).await?;
                     loaded_tx.send(()).unwrap();
                     go_rx.await.unwrap();
@@ -133,11 +134,22 @@ async fn a_fill_racing_an_insert_loses() {
         })
     };
     loaded_rx.await.unwrap();
+    let lost_before = reader.computed_stats().lost_fills;
     env.sql("INSERT INTO orders VALUES (3, 7, 30, NULL)");
     wait_order(&mut r, 3, 7).await; // the daemon applied it: the lease is gone
     go_tx.send(()).unwrap();
-    let stale: Vec<i32> = task.await.unwrap().unwrap();
-    assert_eq!(stale, [1, 2], "the caller gets the value it loaded");
+    let stale: Lookup<Vec<i32>> = task.await.unwrap().unwrap();
+    assert_eq!(
+        stale.value,
+        Some(vec![1, 2]),
+        "the caller gets the value it loaded"
+    );
+    assert_eq!(
+        stale.served,
+        Served::Uncached,
+        "and learns it was not cached"
+    );
+    assert_eq!(reader.computed_stats().lost_fills, lost_before + 1);
     assert!(
         !exists(&mut r, "user-orders:7").await,
         "the stale list was cached: {:?}",
@@ -189,6 +201,101 @@ async fn a_fill_racing_an_insert_loses() {
     .expect("the failed loader's lease was given back")
     .unwrap();
     assert_eq!(list, [1, 2]);
+
+    daemon.stop().await.unwrap();
+}
+
+/// Computed keys are counted as table lookups are (`computed_stats`, and in `stats`), and
+/// each call says how it was served: a fill, a hit, and a herd of callers in one process
+/// that share one loader run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn computed_keys_are_counted_and_say_how_they_were_served() {
+    let env = Env::start(SCHEMA, "public.orders");
+    let config = env.config(RULES);
+    let daemon = InProcess::start(config.clone());
+    let mut r = env.redis().await;
+    wait_streaming(&mut r).await;
+    let reader = reader(&config, long_leases());
+    let db = Arc::new(env.pg_client().await);
+    env.sql("INSERT INTO orders VALUES (1, 7, 10, NULL), (2, 7, 20, NULL)");
+    wait_order(&mut r, 2, 7).await;
+    assert_eq!(reader.computed_stats(), Stats::default());
+
+    // A miss: loaded under the lease and cached.
+    let first: Lookup<Vec<i32>> = reader
+        .lookup_with("user-orders:7", None, || order_ids(&db, 7))
+        .await
+        .unwrap();
+    assert_eq!(first.value, Some(vec![1, 2]));
+    assert_eq!((first.served, first.coalesced), (Served::Filled, false));
+    let s = reader.computed_stats();
+    assert_eq!(
+        (s.hits, s.misses, s.fills, s.db_reads, s.coalesced),
+        (0, 1, 1, 1, 0),
+        "{s:?}"
+    );
+
+    // A hit: no loader run.
+    let hit: Lookup<Vec<i32>> = reader
+        .lookup_with("user-orders:7", None, || async {
+            Err::<Vec<i32>, _>("the loader must not run on a hit")
+        })
+        .await
+        .unwrap();
+    assert_eq!((hit.value, hit.served), (Some(vec![1, 2]), Served::Hit));
+    let s = reader.computed_stats();
+    assert_eq!((s.hits, s.misses, s.db_reads), (1, 1, 1), "{s:?}");
+    assert_eq!(s.hit_rate(), 0.5);
+
+    // A herd of 20 callers on a cold key, the loader slow enough for all to join its
+    // flight: one loader run, one fill, the other 19 shared it (or, if late, hit).
+    let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let herd = (0..20).map(|_| {
+        let reader = reader.clone();
+        let db = db.clone();
+        let runs = runs.clone();
+        tokio::spawn(async move {
+            reader
+                .lookup_with("user-order-count:7", None, || async move {
+                    runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    let ids = order_ids(&db, 7).await?;
+                    Ok::<_, tokio_postgres::Error>(ids.len() as i64)
+                })
+                .await
+                .unwrap()
+        })
+    });
+    let found: Vec<Lookup<i64>> = futures_util::future::join_all(herd)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert!(found.iter().all(|f| f.value == Some(2)));
+    let led: Vec<&Lookup<i64>> = found
+        .iter()
+        .filter(|f| f.served == Served::Filled && !f.coalesced)
+        .collect();
+    assert_eq!(led.len(), 1, "{found:?}");
+    let shared = found.iter().filter(|f| f.coalesced).count();
+    let late_hits = found.iter().filter(|f| f.served == Served::Hit).count();
+    assert_eq!(shared + late_hits, 19, "{found:?}");
+    let s = reader.computed_stats();
+    assert_eq!(s.db_reads, 2, "{s:?}");
+    assert_eq!(s.fills, 2, "{s:?}");
+    assert_eq!(s.coalesced, shared as u64, "{s:?}");
+    assert_eq!(s.hits + s.misses, 22, "{s:?}");
+    assert_eq!(
+        get(&mut r, "user-order-count:7").await.as_deref(),
+        Some("2")
+    );
+
+    // The reader's totals include computed keys; the table's own counts do not (nothing
+    // read the table through the reader).
+    let orders = reader.table("public.orders").unwrap().stats();
+    assert_eq!(orders, Stats::default());
+    assert_eq!(reader.stats(), s);
 
     daemon.stop().await.unwrap();
 }
