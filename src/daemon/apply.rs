@@ -80,6 +80,9 @@ pub struct Merge {
     pub only_if_cached: bool,
     /// Mirror mode: how to read the row again when the base is missing.
     pub repair: Option<Repair>,
+    /// The cached value may be in an older shape (the table is being written again after
+    /// its columns changed): it is not merged into; the key is deleted and read again.
+    pub stale_base: bool,
 }
 
 /// A column's part in a [`Merge`].
@@ -229,6 +232,9 @@ pub struct Batch {
     max_value: usize,
     /// Capacity for the next encoded value.
     value_size_hint: usize,
+    /// Set by the stream while the table of the change at hand is being backfilled: its
+    /// cached values may still be in an older shape, so none is merged into.
+    stale_bases: bool,
 }
 
 impl Default for Batch {
@@ -248,6 +254,7 @@ impl Default for Batch {
             muted: false,
             max_value: DEFAULT_MAX_VALUE,
             value_size_hint: 0,
+            stale_bases: false,
         }
     }
 }
@@ -317,6 +324,12 @@ impl Batch {
     }
 
     /// Recovery: from now on write no values, only deletes (see the `muted` field).
+    /// While set, updates with unchanged TOASTed columns do not merge into the cached value
+    /// (it may be in an older shape): the key is deleted and its row read again.
+    pub fn set_stale_bases(&mut self, stale: bool) {
+        self.stale_bases = stale;
+    }
+
     pub fn set_muted(&mut self, muted: bool) {
         self.muted = muted;
     }
@@ -558,6 +571,7 @@ impl Batch {
                 key_texts: key_texts(table, new),
                 key: key.clone(),
             }),
+            stale_base: self.stale_bases,
             key,
         })
     }

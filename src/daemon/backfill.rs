@@ -325,6 +325,18 @@ impl Backfills {
         }
     }
 
+    /// Whether the table is being backfilled (queued or reading): its cached values may
+    /// still be in the shape they had before.
+    pub fn rows_pending(&self, table: &str) -> bool {
+        self.queue
+            .iter()
+            .any(|q| q.table == table && matches!(q.work, Work::Rows { .. }))
+            || self
+                .in_flight
+                .iter()
+                .any(|c| c.job.table == table && matches!(c.job.work, Work::Rows { .. }))
+    }
+
     /// Forgets the keys of `table` waiting to be read again: its rule changed, so they are
     /// in the old form and the table is written again anyway.
     pub fn drop_repairs(&mut self, table: &str) {

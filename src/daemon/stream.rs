@@ -584,7 +584,17 @@ impl<'a> Stream<'a> {
         }
         if let Some(RelationState::Active(table)) = self.relations.get(update.relation_id) {
             let table = table.clone();
+            // Unchanged TOASTed columns would be merged into the cached value, which a
+            // backfill under way (after a column change) may not have rewritten yet.
+            let stale = update
+                .new
+                .0
+                .iter()
+                .any(|c| matches!(c, pgoutput::TupleData::Unchanged))
+                && self.backfills.rows_pending(&table.rule.qualified_name());
+            self.batch.set_stale_bases(stale);
             let result = self.batch.update(&table, update.old.as_ref(), &update.new);
+            self.batch.set_stale_bases(false);
             count(&table.counters.update, result);
         }
     }

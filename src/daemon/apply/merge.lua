@@ -5,7 +5,8 @@
 -- (field repair:<key>) until the daemon has read the row again, so that a crash cannot
 -- leave the key absent for good.
 --   KEYS[1] the key  KEYS[2] the base  KEYS[3] the key's lease  KEYS[4] the checkpoint
---   ARGV[1] 'J' (JSON) or 'G' (hash)  ARGV[2] TTL in ms ('' none)  ARGV[3] '1' if cached
+--   ARGV[1] 'J' (JSON), 'G' (hash), or 'X' (the cached value must not be merged into: it
+--   may be in an older shape)  ARGV[2] TTL in ms ('' none)  ARGV[3] '1' if cached
 --   ARGV[4] repair  ARGV[5] n, then per column:
 --     J: name (with its quotes), value ('' keeps the base's)
 --     G: field, tag ('v' set, 'n' delete, 'u' keep), value
@@ -80,7 +81,7 @@ if ARGV[1] == 'J' then
       done = true
     end
   end
-else
+elseif ARGV[1] == 'G' then
   local ok, kind = pcall(redis.call, 'TYPE', base)
   if ok and (kind.ok or kind) == 'hash' then
     if base ~= key then

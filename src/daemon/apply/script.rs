@@ -422,6 +422,7 @@ fn add_merge(pipe: &mut redis::Pipeline, ck: &str, merge: &Merge) {
         ttl_ms,
         only_if_cached,
         repair,
+        stale_base,
     } = merge;
     let cmd = pipe
         .cmd("EVAL")
@@ -432,6 +433,8 @@ fn add_merge(pipe: &mut redis::Pipeline, ck: &str, merge: &Merge) {
         .arg(lease_key(key))
         .arg(ck)
         .arg(match format {
+            // No base to merge into: the script deletes the key and records the repair.
+            _ if *stale_base => "X",
             Format::Json => "J",
             Format::Hash => "G",
         })

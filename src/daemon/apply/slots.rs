@@ -105,6 +105,7 @@ mod tests {
                 key: key.to_string(),
                 key_texts: vec!["2".to_string()],
             }),
+            stale_base: false,
         }))
     }
 

@@ -240,6 +240,29 @@ fn unchanged_toast_columns_merge_in_redis_from_the_right_base() {
 }
 
 #[test]
+fn no_merge_into_a_value_a_backfill_may_not_have_rewritten() {
+    let table = json();
+    let mut batch = Batch::default();
+    batch.set_stale_bases(true);
+    batch
+        .update(&table, None, &row("10", "5", TupleData::Unchanged))
+        .unwrap();
+    batch.set_stale_bases(false);
+    batch
+        .update(&table, None, &row("11", "5", TupleData::Unchanged))
+        .unwrap();
+    let stale: Vec<bool> = ops(&mut batch)
+        .iter()
+        .map(|op| match op {
+            Op::Merge(m) => m.stale_base,
+            other => panic!("expected a merge, found {other:?}"),
+        })
+        .collect();
+    // The first is sent as 'X': the script deletes the key and records the repair.
+    assert_eq!(stale, vec![true, false]);
+}
+
+#[test]
 fn a_full_old_image_needs_no_merge_and_refresh_key_changes_only_delete() {
     let table = json();
     let mut batch = Batch::default();
