@@ -30,7 +30,7 @@ use crate::daemon::apply::script::{Owner, Refused, WriteError};
 use crate::daemon::apply::{Batch, Op};
 use crate::daemon::backfill::{Backfills, ProgressFn};
 use crate::daemon::relations::{RelationCache, TypeResolver};
-use crate::daemon::replication::{ReplicationConnection, ReplicationError};
+use crate::daemon::replication::{ReplicationConnection, ReplicationError, ReplicationStream};
 use crate::daemon::visibility::Visibility;
 use crate::metrics as m;
 use crate::ops::health::Health;
@@ -335,23 +335,7 @@ async fn session(
         })
     };
     let catalog = connect().await?;
-    let in_recovery: bool = catalog
-        .query_one("SELECT pg_is_in_recovery()", &[])
-        .await?
-        .get(0);
-    if in_recovery {
-        // Retried, not fatal: behind a name that moves to the new primary, the server may
-        // be one whose promotion is under way.
-        return Err(RunError::transient(
-            "postgres",
-            format!(
-                "postgres {} is a standby (in recovery), and pgcache streams from the primary: \
-                 waiting for it to be promoted. If postgres.url names only standbys, list the \
-                 primary too, with target_session_attrs=read-write",
-                target.redacted()
-            ),
-        ));
-    }
+    check_primary(&catalog, target).await?;
     if let Some(lost) = slot::Lost::find(&catalog, &config.postgres.slot, &before).await? {
         if !config.postgres.recreate_lost_slot {
             return Err(lost.error(&checkpoint_key));
@@ -373,50 +357,16 @@ async fn session(
         Some(lsn) if !postgres_behind => lsn,
         _ => Lsn::ZERO,
     };
-    let mut stream = match replication
-        .start_logical(&config.postgres.slot, start, &config.postgres.publication)
-        .await
-    {
-        Ok(stream) => stream,
-        Err(e) if slot::is_lost_error(&e) => {
-            // Lost since the check above (invalidated, or dropped): the same outcomes.
-            let Some(lost) = slot::Lost::find(&catalog, &config.postgres.slot, &before).await?
-            else {
-                return Err(e.into());
-            };
-            if !config.postgres.recreate_lost_slot {
-                return Err(lost.error(&checkpoint_key));
-            }
-            lost.recreate(&catalog, &mut redis, &checkpoint_key, &before)
-                .await?;
-            // The mark in the checkpoint makes the next session rebuild the cache.
-            return Err(RunError::transient(
-                "slot_lost",
-                format!(
-                    "replication slot {:?} was lost ({}) and created again: starting over",
-                    config.postgres.slot,
-                    lost.reason()
-                ),
-            ));
-        }
-        Err(e) => return Err(e.into()),
-    };
-    // Postgres gave us the slot: from here on, only this session may write.
-    let owner_token = checkpoint::random_token();
-    let taken = checkpoint::takeover(
-        &mut redis,
+    let mut stream = start_stream(
+        replication,
+        config,
+        start,
+        (&catalog, &mut redis),
         &checkpoint_key,
-        &owner_token,
-        &checkpoint::random_token(),
+        &before,
     )
     .await?;
-    if taken.state.lsn < before.lsn && !taken.fresh {
-        return Err(RunError::transient(
-            "redis_data_lost",
-            "Redis went back in time while the session started (a restore, or a replica \
-             promoted): starting over",
-        ));
-    }
+    let (owner_token, taken) = take_over(&mut redis, &checkpoint_key, &before).await?;
     let slot_confirmed = slot_confirmed(&catalog, &config.postgres.slot).await?;
     let loss = Loss::detect(&before, &taken, slot_confirmed, identity.xlog_pos);
     if matches!(loss, Some(Loss::PostgresBehind { .. })) {
@@ -477,6 +427,100 @@ async fn session(
         let _ = tokio::time::timeout(Duration::from_secs(5), stream.finish()).await;
     }
     result
+}
+
+/// Postgres gave this session the slot: from here on, only it may write. Takes the
+/// checkpoint over (a new owner token; a new epoch where there was none) and returns the
+/// token with what the checkpoint held.
+async fn take_over(
+    redis: &mut redis::aio::MultiplexedConnection,
+    checkpoint_key: &str,
+    before: &CheckpointState,
+) -> Result<(String, checkpoint::Takeover), RunError> {
+    let owner_token = checkpoint::random_token();
+    let taken = checkpoint::takeover(
+        redis,
+        checkpoint_key,
+        &owner_token,
+        &checkpoint::random_token(),
+    )
+    .await?;
+    if taken.state.lsn < before.lsn && !taken.fresh {
+        return Err(RunError::transient(
+            "redis_data_lost",
+            "Redis went back in time while the session started (a restore, or a replica \
+             promoted): starting over",
+        ));
+    }
+    Ok((owner_token, taken))
+}
+
+/// A standby is waited for, not streamed from: the daemon streams from the primary.
+async fn check_primary(
+    catalog: &tokio_postgres::Client,
+    target: &PgTarget,
+) -> Result<(), RunError> {
+    let in_recovery: bool = catalog
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await?
+        .get(0);
+    if in_recovery {
+        // Retried, not fatal: behind a name that moves to the new primary, the server may
+        // be one whose promotion is under way.
+        return Err(RunError::transient(
+            "postgres",
+            format!(
+                "postgres {} is a standby (in recovery), and pgcache streams from the primary: \
+                 waiting for it to be promoted. If postgres.url names only standbys, list the \
+                 primary too, with target_session_attrs=read-write",
+                target.redacted()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Starts the logical stream at `start`. A slot lost since the check before (invalidated,
+/// or dropped) ends the same ways: the lost-slot error, or with `recreate_lost_slot` a new
+/// slot and a session that starts over (the mark in the checkpoint makes it rebuild).
+async fn start_stream(
+    replication: ReplicationConnection,
+    config: &Config,
+    start: Lsn,
+    (catalog, redis): (
+        &tokio_postgres::Client,
+        &mut redis::aio::MultiplexedConnection,
+    ),
+    checkpoint_key: &str,
+    before: &CheckpointState,
+) -> Result<ReplicationStream, RunError> {
+    match replication
+        .start_logical(&config.postgres.slot, start, &config.postgres.publication)
+        .await
+    {
+        Ok(stream) => Ok(stream),
+        Err(e) if slot::is_lost_error(&e) => {
+            // Lost since the check above (invalidated, or dropped): the same outcomes.
+            let Some(lost) = slot::Lost::find(catalog, &config.postgres.slot, before).await? else {
+                return Err(e.into());
+            };
+            if !config.postgres.recreate_lost_slot {
+                return Err(lost.error(checkpoint_key));
+            }
+            lost.recreate(catalog, redis, checkpoint_key, before)
+                .await?;
+            // The mark in the checkpoint makes the next session rebuild the cache.
+            Err(RunError::transient(
+                "slot_lost",
+                format!(
+                    "replication slot {:?} was lost ({}) and created again: starting over",
+                    config.postgres.slot,
+                    lost.reason()
+                ),
+            ))
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Sets the stream up from the checkpoint: resumed as saved, or recovered from a loss.
