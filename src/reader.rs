@@ -400,10 +400,10 @@ impl Reader {
         let redis_key = format!("{}{key}", self.inner.key_prefix);
         let ttl_ms = ttl.map_or(0, lease::millis);
         let found = computed::get_with(&self.inner, &redis_key, ttl_ms, loader).await?;
-        Ok(found.unwrap_or_else(|| computed::Computed {
-            value: Bytes::new(),
-            served: Served::Uncached,
-            coalesced: true,
+        Ok(found.unwrap_or_else(|| {
+            let mut computed = computed::Computed::new(Bytes::new(), Served::Uncached);
+            computed.coalesced = true;
+            computed
         }))
     }
 

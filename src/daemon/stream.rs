@@ -674,6 +674,9 @@ impl<'a> Stream<'a> {
         info!(table = %name, "the table was dropped and created again: deleting the keys of rows that are gone, and writing it again");
         match table.rule.mode {
             Mode::Mirror => {
+                // A fill that read an old row before must not land after.
+                self.batch
+                    .revoke_leases(table.rule.lease_patterns(&self.config.redis.key_prefix));
                 self.backfills.reconcile(&name, None);
                 self.backfills.schedule(&name, None);
             }

@@ -44,14 +44,18 @@ pub(crate) struct Computed {
     pub(crate) served: Served,
     /// The caller shared another caller's miss in this process.
     pub(crate) coalesced: bool,
+    /// The leader's fill lost: a change invalidated the key while its loader ran, so the
+    /// value may predate that change.
+    lost_fill: bool,
 }
 
 impl Computed {
-    fn new(value: Bytes, served: Served) -> Computed {
+    pub(crate) fn new(value: Bytes, served: Served) -> Computed {
         Computed {
             value,
             served,
             coalesced: false,
+            lost_fill: false,
         }
     }
 }
@@ -160,6 +164,13 @@ where
             }
         })
         .await;
+    if followed && matches!(&outcome, Ok(Some(c)) if c.lost_fill) {
+        // The leader's value may predate a change this caller waited for (it wrote, then
+        // `wait_for_writes`, then asked): it loads for itself, under the lease protocol.
+        if let Some(loader) = take() {
+            return lead(inner, redis_key, ttl_ms, loader).await.map(Some);
+        }
+    }
     if followed {
         counters.record(Event::Coalesced);
         if let Ok(Some(computed)) = &mut outcome {
@@ -276,19 +287,22 @@ where
             }
         };
         let value = load(counters, redis_key, loader).await?;
-        let served = match at {
+        let (served, lost_fill) = match at {
             Some(at) => fill(inner, held, redis_key, &value, ttl_ms, at).await,
             None => {
                 held.release().await;
-                Served::Uncached
+                (Served::Uncached, false)
             }
         };
-        return Ok(Computed::new(value, served));
+        let mut computed = Computed::new(value, served);
+        computed.lost_fill = lost_fill;
+        return Ok(computed);
     }
 }
 
 /// Fills under the lease once the daemon has applied up to `at` (at most `max_lag_wait`),
-/// and says how the value was served: filled, or not cached.
+/// and says how the value was served (filled, or not cached) and whether the fill lost to a
+/// change.
 async fn fill(
     inner: &Arc<Inner>,
     mut held: Held,
@@ -296,7 +310,7 @@ async fn fill(
     value: &[u8],
     ttl_ms: u64,
     at: Lsn,
-) -> Served {
+) -> (Served, bool) {
     let counters = &inner.computed_counters;
     let at = crate::checkpoint::hex(at);
     let deadline = Instant::now() + inner.options.max_lag_wait;
@@ -326,14 +340,14 @@ async fn fill(
                     tracing::debug!(key = %redis_key, "the daemon lags: the value is not cached");
                     counters.record(Event::LagFallback);
                     held.release().await;
-                    return Served::Uncached;
+                    return (Served::Uncached, false);
                 }
                 tokio::time::sleep(backoff.step().min(deadline - now)).await;
             }
             Ok(1) => {
                 held.settled = true;
                 counters.record(Event::Fill);
-                return Served::Filled;
+                return (Served::Filled, false);
             }
             Ok(_) => {
                 // A change deleted the key's lease (or the key was written): the value may
@@ -341,12 +355,12 @@ async fn fill(
                 tracing::debug!(key = %redis_key, "computed fill lost: a change invalidated the key meanwhile");
                 held.settled = true;
                 counters.record(Event::LostFill);
-                return Served::Uncached;
+                return (Served::Uncached, true);
             }
             Err(e) => {
                 inner.redis_failed(&e);
                 held.release().await;
-                return Served::Fallback;
+                return (Served::Fallback, false);
             }
         }
     }

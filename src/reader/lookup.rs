@@ -546,15 +546,17 @@ fn maybe_refresh(
         };
         entry.counters.record(Event::EarlyRefresh);
         let outcome = match lease.read_row().await {
-            Ok(row) => {
-                match &row {
-                    Some(value) => {
-                        settle(&inner, lease, Some(value)).await;
-                    }
-                    // A row deleted since would have revoked the lease; give it back.
-                    None => drop(lease.release().await),
-                }
-                Ok(Resolved::new(row.map(Bytes::from), Served::Filled))
+            Ok(Some(value)) => match settle(&inner, lease, Some(&value)).await {
+                // A change revoked the lease: the row read may be older than it, and callers
+                // that joined meanwhile may have waited for that change (read-your-writes).
+                // They get the miss path's answer instead.
+                Some(FillOutcome::Lost) => lead(&inner, &entry, &texts, |_| {}).await,
+                _ => Ok(Resolved::new(Some(Bytes::from(value)), Served::Filled)),
+            },
+            // A row deleted since would have revoked the lease; give it back.
+            Ok(None) => {
+                drop(lease.release().await);
+                Ok(Resolved::new(None, Served::Filled))
             }
             Err(e) => Err(e),
         };
