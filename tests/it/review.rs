@@ -10,7 +10,8 @@ use pgcache::reader::ReaderOptions;
 use pgcache::Reader;
 
 use crate::common::{
-    eventually, get, keys, pgcache, settled, wait_backfill_done, wait_streaming, Env, InProcess,
+    eventually, get, keys, pgcache, settled, wait_backfill_done, wait_streaming, Daemon, Env,
+    InProcess,
 };
 
 const CHECKPOINT: &str = "pgcache:{pgcache}:checkpoint";
@@ -111,7 +112,7 @@ async fn wait_timeout_then_slow_holder(format: &str) -> Result<(), String> {
     let path = env.write_config(&rules);
     let config = env.config(&rules);
     let log = env.dir.path().join("daemon.log");
-    let mut daemon = crate::common::Daemon::spawn(&path, &log);
+    let mut daemon = Daemon::spawn(&path, &log);
     let mut r = env.redis().await;
     wait_streaming(&mut r).await;
     wait_backfill_done(&mut r, "public.items", Duration::from_secs(60)).await;
@@ -830,5 +831,104 @@ async fn review_alter_table_without_row_changes_reaches_the_values() {
     settled(&env, &mut r).await;
     let (code, out) = verify_config(&env.write_config(rule)).await;
     assert_eq!(code, 0, "{out}");
+    daemon.stop().await.unwrap();
+}
+
+/// Review 4, N8 (G10, read-your-writes): an early refresh read the row, then a DELETE was
+/// applied (revoking the refresh's lease). A lookup that begins after `wait_for_writes` and
+/// joins the refresh's flight must not get the deleted row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_a_lost_early_refresh_hands_its_callers_no_older_row() {
+    let env = Env::start(
+        "CREATE TABLE items (id int PRIMARY KEY, v text);
+         INSERT INTO items SELECT g, 'v' || g FROM generate_series(1, 3) g;
+         CREATE TABLE other (id int);",
+        "public.items,public.other",
+    );
+    let rule = "[[tables]]\ntable = \"items\"\nkey = \"item:{id}\"\nttl = \"60s\"\n";
+    let config_path = env.write_config(rule);
+    let log = env.dir.path().join("daemon.log");
+    let mut daemon = Daemon::spawn(&config_path, &log);
+    let mut r = env.redis().await;
+    wait_backfill_done(&mut r, "public.items", Duration::from_secs(60)).await;
+    settled(&env, &mut r).await;
+    let reader = Reader::from_config_with(
+        &env.config(rule),
+        ReaderOptions::default()
+            .early_refresh_beta(Some(1e9))
+            .max_lag_wait(Duration::from_secs(10))
+            .max_wait_step(Duration::from_secs(2)),
+    )
+    .unwrap();
+    let items = reader.table("public.items").unwrap();
+    let first = items.lookup::<serde_json::Value>(1).await.unwrap();
+    assert!(first.value.is_some());
+    tokio::time::sleep(Duration::from_millis(300)).await; // its refresh settles
+                                                          // The daemon paused: the next refresh's fill waits for it to apply past its read.
+    daemon.pause();
+    env.sql("INSERT INTO other VALUES (1)");
+    let hit = items.lookup::<serde_json::Value>(1).await.unwrap();
+    assert!(hit.value.is_some(), "a hit, which starts an early refresh");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    env.sql("DELETE FROM items WHERE id = 1");
+    daemon.resume();
+    reader.wait_for_writes().await.unwrap();
+    let after = items.lookup::<serde_json::Value>(1).await.unwrap();
+    assert_eq!(
+        after.value, None,
+        "the deleted row, served {:?}",
+        after.served
+    );
+    daemon.terminate();
+}
+
+/// Review 4, N9 (read-your-writes, computed keys): a `get_with` that begins after the
+/// caller's own write was applied, and joins a load that began before it, must not get the
+/// older value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_get_with_after_a_write_does_not_take_an_older_load() {
+    let env = Env::start(
+        "CREATE TABLE orders (id int PRIMARY KEY, user_id int);
+         ALTER TABLE orders REPLICA IDENTITY FULL;
+         INSERT INTO orders VALUES (1, 7);",
+        "public.orders",
+    );
+    let rule = "[[tables]]\ntable = \"orders\"\nkey = \"order:{id}\"\n\n\
+                [[tables.invalidate]]\nkey = \"user-orders:{user_id}\"\n";
+    let config = env.config(rule);
+    let daemon = InProcess::start(config.clone());
+    let mut r = env.redis().await;
+    wait_streaming(&mut r).await;
+    let reader = Reader::from_config_with(&config, ReaderOptions::default()).unwrap();
+    let key = reader.key("user-orders:{user_id}", 7i64).unwrap();
+    let db = Arc::new(env.pg_client().await);
+    let count = |db: Arc<tokio_postgres::Client>| async move {
+        let n: i64 = db
+            .query_one("SELECT count(*) FROM orders WHERE user_id = 7", &[])
+            .await?
+            .get(0);
+        Ok::<_, tokio_postgres::Error>(n)
+    };
+    // Caller A: its loader reads the count, then takes a while.
+    let a = {
+        let (reader, key, db) = (reader.clone(), key.clone(), db.clone());
+        tokio::spawn(async move {
+            reader
+                .get_with(&key, || async move {
+                    let n = count(db).await?;
+                    tokio::time::sleep(Duration::from_millis(1500)).await;
+                    Ok::<_, tokio_postgres::Error>(n)
+                })
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Caller B: writes, waits for the daemon, then reads.
+    env.sql("INSERT INTO orders VALUES (100, 7)");
+    reader.wait_for_writes().await.unwrap();
+    let b: i64 = reader.get_with(&key, || count(db.clone())).await.unwrap();
+    let a: i64 = a.await.unwrap().unwrap();
+    assert_eq!(a, 1, "A began before the insert");
+    assert_eq!(b, 2, "B began after its own write was applied");
     daemon.stop().await.unwrap();
 }
