@@ -932,3 +932,30 @@ async fn review_get_with_after_a_write_does_not_take_an_older_load() {
     assert_eq!(b, 2, "B began after its own write was applied");
     daemon.stop().await.unwrap();
 }
+
+/// Review 3, R16: a partitioned table whose publication has `publish_via_partition_root`
+/// off: `check` says that, with the fix, rather than "not in the publication".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_partitions_published_alone_are_named_as_such() {
+    let env = Env::start(
+        "CREATE TABLE items (id int PRIMARY KEY, v text) PARTITION BY RANGE (id);
+         CREATE TABLE items_p1 PARTITION OF items FOR VALUES FROM (1) TO (100);",
+        "public.items",
+    );
+    env.sql("ALTER PUBLICATION pgcache SET (publish_via_partition_root = false)");
+    let rule = "[[tables]]\ntable = \"items\"\nkey = \"item:{id}\"\n";
+    let config_path = env.write_config(rule).display().to_string();
+    let (code, out, err) =
+        tokio::task::spawn_blocking(move || pgcache(&["check", "--config", &config_path]))
+            .await
+            .unwrap();
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("publish_via_partition_root is off"),
+        "{out}{err}"
+    );
+    assert!(
+        out.contains("SET (publish_via_partition_root = true)"),
+        "{out}{err}"
+    );
+}

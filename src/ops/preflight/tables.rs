@@ -36,7 +36,20 @@ pub(super) async fn table_findings(
     let schema_usage: bool = table.get(5);
     let qualified = quote_qualified(&rule.schema, &rule.name);
     let mut findings = Vec::new();
-    if !published {
+    if !published && publishes_partitions_alone(client, config, oid).await? {
+        findings.push(Finding::fail(
+            format!(
+                "table {name} is partitioned, and publication {:?} publishes its partitions \
+                 under their own names (publish_via_partition_root is off), so no change would \
+                 arrive under {name}",
+                config.postgres.publication
+            ),
+            format!(
+                "ALTER PUBLICATION {} SET (publish_via_partition_root = true);",
+                quote_ident(&config.postgres.publication),
+            ),
+        ));
+    } else if !published {
         findings.push(Finding::fail(
             format!(
                 "table {name} is not in publication {:?}, so none of its changes would arrive",
@@ -328,4 +341,21 @@ async fn row_filter_finding(
             ),
         )
     }))
+}
+
+/// Whether `oid` is a partitioned table whose partitions the publication carries under their
+/// own names (`publish_via_partition_root = false`).
+async fn publishes_partitions_alone(
+    client: &tokio_postgres::Client,
+    config: &Config,
+    oid: u32,
+) -> Result<bool, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_class c JOIN pg_publication p ON p.pubname = $1 \
+                            WHERE c.oid = $2 AND c.relkind = 'p' AND NOT p.pubviaroot)",
+            &[&config.postgres.publication, &oid],
+        )
+        .await?;
+    Ok(row.get(0))
 }
