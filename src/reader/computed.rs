@@ -125,6 +125,13 @@ where
         let value = load(counters, redis_key, loader).await?;
         return Ok(Some(Computed::new(value, Served::BreakerOpen)));
     }
+    if super::lookup::too_long(redis_key) {
+        // Not sent to Redis (see `lookup::MAX_KEY_BYTES`): loaded, uncached.
+        counters.record(Event::Miss);
+        counters.record(Event::Fallback);
+        let value = load(counters, redis_key, loader).await?;
+        return Ok(Some(Computed::new(value, Served::Uncached)));
+    }
     let mut conn = inner.redis.clone();
     match redis::cmd("GET")
         .arg(redis_key)

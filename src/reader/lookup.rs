@@ -178,12 +178,33 @@ pub(super) async fn fetch(
     fetch_texts(inner, entry, texts).await
 }
 
+/// Keys longer than this are not sent to Redis: 1 MB is the least `proto-max-bulk-len` Redis
+/// accepts, and a longer key (with its lease key) may make it drop the connection, which
+/// would open the breaker for every caller. Such a key is read from Postgres, uncached.
+pub(super) const MAX_KEY_BYTES: usize = 1024 * 1024 - 64;
+
+/// Whether a key is too long to send to Redis safely (see [`MAX_KEY_BYTES`]).
+pub(super) fn too_long(redis_key: &str) -> bool {
+    redis_key.len() > MAX_KEY_BYTES
+}
+
 /// [`fetch`] of a key as text.
 async fn fetch_texts(
     inner: &Arc<Inner>,
     entry: &Arc<TableEntry>,
     texts: KeyTexts,
 ) -> Result<Found, ReaderError> {
+    if too_long(&texts.redis_key) {
+        entry.counters.record(Event::Miss);
+        entry.counters.record(Event::Fallback);
+        let resolved = read_one(inner, entry, &texts, Served::Uncached).await?;
+        return Ok(Found {
+            redis_key: texts.redis_key,
+            value: resolved.value.map(Fetched::Shared),
+            served: resolved.served,
+            coalesced: false,
+        });
+    }
     let beta = entry.early_refresh_beta(&inner.options);
     let (looked, followed) = inner
         .lookups
@@ -605,6 +626,9 @@ async fn fetch_many(
     };
     if !inner.use_redis() {
         entry.counters.add(Event::BreakerFallback, n);
+        return skipped().await;
+    }
+    if keys.iter().any(|k| too_long(&k.redis_key)) {
         return skipped().await;
     }
     let values = match read_cached_many(inner, entry, keys).await {

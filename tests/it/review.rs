@@ -959,3 +959,44 @@ async fn review_partitions_published_alone_are_named_as_such() {
         "{out}{err}"
     );
 }
+
+/// Review 4, N7 (G7): a lookup whose key is longer than the least `proto-max-bulk-len`
+/// Redis allows is read from Postgres without touching Redis, so Redis does not drop the
+/// connection and the breaker stays closed for every other key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_an_over_long_key_leaves_the_reader_working() {
+    let env = Env::start_with(
+        pgcache::testkit::PgOptions::default(),
+        pgcache::testkit::RedisOptions {
+            extra_args: vec!["--proto-max-bulk-len".into(), "1mb".into()],
+            ..Default::default()
+        },
+        "CREATE TABLE items (id text PRIMARY KEY, v text);
+         INSERT INTO items VALUES ('a', 'x');",
+        "public.items",
+    );
+    let rule = "[[tables]]\ntable = \"items\"\nkey = \"item:{id}\"\n";
+    let config = env.config(rule);
+    let daemon = InProcess::start(config.clone());
+    let mut r = env.redis().await;
+    wait_backfill_done(&mut r, "public.items", Duration::from_secs(60)).await;
+    let reader = Reader::from_config_with(&config, ReaderOptions::default()).unwrap();
+    let items = reader.table("public.items").unwrap();
+    let long = "k".repeat(1_100_000);
+    let found = items
+        .lookup::<serde_json::Value>(long.as_str())
+        .await
+        .unwrap();
+    assert_eq!(found.value, None);
+    let before = reader.stats().db_reads;
+    for _ in 0..20 {
+        let hit = items.lookup::<serde_json::Value>("a").await.unwrap();
+        assert_eq!(hit.value, Some(serde_json::json!({"id": "a", "v": "x"})));
+    }
+    assert_eq!(
+        reader.stats().db_reads,
+        before,
+        "the breaker opened: hits went to Postgres"
+    );
+    daemon.stop().await.unwrap();
+}
