@@ -250,6 +250,33 @@ DROP EVENT TRIGGER IF EXISTS pgcache_rewrite;
 CREATE EVENT TRIGGER pgcache_rewrite ON table_rewrite
   WHEN TAG IN ('ALTER TABLE') EXECUTE FUNCTION pgcache.on_rewrite();
 
+-- ALTER TYPE (an enum value renamed, say) changes how existing values read, with no row
+-- change in the WAL: every published table with a column of that type is resynced.
+CREATE OR REPLACE FUNCTION pgcache.on_type_change() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  published text;
+BEGIN
+  FOR published IN
+    SELECT DISTINCT pgcache.published_table(a.attrelid)
+      FROM pg_event_trigger_ddl_commands() cmd
+      JOIN pg_type t ON t.oid = cmd.objid
+           OR t.typelem = cmd.objid OR t.typbasetype = cmd.objid
+      JOIN pg_attribute a ON a.atttypid = t.oid AND a.attnum > 0 AND NOT a.attisdropped
+     WHERE cmd.object_type IN ('type', 'domain')
+  LOOP
+    IF published IS NOT NULL THEN
+      PERFORM pgcache.emit('resync', published);
+    END IF;
+  END LOOP;
+END
+$$;
+REVOKE ALL ON FUNCTION pgcache.on_type_change() FROM PUBLIC;
+
+DROP EVENT TRIGGER IF EXISTS pgcache_type;
+CREATE EVENT TRIGGER pgcache_type ON ddl_command_end
+  WHEN TAG IN ('ALTER TYPE', 'ALTER DOMAIN') EXECUTE FUNCTION pgcache.on_type_change();
+
 DROP EVENT TRIGGER IF EXISTS pgcache_drop;
 CREATE EVENT TRIGGER pgcache_drop ON sql_drop
   WHEN TAG IN ('DROP TABLE') EXECUTE FUNCTION pgcache.on_drop();

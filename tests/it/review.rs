@@ -1000,3 +1000,35 @@ async fn review_an_over_long_key_leaves_the_reader_working() {
     );
     daemon.stop().await.unwrap();
 }
+
+/// Review 3, R13: an enum value renamed (`ALTER TYPE ... RENAME VALUE`) changes how every row
+/// with it reads, without a row change in the WAL: the event trigger reports a resync, and
+/// the cached values follow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_an_enum_value_renamed_reaches_the_values() {
+    let env = Env::start(
+        "CREATE TYPE mood AS ENUM ('sad', 'ok');
+         CREATE TABLE people (id int PRIMARY KEY, m mood NOT NULL);
+         INSERT INTO people VALUES (1, 'sad'), (2, 'ok');",
+        "public.people",
+    );
+    let rule = "[[tables]]\ntable = \"people\"\nkey = \"person:{id}\"\n";
+    let daemon = InProcess::start(env.config(rule));
+    let mut r = env.redis().await;
+    wait_backfill_done(&mut r, "public.people", Duration::from_secs(60)).await;
+    assert_eq!(
+        get(&mut r, "person:1").await.as_deref(),
+        Some(r#"{"id":1,"m":"sad"}"#)
+    );
+    env.sql("ALTER TYPE mood RENAME VALUE 'sad' TO 'unhappy'");
+    eventually(Duration::from_secs(30), "the renamed value", || {
+        let mut r = r.clone();
+        async move { (get(&mut r, "person:1").await? == r#"{"id":1,"m":"unhappy"}"#).then_some(()) }
+    })
+    .await;
+    wait_backfill_done(&mut r, "public.people", Duration::from_secs(60)).await;
+    settled(&env, &mut r).await;
+    let (code, out) = verify_config(&env.write_config(rule)).await;
+    assert_eq!(code, 0, "{out}");
+    daemon.stop().await.unwrap();
+}
