@@ -365,6 +365,11 @@ impl TableRule {
         format!("{}.{}", self.schema, self.name)
     }
 
+    /// `<key_prefix><literal prefix of the template>`: every key of this table starts so.
+    pub fn key_space(&self, key_prefix: &str) -> String {
+        format!("{key_prefix}{}", self.key.literal_prefix())
+    }
+
     /// The literal start of every key of this table (without the Redis key prefix).
     pub fn key_prefix_literal(&self) -> &str {
         self.key.literal_prefix()

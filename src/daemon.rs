@@ -754,11 +754,7 @@ impl Stream<'_> {
             Loss::NoCheckpoint { had_data: false } => {}
         }
         for rule in &self.config.tables {
-            let key_space = format!(
-                "{}{}",
-                self.config.redis.key_prefix,
-                rule.key.literal_prefix()
-            );
+            let key_space = rule.key_space(&self.config.redis.key_prefix);
             self.batch.push_committed(Op::DropKeySpace { key_space });
             // Values computed from what Redis lost may be older than Postgres too.
             let patterns = rule.invalidation_patterns(&self.config.redis.key_prefix);

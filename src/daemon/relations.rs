@@ -211,7 +211,7 @@ impl RelationCache {
     /// the caller can drop its keys.
     pub fn stop_table(&mut self, table: &str, problem: &str) -> Option<String> {
         let rule = self.rules.values().find(|r| r.qualified_name() == table)?;
-        let key_space = format!("{}{}", self.key_prefix, rule.key.literal_prefix());
+        let key_space = rule.key_space(&self.key_prefix);
         self.stopped.insert(table.to_string(), problem.to_string());
         Some(key_space)
     }
@@ -253,7 +253,7 @@ impl RelationCache {
             );
             self.stopped.insert(table.clone(), error.clone());
             RelationState::Broken {
-                key_space: format!("{}{}", self.key_prefix, rule.key.literal_prefix()),
+                key_space: rule.key_space(&self.key_prefix),
                 table,
                 error,
             }
@@ -287,7 +287,7 @@ impl RelationCache {
                     RelationState::Broken {
                         table: rule.qualified_name(),
                         error: self.stopped[&rule.qualified_name()].clone(),
-                        key_space: format!("{}{}", self.key_prefix, rule.key.literal_prefix()),
+                        key_space: rule.key_space(&self.key_prefix),
                     }
                 }
                 Some(rule) => {
@@ -300,7 +300,7 @@ impl RelationCache {
                         Err(error) => RelationState::Broken {
                             table: rule.qualified_name(),
                             error,
-                            key_space: format!("{}{}", self.key_prefix, rule.key.literal_prefix()),
+                            key_space: rule.key_space(&self.key_prefix),
                         },
                     }
                 }
@@ -396,7 +396,7 @@ pub(crate) fn table_state(
         columns,
         positions,
         key_positions,
-        key_space: format!("{key_prefix}{}", rule.key.literal_prefix()),
+        key_space: rule.key_space(key_prefix),
         invalidate_positions,
         key_prefix: key_prefix.to_string(),
         counters: OpCounters::new(&rule.qualified_name()),

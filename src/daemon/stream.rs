@@ -231,7 +231,7 @@ impl<'a> Stream<'a> {
             .tables
             .iter()
             .find(|r| r.qualified_name() == table)
-            .map(|r| format!("{}{}", self.config.redis.key_prefix, r.key.literal_prefix()))
+            .map(|r| r.key_space(&self.config.redis.key_prefix))
     }
 
     pub(super) async fn pump(
@@ -551,7 +551,7 @@ impl<'a> Stream<'a> {
                             .as_deref()
                             .is_none_or(|t| backfill::qualified(t) == r.qualified_name())
                     })
-                    .map(|r| format!("{}{}", self.config.redis.key_prefix, r.key.literal_prefix()))
+                    .map(|r| r.key_space(&self.config.redis.key_prefix))
                     .collect();
                 for key_space in forget {
                     self.batch.drop_key_space(key_space);

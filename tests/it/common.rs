@@ -420,3 +420,21 @@ pub async fn settled(env: &Env, r: &mut redis::aio::MultiplexedConnection) {
     })
     .await;
 }
+
+/// `pgcache verify` on a config file: its exit code and output.
+pub async fn verify(config: &Path) -> (i32, String) {
+    let config = config.display().to_string();
+    let (code, out, err) =
+        tokio::task::spawn_blocking(move || pgcache(&["verify", "--config", &config]))
+            .await
+            .unwrap();
+    (code, format!("{out}{err}"))
+}
+
+impl Env {
+    /// Asserts that `pgcache verify` finds Redis equal to Postgres for these `[[tables]]`.
+    pub async fn assert_converged(&self, tables: &str) {
+        let (code, out) = verify(&self.write_config(tables)).await;
+        assert_eq!(code, 0, "{out}");
+    }
+}

@@ -13,21 +13,11 @@ use rand::Rng;
 use serde_json::json;
 
 use crate::common::{
-    eventually, get, get_json, keys, pgcache, settled, wait_backfill_done, wait_for_json,
+    eventually, get, get_json, keys, settled, verify, wait_backfill_done, wait_for_json,
     wait_streaming, Daemon, Env, InProcess,
 };
 
 const CHECKPOINT: &str = "pgcache:{pgcache}:checkpoint";
-
-/// `pgcache verify` on a config file: its exit code and output.
-async fn verify(config: &std::path::Path) -> (i32, String) {
-    let config = config.display().to_string();
-    let (code, out, err) =
-        tokio::task::spawn_blocking(move || pgcache(&["verify", "--config", &config]))
-            .await
-            .unwrap();
-    (code, format!("{out}{err}"))
-}
 
 /// Rows whose `body` is stored out of line (TOAST): 4 kB of md5 text each, incompressible
 /// enough to leave the row.

@@ -13,7 +13,7 @@
 //! - `written`: read-your-writes: waiting for the daemon to apply a position.
 
 mod availability;
-mod computed;
+pub(crate) mod computed;
 mod consistency;
 mod lookups;
 mod monotonic;

@@ -9,25 +9,14 @@ use std::time::Duration;
 use pgcache::reader::ReaderOptions;
 use pgcache::Reader;
 
+use crate::reader::computed::order_ids;
+
 use crate::common::{
     eventually, get, keys, pgcache, settled, wait_backfill_done, wait_streaming, Daemon, Env,
     InProcess,
 };
 
 const CHECKPOINT: &str = "pgcache:{pgcache}:checkpoint";
-
-async fn user_order_ids(
-    db: &tokio_postgres::Client,
-    user: i32,
-) -> Result<Vec<i32>, tokio_postgres::Error> {
-    let rows = db
-        .query(
-            "SELECT id FROM orders WHERE user_id = $1 ORDER BY id",
-            &[&user],
-        )
-        .await?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
-}
 
 /// `get_with` under a `redis.key_prefix`: the daemon's invalidation must delete the
 /// prefixed key and revoke the prefixed lease.
@@ -63,10 +52,7 @@ async fn review_get_with_under_a_key_prefix_is_invalidated() {
     let reader = Reader::from_config_with(&config, ReaderOptions::default()).unwrap();
     let db = Arc::new(env.pg_client().await);
     let key = reader.key("user-orders:{user_id}", 7).unwrap();
-    let list: Vec<i32> = reader
-        .get_with(&key, || user_order_ids(&db, 7))
-        .await
-        .unwrap();
+    let list: Vec<i32> = reader.get_with(&key, || order_ids(&db, 7)).await.unwrap();
     assert_eq!(list, [1]);
     assert_eq!(
         get(&mut r, "app:user-orders:7").await.as_deref(),
@@ -83,10 +69,7 @@ async fn review_get_with_under_a_key_prefix_is_invalidated() {
         }
     })
     .await;
-    let list: Vec<i32> = reader
-        .get_with(&key, || user_order_ids(&db, 7))
-        .await
-        .unwrap();
+    let list: Vec<i32> = reader.get_with(&key, || order_ids(&db, 7)).await.unwrap();
     assert_eq!(list, [1, 2]);
     daemon.stop().await.unwrap();
     let _ = wait_streaming;
@@ -396,10 +379,7 @@ async fn review_partition_events_delete_invalidation_keys() {
     ];
     for (sql, order_keys, expected) in steps {
         // Fill the computed list.
-        let list: Vec<i32> = reader
-            .get_with(&key, || user_order_ids(&db, 7))
-            .await
-            .unwrap();
+        let list: Vec<i32> = reader.get_with(&key, || order_ids(&db, 7)).await.unwrap();
         eventually(Duration::from_secs(10), "the list cached", || {
             let mut r = r.clone();
             async move { get(&mut r, "user-orders:7").await }
@@ -420,7 +400,7 @@ async fn review_partition_events_delete_invalidation_keys() {
         settled(&env, &mut r).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
         let now = get(&mut r, "user-orders:7").await;
-        let fresh = user_order_ids(&db, 7).await.unwrap();
+        let fresh = order_ids(&db, 7).await.unwrap();
         assert_eq!(fresh, expected);
         if let Some(cached) = &now {
             let cached: Vec<i32> = serde_json::from_str(cached).unwrap();
@@ -443,16 +423,6 @@ async fn review_partition_events_delete_invalidation_keys() {
         "stale computed values:\n{}",
         failures.join("\n")
     );
-}
-
-/// `pgcache verify` for one config: exit code and output.
-async fn verify_config(config: &std::path::Path) -> (i32, String) {
-    let config = config.display().to_string();
-    let (code, out, err) =
-        tokio::task::spawn_blocking(move || pgcache(&["verify", "--config", &config]))
-            .await
-            .unwrap();
-    (code, format!("{out}{err}"))
 }
 
 /// Review 3, R8: a TRUNCATE of `users` (keys `user:{id}`) must not delete the keys of
@@ -483,8 +453,7 @@ async fn review_truncate_leaves_a_hash_tagged_neighbour() {
         6,
         "orders' keys deleted"
     );
-    let (code, out) = verify_config(&env.write_config(rules)).await;
-    assert_eq!(code, 0, "{out}");
+    env.assert_converged(rules).await;
     daemon.stop().await.unwrap();
 }
 
@@ -521,8 +490,7 @@ async fn review_a_table_fixed_while_stopped_is_backfilled() {
     wait_backfill_done(&mut r, "public.items", Duration::from_secs(60)).await;
     settled(&env, &mut r).await;
     assert_eq!(keys(&mut r, "item:*").await.len(), 50);
-    let (code, out) = verify_config(&env.write_config(rule)).await;
-    assert_eq!(code, 0, "{out}");
+    env.assert_converged(rule).await;
     daemon.stop().await.unwrap();
 }
 
@@ -564,8 +532,7 @@ async fn review_a_rename_is_noticed_without_an_earlier_change() {
         Some(r#"{"id":1,"v":"changed"}"#)
     );
     assert_eq!(get(&mut r, "item:2").await, None);
-    let (code, out) = verify_config(&env.write_config(rule)).await;
-    assert_eq!(code, 0, "{out}");
+    env.assert_converged(rule).await;
     daemon.stop().await.unwrap();
 }
 
@@ -603,8 +570,7 @@ async fn review_a_table_dropped_and_created_again_leaves_no_old_keys() {
         get(&mut r, "item:2").await.as_deref(),
         Some(r#"{"id":2,"v":"new2"}"#)
     );
-    let (code, out) = verify_config(&env.write_config(rule)).await;
-    assert_eq!(code, 0, "{out}");
+    env.assert_converged(rule).await;
     daemon.stop().await.unwrap();
 }
 
@@ -786,8 +752,7 @@ async fn review_postgres_restored_from_an_older_copy_is_followed() {
         None,
         "a row of the lost future"
     );
-    let (code, out) = verify_config(&env.write_config(rule)).await;
-    assert_eq!(code, 0, "{out}");
+    env.assert_converged(rule).await;
     daemon.stop().await.unwrap();
     let _ = std::fs::remove_dir_all(&copy);
 }
@@ -829,8 +794,7 @@ async fn review_alter_table_without_row_changes_reaches_the_values() {
     .await;
     wait_backfill_done(&mut r, "public.items", Duration::from_secs(60)).await;
     settled(&env, &mut r).await;
-    let (code, out) = verify_config(&env.write_config(rule)).await;
-    assert_eq!(code, 0, "{out}");
+    env.assert_converged(rule).await;
     daemon.stop().await.unwrap();
 }
 
@@ -1028,7 +992,6 @@ async fn review_an_enum_value_renamed_reaches_the_values() {
     .await;
     wait_backfill_done(&mut r, "public.people", Duration::from_secs(60)).await;
     settled(&env, &mut r).await;
-    let (code, out) = verify_config(&env.write_config(rule)).await;
-    assert_eq!(code, 0, "{out}");
+    env.assert_converged(rule).await;
     daemon.stop().await.unwrap();
 }

@@ -161,7 +161,7 @@ impl TablePlan {
         );
         let pk_cols: Vec<String> = pk_names.iter().map(|n| quote_ident(n)).collect();
         Ok(TablePlan {
-            key_space: format!("{key_prefix}{}", rule.key.literal_prefix()),
+            key_space: rule.key_space(key_prefix),
             rule,
             key_prefix: key_prefix.to_string(),
             columns,

@@ -23,8 +23,7 @@ pub(super) enum Cached {
 /// `<key_prefix><literal prefix>*`, glob-escaped: every key of the table, and the leases of
 /// keys that carry a hash tag (see `template::lease_key`), which callers skip.
 pub fn key_space_pattern(key_prefix: &str, rule: &TableRule) -> String {
-    let mut out =
-        crate::template::glob_escape(&format!("{key_prefix}{}", rule.key.literal_prefix()));
+    let mut out = crate::template::glob_escape(&rule.key_space(key_prefix));
     out.push('*');
     out
 }

@@ -41,8 +41,8 @@ struct Order {
     note: Option<String>,
 }
 
-/// The loader: the ids of a user's orders, straight from Postgres.
-async fn order_ids(
+/// The loader: the ids of a user's orders, straight from Postgres (also used by review.rs).
+pub(crate) async fn order_ids(
     db: &tokio_postgres::Client,
     user: i32,
 ) -> Result<Vec<i32>, tokio_postgres::Error> {
