@@ -23,6 +23,11 @@ use redis::Script;
 
 use crate::Lsn;
 
+/// Lua patterns (PROTOCOL.md, "fill.lua"), one per line, of the keys of the tables the
+/// daemon has stopped (and their invalidation keys): `fill.lua` refuses fills of such keys
+/// with reply 3, since no change would ever reach them. Absent when no table is stopped.
+pub const FIELD_STOPPED: &str = "stopped";
+
 /// End of the last applied commit (or a later position with nothing to apply), as Postgres
 /// prints it.
 pub const FIELD_LSN: &str = "lsn";

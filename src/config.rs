@@ -353,6 +353,16 @@ impl TableRule {
             .collect()
     }
 
+    /// Lua patterns of every key a reader may fill for this table: its row keys and the
+    /// keys of its `[[tables.invalidate]]` rules. While the table is stopped the daemon
+    /// lists them in the checkpoint's `stopped` field, and `fill.lua` refuses those fills.
+    pub fn fill_patterns(&self, key_prefix: &str) -> Vec<String> {
+        std::iter::once(&self.key)
+            .chain(self.invalidate.iter().map(|rule| &rule.key))
+            .map(|template| template.lua_pattern(key_prefix))
+            .collect()
+    }
+
     /// `SCAN MATCH` patterns of the leases of this table's row keys (not the keys).
     pub fn lease_patterns(&self, key_prefix: &str) -> Vec<String> {
         let glob = self.key.glob(key_prefix);

@@ -405,7 +405,10 @@ async fn session(
     );
     for table in &stopped_tables {
         state.backfills.remove_table(table);
+        state.set_stopped(table, true);
     }
+    // Also when none is: a table an earlier session stopped may be fixed now.
+    state.write_stopped();
     // The stream starts past what the slot confirmed: after a loss, only what this process
     // applied beyond that can come again.
     let replay_horizon = applied.position.filter(|&p| p > slot_confirmed.max(start));

@@ -265,6 +265,23 @@ impl KeyTemplate {
         out
     }
 
+    /// A Lua pattern (anchored) that exactly the keys rendered from this template with
+    /// `key_prefix` match: the literals escaped, each column a run of bytes an escaped value
+    /// can hold (never `:`, a brace or a space). `fill.lua` matches row keys against the
+    /// checkpoint's `stopped` patterns with it (PROTOCOL.md, "fill.lua").
+    pub fn lua_pattern(&self, key_prefix: &str) -> String {
+        let mut out = String::from("^");
+        lua_escape_into(&mut out, key_prefix);
+        for part in &self.parts {
+            match part {
+                Part::Literal(s) => lua_escape_into(&mut out, s),
+                Part::Column(_) => out.push_str("[^:{}%s]*"),
+            }
+        }
+        out.push('$');
+        out
+    }
+
     /// Renders a key: `key_prefix`, then the template with each value escaped.
     /// Values are the columns' Postgres text output, in [`KeyTemplate::columns`] order.
     /// The caller guarantees the arity; a missing value renders as empty.
@@ -477,6 +494,24 @@ pub fn unescape_value(s: &str) -> Result<Vec<u8>, TemplateError> {
     Ok(out)
 }
 
+/// Appends `text` to a Lua pattern, each magic character escaped with `%`. A control
+/// character (only a key prefix could hold one) becomes `%c`, so patterns stay one line each.
+fn lua_escape_into(out: &mut String, text: &str) {
+    for c in text.chars() {
+        if c.is_ascii_control() {
+            out.push_str("%c");
+            continue;
+        }
+        if matches!(
+            c,
+            '^' | '$' | '(' | ')' | '%' | '.' | '[' | ']' | '*' | '+' | '-' | '?'
+        ) {
+            out.push('%');
+        }
+        out.push(c);
+    }
+}
+
 /// `text` with Redis glob characters (`* ? [ ] \`) escaped, for `SCAN MATCH` patterns.
 pub fn glob_escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
@@ -522,6 +557,15 @@ mod props;
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn lua_patterns_escape_magic_characters_and_columns_stop_at_structure() {
+        let t = KeyTemplate::parse("{{user:{user_id}}}:order.%:{id}").unwrap();
+        assert_eq!(
+            t.lua_pattern("app-1:"),
+            "^app%-1:{user:[^:{}%s]*}:order%.%%:[^:{}%s]*$"
+        );
+    }
     use super::*;
 
     fn t(s: &str) -> KeyTemplate {

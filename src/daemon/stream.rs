@@ -6,7 +6,7 @@
 //! in flight, the loop stops reading the stream until it lands: Redis's pace slows the
 //! replication read instead of filling memory (G8).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -87,6 +87,9 @@ pub(super) struct Stream<'a> {
     muted_until: Option<Lsn>,
     /// The shape each table's values are in, as recorded in the checkpoint.
     shapes: HashMap<String, String>,
+    /// Tables stopped in this session, with the Lua patterns of the keys readers may not
+    /// fill while they are (the checkpoint's `stopped` field).
+    stopped: BTreeMap<String, Vec<String>>,
     tx: Option<Tx>,
     /// Highest position Postgres may forget, and positions waiting out `confirm_delay`.
     confirmed: Lsn,
@@ -131,6 +134,7 @@ impl<'a> Stream<'a> {
             partial_written: None,
             muted_until: None,
             shapes: HashMap::new(),
+            stopped: BTreeMap::new(),
             tx: None,
             confirmed: start,
             confirm_queue: VecDeque::new(),
@@ -145,6 +149,42 @@ impl<'a> Stream<'a> {
     /// The position Redis acknowledged last.
     pub(super) fn position(&self) -> Option<Lsn> {
         self.owner.position
+    }
+
+    /// Marks a table stopped (its changes skipped, its keys dropped) or running again, and
+    /// writes the checkpoint's `stopped` field with the next write: the same `EXEC` as the
+    /// drop of its keys, so no reader fill lands in between and stays, stale, for good.
+    pub(super) fn set_stopped(&mut self, table: &str, stopped: bool) {
+        let changed = if stopped {
+            let Some(rule) = self
+                .config
+                .tables
+                .iter()
+                .find(|r| r.qualified_name() == table)
+            else {
+                return;
+            };
+            let patterns = rule.fill_patterns(&self.config.redis.key_prefix);
+            self.stopped.insert(table.to_string(), patterns).is_none()
+        } else {
+            self.stopped.remove(table).is_some()
+        };
+        if changed {
+            self.write_stopped();
+        }
+    }
+
+    /// Writes the checkpoint's `stopped` field as this session knows it (removed when no
+    /// table is stopped): at start, it replaces what an earlier session left.
+    pub(super) fn write_stopped(&mut self) {
+        let patterns: Vec<&str> = self
+            .stopped
+            .values()
+            .flatten()
+            .map(String::as_str)
+            .collect();
+        self.batch
+            .push_field(checkpoint::FIELD_STOPPED.to_string(), patterns.join("\n"));
     }
 
     /// Recovery: transactions up to `horizon` may have been in Redis before it lost them,
@@ -656,6 +696,7 @@ impl<'a> Stream<'a> {
                         );
                     }
                     self.backfills.remove_table(&table);
+                    self.set_stopped(&table, true);
                 }
             }
             RelationState::Active(table) if recreated && !was_broken => {
@@ -690,6 +731,7 @@ impl<'a> Stream<'a> {
         let name = table.rule.qualified_name();
         if was_broken {
             info!(table = %name, "the table fits its rule again: backfilling it");
+            self.set_stopped(&name, false);
             // Stopping it took it out of the backfills: without its rule back, the schedule
             // would find no mirror table and do nothing.
             self.backfills.restore_table(table.rule.clone());

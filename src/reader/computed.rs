@@ -356,6 +356,12 @@ async fn fill(
                 counters.record(Event::Fill);
                 return (Served::Filled, false);
             }
+            Ok(3) => {
+                // The table whose changes invalidate the key is stopped: nothing would.
+                tracing::debug!(key = %redis_key, "the daemon has stopped the key's table: the value is not cached");
+                held.settled = true;
+                return (Served::Uncached, false);
+            }
             Ok(_) => {
                 // A change deleted the key's lease (or the key was written): the value may
                 // predate it, so it is not cached.

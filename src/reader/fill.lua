@@ -5,7 +5,8 @@
 -- row can be applied over it afterwards: monotonic reads).
 --   KEYS[1]  the row key
 --   KEYS[2]  its lease key
---   KEYS[3]  the daemon's checkpoint (field `applied`: 16 hex digits, compared as text)
+--   KEYS[3]  the daemon's checkpoint (field `applied`: 16 hex digits, compared as text;
+--            field `stopped`: Lua patterns, one per line, of keys no change reaches now)
 --   ARGV[1]  the caller's token
 --   ARGV[2]  'row': write the value if the key is absent; 'refresh': replace the value
 --            (early refresh of a cached key); 'absent': cache the row's absence;
@@ -16,9 +17,19 @@
 --   ARGV[5]  the position the row was read at, 16 hex digits
 --   ARGV[6..] for 'hash' and 'hash-refresh': the fields and their values
 -- Returns 1 when written, 0 when the fill lost, 2 when the daemon has not yet applied up to
--- the read position (the lease is kept: try again).
+-- the read position (the lease is kept: try again), 3 when the daemon has stopped the key's
+-- table (nothing is written and the lease is deleted: use the row read, uncached).
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then
   return 0
+end
+local stopped = redis.call('HGET', KEYS[3], 'stopped')
+if stopped then
+  for pattern in string.gmatch(stopped, '[^\n]+') do
+    if string.find(KEYS[1], pattern) then
+      redis.call('DEL', KEYS[2])
+      return 3
+    end
+  end
 end
 local refresh = ARGV[2] == 'refresh' or ARGV[2] == 'hash-refresh'
 if not refresh and redis.call('EXISTS', KEYS[1]) == 1 then

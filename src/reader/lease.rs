@@ -74,6 +74,10 @@ pub enum FillOutcome {
     /// Nothing was written and the lease was given back ([`Lease::fill_absent`] without
     /// negative caching).
     Released,
+    /// The daemon has stopped the key's table (its rule no longer fits the table, or the
+    /// table is not set up for pgcache): nothing was written, and the lease was given back.
+    /// The row read is current; no change would reach a cached copy.
+    NotCached,
     /// The daemon did not apply the stream up to where the row was read within
     /// `max_lag_wait`: nothing was written (a fill then could go back in time), and the
     /// lease was given back.
@@ -371,6 +375,7 @@ impl Lease {
                     }
                     tokio::time::sleep(backoff.step().min(deadline - now)).await;
                 }
+                3 => return Ok(FillOutcome::NotCached),
                 _ => {
                     self.entry.counters.record(Event::LostFill);
                     return Ok(FillOutcome::Lost);

@@ -510,7 +510,7 @@ async fn settle(inner: &Inner, lease: Lease, row: Option<&[u8]>) -> Option<FillO
 /// How a row read under a lease was served, from how its fill settled (not lost).
 fn served_by(settled: Option<FillOutcome>) -> Served {
     match settled {
-        Some(FillOutcome::Lagging) => Served::Uncached,
+        Some(FillOutcome::Lagging | FillOutcome::NotCached) => Served::Uncached,
         Some(_) => Served::Filled,
         None => Served::Fallback,
     }

@@ -995,3 +995,117 @@ async fn review_an_enum_value_renamed_reaches_the_values() {
     env.assert_converged(rule).await;
     daemon.stop().await.unwrap();
 }
+
+/// Review 3, R4: a table the daemon has stopped (at start: a publication row filter; at run
+/// time: a replica identity without the key column) takes no reader fills, since no change
+/// would ever reach them: the reader serves the row it read, uncached, and a table that runs
+/// is filled as before. Once the table is fixed and the daemon restarted, fills come back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_a_stopped_table_takes_no_fills() {
+    use pgcache::reader::Served;
+    let env = Env::start(
+        "CREATE TABLE items (id int PRIMARY KEY, v text);
+         INSERT INTO items SELECT g, 'v' || g FROM generate_series(1, 20) g;
+         CREATE TABLE users (id int PRIMARY KEY, email text NOT NULL UNIQUE);
+         INSERT INTO users SELECT g, 'u' || g || '@x' FROM generate_series(1, 5) g;",
+        "public.items, public.users",
+    );
+    env.sql("ALTER PUBLICATION pgcache SET TABLE items WHERE (id < 10), users, pgcache.events");
+    let rule = "[[tables]]\ntable = \"items\"\nkey = \"item:{id}\"\nmode = \"refresh\"\n\n\
+                [[tables]]\ntable = \"users\"\nkey = \"{{item:{id}}}:user\"\nmode = \"refresh\"\n";
+    let config = env.config(rule);
+    let daemon = InProcess::start(config.clone());
+    let mut r = env.redis().await;
+    wait_streaming(&mut r).await;
+    settled(&env, &mut r).await;
+    let stopped: Option<String> = redis::cmd("HGET")
+        .arg(CHECKPOINT)
+        .arg("stopped")
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    assert_eq!(stopped.as_deref(), Some("^item:[^:{}%s]*$"));
+
+    let reader = Reader::from_config_with(&config, ReaderOptions::default()).unwrap();
+    let items = reader.table("public.items").unwrap();
+    let users = reader.table("public.users").unwrap();
+    let started = std::time::Instant::now();
+    let found = items.lookup::<serde_json::Value>(15).await.unwrap();
+    assert_eq!(found.value, Some(serde_json::json!({"id": 15, "v": "v15"})));
+    assert_eq!(found.served, Served::Uncached);
+    assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+    assert_eq!(get(&mut r, "item:15").await, None, "a fill of a stopped table");
+    assert_eq!(get(&mut r, "{item:15}:pgcache-lease").await, None);
+    // A running table whose keys look alike is filled.
+    let user = users.lookup::<serde_json::Value>(1).await.unwrap();
+    assert_eq!(user.served, Served::Filled);
+    assert!(get(&mut r, "{item:1}:user").await.is_some());
+
+    env.sql("UPDATE items SET v = 'changed' WHERE id = 15");
+    let found = items.lookup::<serde_json::Value>(15).await.unwrap();
+    assert_eq!(found.value, Some(serde_json::json!({"id": 15, "v": "changed"})));
+
+    // Stopped at run time: the field names it in the write that drops its keys.
+    env.sql(
+        "ALTER TABLE users REPLICA IDENTITY USING INDEX users_email_key;
+         DELETE FROM users WHERE id = 5;",
+    );
+    eventually(Duration::from_secs(30), "users stopped", || {
+        let mut r = r.clone();
+        async move {
+            let stopped: Option<String> = redis::cmd("HGET")
+                .arg(CHECKPOINT)
+                .arg("stopped")
+                .query_async(&mut r)
+                .await
+                .ok()?;
+            stopped
+                .is_some_and(|s| s.contains("^{item:[^:{}%s]*}:user$"))
+                .then_some(())
+        }
+    })
+    .await;
+    assert_eq!(get(&mut r, "{item:1}:user").await, None);
+    let user = users.lookup::<serde_json::Value>(2).await.unwrap();
+    assert_eq!(user.served, Served::Uncached);
+    assert_eq!(get(&mut r, "{item:2}:user").await, None);
+    env.sql("UPDATE users SET email = 'new@x' WHERE id = 2");
+    let user = users.lookup::<serde_json::Value>(2).await.unwrap();
+    assert_eq!(
+        user.value,
+        Some(serde_json::json!({"id": 2, "email": "new@x"}))
+    );
+    // (Replayed after a restart, that update would stop the table again.)
+    settled(&env, &mut r).await;
+    daemon.stop().await.unwrap();
+
+    // Fixed while stopped: the next start clears the field, and fills are cached again.
+    env.sql(
+        "ALTER PUBLICATION pgcache SET TABLE items, users, pgcache.events;
+         ALTER TABLE users REPLICA IDENTITY DEFAULT;",
+    );
+    let daemon = InProcess::start(config.clone());
+    wait_streaming(&mut r).await;
+    settled(&env, &mut r).await;
+    let stopped: Option<String> = redis::cmd("HGET")
+        .arg(CHECKPOINT)
+        .arg("stopped")
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    assert_eq!(stopped, None);
+    let found = items.lookup::<serde_json::Value>(15).await.unwrap();
+    assert_eq!(found.served, Served::Filled);
+    assert_eq!(
+        get(&mut r, "item:15").await.as_deref(),
+        Some(r#"{"id":15,"v":"changed"}"#)
+    );
+    env.sql("UPDATE items SET v = 'again' WHERE id = 15");
+    settled(&env, &mut r).await;
+    assert_eq!(
+        get(&mut r, "item:15").await.as_deref(),
+        Some(r#"{"id":15,"v":"again"}"#),
+        "the change reaches the filled key"
+    );
+    daemon.stop().await.unwrap();
+}

@@ -148,8 +148,18 @@ impl Write {
                 .arg(FIELD_APPLIED)
                 .arg(checkpoint::hex(lsn));
         }
+        // A field pushed twice takes its last value (an empty one removes it).
+        let last: std::collections::HashMap<&str, usize> = prepared
+            .fields
+            .iter()
+            .enumerate()
+            .map(|(at, (field, _))| (field.as_str(), at))
+            .collect();
         let mut removed = Vec::new();
-        for (field, value) in &prepared.fields {
+        for (at, (field, value)) in prepared.fields.iter().enumerate() {
+            if last[field.as_str()] != at {
+                continue;
+            }
             if value.is_empty() {
                 removed.push(field);
             } else {
