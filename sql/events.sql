@@ -44,6 +44,9 @@ CREATE TABLE IF NOT EXISTS pgcache.columns (
   relid   oid PRIMARY KEY,
   columns text NOT NULL
 );
+-- And its name (schema.name): an ALTER TABLE that renames it, or moves it to another schema,
+-- is reported as a check, since the table under the old name may be gone or another one.
+ALTER TABLE pgcache.columns ADD COLUMN IF NOT EXISTS name text;
 REVOKE ALL ON TABLE pgcache.columns FROM PUBLIC;
 
 -- The publication whose partitioned tables the triggers watch.
@@ -180,14 +183,22 @@ BEGIN
       DECLARE
         now_columns text := pgcache.columns_of(coalesce(pg_partition_root(cmd.objid), cmd.objid));
         was text;
+        was_name text;
+        known boolean;
       BEGIN
-        SELECT c.columns INTO was FROM pgcache.columns c
+        SELECT c.columns, c.name, true INTO was, was_name, known FROM pgcache.columns c
          WHERE c.relid = coalesce(pg_partition_root(cmd.objid), cmd.objid);
+        INSERT INTO pgcache.columns VALUES (coalesce(pg_partition_root(cmd.objid), cmd.objid), now_columns, published)
+          ON CONFLICT (relid) DO UPDATE SET columns = excluded.columns, name = excluded.name;
         IF was IS DISTINCT FROM now_columns THEN
-          INSERT INTO pgcache.columns VALUES (coalesce(pg_partition_root(cmd.objid), cmd.objid), now_columns)
-            ON CONFLICT (relid) DO UPDATE SET columns = excluded.columns;
           -- Unknown before (published after this script ran): changed, to be safe.
           PERFORM pgcache.emit('resync', published);
+        END IF;
+        IF was_name IS DISTINCT FROM published THEN
+          -- Renamed or moved: is the table under the old name still the one cached? Its old
+          -- name unknown, every cached table is checked.
+          PERFORM pgcache.emit('check', CASE WHEN known AND was_name IS NOT NULL
+                                             THEN was_name ELSE '*' END);
         END IF;
       END;
     END IF;
@@ -211,18 +222,25 @@ END
 $$;
 REVOKE ALL ON FUNCTION pgcache.on_ddl() FROM PUBLIC;
 
--- After DROP: a dropped partition took its rows with it.
+-- After DROP: a dropped partition took its rows with it, and a dropped table may be one
+-- the daemon caches (its rows gone with no row change in the WAL, perhaps replaced by a
+-- table outside the publication): the daemon checks the name.
 CREATE OR REPLACE FUNCTION pgcache.on_drop() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   dropped record;
   published text;
 BEGIN
-  FOR dropped IN SELECT objid FROM pg_event_trigger_dropped_objects()
+  FOR dropped IN SELECT objid, schema_name, object_name FROM pg_event_trigger_dropped_objects()
                   WHERE object_type = 'table' AND NOT is_temporary LOOP
     DELETE FROM pgcache.partitions p WHERE p.relid = dropped.objid RETURNING p.root INTO published;
     IF published IS NOT NULL THEN
       PERFORM pgcache.emit('reconcile', published);
+    END IF;
+    DELETE FROM pgcache.columns c WHERE c.relid = dropped.objid;
+    -- (pgcache's own tables: the events table may be the one going.)
+    IF dropped.schema_name <> 'pgcache' THEN
+      PERFORM pgcache.emit('check', format('%s.%s', dropped.schema_name, dropped.object_name));
     END IF;
   END LOOP;
 END
@@ -291,9 +309,9 @@ SELECT count(*) AS partitions_watched
 
 -- Record the columns of the tables published now.
 INSERT INTO pgcache.columns
-SELECT c.oid, pgcache.columns_of(c.oid)
+SELECT c.oid, pgcache.columns_of(c.oid), format('%s.%s', n.nspname, c.relname)
   FROM pg_publication_tables t
   JOIN pg_namespace n ON n.nspname = t.schemaname
   JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = t.tablename
  WHERE t.pubname = current_setting('pgcache.publication')
-ON CONFLICT (relid) DO UPDATE SET columns = excluded.columns;
+ON CONFLICT (relid) DO UPDATE SET columns = excluded.columns, name = excluded.name;

@@ -111,6 +111,47 @@ pub async fn table_columns(
     Ok(Some((oid, columns)))
 }
 
+/// The OID of the table `schema.name` now, and whether `publication` carries it (itself,
+/// or as the root its partitions publish through). `None`: no such table.
+pub async fn table_identity(
+    client: &Client,
+    schema: &str,
+    name: &str,
+    publication: &str,
+) -> Result<Option<(u32, bool)>, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "SELECT c.oid, EXISTS (SELECT 1 FROM pg_catalog.pg_publication_tables t \
+                                   WHERE t.pubname = $3 AND t.schemaname = $1 \
+                                     AND t.tablename = $2) \
+             FROM pg_catalog.pg_class c \
+             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
+            &[&schema, &name, &publication],
+        )
+        .await?;
+    Ok(row.map(|row| (row.get(0), row.get(1))))
+}
+
+/// The top of the partition tree `oid` belongs to, as (schema, name), when `oid` is a
+/// partition (not the root itself).
+pub async fn partition_root(
+    client: &Client,
+    oid: u32,
+) -> Result<Option<(String, String)>, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "SELECT n.nspname::text, c.relname::text \
+             FROM pg_catalog.pg_class c \
+             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.oid = pg_catalog.pg_partition_root($1::pg_catalog.oid) \
+               AND c.oid <> $1::pg_catalog.oid",
+            &[&oid],
+        )
+        .await?;
+    Ok(row.map(|row| (row.get(0), row.get(1))))
+}
+
 /// The primary key columns of a table (by OID), in key order; empty when it has none.
 pub async fn primary_key_columns(
     client: &Client,

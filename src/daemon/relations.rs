@@ -5,7 +5,7 @@
 //! those messages into a [`TableState`]: which rule applies, where the key columns and the
 //! cached columns sit in the tuple, and how each column is encoded.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::config::{Config, TableRule};
@@ -145,6 +145,9 @@ pub struct RelationCache {
     /// these is a rename, and one under the table's name with another OID is the table
     /// dropped and created again.
     oids: HashMap<u32, Arc<TableRule>>,
+    /// Stopped tables whose name no table had when the daemon checked (dropped, renamed
+    /// away): one created under the name and published is followed again, from scratch.
+    gone: HashSet<String>,
 }
 
 impl RelationCache {
@@ -165,7 +168,29 @@ impl RelationCache {
             key_prefix: config.redis.key_prefix.clone(),
             relations: HashMap::new(),
             oids: HashMap::new(),
+            gone: HashSet::new(),
         }
+    }
+
+    /// The OID this session follows the table by, if it knows one.
+    pub fn oid_of(&self, table: &str) -> Option<u32> {
+        self.oids
+            .iter()
+            .find(|(_, rule)| rule.qualified_name() == table)
+            .map(|(&oid, _)| oid)
+    }
+
+    pub fn is_stopped(&self, table: &str) -> bool {
+        self.stopped.contains_key(table)
+    }
+
+    /// Stops a table no table has the name of now; a Relation message for one created under
+    /// the name later counts as [`recreated`](Self::recreated). Returns its key space.
+    pub fn stop_gone(&mut self, table: &str, problem: &str) -> Option<String> {
+        let key_space = self.stop_table(table, problem)?;
+        self.oids.retain(|_, rule| rule.qualified_name() != table);
+        self.gone.insert(table.to_string());
+        Some(key_space)
     }
 
     /// Records the OID the catalog gives a configured table.
@@ -181,6 +206,17 @@ impl RelationCache {
     /// OID: it was dropped and created again (or swapped for another table). Records the
     /// new OID.
     pub fn recreated(&mut self, relation: &Relation) -> bool {
+        let name = format!("{}.{}", relation.namespace, relation.name);
+        if self.gone.remove(&name) {
+            self.stopped.remove(&name);
+            if let Some(rule) = self
+                .rules
+                .get(&(relation.namespace.clone(), relation.name.clone()))
+            {
+                self.oids.insert(relation.id, rule.clone());
+            }
+            return true;
+        }
         let known = self
             .oids
             .iter()

@@ -440,7 +440,11 @@ impl<'a> Stream<'a> {
             Message::Begin(begin) => self.on_begin(&begin),
             Message::Commit(commit) => self.on_commit(&commit).await?,
             Message::Relation(relation) => self.on_relation(&relation).await?,
-            Message::Insert(insert) => self.on_insert(&insert),
+            Message::Insert(insert) => {
+                if let Some(control) = self.on_insert(&insert) {
+                    self.on_control(control).await?;
+                }
+            }
             Message::Update(update) => self.on_update(&update),
             Message::Delete(delete) => self.on_delete(&delete),
             Message::Truncate(truncate) => self.on_truncate(&truncate),
@@ -534,9 +538,10 @@ impl<'a> Stream<'a> {
         }
     }
 
-    fn on_insert(&mut self, insert: &Insert) {
+    /// Applies an insert; a row of the control table is returned, for the caller to act on.
+    fn on_insert(&mut self, insert: &Insert) -> Option<Control> {
         if !self.take_change() {
-            return;
+            return None;
         }
         match self.relations.get(insert.relation_id) {
             Some(RelationState::Active(table)) => {
@@ -550,7 +555,7 @@ impl<'a> Stream<'a> {
                     _ => &[],
                 };
                 match Control::from_row(column(kind_at), column(arg_at)) {
-                    Ok(control) => self.on_control(control),
+                    Ok(control) => return Some(control),
                     Err(e) => {
                         warn!(error = %e, "control event ignored");
                         metrics::counter!(m::ERRORS, "kind" => "control").increment(1);
@@ -559,9 +564,10 @@ impl<'a> Stream<'a> {
             }
             _ => {}
         }
+        None
     }
 
-    fn on_control(&mut self, control: Control) {
+    async fn on_control(&mut self, control: Control) -> Result<(), RunError> {
         // The read of whatever this event starts must see this transaction: the
         // visibility check covers transactions with operations, so count it as one.
         self.batch.mark_transaction();
@@ -615,7 +621,139 @@ impl<'a> Stream<'a> {
                 self.drop_invalidation_keys(&table);
                 self.backfills.reconcile(&table, None);
             }
+            Control::Check(table) => {
+                let tables: Vec<String> = self
+                    .config
+                    .tables
+                    .iter()
+                    .map(TableRule::qualified_name)
+                    .filter(|name| table == "*" || backfill::qualified(&table) == *name)
+                    .collect();
+                for name in tables {
+                    self.check_identity(&name).await?;
+                }
+            }
         }
+        Ok(())
+    }
+
+    /// After a rename or a drop somewhere (`sql/events.sql`): is the table of this name still
+    /// the one the daemon follows? A table swapped for one outside the publication, or gone,
+    /// sends no row change that would say so, and its keys would stay for good.
+    async fn check_identity(&mut self, name: &str) -> Result<(), RunError> {
+        let Some(rule) = self
+            .config
+            .tables
+            .iter()
+            .find(|r| r.qualified_name() == name)
+            .cloned()
+        else {
+            return Ok(());
+        };
+        if self.relations.is_stopped(name) {
+            return Ok(());
+        }
+        let known = self.relations.oid_of(name);
+        let now = crate::sql::table_identity(
+            self.types.client(),
+            &rule.schema,
+            &rule.name,
+            &self.config.postgres.publication,
+        )
+        .await?;
+        match now {
+            Some((oid, _)) if Some(oid) == known => {}
+            None => {
+                let error = format!(
+                    "{name} was dropped, renamed or moved to another schema: its keys are \
+                     dropped; a table created under the name and published is followed again, \
+                     otherwise point the rule at the table's name and restart"
+                );
+                if let Some(key_space) = self.relations.stop_gone(name, &error) {
+                    self.stop_table_now(name, &error, key_space);
+                }
+            }
+            Some((oid, true)) => {
+                info!(table = %name, "another table now has the name (dropped and created again, or swapped): deleting the keys of rows that are gone, and writing it again");
+                self.relations.know_oid(oid, name);
+                match rule.mode {
+                    Mode::Mirror => {
+                        self.batch
+                            .revoke_leases(rule.lease_patterns(&self.config.redis.key_prefix));
+                        self.backfills.reconcile(name, None);
+                        self.backfills.schedule(name, None);
+                    }
+                    Mode::Refresh | Mode::Invalidate => self
+                        .batch
+                        .drop_key_space(rule.key_space(&self.config.redis.key_prefix)),
+                }
+                self.drop_invalidation_keys(name);
+            }
+            Some((_, false)) => {
+                let error = format!(
+                    "{name} is now a table outside the publication (swapped by a rename, or \
+                     dropped and created again): its changes cannot reach pgcache, so its \
+                     keys are dropped; ALTER PUBLICATION {} ADD TABLE {name} and restart",
+                    self.config.postgres.publication
+                );
+                if let Some(key_space) = self.relations.stop_table(name, &error) {
+                    self.stop_table_now(name, &error, key_space);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A partition published under its own name (`publish_via_partition_root` turned off
+    /// while the daemon runs) whose root is a cached table: the root's changes no longer
+    /// reach its rule, so it stops, as it would at start.
+    async fn check_partition_of_cached(&mut self, relation: &Relation) -> Result<(), RunError> {
+        let Some((schema, root)) =
+            crate::sql::partition_root(self.types.client(), relation.id).await?
+        else {
+            return Ok(());
+        };
+        let name = format!("{schema}.{root}");
+        if !self.config.tables.iter().any(|r| r.qualified_name() == name)
+            || self.relations.is_stopped(&name)
+        {
+            return Ok(());
+        }
+        let error = format!(
+            "the partitions of {name} are published under their own names ({}.{} among \
+             them), so its changes no longer reach its rule and its keys are dropped: \
+             ALTER PUBLICATION {} SET (publish_via_partition_root = true) and restart",
+            relation.namespace, relation.name, self.config.postgres.publication
+        );
+        if let Some(key_space) = self.relations.stop_table(&name, &error) {
+            self.stop_table_now(&name, &error, key_space);
+        }
+        Ok(())
+    }
+
+    /// Stops a table for the rest of the session: its keys and invalidation keys dropped,
+    /// its backfill record cleared (a later start backfills it from scratch), and readers'
+    /// fills of its keys refused, all in the next write.
+    fn stop_table_now(&mut self, table: &str, error: &str, key_space: String) {
+        error!(%table, %error, "table stopped: its rule no longer fits the table; its keys are dropped so nothing stale is served");
+        metrics::counter!(m::ERRORS, "kind" => "rule").increment(1);
+        self.batch.drop_key_space(key_space);
+        // Its keys are gone: if it fits again only after a restart, that start must
+        // backfill it, not find it done.
+        self.batch
+            .push_field(format!("{FIELD_BACKFILL_PREFIX}{table}"), String::new());
+        // Its changes no longer delete its invalidation keys: they go too.
+        if let Some(rule) = self
+            .config
+            .tables
+            .iter()
+            .find(|r| r.qualified_name() == table)
+        {
+            self.batch
+                .drop_matching(rule.invalidation_patterns(&self.config.redis.key_prefix));
+        }
+        self.backfills.remove_table(table);
+        self.set_stopped(table, true);
     }
 
     fn on_update(&mut self, update: &Update) {
@@ -677,32 +815,16 @@ impl<'a> Stream<'a> {
                 key_space,
             } => {
                 if !was_broken {
-                    error!(%table, %error, "table stopped: its rule no longer fits the table; its keys are dropped so nothing stale is served");
-                    metrics::counter!(m::ERRORS, "kind" => "rule").increment(1);
-                    self.batch.drop_key_space(key_space);
-                    // Its keys are gone: if it fits again only after a restart, that start
-                    // must backfill it, not find it done.
-                    self.batch
-                        .push_field(format!("{FIELD_BACKFILL_PREFIX}{table}"), String::new());
-                    // Its changes no longer delete its invalidation keys: they go too.
-                    if let Some(rule) = self
-                        .config
-                        .tables
-                        .iter()
-                        .find(|r| r.qualified_name() == table)
-                    {
-                        self.batch.drop_matching(
-                            rule.invalidation_patterns(&self.config.redis.key_prefix),
-                        );
-                    }
-                    self.backfills.remove_table(&table);
-                    self.set_stopped(&table, true);
+                    self.stop_table_now(&table, &error, key_space);
                 }
             }
             RelationState::Active(table) if recreated && !was_broken => {
                 self.on_recreated(&table);
             }
             RelationState::Active(table) => self.on_active(&table, was_broken),
+            RelationState::Ignored if before.is_none() => {
+                self.check_partition_of_cached(relation).await?;
+            }
             RelationState::Ignored | RelationState::Control { .. } => {}
         }
         Ok(())
@@ -713,6 +835,9 @@ impl<'a> Stream<'a> {
     fn on_recreated(&mut self, table: &TableState) {
         let name = table.rule.qualified_name();
         info!(table = %name, "the table was dropped and created again: deleting the keys of rows that are gone, and writing it again");
+        // Stopped when it was found gone: it runs again.
+        self.set_stopped(&name, false);
+        self.backfills.restore_table(table.rule.clone());
         match table.rule.mode {
             Mode::Mirror => {
                 // A fill that read an old row before must not land after.

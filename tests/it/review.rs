@@ -1109,3 +1109,149 @@ async fn review_a_stopped_table_takes_no_fills() {
     );
     daemon.stop().await.unwrap();
 }
+
+async fn stopped_patterns(r: &mut redis::aio::MultiplexedConnection) -> Option<String> {
+    redis::cmd("HGET")
+        .arg(CHECKPOINT)
+        .arg("stopped")
+        .query_async(r)
+        .await
+        .unwrap()
+}
+
+/// Review 4, N2: a cached table swapped by renames for one outside the publication, with no
+/// change to either afterwards. The rename's event makes the daemon check the name: the
+/// table stops (its keys dropped, fills refused), instead of its keys serving the old
+/// table's rows for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_a_table_swapped_for_an_unpublished_one_stops() {
+    let env = Env::start(
+        "CREATE TABLE items (id int PRIMARY KEY, v text);
+         INSERT INTO items SELECT g, 'old' || g FROM generate_series(1, 10) g;
+         CREATE TABLE other (id int PRIMARY KEY, v text);
+         INSERT INTO other SELECT g, 'o' || g FROM generate_series(1, 3) g;",
+        "public.items, public.other",
+    );
+    let rule = "[[tables]]\ntable = \"items\"\nkey = \"item:{id}\"\n\n\
+                [[tables]]\ntable = \"other\"\nkey = \"other:{id}\"\n";
+    let config = env.config(rule);
+    let daemon = InProcess::start(config.clone());
+    let mut r = env.redis().await;
+    wait_backfill_done(&mut r, "public.items", Duration::from_secs(60)).await;
+    wait_backfill_done(&mut r, "public.other", Duration::from_secs(60)).await;
+    env.sql(
+        "BEGIN;
+         CREATE TABLE items_new (id int PRIMARY KEY, v text);
+         GRANT SELECT ON items_new TO pgcache;
+         INSERT INTO items_new SELECT g, 'new' || g FROM generate_series(1, 10) g;
+         ALTER TABLE items RENAME TO items_old;
+         ALTER TABLE items_new RENAME TO items;
+         COMMIT;",
+    );
+    eventually(Duration::from_secs(30), "the swapped table's keys gone", || {
+        let mut r = r.clone();
+        async move { keys(&mut r, "item:*").await.is_empty().then_some(()) }
+    })
+    .await;
+    settled(&env, &mut r).await;
+    assert_eq!(
+        stopped_patterns(&mut r).await.as_deref(),
+        Some("^item:[^:{}%s]*$")
+    );
+    let reader = Reader::from_config_with(&config, ReaderOptions::default()).unwrap();
+    let found = reader
+        .table("public.items")
+        .unwrap()
+        .lookup::<serde_json::Value>(3)
+        .await
+        .unwrap();
+    assert_eq!(found.value, Some(serde_json::json!({"id": 3, "v": "new3"})));
+    assert_eq!(get(&mut r, "item:3").await, None);
+    // The other table goes on.
+    env.sql("UPDATE other SET v = 'changed' WHERE id = 1");
+    settled(&env, &mut r).await;
+    assert_eq!(
+        get(&mut r, "other:1").await.as_deref(),
+        Some(r#"{"id":1,"v":"changed"}"#)
+    );
+    daemon.stop().await.unwrap();
+}
+
+/// Review 4, N2: a cached table dropped, with nothing after it: its keys go at once. Created
+/// again later and published, it is followed again from scratch in the same session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_a_dropped_table_leaves_no_keys_and_is_followed_when_back() {
+    let env = Env::start(
+        "CREATE TABLE items (id int PRIMARY KEY, v text);
+         INSERT INTO items SELECT g, 'old' || g FROM generate_series(1, 10) g;",
+        "public.items",
+    );
+    let rule = "[[tables]]\ntable = \"items\"\nkey = \"item:{id}\"\n";
+    let daemon = InProcess::start(env.config(rule));
+    let mut r = env.redis().await;
+    wait_backfill_done(&mut r, "public.items", Duration::from_secs(60)).await;
+    env.sql("DROP TABLE items");
+    eventually(Duration::from_secs(30), "the dropped table's keys gone", || {
+        let mut r = r.clone();
+        async move { keys(&mut r, "item:*").await.is_empty().then_some(()) }
+    })
+    .await;
+    settled(&env, &mut r).await;
+    assert!(stopped_patterns(&mut r).await.is_some());
+    env.sql(
+        "BEGIN;
+         CREATE TABLE items (id int PRIMARY KEY, v text);
+         GRANT SELECT ON items TO pgcache;
+         INSERT INTO items SELECT g, 'new' || g FROM generate_series(1, 4) g;
+         ALTER PUBLICATION pgcache ADD TABLE items;
+         COMMIT;
+         INSERT INTO items VALUES (5, 'new5');",
+    );
+    eventually(Duration::from_secs(30), "the new table's rows", || {
+        let mut r = r.clone();
+        async move { (keys(&mut r, "item:*").await.len() == 5).then_some(()) }
+    })
+    .await;
+    wait_backfill_done(&mut r, "public.items", Duration::from_secs(60)).await;
+    settled(&env, &mut r).await;
+    assert_eq!(stopped_patterns(&mut r).await, None);
+    assert_eq!(
+        get(&mut r, "item:2").await.as_deref(),
+        Some(r#"{"id":2,"v":"new2"}"#)
+    );
+    env.assert_converged(rule).await;
+    daemon.stop().await.unwrap();
+}
+
+/// Review 3, R16 at run time: `publish_via_partition_root` turned off while the daemon runs.
+/// The partitions' changes arrive under their own names; the first one stops the cached
+/// root (keys dropped, fills refused) instead of leaving its keys stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_partitions_published_alone_at_run_time_stop_the_root() {
+    let env = Env::start(
+        "CREATE TABLE items (id int PRIMARY KEY, v text) PARTITION BY RANGE (id);
+         CREATE TABLE items_p1 PARTITION OF items FOR VALUES FROM (1) TO (100);
+         INSERT INTO items SELECT g, 'v' || g FROM generate_series(1, 10) g;",
+        "public.items",
+    );
+    let rule = "[[tables]]\ntable = \"items\"\nkey = \"item:{id}\"\n";
+    let daemon = InProcess::start(env.config(rule));
+    let mut r = env.redis().await;
+    wait_backfill_done(&mut r, "public.items", Duration::from_secs(60)).await;
+    assert_eq!(keys(&mut r, "item:*").await.len(), 10);
+    env.sql(
+        "ALTER PUBLICATION pgcache SET (publish_via_partition_root = false);
+         UPDATE items SET v = 'changed' WHERE id = 1;",
+    );
+    eventually(Duration::from_secs(30), "the root's keys gone", || {
+        let mut r = r.clone();
+        async move { keys(&mut r, "item:*").await.is_empty().then_some(()) }
+    })
+    .await;
+    settled(&env, &mut r).await;
+    assert_eq!(
+        stopped_patterns(&mut r).await.as_deref(),
+        Some("^item:[^:{}%s]*$")
+    );
+    daemon.stop().await.unwrap();
+}

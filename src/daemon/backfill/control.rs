@@ -29,6 +29,10 @@ pub enum Control {
     /// Rows of this table vanished without row changes in the WAL (a partition truncated,
     /// detached or dropped): delete the keys whose rows are gone.
     Reconcile(String),
+    /// A table was renamed, moved to another schema or dropped (`sql/events.sql`): check
+    /// that the configured table of this name (`*`: every one) is still the table the
+    /// daemon follows, as no row change may ever tell.
+    Check(String),
 }
 
 /// An event row that is not a control event this version knows.
@@ -56,6 +60,7 @@ impl Control {
             b"resync" if arg == "*" => Ok(Control::Resync(None)),
             b"resync" if !arg.is_empty() => Ok(Control::Resync(Some(arg.to_string()))),
             b"reconcile" if !arg.is_empty() => Ok(Control::Reconcile(arg.to_string())),
+            b"check" if !arg.is_empty() => Ok(Control::Check(arg.to_string())),
             _ => Err(unknown()),
         }
     }
@@ -66,12 +71,15 @@ impl Control {
             Control::High(_) => "high",
             Control::Resync(_) => "resync",
             Control::Reconcile(_) => "reconcile",
+            Control::Check(_) => "check",
         }
     }
 
     pub fn arg(&self) -> &str {
         match self {
-            Control::Low(id) | Control::High(id) | Control::Reconcile(id) => id,
+            Control::Low(id) | Control::High(id) | Control::Reconcile(id) | Control::Check(id) => {
+                id
+            }
             Control::Resync(None) => "*",
             Control::Resync(Some(table)) => table,
         }
