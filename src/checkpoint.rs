@@ -28,6 +28,10 @@ use crate::Lsn;
 /// with reply 3, since no change would ever reach them. Absent when no table is stopped.
 pub const FIELD_STOPPED: &str = "stopped";
 
+/// Redis's `proto-max-bulk-len` when the daemon last started: if it is lower now, keys too
+/// long to be sent any more are deleted at start (`daemon::long_keys`).
+pub const FIELD_MAX_BULK_LEN: &str = "max_bulk_len";
+
 /// End of the last applied commit (or a later position with nothing to apply), as Postgres
 /// prints it.
 pub const FIELD_LSN: &str = "lsn";

@@ -40,6 +40,7 @@ use crate::Lsn;
 
 pub mod apply;
 pub mod backfill;
+mod long_keys;
 pub mod pgoutput;
 pub mod relations;
 pub mod replication;
@@ -383,6 +384,9 @@ async fn session(
     let backfills = Backfills::new(connect().await?, scans, config, hooks.on_backfill.clone());
     let mut relations = RelationCache::new(config);
     let mut batch = Batch::with_max_value(max_value);
+    let (field, value) =
+        long_keys::drop_unreachable(&mut redis, &checkpoint_key, config, max_value).await?;
+    batch.push_field(field, value);
     let stopped_tables = stop_unready_tables(config, &findings, &mut relations, &mut batch);
     let owner = Owner {
         checkpoint_key,

@@ -90,6 +90,8 @@ pub(super) struct Stream<'a> {
     /// Tables stopped in this session, with the Lua patterns of the keys readers may not
     /// fill while they are (the checkpoint's `stopped` field).
     stopped: BTreeMap<String, Vec<String>>,
+    /// Partitions of cached tables (by relation id), with their root and own names.
+    partitions: HashMap<u32, (String, String)>,
     tx: Option<Tx>,
     /// Highest position Postgres may forget, and positions waiting out `confirm_delay`.
     confirmed: Lsn,
@@ -135,6 +137,7 @@ impl<'a> Stream<'a> {
             muted_until: None,
             shapes: HashMap::new(),
             stopped: BTreeMap::new(),
+            partitions: HashMap::new(),
             tx: None,
             confirmed: start,
             confirm_queue: VecDeque::new(),
@@ -436,6 +439,16 @@ impl<'a> Stream<'a> {
 
     async fn on_message(&mut self, message: Message) -> Result<(), RunError> {
         let before = self.batch.len();
+        if !self.partitions.is_empty() {
+            match &message {
+                Message::Insert(Insert { relation_id, .. })
+                | Message::Update(Update { relation_id, .. })
+                | Message::Delete(Delete { relation_id, .. }) => {
+                    self.on_partition_change(*relation_id);
+                }
+                _ => {}
+            }
+        }
         match message {
             Message::Begin(begin) => self.on_begin(&begin),
             Message::Commit(commit) => self.on_commit(&commit).await?,
@@ -704,9 +717,10 @@ impl<'a> Stream<'a> {
         Ok(())
     }
 
-    /// A partition published under its own name (`publish_via_partition_root` turned off
-    /// while the daemon runs) whose root is a cached table: the root's changes no longer
-    /// reach its rule, so it stops, as it would at start.
+    /// Notes a partition of a cached table. pgoutput announces a partition's relation even
+    /// when its changes are published under the root's; a change under the partition's own
+    /// relation means `publish_via_partition_root` is off (turned off while the daemon
+    /// runs), and [`Stream::on_partition_change`] stops the root.
     async fn check_partition_of_cached(&mut self, relation: &Relation) -> Result<(), RunError> {
         let Some((schema, root)) =
             crate::sql::partition_root(self.types.client(), relation.id).await?
@@ -714,21 +728,32 @@ impl<'a> Stream<'a> {
             return Ok(());
         };
         let name = format!("{schema}.{root}");
-        if !self.config.tables.iter().any(|r| r.qualified_name() == name)
-            || self.relations.is_stopped(&name)
-        {
-            return Ok(());
-        }
-        let error = format!(
-            "the partitions of {name} are published under their own names ({}.{} among \
-             them), so its changes no longer reach its rule and its keys are dropped: \
-             ALTER PUBLICATION {} SET (publish_via_partition_root = true) and restart",
-            relation.namespace, relation.name, self.config.postgres.publication
-        );
-        if let Some(key_space) = self.relations.stop_table(&name, &error) {
-            self.stop_table_now(&name, &error, key_space);
+        if self.config.tables.iter().any(|r| r.qualified_name() == name) {
+            let partition = format!("{}.{}", relation.namespace, relation.name);
+            self.partitions.insert(relation.id, (name, partition));
         }
         Ok(())
+    }
+
+    /// A row change under a partition of a cached table (see
+    /// [`Stream::check_partition_of_cached`]): the root's changes no longer reach its rule,
+    /// so it stops, as it would at start.
+    fn on_partition_change(&mut self, relation_id: u32) {
+        let Some((root, partition)) = self.partitions.get(&relation_id).cloned() else {
+            return;
+        };
+        if self.relations.is_stopped(&root) {
+            return;
+        }
+        let error = format!(
+            "the partitions of {root} are published under their own names ({partition} among \
+             them), so its changes no longer reach its rule and its keys are dropped: \
+             ALTER PUBLICATION {} SET (publish_via_partition_root = true) and restart",
+            self.config.postgres.publication
+        );
+        if let Some(key_space) = self.relations.stop_table(&root, &error) {
+            self.stop_table_now(&root, &error, key_space);
+        }
     }
 
     /// Stops a table for the rest of the session: its keys and invalidation keys dropped,

@@ -1255,3 +1255,54 @@ async fn review_partitions_published_alone_at_run_time_stop_the_root() {
     );
     daemon.stop().await.unwrap();
 }
+
+/// Review 4, N6: a key written while Redis's `proto-max-bulk-len` was higher, longer than
+/// the limit set later. The daemon can no longer name it in any command, so a change to its
+/// row could never reach it: at start, it is deleted (its lease too), and the other keys stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_a_key_too_long_for_a_lowered_limit_is_deleted() {
+    let env = Env::start_with(
+        pgcache::testkit::PgOptions::default(),
+        pgcache::testkit::RedisOptions {
+            extra_args: vec!["--proto-max-bulk-len".into(), "4mb".into()],
+            ..Default::default()
+        },
+        // (No index can hold such a value: the key column is outside the primary key, with
+        // the full row as replica identity.)
+        "CREATE TABLE items (n int PRIMARY KEY, id text NOT NULL, v text);
+         ALTER TABLE items REPLICA IDENTITY FULL;
+         INSERT INTO items VALUES (1, 'a', 'x'), (2, repeat('k', 1500000), 'long');",
+        "public.items",
+    );
+    let rule =
+        "[[tables]]\ntable = \"items\"\nkey = \"item:{id}\"\ncolumns = [\"id\", \"v\"]\n";
+    let daemon = InProcess::start(env.config(rule));
+    let mut r = env.redis().await;
+    wait_backfill_done(&mut r, "public.items", Duration::from_secs(60)).await;
+    let long_key = format!("item:{}", "k".repeat(1_500_000));
+    assert_eq!(
+        get(&mut r, &long_key).await.as_deref().map(str::len),
+        Some(r#"{"id":"","v":"long"}"#.len() + 1_500_000)
+    );
+    daemon.stop().await.unwrap();
+
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("proto-max-bulk-len")
+        .arg("1mb")
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    env.sql("UPDATE items SET v = 'changed' WHERE v = 'long'");
+    let daemon = InProcess::start(env.config(rule));
+    wait_streaming(&mut r).await;
+    settled(&env, &mut r).await;
+    // The key cannot be named in a command any more: look for it by scanning.
+    let left = keys(&mut r, "item:*").await;
+    assert_eq!(left, vec!["item:a".to_string()], "the long key stayed");
+    assert_eq!(
+        get(&mut r, "item:a").await.as_deref(),
+        Some(r#"{"id":"a","v":"x"}"#)
+    );
+    daemon.stop().await.unwrap();
+}
