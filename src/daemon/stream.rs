@@ -728,7 +728,12 @@ impl<'a> Stream<'a> {
             return Ok(());
         };
         let name = format!("{schema}.{root}");
-        if self.config.tables.iter().any(|r| r.qualified_name() == name) {
+        if self
+            .config
+            .tables
+            .iter()
+            .any(|r| r.qualified_name() == name)
+        {
             let partition = format!("{}.{}", relation.namespace, relation.name);
             self.partitions.insert(relation.id, (name, partition));
         }

@@ -421,6 +421,34 @@ pub async fn settled(env: &Env, r: &mut redis::aio::MultiplexedConnection) {
     .await;
 }
 
+/// Waits until the slot has confirmed what Redis's checkpoint holds: from then on, Redis
+/// going back to an older state is behind the slot.
+pub async fn wait_slot_confirms(env: &Env, r: &mut redis::aio::MultiplexedConnection) {
+    let client = env.pg_client().await;
+    let applied: String = redis::cmd("HGET")
+        .arg("pgcache:{pgcache}:checkpoint")
+        .arg("lsn")
+        .query_async(r)
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(20), "the slot to confirm", || {
+        let client = &client;
+        let applied = applied.clone();
+        async move {
+            let ok: bool = client
+                .query_one(
+                    "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots",
+                    &[&applied],
+                )
+                .await
+                .ok()?
+                .get(0);
+            ok.then_some(())
+        }
+    })
+    .await;
+}
+
 /// `pgcache verify` on a config file: its exit code and output.
 pub async fn verify(config: &Path) -> (i32, String) {
     let config = config.display().to_string();

@@ -23,6 +23,7 @@ mod protocol;
 mod reader;
 mod replication;
 mod review;
+mod rule_changes;
 mod security;
 mod slots;
 mod soak;

@@ -1033,8 +1033,16 @@ async fn review_a_stopped_table_takes_no_fills() {
     let found = items.lookup::<serde_json::Value>(15).await.unwrap();
     assert_eq!(found.value, Some(serde_json::json!({"id": 15, "v": "v15"})));
     assert_eq!(found.served, Served::Uncached);
-    assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
-    assert_eq!(get(&mut r, "item:15").await, None, "a fill of a stopped table");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        get(&mut r, "item:15").await,
+        None,
+        "a fill of a stopped table"
+    );
     assert_eq!(get(&mut r, "{item:15}:pgcache-lease").await, None);
     // A running table whose keys look alike is filled.
     let user = users.lookup::<serde_json::Value>(1).await.unwrap();
@@ -1043,7 +1051,10 @@ async fn review_a_stopped_table_takes_no_fills() {
 
     env.sql("UPDATE items SET v = 'changed' WHERE id = 15");
     let found = items.lookup::<serde_json::Value>(15).await.unwrap();
-    assert_eq!(found.value, Some(serde_json::json!({"id": 15, "v": "changed"})));
+    assert_eq!(
+        found.value,
+        Some(serde_json::json!({"id": 15, "v": "changed"}))
+    );
 
     // Stopped at run time: the field names it in the write that drops its keys.
     env.sql(
@@ -1148,10 +1159,14 @@ async fn review_a_table_swapped_for_an_unpublished_one_stops() {
          ALTER TABLE items_new RENAME TO items;
          COMMIT;",
     );
-    eventually(Duration::from_secs(30), "the swapped table's keys gone", || {
-        let mut r = r.clone();
-        async move { keys(&mut r, "item:*").await.is_empty().then_some(()) }
-    })
+    eventually(
+        Duration::from_secs(30),
+        "the swapped table's keys gone",
+        || {
+            let mut r = r.clone();
+            async move { keys(&mut r, "item:*").await.is_empty().then_some(()) }
+        },
+    )
     .await;
     settled(&env, &mut r).await;
     assert_eq!(
@@ -1191,10 +1206,14 @@ async fn review_a_dropped_table_leaves_no_keys_and_is_followed_when_back() {
     let mut r = env.redis().await;
     wait_backfill_done(&mut r, "public.items", Duration::from_secs(60)).await;
     env.sql("DROP TABLE items");
-    eventually(Duration::from_secs(30), "the dropped table's keys gone", || {
-        let mut r = r.clone();
-        async move { keys(&mut r, "item:*").await.is_empty().then_some(()) }
-    })
+    eventually(
+        Duration::from_secs(30),
+        "the dropped table's keys gone",
+        || {
+            let mut r = r.clone();
+            async move { keys(&mut r, "item:*").await.is_empty().then_some(()) }
+        },
+    )
     .await;
     settled(&env, &mut r).await;
     assert!(stopped_patterns(&mut r).await.is_some());
@@ -1274,8 +1293,7 @@ async fn review_a_key_too_long_for_a_lowered_limit_is_deleted() {
          INSERT INTO items VALUES (1, 'a', 'x'), (2, repeat('k', 1500000), 'long');",
         "public.items",
     );
-    let rule =
-        "[[tables]]\ntable = \"items\"\nkey = \"item:{id}\"\ncolumns = [\"id\", \"v\"]\n";
+    let rule = "[[tables]]\ntable = \"items\"\nkey = \"item:{id}\"\ncolumns = [\"id\", \"v\"]\n";
     let daemon = InProcess::start(env.config(rule));
     let mut r = env.redis().await;
     wait_backfill_done(&mut r, "public.items", Duration::from_secs(60)).await;
