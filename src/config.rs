@@ -91,6 +91,10 @@ pub struct RedisConfig {
     pub tls_ca_file: Option<RedisRoots>,
     /// One server, a Redis Cluster, or a Sentinel-managed master.
     pub topology: RedisTopology,
+    /// `wait_replicas = N`: after each write the daemon runs `WAIT N` and confirms
+    /// Postgres only once N replicas hold the write, so a failover to one of them loses
+    /// nothing. `None`: no wait.
+    pub wait_replicas: Option<usize>,
 }
 
 /// What `[redis]` points at.
@@ -152,27 +156,53 @@ impl RedisConfig {
         redis_client(self.url.expose(), self.tls_ca_file.as_ref())
     }
 
+    /// A client for the server to write to: the one server, or the master the sentinels
+    /// name now (asked again at every call: after a failover, the new one).
+    ///
+    /// # Errors
+    /// As [`client`](Self::client); with sentinels, no sentinel named a working master; a
+    /// cluster is refused.
+    pub async fn resolve(&self) -> redis::RedisResult<redis::Client> {
+        match &self.topology {
+            RedisTopology::Sentinel(sentinel) => {
+                crate::sentinel::master_client(sentinel, self.tls_ca_file.as_ref()).await
+            }
+            _ => self.client(),
+        }
+    }
+
+    /// `Ok` for one server and for a Sentinel-managed master; for a cluster, the message
+    /// that `what` does not support it yet.
+    ///
+    /// # Errors
+    /// The message, for [`RedisTopology::Cluster`].
+    pub fn single_or_sentinel(&self, what: &str) -> Result<(), String> {
+        match self.topology {
+            RedisTopology::Cluster { .. } => self.single_only(what),
+            _ => Ok(()),
+        }
+    }
+
     /// `Ok` for one server; for a cluster or sentinels, the message that `what` does not
     /// support them yet, naming what does.
     ///
     /// # Errors
     /// The message, for [`RedisTopology::Cluster`] and [`RedisTopology::Sentinel`].
     pub fn single_only(&self, what: &str) -> Result<(), String> {
-        let (setting, so_far) = match &self.topology {
-            RedisTopology::Single => return Ok(()),
-            RedisTopology::Cluster { .. } => (
-                "redis.cluster = true (Redis Cluster)",
-                "on a cluster only `pgcache check` works so far",
-            ),
-            RedisTopology::Sentinel(_) => (
-                "[redis.sentinel] (Redis Sentinel)",
-                "the Sentinel form is only read and validated so far",
-            ),
-        };
-        Err(format!(
-            "{setting} is not supported by {what} yet: the daemon, the read helper, verify and \
-             status work with one Redis server (redis.url); {so_far} (see docs/cluster.md)"
-        ))
+        match &self.topology {
+            RedisTopology::Single => Ok(()),
+            RedisTopology::Cluster { .. } => Err(format!(
+                "redis.cluster = true (Redis Cluster) is not supported by {what} yet: the \
+                 daemon, the read helper, verify and status work with one Redis server \
+                 (redis.url) or a Sentinel-managed master; on a cluster only `pgcache check` \
+                 works so far (see docs/cluster.md)"
+            )),
+            RedisTopology::Sentinel(_) => Err(format!(
+                "[redis.sentinel] (Redis Sentinel) is not supported by {what} yet: the daemon, \
+                 check, verify and status follow the master the sentinels name; give the read \
+                 helper redis.url of the master (see docs/cluster.md)"
+            )),
+        }
     }
 }
 

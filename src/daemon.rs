@@ -25,7 +25,7 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use crate::checkpoint::{self, CheckpointState, FIELD_BACKFILL_PREFIX};
-use crate::config::{Config, Mode};
+use crate::config::{Config, Mode, RedisTopology};
 use crate::daemon::apply::script::{Owner, Refused, WriteError};
 use crate::daemon::apply::{Batch, Op};
 use crate::daemon::backfill::{Backfills, ProgressFn};
@@ -234,7 +234,7 @@ pub async fn run(
 ) -> Result<(), RunError> {
     config
         .redis
-        .single_only("the daemon (pgcache run)")
+        .single_or_sentinel("the daemon (pgcache run)")
         .map_err(|message| RunError::fatal("config", message))?;
     let target = PgTarget::parse(config.postgres.url.expose())
         .map_err(|e| RunError::fatal("config", format!("postgres.url: {e}")))?;
@@ -313,10 +313,18 @@ async fn session(
     hooks: &Hooks,
     applied: &mut Applied,
 ) -> Result<(), RunError> {
-    let client = config
-        .redis
-        .client()
-        .map_err(|e| RunError::fatal("config", format!("redis.url: {e}")))?;
+    // With sentinels, the master they name now (after a failover, the new one).
+    let client = match &config.redis.topology {
+        RedisTopology::Sentinel(_) => config
+            .redis
+            .resolve()
+            .await
+            .map_err(|e| RunError::transient("redis", format!("redis.sentinel: {e}")))?,
+        _ => config
+            .redis
+            .client()
+            .map_err(|e| RunError::fatal("config", format!("redis.url: {e}")))?,
+    };
     // A large write on a loaded Redis can take well over redis-rs's default 500 ms reply
     // timeout; ending the session for it would only replay the same batch. A dead server
     // is still noticed: the connection drops.

@@ -51,6 +51,7 @@ pub mod lsn;
 pub mod metrics;
 pub mod pgconn;
 pub mod reader;
+pub mod sentinel;
 pub mod sql;
 pub mod template;
 

@@ -7,6 +7,7 @@ pub const TRANSACTIONS: &str = "pgcache_transactions_total";
 pub const BATCHES: &str = "pgcache_batches_total";
 pub const BATCH_OPS: &str = "pgcache_batch_operations";
 pub const EXEC_SECONDS: &str = "pgcache_redis_exec_seconds";
+pub const REPLICA_WAIT_SECONDS: &str = "pgcache_redis_replica_wait_seconds";
 pub const APPLY_LATENCY: &str = "pgcache_apply_latency_seconds";
 pub const LAG_BYTES: &str = "pgcache_replication_lag_bytes";
 pub const CONFIRMED_LSN: &str = "pgcache_confirmed_lsn";
@@ -28,6 +29,11 @@ pub fn describe() {
     describe_counter!(TRANSACTIONS, "Postgres transactions applied");
     describe_counter!(BATCHES, "MULTI/EXEC batches written to Redis");
     describe_histogram!(BATCH_OPS, "Operations per batch");
+    describe_histogram!(
+        REPLICA_WAIT_SECONDS,
+        Unit::Seconds,
+        "Time from a write to its acknowledgement by redis.wait_replicas replicas (WAIT)"
+    );
     describe_histogram!(
         EXEC_SECONDS,
         Unit::Seconds,

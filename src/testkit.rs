@@ -30,6 +30,7 @@ mod pg_install;
 mod pg_server;
 mod proxy;
 mod redis_cluster;
+mod redis_sentinel;
 mod redis_server;
 mod tls_certs;
 
@@ -51,6 +52,7 @@ pub use crate::cluster::{parse_cluster_nodes, ClusterNode, CLUSTER_SLOTS};
 pub use pg_server::{PgOptions, TestPostgres};
 pub use proxy::{Direction, TcpProxy};
 pub use redis_cluster::TestRedisCluster;
+pub use redis_sentinel::TestSentinelGroup;
 pub use redis_server::{RedisOptions, TestRedis, CLUSTER_NODE_TIMEOUT_MS};
 pub use tls_certs::{generate as generate_tls_certs, CertFiles};
 

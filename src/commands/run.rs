@@ -24,7 +24,7 @@ pub(crate) async fn run(path: &Path) -> ExitCode {
     };
     // Refused before anything connects: applying to a cluster as if it were one server
     // would break its guarantees (docs/cluster.md).
-    if let Err(message) = config.redis.single_only("the daemon (pgcache run)") {
+    if let Err(message) = config.redis.single_or_sentinel("the daemon (pgcache run)") {
         eprintln!("error: {message}");
         return ExitCode::from(2);
     }

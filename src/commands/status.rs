@@ -91,7 +91,7 @@ pub(crate) async fn status(path: &Path, json: bool) -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
-    if let Err(message) = config.redis.single_only("pgcache status") {
+    if let Err(message) = config.redis.single_or_sentinel("pgcache status") {
         eprintln!("error: {message}");
         return ExitCode::from(2);
     }
@@ -236,7 +236,7 @@ async fn redis_side(
     checkpoint_key: &str,
     keys: &mut [Option<u64>],
 ) -> Result<CheckpointState, String> {
-    let client = config.redis.client().map_err(|e| e.to_string())?;
+    let client = config.redis.resolve().await.map_err(|e| e.to_string())?;
     let mut conn = tokio::time::timeout(TIMEOUT, client.get_multiplexed_async_connection())
         .await
         .map_err(|_| format!("{} did not answer within {TIMEOUT:?}", config.redis.url))?

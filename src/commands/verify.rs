@@ -20,7 +20,7 @@ pub(crate) async fn verify(
         Ok(config) => config,
         Err(code) => return code,
     };
-    if let Err(message) = config.redis.single_only("pgcache verify") {
+    if let Err(message) = config.redis.single_or_sentinel("pgcache verify") {
         eprintln!("error: {message}");
         return ExitCode::from(2);
     }

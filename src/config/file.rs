@@ -297,6 +297,7 @@ fn read_redis(
             errors.push(format!("{}: cannot read {}: {e}", ca.label, path.display()));
         }
     }
+    let wait_replicas = sec.count("wait_replicas", errors).map(|n| n.value);
     let cluster = sec.bool("cluster", errors).unwrap_or(false);
     let has_urls = sec.map.contains_key("urls");
     let has_sentinel = sec.map.contains_key("sentinel");
@@ -324,6 +325,7 @@ fn read_redis(
             key_prefix,
             tls_ca_file,
             topology,
+            wait_replicas,
         });
     }
     let url =
@@ -354,6 +356,7 @@ fn read_redis(
         key_prefix,
         tls_ca_file,
         topology: RedisTopology::Single,
+        wait_replicas,
     })
 }
 

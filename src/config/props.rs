@@ -379,7 +379,7 @@ proptest! {
     ) {
         let known: &[&str] = match VALID[s].path {
             "postgres" => &["url", "url_file", "slot", "publication", "recreate_lost_slot"],
-            "redis" => &["url", "url_file", "key_prefix"],
+            "redis" => &["url", "url_file", "key_prefix", "wait_replicas"],
             "apply" => &["max_batch_changes", "max_transaction_changes", "confirm_delay"],
             "backfill" => &["chunk_rows", "auto"],
             "metrics" => &["listen"],

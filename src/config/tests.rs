@@ -1009,8 +1009,9 @@ fn only_check_accepts_a_cluster_or_sentinels_so_far() {
     assert_eq!(
         message,
         "redis.cluster = true (Redis Cluster) is not supported by the daemon (pgcache run) yet: \
-         the daemon, the read helper, verify and status work with one Redis server (redis.url); \
-         on a cluster only `pgcache check` works so far (see docs/cluster.md)"
+         the daemon, the read helper, verify and status work with one Redis server (redis.url) \
+         or a Sentinel-managed master; on a cluster only `pgcache check` works so far (see \
+         docs/cluster.md)"
     );
     let err = c.redis.client().unwrap_err().to_string();
     assert!(
@@ -1025,5 +1026,27 @@ fn only_check_accepts_a_cluster_or_sentinels_so_far() {
         .redis
         .single_only("x")
         .unwrap_err()
-        .ends_with("; the Sentinel form is only read and validated so far (see docs/cluster.md)"));
+        .ends_with("give the read helper redis.url of the master (see docs/cluster.md)"));
+    assert_eq!(c.redis.single_or_sentinel("the daemon"), Ok(()));
+}
+
+#[test]
+fn wait_replicas_is_read_and_checked() {
+    let c = Config::from_toml_str(&with_redis("url = \"redis://a:1\"\nwait_replicas = 2")).unwrap();
+    assert_eq!(c.redis.wait_replicas, Some(2));
+    let c = Config::from_toml_str(&with_redis(
+        "wait_replicas = 1\n[redis.sentinel]\nmaster = \"m\"\nurls = [\"redis://s:26379\"]",
+    ))
+    .unwrap();
+    assert_eq!(c.redis.wait_replicas, Some(1));
+    let c = Config::from_toml_str(&with_redis("url = \"redis://a:1\"")).unwrap();
+    assert_eq!(c.redis.wait_replicas, None);
+    let err =
+        Config::from_toml_str(&with_redis("url = \"redis://a:1\"\nwait_replicas = 0")).unwrap_err();
+    assert!(
+        err.errors()
+            .iter()
+            .any(|e| e.starts_with("redis.wait_replicas:")),
+        "{err:?}"
+    );
 }

@@ -934,10 +934,14 @@ impl<'a> Stream<'a> {
             ..
         } = prepared;
         let ops = ops.len();
+        let wait_replicas = self.config.redis.wait_replicas;
         self.in_flight = Some(tokio::spawn(async move {
             let started = Instant::now();
             visibility.wait(&xids).await?;
             let applied = write.send(&mut conn).await?;
+            if let Some(replicas) = wait_replicas {
+                wait_for_replicas(&mut conn, replicas).await?;
+            }
             Ok(Done {
                 visibility,
                 position,
@@ -975,19 +979,40 @@ impl<'a> Stream<'a> {
     }
 
     /// Writes what is committed, waits for it, and confirms what `confirm_delay` allows.
+    /// Waits for the write in flight, if any, at shutdown. `false` when it still waits for
+    /// `redis.wait_replicas` replicas after a few seconds: it is given up, unconfirmed (the
+    /// next start applies it again), so that a missing replica cannot block a stop.
+    async fn finish_in_flight(&mut self) -> Result<bool, RunError> {
+        const PATIENCE: Duration = Duration::from_secs(5);
+        let Some(mut done) = self.in_flight.take() else {
+            return Ok(true);
+        };
+        let joined = if self.config.redis.wait_replicas.is_some() {
+            match tokio::time::timeout(PATIENCE, &mut done).await {
+                Ok(joined) => joined,
+                Err(_) => {
+                    done.abort();
+                    warn!(
+                        "stopping with a write that redis.wait_replicas replicas do not hold \
+                         yet: it is not confirmed to Postgres, and the next start applies it \
+                         again"
+                    );
+                    return Ok(false);
+                }
+            }
+        } else {
+            done.await
+        };
+        let done = joined
+            .map_err(|e| RunError::transient("internal", format!("redis write task: {e}")))??;
+        self.applied(done);
+        Ok(true)
+    }
+
     async fn stop(&mut self, stream: &mut ReplicationStream) -> Result<(), RunError> {
-        if let Some(done) = self.in_flight.take() {
-            let done = done
-                .await
-                .map_err(|e| RunError::transient("internal", format!("redis write task: {e}")))??;
-            self.applied(done);
-        }
-        self.write(false)?;
-        if let Some(done) = self.in_flight.take() {
-            let done = done
-                .await
-                .map_err(|e| RunError::transient("internal", format!("redis write task: {e}")))??;
-            self.applied(done);
+        if self.finish_in_flight().await? {
+            self.write(false)?;
+            self.finish_in_flight().await?;
         }
         // Only what has waited out confirm_delay: the rest stays in the slot, so a Redis
         // that loses its last second at the next crash can be refilled from it.
@@ -1071,5 +1096,38 @@ impl std::fmt::Debug for Stream<'_> {
             .field("position", &checkpoint::position_text(self.owner.position))
             .field("confirmed", &self.confirmed)
             .finish_non_exhaustive()
+    }
+}
+
+/// `WAIT replicas`: returns once that many replicas hold this connection's writes, so that
+/// what is confirmed to Postgres survives a failover to one of them. Waits as long as it
+/// takes, saying so every few seconds: confirming earlier could lose the write for good.
+async fn wait_for_replicas(
+    conn: &mut redis::aio::MultiplexedConnection,
+    replicas: usize,
+) -> Result<(), RunError> {
+    const STEP_MS: u64 = 1_000;
+    let started = Instant::now();
+    let mut warned = Instant::now();
+    loop {
+        let acked: usize = redis::cmd("WAIT")
+            .arg(replicas)
+            .arg(STEP_MS)
+            .query_async(conn)
+            .await?;
+        if acked >= replicas {
+            metrics::histogram!(m::REPLICA_WAIT_SECONDS).record(started.elapsed().as_secs_f64());
+            return Ok(());
+        }
+        if warned.elapsed() >= Duration::from_secs(5) {
+            warned = Instant::now();
+            warn!(
+                acked,
+                wanted = replicas,
+                waited_s = started.elapsed().as_secs(),
+                "redis.wait_replicas: fewer replicas than configured hold the last write; \
+                 nothing is confirmed to Postgres until they do"
+            );
+        }
     }
 }

@@ -201,7 +201,7 @@ pub async fn verify(config: &Config, options: &VerifyOptions) -> Result<Report, 
         }
     };
     let pool = postgres::pool(config.postgres.url.expose())?;
-    let client = config.redis.client()?;
+    let client = config.redis.resolve().await?;
     let redis = tokio::time::timeout(
         Duration::from_secs(10),
         client.get_multiplexed_async_connection(),

@@ -24,6 +24,10 @@ pub struct RedisOptions {
     /// `cluster-enabled yes`, with the cluster bus on a free port of its own (Redis 7 on):
     /// a node for [`TestRedisCluster`](super::TestRedisCluster), which joins the nodes.
     pub cluster: bool,
+    /// Runs a sentinel (`redis-server sentinel.conf --sentinel`) with these lines of
+    /// configuration, written to `sentinel.conf` in its directory at the first start (the
+    /// sentinel rewrites it as it learns). See [`TestSentinelGroup`](super::TestSentinelGroup).
+    pub sentinel: Option<String>,
 }
 
 /// A Redis server of our own, on a free port, with its files in a temporary directory.
@@ -281,6 +285,13 @@ impl TestRedis {
             .open(self.output_path())
             .context("opening redis.out")?;
         let mut cmd = Command::new(server);
+        if let Some(lines) = &self.opts.sentinel {
+            let conf = self.dir.path().join("sentinel.conf");
+            if !conf.exists() {
+                fs::write(&conf, lines).context("writing sentinel.conf")?;
+            }
+            cmd.arg(conf).arg("--sentinel");
+        }
         cmd.arg("--port")
             .arg(self.port.to_string())
             .args(["--bind", "127.0.0.1", "--save", "", "--daemonize", "no"])
@@ -308,7 +319,7 @@ impl TestRedis {
                 // The topology stays as the test built it: no replica moves to another master.
                 .args(["--cluster-allow-replica-migration", "no"]);
         }
-        if redis_major_version() >= 7 {
+        if redis_major_version() >= 7 && self.opts.sentinel.is_none() {
             cmd.args(["--enable-debug-command", "yes"]);
         }
         cmd.args(&self.opts.extra_args)

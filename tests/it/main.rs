@@ -25,6 +25,7 @@ mod replication;
 mod review;
 mod rule_changes;
 mod security;
+mod sentinel;
 mod slots;
 mod soak;
 mod stream;

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use super::Finding;
-use crate::config::{redact, Config, Mode, RedisTopology};
+use crate::config::{redact, Config, Mode, RedisTopology, SentinelConfig};
 
 mod cluster;
 
@@ -17,15 +17,8 @@ pub async fn redis_findings(config: &Config) -> Vec<Finding> {
     match &config.redis.topology {
         RedisTopology::Single => {}
         RedisTopology::Cluster { seeds } => return cluster::cluster_findings(config, seeds).await,
-        RedisTopology::Sentinel(_) => {
-            return vec![Finding::fail(
-                config
-                    .redis
-                    .single_only("pgcache check")
-                    .err()
-                    .unwrap_or_default(),
-                "for now, set redis.url to the current master (SENTINEL GET-MASTER-ADDR-BY-NAME)",
-            )]
+        RedisTopology::Sentinel(sentinel) => {
+            return sentinel_findings(config, sentinel).await;
         }
     }
     let mut conn = match connect(config).await {
@@ -38,6 +31,45 @@ pub async fn redis_findings(config: &Config) -> Vec<Finding> {
         }
     };
     let mut findings = vec![Finding::ok(format!("redis {} reachable", config.redis.url))];
+    findings.push(version_finding(&mut conn).await);
+    match config_get(&mut conn, &["maxmemory-policy", "maxmemory"]).await {
+        Ok(settings) => findings.push(eviction_finding(config, &settings)),
+        Err(e) => findings.push(unreadable("maxmemory-policy", &e)),
+    }
+    match config_get(&mut conn, &["appendonly", "appendfsync", "save"]).await {
+        Ok(settings) => findings.push(persistence_finding(config, &settings)),
+        Err(e) => findings.push(unreadable("persistence (appendonly, save)", &e)),
+    }
+    findings
+}
+
+/// With sentinels: which master they name, and the same checks of it as of one server.
+async fn sentinel_findings(config: &Config, sentinel: &SentinelConfig) -> Vec<Finding> {
+    let client = match config.redis.resolve().await {
+        Ok(client) => client,
+        Err(e) => {
+            return vec![Finding::fail(
+                redact(&e.to_string()),
+                "check redis.sentinel.urls and master (the name in SENTINEL MONITOR), and that \
+                 the sentinels and the master run",
+            )]
+        }
+    };
+    let mut conn = match connect_client(&client).await {
+        Ok(conn) => conn,
+        Err(message) => {
+            return vec![Finding::fail(
+                format!("the master the sentinels name is not reachable: {message}"),
+                "check that the master runs and the sentinels see it",
+            )]
+        }
+    };
+    let info = client.get_connection_info();
+    let mut findings = vec![Finding::ok(format!(
+        "the sentinels name {} as master {:?}",
+        info.addr(),
+        sentinel.master
+    ))];
     findings.push(version_finding(&mut conn).await);
     match config_get(&mut conn, &["maxmemory-policy", "maxmemory"]).await {
         Ok(settings) => findings.push(eviction_finding(config, &settings)),
