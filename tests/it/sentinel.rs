@@ -132,23 +132,21 @@ async fn fail_over_under_a_write(wait_replicas: Option<usize>) -> (String, bool)
     eventually(
         Duration::from_secs(60),
         "the new master to converge",
-        || {
-                async move {
-                let mut r = connect(promoted).await;
-                for id in 1..=50 {
-                    let value: String = redis::cmd("GET")
-                        .arg(format!("item:{id}"))
-                        .query_async(&mut r)
-                        .await
-                        .ok()?;
-                    let value: serde_json::Value = serde_json::from_str(&value).ok()?;
-                    let want = if id <= 10 { 2 } else { 1 };
-                    if value["v"] != want {
-                        return None;
-                    }
+        || async move {
+            let mut r = connect(promoted).await;
+            for id in 1..=50 {
+                let value: String = redis::cmd("GET")
+                    .arg(format!("item:{id}"))
+                    .query_async(&mut r)
+                    .await
+                    .ok()?;
+                let value: serde_json::Value = serde_json::from_str(&value).ok()?;
+                let want = if id <= 10 { 2 } else { 1 };
+                if value["v"] != want {
+                    return None;
                 }
-                Some(())
             }
+            Some(())
         },
     )
     .await;

@@ -1,7 +1,8 @@
 //! A randomized soak: a random workload (updates that leave a TOASTed column untouched,
 //! inserts, deletes, key changes, large transactions) while faults and edge operations
 //! come at random (daemon kill -9 and pause, FLUSHALL, a Postgres restart, `resync`, an
-//! `ALTER TABLE`, a commit held by a synchronous standby that never answers). Readers flag
+//! `ALTER TABLE`, a commit held by a synchronous standby that never answers, the table
+//! swapped for a published copy). Readers flag
 //! any row they see go back; at the end `verify` must find Redis equal to Postgres.
 //!
 //! Seeded and reproducible in what it chooses: `PGCACHE_SOAK_SEED=<n>` (the seed is
@@ -150,9 +151,10 @@ async fn randomized_faults_and_edges_leave_no_drift() {
     let deadline = Instant::now() + Duration::from_secs(secs);
     let mut faults: Vec<&str> = Vec::new();
     let mut added_columns = 0;
+    let mut swaps = 0;
     while Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(rng.gen_range(1_500..4_000))).await;
-        let fault = match rng.gen_range(0..8) {
+        let fault = match rng.gen_range(0..9) {
             0 => {
                 daemon.kill9();
                 daemon = Daemon::spawn_logging(&config_path, &log, "pgcache=info");
@@ -202,6 +204,24 @@ async fn randomized_faults_and_edges_leave_no_drift() {
                 ));
                 let _ = held.await;
                 "commit held by a synchronous standby"
+            }
+            7 if swaps < 2 => {
+                // A reload: the mirror table swapped for a published copy, in one
+                // transaction, with no row change under the old table after it.
+                swaps += 1;
+                env.sql(&format!(
+                    "BEGIN;
+                     CREATE TABLE items_copy{swaps} (LIKE items INCLUDING ALL);
+                     GRANT SELECT ON items_copy{swaps} TO pgcache;
+                     LOCK TABLE items IN EXCLUSIVE MODE;
+                     INSERT INTO items_copy{swaps} SELECT * FROM items;
+                     ALTER TABLE items RENAME TO items_old{swaps};
+                     ALTER TABLE items_copy{swaps} RENAME TO items;
+                     ALTER PUBLICATION pgcache ADD TABLE items;
+                     DROP TABLE items_old{swaps};
+                     COMMIT;"
+                ));
+                "table swapped for a published copy"
             }
             _ => "none",
         };
