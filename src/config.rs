@@ -198,9 +198,9 @@ impl RedisConfig {
                  works so far (see docs/cluster.md)"
             )),
             RedisTopology::Sentinel(_) => Err(format!(
-                "[redis.sentinel] (Redis Sentinel) is not supported by {what} yet: the daemon, \
-                 check, verify and status follow the master the sentinels name; give the read \
-                 helper redis.url of the master (see docs/cluster.md)"
+                "[redis.sentinel] (Redis Sentinel) is not supported by {what}: it needs \
+                 redis.url of one server (the daemon, check, verify, status and the read helper \
+                 follow the master the sentinels name)"
             )),
         }
     }

@@ -46,6 +46,7 @@ mod flight;
 mod hash;
 pub mod key;
 pub mod lease;
+mod link;
 mod lookup;
 mod refresh;
 pub(crate) mod source;
@@ -61,7 +62,6 @@ use std::sync::Arc;
 use bytes::Bytes;
 use deadpool_postgres::Pool;
 use futures_util::future::join_all;
-use redis::aio::ConnectionManager;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -97,7 +97,7 @@ pub struct Table {
 }
 
 pub(crate) struct Inner {
-    redis: ConnectionManager,
+    redis: Arc<link::RedisLink>,
     pool: Pool,
     key_prefix: String,
     /// The daemon's checkpoint: how far it has applied the stream.
@@ -158,7 +158,7 @@ impl Reader {
     ) -> Result<Reader, ReaderError> {
         if let Err(message) = config
             .redis
-            .single_only("the read helper (Reader::from_config)")
+            .single_or_sentinel("the read helper (Reader::from_config)")
         {
             return Err(ReaderError::RedisConfig(redis::RedisError::from((
                 redis::ErrorKind::InvalidClientConfig,
@@ -173,6 +173,9 @@ impl Reader {
             .options(options);
         if let Some(roots) = &config.redis.tls_ca_file {
             builder = builder.redis_tls_roots(roots.clone());
+        }
+        if let crate::config::RedisTopology::Sentinel(sentinel) = &config.redis.topology {
+            builder = builder.sentinel(sentinel.clone());
         }
         for rule in &config.tables {
             builder = builder.rule(rule.clone());
@@ -571,8 +574,11 @@ impl Inner {
 
     /// The half-open breaker's probe: one `PING`, within `redis_timeout`.
     async fn probe(&self) {
-        let mut conn = self.redis.clone();
-        match redis::cmd("PING").query_async::<()>(&mut conn).await {
+        let reply = match self.redis.get() {
+            Ok(mut conn) => redis::cmd("PING").query_async::<()>(&mut conn).await,
+            Err(error) => Err(error),
+        };
+        match reply {
             Ok(()) => self.redis_worked(),
             Err(error) => {
                 tracing::debug!(%error, "Redis probe failed; the circuit breaker stays open");
@@ -586,11 +592,12 @@ impl Inner {
     /// the lease scripts, so that the first misses do not pay for them. Best effort.
     async fn warm_up(&self) {
         let wanted = self.options.warm_connections.min(self.options.pool_size);
-        let mut redis = self.redis.clone();
-        let (_, clients) = tokio::join!(
-            lease::load_scripts(&mut redis),
-            join_all((0..wanted).map(|_| self.pool.get()))
-        );
+        let scripts = async {
+            if let Ok(mut redis) = self.redis.get() {
+                lease::load_scripts(&mut redis).await;
+            }
+        };
+        let (_, clients) = tokio::join!(scripts, join_all((0..wanted).map(|_| self.pool.get())));
         let clients: Vec<_> = clients.into_iter().flatten().collect();
         join_all(clients.iter().map(|client| async move {
             for table in &self.tables {
@@ -601,6 +608,8 @@ impl Inner {
     }
 
     fn redis_failed(&self, error: &redis::RedisError) {
+        // With sentinels: is another server the master now?
+        self.redis.failed();
         if self.breaker.failed(error) == Change::Opened {
             tracing::warn!(
                 %error,

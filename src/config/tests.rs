@@ -1026,7 +1026,7 @@ fn only_check_accepts_a_cluster_or_sentinels_so_far() {
         .redis
         .single_only("x")
         .unwrap_err()
-        .ends_with("give the read helper redis.url of the master (see docs/cluster.md)"));
+        .ends_with("follow the master the sentinels name)"));
     assert_eq!(c.redis.single_or_sentinel("the daemon"), Ok(()));
 }
 

@@ -11,11 +11,12 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use super::breaker::Breaker;
 use super::flight::Flights;
+use super::link::RedisLink;
 use super::refresh::FillTimer;
 use super::source::RowSource;
 use super::stats::Counters;
 use super::{Inner, Reader, ReaderError, TableEntry};
-use crate::config::{redis_client, Format, Mode, RedisRoots, TableRule};
+use crate::config::{redis_client, Format, Mode, RedisRoots, SentinelConfig, TableRule};
 use crate::encoder::EncodeOptions;
 use crate::pgconn::{self, PgTarget};
 use crate::template::KeyTemplate;
@@ -211,6 +212,8 @@ pub struct ReaderBuilder {
     postgres_url: String,
     redis_url: String,
     redis: Option<ConnectionManager>,
+    /// `[redis.sentinel]` of a config file: the master is found through the sentinels.
+    sentinel: Option<SentinelConfig>,
     pool: Option<Pool>,
     redis_roots: Option<RedisRoots>,
     key_prefix: String,
@@ -243,6 +246,7 @@ impl ReaderBuilder {
             postgres_url: postgres_url.to_string(),
             redis_url: redis_url.to_string(),
             redis: None,
+            sentinel: None,
             pool: None,
             redis_roots: None,
             key_prefix: String::new(),
@@ -318,6 +322,12 @@ impl ReaderBuilder {
         self
     }
 
+    /// Finds the master through these sentinels (a config file's `[redis.sentinel]`).
+    pub(crate) fn sentinel(mut self, sentinel: SentinelConfig) -> Self {
+        self.sentinel = Some(sentinel);
+        self
+    }
+
     /// Uses this Redis connection instead of opening one from the URL.
     pub fn redis_connection(mut self, connection: ConnectionManager) -> Self {
         self.redis = Some(connection);
@@ -354,9 +364,18 @@ impl ReaderBuilder {
             Some(pool) => pool,
             None => build_pool(&self.postgres_url, &self.options)?,
         };
-        let redis = match self.redis {
-            Some(redis) => redis,
-            None => connect_redis(&self.redis_url, self.redis_roots.as_ref(), &self.options)?,
+        let redis = match (self.redis, self.sentinel) {
+            (Some(redis), _) => RedisLink::fixed(redis),
+            (None, Some(sentinel)) => RedisLink::sentinel(
+                sentinel,
+                self.redis_roots.clone(),
+                manager_config(&self.options),
+            ),
+            (None, None) => RedisLink::fixed(connect_redis(
+                &self.redis_url,
+                self.redis_roots.as_ref(),
+                &self.options,
+            )?),
         };
         let mut tables = Vec::with_capacity(self.rules.len());
         let mut names: HashMap<String, Vec<usize>> = HashMap::new();
@@ -387,7 +406,7 @@ impl ReaderBuilder {
         let breaker = Breaker::new(self.options.breaker_failures, self.options.breaker_cooldown);
         let reader = Reader {
             inner: Arc::new(Inner {
-                redis,
+                redis: Arc::new(redis),
                 pool,
                 checkpoint_key: crate::checkpoint::checkpoint_key(&self.key_prefix, &self.slot),
                 key_prefix: self.key_prefix,
@@ -441,9 +460,13 @@ fn connect_redis(
     options: &ReaderOptions,
 ) -> Result<ConnectionManager, ReaderError> {
     let client = redis_client(url, roots).map_err(ReaderError::RedisConfig)?;
-    let config = ConnectionManagerConfig::new()
+    ConnectionManager::new_lazy_with_config(client, manager_config(options))
+        .map_err(ReaderError::RedisConfig)
+}
+
+fn manager_config(options: &ReaderOptions) -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
         .set_connection_timeout(Some(options.redis_timeout))
         .set_response_timeout(Some(options.redis_timeout))
-        .set_number_of_retries(0);
-    ConnectionManager::new_lazy_with_config(client, config).map_err(ReaderError::RedisConfig)
+        .set_number_of_retries(0)
 }

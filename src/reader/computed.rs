@@ -132,12 +132,16 @@ where
         let value = load(counters, redis_key, loader).await?;
         return Ok(Some(Computed::new(value, Served::Uncached)));
     }
-    let mut conn = inner.redis.clone();
-    match redis::cmd("GET")
-        .arg(redis_key)
-        .query_async::<Option<Vec<u8>>>(&mut conn)
-        .await
-    {
+    let cached = match inner.redis.get() {
+        Ok(mut conn) => {
+            redis::cmd("GET")
+                .arg(redis_key)
+                .query_async::<Option<Vec<u8>>>(&mut conn)
+                .await
+        }
+        Err(error) => Err(error),
+    };
+    match cached {
         Ok(Some(value)) => {
             inner.redis_worked();
             counters.record(Event::Hit);
@@ -206,7 +210,7 @@ where
 async fn acquire(inner: &Arc<Inner>, redis_key: &str) -> Result<Found, redis::RedisError> {
     let lease_key = crate::template::lease_key(redis_key);
     let token = lease::new_token();
-    let mut conn = inner.redis.clone();
+    let mut conn = inner.redis.get()?;
     let reply: redis::Value = lease::ACQUIRE
         .key(redis_key)
         .key(&lease_key)
@@ -322,7 +326,14 @@ async fn fill(
     let at = crate::checkpoint::hex(at);
     let deadline = Instant::now() + inner.options.max_lag_wait;
     let mut backoff = Backoff::lag(inner.options.max_wait_step);
-    let mut conn = inner.redis.clone();
+    let mut conn = match inner.redis.get() {
+        Ok(conn) => conn,
+        Err(e) => {
+            inner.redis_failed(&e);
+            held.release().await;
+            return (Served::Fallback, false);
+        }
+    };
     let mut lagged = false;
     loop {
         let written: Result<i64, _> = lease::FILL

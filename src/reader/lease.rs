@@ -136,7 +136,7 @@ pub(crate) async fn acquire(
 ) -> Result<LeaseOutcome, redis::RedisError> {
     let lease_key = crate::template::lease_key(&key.redis_key);
     let token = new_token();
-    let mut conn = inner.redis.clone();
+    let mut conn = inner.redis.get()?;
     let hash = entry.rule.format == Format::Hash;
     let mut acquire = ACQUIRE.key(&key.redis_key);
     acquire
@@ -192,7 +192,7 @@ pub(crate) async fn acquire_for_refresh(
 ) -> Result<Option<Lease>, redis::RedisError> {
     let lease_key = crate::template::lease_key(&key.redis_key);
     let token = new_token();
-    let mut conn = inner.redis.clone();
+    let mut conn = inner.redis.get()?;
     let set: Option<String> = redis::cmd("SET")
         .arg(&lease_key)
         .arg(&token)
@@ -333,7 +333,14 @@ impl Lease {
         ttl_ms: u64,
         fields: &[(String, String)],
     ) -> Result<FillOutcome, ReaderError> {
-        let mut conn = self.inner.redis.clone();
+        let mut conn = self
+            .inner
+            .redis
+            .get()
+            .map_err(|source| ReaderError::Redis {
+                key: self.key.redis_key.clone(),
+                source,
+            })?;
         let at = crate::checkpoint::hex(Lsn(self.read_at.load(Ordering::Relaxed)));
         let deadline = Instant::now() + self.inner.options.max_lag_wait;
         let mut backoff = Backoff::lag(self.inner.options.max_wait_step);
@@ -399,7 +406,7 @@ pub(crate) async fn release(
     lease_key: &str,
     token: &str,
 ) -> Result<(), redis::RedisError> {
-    let mut conn = inner.redis.clone();
+    let mut conn = inner.redis.get()?;
     RELEASE
         .key(lease_key)
         .arg(token)
@@ -514,7 +521,7 @@ pub(crate) async fn wait_applied(
 
 /// How far the daemon has applied the stream, from its checkpoint.
 pub(crate) async fn applied(inner: &Inner) -> Result<Option<Lsn>, redis::RedisError> {
-    let mut conn = inner.redis.clone();
+    let mut conn = inner.redis.get()?;
     let hex: Option<String> = redis::cmd("HGET")
         .arg(&inner.checkpoint_key)
         .arg(crate::checkpoint::FIELD_APPLIED)

@@ -298,7 +298,7 @@ async fn read_cached(
     redis_key: &str,
     with_ttl: bool,
 ) -> redis::RedisResult<(Option<Bytes>, i64)> {
-    let mut conn = inner.redis.clone();
+    let mut conn = inner.redis.get()?;
     match (entry.rule.format, with_ttl) {
         (Format::Json, false) => redis::cmd("GET")
             .arg(redis_key)
@@ -341,7 +341,7 @@ async fn read_cached_many(
     entry: &TableEntry,
     keys: &[KeyTexts],
 ) -> redis::RedisResult<Vec<Option<Fetched>>> {
-    let mut conn = inner.redis.clone();
+    let mut conn = inner.redis.get()?;
     let values = match entry.rule.format {
         Format::Json => {
             let mut mget = redis::cmd("MGET");

@@ -178,3 +178,63 @@ async fn without_wait_replicas_a_lost_write_is_noticed_and_repaired() {
     assert!(confirmed, "the slot never confirmed the update");
     assert!(log.contains("Redis went back in time"), "{log}");
 }
+
+/// The read helper on a Sentinel config: it asks the sentinels for the master (reading
+/// Postgres until they answer), serves hits from it, and after a failover follows the new
+/// master, where it serves current values again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reader_follows_the_master_the_sentinels_name() {
+    use pgcache::reader::{ReaderOptions, Served};
+    use pgcache::Reader;
+    let env = Env::start(
+        "CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL);
+         INSERT INTO items SELECT g, 0 FROM generate_series(1, 50) g;",
+        "public.items",
+    );
+    let mut group = TestSentinelGroup::start().expect("start the sentinel group");
+    let text = sentinel_config(&env, &group, None);
+    let config_path = env.dir.path().join("sentinel.toml");
+    std::fs::write(&config_path, &text).unwrap();
+    let mut daemon = Daemon::spawn(&config_path, &env.dir.path().join("daemon.log"));
+    let first = group.master().0.port();
+    wait_values(first, 50, 0).await;
+
+    let config = pgcache::config::Config::from_toml_str(&text).unwrap();
+    let reader = Reader::from_config_with(&config, ReaderOptions::default()).unwrap();
+    let items = reader.table("public.items").unwrap();
+    let hit = |want: i64| {
+        let items = items.clone();
+        move || {
+            let items = items.clone();
+            async move {
+                let found = items.lookup::<serde_json::Value>(1).await.ok()?;
+                (found.served == Served::Hit && found.value?["v"] == want).then_some(())
+            }
+        }
+    };
+    eventually(
+        Duration::from_secs(20),
+        "a hit from the first master",
+        hit(0),
+    )
+    .await;
+
+    let promoted = group.kill_master().unwrap();
+    group.wait_master_is(promoted).unwrap();
+    group.restart_old_master().unwrap();
+    env.sql("UPDATE items SET v = 5 WHERE id = 1");
+    eventually(
+        Duration::from_secs(60),
+        "a hit of the new value from the new master",
+        hit(5),
+    )
+    .await;
+    let mut r = connect(promoted).await;
+    let cached: Option<String> = redis::cmd("GET")
+        .arg("item:1")
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    assert_eq!(cached.as_deref(), Some(r#"{"id":1,"v":5}"#));
+    daemon.terminate();
+}
