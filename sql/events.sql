@@ -295,6 +295,24 @@ DROP EVENT TRIGGER IF EXISTS pgcache_type;
 CREATE EVENT TRIGGER pgcache_type ON ddl_command_end
   WHEN TAG IN ('ALTER TYPE', 'ALTER DOMAIN') EXECUTE FUNCTION pgcache.on_type_change();
 
+-- ALTER PUBLICATION (a table dropped from it, a row filter added) and ALTER SCHEMA (a rename
+-- of every table in it) change which rows reach the daemon, with nothing in the stream to say
+-- so: the daemon checks every cached table.
+CREATE OR REPLACE FUNCTION pgcache.on_publication_or_schema() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+  -- (Postgres does not report which tables an ALTER PUBLICATION ... DROP TABLE touched, so
+  -- any of them counts; both are rare.)
+  PERFORM pgcache.emit('check', '*');
+END
+$$;
+REVOKE ALL ON FUNCTION pgcache.on_publication_or_schema() FROM PUBLIC;
+
+DROP EVENT TRIGGER IF EXISTS pgcache_publication;
+CREATE EVENT TRIGGER pgcache_publication ON ddl_command_end
+  WHEN TAG IN ('ALTER PUBLICATION', 'ALTER SCHEMA')
+  EXECUTE FUNCTION pgcache.on_publication_or_schema();
+
 DROP EVENT TRIGGER IF EXISTS pgcache_drop;
 CREATE EVENT TRIGGER pgcache_drop ON sql_drop
   WHEN TAG IN ('DROP TABLE') EXECUTE FUNCTION pgcache.on_drop();

@@ -16,4 +16,7 @@ $$;
 -- The control table, its triggers and functions (sql/events.sql).
 DROP EVENT TRIGGER IF EXISTS pgcache_ddl;
 DROP EVENT TRIGGER IF EXISTS pgcache_drop;
+DROP EVENT TRIGGER IF EXISTS pgcache_rewrite;
+DROP EVENT TRIGGER IF EXISTS pgcache_type;
+DROP EVENT TRIGGER IF EXISTS pgcache_publication;
 DROP SCHEMA IF EXISTS pgcache CASCADE;

@@ -111,26 +111,39 @@ pub async fn table_columns(
     Ok(Some((oid, columns)))
 }
 
-/// The OID of the table `schema.name` now, and whether `publication` carries it (itself,
-/// or as the root its partitions publish through). `None`: no such table.
+/// The table `schema.name` as the catalog has it now (`None`: no such table).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableIdentity {
+    pub oid: u32,
+    /// The publication carries it (itself, or as the root its partitions publish through).
+    pub published: bool,
+    /// The publication's row filter for it, if it has one (Postgres 15+).
+    pub row_filter: Option<String>,
+}
+
+/// See [`TableIdentity`].
 pub async fn table_identity(
     client: &Client,
     schema: &str,
     name: &str,
     publication: &str,
-) -> Result<Option<(u32, bool)>, tokio_postgres::Error> {
+) -> Result<Option<TableIdentity>, tokio_postgres::Error> {
     let row = client
         .query_opt(
-            "SELECT c.oid, EXISTS (SELECT 1 FROM pg_catalog.pg_publication_tables t \
-                                   WHERE t.pubname = $3 AND t.schemaname = $1 \
-                                     AND t.tablename = $2) \
+            "SELECT c.oid, t.tablename IS NOT NULL, t.rowfilter \
              FROM pg_catalog.pg_class c \
              JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+             LEFT JOIN pg_catalog.pg_publication_tables t \
+                    ON t.pubname = $3 AND t.schemaname = $1 AND t.tablename = $2 \
              WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
             &[&schema, &name, &publication],
         )
         .await?;
-    Ok(row.map(|row| (row.get(0), row.get(1))))
+    Ok(row.map(|row| TableIdentity {
+        oid: row.get(0),
+        published: row.get(1),
+        row_filter: row.get(2),
+    }))
 }
 
 /// The top of the partition tree `oid` belongs to, as (schema, name), when `oid` is a

@@ -30,6 +30,7 @@ use crate::daemon::replication::{ReplicationEvent, ReplicationStream};
 use crate::daemon::visibility::Visibility;
 use crate::metrics as m;
 use crate::ops::health::Health;
+use crate::sql::TableIdentity;
 use crate::Lsn;
 
 /// How often the daemon records its heartbeat in the checkpoint (for `status`); the write
@@ -674,8 +675,8 @@ impl<'a> Stream<'a> {
             &self.config.postgres.publication,
         )
         .await?;
+        let publication = &self.config.postgres.publication;
         match now {
-            Some((oid, _)) if Some(oid) == known => {}
             None => {
                 let error = format!(
                     "{name} was dropped, renamed or moved to another schema: its keys are \
@@ -686,9 +687,42 @@ impl<'a> Stream<'a> {
                     self.stop_table_now(name, &error, key_space);
                 }
             }
-            Some((oid, true)) => {
+            Some(now) if !now.published => {
+                let error = if Some(now.oid) == known {
+                    format!(
+                        "{name} was taken out of the publication {publication}: its changes no \
+                         longer reach pgcache, so its keys are dropped; ALTER PUBLICATION \
+                         {publication} ADD TABLE {name} and restart"
+                    )
+                } else {
+                    format!(
+                        "{name} is now a table outside the publication (swapped by a rename, \
+                         or dropped and created again): its changes cannot reach pgcache, so \
+                         its keys are dropped; ALTER PUBLICATION {publication} ADD TABLE {name} \
+                         and restart"
+                    )
+                };
+                if let Some(key_space) = self.relations.stop_table(name, &error) {
+                    self.stop_table_now(name, &error, key_space);
+                }
+            }
+            Some(TableIdentity {
+                row_filter: Some(filter),
+                ..
+            }) => {
+                let error = format!(
+                    "{name} is published with a row filter (WHERE {filter}): changes to rows \
+                     outside it never reach pgcache, so its keys are dropped; ALTER PUBLICATION \
+                     {publication} SET TABLE ... without the WHERE for {name}, and restart"
+                );
+                if let Some(key_space) = self.relations.stop_table(name, &error) {
+                    self.stop_table_now(name, &error, key_space);
+                }
+            }
+            Some(now) if Some(now.oid) == known => {}
+            Some(now) => {
                 info!(table = %name, "another table now has the name (dropped and created again, or swapped): deleting the keys of rows that are gone, and writing it again");
-                self.relations.know_oid(oid, name);
+                self.relations.know_oid(now.oid, name);
                 match rule.mode {
                     Mode::Mirror => {
                         self.batch
@@ -701,17 +735,6 @@ impl<'a> Stream<'a> {
                         .drop_key_space(rule.key_space(&self.config.redis.key_prefix)),
                 }
                 self.drop_invalidation_keys(name);
-            }
-            Some((_, false)) => {
-                let error = format!(
-                    "{name} is now a table outside the publication (swapped by a rename, or \
-                     dropped and created again): its changes cannot reach pgcache, so its \
-                     keys are dropped; ALTER PUBLICATION {} ADD TABLE {name} and restart",
-                    self.config.postgres.publication
-                );
-                if let Some(key_space) = self.relations.stop_table(name, &error) {
-                    self.stop_table_now(name, &error, key_space);
-                }
             }
         }
         Ok(())

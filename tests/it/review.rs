@@ -1324,3 +1324,62 @@ async fn review_a_key_too_long_for_a_lowered_limit_is_deleted() {
     );
     daemon.stop().await.unwrap();
 }
+
+/// A cached table taken out of the publication, given a row filter, or renamed with its
+/// schema, while the daemon runs and with no change to it afterwards: the DDL's event makes
+/// the daemon check, and the table stops (keys dropped, fills refused) rather than serving
+/// values no change will reach.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_publication_and_schema_changes_at_run_time_stop_the_table() {
+    let env = Env::start(
+        "CREATE SCHEMA shop;
+         CREATE TABLE items (id int PRIMARY KEY, v text);
+         INSERT INTO items SELECT g, 'v' || g FROM generate_series(1, 20) g;
+         CREATE TABLE other (id int PRIMARY KEY, v text);
+         INSERT INTO other SELECT g, 'o' || g FROM generate_series(1, 5) g;
+         CREATE TABLE shop.orders (id int PRIMARY KEY, v text);
+         INSERT INTO shop.orders SELECT g, 'x' || g FROM generate_series(1, 5) g;",
+        "public.items, public.other, shop.orders",
+    );
+    env.sql("GRANT USAGE ON SCHEMA shop TO pgcache; GRANT SELECT ON shop.orders TO pgcache;");
+    let rule = "[[tables]]\ntable = \"items\"\nkey = \"item:{id}\"\n\n\
+                [[tables]]\ntable = \"other\"\nkey = \"other:{id}\"\n\n\
+                [[tables]]\ntable = \"shop.orders\"\nkey = \"order:{id}\"\n";
+    let daemon = InProcess::start(env.config(rule));
+    let mut r = env.redis().await;
+    for table in ["public.items", "public.other", "shop.orders"] {
+        wait_backfill_done(&mut r, table, Duration::from_secs(60)).await;
+    }
+    let gone = |pattern: &'static str| {
+        let r = r.clone();
+        move || {
+            let mut r = r.clone();
+            async move { keys(&mut r, pattern).await.is_empty().then_some(()) }
+        }
+    };
+
+    env.sql("ALTER PUBLICATION pgcache DROP TABLE items");
+    eventually(Duration::from_secs(30), "items' keys gone", gone("item:*")).await;
+    env.sql(
+        "ALTER PUBLICATION pgcache SET TABLE other WHERE (id < 3), shop.orders, pgcache.events",
+    );
+    eventually(
+        Duration::from_secs(30),
+        "other's keys gone",
+        gone("other:*"),
+    )
+    .await;
+    env.sql("ALTER SCHEMA shop RENAME TO store");
+    eventually(
+        Duration::from_secs(30),
+        "orders' keys gone",
+        gone("order:*"),
+    )
+    .await;
+    settled(&env, &mut r).await;
+    let stopped = stopped_patterns(&mut r).await.unwrap_or_default();
+    for pattern in ["^item:", "^other:", "^order:"] {
+        assert!(stopped.contains(pattern), "{pattern} in {stopped:?}");
+    }
+    daemon.stop().await.unwrap();
+}
