@@ -314,8 +314,9 @@ CREATE EVENT TRIGGER pgcache_publication ON ddl_command_end
   EXECUTE FUNCTION pgcache.on_publication_or_schema();
 
 DROP EVENT TRIGGER IF EXISTS pgcache_drop;
+-- (DROP SCHEMA ... CASCADE and DROP OWNED drop tables too.)
 CREATE EVENT TRIGGER pgcache_drop ON sql_drop
-  WHEN TAG IN ('DROP TABLE') EXECUTE FUNCTION pgcache.on_drop();
+  WHEN TAG IN ('DROP TABLE', 'DROP SCHEMA', 'DROP OWNED') EXECUTE FUNCTION pgcache.on_drop();
 
 -- Watch the partitions that exist now.
 SELECT count(*) AS partitions_watched

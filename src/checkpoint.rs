@@ -32,6 +32,11 @@ pub const FIELD_STOPPED: &str = "stopped";
 /// long to be sent any more are deleted at start (`daemon::long_keys`).
 pub const FIELD_MAX_BULK_LEN: &str = "max_bulk_len";
 
+/// Prefix of the fields holding each table's OID when its values were last written
+/// (`oid:public.users`), so that a table dropped and created again, or swapped, while the
+/// daemon was stopped is noticed when it starts.
+pub const FIELD_OID_PREFIX: &str = "oid:";
+
 /// End of the last applied commit (or a later position with nothing to apply), as Postgres
 /// prints it.
 pub const FIELD_LSN: &str = "lsn";
@@ -144,6 +149,8 @@ pub struct CheckpointState {
     pub shapes: BTreeMap<String, String>,
     /// By qualified table name: the rule its keys were written under (JSON).
     pub rules: BTreeMap<String, String>,
+    /// By qualified table name: the table's OID when its values were written.
+    pub oids: BTreeMap<String, u32>,
     pub partial: Option<Partial>,
     /// Keys waiting to be read again, by key: what to read (see `apply::Repair`).
     pub repairs: BTreeMap<String, String>,
@@ -204,6 +211,9 @@ pub(crate) fn parse_state(
                     state.shapes.insert(table.to_string(), value);
                 } else if let Some(table) = other.strip_prefix(FIELD_RULE_PREFIX) {
                     state.rules.insert(table.to_string(), value);
+                } else if let Some(table) = other.strip_prefix(FIELD_OID_PREFIX) {
+                    let oid = value.parse().map_err(|_| corrupt())?;
+                    state.oids.insert(table.to_string(), oid);
                 } else if let Some(key) = other.strip_prefix(FIELD_REPAIR_PREFIX) {
                     state.repairs.insert(key.to_string(), value);
                 } else if let Some(table) = other.strip_prefix(FIELD_RECONCILE_PREFIX) {

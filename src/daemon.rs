@@ -557,8 +557,12 @@ async fn begin(
     state.notice_rule_changes(saved, true);
     // Every value is written anew: record the shapes they are written in.
     for rule in &config.tables {
+        let table = rule.qualified_name();
         if let Some(shape) = state.catalog_shape(rule).await? {
-            state.record_shape(&rule.qualified_name(), shape);
+            state.record_shape(&table, shape);
+        }
+        if let Some(oid) = state.relations.oid_of(&table) {
+            state.record_oid(&table, oid);
         }
     }
     Ok(())
@@ -821,6 +825,14 @@ impl Stream<'_> {
             let Some(now) = self.catalog_shape(rule).await? else {
                 continue;
             };
+            if let Some(oid) = self.relations.oid_of(&table) {
+                let swapped = saved.oids.get(&table).is_some_and(|&stored| stored != oid);
+                if swapped && !self.relations.is_stopped(&table) {
+                    info!(%table, "the table was dropped and created again (or swapped) while the daemon was stopped: deleting the keys of rows that are gone, and writing it again");
+                    self.rewrite_swapped(rule);
+                }
+                self.record_oid(&table, oid);
+            }
             if saved
                 .shapes
                 .get(&table)

@@ -111,6 +111,22 @@ pub async fn table_columns(
     Ok(Some((oid, columns)))
 }
 
+/// Whether the publication publishes inserts, updates, deletes and truncates (`None`: there
+/// is no such publication).
+pub async fn publication_publishes_all(
+    client: &Client,
+    publication: &str,
+) -> Result<Option<bool>, tokio_postgres::Error> {
+    Ok(client
+        .query_opt(
+            "SELECT pubinsert AND pubupdate AND pubdelete AND pubtruncate \
+             FROM pg_catalog.pg_publication WHERE pubname = $1",
+            &[&publication],
+        )
+        .await?
+        .map(|row| row.get(0)))
+}
+
 /// The table `schema.name` as the catalog has it now (`None`: no such table).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TableIdentity {

@@ -468,7 +468,9 @@ impl Batch {
         old: Option<&OldTuple>,
         new: &Tuple,
     ) -> Result<(), ChangeError> {
-        let key = row_key(table, new, "")?;
+        // A key column stored out of line and left unchanged is not in the new image; Postgres
+        // logs it in the old one (the replica identity) instead.
+        let key = row_key_or_old(table, new, old.map(OldTuple::tuple))?;
         // Only key columns are sure to be in the old image; a key change moves the row.
         let old_key = old
             .and_then(|old| row_key(table, old.tuple(), "").ok())
@@ -836,6 +838,35 @@ fn row_key(table: &TableState, tuple: &Tuple, hint: &'static str) -> Result<Stri
     let mut key = String::with_capacity(table.key_space.len() + 16);
     table.rule.key.render_into(&mut key, key_prefix, &values);
     Ok(key)
+}
+
+/// [`row_key`] of an update's new image, taking each key column the new image leaves out
+/// (unchanged and stored out of line) from the old image, when there is one.
+fn row_key_or_old(
+    table: &TableState,
+    new: &Tuple,
+    old: Option<&Tuple>,
+) -> Result<String, ChangeError> {
+    let unchanged_key = table
+        .key_positions
+        .iter()
+        .any(|&at| matches!(new.0.get(at), Some(TupleData::Unchanged)));
+    let Some(old) = old.filter(|_| unchanged_key) else {
+        return row_key(table, new, "");
+    };
+    let merged = Tuple(
+        new.0
+            .iter()
+            .enumerate()
+            .map(|(at, value)| match (value, old.0.get(at)) {
+                (TupleData::Unchanged, Some(old @ (TupleData::Text(_) | TupleData::Binary(_)))) => {
+                    old.clone()
+                }
+                _ => value.clone(),
+            })
+            .collect(),
+    );
+    row_key(table, &merged, "")
 }
 
 /// The key template's column values of `tuple`, as text (for reading the row again).

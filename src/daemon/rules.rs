@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use crate::checkpoint::{
-    CheckpointState, FIELD_BACKFILL_PREFIX, FIELD_REPAIR_PREFIX, FIELD_RULE_PREFIX,
-    FIELD_SHAPE_PREFIX,
+    CheckpointState, FIELD_BACKFILL_PREFIX, FIELD_OID_PREFIX, FIELD_REPAIR_PREFIX,
+    FIELD_RULE_PREFIX, FIELD_SHAPE_PREFIX,
 };
 use crate::config::TableRule;
 use crate::daemon::apply::{Op, Repair};
@@ -159,7 +159,12 @@ impl Stream<'_> {
             match change {
                 RuleChange::Removed => {
                     info!(%table, "table taken out of the config while the daemon was stopped: dropping the keys it wrote");
-                    for prefix in [FIELD_RULE_PREFIX, FIELD_SHAPE_PREFIX, FIELD_BACKFILL_PREFIX] {
+                    for prefix in [
+                        FIELD_RULE_PREFIX,
+                        FIELD_SHAPE_PREFIX,
+                        FIELD_BACKFILL_PREFIX,
+                        FIELD_OID_PREFIX,
+                    ] {
                         // An empty value removes the field.
                         self.batch
                             .push_field(format!("{prefix}{table}"), String::new());

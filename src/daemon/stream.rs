@@ -15,7 +15,8 @@ use tracing::{debug, error, info, warn};
 
 use super::{stopped, RunError, WalLayout};
 use crate::checkpoint::{
-    self, Partial, FIELD_BACKFILL_PREFIX, FIELD_HEARTBEAT_MS, FIELD_PARTIAL, FIELD_SHAPE_PREFIX,
+    self, Partial, FIELD_BACKFILL_PREFIX, FIELD_HEARTBEAT_MS, FIELD_OID_PREFIX, FIELD_PARTIAL,
+    FIELD_SHAPE_PREFIX,
 };
 use crate::clock::{now_ms, pg_now_micros};
 use crate::config::{Config, Mode, TableRule};
@@ -69,7 +70,7 @@ pub(super) struct Stream<'a> {
     redis: redis::aio::MultiplexedConnection,
     owner: Owner,
     pub(super) backfills: Backfills,
-    relations: RelationCache,
+    pub(super) relations: RelationCache,
     types: TypeResolver,
     pub(super) batch: Batch,
     /// Taken by the write in flight, given back when it lands.
@@ -252,6 +253,32 @@ impl<'a> Stream<'a> {
                 .push_field(format!("{FIELD_SHAPE_PREFIX}{table}"), shape.clone());
             self.shapes.insert(table.to_string(), shape);
         }
+    }
+
+    /// Another table has the rule's name now (dropped and created again, or swapped): the
+    /// keys of rows that are gone must go, and the rows there are written again (a mirror
+    /// table), or its keys are forgotten (refresh, invalidate). A fill that read the old
+    /// table must not land after.
+    pub(super) fn rewrite_swapped(&mut self, rule: &TableRule) {
+        let name = rule.qualified_name();
+        match rule.mode {
+            Mode::Mirror => {
+                self.batch
+                    .revoke_leases(rule.lease_patterns(&self.config.redis.key_prefix));
+                self.backfills.reconcile(&name, None);
+                self.backfills.schedule(&name, None);
+            }
+            Mode::Refresh | Mode::Invalidate => self
+                .batch
+                .drop_key_space(rule.key_space(&self.config.redis.key_prefix)),
+        }
+        self.drop_invalidation_keys(&name);
+    }
+
+    /// Records the OID the table's values are written from (see [`FIELD_OID_PREFIX`]).
+    pub(super) fn record_oid(&mut self, table: &str, oid: u32) {
+        self.batch
+            .push_field(format!("{FIELD_OID_PREFIX}{table}"), oid.to_string());
     }
 
     /// Deletes every key the table's invalidation rules name, and their leases.
@@ -636,6 +663,34 @@ impl<'a> Stream<'a> {
                 self.backfills.reconcile(&table, None);
             }
             Control::Check(table) => {
+                let publication = &self.config.postgres.publication;
+                if crate::sql::publication_publishes_all(self.types.client(), publication).await?
+                    != Some(true)
+                {
+                    // Deletes (or updates, inserts, truncates) no longer reach pgcache: no
+                    // table's keys can be kept current.
+                    let error = format!(
+                        "the publication {publication} no longer publishes inserts, updates, \
+                         deletes and truncates (or is gone): no table's keys can be kept current, \
+                         so they are dropped; ALTER PUBLICATION {publication} SET (publish = \
+                         'insert, update, delete, truncate') and restart"
+                    );
+                    let names: Vec<String> = self
+                        .config
+                        .tables
+                        .iter()
+                        .map(TableRule::qualified_name)
+                        .collect();
+                    for name in names {
+                        if self.relations.is_stopped(&name) {
+                            continue;
+                        }
+                        if let Some(key_space) = self.relations.stop_table(&name, &error) {
+                            self.stop_table_now(&name, &error, key_space);
+                        }
+                    }
+                    return Ok(());
+                }
                 let tables: Vec<String> = self
                     .config
                     .tables
@@ -723,18 +778,8 @@ impl<'a> Stream<'a> {
             Some(now) => {
                 info!(table = %name, "another table now has the name (dropped and created again, or swapped): deleting the keys of rows that are gone, and writing it again");
                 self.relations.know_oid(now.oid, name);
-                match rule.mode {
-                    Mode::Mirror => {
-                        self.batch
-                            .revoke_leases(rule.lease_patterns(&self.config.redis.key_prefix));
-                        self.backfills.reconcile(name, None);
-                        self.backfills.schedule(name, None);
-                    }
-                    Mode::Refresh | Mode::Invalidate => self
-                        .batch
-                        .drop_key_space(rule.key_space(&self.config.redis.key_prefix)),
-                }
-                self.drop_invalidation_keys(name);
+                self.record_oid(name, now.oid);
+                self.rewrite_swapped(&rule);
             }
         }
         Ok(())
@@ -872,7 +917,7 @@ impl<'a> Stream<'a> {
                 }
             }
             RelationState::Active(table) if recreated && !was_broken => {
-                self.on_recreated(&table);
+                self.on_recreated(&table, relation.id);
             }
             RelationState::Active(table) => self.on_active(&table, was_broken),
             RelationState::Ignored if before.is_none() => {
@@ -885,24 +930,15 @@ impl<'a> Stream<'a> {
 
     /// The table was dropped and created again (a reload, a swap): the keys of rows that
     /// are gone must go, and the rows there are written again.
-    fn on_recreated(&mut self, table: &TableState) {
+    fn on_recreated(&mut self, table: &TableState, oid: u32) {
         let name = table.rule.qualified_name();
         info!(table = %name, "the table was dropped and created again: deleting the keys of rows that are gone, and writing it again");
         // Stopped when it was found gone: it runs again.
         self.set_stopped(&name, false);
         self.backfills.restore_table(table.rule.clone());
-        match table.rule.mode {
-            Mode::Mirror => {
-                // A fill that read an old row before must not land after.
-                self.batch
-                    .revoke_leases(table.rule.lease_patterns(&self.config.redis.key_prefix));
-                self.backfills.reconcile(&name, None);
-                self.backfills.schedule(&name, None);
-            }
-            Mode::Refresh | Mode::Invalidate => self.batch.drop_key_space(table.key_space.clone()),
-        }
-        self.drop_invalidation_keys(&name);
+        self.rewrite_swapped(&table.rule);
         self.record_shape(&name, table.shape.clone());
+        self.record_oid(&name, oid);
     }
 
     fn on_active(&mut self, table: &TableState, was_broken: bool) {

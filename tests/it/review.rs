@@ -1383,3 +1383,153 @@ async fn review_publication_and_schema_changes_at_run_time_stop_the_table() {
     }
     daemon.stop().await.unwrap();
 }
+
+/// Review 5, B1: a cached table dropped by `DROP SCHEMA ... CASCADE`, its name then taken by
+/// an unpublished table: the drop is reported like a `DROP TABLE`, so its keys go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_a_schema_dropped_with_its_cached_table_leaves_no_keys() {
+    let env = Env::start(
+        "CREATE SCHEMA s;
+         CREATE TABLE s.items (id int PRIMARY KEY, v text);
+         INSERT INTO s.items SELECT g, 'old' || g FROM generate_series(1, 5) g;",
+        "s.items",
+    );
+    env.sql("GRANT USAGE ON SCHEMA s TO pgcache; GRANT SELECT ON s.items TO pgcache;");
+    let rule = "[[tables]]\ntable = \"s.items\"\nkey = \"item:{id}\"\n";
+    let daemon = InProcess::start(env.config(rule));
+    let mut r = env.redis().await;
+    wait_backfill_done(&mut r, "s.items", Duration::from_secs(60)).await;
+    env.sql(
+        "DROP SCHEMA s CASCADE;
+         CREATE SCHEMA s;
+         CREATE TABLE s.items (id int PRIMARY KEY, v text);
+         INSERT INTO s.items VALUES (1, 'NEW-1');",
+    );
+    eventually(
+        Duration::from_secs(30),
+        "the dropped table's keys gone",
+        || {
+            let mut r = r.clone();
+            async move { keys(&mut r, "item:*").await.is_empty().then_some(()) }
+        },
+    )
+    .await;
+    daemon.stop().await.unwrap();
+}
+
+/// Review 5, B4: the publication stops publishing deletes while the daemon runs. No table's
+/// keys can be kept current: every table stops, its keys dropped, rather than keeping keys
+/// of deleted rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_a_publication_that_stops_publishing_deletes_stops_the_tables() {
+    let env = Env::start(
+        "CREATE TABLE items (id int PRIMARY KEY, v text);
+         INSERT INTO items SELECT g, 'v' || g FROM generate_series(1, 5) g;",
+        "public.items",
+    );
+    let rule = "[[tables]]\ntable = \"items\"\nkey = \"item:{id}\"\n";
+    let daemon = InProcess::start(env.config(rule));
+    let mut r = env.redis().await;
+    wait_backfill_done(&mut r, "public.items", Duration::from_secs(60)).await;
+    env.sql(
+        "ALTER PUBLICATION pgcache SET (publish = 'insert, update');
+         DELETE FROM items WHERE id = 5;",
+    );
+    eventually(Duration::from_secs(30), "the keys gone", || {
+        let mut r = r.clone();
+        async move { keys(&mut r, "item:*").await.is_empty().then_some(()) }
+    })
+    .await;
+    settled(&env, &mut r).await;
+    assert!(stopped_patterns(&mut r)
+        .await
+        .is_some_and(|s| s.contains("^item:")));
+    daemon.stop().await.unwrap();
+}
+
+/// Review 5, B5: an update of another column of a row whose key column is stored out of line
+/// (TOAST) and unchanged: the new image leaves the key column out, and the key is taken from
+/// the old image (the replica identity), so the change is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_an_update_beside_a_toasted_key_column_is_applied() {
+    let env = Env::start(
+        "CREATE TABLE docs (k text PRIMARY KEY, v text);
+         ALTER TABLE docs ALTER COLUMN k SET STORAGE EXTERNAL;
+         INSERT INTO docs VALUES (repeat('k', 2500), 'old-1'), ('short', 'old-2');",
+        "public.docs",
+    );
+    let rule = "[[tables]]\ntable = \"docs\"\nkey = \"doc:{k}\"\n";
+    let daemon = InProcess::start(env.config(rule));
+    let mut r = env.redis().await;
+    wait_backfill_done(&mut r, "public.docs", Duration::from_secs(60)).await;
+    env.sql("UPDATE docs SET v = 'new-1' WHERE v = 'old-1'; UPDATE docs SET v = 'new-2' WHERE k = 'short';");
+    settled(&env, &mut r).await;
+    let long = format!("doc:{}", "k".repeat(2500));
+    let value: serde_json::Value =
+        serde_json::from_str(&get(&mut r, &long).await.expect("the long key")).unwrap();
+    assert_eq!(value["v"], "new-1");
+    env.assert_converged(rule).await;
+    daemon.stop().await.unwrap();
+}
+
+/// Review 5, B6: a table swapped (and one reloaded) while the daemon was stopped: the
+/// checkpoint records each table's OID, so the start notices another table under the name,
+/// deletes the keys of rows that are gone and writes the table again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_a_table_swapped_or_reloaded_while_stopped_leaves_no_old_keys() {
+    let env = Env::start(
+        "CREATE TABLE items (id int PRIMARY KEY, v text);
+         INSERT INTO items SELECT g, 'old' || g FROM generate_series(1, 5) g;",
+        "public.items",
+    );
+    let rule = "[[tables]]\ntable = \"items\"\nkey = \"item:{id}\"\n";
+    let daemon = InProcess::start(env.config(rule));
+    let mut r = env.redis().await;
+    wait_backfill_done(&mut r, "public.items", Duration::from_secs(60)).await;
+    settled(&env, &mut r).await;
+    daemon.stop().await.unwrap();
+    env.sql(
+        "BEGIN;
+         CREATE TABLE items_new (id int PRIMARY KEY, v text);
+         GRANT SELECT ON items_new TO pgcache;
+         INSERT INTO items_new SELECT g, 'new' || g FROM generate_series(1, 3) g;
+         ALTER PUBLICATION pgcache ADD TABLE items_new;
+         ALTER TABLE items RENAME TO items_old;
+         ALTER TABLE items_new RENAME TO items;
+         DROP TABLE items_old;
+         COMMIT;",
+    );
+    let daemon = InProcess::start(env.config(rule));
+    eventually(Duration::from_secs(30), "only the new rows' keys", || {
+        let mut r = r.clone();
+        async move { (keys(&mut r, "item:*").await.len() == 3).then_some(()) }
+    })
+    .await;
+    wait_backfill_done(&mut r, "public.items", Duration::from_secs(60)).await;
+    settled(&env, &mut r).await;
+    env.assert_converged(rule).await;
+    daemon.stop().await.unwrap();
+
+    // A reload: dropped and created again, published, with fewer rows.
+    env.sql(
+        "DROP TABLE items;
+         CREATE TABLE items (id int PRIMARY KEY, v text);
+         GRANT SELECT ON items TO pgcache;
+         INSERT INTO items VALUES (1, 'again');
+         ALTER PUBLICATION pgcache ADD TABLE items;",
+    );
+    let daemon = InProcess::start(env.config(rule));
+    eventually(
+        Duration::from_secs(30),
+        "only the reloaded row's key",
+        || {
+            let mut r = r.clone();
+            async move { (keys(&mut r, "item:*").await.len() == 1).then_some(()) }
+        },
+    )
+    .await;
+    wait_backfill_done(&mut r, "public.items", Duration::from_secs(60)).await;
+    settled(&env, &mut r).await;
+    env.assert_converged(rule).await;
+    daemon.stop().await.unwrap();
+}
