@@ -5,6 +5,15 @@
 //! next batch is decoded. When the batch is full (by changes or bytes) and a write is still
 //! in flight, the loop stops reading the stream until it lands: Redis's pace slows the
 //! replication read instead of filling memory (G8).
+//!
+//! Streamed transactions (protocol version 2): the blocks between Stream Start and Stop go
+//! to the spool unread, Relation messages included (they describe the schema as of that
+//! transaction, which a transaction committing before it must not see). At Stream Commit
+//! the spool is read back a message at a time through the same handlers as a transaction
+//! sent whole, as `Begin(xid) ... Commit`, so the checkpoint, visibility, backfill, muting
+//! and split rules apply to it unchanged; while it is read back, the stream is not. Stream
+//! Abort deletes the file, or marks a subtransaction whose changes are skipped. Nothing
+//! about an open streamed transaction moves the checkpoint or the confirmed position.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
@@ -23,10 +32,11 @@ use crate::daemon::apply::script::{self, Owner};
 use crate::daemon::apply::{Batch, ChangeError, Prepared, Repair};
 use crate::daemon::backfill::{self, Backfills, Control};
 use crate::daemon::pgoutput::{
-    self, Begin, Commit, Delete, Insert, Message, Relation, Truncate, Update,
+    self, Begin, Commit, Delete, Insert, Message, Relation, StreamCommit, Truncate, Update,
 };
 use crate::daemon::relations::{self, RelationCache, RelationState, TableState, TypeResolver};
 use crate::daemon::replication::{ReplicationEvent, ReplicationStream};
+use crate::daemon::spool::{Replay, Spool, SpoolError};
 use crate::daemon::visibility::Visibility;
 use crate::metrics as m;
 use crate::ops::health::Health;
@@ -63,6 +73,20 @@ struct Tx {
     highs: Vec<String>,
 }
 
+/// A committed streamed transaction being read back from the spool.
+struct Replaying {
+    replay: Replay,
+    /// The Commit that closes it once the spool is read.
+    commit: Commit,
+    /// Small enough (`apply.max_spool_bytes`) to be applied in one EXEC, whatever the
+    /// transaction limits say.
+    atomic: bool,
+}
+
+/// Messages read back from the spool per turn of the loop, so ticks (status updates to
+/// Postgres) and finished writes are not starved by a long replay.
+const REPLAY_STEP: usize = 4096;
+
 pub(super) struct Stream<'a> {
     pub(super) config: &'a Config,
     redis: redis::aio::MultiplexedConnection,
@@ -91,6 +115,9 @@ pub(super) struct Stream<'a> {
     /// fill while they are (the checkpoint's `stopped` field).
     stopped: BTreeMap<String, Vec<String>>,
     tx: Option<Tx>,
+    /// Where streamed transactions wait for their end (`None`: streaming is off).
+    spool: Option<Spool>,
+    replaying: Option<Replaying>,
     /// Highest position Postgres may forget, and positions waiting out `confirm_delay`.
     confirmed: Lsn,
     confirm_queue: VecDeque<(Instant, Lsn)>,
@@ -136,6 +163,8 @@ impl<'a> Stream<'a> {
             shapes: HashMap::new(),
             stopped: BTreeMap::new(),
             tx: None,
+            spool: None,
+            replaying: None,
             confirmed: start,
             confirm_queue: VecDeque::new(),
             sent: start,
@@ -144,6 +173,11 @@ impl<'a> Stream<'a> {
             wal_end: start,
             layout,
         }
+    }
+
+    /// Streams large transactions through `spool` (the server was asked to stream them).
+    pub(super) fn set_spool(&mut self, spool: Spool) {
+        self.spool = Some(spool);
     }
 
     /// The position Redis acknowledged last.
@@ -325,10 +359,13 @@ impl<'a> Stream<'a> {
                         self.send_status(stream).await?;
                     }
                 }
-                event = stream.next(), if readable => {
+                () = std::future::ready(()), if readable && self.replaying.is_some() => {
+                    self.replay_step().await?;
+                }
+                event = stream.next(), if readable && self.replaying.is_none() => {
                     self.handle(event?, stream).await?;
                     // Natural batching: take whatever else has already arrived, then write.
-                    while self.can_take_more() {
+                    while self.can_take_more() && self.replaying.is_none() {
                         match stream.next_ready()? {
                             Some(event) => self.handle(event, stream).await?,
                             None => break,
@@ -348,7 +385,10 @@ impl<'a> Stream<'a> {
 
     fn can_take_more(&self) -> bool {
         let apply = &self.config.apply;
-        if self.tx.is_some() {
+        if self.replaying_atomic() {
+            // Bounded by apply.max_spool_bytes instead.
+            true
+        } else if self.tx.is_some() {
             self.batch.open_len() < apply.max_transaction_changes
                 && self.batch.open_bytes() < apply.max_transaction_bytes
         } else {
@@ -364,6 +404,7 @@ impl<'a> Stream<'a> {
         }
         let apply = &self.config.apply;
         let too_large = self.tx.is_some()
+            && !self.replaying_atomic()
             && (self.batch.open_len() >= apply.max_transaction_changes
                 || self.batch.open_bytes() >= apply.max_transaction_bytes);
         let committed_ops = self.batch.len() > self.batch.open_len();
@@ -388,6 +429,10 @@ impl<'a> Stream<'a> {
         Ok(())
     }
 
+    fn replaying_atomic(&self) -> bool {
+        self.replaying.as_ref().is_some_and(|r| r.atomic)
+    }
+
     async fn handle(
         &mut self,
         event: ReplicationEvent,
@@ -396,12 +441,16 @@ impl<'a> Stream<'a> {
         match event {
             ReplicationEvent::XLogData { wal_end, data, .. } => {
                 self.wal_end = self.wal_end.max(wal_end);
-                let message = pgoutput::decode(data).map_err(|e| {
-                    RunError::fatal(
-                        "postgres",
-                        format!("pgoutput: cannot decode a message: {e}"),
-                    )
-                })?;
+                if let Some(spool) = self.spool.as_mut().filter(|s| s.in_block()) {
+                    // Decoded only to check it and to see the block's end: it is applied
+                    // when (and if) its transaction commits.
+                    let streamed = pgoutput::decode_streamed(data.clone()).map_err(decode_error)?;
+                    return match streamed.message {
+                        Message::StreamStop => spool.stop().map_err(spool_error),
+                        _ => spool.append(&data).map_err(spool_error),
+                    };
+                }
+                let message = pgoutput::decode(data).map_err(decode_error)?;
                 self.on_message(message).await
             }
             ReplicationEvent::Keepalive {
@@ -436,6 +485,9 @@ impl<'a> Stream<'a> {
 
     async fn on_message(&mut self, message: Message) -> Result<(), RunError> {
         let before = self.batch.len();
+        if let Some(outcome) = self.on_stream_message(&message) {
+            return outcome;
+        }
         match message {
             Message::Begin(begin) => self.on_begin(&begin),
             Message::Commit(commit) => self.on_commit(&commit).await?,
@@ -446,6 +498,10 @@ impl<'a> Stream<'a> {
             Message::Truncate(truncate) => self.on_truncate(&truncate),
             // Messages are not asked for (`messages 'false'`); types come with Relation.
             Message::Type(_) | Message::Origin(_) | Message::Message(_) => {}
+            Message::StreamStart(_)
+            | Message::StreamStop
+            | Message::StreamCommit(_)
+            | Message::StreamAbort(_) => {}
         }
         let (keys, dropped) = (
             self.batch.keys_since(before),
@@ -453,6 +509,116 @@ impl<'a> Stream<'a> {
         );
         self.backfills.touched(keys, dropped);
         self.take_backfill_fields();
+        Ok(())
+    }
+
+    /// Stream Start, Stop, Abort and Commit: `None` for any other message. Commit opens the
+    /// transaction (`Begin`) and leaves the rest to [`replay_step`](Self::replay_step).
+    fn on_stream_message(&mut self, message: &Message) -> Option<Result<(), RunError>> {
+        if !matches!(
+            message,
+            Message::StreamStart(_)
+                | Message::StreamStop
+                | Message::StreamCommit(_)
+                | Message::StreamAbort(_)
+        ) {
+            return None;
+        }
+        let Some(spool) = &mut self.spool else {
+            return Some(Err(RunError::fatal(
+                "postgres",
+                format!(
+                    "pgoutput sent a {} message, but streaming was not asked for",
+                    message.kind()
+                ),
+            )));
+        };
+        let outcome = match message {
+            Message::StreamStart(start) => spool.start(start.xid, start.first_segment),
+            Message::StreamStop => spool.stop(),
+            Message::StreamAbort(abort) => {
+                if abort.is_top_level() {
+                    debug!(xid = abort.xid, "streamed transaction rolled back");
+                }
+                spool.abort(abort.xid, abort.subxid)
+            }
+            Message::StreamCommit(commit) => match spool.commit(commit.xid) {
+                Ok(replay) => {
+                    self.start_replay(commit, replay);
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            },
+            _ => Ok(()),
+        };
+        Some(outcome.map_err(spool_error))
+    }
+
+    /// A streamed transaction committed: it opens like one sent whole, and its spooled
+    /// messages follow.
+    fn start_replay(&mut self, commit: &StreamCommit, replay: Replay) {
+        let atomic = replay.bytes() <= self.config.apply.max_spool_bytes as u64;
+        debug!(xid = commit.xid, commit = %commit.commit_lsn, bytes = replay.bytes(), atomic, "applying a streamed transaction");
+        if !atomic {
+            info!(xid = commit.xid, commit = %commit.commit_lsn, bytes = replay.bytes(), max_spool_bytes = self.config.apply.max_spool_bytes, "a streamed transaction is larger than apply.max_spool_bytes: it is applied in parts");
+        }
+        self.on_begin(&Begin {
+            final_lsn: commit.commit_lsn,
+            commit_time: commit.commit_time,
+            xid: commit.xid,
+        });
+        self.replaying = Some(Replaying {
+            replay,
+            commit: Commit {
+                flags: commit.flags,
+                commit_lsn: commit.commit_lsn,
+                end_lsn: commit.end_lsn,
+                commit_time: commit.commit_time,
+            },
+            atomic,
+        });
+        metrics::counter!(m::STREAMED_TRANSACTIONS).increment(1);
+    }
+
+    /// Applies the next spooled messages of the committed streamed transaction, as many as
+    /// the batch takes (up to [`REPLAY_STEP`]); at the end of the spool, its Commit.
+    async fn replay_step(&mut self) -> Result<(), RunError> {
+        for _ in 0..REPLAY_STEP {
+            let Some(replaying) = &mut self.replaying else {
+                return Ok(());
+            };
+            // One the checkpoint covers needs no reading: only its Commit matters.
+            let skipping = self.tx.as_ref().is_some_and(|tx| tx.skipping);
+            let next = if skipping {
+                None
+            } else {
+                replaying.replay.next_payload().map_err(spool_error)?
+            };
+            let Some(payload) = next else {
+                let Some(replaying) = self.replaying.take() else {
+                    return Ok(());
+                };
+                return self.on_message(Message::Commit(replaying.commit)).await;
+            };
+            let streamed = pgoutput::decode_streamed(payload).map_err(decode_error)?;
+            let rolled_back = streamed
+                .xid
+                .is_some_and(|xid| replaying.replay.is_aborted(xid))
+                && matches!(
+                    streamed.message,
+                    Message::Insert(_)
+                        | Message::Update(_)
+                        | Message::Delete(_)
+                        | Message::Truncate(_)
+                        | Message::Message(_)
+                );
+            if !rolled_back {
+                self.on_message(streamed.message).await?;
+            }
+            if !self.can_take_more() {
+                break;
+            }
+        }
         Ok(())
     }
 
@@ -888,6 +1054,19 @@ impl<'a> Stream<'a> {
         metrics::gauge!(m::CONFIRMED_LSN).set(lsn.0 as f64);
         Ok(())
     }
+}
+
+fn decode_error(e: pgoutput::DecodeError) -> RunError {
+    RunError::fatal(
+        "postgres",
+        format!("pgoutput: cannot decode a message: {e}"),
+    )
+}
+
+/// A spool that cannot be written ends the session: the next one empties it and Postgres
+/// sends the open transactions again.
+fn spool_error(e: SpoolError) -> RunError {
+    RunError::transient("spool", format!("streamed transactions: {e}"))
 }
 
 /// Resolves with the write in flight's result; never, when none is in flight.

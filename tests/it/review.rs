@@ -1033,8 +1033,16 @@ async fn review_a_stopped_table_takes_no_fills() {
     let found = items.lookup::<serde_json::Value>(15).await.unwrap();
     assert_eq!(found.value, Some(serde_json::json!({"id": 15, "v": "v15"})));
     assert_eq!(found.served, Served::Uncached);
-    assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
-    assert_eq!(get(&mut r, "item:15").await, None, "a fill of a stopped table");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        get(&mut r, "item:15").await,
+        None,
+        "a fill of a stopped table"
+    );
     assert_eq!(get(&mut r, "{item:15}:pgcache-lease").await, None);
     // A running table whose keys look alike is filled.
     let user = users.lookup::<serde_json::Value>(1).await.unwrap();
@@ -1043,7 +1051,10 @@ async fn review_a_stopped_table_takes_no_fills() {
 
     env.sql("UPDATE items SET v = 'changed' WHERE id = 15");
     let found = items.lookup::<serde_json::Value>(15).await.unwrap();
-    assert_eq!(found.value, Some(serde_json::json!({"id": 15, "v": "changed"})));
+    assert_eq!(
+        found.value,
+        Some(serde_json::json!({"id": 15, "v": "changed"}))
+    );
 
     // Stopped at run time: the field names it in the write that drops its keys.
     env.sql(
