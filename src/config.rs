@@ -210,10 +210,12 @@ pub struct ApplyConfig {
     /// A streamed transaction whose spooled changes (pgoutput bytes) are at most this large
     /// is applied in one EXEC, whatever `max_transaction_changes` and
     /// `max_transaction_bytes` say: atomic, at the cost of holding its Redis commands in
-    /// memory. A larger one is applied in parts like any other large transaction.
+    /// memory (a few times this size at peak: G8 is bounded by this setting for such a
+    /// transaction). A larger one is applied in parts like any other large transaction.
     pub max_spool_bytes: usize,
     /// Where streamed transactions are spooled until they commit or abort (one file each);
-    /// `None`: `pgcache-spool-<slot>` in the system's temporary directory; a relative path
+    /// `None`: `pgcache-spool-<slot>-<hash of the server>` in the system's temporary
+    /// directory (see [`ApplyConfig::spool_dir_for`]); a relative path
     /// is taken from the config file's directory. Emptied when a session starts: Postgres sends again, in full, every transaction not confirmed.
     pub spool_dir: Option<PathBuf>,
 }
@@ -234,7 +236,7 @@ pub struct BackfillConfig {
 pub const DEFAULT_BACKFILL_CHUNK_ROWS: usize = 5_000;
 pub const DEFAULT_MAX_BATCH_BYTES: usize = 8 << 20;
 pub const DEFAULT_MAX_TRANSACTION_BYTES: usize = 8 << 20;
-pub const DEFAULT_MAX_SPOOL_BYTES: usize = 256 << 20;
+pub const DEFAULT_MAX_SPOOL_BYTES: usize = 32 << 20;
 pub const DEFAULT_MAX_CHUNK_BYTES: usize = 16 << 20;
 
 impl Default for BackfillConfig {
@@ -248,11 +250,18 @@ impl Default for BackfillConfig {
 }
 
 impl ApplyConfig {
-    /// The spool directory for `slot`: `spool_dir`, or its default.
-    pub fn spool_dir_for(&self, slot: &str) -> PathBuf {
-        self.spool_dir
-            .clone()
-            .unwrap_or_else(|| std::env::temp_dir().join(format!("pgcache-spool-{slot}")))
+    /// The spool directory for `slot` on the server `source` (a URL without its password):
+    /// `spool_dir`, or `pgcache-spool-<slot>-<hash of source>` in the system's temporary
+    /// directory, so daemons of different servers on one host never share one (a session
+    /// empties its directory when it starts).
+    pub fn spool_dir_for(&self, slot: &str, source: &str) -> PathBuf {
+        self.spool_dir.clone().unwrap_or_else(|| {
+            // FNV-1a: stable across builds, so a new binary still finds the old files.
+            let hash = source.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+            });
+            std::env::temp_dir().join(format!("pgcache-spool-{slot}-{hash:016x}"))
+        })
     }
 }
 

@@ -409,7 +409,9 @@ async fn session(
     );
     if streaming {
         // Only now: this session owns the slot, so no other daemon is using the directory.
-        let dir = config.apply.spool_dir_for(&config.postgres.slot);
+        let dir = config
+            .apply
+            .spool_dir_for(&config.postgres.slot, &target.redacted());
         let spool = Spool::open(&dir).map_err(|e| {
             RunError::fatal(
                 "config",

@@ -49,11 +49,13 @@ fn minimal_config_gets_defaults() {
     assert_eq!(c.apply.max_batch_changes, 10_000);
     assert_eq!(c.apply.max_transaction_changes, 20_000);
     assert_eq!(c.apply.confirm_delay, Duration::ZERO);
-    assert_eq!(c.apply.max_spool_bytes, 256 << 20);
-    assert_eq!(
-        c.apply.spool_dir_for("s1"),
-        std::env::temp_dir().join("pgcache-spool-s1")
-    );
+    assert_eq!(c.apply.max_spool_bytes, 32 << 20);
+    let dir = c.apply.spool_dir_for("s1", "postgres://db:5432/app");
+    assert_eq!(dir.parent(), Some(std::env::temp_dir().as_path()));
+    let name = dir.file_name().unwrap().to_str().unwrap();
+    assert!(name.starts_with("pgcache-spool-s1-"), "{name}");
+    assert_ne!(dir, c.apply.spool_dir_for("s1", "postgres://db:5433/app"));
+    assert_eq!(dir, c.apply.spool_dir_for("s1", "postgres://db:5432/app"));
     assert_eq!(c.metrics.listen, Some("127.0.0.1:9187".parse().unwrap()));
     assert_eq!(c.log.format, LogFormat::Human);
     assert_eq!(c.log.level, "info");
