@@ -27,5 +27,6 @@ mod security;
 mod slots;
 mod soak;
 mod stream;
+mod streaming;
 mod testkit;
 mod versions;
