@@ -285,7 +285,7 @@ async fn truncate_and_schema_changes_inside_a_streamed_transaction() {
     wait_for_json(
         &mut r,
         "item:17000",
-        Some(json!({"id": 17000, "v": 9, "note": "k17000"})),
+        Some(json!({"id": 17000, "v": 9, "note": "k"})),
     )
     .await;
     daemon.stop().await.unwrap();
