@@ -321,9 +321,10 @@ async fn a_streamed_transaction_during_a_backfill_converges() {
     env.assert_converged(&rules).await;
 }
 
-/// The daemon killed (SIGKILL) while a streamed transaction's blocks arrive, and again
-/// while its commit is applied in parts (over `max_spool_bytes`): after each restart Redis
-/// converges, and the counter the transaction moves never goes back (G1, G3).
+/// The daemon killed (SIGKILL) while a streamed transaction's blocks arrive, again while
+/// its commit is applied in parts (over `max_spool_bytes`), and once more as soon as a
+/// streamed transaction under `max_spool_bytes` commits: after each restart Redis
+/// converges, and the counter the transactions move never goes back (G1, G3).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kills_mid_stream_and_mid_apply_lose_nothing_and_go_back_nowhere() {
     let env = start(
@@ -401,18 +402,37 @@ async fn kills_mid_stream_and_mid_apply_lose_nothing_and_go_back_nowhere() {
     let mut daemon = Daemon::spawn_logging(&config_path, &log, "pgcache=info");
     wait_for_json(&mut r, "item:1", Some(json!({"id": 1, "v": 20000}))).await;
     settled(&env, &mut r).await;
-    watching.store(false, Ordering::Relaxed);
-    let (highest, went_back) = watcher.await.unwrap();
-    assert_eq!(highest, 20000);
-    assert!(
-        went_back.is_empty(),
-        "item:1 went back: {:?}",
-        &went_back[..went_back.len().min(5)]
-    );
     assert!(
         daemon.log().contains("resuming a large transaction"),
         "{}",
         daemon.log()
+    );
+    assert!(daemon.terminate().success());
+
+    // Under max_spool_bytes (applied in one EXEC): killed as soon as it commits, before
+    // or while its write lands.
+    std::fs::write(&config_path, env.config_toml(ITEMS)).unwrap();
+    let mut daemon = Daemon::spawn_logging(&config_path, &log, "pgcache=info");
+    let before = streamed(&env);
+    client
+        .batch_execute(
+            "BEGIN; DO $$ BEGIN FOR i IN 1..10000 LOOP UPDATE items SET v = v + 1 WHERE id = 1; END LOOP; END $$;
+             UPDATE items SET v = 2 WHERE id > 1; COMMIT;",
+        )
+        .await
+        .unwrap();
+    daemon.kill9();
+    assert!(streamed(&env) > before, "the last transaction was not streamed");
+    let mut daemon = Daemon::spawn_logging(&config_path, &log, "pgcache=info");
+    wait_for_json(&mut r, "item:1", Some(json!({"id": 1, "v": 30000}))).await;
+    settled(&env, &mut r).await;
+    watching.store(false, Ordering::Relaxed);
+    let (highest, went_back) = watcher.await.unwrap();
+    assert_eq!(highest, 30000);
+    assert!(
+        went_back.is_empty(),
+        "item:1 went back: {:?}",
+        &went_back[..went_back.len().min(5)]
     );
     assert!(daemon.terminate().success());
     env.assert_converged(ITEMS).await;
