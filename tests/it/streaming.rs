@@ -292,6 +292,52 @@ async fn truncate_and_schema_changes_inside_a_streamed_transaction() {
     env.assert_converged(&rules).await;
 }
 
+/// Relation messages inside a stream block describe the schema as of that transaction: a
+/// streamed transaction that renames the key column (which breaks the table's rule) and
+/// then rolls back must leave the table running and its keys in place, and a transaction
+/// committing meanwhile on it is read with the schema it was sent with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schema_change_in_a_rolled_back_streamed_transaction_changes_nothing() {
+    let env = start(
+        "CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL);
+         INSERT INTO items SELECT g, 0 FROM generate_series(1, 100) g;
+         CREATE TABLE other (id int PRIMARY KEY, v int NOT NULL);",
+        "public.items,public.other",
+    );
+    let rules = format!("{ITEMS}\n[[tables]]\ntable = \"other\"\nkey = \"other:{{id}}\"\n");
+    let daemon = InProcess::start(env.config(&rules));
+    let mut r = env.redis().await;
+    wait_backfill_done(&mut r, "public.items", Duration::from_secs(60)).await;
+    let a = env.pg_client().await;
+    a.batch_execute(
+        "BEGIN; INSERT INTO other SELECT g, 1 FROM generate_series(1, 3000) g;
+         SAVEPOINT s; ALTER TABLE items RENAME COLUMN id TO id2;
+         UPDATE items SET v = 5 WHERE id2 <= 50;
+         INSERT INTO other SELECT g, 1 FROM generate_series(3001, 6000) g;",
+    )
+    .await
+    .unwrap();
+    wait_streamed(&env, 1).await;
+    // Give a daemon that read the renamed schema early the time to act on it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(keys(&mut r, "item:*").await.len(), 100, "keys were dropped");
+    a.batch_execute("ROLLBACK TO SAVEPOINT s; UPDATE items SET v = 6 WHERE id = 1;")
+        .await
+        .unwrap();
+    env.sql("UPDATE items SET v = 7 WHERE id = 2");
+    wait_for_json(&mut r, "item:2", Some(json!({"id": 2, "v": 7}))).await;
+    assert_eq!(keys(&mut r, "item:*").await.len(), 100, "keys were dropped");
+    a.batch_execute("ROLLBACK").await.unwrap();
+    env.sql("UPDATE items SET v = 8 WHERE id = 3");
+    wait_for_json(&mut r, "item:3", Some(json!({"id": 3, "v": 8}))).await;
+    settled(&env, &mut r).await;
+    assert_eq!(keys(&mut r, "item:*").await.len(), 100);
+    assert_eq!(keys(&mut r, "other:*").await.len(), 0);
+    wait_for_json(&mut r, "item:1", Some(json!({"id": 1, "v": 0}))).await;
+    daemon.stop().await.unwrap();
+    env.assert_converged(&rules).await;
+}
+
 /// A streamed transaction over a table being backfilled: the chunks and the transaction
 /// meet in stream order (the watermarks), and Redis ends equal to Postgres.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
