@@ -37,9 +37,11 @@ fn streamed(env: &Env) -> i64 {
 }
 
 async fn wait_streamed(env: &Env, at_least: i64) {
-    eventually(Duration::from_secs(60), "a transaction streamed", || async {
-        (streamed(env) >= at_least).then_some(())
-    })
+    eventually(
+        Duration::from_secs(60),
+        "a transaction streamed",
+        || async { (streamed(env) >= at_least).then_some(()) },
+    )
     .await;
 }
 
@@ -52,7 +54,13 @@ async fn values(r: &mut redis::aio::MultiplexedConnection, n: i32) -> Vec<Option
         .await
         .expect("MGET");
     got.into_iter()
-        .map(|v| v.map(|v| serde_json::from_str::<Value>(&v).unwrap()["v"].as_i64().unwrap()))
+        .map(|v| {
+            v.map(|v| {
+                serde_json::from_str::<Value>(&v).unwrap()["v"]
+                    .as_i64()
+                    .unwrap()
+            })
+        })
         .collect()
 }
 
@@ -193,7 +201,12 @@ async fn rolled_back_streamed_transactions_and_savepoints_leave_nothing() {
     settled(&env, &mut r).await;
 
     assert_eq!(keys(&mut r, "item:*").await.len(), 3500 + 3000 + 2);
-    for (id, v) in [(1, Some(2)), (1000, Some(2)), (1001, Some(1)), (3500, Some(4))] {
+    for (id, v) in [
+        (1, Some(2)),
+        (1000, Some(2)),
+        (1001, Some(1)),
+        (3500, Some(4)),
+    ] {
         let got = get(&mut r, &format!("item:{id}")).await;
         assert_eq!(
             got.map(|g| serde_json::from_str::<Value>(&g).unwrap()["v"].as_i64()),
@@ -238,7 +251,10 @@ async fn truncate_and_schema_changes_inside_a_streamed_transaction() {
     wait_streamed(&env, 1).await;
     env.sql("UPDATE other SET v = 1 WHERE id = 1");
     wait_for_json(&mut r, "other:1", Some(json!({"id": 1, "v": 1}))).await;
-    assert!(get(&mut r, "item:1").await.is_some(), "the TRUNCATE is not committed");
+    assert!(
+        get(&mut r, "item:1").await.is_some(),
+        "the TRUNCATE is not committed"
+    );
     a.batch_execute("COMMIT").await.unwrap();
     env.sql("INSERT INTO items VALUES (1, 1, 'after')");
     wait_for_json(
@@ -279,7 +295,12 @@ async fn truncate_and_schema_changes_inside_a_streamed_transaction() {
     .await;
     a.batch_execute("COMMIT").await.unwrap();
     env.sql("INSERT INTO items VALUES (3, 3, 'last')");
-    wait_for_json(&mut r, "item:3", Some(json!({"id": 3, "v": 3, "note": "last"}))).await;
+    wait_for_json(
+        &mut r,
+        "item:3",
+        Some(json!({"id": 3, "v": 3, "note": "last"})),
+    )
+    .await;
     settled(&env, &mut r).await;
     assert_eq!(get(&mut r, "item:10001").await, None);
     wait_for_json(
@@ -468,7 +489,10 @@ async fn kills_mid_stream_and_mid_apply_lose_nothing_and_go_back_nowhere() {
         .await
         .unwrap();
     daemon.kill9();
-    assert!(streamed(&env) > before, "the last transaction was not streamed");
+    assert!(
+        streamed(&env) > before,
+        "the last transaction was not streamed"
+    );
     let mut daemon = Daemon::spawn_logging(&config_path, &log, "pgcache=info");
     wait_for_json(&mut r, "item:1", Some(json!({"id": 1, "v": 30000}))).await;
     settled(&env, &mut r).await;
