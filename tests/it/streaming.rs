@@ -11,7 +11,8 @@ use pgcache::testkit::{PgOptions, RedisOptions};
 use serde_json::{json, Value};
 
 use crate::common::{
-    eventually, get, keys, settled, wait_backfill_done, wait_for_json, Daemon, Env, InProcess,
+    count_keys, eventually, get, keys, memory_kb, settled, wait_backfill_done, wait_for_json,
+    Daemon, Env, InProcess,
 };
 
 const CHECKPOINT: &str = "pgcache:{pgcache}:checkpoint";
@@ -534,4 +535,53 @@ async fn streaming_off_asks_for_whole_transactions() {
         .unwrap();
     assert!(spilled >= 1, "the server did not spill the transaction");
     daemon.stop().await.unwrap();
+}
+
+/// G8 with streaming: a million-row transaction streamed to the spool (far above the
+/// default `max_spool_bytes`, so applied in parts) leaves the daemon's peak resident memory
+/// as bounded as one sent whole (`stream::memory`), and every row arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_million_row_streamed_transaction_in_bounded_memory() {
+    const ROWS: usize = 1_000_000;
+    const LIMIT_KB: u64 = 100 * 1024;
+    let env = start(
+        "CREATE TABLE big (id int PRIMARY KEY, v text);",
+        "public.big",
+    );
+    let rules = "[[tables]]\ntable = \"big\"\nkey = \"big:{id}\"\n";
+    let config = env.write_config(rules);
+    let mut daemon = Daemon::spawn(&config, &env.dir.path().join("daemon.log"));
+    let mut r = env.redis().await;
+    wait_backfill_done(&mut r, "public.big", Duration::from_secs(60)).await;
+    env.sql("INSERT INTO big SELECT g, md5(g::text) FROM generate_series(1, 1000000) g");
+    let mut peak_rss = 0;
+    let limit = Duration::from_secs(300);
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let (_, rss) = memory_kb(daemon.pid()).expect("the daemon exited");
+        peak_rss = peak_rss.max(rss);
+        let dbsize: usize = redis::cmd("DBSIZE").query_async(&mut r).await.unwrap();
+        if dbsize > ROWS && get(&mut r, "big:1000000").await.is_some() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not applied after {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    settled(&env, &mut r).await;
+    let (hwm, _) = memory_kb(daemon.pid()).expect("daemon memory");
+    eprintln!("streamed million-row transaction: daemon VmHWM {hwm} kB, highest VmRSS sampled {peak_rss} kB");
+    assert!(streamed(&env) >= 1, "the transaction was not streamed");
+    assert!(
+        hwm < LIMIT_KB,
+        "the daemon's peak resident memory was {hwm} kB (limit {LIMIT_KB} kB)"
+    );
+    assert_eq!(count_keys(&mut r, "big:*").await, ROWS as u64);
+    assert_eq!(
+        get(&mut r, "big:77").await.as_deref(),
+        Some(r#"{"id":77,"v":"28dd2c7955ce926456240b2ff0100bde"}"#)
+    );
+    assert!(daemon.terminate().success());
 }
