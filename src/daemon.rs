@@ -48,7 +48,7 @@ pub mod replication;
 mod rules;
 pub(crate) mod slot;
 pub mod slot_router;
-mod spool;
+pub(crate) mod spool;
 mod stream;
 pub mod visibility;
 

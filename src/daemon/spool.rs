@@ -22,7 +22,7 @@ use bytes::Bytes;
 
 /// The open streamed transactions of one session, and the block being received.
 #[derive(Debug)]
-pub(super) struct Spool {
+pub(crate) struct Spool {
     dir: PathBuf,
     pending: HashMap<u32, Pending>,
     /// The transaction whose block is being received (between Stream Start and Stop), and
@@ -44,7 +44,7 @@ struct Pending {
 
 /// Why a streamed transaction cannot be spooled or read back.
 #[derive(Debug, thiserror::Error)]
-pub(super) enum SpoolError {
+pub(crate) enum SpoolError {
     #[error("spool directory {dir}: {source}")]
     Io {
         dir: PathBuf,
@@ -83,6 +83,22 @@ impl Spool {
             pending: HashMap::new(),
             block: None,
         })
+    }
+
+    /// Checks that `dir` can hold spool files, leaving what is there alone (for `pgcache
+    /// check`, which may run beside a daemon using it).
+    ///
+    /// # Errors
+    /// The directory cannot be created or written (the error names it).
+    pub(crate) fn check_writable(dir: &Path) -> Result<(), SpoolError> {
+        let io = |source| SpoolError::Io {
+            dir: dir.to_path_buf(),
+            source,
+        };
+        fs::create_dir_all(dir).map_err(io)?;
+        let probe = dir.join(format!("check-{}.probe", std::process::id()));
+        File::create(&probe).map_err(io)?;
+        fs::remove_file(&probe).map_err(io)
     }
 
     fn io(&self, source: io::Error) -> SpoolError {

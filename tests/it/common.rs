@@ -212,6 +212,14 @@ impl InProcess {
         InProcess { stop, task }
     }
 
+    /// Waits for the daemon to end by itself (a fatal error), up to `limit`.
+    pub async fn ended(self, limit: Duration) -> Result<(), pgcache::daemon::RunError> {
+        tokio::time::timeout(limit, self.task)
+            .await
+            .expect("the daemon ends by itself")
+            .expect("daemon task")
+    }
+
     pub async fn stop(self) -> Result<(), pgcache::daemon::RunError> {
         let _ = self.stop.send(true);
         tokio::time::timeout(Duration::from_secs(30), self.task)

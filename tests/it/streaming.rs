@@ -11,8 +11,8 @@ use pgcache::testkit::{PgOptions, RedisOptions};
 use serde_json::{json, Value};
 
 use crate::common::{
-    count_keys, eventually, get, keys, memory_kb, settled, wait_backfill_done, wait_for_json,
-    Daemon, Env, InProcess,
+    count_keys, eventually, get, keys, memory_kb, pgcache, settled, wait_backfill_done,
+    wait_for_json, Daemon, Env, InProcess,
 };
 
 const CHECKPOINT: &str = "pgcache:{pgcache}:checkpoint";
@@ -584,4 +584,36 @@ async fn a_million_row_streamed_transaction_in_bounded_memory() {
         Some(r#"{"id":77,"v":"28dd2c7955ce926456240b2ff0100bde"}"#)
     );
     assert!(daemon.terminate().success());
+}
+
+/// G9: a spool directory the daemon cannot write is named by `check` (with the fix) and
+/// stops `run` at once, instead of failing at the first large transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unwritable_spool_dir_is_named() {
+    let env = start(
+        "CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL);",
+        "public.items",
+    );
+    let rules = format!("[apply]\nspool_dir = \"/proc/pgcache-spool\"\n\n{ITEMS}");
+    let path = env.write_config(&rules);
+    let config = path.display().to_string();
+    let (code, out, err) =
+        tokio::task::spawn_blocking(move || pgcache(&["check", "--config", &config]))
+            .await
+            .unwrap();
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("FAIL apply.spool_dir: spool directory /proc/pgcache-spool: "),
+        "{out}{err}"
+    );
+    assert!(out.contains("postgres.streaming = false"), "{out}");
+    let err = InProcess::start(env.config(&rules))
+        .ended(Duration::from_secs(60))
+        .await
+        .expect_err("the daemon ran without a spool directory");
+    assert!(
+        err.to_string()
+            .contains("apply.spool_dir: spool directory /proc/pgcache-spool"),
+        "{err}"
+    );
 }
