@@ -360,7 +360,7 @@ async fn session(
         Some(lsn) if !postgres_behind => lsn,
         _ => Lsn::ZERO,
     };
-    let streaming = streams(config, &replication);
+    let streaming = streams(config, &replication) && spool_usable(config, target)?;
     let mut stream = start_stream(
         replication,
         config,
@@ -508,6 +508,27 @@ fn streams(config: &Config, replication: &ReplicationConnection) -> bool {
         .and_then(|v| v.split(|c: char| !c.is_ascii_digit()).next())
         .and_then(|v| v.parse::<u32>().ok());
     config.postgres.streaming && major.is_some_and(|m| m >= 14)
+}
+
+/// Whether the spool directory takes files. One set in `apply.spool_dir` must (the error
+/// names it); when the default one (in the system's temporary directory) does not, as in a
+/// container with a read-only file system, the daemon warns and asks for whole transactions
+/// instead, as it did before it could stream them.
+fn spool_usable(config: &Config, target: &PgTarget) -> Result<bool, RunError> {
+    let dir = config
+        .apply
+        .spool_dir_for(&config.postgres.slot, &target.redacted());
+    match Spool::check_writable(&dir) {
+        Ok(()) => Ok(true),
+        Err(e) if config.apply.spool_dir.is_some() => Err(RunError::fatal(
+            "config",
+            format!("apply.spool_dir: {e} (set apply.spool_dir to a writable directory, or postgres.streaming = false)"),
+        )),
+        Err(e) => {
+            warn!(error = %e, "large transactions are not streamed: the default spool directory cannot be written; set apply.spool_dir to a writable directory (or postgres.streaming = false to silence this)");
+            Ok(false)
+        }
+    }
 }
 
 /// Starts the logical stream at `start`. A slot lost since the check before (invalidated,

@@ -220,8 +220,15 @@ fn streaming_finding(config: &Config, version_num: i32) -> Finding {
             "large transactions are streamed, spooled in {}",
             dir.display()
         )),
-        Err(e) => Finding::fail(
+        Err(e) if config.apply.spool_dir.is_some() => Finding::fail(
             format!("apply.spool_dir: {e}"),
+            "set apply.spool_dir to a directory the daemon can write, or postgres.streaming = false",
+        ),
+        Err(e) => Finding::warn(
+            format!(
+                "large transactions will not be streamed: the default spool directory cannot \
+                 be written ({e}); Postgres will hold them until they commit"
+            ),
             "set apply.spool_dir to a directory the daemon can write, or postgres.streaming = false",
         ),
     }

@@ -360,6 +360,34 @@ async fn a_schema_change_in_a_rolled_back_streamed_transaction_changes_nothing()
     env.assert_converged(&rules).await;
 }
 
+/// Postgres sends a table's schema once per streamed transaction, tagged with the
+/// subtransaction whose change needed it: when that subtransaction rolls back, the schema
+/// still describes the rows the rest of the transaction writes, so it must be applied (only
+/// the rolled-back changes are skipped).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schema_sent_in_a_rolled_back_savepoint_still_applies() {
+    let env = start(
+        "CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL);",
+        "public.items",
+    );
+    let daemon = InProcess::start(env.config(ITEMS));
+    let mut r = env.redis().await;
+    wait_backfill_done(&mut r, "public.items", Duration::from_secs(60)).await;
+    // The first change to items this session sees is in the savepoint.
+    env.sql(
+        "BEGIN; SAVEPOINT s; INSERT INTO items SELECT g, 1 FROM generate_series(1, 3000) g;
+         ROLLBACK TO SAVEPOINT s;
+         INSERT INTO items SELECT g, 2 FROM generate_series(5001, 8000) g; COMMIT;",
+    );
+    wait_streamed(&env, 1).await;
+    settled(&env, &mut r).await;
+    assert_eq!(keys(&mut r, "item:*").await.len(), 3000);
+    assert_eq!(get(&mut r, "item:1").await, None);
+    wait_for_json(&mut r, "item:8000", Some(json!({"id": 8000, "v": 2}))).await;
+    daemon.stop().await.unwrap();
+    env.assert_converged(ITEMS).await;
+}
+
 /// A streamed transaction over a table being backfilled: the chunks and the transaction
 /// meet in stream order (the watermarks), and Redis ends equal to Postgres.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -615,5 +643,43 @@ async fn an_unwritable_spool_dir_is_named() {
         err.to_string()
             .contains("apply.spool_dir: spool directory /proc/pgcache-spool"),
         "{err}"
+    );
+}
+
+/// A default spool directory that cannot be written (a container with a read-only file
+/// system, here `TMPDIR` pointing nowhere writable) is not fatal: the daemon says so and
+/// asks for whole transactions, as before it could stream them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unwritable_default_spool_dir_falls_back_to_whole_transactions() {
+    let env = start(
+        "CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL);",
+        "public.items",
+    );
+    let config = env.write_config(ITEMS);
+    let log = env.dir.path().join("daemon.log");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pgcache"))
+        .arg("run")
+        .arg("--config")
+        .arg(&config)
+        .env("TMPDIR", "/proc/pgcache-no-tmp")
+        .env("RUST_LOG", "pgcache=info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut r = env.redis().await;
+    wait_backfill_done(&mut r, "public.items", Duration::from_secs(60)).await;
+    env.sql("INSERT INTO items SELECT g, 1 FROM generate_series(1, 4000) g");
+    settled(&env, &mut r).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(keys(&mut r, "item:*").await.len(), 4000, "{log}");
+    assert_eq!(streamed(&env), 0, "{log}");
+    assert!(
+        log.contains(
+            "large transactions are not streamed: the default spool directory cannot be written"
+        ),
+        "{log}"
     );
 }
