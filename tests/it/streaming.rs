@@ -360,10 +360,11 @@ async fn a_schema_change_in_a_rolled_back_streamed_transaction_changes_nothing()
     env.assert_converged(&rules).await;
 }
 
-/// Postgres sends a table's schema once per streamed transaction, tagged with the
-/// subtransaction whose change needed it: when that subtransaction rolls back, the schema
-/// still describes the rows the rest of the transaction writes, so it must be applied (only
-/// the rolled-back changes are skipped).
+/// The first change to a table in a streamed transaction is in a savepoint that rolls
+/// back: the savepoint's rows are skipped and the rows written after it arrive. (Postgres
+/// sends the table's schema once per streamed transaction, tagged with the subtransaction
+/// whose change needed it, so the daemon applies schema messages whatever their xid and
+/// skips only the rolled-back changes.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_schema_sent_in_a_rolled_back_savepoint_still_applies() {
     let env = start(
