@@ -210,8 +210,9 @@ pub struct ApplyConfig {
     /// A streamed transaction whose spooled changes (pgoutput bytes) are at most this large
     /// is applied in one EXEC, whatever `max_transaction_changes` and
     /// `max_transaction_bytes` say: atomic, at the cost of holding its Redis commands in
-    /// memory (a few times this size at peak: G8 is bounded by this setting for such a
-    /// transaction). A larger one is applied in parts like any other large transaction.
+    /// memory (several times this size at peak: G8 is bounded by this setting for such a
+    /// transaction) and Redis busy with that one EXEC. A larger one is applied in parts like
+    /// any other large transaction.
     pub max_spool_bytes: usize,
     /// Where streamed transactions are spooled until they commit or abort (one file each);
     /// `None`: `pgcache-spool-<slot>-<hash of the server>` in the system's temporary
@@ -236,7 +237,7 @@ pub struct BackfillConfig {
 pub const DEFAULT_BACKFILL_CHUNK_ROWS: usize = 5_000;
 pub const DEFAULT_MAX_BATCH_BYTES: usize = 8 << 20;
 pub const DEFAULT_MAX_TRANSACTION_BYTES: usize = 8 << 20;
-pub const DEFAULT_MAX_SPOOL_BYTES: usize = 32 << 20;
+pub const DEFAULT_MAX_SPOOL_BYTES: usize = 16 << 20;
 pub const DEFAULT_MAX_CHUNK_BYTES: usize = 16 << 20;
 
 impl Default for BackfillConfig {

@@ -49,7 +49,7 @@ fn minimal_config_gets_defaults() {
     assert_eq!(c.apply.max_batch_changes, 10_000);
     assert_eq!(c.apply.max_transaction_changes, 20_000);
     assert_eq!(c.apply.confirm_delay, Duration::ZERO);
-    assert_eq!(c.apply.max_spool_bytes, 32 << 20);
+    assert_eq!(c.apply.max_spool_bytes, 16 << 20);
     let dir = c.apply.spool_dir_for("s1", "postgres://db:5432/app");
     assert_eq!(dir.parent(), Some(std::env::temp_dir().as_path()));
     let name = dir.file_name().unwrap().to_str().unwrap();
