@@ -684,3 +684,72 @@ async fn an_unwritable_default_spool_dir_falls_back_to_whole_transactions() {
         "{log}"
     );
 }
+
+/// G4: a streamed transaction whose commit waits for a synchronous standby that never
+/// answers is committed in the WAL (Stream Commit arrives) but invisible to other sessions:
+/// the daemon applies none of it until it is visible, then all of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_commit_not_yet_visible_is_held_back() {
+    const N: i32 = 3000;
+    let env = start(
+        &format!("CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL); INSERT INTO items SELECT g, 0 FROM generate_series(1, {N}) g;"),
+        "public.items",
+    );
+    let daemon = InProcess::start(env.config(ITEMS));
+    let mut r = env.redis().await;
+    wait_backfill_done(&mut r, "public.items", Duration::from_secs(60)).await;
+    env.sql("ALTER SYSTEM SET synchronous_standby_names = 'nobody'; SELECT pg_reload_conf();");
+    let writer = env.pg_client().await;
+    let pid: i32 = writer
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let waiting = tokio::spawn(async move {
+        writer
+            .batch_execute("SET synchronous_commit = on; BEGIN; UPDATE items SET v = 1; COMMIT;")
+            .await
+    });
+    let admin = env.pg_client().await;
+    eventually(Duration::from_secs(20), "the commit to wait for its standby", || {
+        let admin = &admin;
+        async move {
+            let waits: i64 = admin
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND wait_event = 'SyncRep'",
+                    &[&pid],
+                )
+                .await
+                .ok()?
+                .get(0);
+            (waits == 1).then_some(())
+        }
+    })
+    .await;
+    wait_streamed(&env, 1).await;
+    // Streamed and committed in the WAL: give the daemon time to do the wrong thing.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        values(&mut r, N).await.iter().all(|v| *v == Some(0)),
+        "a streamed commit invisible to other sessions reached Redis"
+    );
+    admin
+        .execute("SELECT pg_cancel_backend($1)", &[&pid])
+        .await
+        .unwrap();
+    let _ = waiting.await.unwrap();
+    env.sql("ALTER SYSTEM RESET synchronous_standby_names; SELECT pg_reload_conf();");
+    eventually(Duration::from_secs(30), "the transaction applied", || {
+        let mut r = r.clone();
+        async move {
+            values(&mut r, N)
+                .await
+                .iter()
+                .all(|v| *v == Some(1))
+                .then_some(())
+        }
+    })
+    .await;
+    daemon.stop().await.unwrap();
+    env.assert_converged(ITEMS).await;
+}
