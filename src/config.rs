@@ -24,6 +24,7 @@ mod tree;
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 pub use self::redis_tls::{redis_client, RedisRoots};
@@ -77,6 +78,11 @@ pub struct PostgresConfig {
     /// rebuild the cache (drop the cached keys, backfill every mirror table) instead of
     /// stopping with an error.
     pub recreate_lost_slot: bool,
+    /// Ask Postgres to stream large transactions while they are in progress (pgoutput
+    /// protocol version 2, `streaming 'on'`, Postgres 14+) instead of holding them, spilled
+    /// to its disk, until they commit. The daemon spools the blocks to `apply.spool_dir`
+    /// and applies them at commit. Default on.
+    pub streaming: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -231,6 +237,18 @@ pub struct ApplyConfig {
     /// A transaction holding more bytes than this is written in parts, like one over
     /// `max_transaction_changes`.
     pub max_transaction_bytes: usize,
+    /// A streamed transaction whose spooled changes (pgoutput bytes) are at most this large
+    /// is applied in one EXEC, whatever `max_transaction_changes` and
+    /// `max_transaction_bytes` say: atomic, at the cost of holding its Redis commands in
+    /// memory (several times this size at peak: G8 is bounded by this setting for such a
+    /// transaction) and Redis busy with that one EXEC. A larger one is applied in parts like
+    /// any other large transaction.
+    pub max_spool_bytes: usize,
+    /// Where streamed transactions are spooled until they commit or abort (one file each);
+    /// `None`: `pgcache-spool-<slot>-<hash of the server>` in the system's temporary
+    /// directory (see [`ApplyConfig::spool_dir_for`]); a relative path
+    /// is taken from the config file's directory. Emptied when a session starts: Postgres sends again, in full, every transaction not confirmed.
+    pub spool_dir: Option<PathBuf>,
 }
 
 /// `[backfill]`: the initial load and resyncs of `mirror` tables.
@@ -249,6 +267,7 @@ pub struct BackfillConfig {
 pub const DEFAULT_BACKFILL_CHUNK_ROWS: usize = 5_000;
 pub const DEFAULT_MAX_BATCH_BYTES: usize = 8 << 20;
 pub const DEFAULT_MAX_TRANSACTION_BYTES: usize = 8 << 20;
+pub const DEFAULT_MAX_SPOOL_BYTES: usize = 16 << 20;
 pub const DEFAULT_MAX_CHUNK_BYTES: usize = 16 << 20;
 
 impl Default for BackfillConfig {
@@ -261,6 +280,22 @@ impl Default for BackfillConfig {
     }
 }
 
+impl ApplyConfig {
+    /// The spool directory for `slot` on the server `source` (a URL without its password):
+    /// `spool_dir`, or `pgcache-spool-<slot>-<hash of source>` in the system's temporary
+    /// directory, so daemons of different servers on one host never share one (a session
+    /// empties its directory when it starts).
+    pub fn spool_dir_for(&self, slot: &str, source: &str) -> PathBuf {
+        self.spool_dir.clone().unwrap_or_else(|| {
+            // FNV-1a: stable across builds, so a new binary still finds the old files.
+            let hash = source.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+            });
+            std::env::temp_dir().join(format!("pgcache-spool-{slot}-{hash:016x}"))
+        })
+    }
+}
+
 impl Default for ApplyConfig {
     fn default() -> Self {
         ApplyConfig {
@@ -269,6 +304,8 @@ impl Default for ApplyConfig {
             confirm_delay: Duration::ZERO,
             max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
             max_transaction_bytes: DEFAULT_MAX_TRANSACTION_BYTES,
+            max_spool_bytes: DEFAULT_MAX_SPOOL_BYTES,
+            spool_dir: None,
         }
     }
 }

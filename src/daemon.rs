@@ -3,6 +3,7 @@
 //! # Layout, in flow order
 //! - [`replication`]: the streaming replication protocol client (the WAL in).
 //! - [`pgoutput`]: the pgoutput decoder, a pure function over `Bytes`.
+//! - `spool`: large transactions streamed while in progress, on disk until they end.
 //! - [`relations`]: relation ids resolved against the table rules; table shapes.
 //! - `rules`: table rules changed while the daemon was stopped (their old keys dropped).
 //! - [`apply`]: row changes to Redis operations (pure, `Batch`), and the guarded write of a
@@ -31,6 +32,7 @@ use crate::daemon::apply::{Batch, Op};
 use crate::daemon::backfill::{Backfills, ProgressFn};
 use crate::daemon::relations::{RelationCache, TypeResolver};
 use crate::daemon::replication::{ReplicationConnection, ReplicationError, ReplicationStream};
+use crate::daemon::spool::Spool;
 use crate::daemon::visibility::Visibility;
 use crate::metrics as m;
 use crate::ops::health::Health;
@@ -47,6 +49,7 @@ pub mod replication;
 mod rules;
 pub(crate) mod slot;
 pub mod slot_router;
+pub(crate) mod spool;
 mod stream;
 pub mod visibility;
 
@@ -366,10 +369,11 @@ async fn session(
         Some(lsn) if !postgres_behind => lsn,
         _ => Lsn::ZERO,
     };
+    let streaming = streams(config, &replication) && spool_usable(config, target)?;
     let mut stream = start_stream(
         replication,
         config,
-        start,
+        (start, streaming),
         (&catalog, &mut redis),
         &checkpoint_key,
         &before,
@@ -415,6 +419,19 @@ async fn session(
         hooks.health.clone(),
         layout,
     );
+    if streaming {
+        // Only now: this session owns the slot, so no other daemon is using the directory.
+        let dir = config
+            .apply
+            .spool_dir_for(&config.postgres.slot, &target.redacted());
+        let spool = Spool::open(&dir).map_err(|e| {
+            RunError::fatal(
+                "config",
+                format!("apply.spool_dir: {e} (set apply.spool_dir to a writable directory, or postgres.streaming = false)"),
+            )
+        })?;
+        state.set_spool(spool);
+    }
     for table in &stopped_tables {
         state.backfills.remove_table(table);
         state.set_stopped(table, true);
@@ -495,13 +512,44 @@ async fn check_primary(
     Ok(())
 }
 
+/// Whether to ask for large transactions streamed: `postgres.streaming`, on a server that
+/// can (Postgres 14+, protocol version 2).
+fn streams(config: &Config, replication: &ReplicationConnection) -> bool {
+    let major = replication
+        .parameter("server_version")
+        .and_then(|v| v.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|v| v.parse::<u32>().ok());
+    config.postgres.streaming && major.is_some_and(|m| m >= 14)
+}
+
+/// Whether the spool directory takes files. One set in `apply.spool_dir` must (the error
+/// names it); when the default one (in the system's temporary directory) does not, as in a
+/// container with a read-only file system, the daemon warns and asks for whole transactions
+/// instead, as it did before it could stream them.
+fn spool_usable(config: &Config, target: &PgTarget) -> Result<bool, RunError> {
+    let dir = config
+        .apply
+        .spool_dir_for(&config.postgres.slot, &target.redacted());
+    match Spool::check_writable(&dir) {
+        Ok(()) => Ok(true),
+        Err(e) if config.apply.spool_dir.is_some() => Err(RunError::fatal(
+            "config",
+            format!("apply.spool_dir: {e} (set apply.spool_dir to a writable directory, or postgres.streaming = false)"),
+        )),
+        Err(e) => {
+            warn!(error = %e, "large transactions are not streamed: the default spool directory cannot be written; set apply.spool_dir to a writable directory (or postgres.streaming = false to silence this)");
+            Ok(false)
+        }
+    }
+}
+
 /// Starts the logical stream at `start`. A slot lost since the check before (invalidated,
 /// or dropped) ends the same ways: the lost-slot error, or with `recreate_lost_slot` a new
 /// slot and a session that starts over (the mark in the checkpoint makes it rebuild).
 async fn start_stream(
     replication: ReplicationConnection,
     config: &Config,
-    start: Lsn,
+    (start, streaming): (Lsn, bool),
     (catalog, redis): (
         &tokio_postgres::Client,
         &mut redis::aio::MultiplexedConnection,
@@ -509,10 +557,17 @@ async fn start_stream(
     checkpoint_key: &str,
     before: &CheckpointState,
 ) -> Result<ReplicationStream, RunError> {
-    match replication
-        .start_logical(&config.postgres.slot, start, &config.postgres.publication)
-        .await
-    {
+    let (slot_name, publication) = (&config.postgres.slot, &config.postgres.publication);
+    let started = if streaming {
+        replication
+            .start_logical_streaming(slot_name, start, publication)
+            .await
+    } else {
+        replication
+            .start_logical(slot_name, start, publication)
+            .await
+    };
+    match started {
         Ok(stream) => Ok(stream),
         Err(e) if slot::is_lost_error(&e) => {
             // Lost since the check above (invalidated, or dropped): the same outcomes.

@@ -4,6 +4,7 @@
 
 pub const CHANGES: &str = "pgcache_changes_total";
 pub const TRANSACTIONS: &str = "pgcache_transactions_total";
+pub const STREAMED_TRANSACTIONS: &str = "pgcache_streamed_transactions_total";
 pub const BATCHES: &str = "pgcache_batches_total";
 pub const BATCH_OPS: &str = "pgcache_batch_operations";
 pub const EXEC_SECONDS: &str = "pgcache_redis_exec_seconds";
@@ -27,6 +28,10 @@ pub fn describe() {
         "Row changes applied to Redis, by table and operation"
     );
     describe_counter!(TRANSACTIONS, "Postgres transactions applied");
+    describe_counter!(
+        STREAMED_TRANSACTIONS,
+        "Postgres transactions streamed while in progress, spooled and applied at commit"
+    );
     describe_counter!(BATCHES, "MULTI/EXEC batches written to Redis");
     describe_histogram!(BATCH_OPS, "Operations per batch");
     describe_histogram!(

@@ -12,6 +12,12 @@
 //! for small transactions `pg_recvlogical`'s own per-message writes make it slower than
 //! what the walsender can deliver.
 //!
+//! The large transaction is also streamed by the daemon with `postgres.streaming = false`
+//! (Postgres holds it, spilled to its disk, until the commit) and with `apply.max_spool_bytes`
+//! above its size (streamed, spooled, and applied in one `EXEC`), each on a slot of its own;
+//! the details report each run's time and its walsender's `spill_bytes` and `stream_bytes`
+//! (`pg_stat_replication_slots`).
+//!
 //! Both are timed from the moment their walsender takes the slot (`pg_replication_slots.active`)
 //! to the end, so the figure is streaming throughput, not process start-up; the wall time
 //! from spawn is in the details too.
@@ -131,6 +137,60 @@ pub fn memory_spec(scale: &Scale) -> FigureSpec {
     )
 }
 
+/// How the daemon is configured for a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Variant {
+    /// The defaults: large transactions streamed, applied in parts above `max_spool_bytes`.
+    Default,
+    /// `postgres.streaming = false`.
+    StreamingOff,
+    /// `apply.max_spool_bytes` above the transaction: streamed and applied in one `EXEC`.
+    Atomic,
+}
+
+impl Variant {
+    fn id(self) -> &'static str {
+        match self {
+            Variant::Default => "default",
+            Variant::StreamingOff => "streaming_off",
+            Variant::Atomic => "streaming_atomic",
+        }
+    }
+
+    fn config(self, toml: String) -> String {
+        match self {
+            Variant::Default => toml,
+            Variant::StreamingOff => {
+                toml.replacen("[postgres]\n", "[postgres]\nstreaming = false\n", 1)
+            }
+            Variant::Atomic => format!("{toml}\n[apply]\nmax_spool_bytes = \"4GB\"\n"),
+        }
+    }
+}
+
+/// A slot's decoding statistics after a run (`pg_stat_replication_slots`).
+async fn slot_stats(client: &Client, slot: &str) -> Value {
+    let row = client
+        .query_opt(
+            "SELECT spill_txns, spill_bytes, stream_txns, stream_bytes, total_txns, total_bytes \
+             FROM pg_stat_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await;
+    match row {
+        Ok(Some(row)) => json!({
+            "spill_txns": row.get::<_, i64>(0),
+            "spill_bytes": row.get::<_, i64>(1),
+            "stream_txns": row.get::<_, i64>(2),
+            "stream_bytes": row.get::<_, i64>(3),
+            "total_txns": row.get::<_, i64>(4),
+            "total_bytes": row.get::<_, i64>(5),
+        }),
+        Ok(None) => json!({ "error": "no statistics for the slot" }),
+        Err(e) => json!({ "error": e.to_string() }),
+    }
+}
+
 /// One consumer's run over the workload's WAL.
 #[derive(Debug, Clone, Copy)]
 pub struct Timing {
@@ -160,6 +220,10 @@ pub struct CatchupRun {
     pgcache_runs: [Timing; 2],
     /// The bare consumer's streaming time, or why it failed.
     bare: Result<Duration, String>,
+    /// Each slot's decoding statistics, by consumer.
+    slot_stats: Value,
+    /// The large transaction only: the daemon's other configurations.
+    variants: Vec<(Variant, Result<Timing, String>)>,
 }
 
 impl CatchupRun {
@@ -187,6 +251,11 @@ impl CatchupRun {
                 }),
                 Err(e) => json!({ "error": e }),
             },
+            "slot_stats": self.slot_stats,
+            "pgcache_variants": self.variants.iter().map(|(v, t)| (v.id().to_string(), match t {
+                Ok(t) => timing_json(t),
+                Err(e) => json!({ "error": e }),
+            })).collect::<serde_json::Map<String, Value>>(),
         });
         spec(w, scale).measured(
             per_second(count, self.pgcache.streaming),
@@ -326,13 +395,24 @@ async fn run_workload(
     let pgc_again_slot = format!("cu_{}_pgcache_again", w.id());
     let after_slot = format!("cu_{}_recv_after", w.id());
     let bare_slot = format!("cu_{}_bare", w.id());
-    let slots = [
+    let off_slot = format!("cu_{}_pgcache_nostream", w.id());
+    let atomic_slot = format!("cu_{}_pgcache_atomic", w.id());
+    let mut slots = vec![
         before_slot.as_str(),
         pgc_slot.as_str(),
         pgc_again_slot.as_str(),
         after_slot.as_str(),
         bare_slot.as_str(),
     ];
+    let variants: &[(Variant, &str)] = if w == Workload::BulkInsert {
+        &[
+            (Variant::StreamingOff, off_slot.as_str()),
+            (Variant::Atomic, atomic_slot.as_str()),
+        ]
+    } else {
+        &[]
+    };
+    slots.extend(variants.iter().map(|(_, slot)| *slot));
     lab.drop_slots(client, &slots).await;
     let start = lab.create_slots(client, &slots).await?;
 
@@ -388,6 +468,32 @@ async fn run_workload(
         }
         Err(_) => Err("not run".to_string()),
     };
+    let mut variant_runs = Vec::new();
+    if result.is_ok() {
+        let key = format!("marker:{marker}");
+        let limit = Duration::from_secs(600);
+        for &(variant, slot) in variants {
+            progress.say(format!("catch-up {}: pgcache, {}", w.id(), variant.id()));
+            lab.flush_redis().await?;
+            let timing = time_daemon(lab, client, w, slot, &key, limit, variant)
+                .await
+                .map_err(|e| e.to_string());
+            if let Ok(t) = &timing {
+                progress.say(format!(
+                    "catch-up {}: pgcache, {}: {:.2} s, peak RSS {} MiB",
+                    w.id(),
+                    variant.id(),
+                    t.streaming.as_secs_f64(),
+                    t.max_rss_kib / 1024
+                ));
+            }
+            variant_runs.push((variant, timing));
+        }
+    }
+    let mut stats = serde_json::Map::new();
+    for slot in &slots {
+        stats.insert((*slot).to_string(), slot_stats(client, slot).await);
+    }
     lab.drop_slots(client, &slots).await;
     let (recv_runs, pgcache_runs) = result?;
     let faster = |[a, b]: [Timing; 2]| if a.streaming <= b.streaming { a } else { b };
@@ -401,6 +507,8 @@ async fn run_workload(
         pgcache: faster(pgcache_runs),
         pgcache_runs,
         bare,
+        slot_stats: Value::Object(stats),
+        variants: variant_runs,
     })
 }
 
@@ -425,7 +533,7 @@ async fn stream_both(
     for (slot, which) in [(pgc_slot, "pgcache"), (pgc_again_slot, "pgcache again")] {
         progress.say(format!("catch-up {}: {which}", w.id()));
         lab.flush_redis().await?;
-        pgcache.push(time_daemon(lab, client, w, slot, &key, limit).await?);
+        pgcache.push(time_daemon(lab, client, w, slot, &key, limit, Variant::Default).await?);
     }
     progress.say(format!("catch-up {}: pg_recvlogical again", w.id()));
     let after = time_recvlogical(lab, client, after_slot, end).await?;
@@ -613,11 +721,12 @@ async fn time_daemon(
     slot: &str,
     marker_key: &str,
     limit: Duration,
+    variant: Variant,
 ) -> Result<Timing, BenchError> {
     let mut redis = lab.redis().await?;
-    let config = lab.daemon_config(slot, w.tables(), false, None);
+    let config = variant.config(lab.daemon_config(slot, w.tables(), false, None));
     let spawned = Instant::now();
-    let mut daemon = lab.spawn_daemon(&format!("catchup-{}", w.id()), &config)?;
+    let mut daemon = lab.spawn_daemon(&format!("catchup-{}-{}", w.id(), variant.id()), &config)?;
     let active = wait_active(lab, client, slot, &mut daemon).await?;
     daemon.check_running()?;
     let active = active.unwrap_or(spawned);

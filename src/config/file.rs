@@ -134,7 +134,7 @@ fn read_config(
     let postgres = read_postgres(section("postgres", errors), base_dir, errors);
     let redis = read_redis(section("redis", errors), base_dir, errors);
     let reader = read_reader(section("reader", errors), base_dir, errors);
-    let apply = read_apply(section("apply", errors), errors);
+    let apply = read_apply(section("apply", errors), base_dir, errors);
     let backfill = read_backfill(section("backfill", errors), errors);
     let metrics = read_metrics(section("metrics", errors), errors);
     let log = read_log(section("log", errors), errors);
@@ -266,12 +266,14 @@ fn read_postgres(
         None => Some(DEFAULT_PUBLICATION.to_string()),
     };
     let recreate_lost_slot = sec.bool("recreate_lost_slot", errors).unwrap_or(false);
+    let streaming = sec.bool("streaming", errors).unwrap_or(true);
     sec.finish(errors);
     Some(PostgresConfig {
         url: url?,
         slot: slot?,
         publication: publication?,
         recreate_lost_slot,
+        streaming,
     })
 }
 
@@ -425,7 +427,7 @@ pub(super) fn redis_url_problem(url: &str) -> Option<&'static str> {
     None
 }
 
-fn read_apply(mut sec: Section, errors: &mut Vec<String>) -> ApplyConfig {
+fn read_apply(mut sec: Section, base_dir: Option<&Path>, errors: &mut Vec<String>) -> ApplyConfig {
     let mut apply = ApplyConfig::default();
     if let Some(n) = sec.count("max_batch_changes", errors) {
         apply.max_batch_changes = n.value;
@@ -443,6 +445,23 @@ fn read_apply(mut sec: Section, errors: &mut Vec<String>) -> ApplyConfig {
     }
     if let Some(n) = sec.bytes("max_transaction_bytes", errors) {
         apply.max_transaction_bytes = n;
+    }
+    if let Some(n) = sec.bytes("max_spool_bytes", errors) {
+        apply.max_spool_bytes = n;
+    }
+    if let Some(dir) = sec.string("spool_dir", errors) {
+        if dir.value.is_empty() {
+            errors.push(format!(
+                "{}: is empty; leave it out for a directory in the system's temporary directory",
+                dir.label
+            ));
+        } else {
+            // Relative to the config file, like url_file.
+            apply.spool_dir = Some(match base_dir {
+                Some(base) => base.join(&dir.value),
+                None => PathBuf::from(&dir.value),
+            });
+        }
     }
     sec.finish(errors);
     apply

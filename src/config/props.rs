@@ -35,6 +35,7 @@ const VALID: &[Section] = &[
             ("slot", Kind::Str, r#""pgcache_2""#),
             ("publication", Kind::Str, r#""Cache Pub""#),
             ("recreate_lost_slot", Kind::Bool, "true"),
+            ("streaming", Kind::Bool, "false"),
         ],
     },
     Section {
@@ -378,9 +379,12 @@ proptest! {
         value in prop_oneof![Just("1".to_string()), Just("\"x\"".to_string()), Just("true".to_string())],
     ) {
         let known: &[&str] = match VALID[s].path {
-            "postgres" => &["url", "url_file", "slot", "publication", "recreate_lost_slot"],
+            "postgres" => &["url", "url_file", "slot", "publication", "recreate_lost_slot", "streaming"],
             "redis" => &["url", "url_file", "key_prefix", "wait_replicas"],
-            "apply" => &["max_batch_changes", "max_transaction_changes", "confirm_delay"],
+            "apply" => &[
+                "max_batch_changes", "max_transaction_changes", "confirm_delay",
+                "max_batch_bytes", "max_transaction_bytes", "max_spool_bytes", "spool_dir",
+            ],
             "backfill" => &["chunk_rows", "auto"],
             "metrics" => &["listen"],
             "log" => &["format", "level"],
@@ -409,6 +413,7 @@ proptest! {
             Just((5, 0)),           // log.format
             Just((0, 1)),           // postgres.slot
             Just((0, 3)),           // postgres.recreate_lost_slot
+            Just((0, 4)),           // postgres.streaming
         ],
         value in "[A-Za-z %:.-]{1,8}",
     ) {

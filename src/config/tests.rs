@@ -1,3 +1,4 @@
+use std::path::PathBuf;
 use std::time::Duration;
 
 use super::*;
@@ -41,12 +42,20 @@ fn minimal_config_gets_defaults() {
     assert_eq!(c.postgres.slot, "pgcache");
     assert_eq!(c.postgres.publication, "pgcache");
     assert!(!c.postgres.recreate_lost_slot);
+    assert!(c.postgres.streaming);
     assert_eq!(c.redis.url.expose(), "redis://localhost:6379");
     assert_eq!(c.redis.key_prefix, "");
     assert_eq!(c.apply, ApplyConfig::default());
     assert_eq!(c.apply.max_batch_changes, 10_000);
     assert_eq!(c.apply.max_transaction_changes, 20_000);
     assert_eq!(c.apply.confirm_delay, Duration::ZERO);
+    assert_eq!(c.apply.max_spool_bytes, 16 << 20);
+    let dir = c.apply.spool_dir_for("s1", "postgres://db:5432/app");
+    assert_eq!(dir.parent(), Some(std::env::temp_dir().as_path()));
+    let name = dir.file_name().unwrap().to_str().unwrap();
+    assert!(name.starts_with("pgcache-spool-s1-"), "{name}");
+    assert_ne!(dir, c.apply.spool_dir_for("s1", "postgres://db:5433/app"));
+    assert_eq!(dir, c.apply.spool_dir_for("s1", "postgres://db:5432/app"));
     assert_eq!(c.metrics.listen, Some("127.0.0.1:9187".parse().unwrap()));
     assert_eq!(c.log.format, LogFormat::Human);
     assert_eq!(c.log.level, "info");
@@ -72,6 +81,7 @@ url = "host=/run/postgresql dbname=app user=pgcache"
 slot = "pgcache_2"
 publication = "Cache Pub"
 recreate_lost_slot = true
+streaming = false
 [redis]
 url = "rediss://:pw@cache:6380/2"
 key_prefix = "app1:"
@@ -84,6 +94,8 @@ max_transaction_changes = 7
 confirm_delay = "1s"
 max_batch_bytes = "8MB"
 max_transaction_bytes = 1048576
+max_spool_bytes = "32MB"
+spool_dir = "/var/spool/pgcache"
 [metrics]
 listen = ""
 max_connections = 8
@@ -110,6 +122,7 @@ mode = "invalidate"
     assert_eq!(c.postgres.slot, "pgcache_2");
     assert_eq!(c.postgres.publication, "Cache Pub");
     assert!(c.postgres.recreate_lost_slot);
+    assert!(!c.postgres.streaming);
     assert_eq!(c.redis.key_prefix, "app1:");
     assert_eq!(c.redis.tls_ca_file, Some(RedisRoots::System));
     assert_eq!(
@@ -124,6 +137,8 @@ mode = "invalidate"
             confirm_delay: Duration::from_secs(1),
             max_batch_bytes: 8 << 20,
             max_transaction_bytes: 1 << 20,
+            max_spool_bytes: 32 << 20,
+            spool_dir: Some(PathBuf::from("/var/spool/pgcache")),
         }
     );
     assert_eq!(

@@ -1,7 +1,10 @@
 //! The pgoutput decoder: one XLogData payload in, one typed [`Message`] out.
 //!
-//! We speak protocol version 1 (PostgreSQL docs, "Logical Replication Message Formats"):
-//! no streamed or two-phase transactions, so change messages carry no xid. Decoding is a pure
+//! We speak protocol version 1, or 2 with `streaming 'on'` (PostgreSQL docs, "Logical
+//! Replication Message Formats"): no two-phase transactions. Version 2 adds the stream
+//! messages (Stream Start, Stop, Commit and Abort), and inside a stream block every Relation,
+//! Type, Insert, Update, Delete, Truncate and Message carries the xid of its (sub)transaction
+//! before its usual fields: [`decode_streamed`] reads those. Decoding is a pure
 //! function over [`Bytes`] so it can be tested from captured fixtures and fuzzed; column values
 //! are slices of the input buffer, never copies, because a row can be large and the daemon must
 //! not double its memory per change (G8). Anything malformed is a [`DecodeError`], never a
@@ -27,6 +30,10 @@ mod tag {
     pub const DELETE: u8 = b'D';
     pub const TRUNCATE: u8 = b'T';
     pub const MESSAGE: u8 = b'M';
+    pub const STREAM_START: u8 = b'S';
+    pub const STREAM_STOP: u8 = b'E';
+    pub const STREAM_COMMIT: u8 = b'c';
+    pub const STREAM_ABORT: u8 = b'A';
 }
 
 /// Markers inside change messages that say which tuple follows.
@@ -57,6 +64,10 @@ pub enum Message {
     Delete(Delete),
     Truncate(Truncate),
     Message(LogicalMessage),
+    StreamStart(StreamStart),
+    StreamStop,
+    StreamCommit(StreamCommit),
+    StreamAbort(StreamAbort),
 }
 
 impl Message {
@@ -73,7 +84,61 @@ impl Message {
             Message::Delete(_) => "delete",
             Message::Truncate(_) => "truncate",
             Message::Message(_) => "message",
+            Message::StreamStart(_) => "stream start",
+            Message::StreamStop => "stream stop",
+            Message::StreamCommit(_) => "stream commit",
+            Message::StreamAbort(_) => "stream abort",
         }
+    }
+}
+
+/// A message inside a stream block (between [`StreamStart`] and [`Message::StreamStop`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Streamed {
+    /// The xid of the (sub)transaction the change belongs to: Relation, Type, Insert,
+    /// Update, Delete, Truncate and Message carry one; Stream Stop does not.
+    pub xid: Option<u32>,
+    pub message: Message,
+}
+
+/// A block of a large in-progress transaction's changes follows, up to Stream Stop
+/// (protocol version 2, `streaming 'on'`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StreamStart {
+    /// The top-level transaction's xid.
+    pub xid: u32,
+    /// Whether this is the transaction's first block.
+    pub first_segment: bool,
+}
+
+/// A streamed transaction committed: apply its blocks.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StreamCommit {
+    /// The top-level transaction's xid.
+    pub xid: u32,
+    /// Currently always 0.
+    pub flags: u8,
+    pub commit_lsn: Lsn,
+    /// Where the transaction ends in the WAL: the position to confirm once it is applied.
+    pub end_lsn: Lsn,
+    /// Microseconds since 2000-01-01 UTC.
+    pub commit_time: i64,
+}
+
+/// A streamed transaction (`subxid == xid`) or one of its subtransactions rolled back: its
+/// changes (those carrying `subxid`) are discarded. Postgres sends one per aborted
+/// subtransaction that had changes streamed, nested ones included.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StreamAbort {
+    /// The top-level transaction's xid.
+    pub xid: u32,
+    pub subxid: u32,
+}
+
+impl StreamAbort {
+    /// The whole transaction rolled back, not one subtransaction.
+    pub fn is_top_level(&self) -> bool {
+        self.xid == self.subxid
     }
 }
 
@@ -219,7 +284,7 @@ pub enum TupleData {
     Binary(Bytes),
 }
 
-/// Why a payload is not a valid protocol-version-1 pgoutput message. `at` is a byte offset
+/// Why a payload is not a valid protocol-version-1 or -2 pgoutput message. `at` is a byte offset
 /// into the payload.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
@@ -236,7 +301,7 @@ pub enum DecodeError {
     },
     #[error("unknown pgoutput message tag 0x{0:02x} ({c:?})", c = char::from(*.0))]
     UnknownTag(u8),
-    #[error("pgoutput {name} message (tag {c:?}) is not part of protocol version 1", c = char::from(*.tag))]
+    #[error("pgoutput {name} message (tag {c:?}) is not part of protocol versions 1 and 2 without two-phase", c = char::from(*.tag))]
     Unsupported { tag: u8, name: &'static str },
     #[error("pgoutput string {what} at byte {at} has no NUL terminator")]
     UnterminatedString { what: &'static str, at: usize },
@@ -272,16 +337,45 @@ pub enum DecodeError {
 
 type Result<T> = std::result::Result<T, DecodeError>;
 
-/// Decodes one pgoutput message: the payload of one XLogData frame, or one row's `data` from
-/// `pg_logical_slot_get_binary_changes`.
+/// Decodes one pgoutput message outside a stream block: the payload of one XLogData frame,
+/// or one row's `data` from `pg_logical_slot_get_binary_changes`.
 ///
 /// # Errors
-/// Any payload that is not exactly one well-formed protocol-version-1 message: truncated,
-/// unknown tag or part marker, negative length, string without NUL or not UTF-8, a count
-/// larger than the bytes left, or bytes left over at the end.
+/// Any payload that is not exactly one well-formed message: truncated, unknown tag or part
+/// marker, negative length, string without NUL or not UTF-8, a count larger than the bytes
+/// left, or bytes left over at the end.
 pub fn decode(buf: Bytes) -> Result<Message> {
+    decode_with(buf, false).map(|streamed| streamed.message)
+}
+
+/// Decodes one pgoutput message inside a stream block, where changes carry their
+/// (sub)transaction's xid after the tag.
+///
+/// # Errors
+/// As [`decode`].
+pub fn decode_streamed(buf: Bytes) -> Result<Streamed> {
+    decode_with(buf, true)
+}
+
+fn decode_with(buf: Bytes, in_stream: bool) -> Result<Streamed> {
     let mut cur = Cursor::new(buf);
     let tag = cur.u8("message tag").map_err(|_| DecodeError::Empty)?;
+    let carries_xid = in_stream
+        && matches!(
+            tag,
+            tag::RELATION
+                | tag::TYPE
+                | tag::INSERT
+                | tag::UPDATE
+                | tag::DELETE
+                | tag::TRUNCATE
+                | tag::MESSAGE
+        );
+    let xid = if carries_xid {
+        Some(cur.u32("streamed change xid")?)
+    } else {
+        None
+    };
     let message = match tag {
         tag::BEGIN => Message::Begin(Begin {
             final_lsn: cur.lsn("begin final_lsn")?,
@@ -324,6 +418,23 @@ pub fn decode(buf: Bytes) -> Result<Message> {
         }
         tag::TRUNCATE => Message::Truncate(truncate(&mut cur)?),
         tag::MESSAGE => Message::Message(logical_message(&mut cur)?),
+        tag::STREAM_START => Message::StreamStart(StreamStart {
+            xid: cur.u32("stream start xid")?,
+            // Only 1 means first; anything else is a later block, as Postgres reads it.
+            first_segment: cur.u8("stream start first-segment flag")? == 1,
+        }),
+        tag::STREAM_STOP => Message::StreamStop,
+        tag::STREAM_COMMIT => Message::StreamCommit(StreamCommit {
+            xid: cur.u32("stream commit xid")?,
+            flags: cur.u8("stream commit flags")?,
+            commit_lsn: cur.lsn("stream commit commit_lsn")?,
+            end_lsn: cur.lsn("stream commit end_lsn")?,
+            commit_time: cur.i64("stream commit commit_time")?,
+        }),
+        tag::STREAM_ABORT => Message::StreamAbort(StreamAbort {
+            xid: cur.u32("stream abort xid")?,
+            subxid: cur.u32("stream abort subxid")?,
+        }),
         other => {
             return Err(match unsupported_name(other) {
                 Some(name) => DecodeError::Unsupported { tag: other, name },
@@ -332,17 +443,13 @@ pub fn decode(buf: Bytes) -> Result<Message> {
         }
     };
     cur.finish(message.kind())?;
-    Ok(message)
+    Ok(Streamed { xid, message })
 }
 
-/// Tags that later protocol versions (streaming, two-phase) use: seeing one means the server
-/// was asked for more than version 1, which is worth saying plainly.
+/// Tags of two-phase decoding (protocol version 3): seeing one means the server was asked
+/// for more than we speak, which is worth saying plainly.
 fn unsupported_name(tag: u8) -> Option<&'static str> {
     Some(match tag {
-        b'S' => "stream start",
-        b'E' => "stream stop",
-        b'c' => "stream commit",
-        b'A' => "stream abort",
         b'b' => "begin prepare",
         b'P' => "prepare",
         b'K' => "commit prepared",

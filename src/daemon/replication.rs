@@ -715,12 +715,37 @@ impl ReplicationConnection {
     /// `Server` with 42704 if the slot does not exist (not retryable), 55006 if another
     /// consumer holds it (retryable), 42704/other codes for a missing publication.
     pub async fn start_logical(
-        mut self,
+        self,
         slot: &str,
         start: Lsn,
         publication: &str,
     ) -> Result<ReplicationStream, ReplicationError> {
-        let command = start_replication_command(slot, start, publication);
+        self.start_pgoutput(slot, start, publication, false).await
+    }
+
+    /// As [`start_logical`](Self::start_logical), with protocol version 2 and
+    /// `streaming 'on'`: large transactions arrive in blocks while in progress (Stream
+    /// Start, Stop, Commit, Abort). Postgres 14 or later.
+    ///
+    /// # Errors
+    /// As [`start_logical`](Self::start_logical).
+    pub async fn start_logical_streaming(
+        self,
+        slot: &str,
+        start: Lsn,
+        publication: &str,
+    ) -> Result<ReplicationStream, ReplicationError> {
+        self.start_pgoutput(slot, start, publication, true).await
+    }
+
+    async fn start_pgoutput(
+        mut self,
+        slot: &str,
+        start: Lsn,
+        publication: &str,
+        streaming: bool,
+    ) -> Result<ReplicationStream, ReplicationError> {
+        let command = start_replication_command(slot, start, publication, streaming);
         frontend::query(&command, &mut self.wire.wbuf).map_err(encode_err)?;
         self.wire.send().await?;
         loop {

@@ -5,6 +5,15 @@
 //! next batch is decoded. When the batch is full (by changes or bytes) and a write is still
 //! in flight, the loop stops reading the stream until it lands: Redis's pace slows the
 //! replication read instead of filling memory (G8).
+//!
+//! Streamed transactions (protocol version 2): the blocks between Stream Start and Stop go
+//! to the spool unread, Relation messages included (they describe the schema as of that
+//! transaction, which a transaction committing before it must not see). At Stream Commit
+//! the spool is read back a message at a time through the same handlers as a transaction
+//! sent whole, as `Begin(xid) ... Commit`, so the checkpoint, visibility, backfill, muting
+//! and split rules apply to it unchanged; while it is read back, the stream is not. Stream
+//! Abort deletes the file, or marks a subtransaction whose changes are skipped. Nothing
+//! about an open streamed transaction moves the checkpoint or the confirmed position.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
@@ -28,11 +37,15 @@ use crate::daemon::pgoutput::{
 };
 use crate::daemon::relations::{self, RelationCache, RelationState, TableState, TypeResolver};
 use crate::daemon::replication::{ReplicationEvent, ReplicationStream};
+use crate::daemon::spool::Spool;
 use crate::daemon::visibility::Visibility;
 use crate::metrics as m;
 use crate::ops::health::Health;
 use crate::sql::TableIdentity;
 use crate::Lsn;
+
+mod streamed;
+use streamed::{spool_error, Replaying};
 
 /// How often the daemon records its heartbeat in the checkpoint (for `status`); the write
 /// also checks that this daemon still owns the checkpoint and that Redis kept its data.
@@ -95,6 +108,9 @@ pub(super) struct Stream<'a> {
     /// Partitions of cached tables (by relation id), with their root and own names.
     partitions: HashMap<u32, (String, String)>,
     tx: Option<Tx>,
+    /// Where streamed transactions wait for their end (`None`: streaming is off).
+    spool: Option<Spool>,
+    replaying: Option<Replaying>,
     /// Highest position Postgres may forget, and positions waiting out `confirm_delay`.
     confirmed: Lsn,
     confirm_queue: VecDeque<(Instant, Lsn)>,
@@ -141,6 +157,8 @@ impl<'a> Stream<'a> {
             stopped: BTreeMap::new(),
             partitions: HashMap::new(),
             tx: None,
+            spool: None,
+            replaying: None,
             confirmed: start,
             confirm_queue: VecDeque::new(),
             sent: start,
@@ -149,6 +167,11 @@ impl<'a> Stream<'a> {
             wal_end: start,
             layout,
         }
+    }
+
+    /// Streams large transactions through `spool` (the server was asked to stream them).
+    pub(super) fn set_spool(&mut self, spool: Spool) {
+        self.spool = Some(spool);
     }
 
     /// The position Redis acknowledged last.
@@ -356,10 +379,13 @@ impl<'a> Stream<'a> {
                         self.send_status(stream).await?;
                     }
                 }
-                event = stream.next(), if readable => {
+                () = std::future::ready(()), if readable && self.replaying.is_some() => {
+                    self.replay_step().await?;
+                }
+                event = stream.next(), if readable && self.replaying.is_none() => {
                     self.handle(event?, stream).await?;
                     // Natural batching: take whatever else has already arrived, then write.
-                    while self.can_take_more() {
+                    while self.can_take_more() && self.replaying.is_none() {
                         match stream.next_ready()? {
                             Some(event) => self.handle(event, stream).await?,
                             None => break,
@@ -379,7 +405,10 @@ impl<'a> Stream<'a> {
 
     fn can_take_more(&self) -> bool {
         let apply = &self.config.apply;
-        if self.tx.is_some() {
+        if self.replaying_atomic() {
+            // Bounded by apply.max_spool_bytes instead.
+            true
+        } else if self.tx.is_some() {
             self.batch.open_len() < apply.max_transaction_changes
                 && self.batch.open_bytes() < apply.max_transaction_bytes
         } else {
@@ -395,6 +424,7 @@ impl<'a> Stream<'a> {
         }
         let apply = &self.config.apply;
         let too_large = self.tx.is_some()
+            && !self.replaying_atomic()
             && (self.batch.open_len() >= apply.max_transaction_changes
                 || self.batch.open_bytes() >= apply.max_transaction_bytes);
         let committed_ops = self.batch.len() > self.batch.open_len();
@@ -419,6 +449,10 @@ impl<'a> Stream<'a> {
         Ok(())
     }
 
+    fn replaying_atomic(&self) -> bool {
+        self.replaying.as_ref().is_some_and(|r| r.atomic)
+    }
+
     async fn handle(
         &mut self,
         event: ReplicationEvent,
@@ -427,12 +461,16 @@ impl<'a> Stream<'a> {
         match event {
             ReplicationEvent::XLogData { wal_end, data, .. } => {
                 self.wal_end = self.wal_end.max(wal_end);
-                let message = pgoutput::decode(data).map_err(|e| {
-                    RunError::fatal(
-                        "postgres",
-                        format!("pgoutput: cannot decode a message: {e}"),
-                    )
-                })?;
+                if let Some(spool) = self.spool.as_mut().filter(|s| s.in_block()) {
+                    // Decoded only to check it and to see the block's end: it is applied
+                    // when (and if) its transaction commits.
+                    let streamed = pgoutput::decode_streamed(data.clone()).map_err(decode_error)?;
+                    return match streamed.message {
+                        Message::StreamStop => spool.stop().map_err(spool_error),
+                        _ => spool.append(&data).map_err(spool_error),
+                    };
+                }
+                let message = pgoutput::decode(data).map_err(decode_error)?;
                 self.on_message(message).await
             }
             ReplicationEvent::Keepalive {
@@ -467,6 +505,9 @@ impl<'a> Stream<'a> {
 
     async fn on_message(&mut self, message: Message) -> Result<(), RunError> {
         let before = self.batch.len();
+        if let Some(outcome) = self.on_stream_message(&message) {
+            return outcome;
+        }
         if !self.partitions.is_empty() {
             match &message {
                 Message::Insert(Insert { relation_id, .. })
@@ -491,6 +532,10 @@ impl<'a> Stream<'a> {
             Message::Truncate(truncate) => self.on_truncate(&truncate),
             // Messages are not asked for (`messages 'false'`); types come with Relation.
             Message::Type(_) | Message::Origin(_) | Message::Message(_) => {}
+            Message::StreamStart(_)
+            | Message::StreamStop
+            | Message::StreamCommit(_)
+            | Message::StreamAbort(_) => {}
         }
         let (keys, dropped) = (
             self.batch.keys_since(before),
@@ -1127,6 +1172,13 @@ impl<'a> Stream<'a> {
         metrics::gauge!(m::CONFIRMED_LSN).set(lsn.0 as f64);
         Ok(())
     }
+}
+
+pub(super) fn decode_error(e: pgoutput::DecodeError) -> RunError {
+    RunError::fatal(
+        "postgres",
+        format!("pgoutput: cannot decode a message: {e}"),
+    )
 }
 
 /// Resolves with the write in flight's result; never, when none is in flight.

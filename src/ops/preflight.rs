@@ -139,7 +139,8 @@ async fn settings_findings(
                     current_setting('max_wal_senders')::int, \
                     (SELECT count(*)::int FROM pg_replication_slots), \
                     (SELECT count(*)::int FROM pg_stat_replication), \
-                    EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active)",
+                    EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active), \
+                    current_setting('server_version_num')::int",
             &[&config.postgres.slot],
         )
         .await?;
@@ -149,6 +150,7 @@ async fn settings_findings(
     let slots_used: i32 = row.get(3);
     let senders_used: i32 = row.get(4);
     let ours_active: bool = row.get(5);
+    let version_num: i32 = row.get(6);
 
     findings.push(if wal_level == "logical" {
         Finding::ok("wal_level is logical")
@@ -189,7 +191,47 @@ async fn settings_findings(
             "max_wal_senders is {max_senders} ({senders_used} in use)"
         ))
     });
+    findings.push(streaming_finding(config, version_num));
     Ok(findings)
+}
+
+/// `postgres.streaming`: whether the server can stream large transactions, and whether the
+/// spool directory takes files.
+fn streaming_finding(config: &Config, version_num: i32) -> Finding {
+    if !config.postgres.streaming {
+        return Finding::ok("postgres.streaming is off: large transactions are sent whole");
+    }
+    if version_num < 140_000 {
+        return Finding::warn(
+            format!(
+                "postgres.streaming is on, but Postgres {} cannot stream transactions in \
+                 progress (14 or later can): large transactions are sent whole",
+                version_num / 10_000
+            ),
+            "set postgres.streaming = false to say so, or upgrade Postgres",
+        );
+    }
+    let source = crate::pgconn::PgTarget::parse(config.postgres.url.expose())
+        .map(|t| t.redacted())
+        .unwrap_or_default();
+    let dir = config.apply.spool_dir_for(&config.postgres.slot, &source);
+    match crate::daemon::spool::Spool::check_writable(&dir) {
+        Ok(()) => Finding::ok(format!(
+            "large transactions are streamed, spooled in {}",
+            dir.display()
+        )),
+        Err(e) if config.apply.spool_dir.is_some() => Finding::fail(
+            format!("apply.spool_dir: {e}"),
+            "set apply.spool_dir to a directory the daemon can write, or postgres.streaming = false",
+        ),
+        Err(e) => Finding::warn(
+            format!(
+                "large transactions will not be streamed: the default spool directory cannot \
+                 be written ({e}); Postgres will hold them until they commit"
+            ),
+            "set apply.spool_dir to a directory the daemon can write, or postgres.streaming = false",
+        ),
+    }
 }
 
 /// The role must be allowed to open a replication connection.

@@ -212,6 +212,14 @@ impl InProcess {
         InProcess { stop, task }
     }
 
+    /// Waits for the daemon to end by itself (a fatal error), up to `limit`.
+    pub async fn ended(self, limit: Duration) -> Result<(), pgcache::daemon::RunError> {
+        tokio::time::timeout(limit, self.task)
+            .await
+            .expect("the daemon ends by itself")
+            .expect("daemon task")
+    }
+
     pub async fn stop(self) -> Result<(), pgcache::daemon::RunError> {
         let _ = self.stop.send(true);
         tokio::time::timeout(Duration::from_secs(30), self.task)
@@ -464,5 +472,42 @@ impl Env {
     pub async fn assert_converged(&self, tables: &str) {
         let (code, out) = verify(&self.write_config(tables)).await;
         assert_eq!(code, 0, "{out}");
+    }
+}
+
+/// `VmHWM` (peak resident set) and `VmRSS` of a process, in kB.
+pub fn memory_kb(pid: u32) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| -> Option<u64> {
+        let line = status.lines().find(|l| l.starts_with(name))?;
+        line[name.len()..]
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()
+    };
+    Some((field("VmHWM:")?, field("VmRSS:")?))
+}
+
+/// How many keys match `pattern`, by SCAN (KEYS on a million keys outlasts a reply timeout).
+pub async fn count_keys(r: &mut redis::aio::MultiplexedConnection, pattern: &str) -> u64 {
+    let mut cursor = 0u64;
+    let mut count = 0u64;
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(10_000)
+            .query_async(r)
+            .await
+            .expect("SCAN");
+        count += batch.len() as u64;
+        if next == 0 {
+            return count;
+        }
+        cursor = next;
     }
 }

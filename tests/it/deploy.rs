@@ -392,6 +392,20 @@ fn deployment_runs_two_locked_down_replicas_with_probes() -> Result<()> {
         .iter()
         .find(|v| v.get("name").and_then(Value::as_str) == Some(volume_name))
         .context("the mounted volume is not declared")?;
+    // The root file system is read-only: the spool of streamed transactions (a directory in
+    // /tmp by default) needs a writable volume there.
+    let tmp = seq_at(container, &["volumeMounts"])?
+        .iter()
+        .find(|m| m.get("mountPath").and_then(Value::as_str) == Some("/tmp"))
+        .context("nothing writable mounted at /tmp for the spool")?;
+    let tmp_name = str_at(tmp, &["name"])?;
+    ensure!(
+        seq_at(pod, &["volumes"])?
+            .iter()
+            .any(|v| v.get("name").and_then(Value::as_str) == Some(tmp_name)
+                && v.get("emptyDir").is_some()),
+        "/tmp is not an emptyDir volume"
+    );
     let configmap = objects.get("ConfigMap").context("no ConfigMap")?;
     ensure!(
         str_at(volume, &["configMap", "name"])? == str_at(configmap, &["metadata", "name"])?,

@@ -29,5 +29,6 @@ mod sentinel;
 mod slots;
 mod soak;
 mod stream;
+mod streaming;
 mod testkit;
 mod versions;

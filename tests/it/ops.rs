@@ -91,6 +91,7 @@ async fn check_accepts_a_correct_setup() {
         "OK   wal_level is logical",
         "OK   max_replication_slots is",
         "OK   max_wal_senders is",
+        "OK   large transactions are streamed, spooled in ",
         "OK   role \"pgcache\" may stream (REPLICATION)",
         "OK   publication \"pgcache\" exists",
         "OK   slot \"pgcache\" exists (pgoutput",

@@ -1,5 +1,5 @@
 //! Property tests of the decoder: arbitrary bytes, and messages built by a small encoder
-//! that follows the protocol-version-1 message formats (PostgreSQL docs, "Logical
+//! that follows the protocol-version-1 and -2 (streaming) message formats (PostgreSQL docs, "Logical
 //! Replication Message Formats") independently of the decoder.
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -15,7 +15,34 @@ type Check = std::result::Result<(), TestCaseError>;
 /// Writes `message` as pgoutput would. `message_flags` is the flags byte of a logical
 /// message (only bit 0, transactional, is defined; the decoder ignores the others).
 fn encode(message: &Message, message_flags: u8) -> Bytes {
+    encode_with(message, message_flags, None)
+}
+
+/// Writes `message` as pgoutput does inside a stream block: changes carry `xid` after the
+/// tag.
+fn encode_streamed(message: &Message, message_flags: u8, xid: u32) -> Bytes {
+    let xid = match message {
+        Message::Relation(_)
+        | Message::Type(_)
+        | Message::Insert(_)
+        | Message::Update(_)
+        | Message::Delete(_)
+        | Message::Truncate(_)
+        | Message::Message(_) => Some(xid),
+        _ => None,
+    };
+    encode_with(message, message_flags, xid)
+}
+
+fn encode_with(message: &Message, message_flags: u8, xid: Option<u32>) -> Bytes {
     let mut out = BytesMut::new();
+    // The tag, then the xid of a streamed change, then the body.
+    let tagged = |out: &mut BytesMut, tag: u8| {
+        out.put_u8(tag);
+        if let Some(xid) = xid {
+            out.put_u32(xid);
+        }
+    };
     match message {
         Message::Begin(b) => {
             out.put_u8(b'B');
@@ -36,7 +63,7 @@ fn encode(message: &Message, message_flags: u8) -> Bytes {
             put_string(&mut out, &o.name);
         }
         Message::Relation(r) => {
-            out.put_u8(b'R');
+            tagged(&mut out, b'R');
             out.put_u32(r.id);
             put_string(&mut out, &r.namespace);
             put_string(&mut out, &r.name);
@@ -50,19 +77,19 @@ fn encode(message: &Message, message_flags: u8) -> Bytes {
             }
         }
         Message::Type(t) => {
-            out.put_u8(b'Y');
+            tagged(&mut out, b'Y');
             out.put_u32(t.id);
             put_string(&mut out, &t.namespace);
             put_string(&mut out, &t.name);
         }
         Message::Insert(i) => {
-            out.put_u8(b'I');
+            tagged(&mut out, b'I');
             out.put_u32(i.relation_id);
             out.put_u8(b'N');
             put_tuple(&mut out, &i.new);
         }
         Message::Update(u) => {
-            out.put_u8(b'U');
+            tagged(&mut out, b'U');
             out.put_u32(u.relation_id);
             if let Some(old) = &u.old {
                 put_old(&mut out, old);
@@ -71,12 +98,12 @@ fn encode(message: &Message, message_flags: u8) -> Bytes {
             put_tuple(&mut out, &u.new);
         }
         Message::Delete(d) => {
-            out.put_u8(b'D');
+            tagged(&mut out, b'D');
             out.put_u32(d.relation_id);
             put_old(&mut out, &d.old);
         }
         Message::Truncate(t) => {
-            out.put_u8(b'T');
+            tagged(&mut out, b'T');
             out.put_u32(u32::try_from(t.relation_ids.len()).unwrap());
             out.put_u8(t.options);
             for id in &t.relation_ids {
@@ -84,12 +111,31 @@ fn encode(message: &Message, message_flags: u8) -> Bytes {
             }
         }
         Message::Message(m) => {
-            out.put_u8(b'M');
+            tagged(&mut out, b'M');
             out.put_u8(message_flags);
             out.put_u64(m.lsn.0);
             put_string(&mut out, &m.prefix);
             out.put_i32(i32::try_from(m.content.len()).unwrap());
             out.put_slice(&m.content);
+        }
+        Message::StreamStart(st) => {
+            out.put_u8(b'S');
+            out.put_u32(st.xid);
+            out.put_u8(u8::from(st.first_segment));
+        }
+        Message::StreamStop => out.put_u8(b'E'),
+        Message::StreamCommit(c) => {
+            out.put_u8(b'c');
+            out.put_u32(c.xid);
+            out.put_u8(c.flags);
+            out.put_u64(c.commit_lsn.0);
+            out.put_u64(c.end_lsn.0);
+            out.put_i64(c.commit_time);
+        }
+        Message::StreamAbort(a) => {
+            out.put_u8(b'A');
+            out.put_u32(a.xid);
+            out.put_u32(a.subxid);
         }
     }
     out.freeze()
@@ -171,7 +217,7 @@ fn column() -> impl Strategy<Value = Column> {
     )
 }
 
-/// Every kind of protocol-version-1 message, with the flags byte to write for a logical
+/// Every kind of protocol-version-1 and -2 message, with the flags byte to write for a logical
 /// message (bit 0 must match `transactional`).
 fn message() -> impl Strategy<Value = (Message, u8)> {
     let message = prop_oneof![
@@ -239,6 +285,21 @@ fn message() -> impl Strategy<Value = (Message, u8)> {
                 content,
             })
         ),
+        (any::<u32>(), any::<bool>()).prop_map(|(xid, first_segment)| Message::StreamStart(
+            StreamStart { xid, first_segment }
+        )),
+        Just(Message::StreamStop),
+        (any::<u32>(), any::<u8>(), lsn(), lsn(), any::<i64>()).prop_map(
+            |(xid, flags, commit_lsn, end_lsn, commit_time)| Message::StreamCommit(StreamCommit {
+                xid,
+                flags,
+                commit_lsn,
+                end_lsn,
+                commit_time,
+            })
+        ),
+        (any::<u32>(), any::<u32>())
+            .prop_map(|(xid, subxid)| Message::StreamAbort(StreamAbort { xid, subxid })),
     ];
     (message, any::<u8>()).prop_map(|(message, high_bits)| {
         let flags = match &message {
@@ -307,13 +368,47 @@ fn check_error(err: &DecodeError, len: usize) -> Check {
 }
 
 /// What a decoded payload must have been: the decoder drops nothing but the undefined bits
-/// of a logical message's flags.
-fn reencodes_to(payload: &[u8]) -> Check {
-    if let Ok(message) = decode(Bytes::copy_from_slice(payload)) {
-        let flags = if payload[0] == b'M' { payload[1] } else { 0 };
-        prop_assert_eq!(&encode(&message, flags)[..], payload, "{:?}", message);
+/// of a logical message's flags and of Stream Start's first-segment flag.
+fn reencodes_to(payload: &[u8], in_stream: bool) -> Check {
+    let decoded = if in_stream {
+        decode_streamed(Bytes::copy_from_slice(payload))
+    } else {
+        decode(Bytes::copy_from_slice(payload)).map(|message| Streamed { xid: None, message })
+    };
+    if let Ok(Streamed { xid, message }) = decoded {
+        let flags_at = if xid.is_some() { 5 } else { 1 };
+        let flags = if payload[0] == b'M' {
+            payload[flags_at]
+        } else {
+            0
+        };
+        let mut expected = payload.to_vec();
+        if payload[0] == b'S' {
+            expected[5] = u8::from(expected[5] == 1);
+        }
+        let encoded = match xid {
+            Some(xid) => encode_streamed(&message, flags, xid),
+            None => encode(&message, flags),
+        };
+        prop_assert_eq!(&encoded[..], &expected[..], "{:?}", message);
     }
     Ok(())
+}
+
+fn decode_in(payload: Bytes, in_stream: bool) -> Result<Message> {
+    if in_stream {
+        decode_streamed(payload).map(|s| s.message)
+    } else {
+        decode(payload)
+    }
+}
+
+fn encode_in(message: &Message, flags: u8, in_stream: bool, xid: u32) -> Bytes {
+    if in_stream {
+        encode_streamed(message, flags, xid)
+    } else {
+        encode(message, flags)
+    }
 }
 
 proptest! {
@@ -322,9 +417,9 @@ proptest! {
     /// Anything decodes or fails with an error whose offsets fit the payload, and whatever
     /// decodes is exactly what the bytes say.
     #[test]
-    fn arbitrary_bytes_never_panic(payload in noise()) {
-        match decode(Bytes::from(payload.clone())) {
-            Ok(_) => reencodes_to(&payload)?,
+    fn arbitrary_bytes_never_panic(payload in noise(), in_stream in any::<bool>()) {
+        match decode_in(Bytes::from(payload.clone()), in_stream) {
+            Ok(_) => reencodes_to(&payload, in_stream)?,
             Err(err) => check_error(&err, payload.len())?,
         }
     }
@@ -335,13 +430,32 @@ proptest! {
         prop_assert_eq!(decode(payload.clone()), Ok(message));
     }
 
+    /// Inside a stream block, changes carry their xid and everything else reads as outside.
+    #[test]
+    fn streamed_messages_decode_to_what_was_encoded(
+        (message, flags) in message(),
+        xid in any::<u32>(),
+    ) {
+        let payload = encode_streamed(&message, flags, xid);
+        let carries = payload.len() != encode(&message, flags).len();
+        prop_assert_eq!(
+            decode_streamed(payload),
+            Ok(Streamed { xid: carries.then_some(xid), message })
+        );
+    }
+
     /// A cut message is reported as cut: never decoded as some other message, never a
     /// complaint about a byte it does not have.
     #[test]
-    fn every_strict_prefix_is_a_truncation((message, flags) in message()) {
-        let payload = encode(&message, flags);
+    fn every_strict_prefix_is_a_truncation(
+        (message, flags) in message(),
+        in_stream in any::<bool>(),
+        xid in any::<u32>(),
+    ) {
+        let payload = encode_in(&message, flags, in_stream, xid);
         for len in 0..payload.len() {
-            let err = decode(payload.slice(..len)).expect_err("a strict prefix decoded");
+            let err = decode_in(payload.slice(..len), in_stream)
+                .expect_err("a strict prefix decoded");
             prop_assert!(
                 matches!(
                     err,
@@ -362,12 +476,14 @@ proptest! {
     fn trailing_bytes_are_reported_where_they_start(
         (message, flags) in message(),
         garbage in vec(any::<u8>(), 1..16),
+        in_stream in any::<bool>(),
+        xid in any::<u32>(),
     ) {
-        let payload = encode(&message, flags);
+        let payload = encode_in(&message, flags, in_stream, xid);
         let mut longer = payload.to_vec();
         longer.extend_from_slice(&garbage);
         prop_assert_eq!(
-            decode(Bytes::from(longer)),
+            decode_in(Bytes::from(longer), in_stream),
             Err(DecodeError::TrailingBytes {
                 message: message.kind(),
                 at: payload.len(),
@@ -383,12 +499,14 @@ proptest! {
         (message, flags) in message(),
         at in any::<prop::sample::Index>(),
         value in any::<u8>(),
+        in_stream in any::<bool>(),
+        xid in any::<u32>(),
     ) {
-        let mut payload = encode(&message, flags).to_vec();
+        let mut payload = encode_in(&message, flags, in_stream, xid).to_vec();
         let at = at.index(payload.len());
         payload[at] = value;
-        match decode(Bytes::from(payload.clone())) {
-            Ok(_) => reencodes_to(&payload)?,
+        match decode_in(Bytes::from(payload.clone()), in_stream) {
+            Ok(_) => reencodes_to(&payload, in_stream)?,
             Err(err) => check_error(&err, payload.len())?,
         }
     }

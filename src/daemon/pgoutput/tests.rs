@@ -404,9 +404,9 @@ fn empty_and_unknown_tags() {
         decode(Bytes::from_static(b"Z")),
         Err(DecodeError::UnknownTag(b'Z'))
     );
-    let err = decode(Bytes::from_static(b"S\0\0\0\x01\x01")).unwrap_err();
-    assert!(matches!(err, DecodeError::Unsupported { tag: b'S', .. }));
-    assert!(err.to_string().contains("stream start"), "{err}");
+    let err = decode(Bytes::from_static(b"P\0\0\0\x01\x01")).unwrap_err();
+    assert!(matches!(err, DecodeError::Unsupported { tag: b'P', .. }));
+    assert!(err.to_string().contains("prepare"), "{err}");
 }
 
 #[test]
@@ -510,4 +510,113 @@ fn errors_name_the_problem() {
         err.to_string(),
         "pgoutput message truncated: begin final_lsn at byte 1 needs 8 bytes, 2 left"
     );
+}
+
+/// The stream messages of protocol version 2, byte for byte as the docs lay them out.
+#[test]
+fn stream_control_messages() {
+    assert_eq!(
+        decode(Bytes::from_static(b"S\0\0\x02\x0a\x01")),
+        Ok(Message::StreamStart(StreamStart {
+            xid: 522,
+            first_segment: true
+        }))
+    );
+    assert_eq!(
+        decode(Bytes::from_static(b"S\0\0\x02\x0a\0")),
+        Ok(Message::StreamStart(StreamStart {
+            xid: 522,
+            first_segment: false
+        }))
+    );
+    assert_eq!(decode(Bytes::from_static(b"E")), Ok(Message::StreamStop));
+    let mut commit = b"c\0\0\x02\x0a\0".to_vec();
+    commit.extend_from_slice(&0x0000_0001_0000_0010_u64.to_be_bytes());
+    commit.extend_from_slice(&0x0000_0001_0000_0040_u64.to_be_bytes());
+    commit.extend_from_slice(&7_i64.to_be_bytes());
+    assert_eq!(
+        decode(Bytes::from(commit)),
+        Ok(Message::StreamCommit(StreamCommit {
+            xid: 522,
+            flags: 0,
+            commit_lsn: Lsn(0x1_0000_0010),
+            end_lsn: Lsn(0x1_0000_0040),
+            commit_time: 7,
+        }))
+    );
+    let abort = decode(Bytes::from_static(b"A\0\0\x02\x0a\0\0\x02\x0b")).unwrap();
+    assert_eq!(
+        abort,
+        Message::StreamAbort(StreamAbort {
+            xid: 522,
+            subxid: 523
+        })
+    );
+    let Message::StreamAbort(abort) = abort else {
+        unreachable!()
+    };
+    assert!(!abort.is_top_level());
+    assert!(StreamAbort { xid: 1, subxid: 1 }.is_top_level());
+    // Protocol version 4's abort LSN and time are not asked for: extra bytes are an error.
+    assert!(matches!(
+        decode(Bytes::from_static(b"A\0\0\x02\x0a\0\0\x02\x0b\0")),
+        Err(DecodeError::TrailingBytes {
+            message: "stream abort",
+            ..
+        })
+    ));
+}
+
+/// Inside a stream block every change carries its subtransaction's xid after the tag; the
+/// same bytes outside one are a different (here: malformed) message.
+#[test]
+fn streamed_changes_carry_their_xid() {
+    // Insert into relation 16384 by subtransaction 523: one text column "7".
+    let insert = Bytes::from_static(b"I\0\0\x02\x0b\0\0\x40\0N\0\x01t\0\0\0\x017");
+    assert_eq!(
+        decode_streamed(insert.clone()),
+        Ok(Streamed {
+            xid: Some(523),
+            message: Message::Insert(Insert {
+                relation_id: 16384,
+                new: Tuple(vec![text("7")]),
+            }),
+        })
+    );
+    assert!(decode(insert).is_err());
+    let truncate = Bytes::from_static(b"T\0\0\x02\x0a\0\0\0\x01\0\0\0\x40\0");
+    assert_eq!(
+        decode_streamed(truncate),
+        Ok(Streamed {
+            xid: Some(522),
+            message: Message::Truncate(Truncate {
+                options: 0,
+                relation_ids: vec![16384],
+            }),
+        })
+    );
+    let relation = Bytes::from_static(
+        b"R\0\0\x02\x0a\0\0\x40\0public\0t\0d\0\x01\x01id\0\0\0\0\x17\xff\xff\xff\xff",
+    );
+    let streamed = decode_streamed(relation).unwrap();
+    assert_eq!(streamed.xid, Some(522));
+    assert!(
+        matches!(streamed.message, Message::Relation(ref r) if r.name == "t" && r.columns[0].type_oid == INT4)
+    );
+    // Stream Stop carries none.
+    assert_eq!(
+        decode_streamed(Bytes::from_static(b"E")),
+        Ok(Streamed {
+            xid: None,
+            message: Message::StreamStop
+        })
+    );
+    // A cut xid is named as such.
+    assert!(matches!(
+        decode_streamed(Bytes::from_static(b"D\0\0")),
+        Err(DecodeError::Truncated {
+            what: "streamed change xid",
+            ..
+        })
+    ));
 }

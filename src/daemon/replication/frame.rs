@@ -180,10 +180,21 @@ pub(super) fn parse_data_row(body: &[u8]) -> Result<Vec<Option<String>>, Replica
 pub(super) use crate::sql::{quote_ident, quote_literal};
 
 /// The `START_REPLICATION` command for a pgoutput slot. `publication_names` is itself a
-/// list of identifiers inside a literal, hence the double quoting.
-pub(super) fn start_replication_command(slot: &str, start: Lsn, publication: &str) -> String {
+/// list of identifiers inside a literal, hence the double quoting. `streaming` asks for
+/// protocol version 2 and large transactions streamed while in progress (Postgres 14+).
+pub(super) fn start_replication_command(
+    slot: &str,
+    start: Lsn,
+    publication: &str,
+    streaming: bool,
+) -> String {
+    let (proto, streaming) = if streaming {
+        ("2", ", streaming 'on'")
+    } else {
+        ("1", "")
+    };
     format!(
-        "START_REPLICATION SLOT {} LOGICAL {start} (proto_version '1', publication_names {}, messages 'false')",
+        "START_REPLICATION SLOT {} LOGICAL {start} (proto_version '{proto}', publication_names {}, messages 'false'{streaming})",
         quote_ident(slot),
         quote_literal(&quote_ident(publication))
     )
@@ -355,8 +366,12 @@ mod tests {
     #[test]
     fn quotes_the_start_command() {
         assert_eq!(
-            start_replication_command("my\"slot", Lsn(0x1_0000_0002), "it's pub"),
+            start_replication_command("my\"slot", Lsn(0x1_0000_0002), "it's pub", false),
             "START_REPLICATION SLOT \"my\"\"slot\" LOGICAL 1/2 (proto_version '1', publication_names '\"it''s pub\"', messages 'false')"
+        );
+        assert_eq!(
+            start_replication_command("s", Lsn(0), "p", true),
+            "START_REPLICATION SLOT \"s\" LOGICAL 0/0 (proto_version '2', publication_names '\"p\"', messages 'false', streaming 'on')"
         );
     }
 

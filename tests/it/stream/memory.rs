@@ -6,46 +6,10 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 
 use super::shorten;
-use crate::common::{eventually, get, Daemon, Env};
-
-/// `VmHWM` (peak resident set) and `VmRSS` of a process, in kB.
-fn memory_kb(pid: u32) -> Option<(u64, u64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let field = |name: &str| -> Option<u64> {
-        let line = status.lines().find(|l| l.starts_with(name))?;
-        line[name.len()..]
-            .trim()
-            .trim_end_matches("kB")
-            .trim()
-            .parse()
-            .ok()
-    };
-    Some((field("VmHWM:")?, field("VmRSS:")?))
-}
+use crate::common::{count_keys, eventually, get, memory_kb, Daemon, Env};
 
 async fn dbsize(r: &mut redis::aio::MultiplexedConnection) -> u64 {
     redis::cmd("DBSIZE").query_async(r).await.expect("DBSIZE")
-}
-
-async fn count_keys(r: &mut redis::aio::MultiplexedConnection, pattern: &str) -> u64 {
-    let mut cursor = 0u64;
-    let mut count = 0u64;
-    loop {
-        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(pattern)
-            .arg("COUNT")
-            .arg(10_000)
-            .query_async(r)
-            .await
-            .expect("SCAN");
-        count += batch.len() as u64;
-        if next == 0 {
-            return count;
-        }
-        cursor = next;
-    }
 }
 
 /// One transaction of a million rows reaches Redis while the daemon's memory stays bounded
