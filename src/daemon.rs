@@ -431,6 +431,13 @@ async fn session(
             )
         })?;
         state.set_spool(spool);
+    } else {
+        // Files a streaming session left (its transactions come again, whole).
+        spool::remove_leftovers(
+            &config
+                .apply
+                .spool_dir_for(&config.postgres.slot, &target.redacted()),
+        );
     }
     for table in &stopped_tables {
         state.backfills.remove_table(table);

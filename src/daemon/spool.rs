@@ -57,6 +57,20 @@ pub(crate) enum SpoolError {
     Protocol { xid: u32, what: &'static str },
 }
 
+/// Deletes the spool files an earlier session left in `dir`, for a session that does not
+/// stream (`postgres.streaming = false`, or a server before 14): nothing else would. Best
+/// effort: a directory that is missing or unreadable has nothing to free.
+pub(super) fn remove_leftovers(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for path in entries.flatten().map(|entry| entry.path()) {
+        if path.extension().is_some_and(|e| e == "spool") {
+            let _ = fs::remove_file(&path);
+        }
+    }
+}
+
 impl Spool {
     /// Creates `dir` if needed and deletes every spool file an earlier session left there.
     ///
@@ -306,6 +320,17 @@ fn remove(path: &Path) -> io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn leftovers_are_removed_and_other_files_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("770.spool"), b"x").unwrap();
+        fs::write(dir.path().join("notes.txt"), b"x").unwrap();
+        remove_leftovers(dir.path());
+        assert!(!dir.path().join("770.spool").exists());
+        assert!(dir.path().join("notes.txt").exists());
+        remove_leftovers(&dir.path().join("missing"));
+    }
     use super::*;
 
     fn dir(name: &str) -> PathBuf {
