@@ -481,6 +481,11 @@ impl Config {
             .iter()
             .find(|t| t.schema == schema && t.name == name)
     }
+
+    /// The rule for a table by its qualified name (`public.users`), if it is configured.
+    pub fn table_named(&self, qualified: &str) -> Option<&TableRule> {
+        self.tables.iter().find(|t| t.qualified_name() == qualified)
+    }
 }
 
 impl fmt::Display for Mode {

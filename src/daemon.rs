@@ -704,7 +704,7 @@ fn stop_unready_tables(
             // Its keys are gone: once it is set up right, the next start backfills it.
             batch.push_field(format!("{FIELD_BACKFILL_PREFIX}{table}"), String::new());
         }
-        if let Some(rule) = config.tables.iter().find(|r| r.qualified_name() == *table) {
+        if let Some(rule) = config.table_named(table) {
             let patterns = rule.invalidation_patterns(&config.redis.key_prefix);
             if !patterns.is_empty() {
                 batch.push_committed(Op::DropMatching { patterns });

@@ -184,12 +184,7 @@ impl<'a> Stream<'a> {
     /// drop of its keys, so no reader fill lands in between and stays, stale, for good.
     pub(super) fn set_stopped(&mut self, table: &str, stopped: bool) {
         let changed = if stopped {
-            let Some(rule) = self
-                .config
-                .tables
-                .iter()
-                .find(|r| r.qualified_name() == table)
-            else {
+            let Some(rule) = self.config.table_named(table) else {
                 return;
             };
             let patterns = rule.fill_patterns(&self.config.redis.key_prefix);
@@ -306,12 +301,7 @@ impl<'a> Stream<'a> {
 
     /// Deletes every key the table's invalidation rules name, and their leases.
     fn drop_invalidation_keys(&mut self, table: &str) {
-        let Some(rule) = self
-            .config
-            .tables
-            .iter()
-            .find(|r| r.qualified_name() == table)
-        else {
+        let Some(rule) = self.config.table_named(table) else {
             return;
         };
         let patterns = rule.invalidation_patterns(&self.config.redis.key_prefix);
@@ -322,9 +312,7 @@ impl<'a> Stream<'a> {
 
     fn key_space(&self, table: &str) -> Option<String> {
         self.config
-            .tables
-            .iter()
-            .find(|r| r.qualified_name() == table)
+            .table_named(table)
             .map(|r| r.key_space(&self.config.redis.key_prefix))
     }
 
@@ -695,12 +683,7 @@ impl<'a> Stream<'a> {
                 // truncated): a fill that read one of them before may not land after, so
                 // every lease of the table is revoked with this transaction, and the keys
                 // its invalidation rules name go (no row is at hand to render them from).
-                if let Some(rule) = self
-                    .config
-                    .tables
-                    .iter()
-                    .find(|r| r.qualified_name() == table)
-                {
+                if let Some(rule) = self.config.table_named(&table) {
                     let patterns = rule.lease_patterns(&self.config.redis.key_prefix);
                     self.batch.revoke_leases(patterns);
                 }
@@ -730,9 +713,7 @@ impl<'a> Stream<'a> {
                         if self.relations.is_stopped(&name) {
                             continue;
                         }
-                        if let Some(key_space) = self.relations.stop_table(&name, &error) {
-                            self.stop_table_now(&name, &error, key_space);
-                        }
+                        self.stop_configured(&name, &error);
                     }
                     return Ok(());
                 }
@@ -755,13 +736,7 @@ impl<'a> Stream<'a> {
     /// the one the daemon follows? A table swapped for one outside the publication, or gone,
     /// sends no row change that would say so, and its keys would stay for good.
     async fn check_identity(&mut self, name: &str) -> Result<(), RunError> {
-        let Some(rule) = self
-            .config
-            .tables
-            .iter()
-            .find(|r| r.qualified_name() == name)
-            .cloned()
-        else {
+        let Some(rule) = self.config.table_named(name).cloned() else {
             return Ok(());
         };
         if self.relations.is_stopped(name) {
@@ -802,9 +777,7 @@ impl<'a> Stream<'a> {
                          and restart"
                     )
                 };
-                if let Some(key_space) = self.relations.stop_table(name, &error) {
-                    self.stop_table_now(name, &error, key_space);
-                }
+                self.stop_configured(name, &error);
             }
             Some(TableIdentity {
                 row_filter: Some(filter),
@@ -815,9 +788,7 @@ impl<'a> Stream<'a> {
                      outside it never reach pgcache, so its keys are dropped; ALTER PUBLICATION \
                      {publication} SET TABLE ... without the WHERE for {name}, and restart"
                 );
-                if let Some(key_space) = self.relations.stop_table(name, &error) {
-                    self.stop_table_now(name, &error, key_space);
-                }
+                self.stop_configured(name, &error);
             }
             Some(now) if Some(now.oid) == known => {}
             Some(now) => {
@@ -869,8 +840,14 @@ impl<'a> Stream<'a> {
              ALTER PUBLICATION {} SET (publish_via_partition_root = true) and restart",
             self.config.postgres.publication
         );
-        if let Some(key_space) = self.relations.stop_table(&root, &error) {
-            self.stop_table_now(&root, &error, key_space);
+        self.stop_configured(&root, &error);
+    }
+
+    /// Stops a configured table for the rest of the session (see
+    /// [`stop_table_now`](Self::stop_table_now)).
+    fn stop_configured(&mut self, table: &str, error: &str) {
+        if let Some(key_space) = self.relations.stop_table(table, error) {
+            self.stop_table_now(table, error, key_space);
         }
     }
 
@@ -886,12 +863,7 @@ impl<'a> Stream<'a> {
         self.batch
             .push_field(format!("{FIELD_BACKFILL_PREFIX}{table}"), String::new());
         // Its changes no longer delete its invalidation keys: they go too.
-        if let Some(rule) = self
-            .config
-            .tables
-            .iter()
-            .find(|r| r.qualified_name() == table)
-        {
+        if let Some(rule) = self.config.table_named(table) {
             self.batch
                 .drop_matching(rule.invalidation_patterns(&self.config.redis.key_prefix));
         }

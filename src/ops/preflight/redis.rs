@@ -31,15 +31,7 @@ pub async fn redis_findings(config: &Config) -> Vec<Finding> {
         }
     };
     let mut findings = vec![Finding::ok(format!("redis {} reachable", config.redis.url))];
-    findings.push(version_finding(&mut conn).await);
-    match config_get(&mut conn, &["maxmemory-policy", "maxmemory"]).await {
-        Ok(settings) => findings.push(eviction_finding(config, &settings)),
-        Err(e) => findings.push(unreadable("maxmemory-policy", &e)),
-    }
-    match config_get(&mut conn, &["appendonly", "appendfsync", "save"]).await {
-        Ok(settings) => findings.push(persistence_finding(config, &settings)),
-        Err(e) => findings.push(unreadable("persistence (appendonly, save)", &e)),
-    }
+    server_findings(config, &mut conn, &mut findings).await;
     findings
 }
 
@@ -70,16 +62,26 @@ async fn sentinel_findings(config: &Config, sentinel: &SentinelConfig) -> Vec<Fi
         info.addr(),
         sentinel.master
     ))];
-    findings.push(version_finding(&mut conn).await);
-    match config_get(&mut conn, &["maxmemory-policy", "maxmemory"]).await {
+    server_findings(config, &mut conn, &mut findings).await;
+    findings
+}
+
+/// The checks of one server (the one `redis.url` names, or the master the sentinels name):
+/// its version, eviction policy and persistence.
+async fn server_findings(
+    config: &Config,
+    conn: &mut redis::aio::MultiplexedConnection,
+    findings: &mut Vec<Finding>,
+) {
+    findings.push(version_finding(conn).await);
+    match config_get(conn, &["maxmemory-policy", "maxmemory"]).await {
         Ok(settings) => findings.push(eviction_finding(config, &settings)),
         Err(e) => findings.push(unreadable("maxmemory-policy", &e)),
     }
-    match config_get(&mut conn, &["appendonly", "appendfsync", "save"]).await {
+    match config_get(conn, &["appendonly", "appendfsync", "save"]).await {
         Ok(settings) => findings.push(persistence_finding(config, &settings)),
         Err(e) => findings.push(unreadable("persistence (appendonly, save)", &e)),
     }
-    findings
 }
 
 async fn connect(config: &Config) -> Result<redis::aio::MultiplexedConnection, String> {
