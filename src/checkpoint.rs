@@ -73,6 +73,10 @@ pub const FIELD_PARTIAL: &str = "partial";
 /// that starts the rebuild: a daemon that stops in between rebuilds at its next start,
 /// rather than resuming from a checkpoint the new slot does not cover.
 pub const FIELD_SLOT_LOST: &str = "slot_lost";
+/// On a Redis Cluster, per hash slot (`hs:<slot>`): the position the daemon last wrote into
+/// that slot's checkpoint, recorded in the root checkpoint once the batch is in every slot.
+/// A slot checkpoint found behind it at start lost writes (a replica promoted without them).
+pub const FIELD_HASH_SLOT_PREFIX: &str = "hs:";
 
 /// Where a table's backfill stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -158,6 +162,9 @@ pub struct CheckpointState {
     pub reconciles: BTreeMap<String, String>,
     /// The slot was lost and recreated and the cache not yet rebuilt: why it was lost.
     pub slot_lost: Option<String>,
+    /// On a Redis Cluster: the position last written into each hash slot's checkpoint
+    /// ([`FIELD_HASH_SLOT_PREFIX`]).
+    pub hash_slots: BTreeMap<u16, Lsn>,
 }
 
 /// The stored text of a position, as the apply script compares it (`-` for none).
@@ -218,6 +225,10 @@ pub(crate) fn parse_state(
                     state.repairs.insert(key.to_string(), value);
                 } else if let Some(table) = other.strip_prefix(FIELD_RECONCILE_PREFIX) {
                     state.reconciles.insert(table.to_string(), value);
+                } else if let Some(slot) = other.strip_prefix(FIELD_HASH_SLOT_PREFIX) {
+                    let slot = slot.parse().map_err(|_| corrupt())?;
+                    let lsn = value.parse().map_err(|_| corrupt())?;
+                    state.hash_slots.insert(slot, lsn);
                 }
             }
         }

@@ -11,6 +11,8 @@
 //! - [`visibility`]: a batch waits until Postgres readers can see its commits.
 //! - [`backfill`]: loading, repairing and reconciling rows beside the stream.
 //! - `stream`: one session's loop, a handler per message kind; this module: the sessions.
+//! - `cluster_apply` (with [`slot_router`]): on a Redis Cluster, a batch written slot by
+//!   slot, each with its own checkpoint, and the frontier confirmed once every slot has it.
 //!
 //! One *session* connects Redis and Postgres, takes the checkpoint over once Postgres has
 //! given it the slot, and streams from the checkpoint. Any failure ends the session; the
@@ -30,6 +32,8 @@ use crate::config::{Config, Mode, RedisTopology};
 use crate::daemon::apply::script::{Owner, Refused, WriteError};
 use crate::daemon::apply::{Batch, Op};
 use crate::daemon::backfill::{Backfills, ProgressFn};
+use crate::daemon::cluster_apply::ClusterApply;
+use crate::daemon::slot_router::SlotRouter;
 use crate::daemon::relations::{RelationCache, TypeResolver};
 use crate::daemon::replication::{ReplicationConnection, ReplicationError, ReplicationStream};
 use crate::daemon::spool::Spool;
@@ -51,6 +55,7 @@ pub(crate) mod slot;
 pub mod slot_router;
 pub(crate) mod spool;
 mod stream;
+pub(crate) mod cluster_apply;
 pub mod visibility;
 
 use stream::Stream;
@@ -235,10 +240,6 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
     hooks: Hooks,
 ) -> Result<(), RunError> {
-    config
-        .redis
-        .single_or_sentinel("the daemon (pgcache run)")
-        .map_err(|message| RunError::fatal("config", message))?;
     let target = PgTarget::parse(config.postgres.url.expose())
         .map_err(|e| RunError::fatal("config", format!("postgres.url: {e}")))?;
     let mut failures = 0u32;
@@ -307,6 +308,10 @@ enum Loss {
     /// from a copy of its data directory, or a lagging standby promoted), so Redis holds
     /// changes Postgres no longer has.
     PostgresBehind { checkpoint: Lsn, server: Lsn },
+    /// On a Redis Cluster: hash slots whose checkpoint is behind what this daemon recorded
+    /// writing there, or gone (a master failed over to a replica that did not have its
+    /// last writes, or lost its data).
+    HashSlotsBehind { slots: Vec<u16> },
 }
 
 async fn session(
@@ -316,29 +321,13 @@ async fn session(
     hooks: &Hooks,
     applied: &mut Applied,
 ) -> Result<(), RunError> {
-    // With sentinels, the master they name now (after a failover, the new one).
-    let client = match &config.redis.topology {
-        RedisTopology::Sentinel(_) => config
-            .redis
-            .resolve()
-            .await
-            .map_err(|e| RunError::transient("redis", format!("redis.sentinel: {e}")))?,
-        _ => config
-            .redis
-            .client()
-            .map_err(|e| RunError::fatal("config", format!("redis.url: {e}")))?,
-    };
-    // A large write on a loaded Redis can take well over redis-rs's default 500 ms reply
-    // timeout; ending the session for it would only replay the same batch. A dead server
-    // is still noticed: the connection drops.
-    let redis_config = redis::AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(10)))
-        .set_response_timeout(Some(Duration::from_secs(60)));
-    let mut redis = client
-        .get_multiplexed_async_connection_with_config(&redis_config)
-        .await?;
     let checkpoint_key =
         checkpoint::checkpoint_key(&config.redis.key_prefix, &config.postgres.slot);
+    let RedisSide {
+        mut redis,
+        scans,
+        router,
+    } = connect_redis(config, &checkpoint_key).await?;
     let before = checkpoint::read_state(&mut redis, &checkpoint_key).await?;
 
     let connect = || async {
@@ -380,24 +369,40 @@ async fn session(
     )
     .await?;
     let (owner_token, taken) = take_over(&mut redis, &checkpoint_key, &before).await?;
+    let cluster = match router {
+        Some(router) => Some(
+            ClusterApply::take_over(
+                router,
+                &config.redis.key_prefix,
+                &config.postgres.slot,
+                &owner_token,
+            )
+            .await?,
+        ),
+        None => None,
+    };
     let slot_confirmed = slot_confirmed(&catalog, &config.postgres.slot).await?;
-    let loss = Loss::detect(&before, &taken, slot_confirmed, identity.xlog_pos);
+    let mut loss = Loss::detect(&before, &taken, slot_confirmed, identity.xlog_pos);
+    if let (None, Some((_, slots))) = (&loss, &cluster) {
+        loss = Loss::hash_slots(&taken, slots);
+    }
     if matches!(loss, Some(Loss::PostgresBehind { .. })) {
         // What this process applied is from the lost future: nothing to mute.
         applied.position = None;
     }
     let saved = taken.state;
 
-    // Backfills scan keys on a connection of their own: the writes' connection carries
-    // WATCH state between a batch's check and its EXEC.
-    let scans = client
-        .get_multiplexed_async_connection_with_config(&redis_config)
-        .await?;
-    let backfills = Backfills::new(connect().await?, scans, config, hooks.on_backfill.clone());
+    let backfills = Backfills::new(
+        connect().await?,
+        scans.clone(),
+        config,
+        hooks.on_backfill.clone(),
+    );
     let mut relations = RelationCache::new(config);
     let mut batch = Batch::with_max_value(max_value);
     let (field, value) =
-        long_keys::drop_unreachable(&mut redis, &checkpoint_key, config, max_value).await?;
+        long_keys::drop_unreachable(&mut redis, &scans, &checkpoint_key, config, max_value)
+            .await?;
     batch.push_field(field, value);
     let stopped_tables = stop_unready_tables(config, &findings, &mut relations, &mut batch);
     let owner = Owner {
@@ -419,6 +424,9 @@ async fn session(
         hooks.health.clone(),
         layout,
     );
+    if let Some((apply, _)) = cluster {
+        state.set_cluster(apply);
+    }
     if streaming {
         // Only now: this session owns the slot, so no other daemon is using the directory.
         let dir = config
@@ -466,6 +474,81 @@ async fn session(
         let _ = tokio::time::timeout(Duration::from_secs(5), stream.finish()).await;
     }
     result
+}
+
+/// The Redis side of a session.
+struct RedisSide {
+    /// Where the checkpoint is: the one server, the master the sentinels name, or on a
+    /// cluster the master of the checkpoint's hash slot.
+    redis: redis::aio::MultiplexedConnection,
+    /// Connections for scans, one per master (the writes' connection carries WATCH state
+    /// between a batch's check and its EXEC).
+    scans: Vec<redis::aio::MultiplexedConnection>,
+    /// On a cluster: the router for the slot-by-slot writes.
+    router: Option<SlotRouter>,
+}
+
+async fn connect_redis(config: &Config, checkpoint_key: &str) -> Result<RedisSide, RunError> {
+    // A large write on a loaded Redis can take well over redis-rs's default 500 ms reply
+    // timeout; ending the session for it would only replay the same batch. A dead server
+    // is still noticed: the connection drops.
+    let redis_config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(10)))
+        .set_response_timeout(Some(Duration::from_secs(60)));
+    let client = match &config.redis.topology {
+        RedisTopology::Cluster { seeds } => {
+            let seeds: Vec<String> = seeds.iter().map(|s| s.expose().to_string()).collect();
+            let mut router = SlotRouter::connect(&seeds, config.redis.tls_ca_file.clone())
+                .await
+                .map_err(|e| RunError::transient("redis", e.to_string()))?;
+            let home = crate::cluster::key_slot(checkpoint_key.as_bytes());
+            let master = router.owner(home).map(str::to_string).ok_or_else(|| {
+                RunError::transient(
+                    "redis",
+                    format!("redis cluster: hash slot {home} (the checkpoint's) has no master"),
+                )
+            })?;
+            let redis = router.node(&master).await?;
+            let mut scans = Vec::new();
+            for addr in router.masters() {
+                // Of their own: the router's carry the slot writes.
+                let url = router.url_for(&addr);
+                let client =
+                    crate::config::redis_client(&url, config.redis.tls_ca_file.as_ref())?;
+                scans.push(
+                    client
+                        .get_multiplexed_async_connection_with_config(&redis_config)
+                        .await?,
+                );
+            }
+            return Ok(RedisSide {
+                redis,
+                scans,
+                router: Some(router),
+            });
+        }
+        // With sentinels, the master they name now (after a failover, the new one).
+        RedisTopology::Sentinel(_) => config
+            .redis
+            .resolve()
+            .await
+            .map_err(|e| RunError::transient("redis", format!("redis.sentinel: {e}")))?,
+        RedisTopology::Single => config
+            .redis
+            .client()
+            .map_err(|e| RunError::fatal("config", format!("redis.url: {e}")))?,
+    };
+    let redis = client
+        .get_multiplexed_async_connection_with_config(&redis_config)
+        .await?;
+    let scans = client
+        .get_multiplexed_async_connection_with_config(&redis_config)
+        .await?;
+    Ok(RedisSide {
+        redis,
+        scans: vec![scans],
+        router: None,
+    })
 }
 
 /// Postgres gave this session the slot: from here on, only it may write. Takes the
@@ -631,6 +714,21 @@ async fn begin(
 }
 
 impl Loss {
+    /// On a cluster whose root checkpoint is good: the slots that lost writes.
+    fn hash_slots(root: &checkpoint::Takeover, slots: &[checkpoint::Takeover]) -> Option<Loss> {
+        let lost: Vec<u16> = slots
+            .iter()
+            .enumerate()
+            .filter(|(slot, taken)| {
+                let recorded = root.state.hash_slots.get(&(*slot as u16));
+                (taken.fresh && !root.fresh)
+                    || recorded.is_some_and(|&r| taken.state.lsn.is_none_or(|lsn| lsn < r))
+            })
+            .map(|(slot, _)| slot as u16)
+            .collect();
+        (!lost.is_empty()).then_some(Loss::HashSlotsBehind { slots: lost })
+    }
+
     /// What Redis lost, from the checkpoint before and after this session took it over and
     /// the slot's confirmed position.
     fn detect(
@@ -811,6 +909,13 @@ impl Stream<'_> {
                  promoted); Redis holds changes Postgres no longer has, so every table's keys \
                  are dropped and the mirror tables backfilled"
             ),
+            Loss::HashSlotsBehind { slots } => error!(
+                slots = %crate::cluster::ranges_text(&crate::cluster::ranges(slots.iter().copied())),
+                "Redis Cluster lost writes: these hash slots' checkpoints are behind what the \
+                 daemon wrote there, or gone (a master failed over to a replica without its \
+                 last writes, or lost its data); every table's keys are dropped and the mirror \
+                 tables backfilled (set redis.wait_replicas to make a failover lose nothing)"
+            ),
             Loss::SlotLost { reason } => warn!(
                 slot = %self.config.postgres.slot,
                 %reason,
@@ -822,6 +927,16 @@ impl Stream<'_> {
         match loss {
             Loss::NoCheckpoint { had_data: true } | Loss::Behind { .. } => {
                 metrics::counter!(m::ERRORS, "kind" => "redis_data_lost").increment(1);
+            }
+            Loss::HashSlotsBehind { slots } => {
+                metrics::counter!(m::ERRORS, "kind" => "redis_data_lost").increment(1);
+                // From here on the slots are rebuilt: what they hold now is the baseline.
+                for slot in slots {
+                    self.batch.push_field(
+                        format!("{}{slot}", checkpoint::FIELD_HASH_SLOT_PREFIX),
+                        String::new(),
+                    );
+                }
             }
             Loss::PostgresBehind { .. } => {
                 metrics::counter!(m::ERRORS, "kind" => "postgres_data_lost").increment(1);

@@ -22,12 +22,6 @@ pub(crate) async fn run(path: &Path) -> ExitCode {
         Ok(config) => Arc::new(config),
         Err(code) => return code,
     };
-    // Refused before anything connects: applying to a cluster as if it were one server
-    // would break its guarantees (docs/cluster.md).
-    if let Err(message) = config.redis.single_or_sentinel("the daemon (pgcache run)") {
-        eprintln!("error: {message}");
-        return ExitCode::from(2);
-    }
     init_logging(&config);
     let (stop, stopped) = watch::channel(false);
     let hooks = daemon::Hooks {

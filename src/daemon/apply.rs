@@ -235,6 +235,21 @@ pub struct Batch {
     /// Set by the stream while the table of the change at hand is being backfilled: its
     /// cached values may still be in an older shape, so none is merged into.
     stale_bases: bool,
+    /// On a Redis Cluster, each operation's change ([`ChangeTag`]), parallel to `ops`, and
+    /// the tag of the change at hand.
+    tags: Option<Vec<Option<ChangeTag>>>,
+    tag: Option<ChangeTag>,
+}
+
+/// Which change of which transaction an operation comes from: on a Redis Cluster a hash
+/// slot whose own checkpoint already covers it skips it (docs/cluster.md, "Applying a
+/// batch").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChangeTag {
+    /// The transaction's commit LSN (pgoutput's `Begin::final_lsn`).
+    pub commit_lsn: Lsn,
+    /// The change's rank in the transaction, from 1, in stream order.
+    pub change: u64,
 }
 
 impl Default for Batch {
@@ -255,6 +270,8 @@ impl Default for Batch {
             max_value: DEFAULT_MAX_VALUE,
             value_size_hint: 0,
             stale_bases: false,
+            tags: None,
+            tag: None,
         }
     }
 }
@@ -275,6 +292,8 @@ pub struct Prepared {
     pub commit_times: Vec<i64>,
     /// Transactions that must be visible to Postgres readers before this is written.
     pub xids: Vec<u32>,
+    /// On a Redis Cluster: each operation's change, parallel to `ops` (empty otherwise).
+    pub tags: Vec<Option<ChangeTag>>,
 }
 
 impl Batch {
@@ -284,6 +303,16 @@ impl Batch {
             max_value,
             ..Batch::default()
         }
+    }
+
+    /// Records each operation's change from now on (a Redis Cluster: see [`ChangeTag`]).
+    pub fn tag_changes(&mut self) {
+        self.tags.get_or_insert_with(Vec::new);
+    }
+
+    /// The change the next operations come from (`None`: none that a slot could skip).
+    pub fn set_tag(&mut self, tag: Option<ChangeTag>) {
+        self.tag = tag;
     }
 
     pub fn len(&self) -> usize {
@@ -394,6 +423,9 @@ impl Batch {
             self.open_has_ops = true;
         }
         self.ops.push(op);
+        if let Some(tags) = &mut self.tags {
+            tags.push(self.tag);
+        }
     }
 
     pub fn insert(&mut self, table: &TableState, new: &Tuple) -> Result<(), ChangeError> {
@@ -733,6 +765,11 @@ impl Batch {
             return None;
         }
         let ops: Vec<Op> = self.ops.drain(..upto).collect();
+        let tags = self
+            .tags
+            .as_mut()
+            .map(|tags| tags.drain(..upto).collect())
+            .unwrap_or_default();
         let mut xids = std::mem::take(&mut self.xids);
         if include_open && self.open_has_ops {
             xids.extend(self.open_xid);
@@ -752,6 +789,7 @@ impl Batch {
             transactions: std::mem::take(&mut self.transactions),
             commit_times: std::mem::take(&mut self.commit_times),
             xids,
+            tags,
         };
         Some(prepared)
     }

@@ -140,7 +140,8 @@ const REPAIR_KEYS: usize = 500;
 /// and up to `CHUNKS_IN_FLIGHT` (2) waiting for their high watermarks.
 pub struct Backfills {
     client: Arc<Client>,
-    redis: redis::aio::MultiplexedConnection,
+    /// One connection per server that holds keys (every master of a cluster), for scans.
+    redis: Vec<redis::aio::MultiplexedConnection>,
     key_prefix: String,
     chunk_rows: usize,
     max_chunk_bytes: usize,
@@ -166,7 +167,7 @@ impl Backfills {
     /// watermarks); `redis` scans keys for reconciles.
     pub fn new(
         client: Client,
-        redis: redis::aio::MultiplexedConnection,
+        redis: Vec<redis::aio::MultiplexedConnection>,
         config: &Config,
         on_progress: Option<ProgressFn>,
     ) -> Backfills {
@@ -766,7 +767,7 @@ struct Limits {
 /// A chunk's read, in a task of its own: the rows, then the high watermark.
 async fn read_then_watermark(
     client: Arc<Client>,
-    redis: redis::aio::MultiplexedConnection,
+    redis: Vec<redis::aio::MultiplexedConnection>,
     plan: Arc<TablePlan>,
     id: String,
     work: Work,
@@ -807,12 +808,22 @@ async fn read_then_watermark(
 
 /// One `SCAN` step over the table's keys: the next cursor (`None` at the end) and the keys
 /// with their template values (lease keys and keys that do not parse are skipped).
+///
+/// On several servers (the masters of a cluster) the cursor is `<server>:<cursor>`, the
+/// servers taken one after the other in the order given.
 async fn scan_keys(
-    mut redis: redis::aio::MultiplexedConnection,
+    servers: Vec<redis::aio::MultiplexedConnection>,
     plan: &TablePlan,
     scan: &str,
     count: usize,
 ) -> Result<(Option<String>, Vec<(String, Vec<String>)>), BackfillError> {
+    let (server, scan) = match scan.split_once(':') {
+        Some((server, cursor)) if servers.len() > 1 => (server.parse().unwrap_or(0), cursor),
+        _ => (0, scan),
+    };
+    let Some(mut redis) = servers.get(server).cloned() else {
+        return Ok((None, Vec::new()));
+    };
     let pattern = format!("{}*", glob_escape(&plan.key_space));
     let (next, keys): (String, Vec<String>) = redis::cmd("SCAN")
         .arg(scan)
@@ -838,7 +849,13 @@ async fn scan_keys(
             Some((key, texts))
         })
         .collect();
-    Ok(((next != "0").then_some(next), parsed))
+    let next = match (next.as_str(), servers.len() > 1) {
+        ("0", false) => None,
+        (_, false) => Some(next),
+        ("0", true) => (server + 1 < servers.len()).then(|| format!("{}:0", server + 1)),
+        (_, true) => Some(format!("{server}:{next}")),
+    };
+    Ok((next, parsed))
 }
 
 /// Progress in the log (a line every few seconds per table) and to the run command's hook.

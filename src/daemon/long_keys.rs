@@ -38,6 +38,7 @@ return {reply[1], deleted}
 /// Redis failed; the session starts over.
 pub async fn drop_unreachable(
     redis: &mut redis::aio::MultiplexedConnection,
+    scans: &[redis::aio::MultiplexedConnection],
     checkpoint_key: &str,
     config: &Config,
     max_value: usize,
@@ -63,22 +64,26 @@ pub async fn drop_unreachable(
         patterns.extend(rule.invalidation_patterns(key_prefix));
     }
     let mut deleted = 0u64;
-    for pattern in &patterns {
-        let mut cursor = "0".to_string();
-        loop {
-            let (next, gone): (String, u64) = redis::cmd("EVAL")
-                .arg(DROP_LONG_KEYS)
-                .arg(0)
-                .arg(&cursor)
-                .arg(too_long)
-                .arg(pattern)
-                .query_async(redis)
-                .await?;
-            deleted += gone;
-            if next == "0" {
-                break;
+    // Each server that holds keys: the one, or every master of a cluster.
+    for scan in scans {
+        let mut conn = scan.clone();
+        for pattern in &patterns {
+            let mut cursor = "0".to_string();
+            loop {
+                let (next, gone): (String, u64) = redis::cmd("EVAL")
+                    .arg(DROP_LONG_KEYS)
+                    .arg(0)
+                    .arg(&cursor)
+                    .arg(too_long)
+                    .arg(pattern)
+                    .query_async(&mut conn)
+                    .await?;
+                deleted += gone;
+                if next == "0" {
+                    break;
+                }
+                cursor = next;
             }
-            cursor = next;
         }
     }
     if deleted > 0 {

@@ -1,6 +1,6 @@
 //! Sends one hash slot's transaction to the master that serves the slot, following the
 //! cluster through resharding: the first piece of the daemon on Redis Cluster
-//! (docs/cluster.md, "Resharding"). Nothing in the daemon uses it yet.
+//! (docs/cluster.md, "Resharding").
 //!
 //! A [`SlotTransaction`] is the shape of the daemon's guarded write, for one slot:
 //! commands before `MULTI` (`WATCH`, the check script), then the commands inside
@@ -17,6 +17,9 @@
 //! migration, the command before `MULTI` that guards the write (the check script) must
 //! declare every key of the transaction: a multi-key command is refused unless all its keys
 //! are on the node that runs it.
+//!
+//! The daemon on a cluster ([`super::cluster_apply`]) sends a batch's slot transactions with
+//! [`SlotRouter::send_many`]: one pipeline per master, the masters at once.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -274,6 +277,103 @@ impl SlotRouter {
         Ok(replies)
     }
 
+    /// Each slot's master, as last read (empty: unserved).
+    pub fn masters_of_slots(&self) -> Vec<String> {
+        self.owners.clone()
+    }
+
+    /// The masters that serve slots, as last read (`ip:port`, sorted).
+    pub fn masters(&self) -> Vec<String> {
+        let mut masters: Vec<String> = self
+            .owners
+            .iter()
+            .filter(|o| !o.is_empty())
+            .cloned()
+            .collect();
+        masters.sort();
+        masters.dedup();
+        masters
+    }
+
+    /// A connection to the node at `addr` (`ip:port`), opened once and kept.
+    ///
+    /// # Errors
+    /// When the node cannot be reached.
+    pub async fn node(&mut self, addr: &str) -> Result<MultiplexedConnection, RedisError> {
+        self.connection(addr).await
+    }
+
+    /// Sends many slots' transactions: one pipeline per master, the masters concurrently;
+    /// a transaction that is redirected is sent again on its own through
+    /// [`send`](Self::send). Replies come in the order of `parts`.
+    ///
+    /// # Errors
+    /// A connection error, or a redirection that persists for 30 s.
+    pub async fn send_many(
+        &mut self,
+        parts: &[(u16, &SlotTransaction)],
+    ) -> Result<Vec<SlotReplies>, RouteError> {
+        let mut by_node: std::collections::BTreeMap<String, Vec<usize>> = Default::default();
+        for (i, (slot, _)) in parts.iter().enumerate() {
+            let owner = self.owner(*slot).ok_or(RouteError::Unserved(*slot))?;
+            by_node.entry(owner.to_string()).or_default().push(i);
+        }
+        let mut sends = Vec::new();
+        for (addr, indexes) in by_node {
+            let mut pipe = redis::pipe();
+            pipe.ignore_errors();
+            for &i in &indexes {
+                append(&mut pipe, parts[i].1);
+            }
+            let mut conn = self.connection(&addr).await?;
+            sends.push(async move {
+                let values: Result<Vec<Value>, RedisError> = pipe.query_async(&mut conn).await;
+                (indexes, values)
+            });
+        }
+        let mut replies: Vec<Option<SlotReplies>> = vec![None; parts.len()];
+        let mut again = Vec::new();
+        for (indexes, values) in futures_util::future::join_all(sends).await {
+            let mut values = values?.into_iter();
+            for i in indexes {
+                let tx = parts[i].1;
+                let pre: Vec<Value> = values.by_ref().take(tx.pre.len()).collect();
+                let exec = values.next().unwrap_or(Value::Nil);
+                let redirected = pre.iter().chain(std::iter::once(&exec)).any(|v| {
+                    matches!(v, Value::ServerError(e) if matches!(
+                        e.kind(),
+                        Some(ServerErrorKind::Moved | ServerErrorKind::Ask
+                            | ServerErrorKind::TryAgain | ServerErrorKind::ClusterDown
+                            | ServerErrorKind::ExecAbort)
+                    ))
+                });
+                if redirected {
+                    again.push(i);
+                } else {
+                    replies[i] = Some(SlotReplies { pre, exec });
+                }
+            }
+        }
+        for i in again {
+            let (slot, tx) = parts[i];
+            replies[i] = Some(self.send(slot, tx).await?);
+        }
+        Ok(replies
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or(SlotReplies {
+                    pre: Vec::new(),
+                    exec: Value::Nil,
+                })
+            })
+            .collect())
+    }
+
+    /// The URL of the node at `addr` (`ip:port`): the seed's scheme, login and database.
+    pub fn url_for(&self, addr: &str) -> String {
+        self.url_of(addr)
+    }
+
     fn url_of(&self, addr: &str) -> String {
         self.template.replace("{addr}", addr)
     }
@@ -296,6 +396,19 @@ impl SlotRouter {
             .get_multiplexed_async_connection_with_config(&config)
             .await
     }
+}
+
+/// Appends `tx` to a pipeline of several: its `pre` commands and `EXEC` give replies, the
+/// rest are ignored.
+fn append(pipe: &mut redis::Pipeline, tx: &SlotTransaction) {
+    for cmd in &tx.pre {
+        pipe.add_command(cmd.clone());
+    }
+    pipe.cmd("MULTI").ignore();
+    for cmd in &tx.ops {
+        pipe.add_command(cmd.clone()).ignore();
+    }
+    pipe.cmd("EXEC");
 }
 
 /// The pipeline for `tx`: with `asking`, `ASKING` before each command up to `MULTI`.

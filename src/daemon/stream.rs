@@ -31,7 +31,9 @@ use crate::clock::{now_ms, pg_now_micros};
 use crate::config::{Config, Mode, TableRule};
 use crate::daemon::apply::script::{self, Owner};
 use crate::daemon::apply::{Batch, ChangeError, Prepared, Repair};
+use crate::daemon::apply::ChangeTag;
 use crate::daemon::backfill::{self, Backfills, Control};
+use crate::daemon::cluster_apply::ClusterApply;
 use crate::daemon::pgoutput::{
     self, Begin, Commit, Delete, Insert, Message, Relation, Truncate, Update,
 };
@@ -108,6 +110,8 @@ pub(super) struct Stream<'a> {
     /// Partitions of cached tables (by relation id), with their root and own names.
     partitions: HashMap<u32, (String, String)>,
     tx: Option<Tx>,
+    /// On a Redis Cluster: the slot-by-slot apply (the root checkpoint is `redis`'s).
+    cluster: Option<Arc<tokio::sync::Mutex<ClusterApply>>>,
     /// Where streamed transactions wait for their end (`None`: streaming is off).
     spool: Option<Spool>,
     replaying: Option<Replaying>,
@@ -157,6 +161,7 @@ impl<'a> Stream<'a> {
             stopped: BTreeMap::new(),
             partitions: HashMap::new(),
             tx: None,
+            cluster: None,
             spool: None,
             replaying: None,
             confirmed: start,
@@ -170,6 +175,12 @@ impl<'a> Stream<'a> {
     }
 
     /// Streams large transactions through `spool` (the server was asked to stream them).
+    /// Applies on a Redis Cluster through `cluster` (see [`ClusterApply`]).
+    pub(super) fn set_cluster(&mut self, cluster: ClusterApply) {
+        self.batch.tag_changes();
+        self.cluster = Some(Arc::new(tokio::sync::Mutex::new(cluster)));
+    }
+
     pub(super) fn set_spool(&mut self, spool: Spool) {
         self.spool = Some(spool);
     }
@@ -569,6 +580,7 @@ impl<'a> Stream<'a> {
             skip_changes,
             highs: Vec::new(),
         });
+        self.batch.set_tag(None);
         self.batch.begin(begin.xid);
     }
 
@@ -583,6 +595,8 @@ impl<'a> Stream<'a> {
             self.batch.commit_skipped();
             return Ok(());
         }
+        // A chunk's rows are this session's reads: no slot holds them yet.
+        self.batch.set_tag(None);
         for id in tx.highs {
             let chunk = self.backfills.on_high(&id).await?;
             if let Some((ops, fields)) = chunk {
@@ -606,6 +620,10 @@ impl<'a> Stream<'a> {
         match &mut self.tx {
             Some(tx) => {
                 tx.changes += 1;
+                self.batch.set_tag(Some(ChangeTag {
+                    commit_lsn: tx.final_lsn,
+                    change: tx.changes,
+                }));
                 !tx.skipping && tx.changes > tx.skip_changes
             }
             None => true,
@@ -1000,6 +1018,10 @@ impl<'a> Stream<'a> {
         );
         self.in_flight_xids.clone_from(&prepared.xids);
         let mut conn = self.redis.clone();
+        if let Some(cluster) = self.cluster.clone() {
+            self.write_cluster(cluster, conn, prepared, visibility);
+            return Ok(());
+        }
         let write = script::Write::new(&self.owner, &prepared, now_ms());
         let Prepared {
             ops,
@@ -1029,6 +1051,72 @@ impl<'a> Stream<'a> {
             })
         }));
         Ok(())
+    }
+
+    /// The write of a batch on a Redis Cluster: slot by slot, then (with
+    /// `wait_replicas`, once the masters' replicas hold it) the root checkpoint with the
+    /// batch's position, the frontier confirmed to Postgres, and the position each slot
+    /// checkpoint moved to.
+    fn write_cluster(
+        &mut self,
+        cluster: Arc<tokio::sync::Mutex<ClusterApply>>,
+        mut conn: redis::aio::MultiplexedConnection,
+        prepared: Prepared,
+        mut visibility: Visibility,
+    ) {
+        let owner = self.owner.clone();
+        let wait_replicas = self.config.redis.wait_replicas;
+        let Prepared {
+            ops,
+            position,
+            fields,
+            transactions,
+            commit_times,
+            xids,
+            tags,
+        } = prepared;
+        let heartbeat = fields.iter().any(|(f, _)| f == FIELD_HEARTBEAT_MS);
+        self.in_flight = Some(tokio::spawn(async move {
+            let started = Instant::now();
+            visibility.wait(&xids).await?;
+            let count = ops.len();
+            let mut apply = cluster.lock().await;
+            if heartbeat {
+                apply.check_slots().await?;
+            }
+            let applied = apply.write(ops, tags, position, &fields, now_ms()).await?;
+            if let Some(replicas) = wait_replicas {
+                apply.wait_replicas(replicas).await?;
+            }
+            drop(apply);
+            let mut root_fields = fields;
+            root_fields.extend(applied.moved.iter().map(|(slot, lsn)| {
+                (
+                    format!("{}{slot}", checkpoint::FIELD_HASH_SLOT_PREFIX),
+                    lsn.to_string(),
+                )
+            }));
+            let root = Prepared {
+                position,
+                fields: root_fields,
+                ..Prepared::default()
+            };
+            script::Write::new(&owner, &root, now_ms())
+                .send(&mut conn)
+                .await?;
+            if let Some(replicas) = wait_replicas {
+                wait_for_replicas(&mut conn, replicas).await?;
+            }
+            Ok(Done {
+                visibility,
+                position,
+                transactions,
+                commit_times,
+                ops: count,
+                started,
+                repairs: applied.repairs,
+            })
+        }));
     }
 
     /// A write Redis acknowledged: its position may now be confirmed to Postgres.
@@ -1185,7 +1273,7 @@ impl std::fmt::Debug for Stream<'_> {
 /// `WAIT replicas`: returns once that many replicas hold this connection's writes, so that
 /// what is confirmed to Postgres survives a failover to one of them. Waits as long as it
 /// takes, saying so every few seconds: confirming earlier could lose the write for good.
-async fn wait_for_replicas(
+pub(super) async fn wait_for_replicas(
     conn: &mut redis::aio::MultiplexedConnection,
     replicas: usize,
 ) -> Result<(), RunError> {

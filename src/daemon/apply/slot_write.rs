@@ -1,7 +1,6 @@
-//! The guarded write of one hash slot's part of a batch, for the planned cluster apply
-//! (docs/cluster.md): the write of [`script`](super::script) with the slot's own checkpoint,
-//! as a [`SlotTransaction`] for the [`SlotRouter`].
-//! Nothing in the daemon uses it yet.
+//! The guarded write of one hash slot's part of a batch, for the cluster apply
+//! ([`crate::daemon::cluster_apply`]; docs/cluster.md): the write of [`script`](super::script)
+//! with the slot's own checkpoint, as a [`SlotTransaction`] for the [`SlotRouter`].
 //!
 //! ```text
 //! WATCH <slot checkpoint>
@@ -60,6 +59,17 @@ impl SlotWrite {
     /// The write of `ops` (all in the hash slot of `owner.checkpoint_key`), moving the slot's
     /// checkpoint to `position` if given.
     pub fn new(owner: &Owner, ops: &[Op], position: Option<Lsn>, now_ms: u64) -> SlotWrite {
+        SlotWrite::with_fields(owner, ops, position, &[], now_ms)
+    }
+
+    /// As [`new`](Self::new), also setting checkpoint `fields` (an empty value removes one).
+    pub fn with_fields(
+        owner: &Owner,
+        ops: &[Op],
+        position: Option<Lsn>,
+        fields: &[(&str, &str)],
+        now_ms: u64,
+    ) -> SlotWrite {
         let ck = &owner.checkpoint_key;
         let mut seen = BTreeSet::new();
         let mut keys = Vec::new();
@@ -99,8 +109,21 @@ impl SlotWrite {
                 .arg(FIELD_APPLIED)
                 .arg(checkpoint::hex(lsn));
         }
+        let mut removed = Vec::new();
+        for (field, value) in fields {
+            if value.is_empty() {
+                removed.push(*field);
+            } else {
+                set.arg(*field).arg(*value);
+            }
+        }
         let mut queued: Vec<redis::Cmd> = pipe.cmd_iter().cloned().collect();
         queued.push(set);
+        if !removed.is_empty() {
+            let mut del = redis::cmd("HDEL");
+            del.arg(ck).arg(removed);
+            queued.push(del);
+        }
         SlotWrite {
             tx: SlotTransaction {
                 pre: vec![watch, check],

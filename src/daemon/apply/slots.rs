@@ -1,6 +1,6 @@
-//! A batch's operations split by Redis Cluster hash slot, for the planned cluster apply
-//! (docs/cluster.md, "Applying a batch"): each slot's operations are to be written in one
-//! guarded transaction with that slot's checkpoint. Nothing in the daemon uses it yet.
+//! A batch's operations split by Redis Cluster hash slot, for the cluster apply
+//! ([`crate::daemon::cluster_apply`]; docs/cluster.md, "Applying a batch"): each slot's
+//! operations are written in one guarded transaction with that slot's checkpoint.
 //!
 //! - Within a slot, operations keep their stream order; every operation on a row key also
 //!   revokes the key's lease, which is in the same slot ([`crate::template::lease_key`]).
@@ -13,7 +13,7 @@
 
 use std::collections::BTreeMap;
 
-use super::{Op, Repair};
+use super::{ChangeTag, Op, Repair};
 use crate::cluster::key_slot;
 
 /// One stretch of the batch, in stream order.
@@ -21,8 +21,9 @@ use crate::cluster::key_slot;
 pub enum Segment {
     /// Operations on keys, by hash slot, each slot's in stream order.
     Slots(BTreeMap<u16, Vec<Op>>),
-    /// An operation over a key space, on every slot.
-    Everywhere(Op),
+    /// An operation over a key space, on every slot (but those whose checkpoint covers the
+    /// change it comes from, when it has a tag).
+    Everywhere(Op, Option<ChangeTag>),
 }
 
 /// What [`split`] made of a batch.
@@ -41,7 +42,7 @@ impl SlotSplit {
             .iter()
             .map(|segment| match segment {
                 Segment::Slots(slots) => slots.len(),
-                Segment::Everywhere(_) => 1,
+                Segment::Everywhere(..) => 1,
             })
             .sum()
     }
@@ -49,9 +50,28 @@ impl SlotSplit {
 
 /// Splits `ops` by hash slot (see the module's doc).
 pub fn split(ops: Vec<Op>) -> SlotSplit {
+    let tags = vec![None; ops.len()];
+    split_skipping(ops, tags, |_, _| false)
+}
+
+/// Splits `ops` (each with the change it comes from, `tags`) by hash slot, leaving out the
+/// operations on keys of a slot that `covered` says already has their change (after a
+/// restart, a slot whose own checkpoint is ahead of the stream's start).
+pub fn split_skipping(
+    ops: Vec<Op>,
+    tags: Vec<Option<ChangeTag>>,
+    covered: impl Fn(u16, ChangeTag) -> bool,
+) -> SlotSplit {
     let mut out = SlotSplit::default();
     let mut current: BTreeMap<u16, Vec<Op>> = BTreeMap::new();
-    for op in ops {
+    let tags = tags.into_iter().chain(std::iter::repeat(None));
+    for (op, tag) in ops.into_iter().zip(tags) {
+        let slot = op.key().map(|key| key_slot(key.as_bytes()));
+        if let (Some(slot), Some(tag)) = (slot, tag) {
+            if covered(slot, tag) {
+                continue;
+            }
+        }
         let op = match op {
             Op::Merge(merge)
                 if key_slot(merge.base.as_bytes()) != key_slot(merge.key.as_bytes()) =>
@@ -68,7 +88,7 @@ pub fn split(ops: Vec<Op>) -> SlotSplit {
                     out.segments
                         .push(Segment::Slots(std::mem::take(&mut current)));
                 }
-                out.segments.push(Segment::Everywhere(op));
+                out.segments.push(Segment::Everywhere(op, tag));
             }
         }
     }
@@ -143,7 +163,7 @@ mod tests {
         };
         let split = split(vec![set("t:1", "a"), drop.clone(), set("t:1", "b")]);
         assert_eq!(split.segments.len(), 3);
-        assert_eq!(split.segments[1], Segment::Everywhere(drop));
+        assert_eq!(split.segments[1], Segment::Everywhere(drop, None));
         let Segment::Slots(after) = &split.segments[2] else {
             panic!("{:?}", split.segments)
         };

@@ -1,0 +1,527 @@
+//! The daemon's apply on a Redis Cluster (docs/cluster.md, "Design").
+//!
+//! A `MULTI … EXEC` can only span one hash slot, so each hash slot has a checkpoint of its
+//! own ([`checkpoint::slot_checkpoint_key`], in that slot), and a batch is written slot by
+//! slot: each slot's operations with its checkpoint in one guarded transaction
+//! ([`SlotWrite`]), the transactions for one master in one pipeline, the masters at once
+//! ([`SlotRouter::send_many`]). The stream's own checkpoint (the root) is written after every
+//! slot acknowledged the batch, with its position: the frontier `F` up to which every slot
+//! holds every change, and the only position confirmed to Postgres.
+//!
+//! - **Exactly once per key.** A session streams from `F`. A change whose slot's checkpoint
+//!   already covers it (its transaction, or for a transaction written in parts, its rank
+//!   below the slot's `partial`) is left out for that slot ([`ClusterApply::covered`]).
+//! - **Atomic per hash slot**, in stream order per slot. A key-space operation (`TRUNCATE`,
+//!   dropped invalidation keys) becomes, per slot that holds matching keys, a delete with
+//!   that slot's checkpoint.
+//! - **A slot's position** moves only with its last write of a batch, so a crash between two
+//!   of a batch's writes to one slot replays the batch's part for that slot in order.
+//! - **Fencing per slot.** The takeover writes the session's owner into every slot
+//!   checkpoint before the first write ([`takeover_slots`]); a late write of an older
+//!   session fails its check there. The heartbeat reads every slot checkpoint back
+//!   ([`ClusterApply::check_slots`]), so a slot that lost writes (a replica promoted
+//!   without them) is noticed within seconds even if no change reaches it.
+//! - **`stopped`** (tables whose keys readers may not fill) is written into every slot
+//!   checkpoint before the keys are dropped, since a fill checks its own slot's.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use tracing::{debug, warn};
+
+use super::apply::script::{Owner, Refused};
+use super::apply::slot_write::{takeover_slots, SlotOutcome, SlotWrite, SlotWriteError};
+use super::apply::slots::{split_skipping, Segment};
+use super::apply::{ChangeTag, Op, Repair};
+use super::slot_router::{RouteError, SlotRouter, SlotTransaction};
+use super::RunError;
+use crate::checkpoint::{self, Partial, Takeover, FIELD_PARTIAL, FIELD_STOPPED};
+use crate::cluster::{key_slot, CLUSTER_SLOTS};
+use crate::template::{glob_escape, LEASE_SUFFIX};
+use crate::Lsn;
+
+/// Sets or removes the `stopped` field of a slot checkpoint, if this session owns it.
+const SET_STOPPED: &str = r"
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
+if ARGV[2] == '' then redis.call('HDEL', KEYS[1], 'stopped')
+else redis.call('HSET', KEYS[1], 'stopped', ARGV[2]) end
+return 1
+";
+
+/// How many times a slot's write is sent again after its `WATCH` saw a change (a
+/// migration moving the checkpoint) before the session gives up.
+const RETRIES: usize = 50;
+
+/// What this session expects of one slot's checkpoint.
+#[derive(Debug, Clone)]
+struct SlotMark {
+    epoch: String,
+    position: Option<Lsn>,
+}
+
+/// A slot checkpoint as the takeover found it: what the slot already holds.
+#[derive(Debug, Clone, Copy, Default)]
+struct Found {
+    position: Option<Lsn>,
+    partial: Option<Partial>,
+}
+
+/// A batch every slot acknowledged.
+#[derive(Debug, Default)]
+pub(crate) struct ClusterApplied {
+    /// Mirror keys to read again (a merge without a base, or with its base in another slot).
+    pub repairs: Vec<Repair>,
+    /// Slots whose checkpoint moved, and where to (recorded in the root checkpoint).
+    pub moved: Vec<(u16, Lsn)>,
+}
+
+/// The cluster side of a session: the router, and every slot checkpoint's state.
+pub(crate) struct ClusterApply {
+    router: SlotRouter,
+    key_prefix: String,
+    pg_slot: String,
+    token: String,
+    marks: Vec<SlotMark>,
+    found: Vec<Found>,
+    /// The `stopped` text written into every slot checkpoint (`None`: not yet this session).
+    stopped: Option<String>,
+    /// Masters written since the last `WAIT`.
+    written: BTreeSet<String>,
+}
+
+impl std::fmt::Debug for ClusterApply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterApply")
+            .field("masters", &self.router.masters())
+            .finish_non_exhaustive()
+    }
+}
+
+fn route_error(e: RouteError) -> RunError {
+    match e {
+        RouteError::Redis(e) => e.into(),
+        other => RunError::transient("redis", other.to_string()),
+    }
+}
+
+fn slot_error(slot: u16, e: SlotWriteError) -> RunError {
+    match e {
+        SlotWriteError::Redis(e) => e.into(),
+        SlotWriteError::Refused(refused) => {
+            let kind = match refused {
+                Refused::Fenced(_) => {
+                    metrics::counter!(crate::metrics::FENCED).increment(1);
+                    "fenced"
+                }
+                Refused::EpochGone | Refused::Moved { .. } => "redis_data_lost",
+            };
+            RunError::transient(kind, format!("redis cluster hash slot {slot}: {refused}"))
+        }
+    }
+}
+
+impl ClusterApply {
+    /// Takes every slot checkpoint over for this session (`token`, the root's owner token)
+    /// and returns the apply with each slot's state as found.
+    ///
+    /// # Errors
+    /// A routing error, or a slot checkpoint that does not parse.
+    pub(crate) async fn take_over(
+        mut router: SlotRouter,
+        key_prefix: &str,
+        pg_slot: &str,
+        token: &str,
+    ) -> Result<(ClusterApply, Vec<Takeover>), RunError> {
+        let taken = takeover_slots(
+            &mut router,
+            key_prefix,
+            pg_slot,
+            token,
+            &checkpoint::random_token(),
+        )
+        .await
+        .map_err(|e| match e {
+            super::apply::slot_write::TakeoverError::Route(e) => route_error(e),
+            super::apply::slot_write::TakeoverError::Checkpoint(e) => e.into(),
+        })?;
+        let marks = taken
+            .iter()
+            .map(|t| SlotMark {
+                epoch: t.state.epoch.clone().unwrap_or_default(),
+                position: t.state.lsn,
+            })
+            .collect();
+        let found = taken
+            .iter()
+            .map(|t| Found {
+                position: t.state.lsn,
+                partial: t.state.partial,
+            })
+            .collect();
+        Ok((
+            ClusterApply {
+                router,
+                key_prefix: key_prefix.to_string(),
+                pg_slot: pg_slot.to_string(),
+                token: token.to_string(),
+                marks,
+                found,
+                stopped: None,
+                written: BTreeSet::new(),
+            },
+            taken,
+        ))
+    }
+
+    /// Whether slot `slot` held the change `tag` when the session took it over.
+    fn covered(found: &[Found], slot: u16, tag: ChangeTag) -> bool {
+        let found = &found[usize::from(slot)];
+        if found.position.is_some_and(|p| tag.commit_lsn < p) {
+            return true;
+        }
+        found
+            .partial
+            .is_some_and(|p| p.commit_lsn == tag.commit_lsn && tag.change <= p.changes)
+    }
+
+    /// A connection to each master, for scans.
+    ///
+    /// # Errors
+    /// A master cannot be reached.
+    async fn master_connections(
+        &mut self,
+    ) -> Result<Vec<redis::aio::MultiplexedConnection>, RunError> {
+        let mut out = Vec::new();
+        for addr in self.router.masters() {
+            out.push(self.router.node(&addr).await?);
+        }
+        Ok(out)
+    }
+
+    fn owner_of(&self, slot: u16) -> Owner {
+        let mark = &self.marks[usize::from(slot)];
+        Owner {
+            checkpoint_key: checkpoint::slot_checkpoint_key(&self.key_prefix, &self.pg_slot, slot),
+            token: self.token.clone(),
+            epoch: mark.epoch.clone(),
+            position: mark.position,
+        }
+    }
+
+    /// Writes a batch: its operations slot by slot, each slot's checkpoint moved to
+    /// `position` with the slot's last write of the batch; `fields` are the root's
+    /// checkpoint fields (of which `stopped` and `partial` also go to the slots).
+    ///
+    /// # Errors
+    /// A slot refused the write (fencing, or a slot that lost data), or Redis failed. Slots
+    /// written before the error keep their part; the root is not moved, so the next
+    /// session replays the batch from `F` and those slots skip what they hold.
+    pub(crate) async fn write(
+        &mut self,
+        ops: Vec<Op>,
+        tags: Vec<Option<ChangeTag>>,
+        position: Option<Lsn>,
+        fields: &[(String, String)],
+        now_ms: u64,
+    ) -> Result<ClusterApplied, RunError> {
+        let last = |name: &str| {
+            fields
+                .iter()
+                .rev()
+                .find(|(field, _)| field == name)
+                .map(|(_, value)| value.clone())
+        };
+        if let Some(stopped) = last(FIELD_STOPPED) {
+            if self.stopped.as_ref() != Some(&stopped) {
+                self.write_stopped(&stopped).await?;
+                self.stopped = Some(stopped);
+            }
+        }
+        let partial = last(FIELD_PARTIAL);
+        let slot_fields: Vec<(&str, &str)> = partial
+            .as_deref()
+            .map(|p| (FIELD_PARTIAL, p))
+            .into_iter()
+            .collect();
+        let found = &self.found;
+        let split = split_skipping(ops, tags, |slot, tag| {
+            ClusterApply::covered(found, slot, tag)
+        });
+        let mut out = ClusterApplied {
+            repairs: split.repairs,
+            moved: Vec::new(),
+        };
+        // Each slot's last Slots segment, and the last key-space segment.
+        let mut last_write: BTreeMap<u16, usize> = BTreeMap::new();
+        let mut last_everywhere = None;
+        for (at, segment) in split.segments.iter().enumerate() {
+            match segment {
+                Segment::Slots(slots) => {
+                    for &slot in slots.keys() {
+                        last_write.insert(slot, at);
+                    }
+                }
+                Segment::Everywhere(..) => last_everywhere = Some(at),
+            }
+        }
+        let moves_at = |slot: u16, at: usize, everywhere: bool| -> bool {
+            let later_slots = last_write.get(&slot).is_some_and(|&l| l > at);
+            if everywhere {
+                !later_slots && last_everywhere == Some(at)
+            } else {
+                !later_slots && last_everywhere.is_none_or(|e| e < at)
+            }
+        };
+        for (at, segment) in split.segments.into_iter().enumerate() {
+            let parts: Vec<(u16, Vec<Op>)> = match segment {
+                Segment::Slots(slots) => slots.into_iter().collect(),
+                Segment::Everywhere(op, tag) => {
+                    let mut by_slot = self.keys_of(&op).await?;
+                    if let Some(tag) = tag {
+                        by_slot.retain(|&slot, _| !ClusterApply::covered(&self.found, slot, tag));
+                    }
+                    by_slot
+                        .into_iter()
+                        .map(|(slot, keys)| {
+                            (slot, keys.into_iter().map(|key| Op::Del { key }).collect())
+                        })
+                        .collect()
+                }
+            };
+            let everywhere = last_everywhere == Some(at);
+            let writes: Vec<(u16, SlotWrite, Option<Lsn>)> = parts
+                .iter()
+                .map(|(slot, ops)| {
+                    let moves = position.filter(|_| moves_at(*slot, at, everywhere));
+                    let write = SlotWrite::with_fields(
+                        &self.owner_of(*slot),
+                        ops,
+                        moves,
+                        &slot_fields,
+                        now_ms,
+                    );
+                    (*slot, write, moves)
+                })
+                .collect();
+            self.send(writes, &mut out).await?;
+        }
+        Ok(out)
+    }
+
+    /// Sends slot writes until each is applied (a `Retry` is sent again).
+    async fn send(
+        &mut self,
+        mut writes: Vec<(u16, SlotWrite, Option<Lsn>)>,
+        out: &mut ClusterApplied,
+    ) -> Result<(), RunError> {
+        for _ in 0..RETRIES {
+            if writes.is_empty() {
+                return Ok(());
+            }
+            let txs: Vec<(u16, &SlotTransaction)> =
+                writes.iter().map(|(slot, w, _)| (*slot, &w.tx)).collect();
+            let replies = self.router.send_many(&txs).await.map_err(route_error)?;
+            let mut again = Vec::new();
+            for ((slot, write, moves), reply) in writes.into_iter().zip(replies) {
+                match write.outcome(&reply).map_err(|e| slot_error(slot, e))? {
+                    SlotOutcome::Applied { repairs } => {
+                        out.repairs.extend(repairs);
+                        if let Some(owner) = self.router.owner(slot) {
+                            self.written.insert(owner.to_string());
+                        }
+                        if let Some(lsn) = moves {
+                            self.marks[usize::from(slot)].position = Some(lsn);
+                            out.moved.push((slot, lsn));
+                        }
+                    }
+                    SlotOutcome::Retry => {
+                        debug!(slot, "a slot checkpoint changed under its write: sending again");
+                        again.push((slot, write, moves));
+                    }
+                }
+            }
+            writes = again;
+        }
+        Err(RunError::transient(
+            "redis",
+            format!(
+                "redis cluster: a write to hash slot {} kept finding its checkpoint changed",
+                writes.first().map_or(0, |w| w.0)
+            ),
+        ))
+    }
+
+    /// The keys (and leases) a key-space operation deletes, by slot, from every master.
+    /// A scan during which a slot moved, or that ends while one is migrating (a key may
+    /// have been on neither node when each was scanned), is done again.
+    async fn keys_of(&mut self, op: &Op) -> Result<BTreeMap<u16, Vec<String>>, RunError> {
+        let patterns: Vec<String> = match op {
+            Op::DropKeySpace { key_space } => {
+                let escaped = glob_escape(key_space);
+                vec![
+                    format!("{escaped}*"),
+                    format!("{{{escaped}*}}{LEASE_SUFFIX}"),
+                ]
+            }
+            Op::DropMatching { patterns } => patterns.clone(),
+            _ => return Ok(BTreeMap::new()),
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while std::time::Instant::now() < deadline {
+            let before = self.router.masters_of_slots();
+            let mut by_slot: BTreeMap<u16, Vec<String>> = BTreeMap::new();
+            for mut conn in self.master_connections().await? {
+                for pattern in &patterns {
+                    let mut cursor = "0".to_string();
+                    loop {
+                        let (next, keys): (String, Vec<String>) = redis::cmd("SCAN")
+                            .arg(&cursor)
+                            .arg("MATCH")
+                            .arg(pattern)
+                            .arg("COUNT")
+                            .arg(1000)
+                            .query_async(&mut conn)
+                            .await?;
+                        for key in keys {
+                            by_slot.entry(key_slot(key.as_bytes())).or_default().push(key);
+                        }
+                        if next == "0" {
+                            break;
+                        }
+                        cursor = next;
+                    }
+                }
+            }
+            self.router.refresh().await.map_err(route_error)?;
+            if self.router.masters_of_slots() == before && !self.migrating().await? {
+                for keys in by_slot.values_mut() {
+                    keys.sort();
+                    keys.dedup();
+                }
+                return Ok(by_slot);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        Err(RunError::transient(
+            "redis",
+            "redis cluster: slots kept migrating while keys were being dropped; trying again",
+        ))
+    }
+
+    /// Whether a slot is being migrated now (a key may be on either node).
+    async fn migrating(&mut self) -> Result<bool, RunError> {
+        let Some(addr) = self.router.masters().into_iter().next() else {
+            return Ok(false);
+        };
+        let mut conn = self.router.node(&addr).await?;
+        let text: String = redis::cmd("CLUSTER")
+            .arg("NODES")
+            .query_async(&mut conn)
+            .await?;
+        Ok(text.contains("->-") || text.contains("-<-"))
+    }
+
+    /// Writes `stopped` into every slot checkpoint this session owns.
+    async fn write_stopped(&mut self, stopped: &str) -> Result<(), RunError> {
+        let cmds: Vec<(u16, redis::Cmd)> = (0..CLUSTER_SLOTS)
+            .map(|slot| {
+                let mut cmd = redis::cmd("EVAL");
+                cmd.arg(SET_STOPPED)
+                    .arg(1)
+                    .arg(checkpoint::slot_checkpoint_key(
+                        &self.key_prefix,
+                        &self.pg_slot,
+                        slot,
+                    ))
+                    .arg(&self.token)
+                    .arg(stopped);
+                (slot, cmd)
+            })
+            .collect();
+        let replies = self.router.send_each(&cmds).await.map_err(route_error)?;
+        for (slot, reply) in replies.iter().enumerate() {
+            match reply {
+                redis::Value::Int(1) => {}
+                redis::Value::Int(_) => {
+                    return Err(slot_error(
+                        slot as u16,
+                        SlotWriteError::Refused(Refused::Fenced(
+                            "(another owner in the slot checkpoint)".into(),
+                        )),
+                    ))
+                }
+                other => {
+                    return Err(RunError::transient(
+                        "redis",
+                        format!("redis cluster hash slot {slot}: writing `stopped`: {other:?}"),
+                    ))
+                }
+            }
+        }
+        for addr in self.router.masters() {
+            self.written.insert(addr);
+        }
+        Ok(())
+    }
+
+    /// `WAIT replicas` on every master written since the last call (see
+    /// `stream::wait_for_replicas`).
+    ///
+    /// # Errors
+    /// A master cannot be reached.
+    pub(crate) async fn wait_replicas(&mut self, replicas: usize) -> Result<(), RunError> {
+        let written = std::mem::take(&mut self.written);
+        for addr in written {
+            let mut conn = self.router.node(&addr).await?;
+            super::stream::wait_for_replicas(&mut conn, replicas).await?;
+        }
+        Ok(())
+    }
+
+    /// Reads every slot checkpoint back and compares it with what this session wrote: a
+    /// slot whose epoch, owner or position changed lost data or was taken over. Run with
+    /// the heartbeat, so that a loss is noticed even in a slot no change reaches.
+    ///
+    /// # Errors
+    /// The first slot found changed, as the refusal its next write would get.
+    pub(crate) async fn check_slots(&mut self) -> Result<(), RunError> {
+        let cmds: Vec<(u16, redis::Cmd)> = (0..CLUSTER_SLOTS)
+            .map(|slot| {
+                let mut cmd = redis::cmd("HMGET");
+                cmd.arg(checkpoint::slot_checkpoint_key(
+                    &self.key_prefix,
+                    &self.pg_slot,
+                    slot,
+                ))
+                .arg("epoch")
+                .arg("owner")
+                .arg("lsn");
+                (slot, cmd)
+            })
+            .collect();
+        let replies = self.router.send_each(&cmds).await.map_err(route_error)?;
+        for (slot, reply) in replies.into_iter().enumerate() {
+            let (epoch, owner, lsn): (Option<String>, Option<String>, Option<String>) =
+                redis::from_redis_value(reply).map_err(|e| {
+                    RunError::from(redis::RedisError::from(e))
+                })?;
+            let mark = &self.marks[slot];
+            let refused = if epoch.as_deref() != Some(mark.epoch.as_str()) {
+                Some(Refused::EpochGone)
+            } else if owner.as_deref() != Some(self.token.as_str()) {
+                Some(Refused::Fenced(owner.unwrap_or_default()))
+            } else if lsn.as_deref().unwrap_or("-") != checkpoint::position_text(mark.position) {
+                Some(Refused::Moved {
+                    found: lsn.unwrap_or_default(),
+                    expected: checkpoint::position_text(mark.position),
+                })
+            } else {
+                None
+            };
+            if let Some(refused) = refused {
+                warn!(slot, error = %refused, "a slot checkpoint is not as this daemon left it");
+                return Err(slot_error(slot as u16, SlotWriteError::Refused(refused)));
+            }
+        }
+        Ok(())
+    }
+}
