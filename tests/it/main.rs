@@ -10,6 +10,7 @@ mod backfill;
 mod bench;
 mod cdc;
 mod cluster;
+mod cluster_daemon;
 mod common;
 mod control;
 mod demo;

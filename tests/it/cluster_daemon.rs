@@ -1,0 +1,411 @@
+//! The daemon on a Redis Cluster (docs/cluster.md): each hash slot's changes are written
+//! with the slot's own checkpoint, the frontier is confirmed to Postgres only once every slot
+//! has it, and the cache converges through restarts, kill -9, live resharding and master
+//! failovers. Values are read back from the master of each key's slot and compared with
+//! Postgres; a watcher checks that no value a reader could see ever goes back (a change
+//! replayed over a newer one).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use pgcache::checkpoint::{checkpoint_key, slot_checkpoint_key};
+use pgcache::cluster::key_slot;
+use pgcache::daemon::slot_router::SlotRouter;
+use pgcache::testkit::{RedisOptions, TestRedisCluster};
+
+use crate::common::{eventually, Daemon, Env, InProcess, DB};
+
+const SCHEMA: &str = "
+CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL);
+CREATE TABLE orders (tenant int, id int, v int NOT NULL, PRIMARY KEY (tenant, id));
+CREATE TABLE scratch (id int PRIMARY KEY, v int NOT NULL);
+INSERT INTO items SELECT g, 0 FROM generate_series(1, 600) g;
+INSERT INTO orders SELECT g % 7, g, 0 FROM generate_series(1, 300) g;
+INSERT INTO scratch SELECT g, 0 FROM generate_series(1, 100) g;
+";
+
+const TABLES: &str = "public.items,public.orders,public.scratch";
+
+const RULES: &str = r#"[[tables]]
+table = "items"
+key = "item:{id}"
+
+[[tables]]
+table = "orders"
+key = "tenant:{{{tenant}}}:order:{id}"
+
+[[tables]]
+table = "scratch"
+key = "scratch:{id}"
+"#;
+
+async fn start_cluster(masters: usize, replicas: usize) -> TestRedisCluster {
+    tokio::task::spawn_blocking(move || {
+        TestRedisCluster::start_with(masters, replicas, RedisOptions::default())
+    })
+    .await
+    .unwrap()
+    .expect("start the test cluster")
+}
+
+/// `env`'s config with the cluster instead of its one Redis.
+fn cluster_config(env: &Env, cluster: &TestRedisCluster, extra: &str) -> String {
+    let single = format!("[redis]\nurl = \"{}\"\n", env.redis.url());
+    let text = env.config_toml(RULES);
+    assert!(text.contains(&single), "{text}");
+    text.replace(
+        &single,
+        &format!("[redis]\nurl = \"{}\"\ncluster = true\n{extra}", cluster.url()),
+    )
+}
+
+/// Reads keys from the master of their slot (following MOVED and ASK).
+struct View {
+    router: SlotRouter,
+}
+
+impl View {
+    async fn new(cluster: &TestRedisCluster) -> View {
+        View {
+            router: SlotRouter::connect(&cluster.urls(), None).await.unwrap(),
+        }
+    }
+
+    async fn get_many(&mut self, keys: &[String]) -> Vec<Option<String>> {
+        let cmds: Vec<(u16, redis::Cmd)> = keys
+            .iter()
+            .map(|key| {
+                let mut cmd = redis::cmd("GET");
+                cmd.arg(key);
+                (key_slot(key.as_bytes()), cmd)
+            })
+            .collect();
+        let replies = match self.router.send_each(&cmds).await {
+            Ok(replies) => replies,
+            Err(_) => {
+                // A master went away: read the map again and retry once.
+                let _ = self.router.refresh().await;
+                self.router.send_each(&cmds).await.expect("read the cluster")
+            }
+        };
+        replies
+            .into_iter()
+            .map(|v| redis::from_redis_value::<Option<String>>(v).unwrap_or(None))
+            .collect()
+    }
+
+    async fn hget(&mut self, key: &str, field: &str) -> Option<String> {
+        let mut cmd = redis::cmd("HGET");
+        cmd.arg(key).arg(field);
+        let reply = self
+            .router
+            .send_each(&[(key_slot(key.as_bytes()), cmd)])
+            .await
+            .ok()?;
+        redis::from_redis_value(reply.into_iter().next()?).ok()?
+    }
+
+    /// Every key matching `pattern` on every master.
+    async fn keys(&mut self, pattern: &str) -> Vec<String> {
+        let _ = self.router.refresh().await;
+        let mut out = Vec::new();
+        for addr in self.router.masters() {
+            let mut conn = self.router.node(&addr).await.unwrap();
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(pattern)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            out.extend(keys);
+        }
+        out.sort();
+        out
+    }
+}
+
+/// Each row's key and its `v`, as Postgres has them.
+async fn expected(pg: &tokio_postgres::Client) -> BTreeMap<String, i64> {
+    let mut out = BTreeMap::new();
+    for row in pg
+        .query("SELECT id, v FROM items", &[])
+        .await
+        .unwrap()
+    {
+        out.insert(
+            format!("item:{}", row.get::<_, i32>(0)),
+            i64::from(row.get::<_, i32>(1)),
+        );
+    }
+    for row in pg
+        .query("SELECT tenant, id, v FROM orders", &[])
+        .await
+        .unwrap()
+    {
+        out.insert(
+            format!("tenant:{{{}}}:order:{}", row.get::<_, i32>(0), row.get::<_, i32>(1)),
+            i64::from(row.get::<_, i32>(2)),
+        );
+    }
+    for row in pg
+        .query("SELECT id, v FROM scratch", &[])
+        .await
+        .unwrap()
+    {
+        out.insert(
+            format!("scratch:{}", row.get::<_, i32>(0)),
+            i64::from(row.get::<_, i32>(1)),
+        );
+    }
+    out
+}
+
+/// What differs between Postgres and the cluster (empty: converged), at most a few.
+async fn differences(view: &mut View, pg: &tokio_postgres::Client) -> Vec<String> {
+    let want = expected(pg).await;
+    let mut cached = Vec::new();
+    for pattern in ["item:*", "tenant:*", "scratch:*"] {
+        cached.extend(
+            view.keys(pattern)
+                .await
+                .into_iter()
+                .filter(|k| !k.ends_with(":pgcache-lease") && !k.contains("pgcache")),
+        );
+    }
+    let mut out = Vec::new();
+    for key in &cached {
+        if !want.contains_key(key) {
+            out.push(format!("{key}: cached, but no such row"));
+        }
+    }
+    let keys: Vec<String> = want.keys().cloned().collect();
+    let values = view.get_many(&keys).await;
+    for ((key, v), value) in want.iter().zip(values) {
+        let got = value
+            .as_deref()
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(text).ok())
+            .and_then(|json| json["v"].as_i64());
+        if got != Some(*v) {
+            out.push(format!("{key}: v = {v} in Postgres, {got:?} cached"));
+        }
+    }
+    out.truncate(10);
+    out
+}
+
+async fn converged(view: &mut View, env: &Env, limit: Duration) {
+    let pg = env.pg_client().await;
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let diff = differences(view, &pg).await;
+        if diff.is_empty() {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the cluster did not converge on Postgres within {limit:?}: {diff:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Transactions that each add 1 to `v` of a range of items (many slots) and of a tenant's
+/// orders (one slot), until `stop`.
+fn start_workload(env: &Env, stop: Arc<AtomicBool>, done: Arc<AtomicU64>) -> std::thread::JoinHandle<()> {
+    let url = env.pg.url(DB);
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            let mut round = 0i32;
+            while !stop.load(Ordering::SeqCst) {
+                let from = (round * 37) % 600 + 1;
+                let tenant = round % 7;
+                let sql = format!(
+                    "BEGIN;
+                     UPDATE items SET v = v + 1 WHERE id BETWEEN {from} AND {from} + 40;
+                     UPDATE orders SET v = v + 1 WHERE tenant = {tenant};
+                     COMMIT;"
+                );
+                if client.batch_execute(&sql).await.is_ok() {
+                    done.fetch_add(1, Ordering::SeqCst);
+                }
+                round += 1;
+                tokio::time::sleep(Duration::from_millis(3)).await;
+            }
+        });
+    })
+}
+
+/// Reads every key over and over while `stop` is not set, recording each `v` that is lower
+/// than one seen before for the same key (a replayed change a reader could see).
+fn start_watcher(
+    cluster: &TestRedisCluster,
+    stop: Arc<AtomicBool>,
+    wrong: Arc<Mutex<Vec<String>>>,
+) -> std::thread::JoinHandle<()> {
+    let urls = cluster.urls();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let mut router = SlotRouter::connect(&urls, None).await.unwrap();
+            let keys: Vec<String> = (1..=600)
+                .map(|id| format!("item:{id}"))
+                .chain((1..=300).map(|id| format!("tenant:{{{}}}:order:{id}", id % 7)))
+                .collect();
+            let mut seen: HashMap<String, i64> = HashMap::new();
+            while !stop.load(Ordering::SeqCst) {
+                let cmds: Vec<(u16, redis::Cmd)> = keys
+                    .iter()
+                    .map(|key| {
+                        let mut cmd = redis::cmd("GET");
+                        cmd.arg(key);
+                        (key_slot(key.as_bytes()), cmd)
+                    })
+                    .collect();
+                let Ok(replies) = router.send_each(&cmds).await else {
+                    let _ = router.refresh().await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                for (key, reply) in keys.iter().zip(replies) {
+                    let Ok(Some(text)) = redis::from_redis_value::<Option<String>>(reply) else {
+                        continue;
+                    };
+                    let Some(v) = serde_json::from_str::<serde_json::Value>(&text)
+                        .ok()
+                        .and_then(|j| j["v"].as_i64())
+                    else {
+                        continue;
+                    };
+                    let before = seen.insert(key.clone(), v).unwrap_or(v);
+                    if v < before {
+                        wrong.lock().unwrap().push(format!("{key}: {before} then {v}"));
+                        seen.insert(key.clone(), before);
+                    }
+                }
+            }
+        });
+    })
+}
+
+/// Changes of every kind land on the master of their key's slot, each slot's checkpoint is
+/// written with its changes, and the root holds the frontier; a restart applies nothing
+/// twice and goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_land_in_their_slots_with_each_slots_checkpoint() {
+    let env = Env::start(SCHEMA, TABLES);
+    let cluster = start_cluster(3, 0).await;
+    let config = Arc::new(
+        pgcache::config::Config::from_toml_str(&cluster_config(&env, &cluster, "")).unwrap(),
+    );
+    let mut view = View::new(&cluster).await;
+    let daemon = InProcess::start(config.clone());
+    converged(&mut view, &env, Duration::from_secs(60)).await;
+
+    env.sql(
+        "BEGIN;
+         UPDATE items SET v = 5 WHERE id <= 100;
+         INSERT INTO orders VALUES (3, 1000, 9), (3, 1001, 9);
+         DELETE FROM items WHERE id > 590;
+         UPDATE items SET id = id + 1000 WHERE id BETWEEN 200 AND 210;
+         COMMIT;
+         TRUNCATE scratch;
+         INSERT INTO scratch VALUES (7, 70);
+         UPDATE orders SET v = 4 WHERE tenant = 3;",
+    );
+    converged(&mut view, &env, Duration::from_secs(60)).await;
+    assert!(view.keys("scratch:*").await == ["scratch:7"], "TRUNCATE dropped every old key");
+    assert!(view.keys("item:59?").await.len() < 10);
+
+    // The root: the frontier, at least where Postgres was after the last change.
+    let pg = env.pg_client().await;
+    let root = checkpoint_key("", "pgcache");
+    let owner = view.hget(&root, "owner").await.expect("the root has an owner");
+    let wal: String = pg
+        .query_one("SELECT lpad(to_hex((pg_current_wal_lsn() - '0/0')::bigint), 16, '0')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let applied = view.hget(&root, "applied").await.unwrap_or_default();
+        if applied >= wal.to_uppercase() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the frontier stayed at {applied:?}, before {wal}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // A slot a change reached: its own checkpoint has this owner and a position, and the
+    // root recorded it.
+    let slot = key_slot(b"item:1");
+    let ck = slot_checkpoint_key("", "pgcache", slot);
+    assert_eq!(view.hget(&ck, "owner").await.as_deref(), Some(owner.as_str()));
+    let lsn = view.hget(&ck, "lsn").await.expect("the slot's position");
+    assert_eq!(
+        view.hget(&root, &format!("hs:{slot}")).await.as_deref(),
+        Some(lsn.as_str())
+    );
+    // Every slot's checkpoint is there, on its slot's master.
+    assert_eq!(view.keys("pgcache:{*}:pgcache:ck").await.len(), 16384);
+
+    daemon.stop().await.unwrap();
+    env.sql("UPDATE items SET v = v + 1 WHERE id <= 50; DELETE FROM orders WHERE tenant = 3;");
+    let daemon = InProcess::start(config);
+    converged(&mut view, &env, Duration::from_secs(60)).await;
+    daemon.stop().await.unwrap();
+}
+
+/// kill -9 of the daemon in the middle of batches that span many slots: after each restart
+/// the slots ahead of the frontier skip what they hold, so no value goes back, and the cache
+/// converges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_mid_batch_replays_nothing_a_reader_can_see() {
+    let env = Env::start(SCHEMA, TABLES);
+    let cluster = start_cluster(3, 0).await;
+    let path = env.dir.path().join("cluster.toml");
+    std::fs::write(&path, cluster_config(&env, &cluster, "")).unwrap();
+    let log = env.dir.path().join("daemon.log");
+    let mut view = View::new(&cluster).await;
+    let mut daemon = Daemon::spawn(&path, &log);
+    converged(&mut view, &env, Duration::from_secs(60)).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let wrong = Arc::new(Mutex::new(Vec::new()));
+    let workload = start_workload(&env, stop.clone(), done.clone());
+    let watcher = start_watcher(&cluster, stop.clone(), wrong.clone());
+    for _ in 0..3 {
+        let at = done.load(Ordering::SeqCst);
+        eventually(Duration::from_secs(30), "the workload to go on", || {
+            let done = done.clone();
+            async move { (done.load(Ordering::SeqCst) >= at + 40).then_some(()) }
+        })
+        .await;
+        daemon.kill9();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        daemon = Daemon::spawn(&path, &log);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::SeqCst);
+    workload.join().unwrap();
+    converged(&mut view, &env, Duration::from_secs(90)).await;
+    watcher.join().unwrap();
+    let wrong = wrong.lock().unwrap().clone();
+    assert!(wrong.is_empty(), "values went back: {wrong:#?}\n{}", daemon.log());
+    assert!(done.load(Ordering::SeqCst) > 120);
+    daemon.terminate();
+}
