@@ -33,9 +33,9 @@ use crate::daemon::apply::script::{Owner, Refused, WriteError};
 use crate::daemon::apply::{Batch, Op};
 use crate::daemon::backfill::{Backfills, ProgressFn};
 use crate::daemon::cluster_apply::ClusterApply;
-use crate::daemon::slot_router::SlotRouter;
 use crate::daemon::relations::{RelationCache, TypeResolver};
 use crate::daemon::replication::{ReplicationConnection, ReplicationError, ReplicationStream};
+use crate::daemon::slot_router::SlotRouter;
 use crate::daemon::spool::Spool;
 use crate::daemon::visibility::Visibility;
 use crate::metrics as m;
@@ -46,6 +46,7 @@ use crate::Lsn;
 
 pub mod apply;
 pub mod backfill;
+pub(crate) mod cluster_apply;
 mod long_keys;
 pub mod pgoutput;
 pub mod relations;
@@ -55,7 +56,6 @@ pub(crate) mod slot;
 pub mod slot_router;
 pub(crate) mod spool;
 mod stream;
-pub(crate) mod cluster_apply;
 pub mod visibility;
 
 use stream::Stream;
@@ -386,6 +386,11 @@ async fn session(
     if let (None, Some((_, slots))) = (&loss, &cluster) {
         loss = Loss::hash_slots(&taken, slots);
     }
+    // On a cluster, a slot's part of a batch can be in Redis beyond the frontier (the root is
+    // written last): readers may have seen up to the furthest slot checkpoint.
+    let slots_ahead = cluster
+        .as_ref()
+        .and_then(|(_, slots)| slots.iter().filter_map(|t| t.state.lsn).max());
     if matches!(loss, Some(Loss::PostgresBehind { .. })) {
         // What this process applied is from the lost future: nothing to mute.
         applied.position = None;
@@ -401,8 +406,7 @@ async fn session(
     let mut relations = RelationCache::new(config);
     let mut batch = Batch::with_max_value(max_value);
     let (field, value) =
-        long_keys::drop_unreachable(&mut redis, &scans, &checkpoint_key, config, max_value)
-            .await?;
+        long_keys::drop_unreachable(&mut redis, &scans, &checkpoint_key, config, max_value).await?;
     batch.push_field(field, value);
     let stopped_tables = stop_unready_tables(config, &findings, &mut relations, &mut batch);
     let owner = Owner {
@@ -455,7 +459,10 @@ async fn session(
     state.write_stopped();
     // The stream starts past what the slot confirmed: after a loss, only what this process
     // applied beyond that can come again.
-    let replay_horizon = applied.position.filter(|&p| p > slot_confirmed.max(start));
+    let replay_horizon = applied
+        .position
+        .max(slots_ahead)
+        .filter(|&p| p > slot_confirmed.max(start));
     begin(&mut state, config, loss.as_ref(), &saved, replay_horizon).await?;
     info!(
         slot = %config.postgres.slot,
@@ -513,8 +520,7 @@ async fn connect_redis(config: &Config, checkpoint_key: &str) -> Result<RedisSid
             for addr in router.masters() {
                 // Of their own: the router's carry the slot writes.
                 let url = router.url_for(&addr);
-                let client =
-                    crate::config::redis_client(&url, config.redis.tls_ca_file.as_ref())?;
+                let client = crate::config::redis_client(&url, config.redis.tls_ca_file.as_ref())?;
                 scans.push(
                     client
                         .get_multiplexed_async_connection_with_config(&redis_config)

@@ -172,6 +172,12 @@ impl ClusterApply {
         ))
     }
 
+    /// The furthest position a slot held when the session took it over: until the stream
+    /// is past it, some slots skip changes they hold.
+    pub(crate) fn ahead(&self) -> Option<Lsn> {
+        self.found.iter().filter_map(|f| f.position).max()
+    }
+
     /// Whether slot `slot` held the change `tag` when the session took it over.
     fn covered(found: &[Found], slot: u16, tag: ChangeTag) -> bool {
         let found = &found[usize::from(slot)];
@@ -334,7 +340,10 @@ impl ClusterApply {
                         }
                     }
                     SlotOutcome::Retry => {
-                        debug!(slot, "a slot checkpoint changed under its write: sending again");
+                        debug!(
+                            slot,
+                            "a slot checkpoint changed under its write: sending again"
+                        );
                         again.push((slot, write, moves));
                     }
                 }
@@ -382,7 +391,10 @@ impl ClusterApply {
                             .query_async(&mut conn)
                             .await?;
                         for key in keys {
-                            by_slot.entry(key_slot(key.as_bytes())).or_default().push(key);
+                            by_slot
+                                .entry(key_slot(key.as_bytes()))
+                                .or_default()
+                                .push(key);
                         }
                         if next == "0" {
                             break;
@@ -501,9 +513,8 @@ impl ClusterApply {
         let replies = self.router.send_each(&cmds).await.map_err(route_error)?;
         for (slot, reply) in replies.into_iter().enumerate() {
             let (epoch, owner, lsn): (Option<String>, Option<String>, Option<String>) =
-                redis::from_redis_value(reply).map_err(|e| {
-                    RunError::from(redis::RedisError::from(e))
-                })?;
+                redis::from_redis_value(reply)
+                    .map_err(|e| RunError::from(redis::RedisError::from(e)))?;
             let mark = &self.marks[slot];
             let refused = if epoch.as_deref() != Some(mark.epoch.as_str()) {
                 Some(Refused::EpochGone)

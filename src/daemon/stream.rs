@@ -30,8 +30,8 @@ use crate::checkpoint::{
 use crate::clock::{now_ms, pg_now_micros};
 use crate::config::{Config, Mode, TableRule};
 use crate::daemon::apply::script::{self, Owner};
-use crate::daemon::apply::{Batch, ChangeError, Prepared, Repair};
 use crate::daemon::apply::ChangeTag;
+use crate::daemon::apply::{Batch, ChangeError, Prepared, Repair};
 use crate::daemon::backfill::{self, Backfills, Control};
 use crate::daemon::cluster_apply::ClusterApply;
 use crate::daemon::pgoutput::{
@@ -112,6 +112,9 @@ pub(super) struct Stream<'a> {
     tx: Option<Tx>,
     /// On a Redis Cluster: the slot-by-slot apply (the root checkpoint is `redis`'s).
     cluster: Option<Arc<tokio::sync::Mutex<ClusterApply>>>,
+    /// On a Redis Cluster after a restart: the furthest slot checkpoint, until the stream is
+    /// past it (see [`Stream::set_cluster`]).
+    catch_up: Option<Lsn>,
     /// Where streamed transactions wait for their end (`None`: streaming is off).
     spool: Option<Spool>,
     replaying: Option<Replaying>,
@@ -162,6 +165,7 @@ impl<'a> Stream<'a> {
             partitions: HashMap::new(),
             tx: None,
             cluster: None,
+            catch_up: None,
             spool: None,
             replaying: None,
             confirmed: start,
@@ -176,7 +180,14 @@ impl<'a> Stream<'a> {
 
     /// Streams large transactions through `spool` (the server was asked to stream them).
     /// Applies on a Redis Cluster through `cluster` (see [`ClusterApply`]).
+    ///
+    /// Until the stream is past every slot checkpoint, no backfill chunk starts: a chunk
+    /// leaves out the keys the stream changes meanwhile, and a slot that skips such a change
+    /// (it holds it) would keep the key as it was, in an older shape or absent after a drop.
     pub(super) fn set_cluster(&mut self, cluster: ClusterApply) {
+        self.catch_up = cluster
+            .ahead()
+            .filter(|&ahead| Some(ahead) > self.owner.position);
         self.batch.tag_changes();
         self.cluster = Some(Arc::new(tokio::sync::Mutex::new(cluster)));
     }
@@ -342,7 +353,11 @@ impl<'a> Stream<'a> {
                 // the read would starve: let it, and its connection, run once per round.
                 tokio::task::yield_now().await;
             }
-            if self.backfills.can_start() && self.tx.is_none() && self.muted_until.is_none() {
+            if self.backfills.can_start()
+                && self.tx.is_none()
+                && self.muted_until.is_none()
+                && self.catch_up.is_none()
+            {
                 let mut pending = self.batch.xids().to_vec();
                 pending.extend_from_slice(&self.in_flight_xids);
                 self.backfills.start_next(pending).await?;
@@ -482,6 +497,9 @@ impl<'a> Stream<'a> {
                     if self.muted_until.is_some_and(|horizon| wal_end > horizon) {
                         self.muted_until = None;
                     }
+                    if self.catch_up.is_some_and(|ahead| wal_end > ahead) {
+                        self.catch_up = None;
+                    }
                     let known = self.owner.position.unwrap_or(Lsn::ZERO);
                     let wal_end = self.layout.past_page_header(wal_end);
                     if self.batch.is_idle() && self.in_flight.is_none() && wal_end > known {
@@ -562,6 +580,9 @@ impl<'a> Stream<'a> {
             .is_some_and(|horizon| begin.final_lsn > horizon)
         {
             self.muted_until = None;
+        }
+        if self.catch_up.is_some_and(|ahead| begin.final_lsn >= ahead) {
+            self.catch_up = None;
         }
         self.batch.set_muted(self.muted_until.is_some());
         let skip_changes = self

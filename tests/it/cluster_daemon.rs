@@ -50,14 +50,18 @@ async fn start_cluster(masters: usize, replicas: usize) -> TestRedisCluster {
     .expect("start the test cluster")
 }
 
-/// `env`'s config with the cluster instead of its one Redis.
+/// `env`'s config with the cluster (every node a seed) instead of its one Redis.
 fn cluster_config(env: &Env, cluster: &TestRedisCluster, extra: &str) -> String {
     let single = format!("[redis]\nurl = \"{}\"\n", env.redis.url());
     let text = env.config_toml(RULES);
     assert!(text.contains(&single), "{text}");
+    let seeds: Vec<String> = cluster.urls().iter().map(|u| format!("{u:?}")).collect();
     text.replace(
         &single,
-        &format!("[redis]\nurl = \"{}\"\ncluster = true\n{extra}", cluster.url()),
+        &format!(
+            "[redis]\nurls = [{}]\ncluster = true\n{extra}",
+            seeds.join(", ")
+        ),
     )
 }
 
@@ -87,7 +91,10 @@ impl View {
             Err(_) => {
                 // A master went away: read the map again and retry once.
                 let _ = self.router.refresh().await;
-                self.router.send_each(&cmds).await.expect("read the cluster")
+                self.router
+                    .send_each(&cmds)
+                    .await
+                    .expect("read the cluster")
             }
         };
         replies
@@ -128,11 +135,7 @@ impl View {
 /// Each row's key and its `v`, as Postgres has them.
 async fn expected(pg: &tokio_postgres::Client) -> BTreeMap<String, i64> {
     let mut out = BTreeMap::new();
-    for row in pg
-        .query("SELECT id, v FROM items", &[])
-        .await
-        .unwrap()
-    {
+    for row in pg.query("SELECT id, v FROM items", &[]).await.unwrap() {
         out.insert(
             format!("item:{}", row.get::<_, i32>(0)),
             i64::from(row.get::<_, i32>(1)),
@@ -144,15 +147,15 @@ async fn expected(pg: &tokio_postgres::Client) -> BTreeMap<String, i64> {
         .unwrap()
     {
         out.insert(
-            format!("tenant:{{{}}}:order:{}", row.get::<_, i32>(0), row.get::<_, i32>(1)),
+            format!(
+                "tenant:{{{}}}:order:{}",
+                row.get::<_, i32>(0),
+                row.get::<_, i32>(1)
+            ),
             i64::from(row.get::<_, i32>(2)),
         );
     }
-    for row in pg
-        .query("SELECT id, v FROM scratch", &[])
-        .await
-        .unwrap()
-    {
+    for row in pg.query("SELECT id, v FROM scratch", &[]).await.unwrap() {
         out.insert(
             format!("scratch:{}", row.get::<_, i32>(0)),
             i64::from(row.get::<_, i32>(1)),
@@ -195,24 +198,36 @@ async fn differences(view: &mut View, pg: &tokio_postgres::Client) -> Vec<String
 }
 
 async fn converged(view: &mut View, env: &Env, limit: Duration) {
+    if let Err(diff) = converges(view, env, limit).await {
+        panic!("{diff}");
+    }
+}
+
+/// `Err` with what still differs after `limit`.
+async fn converges(view: &mut View, env: &Env, limit: Duration) -> Result<(), String> {
     let pg = env.pg_client().await;
     let deadline = std::time::Instant::now() + limit;
     loop {
         let diff = differences(view, &pg).await;
         if diff.is_empty() {
-            return;
+            return Ok(());
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the cluster did not converge on Postgres within {limit:?}: {diff:#?}"
-        );
+        if std::time::Instant::now() >= deadline {
+            return Err(format!(
+                "the cluster did not converge on Postgres within {limit:?}: {diff:#?}"
+            ));
+        }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }
 
 /// Transactions that each add 1 to `v` of a range of items (many slots) and of a tenant's
 /// orders (one slot), until `stop`.
-fn start_workload(env: &Env, stop: Arc<AtomicBool>, done: Arc<AtomicU64>) -> std::thread::JoinHandle<()> {
+fn start_workload(
+    env: &Env,
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicU64>,
+) -> std::thread::JoinHandle<()> {
     let url = env.pg.url(DB);
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -290,7 +305,10 @@ fn start_watcher(
                     };
                     let before = seen.insert(key.clone(), v).unwrap_or(v);
                     if v < before {
-                        wrong.lock().unwrap().push(format!("{key}: {before} then {v}"));
+                        wrong
+                            .lock()
+                            .unwrap()
+                            .push(format!("{key}: {before} then {v}"));
                         seen.insert(key.clone(), before);
                     }
                 }
@@ -325,15 +343,24 @@ async fn changes_land_in_their_slots_with_each_slots_checkpoint() {
          UPDATE orders SET v = 4 WHERE tenant = 3;",
     );
     converged(&mut view, &env, Duration::from_secs(60)).await;
-    assert!(view.keys("scratch:*").await == ["scratch:7"], "TRUNCATE dropped every old key");
+    assert!(
+        view.keys("scratch:*").await == ["scratch:7"],
+        "TRUNCATE dropped every old key"
+    );
     assert!(view.keys("item:59?").await.len() < 10);
 
     // The root: the frontier, at least where Postgres was after the last change.
     let pg = env.pg_client().await;
     let root = checkpoint_key("", "pgcache");
-    let owner = view.hget(&root, "owner").await.expect("the root has an owner");
+    let owner = view
+        .hget(&root, "owner")
+        .await
+        .expect("the root has an owner");
     let wal: String = pg
-        .query_one("SELECT lpad(to_hex((pg_current_wal_lsn() - '0/0')::bigint), 16, '0')", &[])
+        .query_one(
+            "SELECT lpad(to_hex((pg_current_wal_lsn() - '0/0')::bigint), 16, '0')",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
@@ -353,7 +380,10 @@ async fn changes_land_in_their_slots_with_each_slots_checkpoint() {
     // root recorded it.
     let slot = key_slot(b"item:1");
     let ck = slot_checkpoint_key("", "pgcache", slot);
-    assert_eq!(view.hget(&ck, "owner").await.as_deref(), Some(owner.as_str()));
+    assert_eq!(
+        view.hget(&ck, "owner").await.as_deref(),
+        Some(owner.as_str())
+    );
     let lsn = view.hget(&ck, "lsn").await.expect("the slot's position");
     assert_eq!(
         view.hget(&root, &format!("hs:{slot}")).await.as_deref(),
@@ -388,7 +418,7 @@ async fn kill9_mid_batch_replays_nothing_a_reader_can_see() {
     let wrong = Arc::new(Mutex::new(Vec::new()));
     let workload = start_workload(&env, stop.clone(), done.clone());
     let watcher = start_watcher(&cluster, stop.clone(), wrong.clone());
-    for _ in 0..3 {
+    for round in 0..6 {
         let at = done.load(Ordering::SeqCst);
         eventually(Duration::from_secs(30), "the workload to go on", || {
             let done = done.clone();
@@ -396,6 +426,11 @@ async fn kill9_mid_batch_replays_nothing_a_reader_can_see() {
         })
         .await;
         daemon.kill9();
+        if round == 3 {
+            // DDL while stopped: the table is written again in its new shape, while some
+            // slots are ahead of the frontier.
+            env.sql("ALTER TABLE items ADD COLUMN note text NOT NULL DEFAULT 'n'");
+        }
         tokio::time::sleep(Duration::from_millis(300)).await;
         daemon = Daemon::spawn(&path, &log);
     }
@@ -405,7 +440,283 @@ async fn kill9_mid_batch_replays_nothing_a_reader_can_see() {
     converged(&mut view, &env, Duration::from_secs(90)).await;
     watcher.join().unwrap();
     let wrong = wrong.lock().unwrap().clone();
-    assert!(wrong.is_empty(), "values went back: {wrong:#?}\n{}", daemon.log());
-    assert!(done.load(Ordering::SeqCst) > 120);
+    assert!(
+        wrong.is_empty(),
+        "values went back: {wrong:#?}\n{}",
+        daemon.log()
+    );
+    assert!(done.load(Ordering::SeqCst) > 240);
+    // Every item is in the new shape.
+    let keys: Vec<String> = (1..=600).map(|id| format!("item:{id}")).collect();
+    let old_shape: Vec<String> = keys
+        .iter()
+        .zip(view.get_many(&keys).await)
+        .filter(|(_, v)| !v.as_deref().is_some_and(|v| v.contains("\"note\":\"n\"")))
+        .map(|(k, v)| format!("{k}: {v:?}"))
+        .take(5)
+        .collect();
+    assert!(
+        old_shape.is_empty(),
+        "values in the old shape: {old_shape:#?}"
+    );
     daemon.terminate();
+}
+
+/// `redis-cli --cluster reshard` moves a third of the slots, keys and slot checkpoints with
+/// them, while a workload writes to every master: the daemon follows MOVED, ASK and
+/// TRYAGAIN, no value goes back, and the cache converges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_resharding_under_load_loses_and_replays_nothing() {
+    let env = Env::start(SCHEMA, TABLES);
+    let cluster = start_cluster(3, 0).await;
+    let path = env.dir.path().join("cluster.toml");
+    std::fs::write(&path, cluster_config(&env, &cluster, "")).unwrap();
+    let log = env.dir.path().join("daemon.log");
+    let mut view = View::new(&cluster).await;
+    let mut daemon = Daemon::spawn(&path, &log);
+    converged(&mut view, &env, Duration::from_secs(60)).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let wrong = Arc::new(Mutex::new(Vec::new()));
+    let workload = start_workload(&env, stop.clone(), done.clone());
+    let watcher = start_watcher(&cluster, stop.clone(), wrong.clone());
+    let view_before = cluster.topology().unwrap();
+    let masters: Vec<_> = view_before.iter().filter(|n| n.is_master()).collect();
+    let moves = [
+        (masters[0].id.clone(), masters[1].id.clone()),
+        (masters[2].id.clone(), masters[0].id.clone()),
+    ];
+    let seed = cluster.url();
+    for (from, to) in moves {
+        let seed = seed.clone();
+        let addr = seed
+            .trim_start_matches("redis://")
+            .trim_end_matches('/')
+            .to_string();
+        let out = tokio::task::spawn_blocking(move || {
+            std::process::Command::new("redis-cli")
+                .args(["--cluster", "reshard", &addr])
+                .args(["--cluster-from", &from, "--cluster-to", &to])
+                .args(["--cluster-slots", "3000", "--cluster-yes"])
+                .output()
+                .expect("run redis-cli --cluster reshard (apt-get install -y redis-tools)")
+        })
+        .await
+        .unwrap();
+        assert!(
+            out.status.success(),
+            "reshard: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let after = done.load(Ordering::SeqCst);
+    eventually(
+        Duration::from_secs(30),
+        "the workload to go on after resharding",
+        || {
+            let done = done.clone();
+            async move { (done.load(Ordering::SeqCst) >= after + 30).then_some(()) }
+        },
+    )
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    workload.join().unwrap();
+    converged(&mut view, &env, Duration::from_secs(90)).await;
+    watcher.join().unwrap();
+    let wrong = wrong.lock().unwrap().clone();
+    assert!(
+        wrong.is_empty(),
+        "values went back: {wrong:#?}\n{}",
+        daemon.log()
+    );
+    // The slots really moved, and each slot checkpoint with its slot.
+    let now = cluster.topology().unwrap();
+    assert_ne!(
+        now.iter()
+            .filter(|n| n.is_master())
+            .map(|n| n.slots.clone())
+            .collect::<Vec<_>>(),
+        view_before
+            .iter()
+            .filter(|n| n.is_master())
+            .map(|n| n.slots.clone())
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(view.keys("pgcache:{*}:pgcache:ck").await.len(), 16384);
+    daemon.terminate();
+}
+
+/// Stops a master's replica from getting its writes, as a network partition would: the
+/// replica is paused and disconnected, so what the master takes next it never sees.
+fn cut_off_replica(cluster: &TestRedisCluster, master: usize, replica: usize) {
+    cluster.nodes()[replica].pause().unwrap();
+    cluster.nodes()[master]
+        .cli(&["CLIENT", "KILL", "TYPE", "replica"])
+        .unwrap();
+}
+
+/// The master holding `key`'s slot (not the root checkpoint's, not the first node), and
+/// the index of its replica.
+fn master_and_replica(cluster: &TestRedisCluster, key: &str) -> (usize, usize) {
+    let view = cluster.topology().unwrap();
+    let master = cluster
+        .master_of_slot(key_slot(key.as_bytes()))
+        .unwrap()
+        .port();
+    let id = view
+        .iter()
+        .find(|n| n.port() == Some(master))
+        .unwrap()
+        .id
+        .clone();
+    let replica = view
+        .iter()
+        .find(|n| n.master_id.as_deref() == Some(id.as_str()))
+        .and_then(|n| n.port())
+        .expect("the master has a replica");
+    let index = |port: u16| {
+        cluster
+            .nodes()
+            .iter()
+            .position(|n| n.port() == port)
+            .unwrap()
+    };
+    (index(master), index(replica))
+}
+
+/// A key whose slot's master holds neither the root checkpoint nor is the first node.
+fn key_off_the_root(cluster: &TestRedisCluster) -> String {
+    let root = key_slot(checkpoint_key("", "pgcache").as_bytes());
+    let root_master = cluster.master_of_slot(root).unwrap().port();
+    let first = cluster.nodes()[0].port();
+    (1..=600)
+        .map(|id| format!("item:{id}"))
+        .find(|key| {
+            let port = cluster
+                .master_of_slot(key_slot(key.as_bytes()))
+                .unwrap()
+                .port();
+            port != root_master && port != first
+        })
+        .expect("a key on a third master")
+}
+
+async fn slot_confirmed_past(pg: &tokio_postgres::Client, lsn: &str) -> bool {
+    pg.query_one(
+        "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots",
+        &[&lsn],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+/// The failover scenario: an update reaches a master whose replica is cut off, the master
+/// dies, the replica (without the update) takes over. Returns the daemon's log and whether
+/// the slot had confirmed the update.
+async fn master_dies_under_a_write(wait_replicas: Option<usize>) -> (String, bool) {
+    let env = Env::start(SCHEMA, TABLES);
+    let mut cluster = start_cluster(3, 1).await;
+    let extra = wait_replicas.map_or(String::new(), |n| format!("wait_replicas = {n}\n"));
+    let path = env.dir.path().join("cluster.toml");
+    std::fs::write(&path, cluster_config(&env, &cluster, &extra)).unwrap();
+    let log = env.dir.path().join("daemon.log");
+    let mut view = View::new(&cluster).await;
+    let mut daemon = Daemon::spawn(&path, &log);
+    converged(&mut view, &env, Duration::from_secs(60)).await;
+    // Let the replicas catch up with the backfill.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let key = key_off_the_root(&cluster);
+    let (master, replica) = master_and_replica(&cluster, &key);
+    cut_off_replica(&cluster, master, replica);
+    env.sql("UPDATE items SET v = 100");
+    let pg = env.pg_client().await;
+    let after_update: String = pg
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    if wait_replicas.is_none() {
+        eventually(Duration::from_secs(30), "the update on the master", || {
+            let (view, key) = (&view, key.clone());
+            let _ = view;
+            let url = cluster.nodes()[master].url();
+            async move {
+                let mut conn = redis::Client::open(url)
+                    .ok()?
+                    .get_multiplexed_async_connection()
+                    .await
+                    .ok()?;
+                let text: Option<String> = redis::cmd("GET")
+                    .arg(&key)
+                    .query_async(&mut conn)
+                    .await
+                    .ok()?;
+                text?.contains("\"v\":100").then_some(())
+            }
+        })
+        .await;
+    }
+    // Long enough for a confirmation to go out, if one is going to.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let confirmed = slot_confirmed_past(&pg, &after_update).await;
+
+    // The master dies; its replica, which never got the update, takes over.
+    cluster.node_mut(master).kill9().unwrap();
+    cluster.nodes()[replica].resume().unwrap();
+    cluster.nodes()[replica]
+        .cli(&["CLUSTER", "FAILOVER", "TAKEOVER"])
+        .unwrap();
+    let promoted = cluster.nodes()[replica].port();
+    eventually(
+        Duration::from_secs(30),
+        "the replica to serve the slots",
+        || {
+            let slot = key_slot(key.as_bytes());
+            let ok = cluster
+                .master_of_slot(slot)
+                .is_ok_and(|n| n.port() == promoted);
+            async move { ok.then_some(()) }
+        },
+    )
+    .await;
+    // The old master comes back as the new one's replica (with wait_replicas, the daemon
+    // confirms nothing more until a replica holds its writes).
+    cluster.node_mut(master).start_again().unwrap();
+    env.sql("UPDATE items SET v = 200 WHERE id <= 20");
+    let at: String = pg
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let mut view = View::new(&cluster).await;
+    if let Err(diff) = converges(&mut view, &env, Duration::from_secs(120)).await {
+        panic!("{diff}\nlast update before {at}\n{}", daemon.log());
+    }
+    let log_text = daemon.log();
+    daemon.terminate();
+    (log_text, confirmed)
+}
+
+/// With `wait_replicas = 1`, the update is not confirmed while no replica has it, so the
+/// promoted replica's slots are not behind anything Postgres forgot: the stream applies the
+/// update again, no loss is reported, and the cache converges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_wait_replicas_a_master_failover_loses_nothing() {
+    let (log, confirmed) = master_dies_under_a_write(Some(1)).await;
+    assert!(!confirmed, "confirmed before a replica held it:\n{log}");
+    assert!(!log.contains("lost writes"), "{log}");
+}
+
+/// Without `wait_replicas`, the update is confirmed while only the master has it; when the
+/// replica takes over without it, the daemon finds the slots behind what it wrote there,
+/// says so, rebuilds, and the cache converges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_wait_replicas_a_lost_write_is_found_and_rebuilt() {
+    let (log, confirmed) = master_dies_under_a_write(None).await;
+    assert!(confirmed, "the update was never confirmed:\n{log}");
+    assert!(log.contains("Redis Cluster lost writes"), "{log}");
 }
