@@ -131,14 +131,6 @@ pub(super) async fn cluster_findings(config: &Config, seeds: &[Secret]) -> Vec<F
             findings.extend(master_findings(config, seed, master, &nodes).await);
         }
     }
-    findings.push(Finding::fail(
-        config
-            .redis
-            .single_only("the daemon (pgcache run)")
-            .err()
-            .unwrap_or_default(),
-        "until then run the daemon against one Redis server (redis.url, without redis.cluster)",
-    ));
     findings
 }
 
