@@ -641,8 +641,7 @@ async fn master_dies_under_a_write(wait_replicas: Option<usize>) -> (String, boo
         .get(0);
     if wait_replicas.is_none() {
         eventually(Duration::from_secs(30), "the update on the master", || {
-            let (view, key) = (&view, key.clone());
-            let _ = view;
+            let key = key.clone();
             let url = cluster.nodes()[master].url();
             async move {
                 let mut conn = redis::Client::open(url)
@@ -719,4 +718,78 @@ async fn without_wait_replicas_a_lost_write_is_found_and_rebuilt() {
     let (log, confirmed) = master_dies_under_a_write(None).await;
     assert!(confirmed, "the update was never confirmed:\n{log}");
     assert!(log.contains("Redis Cluster lost writes"), "{log}");
+}
+
+/// Two daemons on one slot: the first is frozen (SIGSTOP) under load, with whatever it had
+/// in flight, its walsender times out, and a second takes the slot and every slot
+/// checkpoint over. When the first wakes up, what it sends is refused slot by slot (its
+/// owner is gone from every checkpoint): no value goes back, and the cache converges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_daemon_that_wakes_up_is_fenced_in_every_slot() {
+    let env = Env::start(SCHEMA, TABLES);
+    env.sql("ALTER SYSTEM SET wal_sender_timeout = '1s'; SELECT pg_reload_conf();");
+    let cluster = start_cluster(3, 0).await;
+    let path = env.dir.path().join("cluster.toml");
+    std::fs::write(&path, cluster_config(&env, &cluster, "")).unwrap();
+    let mut view = View::new(&cluster).await;
+    let mut first = Daemon::spawn(&path, &env.dir.path().join("first.log"));
+    converged(&mut view, &env, Duration::from_secs(60)).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let wrong = Arc::new(Mutex::new(Vec::new()));
+    let workload = start_workload(&env, stop.clone(), done.clone());
+    let watcher = start_watcher(&cluster, stop.clone(), wrong.clone());
+    let at = done.load(Ordering::SeqCst);
+    eventually(Duration::from_secs(30), "the workload to go on", || {
+        let done = done.clone();
+        async move { (done.load(Ordering::SeqCst) >= at + 30).then_some(()) }
+    })
+    .await;
+    first.pause();
+    let mut second = Daemon::spawn(&path, &env.dir.path().join("second.log"));
+    // The second one streams once the first one's walsender has timed out.
+    let root = checkpoint_key("", "pgcache");
+    let owner_before = view.hget(&root, "owner").await;
+    eventually(
+        Duration::from_secs(60),
+        "the second daemon to take over",
+        || {
+            let (root, before) = (root.clone(), owner_before.clone());
+            let urls = cluster.urls();
+            async move {
+                let mut view = View {
+                    router: SlotRouter::connect(&urls, None).await.ok()?,
+                };
+                let now = view.hget(&root, "owner").await;
+                (now.is_some() && now != before).then_some(())
+            }
+        },
+    )
+    .await;
+    let at = done.load(Ordering::SeqCst);
+    eventually(Duration::from_secs(30), "the workload to go on", || {
+        let done = done.clone();
+        async move { (done.load(Ordering::SeqCst) >= at + 30).then_some(()) }
+    })
+    .await;
+    first.resume();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::SeqCst);
+    workload.join().unwrap();
+    converged(&mut view, &env, Duration::from_secs(60)).await;
+    watcher.join().unwrap();
+    let wrong = wrong.lock().unwrap().clone();
+    assert!(wrong.is_empty(), "values went back: {wrong:#?}");
+    let log = first.log();
+    assert!(
+        log.contains("another daemon took the slot over"),
+        "the first daemon was not fenced:\n{log}"
+    );
+    // The slot checkpoints are the second daemon's.
+    let owner = view.hget(&root, "owner").await.unwrap();
+    let ck = slot_checkpoint_key("", "pgcache", key_slot(b"item:1"));
+    assert_eq!(view.hget(&ck, "owner").await, Some(owner));
+    first.terminate();
+    second.terminate();
 }
