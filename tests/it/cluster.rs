@@ -73,7 +73,7 @@ async fn check_reports_the_cluster_state_its_slots_and_every_master() {
     };
 
     let (code, out, err) = check().await.unwrap();
-    assert_eq!(code, 1, "the daemon's refusal is a FAIL:\n{out}\n{err}");
+    assert_eq!(code, 0, "warnings only:\n{out}\n{err}");
     let seed = cluster.nodes()[2].url();
     for (level, parts) in [
         ("OK", vec!["redis cluster seed", seed.as_str(), "reachable"]),
@@ -187,7 +187,7 @@ async fn check_after_a_failover_names_the_dead_node_and_the_lone_master() {
         tokio::task::spawn_blocking(move || pgcache(&["check", "--config", &path]))
             .await
             .unwrap();
-    assert_eq!(code, 1, "{out}\n{err}");
+    assert_eq!(code, 0, "{out}\n{err}");
     for (level, parts) in [
         (
             "OK",
@@ -222,11 +222,7 @@ async fn check_after_a_failover_names_the_dead_node_and_the_lone_master() {
             "{parts:?} in:\n{out}"
         );
     }
-    assert_eq!(
-        lines_with(&out, "FAIL", &[]).len(),
-        1,
-        "only the daemon's refusal:\n{out}"
-    );
+    assert!(lines_with(&out, "FAIL", &[]).is_empty(), "{out}");
 }
 
 /// pgcache's hash slots are the cluster's, for the key shapes it writes: rows, their

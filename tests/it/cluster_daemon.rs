@@ -396,6 +396,28 @@ async fn changes_land_in_their_slots_with_each_slots_checkpoint() {
     env.sql("UPDATE items SET v = v + 1 WHERE id <= 50; DELETE FROM orders WHERE tenant = 3;");
     let daemon = InProcess::start(config);
     converged(&mut view, &env, Duration::from_secs(60)).await;
+
+    // `pgcache resync` repairs a value broken by hand on its master.
+    let broken = "item:42";
+    let mut cmd = redis::cmd("SET");
+    cmd.arg(broken).arg("garbage");
+    view.router
+        .send_each(&[(key_slot(broken.as_bytes()), cmd)])
+        .await
+        .unwrap();
+    assert!(!differences(&mut view, &env.pg_client().await)
+        .await
+        .is_empty());
+    let path = env.dir.path().join("cluster.toml");
+    std::fs::write(&path, cluster_config(&env, &cluster, "")).unwrap();
+    let path = path.display().to_string();
+    let (code, out, err) = tokio::task::spawn_blocking(move || {
+        crate::common::pgcache(&["resync", "--config", &path, "--table", "items"])
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{out}{err}");
+    converged(&mut view, &env, Duration::from_secs(60)).await;
     daemon.stop().await.unwrap();
 }
 
