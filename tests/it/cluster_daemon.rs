@@ -815,3 +815,79 @@ async fn a_frozen_daemon_that_wakes_up_is_fenced_in_every_slot() {
     first.terminate();
     second.terminate();
 }
+
+/// Transactions too large for one write (here over 100 changes, not streamed) are written
+/// in parts, each part slot by slot with the slot's `partial` mark. kill -9 while one is in
+/// Redis in part (each item changed twice in it): the restart resumes after the part in
+/// Redis, no value goes back, and the cache converges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_between_parts_of_large_transactions_replays_nothing() {
+    let env = Env::start(SCHEMA, TABLES);
+    let cluster = start_cluster(3, 0).await;
+    let path = env.dir.path().join("cluster.toml");
+    let text = cluster_config(&env, &cluster, "").replace(
+        "publication = \"pgcache\"\n",
+        "publication = \"pgcache\"\nstreaming = false\n",
+    ) + "\n[apply]\nmax_transaction_changes = 100\n";
+    std::fs::write(&path, text).unwrap();
+    let log = env.dir.path().join("daemon.log");
+    let mut view = View::new(&cluster).await;
+    let mut daemon = Daemon::spawn(&path, &log);
+    converged(&mut view, &env, Duration::from_secs(60)).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let wrong = Arc::new(Mutex::new(Vec::new()));
+    let watcher = start_watcher(&cluster, stop.clone(), wrong.clone());
+    let url = env.pg.url(DB);
+    let writing = stop.clone();
+    let workload = tokio::spawn(async move {
+        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        while !writing.load(Ordering::SeqCst) {
+            // 1,200 + 300 changes: fifteen parts, each item changed twice (a part
+            // replayed after the next one would set an older value).
+            client
+                .batch_execute(
+                    "BEGIN; UPDATE items SET v = v + 1; UPDATE orders SET v = v + 1;
+                     UPDATE items SET v = v + 1; COMMIT;",
+                )
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    // Kill it while the root checkpoint says a transaction is in Redis in part.
+    let root = checkpoint_key("", "pgcache");
+    for _ in 0..6 {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while view.hget(&root, "partial").await.is_none() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no transaction was seen in part:\n{}",
+                daemon.log()
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        daemon.kill9();
+        daemon = Daemon::spawn(&path, &log);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::SeqCst);
+    workload.await.unwrap();
+    converged(&mut view, &env, Duration::from_secs(90)).await;
+    watcher.join().unwrap();
+    let wrong = wrong.lock().unwrap().clone();
+    assert!(
+        wrong.is_empty(),
+        "values went back: {wrong:#?}\n{}",
+        daemon.log()
+    );
+    assert!(
+        daemon.log().contains("resuming a large transaction"),
+        "no restart resumed a transaction after its part in Redis:\n{}",
+        daemon.log()
+    );
+    daemon.terminate();
+}
