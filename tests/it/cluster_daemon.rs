@@ -644,6 +644,28 @@ async fn master_dies_under_a_write(wait_replicas: Option<usize>) -> (String, boo
     let extra = wait_replicas.map_or(String::new(), |n| format!("wait_replicas = {n}\n"));
     let path = env.dir.path().join("cluster.toml");
     std::fs::write(&path, cluster_config(&env, &cluster, &extra)).unwrap();
+    // `check` refuses a wait_replicas that the cluster's masters cannot meet.
+    let too_many = env.dir.path().join("too-many.toml");
+    std::fs::write(
+        &too_many,
+        cluster_config(&env, &cluster, "wait_replicas = 2\n"),
+    )
+    .unwrap();
+    let too_many = too_many.display().to_string();
+    let (code, out, _) = tokio::task::spawn_blocking(move || {
+        crate::common::pgcache(&["check", "--config", &too_many])
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 1, "{out}");
+    assert_eq!(
+        out.lines()
+            .filter(|l| l.starts_with("FAIL")
+                && l.contains("1 working replica(s), fewer than redis.wait_replicas = 2"))
+            .count(),
+        3,
+        "{out}"
+    );
     let log = env.dir.path().join("daemon.log");
     let mut view = View::new(&cluster).await;
     let mut daemon = Daemon::spawn(&path, &log);

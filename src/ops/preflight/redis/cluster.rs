@@ -194,6 +194,19 @@ async fn master_findings(
             format!("add a replica: redis-cli --cluster add-node <new-node> {addr} --cluster-slave"),
         )
     });
+    if let Some(wanted) = config.redis.wait_replicas.filter(|&n| replicas < n) {
+        findings.push(Finding::fail(
+            format!(
+                "redis master {addr} has {replicas} working replica(s), fewer than \
+                 redis.wait_replicas = {wanted}: the daemon would write to it and then wait, \
+                 confirming nothing to Postgres"
+            ),
+            format!(
+                "add replicas (redis-cli --cluster add-node <new-node> {addr} --cluster-slave), \
+                 or lower redis.wait_replicas"
+            ),
+        ));
+    }
     let Some(url) = node_url(seed.expose(), addr) else {
         findings.push(Finding::fail(
             format!("redis master {addr}: the cluster announces no usable address for it"),
