@@ -28,6 +28,15 @@ use crate::daemon::slot_router::{RouteError, SlotReplies, SlotRouter, SlotTransa
 use crate::template::lease_key;
 use crate::Lsn;
 
+/// The check script without its comments: a batch carries it once per slot it touches.
+static CHECK_BODY: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    CHECK
+        .lines()
+        .filter(|line| !line.trim_start().starts_with("--"))
+        .collect::<Vec<_>>()
+        .join("\n")
+});
+
 /// One slot's write, built.
 #[derive(Debug)]
 pub struct SlotWrite {
@@ -91,7 +100,7 @@ impl SlotWrite {
         watch.arg(ck);
         let mut check = redis::cmd("EVAL");
         check
-            .arg(CHECK)
+            .arg(CHECK_BODY.as_str())
             .arg(1 + keys.len())
             .arg(ck)
             .arg(&keys)
