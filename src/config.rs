@@ -178,7 +178,7 @@ impl RedisConfig {
     }
 
     /// `Ok` for one server and for a Sentinel-managed master; for a cluster, the message
-    /// that `what` does not support it yet.
+    /// that `what` does not support it.
     ///
     /// # Errors
     /// The message, for [`RedisTopology::Cluster`].
@@ -198,10 +198,9 @@ impl RedisConfig {
         match &self.topology {
             RedisTopology::Single => Ok(()),
             RedisTopology::Cluster { .. } => Err(format!(
-                "redis.cluster = true (Redis Cluster) is not supported by {what} yet: the \
-                 daemon, the read helper, verify and status work with one Redis server \
-                 (redis.url) or a Sentinel-managed master; on a cluster only `pgcache check` \
-                 works so far (see docs/cluster.md)"
+                "redis.cluster = true (Redis Cluster) is not supported by {what}: it needs \
+                 redis.url of one server (the daemon, check, verify, status and the read \
+                 helper run on a cluster)"
             )),
             RedisTopology::Sentinel(_) => Err(format!(
                 "[redis.sentinel] (Redis Sentinel) is not supported by {what}: it needs \

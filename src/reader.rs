@@ -46,7 +46,7 @@ mod flight;
 mod hash;
 pub mod key;
 pub mod lease;
-mod link;
+pub(crate) mod link;
 mod lookup;
 mod refresh;
 pub(crate) mod source;
@@ -102,6 +102,8 @@ pub(crate) struct Inner {
     key_prefix: String,
     /// The daemon's checkpoint: how far it has applied the stream.
     checkpoint_key: String,
+    /// The daemon's replication slot (on a cluster, it names each hash slot's checkpoint).
+    slot: String,
     options: ReaderOptions,
     tables: Vec<Arc<TableEntry>>,
     /// Qualified (`public.users`) and bare (`users`) names to indexes into `tables`; a bare
@@ -156,16 +158,6 @@ impl Reader {
         config: &Config,
         options: ReaderOptions,
     ) -> Result<Reader, ReaderError> {
-        if let Err(message) = config
-            .redis
-            .single_or_sentinel("the read helper (Reader::from_config)")
-        {
-            return Err(ReaderError::RedisConfig(redis::RedisError::from((
-                redis::ErrorKind::InvalidClientConfig,
-                "unsupported Redis topology",
-                message,
-            ))));
-        }
         let postgres_url = config.reader.url.as_ref().unwrap_or(&config.postgres.url);
         let mut builder = Self::builder(postgres_url.expose(), config.redis.url.expose())
             .key_prefix(config.redis.key_prefix.clone())
@@ -174,8 +166,15 @@ impl Reader {
         if let Some(roots) = &config.redis.tls_ca_file {
             builder = builder.redis_tls_roots(roots.clone());
         }
-        if let crate::config::RedisTopology::Sentinel(sentinel) = &config.redis.topology {
-            builder = builder.sentinel(sentinel.clone());
+        match &config.redis.topology {
+            crate::config::RedisTopology::Sentinel(sentinel) => {
+                builder = builder.sentinel(sentinel.clone());
+            }
+            crate::config::RedisTopology::Cluster { seeds } => {
+                builder =
+                    builder.redis_cluster(seeds.iter().map(|s| s.expose().to_string()).collect());
+            }
+            crate::config::RedisTopology::Single => {}
         }
         for rule in &config.tables {
             builder = builder.rule(rule.clone());

@@ -91,10 +91,6 @@ pub(crate) async fn status(path: &Path, json: bool) -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
-    if let Err(message) = config.redis.single_or_sentinel("pgcache status") {
-        eprintln!("error: {message}");
-        return ExitCode::from(2);
-    }
     let status = gather(&config).await;
     if json {
         match serde_json::to_string_pretty(&status) {
@@ -236,17 +232,16 @@ async fn redis_side(
     checkpoint_key: &str,
     keys: &mut [Option<u64>],
 ) -> Result<CheckpointState, String> {
-    let client = config.redis.resolve().await.map_err(|e| e.to_string())?;
-    let mut conn = tokio::time::timeout(TIMEOUT, client.get_multiplexed_async_connection())
+    let servers = crate::ops::verify::Servers::connect(config, TIMEOUT)
         .await
-        .map_err(|_| format!("{} did not answer within {TIMEOUT:?}", config.redis.url))?
         .map_err(|e| e.to_string())?;
+    let mut conn = servers.data.clone();
     let state = checkpoint::read_state(&mut conn, checkpoint_key)
         .await
         .map_err(|e| e.to_string())?;
     for (rule, count) in config.tables.iter().zip(keys.iter_mut()) {
         *count = Some(
-            count_keys(&mut conn, &config.redis.key_prefix, rule)
+            count_keys(&servers.scans, &config.redis.key_prefix, rule)
                 .await
                 .map_err(|e| e.to_string())?,
         );

@@ -20,10 +20,6 @@ pub(crate) async fn verify(
         Ok(config) => config,
         Err(code) => return code,
     };
-    if let Err(message) = config.redis.single_or_sentinel("pgcache verify") {
-        eprintln!("error: {message}");
-        return ExitCode::from(2);
-    }
     let options = VerifyOptions {
         table: table.map(str::to_string),
         sample,

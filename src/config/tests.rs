@@ -1018,21 +1018,16 @@ fn sentinel_form_is_checked() {
 }
 
 #[test]
-fn only_check_accepts_a_cluster_or_sentinels_so_far() {
+fn a_one_server_client_refuses_a_cluster_or_sentinels_and_says_what_runs_there() {
     let c = Config::from_toml_str(&with_redis("url = \"redis://a:1\"\ncluster = true")).unwrap();
-    let message = c.redis.single_only("the daemon (pgcache run)").unwrap_err();
+    let message = c.redis.single_only("x").unwrap_err();
     assert_eq!(
         message,
-        "redis.cluster = true (Redis Cluster) is not supported by the daemon (pgcache run) yet: \
-         the daemon, the read helper, verify and status work with one Redis server (redis.url) \
-         or a Sentinel-managed master; on a cluster only `pgcache check` works so far (see \
-         docs/cluster.md)"
+        "redis.cluster = true (Redis Cluster) is not supported by x: it needs redis.url of one \
+         server (the daemon, check, verify, status and the read helper run on a cluster)"
     );
     let err = c.redis.client().unwrap_err().to_string();
-    assert!(
-        err.contains("is not supported by this command yet"),
-        "{err}"
-    );
+    assert!(err.contains("is not supported by this command"), "{err}");
     let c = Config::from_toml_str(&with_redis(
         "[redis.sentinel]\nmaster = \"m\"\nurls = [\"redis://s:26379\"]",
     ))

@@ -166,7 +166,7 @@ impl SlotRouter {
                     self.refreshes += 1;
                     return Ok(());
                 }
-                Err(e) => failures.push(crate::config::redact(&e.to_string())),
+                Err(e) => failures.push(crate::config::redact(&format!("{url}: {e}"))),
             }
         }
         Err(RouteError::NoNode(failures.join("; ")))

@@ -29,8 +29,8 @@ use std::time::Duration;
 use rand::Rng;
 use serde::Serialize;
 
-pub use self::redis::{count_keys, key_space_pattern};
-use self::redis::{Cached, KeyWalk};
+pub use self::redis::{count_keys, key_space_pattern, Servers};
+use self::redis::{Cached, Conn, KeyWalk};
 use crate::checkpoint;
 use crate::config::{Config, Format, Mode, TableRule};
 use crate::reader::source::{KeyTexts, RowSource};
@@ -201,13 +201,9 @@ pub async fn verify(config: &Config, options: &VerifyOptions) -> Result<Report, 
         }
     };
     let pool = postgres::pool(config.postgres.url.expose())?;
-    let client = config.redis.resolve().await?;
-    let redis = tokio::time::timeout(
-        Duration::from_secs(10),
-        client.get_multiplexed_async_connection(),
-    )
-    .await
-    .map_err(|_| VerifyError::Redis("no answer within 10s".into()))??;
+    let servers = Servers::connect(config, Duration::from_secs(10))
+        .await
+        .map_err(|e| VerifyError::Redis(e.to_string()))?;
     let checkpoint_key =
         checkpoint::checkpoint_key(&config.redis.key_prefix, &config.postgres.slot);
     let mut run = Run {
@@ -218,7 +214,8 @@ pub async fn verify(config: &Config, options: &VerifyOptions) -> Result<Report, 
         ),
         key_prefix: config.redis.key_prefix.clone(),
         pool,
-        redis,
+        redis: servers.data,
+        scans: servers.scans,
         options: options.clone(),
     };
     let backfills = checkpoint::read_state(&mut run.redis, &checkpoint_key)
@@ -243,7 +240,10 @@ struct Run {
     settle: postgres::Settle,
     key_prefix: String,
     pool: deadpool_postgres::Pool,
-    redis: ::redis::aio::MultiplexedConnection,
+    /// Values are read here (on a cluster, from each key's master).
+    redis: Conn,
+    /// Key spaces are scanned here: the one server, or every master of a cluster.
+    scans: Vec<::redis::aio::MultiplexedConnection>,
     options: VerifyOptions,
 }
 
@@ -383,7 +383,7 @@ impl Run {
         let mut seen = 0u64;
         let mut reservoir: Vec<String> = Vec::new();
         let mut pending: Vec<String> = Vec::new();
-        while let Some(keys) = walk.next(&mut self.redis).await? {
+        while let Some(keys) = walk.next(&self.scans).await? {
             match self.options.sample {
                 // Reservoir sampling: each key of the walk is kept with equal chance.
                 Some(n) => {

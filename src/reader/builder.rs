@@ -214,6 +214,8 @@ pub struct ReaderBuilder {
     redis: Option<ConnectionManager>,
     /// `[redis.sentinel]` of a config file: the master is found through the sentinels.
     sentinel: Option<SentinelConfig>,
+    /// `cluster = true` of a config file: the seeds of a Redis Cluster.
+    cluster: Option<Vec<String>>,
     pool: Option<Pool>,
     redis_roots: Option<RedisRoots>,
     key_prefix: String,
@@ -247,6 +249,7 @@ impl ReaderBuilder {
             redis_url: redis_url.to_string(),
             redis: None,
             sentinel: None,
+            cluster: None,
             pool: None,
             redis_roots: None,
             key_prefix: String::new(),
@@ -322,6 +325,14 @@ impl ReaderBuilder {
         self
     }
 
+    /// Reads from a Redis Cluster found from these seeds (a config file's `cluster = true`):
+    /// each key from its slot's master, and each fill checks the daemon's checkpoint of that
+    /// hash slot. Needs the `cluster` feature.
+    pub fn redis_cluster(mut self, seeds: Vec<String>) -> Self {
+        self.cluster = Some(seeds);
+        self
+    }
+
     /// Finds the master through these sentinels (a config file's `[redis.sentinel]`).
     pub(crate) fn sentinel(mut self, sentinel: SentinelConfig) -> Self {
         self.sentinel = Some(sentinel);
@@ -365,6 +376,11 @@ impl ReaderBuilder {
             None => build_pool(&self.postgres_url, &self.options)?,
         };
         let redis = match (self.redis, self.sentinel) {
+            (None, _) if self.cluster.is_some() => cluster_link(
+                self.cluster.unwrap_or_default(),
+                &self.redis_roots,
+                &self.options,
+            )?,
             (Some(redis), _) => RedisLink::fixed(redis),
             (None, Some(sentinel)) => RedisLink::sentinel(
                 sentinel,
@@ -409,6 +425,7 @@ impl ReaderBuilder {
                 redis: Arc::new(redis),
                 pool,
                 checkpoint_key: crate::checkpoint::checkpoint_key(&self.key_prefix, &self.slot),
+                slot: self.slot.clone(),
                 key_prefix: self.key_prefix,
                 options: self.options,
                 tables,
@@ -432,6 +449,10 @@ impl ReaderBuilder {
                 inner.warm_up().await;
             }
         });
+        if reader.inner.redis.is_cluster() {
+            // Connect now, in the background: lookups read Postgres until it is done.
+            reader.inner.redis.failed();
+        }
         Ok(reader)
     }
 }
@@ -450,6 +471,40 @@ fn build_pool(url: &str, options: &ReaderOptions) -> Result<Pool, ReaderError> {
         .recycle_timeout(Some(options.postgres_timeout))
         .build()
         .map_err(|e| ReaderError::Options(format!("cannot build the Postgres pool: {e}")))
+}
+
+/// A Redis Cluster: redis-rs's cluster client, connected at the first use.
+#[cfg(feature = "cluster")]
+fn cluster_link(
+    seeds: Vec<String>,
+    roots: &Option<RedisRoots>,
+    options: &ReaderOptions,
+) -> Result<RedisLink, ReaderError> {
+    if roots.is_some() {
+        return Err(ReaderError::Options(
+            "redis.tls_ca_file is not supported by the read helper on a Redis Cluster yet: \
+             use rediss:// seeds whose certificates the system trusts"
+                .to_string(),
+        ));
+    }
+    let client = redis::cluster::ClusterClientBuilder::new(seeds)
+        .connection_timeout(options.redis_timeout)
+        .response_timeout(options.redis_timeout)
+        .build()
+        .map_err(ReaderError::RedisConfig)?;
+    Ok(RedisLink::cluster(client))
+}
+
+#[cfg(not(feature = "cluster"))]
+fn cluster_link(
+    _seeds: Vec<String>,
+    _roots: &Option<RedisRoots>,
+    _options: &ReaderOptions,
+) -> Result<RedisLink, ReaderError> {
+    Err(ReaderError::Options(
+        "redis.cluster = true needs pgcache's `cluster` feature, which this build leaves out"
+            .to_string(),
+    ))
 }
 
 /// A connection that reconnects by itself. No retries inside a command: while Redis is

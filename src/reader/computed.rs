@@ -336,17 +336,22 @@ async fn fill(
     };
     let mut lagged = false;
     loop {
-        let written: Result<i64, _> = lease::FILL
-            .key(redis_key)
-            .key(&held.lease_key)
-            .key(&inner.checkpoint_key)
-            .arg(&held.token)
-            .arg("row")
-            .arg(value)
-            .arg(ttl_ms)
-            .arg(&at)
-            .invoke_async(&mut conn)
-            .await;
+        let written: Result<i64, _> = match lease::fill_target(inner, redis_key, &at).await {
+            Ok((checkpoint, position)) => {
+                lease::FILL
+                    .key(redis_key)
+                    .key(&held.lease_key)
+                    .key(&checkpoint)
+                    .arg(&held.token)
+                    .arg("row")
+                    .arg(value)
+                    .arg(ttl_ms)
+                    .arg(&position)
+                    .invoke_async(&mut conn)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
         match written {
             Ok(2) => {
                 if !lagged {

@@ -14,7 +14,9 @@
 --            'hash-refresh': replace the hash with that of ARGV[6..] (early refresh)
 --   ARGV[3]  the value, or for 'absent' the absence marker
 --   ARGV[4]  TTL in milliseconds, '0' for none
---   ARGV[5]  the position the row was read at, 16 hex digits
+--   ARGV[5]  the position the row was read at, 16 hex digits; empty when the caller saw the
+--            daemon's frontier at or past it already (a Redis Cluster: KEYS[3] is then the
+--            checkpoint of the key's hash slot, which can lag the frontier)
 --   ARGV[6..] for 'hash' and 'hash-refresh': the fields and their values
 -- Returns 1 when written, 0 when the fill lost, 2 when the daemon has not yet applied up to
 -- the read position (the lease is kept: try again), 3 when the daemon has stopped the key's
@@ -36,9 +38,11 @@ if not refresh and redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('DEL', KEYS[2])
   return 0
 end
-local applied = redis.call('HGET', KEYS[3], 'applied')
-if not applied or applied < ARGV[5] then
-  return 2
+if ARGV[5] ~= '' then
+  local applied = redis.call('HGET', KEYS[3], 'applied')
+  if not applied or applied < ARGV[5] then
+    return 2
+  end
 end
 if ARGV[2] == 'absent' then
   -- Kept in the lease key, so the next change to the row (an insert) deletes it.

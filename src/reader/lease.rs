@@ -39,7 +39,7 @@ pub(crate) static FILL: LazyLock<Script> = LazyLock::new(|| Script::new(include_
 static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("release.lua")));
 
 /// Loads the scripts into Redis ahead of their first use (saves a `NOSCRIPT` round trip).
-pub(super) async fn load_scripts(conn: &mut redis::aio::ConnectionManager) {
+pub(super) async fn load_scripts(conn: &mut super::link::Conn) {
     for script in [&*ACQUIRE, &*FILL, &*RELEASE] {
         let _ = script.prepare_invoke().load_async(conn).await;
     }
@@ -346,14 +346,20 @@ impl Lease {
         let mut backoff = Backoff::lag(self.inner.options.max_wait_step);
         let mut waited = false;
         loop {
+            let (checkpoint, position) = fill_target(&self.inner, &self.key.redis_key, &at)
+                .await
+                .map_err(|source| ReaderError::Redis {
+                key: self.key.redis_key.clone(),
+                source,
+            })?;
             let mut fill = FILL.key(&self.key.redis_key);
             fill.key(&self.lease_key)
-                .key(&self.inner.checkpoint_key)
+                .key(&checkpoint)
                 .arg(&self.token)
                 .arg(kind)
                 .arg(value)
                 .arg(ttl_ms)
-                .arg(&at);
+                .arg(&position);
             for (name, text) in fields {
                 fill.arg(name).arg(text);
             }
@@ -517,6 +523,34 @@ pub(crate) async fn wait_applied(
         }
         tokio::time::sleep(backoff.step().min(deadline - now)).await;
     }
+}
+
+/// The checkpoint a fill of `key` checks (KEYS[3] of `fill.lua`), and the position it
+/// passes: on one server the daemon's checkpoint and `at`. On a cluster the checkpoint of
+/// the key's hash slot, which a script may touch beside the key; since a slot no change
+/// reached for a while has an old `applied`, the frontier (the daemon's own checkpoint,
+/// which every slot has reached) is read first, and once it is at `at` the position is
+/// passed empty: the fill need not wait.
+pub(crate) async fn fill_target(
+    inner: &Inner,
+    key: &str,
+    at: &str,
+) -> Result<(String, String), redis::RedisError> {
+    if !inner.redis.is_cluster() {
+        return Ok((inner.checkpoint_key.clone(), at.to_string()));
+    }
+    let checkpoint = crate::checkpoint::slot_checkpoint_key(
+        &inner.key_prefix,
+        &inner.slot,
+        crate::cluster::key_slot(key.as_bytes()),
+    );
+    let frontier = applied(inner).await?.map(crate::checkpoint::hex);
+    let position = if frontier.is_some_and(|f| f.as_str() >= at) {
+        String::new()
+    } else {
+        at.to_string()
+    };
+    Ok((checkpoint, position))
 }
 
 /// How far the daemon has applied the stream, from its checkpoint.

@@ -355,11 +355,29 @@ async fn read_cached_many(
                 .collect::<Vec<_>>()
         }
         Format::Hash => {
-            let mut pipe = redis::pipe();
-            for key in keys {
-                pipe.cmd("HGETALL").arg(&key.redis_key);
-            }
-            let values: Vec<Vec<(String, String)>> = pipe.query_async(&mut conn).await?;
+            let values: Vec<Vec<(String, String)>> = if inner.redis.is_cluster() {
+                // A pipeline on a cluster must stay in one slot: the commands go at once
+                // instead, each to its slot's master.
+                let reads = keys.iter().map(|key| {
+                    let mut conn = conn.clone();
+                    async move {
+                        redis::cmd("HGETALL")
+                            .arg(&key.redis_key)
+                            .query_async::<Vec<(String, String)>>(&mut conn)
+                            .await
+                    }
+                });
+                join_all(reads)
+                    .await
+                    .into_iter()
+                    .collect::<redis::RedisResult<_>>()?
+            } else {
+                let mut pipe = redis::pipe();
+                for key in keys {
+                    pipe.cmd("HGETALL").arg(&key.redis_key);
+                }
+                pipe.query_async(&mut conn).await?
+            };
             values
                 .iter()
                 .map(|fields| hash_value(fields).map(Fetched::Shared))

@@ -913,3 +913,122 @@ async fn kill9_between_parts_of_large_transactions_replays_nothing() {
     );
     daemon.terminate();
 }
+
+/// The read helper, `verify` and `status` on the cluster: hits and `get_many` across slots
+/// from each key's master; a miss filled on the key's master once the daemon's frontier is
+/// past the read; `verify` clean, then naming a wrong and a missing key on different
+/// masters; `status` counting the keys on every master.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reader_verify_and_status_work_on_the_cluster() {
+    let env = Env::start(SCHEMA, TABLES);
+    let cluster = start_cluster(3, 0).await;
+    let text = cluster_config(&env, &cluster, "");
+    let path = env.dir.path().join("cluster.toml");
+    std::fs::write(&path, &text).unwrap();
+    let config = Arc::new(pgcache::config::Config::from_toml_str(&text).unwrap());
+    let mut view = View::new(&cluster).await;
+    let daemon = InProcess::start(config.clone());
+    converged(&mut view, &env, Duration::from_secs(60)).await;
+    env.sql("UPDATE items SET v = id WHERE id <= 100");
+    converged(&mut view, &env, Duration::from_secs(60)).await;
+
+    let reader = pgcache::Reader::from_config(&config).unwrap();
+    // It connects in the background; lookups read Postgres until then.
+    eventually(
+        Duration::from_secs(10),
+        "the reader to reach the cluster",
+        || {
+            let reader = &reader;
+            async move {
+                let before = reader.stats().hits;
+                let _: Option<serde_json::Value> = reader.get("items", 1).await.ok()?;
+                (reader.stats().hits > before).then_some(())
+            }
+        },
+    )
+    .await;
+    let many: Vec<Option<serde_json::Value>> = reader
+        .get_many("items", (1..=100).collect::<Vec<i32>>())
+        .await
+        .unwrap();
+    for (id, row) in (1..=100).zip(&many) {
+        assert_eq!(
+            row.as_ref().map(|r| r["v"].clone()),
+            Some(id.into()),
+            "item {id}"
+        );
+    }
+    let hits = reader.stats().hits;
+    assert!(hits >= 101, "{:?}", reader.stats());
+    // A miss: the row comes from Postgres and is filled on its slot's master.
+    let mut del = redis::cmd("DEL");
+    del.arg("item:7");
+    view.router
+        .send_each(&[(key_slot(b"item:7"), del)])
+        .await
+        .unwrap();
+    let row: Option<serde_json::Value> = reader.get("items", 7).await.unwrap();
+    assert_eq!(row.unwrap()["v"], 7);
+    assert_eq!(reader.stats().fills, 1, "{:?}", reader.stats());
+    let filled = view.get_many(&["item:7".to_string()]).await;
+    assert!(
+        filled[0].as_deref().is_some_and(|v| v.contains("\"v\":7")),
+        "{filled:?}"
+    );
+    // Hash-tagged keys, computed on the fly.
+    let order: Option<serde_json::Value> = reader.get("orders", (3, 3)).await.unwrap();
+    assert_eq!(order.unwrap()["tenant"], 3);
+
+    let verify = |path: std::path::PathBuf| async move {
+        let path = path.display().to_string();
+        tokio::task::spawn_blocking(move || crate::common::pgcache(&["verify", "--config", &path]))
+            .await
+            .unwrap()
+    };
+    let (code, out, err) = verify(path.clone()).await;
+    assert_eq!(code, 0, "{out}{err}");
+    // A wrong value and a missing key, on two different masters.
+    let (wrong, gone) = ("item:11", "item:12");
+    assert_ne!(
+        cluster
+            .master_of_slot(key_slot(wrong.as_bytes()))
+            .unwrap()
+            .port(),
+        cluster
+            .master_of_slot(key_slot(gone.as_bytes()))
+            .unwrap()
+            .port()
+    );
+    let mut set = redis::cmd("SET");
+    set.arg(wrong).arg("{\"id\":11,\"v\":-1}");
+    let mut del = redis::cmd("DEL");
+    del.arg(gone);
+    view.router
+        .send_each(&[
+            (key_slot(wrong.as_bytes()), set),
+            (key_slot(gone.as_bytes()), del),
+        ])
+        .await
+        .unwrap();
+    let (code, out, err) = verify(path.clone()).await;
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(out.contains(wrong) && out.contains(gone), "{out}{err}");
+
+    let status_path = path.display().to_string();
+    let (code, out, err) = tokio::task::spawn_blocking(move || {
+        crate::common::pgcache(&["status", "--config", &status_path, "--json"])
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{out}{err}");
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let counted: Vec<i64> = json["tables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t["keys"].as_i64())
+        .collect();
+    // items (one deleted by hand), orders, scratch.
+    assert_eq!(counted, [599, 300, 100], "{out}");
+    daemon.stop().await.unwrap();
+}

@@ -29,7 +29,7 @@ fn fixture(name: &str) -> Value {
         .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
     let value: Value = serde_json::from_str(&text)
         .unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()));
-    assert_eq!(value["protocol"], 2, "{name}: protocol version");
+    assert_eq!(value["protocol"], 3, "{name}: protocol version");
     value
 }
 

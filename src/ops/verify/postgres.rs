@@ -285,7 +285,7 @@ impl Settle {
     pub(super) async fn wait(
         &mut self,
         client: &Client,
-        redis: &mut redis::aio::MultiplexedConnection,
+        redis: &mut super::redis::Conn,
     ) -> Result<bool, VerifyError> {
         if self.gave_up {
             tokio::time::sleep(Duration::from_millis(200)).await;

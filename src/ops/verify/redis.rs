@@ -28,9 +28,87 @@ pub fn key_space_pattern(key_prefix: &str, rule: &TableRule) -> String {
     out
 }
 
-/// Walks a table's key space with `SCAN`, a batch at a time, without the lease keys.
+pub(crate) use crate::reader::link::Conn;
+
+/// Where keys are read: `data` for values (one server, or the whole cluster through
+/// redis-rs's cluster client), and one connection per server that holds keys, for scans
+/// (the one server, or every master of a cluster).
+pub struct Servers {
+    pub(crate) data: Conn,
+    pub scans: Vec<redis::aio::MultiplexedConnection>,
+}
+
+impl Servers {
+    /// Connects to what `config` names: one server, the master the sentinels name, or a
+    /// cluster's masters (found with `CLUSTER NODES` from the seeds).
+    ///
+    /// # Errors
+    /// No server answers within `timeout`.
+    pub async fn connect(
+        config: &crate::config::Config,
+        timeout: std::time::Duration,
+    ) -> Result<Servers, redis::RedisError> {
+        let timed_out = || {
+            redis::RedisError::from((
+                redis::ErrorKind::Io,
+                "no answer",
+                format!("Redis did not answer within {timeout:?}"),
+            ))
+        };
+        if let crate::config::RedisTopology::Cluster { seeds } = &config.redis.topology {
+            let seeds: Vec<String> = seeds.iter().map(|s| s.expose().to_string()).collect();
+            let router = tokio::time::timeout(
+                timeout,
+                crate::daemon::slot_router::SlotRouter::connect(
+                    &seeds,
+                    config.redis.tls_ca_file.clone(),
+                ),
+            )
+            .await
+            .map_err(|_| timed_out())?
+            .map_err(|e| {
+                redis::RedisError::from((redis::ErrorKind::Io, "redis cluster", e.to_string()))
+            })?;
+            let mut scans = Vec::new();
+            for addr in router.masters() {
+                let client = crate::config::redis_client(
+                    &router.url_for(&addr),
+                    config.redis.tls_ca_file.as_ref(),
+                )?;
+                scans.push(
+                    tokio::time::timeout(timeout, client.get_multiplexed_async_connection())
+                        .await
+                        .map_err(|_| timed_out())??,
+                );
+            }
+            let client = redis::cluster::ClusterClientBuilder::new(seeds)
+                .connection_timeout(timeout)
+                .response_timeout(std::time::Duration::from_secs(60))
+                .build()?;
+            let data = tokio::time::timeout(timeout, client.get_async_connection())
+                .await
+                .map_err(|_| timed_out())??;
+            return Ok(Servers {
+                data: Conn::Cluster(data),
+                scans,
+            });
+        }
+        let client = config.redis.resolve().await?;
+        let conn = tokio::time::timeout(timeout, client.get_multiplexed_async_connection())
+            .await
+            .map_err(|_| timed_out())??;
+        Ok(Servers {
+            data: Conn::Multiplexed(conn.clone()),
+            scans: vec![conn],
+        })
+    }
+}
+
+/// Walks a table's key space with `SCAN`, a batch at a time, without the lease keys: on
+/// each server in turn.
 pub(super) struct KeyWalk {
     pattern: String,
+    server: usize,
     cursor: u64,
     done: bool,
 }
@@ -39,6 +117,7 @@ impl KeyWalk {
     pub(super) fn new(key_prefix: &str, rule: &TableRule) -> KeyWalk {
         KeyWalk {
             pattern: key_space_pattern(key_prefix, rule),
+            server: 0,
             cursor: 0,
             done: false,
         }
@@ -48,21 +127,28 @@ impl KeyWalk {
     /// that count tolerate it (a count is an estimate while keys change anyway).
     pub(super) async fn next(
         &mut self,
-        conn: &mut redis::aio::MultiplexedConnection,
+        servers: &[redis::aio::MultiplexedConnection],
     ) -> Result<Option<Vec<String>>, redis::RedisError> {
+        let Some(conn) = servers.get(self.server) else {
+            return Ok(None);
+        };
         if self.done {
             return Ok(None);
         }
+        let mut conn = conn.clone();
         let (cursor, keys): (u64, Vec<String>) = redis::cmd("SCAN")
             .arg(self.cursor)
             .arg("MATCH")
             .arg(&self.pattern)
             .arg("COUNT")
             .arg(BATCH)
-            .query_async(conn)
+            .query_async(&mut conn)
             .await?;
         self.cursor = cursor;
-        self.done = cursor == 0;
+        if cursor == 0 {
+            self.server += 1;
+            self.done = self.server >= servers.len();
+        }
         Ok(Some(
             keys.into_iter()
                 .filter(|k| !k.ends_with(LEASE_SUFFIX))
@@ -76,13 +162,13 @@ impl KeyWalk {
 /// # Errors
 /// A Redis error.
 pub async fn count_keys(
-    conn: &mut redis::aio::MultiplexedConnection,
+    servers: &[redis::aio::MultiplexedConnection],
     key_prefix: &str,
     rule: &TableRule,
 ) -> Result<u64, redis::RedisError> {
     let mut walk = KeyWalk::new(key_prefix, rule);
     let mut n = 0u64;
-    while let Some(keys) = walk.next(conn).await? {
+    while let Some(keys) = walk.next(servers).await? {
         n += keys.len() as u64;
     }
     Ok(n)
@@ -90,7 +176,7 @@ pub async fn count_keys(
 
 /// What each key holds, read as the table's format stores it.
 pub(super) async fn read(
-    conn: &mut redis::aio::MultiplexedConnection,
+    conn: &mut Conn,
     format: Format,
     keys: &[String],
 ) -> Result<Vec<Cached>, redis::RedisError> {
@@ -105,6 +191,29 @@ pub(super) async fn read(
                     Some(v) => Cached::String(v),
                     None => Cached::Absent,
                 }));
+            }
+            Format::Hash if conn.is_cluster() => {
+                // A pipeline on a cluster must stay in one slot: key by key, all at once.
+                let reads = chunk.iter().map(|key| {
+                    let mut conn = conn.clone();
+                    async move {
+                        let kind: String =
+                            redis::cmd("TYPE").arg(key).query_async(&mut conn).await?;
+                        Ok::<_, redis::RedisError>(match kind.as_str() {
+                            "none" => Cached::Absent,
+                            "hash" => Cached::Hash(
+                                redis::cmd("HGETALL")
+                                    .arg(key)
+                                    .query_async(&mut conn)
+                                    .await?,
+                            ),
+                            other => Cached::Other(other.to_string()),
+                        })
+                    }
+                });
+                for cached in futures_util::future::join_all(reads).await {
+                    out.push(cached?);
+                }
             }
             Format::Hash => {
                 let mut pipe = redis::pipe();
