@@ -58,7 +58,37 @@ const SPREAD: TableSpec = ("public.cl_accounts", "acct:{id}");
 const TAGGED: TableSpec = ("public.cl_accounts", "acct:{{{tenant}}}:{id}");
 const ACCOUNT_KEYS: &str = "acct:*";
 const MARKER: TableSpec = ("public.cl_marker", "clmarker:{id}");
-const MARKER_KEY: &str = "clmarker:1";
+
+/// A marker row committed after a workload: done once its key is visible and the root
+/// checkpoint is past `after` (the WAL position before the marker's commit).
+#[derive(Debug, Clone, Copy)]
+struct Marker {
+    id: i64,
+    after: Lsn,
+}
+
+impl Marker {
+    fn key(self) -> String {
+        format!("clmarker:{}", self.id)
+    }
+
+    /// Commits marker `id` (synchronously, flushed) and returns it.
+    async fn commit(lab: &Lab, client: &Client, id: i64) -> Result<Marker, BenchError> {
+        let after = current_lsn(client).await?;
+        execute(
+            client,
+            "writing the marker",
+            &format!(
+                "SET synchronous_commit = on;
+                 INSERT INTO cl_marker VALUES ({id}, 'end of the workload');
+                 RESET synchronous_commit"
+            ),
+        )
+        .await?;
+        lab.wait_flushed(client, current_lsn(client).await?).await?;
+        Ok(Marker { id, after })
+    }
+}
 const BACKFILL: TableSpec = ("public.cl_backfill", "clbf:{id}");
 const BACKFILL_KEYS: &str = "clbf:*";
 
@@ -266,6 +296,27 @@ impl Store {
         Ok(())
     }
 
+    /// Main-thread CPU seconds (user + system) of every master so far, summed (`INFO cpu`):
+    /// taken before and after a run, how busy the servers were, all of them together.
+    async fn redis_cpu_seconds(&self) -> Result<f64, BenchError> {
+        let mut total = 0.0;
+        for mut conn in self.connections() {
+            let info: String = redis::cmd("INFO")
+                .arg("cpu")
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| redis_error("INFO cpu", e))?;
+            for name in ["used_cpu_user_main_thread", "used_cpu_sys_main_thread"] {
+                total += info
+                    .lines()
+                    .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+                    .ok_or_else(|| BenchError::Check(format!("Redis INFO cpu has no {name}")))?;
+            }
+        }
+        Ok(total)
+    }
+
     /// Keys matching `pattern`, over every master.
     async fn count(&self, pattern: &str) -> Result<u64, BenchError> {
         let mut total = 0u64;
@@ -301,6 +352,8 @@ struct Run {
     seconds_from_spawn: f64,
     reconnects: usize,
     cpu_seconds: f64,
+    /// Main-thread CPU seconds of Redis (every master, summed) during the run.
+    redis_cpu_seconds: f64,
     /// From the daemon's `/metrics`: batches written, and row operations per batch.
     batches: Option<u64>,
     ops_per_batch: Option<f64>,
@@ -316,6 +369,7 @@ impl Run {
             "seconds_from_spawn": self.seconds_from_spawn,
             "daemon_reconnects": self.reconnects,
             "daemon_cpu_seconds": self.cpu_seconds,
+            "redis_cpu_seconds": self.redis_cpu_seconds,
             "batches": self.batches,
             "ops_per_batch": self.ops_per_batch,
             "slots_per_batch_estimated": slots_per_batch,
@@ -505,32 +559,25 @@ async fn catchup(
     )
     .await?;
     let write_seconds = written.elapsed().as_secs_f64();
-    // The marker commits last; the root checkpoint past `before_marker` covers it.
-    let before_marker = current_lsn(client).await?;
-    execute(
-        client,
-        "writing the marker",
-        "SET synchronous_commit = on;
-         INSERT INTO cl_marker VALUES (1, 'end of the workload');
-         RESET synchronous_commit",
-    )
-    .await?;
+    // The marker commits last; the root checkpoint past its position covers it.
+    let marker = Marker::commit(lab, client, 1).await?;
     let end = current_lsn(client).await?;
-    lab.wait_flushed(client, end).await?;
+    let empty_runs = empty_stream(lab, client, seeds, progress).await;
+    let empty = match &empty_runs {
+        Ok(runs) => json!({
+            "what": "a daemon on a slot with only a marker to stream: its start-up (on the \
+                     cluster, the takeover of every slot checkpoint) and one small batch, \
+                     timed as the runs; included in each run's seconds",
+            "single_seconds": runs[0].seconds,
+            "cluster_seconds": runs[1].seconds,
+        }),
+        Err(e) => json!({ "error": e.to_string() }),
+    };
 
     let mut figures = Vec::new();
     for (layout, slots) in [(Layout::Spread, &names[..4]), (Layout::Tagged, &names[4..])] {
-        let result = catchup_layout(
-            lab,
-            client,
-            seeds,
-            scale,
-            layout,
-            slots,
-            before_marker,
-            progress,
-        )
-        .await;
+        let result =
+            catchup_layout(lab, client, seeds, scale, layout, slots, marker, progress).await;
         figures.push(match result {
             Ok((runs, masters)) => {
                 let single = best(&runs, Side::Single)?.clone();
@@ -559,6 +606,12 @@ async fn catchup(
                         "runs": runs.iter().map(|r| r.json(estimate(r))).collect::<Vec<_>>(),
                         "timed": "from the walsender taking the slot until the marker is visible \
                                   and the root checkpoint covers it",
+                        "empty_stream": empty,
+                        // The ratio with each side's start-up (its empty stream) taken off:
+                        // what a longer backlog tends to.
+                        "ratio_without_startup": empty_runs.as_ref().ok().map(|e| {
+                            (single.seconds - e[0].seconds) / (cluster.seconds - e[1].seconds)
+                        }),
                         "slots_per_batch_note": "the workload's keys cut into batches of the \
                                                  daemon's mean size: an estimate",
                     }),
@@ -572,6 +625,44 @@ async fn catchup(
     }
     lab.drop_slots(client, &slots).await;
     Ok(figures)
+}
+
+/// One daemon per side on a slot created after the workload, with only a marker to stream.
+async fn empty_stream(
+    lab: &Lab,
+    client: &Client,
+    seeds: &[String],
+    progress: Progress,
+) -> Result<Vec<Run>, BenchError> {
+    progress.say("cluster catch-up: start-up alone (a marker to stream, nothing else)");
+    let names = ["cl_empty_single", "cl_empty_cluster"];
+    lab.drop_slots(client, &names).await;
+    lab.create_slots(client, &names).await?;
+    let result = async {
+        let marker = Marker::commit(lab, client, 2).await?;
+        let mut runs = Vec::new();
+        for (side, slot) in [Side::Single, Side::Cluster].into_iter().zip(names) {
+            let mut store = Store::open(lab, side, seeds).await?;
+            store.flush().await?;
+            runs.push(
+                time_catchup(
+                    lab,
+                    client,
+                    seeds,
+                    &mut store,
+                    side,
+                    Layout::Spread,
+                    slot,
+                    marker,
+                )
+                .await?,
+            );
+        }
+        Ok(runs)
+    }
+    .await;
+    lab.drop_slots(client, &names).await;
+    result
 }
 
 async fn current_lsn(client: &Client) -> Result<Lsn, BenchError> {
@@ -590,7 +681,7 @@ async fn catchup_layout(
     scale: &Scale,
     layout: Layout,
     slots: &[String],
-    before_marker: Lsn,
+    marker: Marker,
     progress: Progress,
 ) -> Result<(Vec<Run>, usize), BenchError> {
     let expected = catchup_transactions(scale).min(ACCOUNTS);
@@ -603,17 +694,7 @@ async fn catchup_layout(
             masters = store.masters();
         }
         store.flush().await?;
-        let run = time_catchup(
-            lab,
-            client,
-            seeds,
-            &mut store,
-            side,
-            layout,
-            slot,
-            before_marker,
-        )
-        .await?;
+        let run = time_catchup(lab, client, seeds, &mut store, side, layout, slot, marker).await?;
         let keys = store.count(ACCOUNT_KEYS).await?;
         if keys != expected {
             return Err(BenchError::Check(format!(
@@ -646,7 +727,7 @@ async fn time_catchup(
     side: Side,
     layout: Layout,
     slot: &str,
-    before_marker: Lsn,
+    marker: Marker,
 ) -> Result<Run, BenchError> {
     let port = testkit::free_port().map_err(|e| BenchError::Setup(format!("{e:#}")))?;
     let config = config_for(
@@ -660,6 +741,7 @@ async fn time_catchup(
     )?;
     let root = checkpoint::checkpoint_key("", slot);
     let limit = Duration::from_secs(900);
+    let redis_before = store.redis_cpu_seconds().await?;
     let spawned = Instant::now();
     let mut daemon = lab.spawn_daemon(&format!("cluster-catchup-{slot}"), &config)?;
     let result = async {
@@ -669,12 +751,12 @@ async fn time_catchup(
         let mut marker_seen = false;
         loop {
             if !marker_seen {
-                marker_seen = store.exists(MARKER_KEY).await?;
+                marker_seen = store.exists(&marker.key()).await?;
             }
             if marker_seen {
                 let position = store.hget(&root, checkpoint::FIELD_LSN).await?;
                 let position = position.map(|text| lab::parse_lsn(&text)).transpose()?;
-                if position.is_some_and(|p| p > before_marker) {
+                if position.is_some_and(|p| p > marker.after) {
                     return Ok(active);
                 }
             }
@@ -690,6 +772,7 @@ async fn time_catchup(
     }
     .await;
     let finished = Instant::now();
+    let redis_after = store.redis_cpu_seconds().await;
     let metrics = batch_metrics(port).await;
     let exit = daemon.stop().await;
     let active = result?;
@@ -698,7 +781,7 @@ async fn time_catchup(
         finished - active,
         finished - spawned,
         &daemon,
-        exit.cpu_seconds,
+        (exit.cpu_seconds, redis_after? - redis_before),
         metrics,
     ))
 }
@@ -708,7 +791,7 @@ fn run_of(
     timed: Duration,
     wall: Duration,
     daemon: &Process,
-    cpu_seconds: f64,
+    (cpu_seconds, redis_cpu_seconds): (f64, f64),
     metrics: Result<(u64, f64), String>,
 ) -> Run {
     let (batches, ops_per_batch, metrics_error) = match metrics {
@@ -721,6 +804,7 @@ fn run_of(
         seconds_from_spawn: wall.as_secs_f64(),
         reconnects: lab::reconnects_in(&daemon.log()),
         cpu_seconds,
+        redis_cpu_seconds,
         batches,
         ops_per_batch,
         metrics_error,
@@ -825,6 +909,7 @@ async fn time_backfill(
     let root = checkpoint::checkpoint_key("", slot);
     let field = format!("{FIELD_BACKFILL_PREFIX}{}", BACKFILL.0);
     let limit = Duration::from_secs(900);
+    let redis_before = store.redis_cpu_seconds().await?;
     let spawned = Instant::now();
     let mut daemon = lab.spawn_daemon(&format!("cluster-backfill-{slot}"), &config)?;
     let result = async {
@@ -851,6 +936,7 @@ async fn time_backfill(
     }
     .await;
     let elapsed = spawned.elapsed();
+    let redis_after = store.redis_cpu_seconds().await;
     let metrics = batch_metrics(port).await;
     let exit = daemon.stop().await;
     lab.drop_slots(client, &[slot]).await;
@@ -866,7 +952,7 @@ async fn time_backfill(
         elapsed,
         elapsed,
         &daemon,
-        exit.cpu_seconds,
+        (exit.cpu_seconds, redis_after? - redis_before),
         metrics,
     ))
 }

@@ -13,8 +13,8 @@
 //!   cold key against one direct database read, and lookups with Redis hung (`SIGSTOP`)
 //!   against the same read;
 //! - memory: the daemon's peak RSS in the large transaction, beside `pg_recvlogical`'s;
-//! - cluster (not in the default set: `--only cluster`): the daemon on a local 3-master
-//!   Redis Cluster against the daemon on one Redis, catch-up and backfill.
+//! - cluster: the daemon on a local 3-master Redis Cluster against the daemon on one Redis,
+//!   catch-up (keys spread over the slots, and tagged by tenant) and backfill.
 //!
 //! The daemon runs as a child process (this executable, `pgcache run`), so its memory and
 //! its metrics endpoint are its own. Nothing is hard-coded and nothing is skipped: a figure
@@ -69,20 +69,6 @@ impl Part {
         Part::Reader,
         Part::Cluster,
     ];
-
-    /// What `pgcache bench` runs without `--only`: all but `cluster`, which starts a Redis
-    /// Cluster of its own and adds minutes to the run (see [`Part::in_default_set`]).
-    pub fn defaults() -> Vec<Part> {
-        Part::ALL
-            .into_iter()
-            .filter(|p| p.in_default_set())
-            .collect()
-    }
-
-    /// Whether `pgcache bench` without `--only` runs it.
-    pub fn in_default_set(self) -> bool {
-        self != Part::Cluster
-    }
 
     pub fn name(self) -> &'static str {
         match self {
@@ -399,7 +385,6 @@ mod tests {
     fn parts_parse_by_name() {
         assert_eq!("latency".parse::<Part>(), Ok(Part::Latency));
         assert_eq!("cluster".parse::<Part>(), Ok(Part::Cluster));
-        assert!(!Part::defaults().contains(&Part::Cluster));
         assert!("speed".parse::<Part>().is_err());
     }
 

@@ -15,8 +15,7 @@ pub struct BenchArgs {
     #[arg(long, value_name = "FILE", default_value = "bench-results.json")]
     pub json: PathBuf,
     /// Run only these measurements (comma separated): catchup, latency, backfill, reader,
-    /// memory, cluster. Without it all run but cluster (the daemon on a local 3-master
-    /// Redis Cluster against one Redis), which is opt-in: `--only cluster`.
+    /// memory, cluster (the daemon on a local 3-master Redis Cluster against one Redis).
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     pub only: Vec<Part>,
 }
@@ -42,7 +41,7 @@ pub(crate) async fn bench(args: BenchArgs) -> ExitCode {
         );
     }
     let parts = if args.only.is_empty() {
-        Part::defaults()
+        Part::ALL.to_vec()
     } else {
         args.only
     };
