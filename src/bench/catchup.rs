@@ -661,7 +661,7 @@ fn mixed_sql(transactions: u64) -> String {
 }
 
 /// Waits for a walsender to take `slot`, or for `done` to report the end first.
-async fn wait_active(
+pub(super) async fn wait_active(
     lab: &Lab,
     client: &Client,
     slot: &str,

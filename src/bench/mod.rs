@@ -12,7 +12,9 @@
 //! - reader: the hit path against a raw `GET` plus `serde_json` parse, a stampede on a
 //!   cold key against one direct database read, and lookups with Redis hung (`SIGSTOP`)
 //!   against the same read;
-//! - memory: the daemon's peak RSS in the large transaction, beside `pg_recvlogical`'s.
+//! - memory: the daemon's peak RSS in the large transaction, beside `pg_recvlogical`'s;
+//! - cluster: the daemon on a local 3-master Redis Cluster against the daemon on one Redis,
+//!   catch-up (keys spread over the slots, and tagged by tenant) and backfill.
 //!
 //! The daemon runs as a child process (this executable, `pgcache run`), so its memory and
 //! its metrics endpoint are its own. Nothing is hard-coded and nothing is skipped: a figure
@@ -22,14 +24,15 @@
 //! - `lab`: the throwaway servers, slots and daemon configs.
 //! - `child`: child processes, their peak RSS, the daemon's `/metrics`.
 //! - `consumer`: a bare pgoutput consumer, the strictest streaming floor.
-//! - `catchup`, `latency`, `backfill`, `reader`: one measurement each (memory is taken
-//!   in the catch-up of the large transaction).
+//! - `catchup`, `latency`, `backfill`, `reader`, `cluster`: one measurement each (memory
+//!   is taken in the catch-up of the large transaction).
 //! - `stats`: percentiles and the daemon's histogram.
 //! - `report`: figures, targets, the table and the JSON file.
 
 mod backfill;
 mod catchup;
 mod child;
+mod cluster;
 mod consumer;
 mod lab;
 mod latency;
@@ -54,15 +57,17 @@ pub enum Part {
     Latency,
     Backfill,
     Reader,
+    Cluster,
 }
 
 impl Part {
-    pub const ALL: [Part; 5] = [
+    pub const ALL: [Part; 6] = [
         Part::Catchup,
         Part::Memory,
         Part::Latency,
         Part::Backfill,
         Part::Reader,
+        Part::Cluster,
     ];
 
     pub fn name(self) -> &'static str {
@@ -72,6 +77,7 @@ impl Part {
             Part::Latency => "latency",
             Part::Backfill => "backfill",
             Part::Reader => "reader",
+            Part::Cluster => "cluster",
         }
     }
 }
@@ -85,7 +91,7 @@ impl FromStr for Part {
             .find(|p| p.name() == s.trim())
             .ok_or_else(|| {
                 format!(
-                    "unknown measurement {s:?} (expected catchup, latency, backfill, reader or memory)"
+                    "unknown measurement {s:?} (expected catchup, latency, backfill, reader, memory or cluster)"
                 )
             })
     }
@@ -209,6 +215,7 @@ pub fn specs(parts: &[Part], scale: &Scale) -> Vec<FigureSpec> {
             Part::Latency => latency::specs(scale),
             Part::Backfill => vec![backfill::spec(scale)],
             Part::Reader => reader::specs(scale),
+            Part::Cluster => cluster::specs(scale),
         })
         .collect()
 }
@@ -296,6 +303,7 @@ async fn run_part(
         Part::Latency => latency::run(lab, scale, progress).await,
         Part::Backfill => backfill::run(lab, scale, progress).await.map(|f| vec![f]),
         Part::Reader => reader::run(lab, scale, progress).await,
+        Part::Cluster => cluster::run(lab, scale, progress).await,
     }
 }
 
@@ -376,6 +384,7 @@ mod tests {
     #[test]
     fn parts_parse_by_name() {
         assert_eq!("latency".parse::<Part>(), Ok(Part::Latency));
+        assert_eq!("cluster".parse::<Part>(), Ok(Part::Cluster));
         assert!("speed".parse::<Part>().is_err());
     }
 

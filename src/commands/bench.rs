@@ -15,7 +15,7 @@ pub struct BenchArgs {
     #[arg(long, value_name = "FILE", default_value = "bench-results.json")]
     pub json: PathBuf,
     /// Run only these measurements (comma separated): catchup, latency, backfill, reader,
-    /// memory.
+    /// memory, cluster (the daemon on a local 3-master Redis Cluster against one Redis).
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     pub only: Vec<Part>,
 }

@@ -6,7 +6,7 @@
 use std::process::Command;
 
 /// Every figure the full bench reports (latency rates as the quick run uses them).
-const FIGURES: [&str; 17] = [
+const FIGURES: [&str; 20] = [
     "catchup.updates",
     "catchup.bulk_insert",
     "catchup.mixed",
@@ -24,6 +24,9 @@ const FIGURES: [&str; 17] = [
     "reader.stampede.db_reads",
     "reader.stampede.p99",
     "reader.hung_redis.p99",
+    "cluster.catchup_spread",
+    "cluster.catchup_tagged",
+    "cluster.backfill",
 ];
 
 #[test]
@@ -75,4 +78,56 @@ fn quick_bench_reports_every_figure() {
         );
     }
     assert_eq!(figures.len(), FIGURES.len(), "unexpected figures in {text}");
+}
+
+/// `--only cluster`: its three figures, measured, with the
+/// masters and every run in the details; nothing else.
+#[test]
+fn quick_cluster_bench_reports_its_figures() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let json_path = dir.path().join("bench.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_pgcache"))
+        .args(["bench", "--quick", "--only", "cluster", "--json"])
+        .arg(&json_path)
+        .current_dir(dir.path())
+        .output()
+        .expect("run pgcache bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "pgcache bench --quick --only cluster failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    let text = std::fs::read_to_string(&json_path).expect("the JSON file");
+    let report: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
+    let figures = report["figures"].as_array().expect("figures");
+    let ids: Vec<&str> = figures.iter().filter_map(|f| f["id"].as_str()).collect();
+    assert_eq!(
+        ids,
+        [
+            "cluster.catchup_spread",
+            "cluster.catchup_tagged",
+            "cluster.backfill"
+        ],
+        "{text}"
+    );
+    for figure in figures {
+        assert!(figure["error"].is_null(), "{figure}\n{stderr}");
+        for field in ["pgcache", "floor", "ratio"] {
+            assert!(figure[field].as_f64().unwrap_or(-1.0) > 0.0, "{figure}");
+        }
+        assert_eq!(figure["details"]["masters"], 3, "{figure}");
+        let runs = figure["details"]["runs"].as_array().expect("runs");
+        let sides: Vec<&str> = runs.iter().filter_map(|r| r["side"].as_str()).collect();
+        assert_eq!(
+            sides,
+            ["single", "cluster", "cluster", "single"],
+            "{figure}"
+        );
+        assert!(
+            runs.iter().all(|r| r["daemon_reconnects"].is_u64()),
+            "{figure}"
+        );
+    }
 }
