@@ -23,6 +23,10 @@ pub struct DemoArgs {
     /// the suggested commands.
     #[arg(long)]
     pub keep: bool,
+    /// Run Redis as a local 3-master Redis Cluster instead of one server: the daemon writes
+    /// each hash slot with its own checkpoint, and the reader reads each key from its master.
+    #[arg(long)]
+    pub cluster: bool,
 }
 
 pub(crate) async fn demo(args: DemoArgs) -> ExitCode {
@@ -37,6 +41,7 @@ pub(crate) async fn demo(args: DemoArgs) -> ExitCode {
         duration: args.seconds.map(Duration::from_secs),
         rate: args.rate,
         keep: args.keep,
+        cluster: args.cluster,
     };
     match demo::run(options).await {
         Ok(()) => ExitCode::SUCCESS,

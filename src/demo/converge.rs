@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
-use redis::aio::MultiplexedConnection;
+use crate::ops::verify::Servers;
 use tokio_postgres::SimpleQueryMessage;
 
 use super::shop::{TableSpec, TABLES};
@@ -94,7 +94,7 @@ impl fmt::Display for TableCheck {
 /// A query or Redis command failed, or a row could not be encoded.
 pub async fn check_all(
     pg: &tokio_postgres::Client,
-    redis: &mut MultiplexedConnection,
+    redis: &mut Servers,
 ) -> Result<Vec<TableCheck>, DemoError> {
     let mut checks = Vec::with_capacity(TABLES.len());
     for spec in TABLES {
@@ -105,7 +105,7 @@ pub async fn check_all(
 
 async fn check(
     pg: &tokio_postgres::Client,
-    redis: &mut MultiplexedConnection,
+    redis: &mut Servers,
     spec: &'static TableSpec,
 ) -> Result<TableCheck, DemoError> {
     let cached: BTreeSet<String> = scan(redis, &format!("{}*", spec.prefix))
@@ -139,12 +139,11 @@ async fn check(
         cached.iter().collect()
     };
     for chunk in keys.chunks(CHUNK) {
-        let values: Vec<Option<Vec<u8>>> =
-            redis::cmd("MGET")
-                .arg(chunk)
-                .query_async(redis)
-                .await
-                .map_err(DemoError::redis("reading values to compare"))?;
+        let values: Vec<Option<Vec<u8>>> = redis::cmd("MGET")
+            .arg(chunk)
+            .query_async(&mut redis.data)
+            .await
+            .map_err(DemoError::redis("reading values to compare"))?;
         for (key, value) in chunk.iter().zip(values) {
             match (rows.get(*key), value) {
                 (Some(row), Some(value)) if *row == value => {}
@@ -213,26 +212,28 @@ async fn read_rows(
 ///
 /// # Errors
 /// When a SCAN fails.
-pub async fn scan(
-    redis: &mut MultiplexedConnection,
-    pattern: &str,
-) -> Result<Vec<String>, DemoError> {
-    let mut cursor = 0u64;
+pub async fn scan(redis: &mut Servers, pattern: &str) -> Result<Vec<String>, DemoError> {
     let mut keys = Vec::new();
-    loop {
-        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(pattern)
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(redis)
-            .await
-            .map_err(DemoError::redis("scanning keys"))?;
-        keys.extend(batch);
-        if next == 0 {
-            return Ok(keys);
+    // Each server that holds keys: the one, or every master of a cluster.
+    for server in &redis.scans {
+        let mut conn = server.clone();
+        let mut cursor = 0u64;
+        loop {
+            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await
+                .map_err(DemoError::redis("scanning keys"))?;
+            keys.extend(batch);
+            if next == 0 {
+                break;
+            }
+            cursor = next;
         }
-        cursor = next;
     }
+    Ok(keys)
 }

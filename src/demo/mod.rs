@@ -56,6 +56,8 @@ pub struct DemoOptions {
     pub rate: u32,
     /// After the summary, keep the servers and the daemon running until Ctrl-C.
     pub keep: bool,
+    /// Redis as a local 3-master cluster.
+    pub cluster: bool,
 }
 
 /// Why the demo failed.
@@ -122,13 +124,19 @@ pub async fn run(options: DemoOptions) -> Result<(), DemoError> {
     let signals = Signals::listen();
     servers::check_binaries()?;
     say("starting a throwaway Postgres and Redis from the local binaries...");
-    let servers = tokio::task::spawn_blocking(Servers::start)
+    let cluster = options.cluster;
+    let servers = tokio::task::spawn_blocking(move || Servers::start(cluster))
         .await
         .map_err(|e| DemoError::Setup(format!("the setup task failed: {e}")))??;
     say(&format!(
-        "servers: postgres=127.0.0.1:{} redis=127.0.0.1:{}",
+        "servers: postgres=127.0.0.1:{} redis=127.0.0.1:{}{}",
         servers.pg.port(),
-        servers.redis.port()
+        servers.redis.port(),
+        servers
+            .cluster_ports()
+            .map_or(String::new(), |ports| format!(
+                " (a Redis Cluster of 3 masters on ports {ports})"
+            ))
     ));
     say(&format!(
         "temporary directories: {} {}",
@@ -245,7 +253,7 @@ async fn with_servers(
     let daemon_url = servers
         .pg
         .url_as(shop::ROLE, Some(shop::ROLE_PASSWORD), shop::DATABASE);
-    let config = Config::from_toml_str(&shop::config_toml(&daemon_url, &servers.redis.url()))
+    let config = Config::from_toml_str(&shop::config_toml(&daemon_url, &servers.redis_toml()))
         .map_err(|e| DemoError::Setup(format!("the demo's own config is invalid: {e}")))?;
     let config = Arc::new(config);
     let meter = match Meter::install() {
@@ -304,12 +312,7 @@ async fn traffic(stage: &Stage<'_>, meter: Option<Arc<Meter>>) -> Result<(), Dem
     let app = connect().await?;
     // Patient timeouts: on a busy machine a sample or a comparison may wait a while, and
     // that is no reason to stop the demo.
-    let patient = redis::AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(5)))
-        .set_response_timeout(Some(Duration::from_secs(5)));
-    let redis = redis::Client::open(servers.redis.url())
-        .map_err(DemoError::redis("opening a client"))?
-        .get_multiplexed_async_connection_with_config(&patient)
+    let redis = crate::ops::verify::Servers::connect(config, Duration::from_secs(5))
         .await
         .map_err(DemoError::redis("connecting"))?;
 
@@ -435,7 +438,8 @@ async fn conclude(
         converged_in: converged.then(|| stopped_at.elapsed()),
         patience: CONVERGE_PATIENCE,
         problem: problem.as_deref(),
-        redis_port: servers.redis.port(),
+        redis_port: servers.redis_port(),
+        cluster: servers.cluster.is_some(),
         pg_port: servers.pg.port(),
         psql: &servers::psql_command(),
         keep: options.keep,
@@ -462,7 +466,7 @@ async fn conclude(
 /// empty) mirror tables, which it runs on a first start when `backfill.auto` is on.
 async fn wait_until_streaming(
     stage: &Stage<'_>,
-    mut redis: redis::aio::MultiplexedConnection,
+    redis: crate::ops::verify::Servers,
 ) -> Result<(), DemoError> {
     let Stage {
         config,
@@ -483,7 +487,9 @@ async fn wait_until_streaming(
                 break;
             }
             // Not answering in time counts as not done yet.
-            let state = crate::checkpoint::read_state(&mut redis, &key).await.ok();
+            let state = crate::checkpoint::read_state(&mut redis.data.clone(), &key)
+                .await
+                .ok();
             let done = state.is_some_and(|state| {
                 mirrors.iter().all(|table| {
                     state
@@ -544,9 +550,14 @@ async fn live_view(
     let mut view = View::new(
         tty,
         format!(
-            "pgcache demo: Postgres 127.0.0.1:{} -> pgcache daemon -> Redis 127.0.0.1:{}",
+            "pgcache demo: Postgres 127.0.0.1:{} -> pgcache daemon -> Redis{} 127.0.0.1:{}",
             servers.pg.port(),
-            servers.redis.port()
+            if servers.cluster.is_some() {
+                " Cluster"
+            } else {
+                ""
+            },
+            servers.redis_port()
         ),
     );
     let deadline = options.duration.map(|d| tokio::time::Instant::now() + d);
@@ -584,7 +595,7 @@ async fn live_view(
 /// Compares until everything matches or the patience runs out; returns the last checks.
 async fn wait_for_convergence(
     pg: &tokio_postgres::Client,
-    redis: &mut redis::aio::MultiplexedConnection,
+    redis: &mut crate::ops::verify::Servers,
 ) -> Result<Vec<TableCheck>, DemoError> {
     let deadline = Instant::now() + CONVERGE_PATIENCE;
     loop {

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use redis::aio::MultiplexedConnection;
+use crate::ops::verify::Servers;
 
 use super::meter::{Latency, Meter, Progress};
 use super::shop::TABLES;
@@ -60,7 +60,7 @@ pub struct Sample {
 /// workload's.
 pub struct Sampler {
     pub pg: tokio_postgres::Client,
-    pub redis: MultiplexedConnection,
+    pub redis: Servers,
     pub meter: Option<Arc<Meter>>,
     pub started: Instant,
     checkpoint_key: String,
@@ -69,7 +69,7 @@ pub struct Sampler {
 impl Sampler {
     pub fn new(
         pg: tokio_postgres::Client,
-        redis: MultiplexedConnection,
+        redis: Servers,
         meter: Option<Arc<Meter>>,
         slot: &str,
     ) -> Sampler {
@@ -130,7 +130,7 @@ impl Sampler {
         let (Some(current), confirmed) = (parse(0), parse(1)) else {
             return Ok(None);
         };
-        let applied = checkpoint::read(&mut self.redis, &self.checkpoint_key)
+        let applied = checkpoint::read(&mut self.redis.data, &self.checkpoint_key)
             .await
             .map_err(|e| DemoError::Compare(format!("reading the checkpoint: {e}")))?;
         let handled = applied.max(confirmed).unwrap_or(Lsn::ZERO);
@@ -147,7 +147,7 @@ impl Sampler {
 ///
 /// # Errors
 /// When a SCAN fails.
-pub async fn key_counts(redis: &mut MultiplexedConnection) -> Result<KeyCounts, DemoError> {
+pub async fn key_counts(redis: &mut Servers) -> Result<KeyCounts, DemoError> {
     let keys = super::converge::scan(redis, "*").await?;
     let mut counts: Vec<(&'static str, u64)> = TABLES
         .iter()

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use super::{shop, DemoError};
-use crate::testkit::{PgOptions, TestPostgres, TestRedis};
+use crate::testkit::{PgOptions, RedisOptions, TestPostgres, TestRedis, TestRedisCluster};
 
 /// Both servers' binaries, all problems at once.
 pub fn check_binaries() -> Result<(), DemoError> {
@@ -32,15 +32,22 @@ pub fn check_binaries() -> Result<(), DemoError> {
 pub struct Servers {
     pub pg: TestPostgres,
     pub redis: TestRedis,
+    /// With `--cluster`: the Redis Cluster the daemon and the reader use instead.
+    pub cluster: Option<TestRedisCluster>,
     /// What the setup scripts printed (slot created, replica identities).
     pub setup_report: Vec<String>,
 }
 
 impl Servers {
     /// Blocking: starts both servers and runs the schema and `sql/setup.sql`.
-    pub fn start() -> Result<Servers, DemoError> {
+    pub fn start(cluster: bool) -> Result<Servers, DemoError> {
         let setup = |e: anyhow::Error| DemoError::Setup(format!("{e:#}"));
         let redis = TestRedis::start().map_err(setup)?;
+        let cluster = if cluster {
+            Some(TestRedisCluster::start_with(3, 0, RedisOptions::default()).map_err(setup)?)
+        } else {
+            None
+        };
         // The harness turns synchronous_commit off for speed, which makes the walsender wait
         // for the WAL writer (up to 200 ms) before it sends a commit: on, as in production
         // (fsync stays off), so the lag shown is the daemon's, not the harness's.
@@ -56,8 +63,36 @@ impl Servers {
         Ok(Servers {
             pg,
             redis,
+            cluster,
             setup_report: setup_report(&output),
         })
+    }
+
+    /// The body of the config's `[redis]` table: the one server, or the cluster's seeds.
+    pub fn redis_toml(&self) -> String {
+        match &self.cluster {
+            Some(cluster) => format!("urls = {:?}\ncluster = true", cluster.urls()),
+            None => format!("url = {:?}", self.redis.url()),
+        }
+    }
+
+    /// The cluster's client ports, comma separated, with `--cluster`.
+    pub fn cluster_ports(&self) -> Option<String> {
+        self.cluster.as_ref().map(|cluster| {
+            cluster
+                .nodes()
+                .iter()
+                .map(|n| n.port().to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+    }
+
+    /// The port to point `redis-cli` at (with `-c` on a cluster).
+    pub fn redis_port(&self) -> u16 {
+        self.cluster
+            .as_ref()
+            .map_or(self.redis.port(), |cluster| cluster.nodes()[0].port())
     }
 
     /// The Postgres server's temporary directory (its data directory is inside).

@@ -129,10 +129,11 @@ pub fn table_list() -> String {
 }
 
 /// The daemon's config for these servers: the table rules of the demo.
-pub fn config_toml(postgres_url: &str, redis_url: &str) -> String {
+/// The demo's config; `redis` is the body of its `[redis]` table.
+pub fn config_toml(postgres_url: &str, redis: &str) -> String {
     let mut toml = format!(
         "[postgres]\nurl = {postgres_url:?}\nslot = {SLOT:?}\npublication = {PUBLICATION:?}\n\n\
-         [redis]\nurl = {redis_url:?}\n\n\
+         [redis]\n{redis}\n\n\
          # The demo reads the daemon's progress in process; no HTTP endpoint.\n\
          [metrics]\nlisten = \"\"\n"
     );

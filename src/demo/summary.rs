@@ -20,6 +20,8 @@ pub struct Summary<'a> {
     /// The last failed write or read, if any failed.
     pub problem: Option<&'a str>,
     pub redis_port: u16,
+    /// Redis is a cluster: `redis-cli -c` follows its redirections.
+    pub cluster: bool,
     pub pg_port: u16,
     /// The command that runs psql here.
     pub psql: &'a str,
@@ -97,6 +99,11 @@ impl Summary<'_> {
         }
 
         let (redis_port, pg_port) = (self.redis_port, self.pg_port);
+        let redis_port = if self.cluster {
+            format!("{redis_port} -c")
+        } else {
+            redis_port.to_string()
+        };
         text.push_str(&format!(
         "
 what you just saw
@@ -175,6 +182,7 @@ mod tests {
             patience: Duration::from_secs(10),
             problem: None,
             redis_port: 6399,
+            cluster: false,
             pg_port: 5499,
             psql: "psql",
             keep,

@@ -47,8 +47,23 @@ fn field<'a>(stdout: &'a str, prefix: &str, key: &str) -> &'a str {
 
 #[test]
 fn demo_runs_converges_and_cleans_up() {
+    demo_converges(&["demo", "--seconds", "4"]);
+}
+
+/// `pgcache demo --cluster`: the same on a local 3-master Redis Cluster.
+#[test]
+fn demo_on_a_cluster_runs_converges_and_cleans_up() {
+    let stdout = demo_converges(&["demo", "--cluster", "--seconds", "4"]);
+    assert!(
+        stdout.contains("(a Redis Cluster of 3 masters on ports "),
+        "{stdout}"
+    );
+}
+
+/// Runs the demo with `args` and checks what every run shows; returns its output.
+fn demo_converges(args: &[&str]) -> String {
     let started = Instant::now();
-    let out = run_pgcache(&["demo", "--seconds", "4"], None, Duration::from_secs(120));
+    let out = run_pgcache(args, None, Duration::from_secs(120));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     let context = format!("--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}");
@@ -102,6 +117,7 @@ fn demo_runs_converges_and_cleans_up() {
     assert!(count("order") > 0, "the reader cached orders\n{context}");
 
     assert_nothing_left(&stdout, &context);
+    stdout.into_owned()
 }
 
 #[test]

@@ -33,6 +33,7 @@ pub(crate) use crate::reader::link::Conn;
 /// Where keys are read: `data` for values (one server, or the whole cluster through
 /// redis-rs's cluster client), and one connection per server that holds keys, for scans
 /// (the one server, or every master of a cluster).
+#[derive(Clone)]
 pub struct Servers {
     pub(crate) data: Conn,
     pub scans: Vec<redis::aio::MultiplexedConnection>,
