@@ -18,7 +18,7 @@
 //! declare every key of the transaction: a multi-key command is refused unless all its keys
 //! are on the node that runs it.
 //!
-//! The daemon on a cluster ([`super::cluster_apply`]) sends a batch's slot transactions with
+//! The daemon on a cluster (`daemon::cluster_apply`) sends a batch's slot transactions with
 //! [`SlotRouter::send_many`]: one pipeline per master, the masters at once.
 
 use std::collections::HashMap;

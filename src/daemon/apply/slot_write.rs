@@ -1,5 +1,5 @@
 //! The guarded write of one hash slot's part of a batch, for the cluster apply
-//! ([`crate::daemon::cluster_apply`]; docs/cluster.md): the write of [`script`](super::script)
+//! (`daemon::cluster_apply`; docs/cluster.md): the write of [`script`](super::script)
 //! with the slot's own checkpoint, as a [`SlotTransaction`] for the [`SlotRouter`].
 //!
 //! ```text

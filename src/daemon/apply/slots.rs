@@ -1,5 +1,5 @@
 //! A batch's operations split by Redis Cluster hash slot, for the cluster apply
-//! ([`crate::daemon::cluster_apply`]; docs/cluster.md, "Applying a batch"): each slot's
+//! (`daemon::cluster_apply`; docs/cluster.md, "Applying a batch"): each slot's
 //! operations are written in one guarded transaction with that slot's checkpoint.
 //!
 //! - Within a slot, operations keep their stream order; every operation on a row key also
