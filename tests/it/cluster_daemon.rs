@@ -567,6 +567,14 @@ async fn live_resharding_under_load_loses_and_replays_nothing() {
             .collect::<Vec<_>>()
     );
     assert_eq!(view.keys("pgcache:{*}:pgcache:ck").await.len(), 16384);
+    // And `pgcache verify` agrees, scanning every master.
+    let config = path.display().to_string();
+    let (code, out, err) = tokio::task::spawn_blocking(move || {
+        crate::common::pgcache(&["verify", "--config", &config])
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{out}{err}");
     daemon.terminate();
 }
 
@@ -673,6 +681,25 @@ async fn master_dies_under_a_write(wait_replicas: Option<usize>) -> (String, boo
     // Let the replicas catch up with the backfill.
     tokio::time::sleep(Duration::from_secs(1)).await;
 
+    // Load on another table all along, through the failover.
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let (url, stop) = (env.pg.url(DB), stop.clone());
+        tokio::spawn(async move {
+            let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            let mut round = 0;
+            while !stop.load(Ordering::SeqCst) {
+                let sql = format!("UPDATE orders SET v = v + 1 WHERE tenant = {}", round % 7);
+                client.batch_execute(&sql).await.unwrap();
+                round += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            round
+        })
+    };
     let key = key_off_the_root(&cluster);
     let (master, replica) = master_and_replica(&cluster, &key);
     cut_off_replica(&cluster, master, replica);
@@ -730,6 +757,9 @@ async fn master_dies_under_a_write(wait_replicas: Option<usize>) -> (String, boo
     // confirms nothing more until a replica holds its writes).
     cluster.node_mut(master).start_again().unwrap();
     env.sql("UPDATE items SET v = 200 WHERE id <= 20");
+    stop.store(true, Ordering::SeqCst);
+    let rounds = load.await.unwrap();
+    assert!(rounds > 10, "the load ran {rounds} transactions");
     let at: String = pg
         .query_one("SELECT pg_current_wal_lsn()::text", &[])
         .await
