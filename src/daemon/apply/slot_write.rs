@@ -29,13 +29,21 @@ use crate::template::lease_key;
 use crate::Lsn;
 
 /// The check script without its comments: a batch carries it once per slot it touches.
-static CHECK_BODY: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    CHECK
+static CHECK_BODY: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| without_comments(CHECK));
+
+/// The takeover script without its comments: a start carries it 16384 times.
+static TAKEOVER_BODY: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| without_comments(checkpoint::TAKEOVER_LUA));
+
+/// A Lua script without its comment lines (the scripts' comments are whole lines).
+fn without_comments(script: &str) -> String {
+    script
         .lines()
         .filter(|line| !line.trim_start().starts_with("--"))
         .collect::<Vec<_>>()
         .join("\n")
-});
+}
 
 /// One slot's write, built.
 #[derive(Debug)]
@@ -205,7 +213,7 @@ pub async fn takeover_slots(
     let cmds: Vec<(u16, redis::Cmd)> = (0..CLUSTER_SLOTS)
         .map(|slot| {
             let mut cmd = redis::cmd("EVAL");
-            cmd.arg(checkpoint::TAKEOVER_LUA)
+            cmd.arg(TAKEOVER_BODY.as_str())
                 .arg(1)
                 .arg(&keys[usize::from(slot)])
                 .arg(owner)
