@@ -386,6 +386,10 @@ async fn session(
     if let (None, Some((_, slots))) = (&loss, &cluster) {
         loss = Loss::hash_slots(&taken, slots);
     }
+    // The root lost with its master while other slots kept theirs: not a first start.
+    if let (Some(Loss::NoCheckpoint { had_data }), Some((_, slots))) = (&mut loss, &cluster) {
+        *had_data |= slots.iter().any(|t| !t.fresh && t.state.lsn.is_some());
+    }
     // On a cluster, a slot's part of a batch can be in Redis beyond the frontier (the root is
     // written last): readers may have seen up to the furthest slot checkpoint.
     let slots_ahead = cluster

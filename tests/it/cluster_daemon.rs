@@ -1062,3 +1062,53 @@ async fn the_reader_verify_and_status_work_on_the_cluster() {
     assert_eq!(counted, [599, 300, 100], "{out}");
     daemon.stop().await.unwrap();
 }
+
+/// `FLUSHALL` on one master while the daemon runs: first on one without the root checkpoint
+/// (its slots' checkpoints are gone while the root's is not: "lost writes"), then on the
+/// root's own (the root is gone while other slots' are not: "lost its data", not a first
+/// start). Each time the daemon notices within its heartbeat, rebuilds, and the cluster
+/// converges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_flushed_under_the_daemon_is_noticed_and_rebuilt() {
+    let env = Env::start(SCHEMA, TABLES);
+    let cluster = start_cluster(3, 0).await;
+    let path = env.dir.path().join("cluster.toml");
+    std::fs::write(&path, cluster_config(&env, &cluster, "")).unwrap();
+    let log = env.dir.path().join("daemon.log");
+    let mut view = View::new(&cluster).await;
+    let mut daemon = Daemon::spawn(&path, &log);
+    converged(&mut view, &env, Duration::from_secs(60)).await;
+
+    let root = key_slot(checkpoint_key("", "pgcache").as_bytes());
+    let root_port = cluster.master_of_slot(root).unwrap().port();
+    let other = cluster
+        .masters()
+        .unwrap()
+        .into_iter()
+        .find(|n| n.port() != root_port)
+        .unwrap()
+        .port();
+    let node = |port: u16| cluster.nodes().iter().find(|n| n.port() == port).unwrap();
+    for (port, said) in [
+        (other, "Redis Cluster lost writes"),
+        (root_port, "Redis lost its data"),
+    ] {
+        node(port).cli(&["FLUSHALL"]).unwrap();
+        env.sql("UPDATE items SET v = v + 1 WHERE id <= 30");
+        eventually(Duration::from_secs(30), said, || {
+            let log = daemon.log();
+            async move { log.contains(said).then_some(()) }
+        })
+        .await;
+        converged(&mut view, &env, Duration::from_secs(60)).await;
+    }
+    // Only the real first start calls itself one.
+    let log = daemon.log();
+    assert_eq!(
+        log.matches("first start (or Redis lost everything)")
+            .count(),
+        1,
+        "{log}"
+    );
+    daemon.terminate();
+}
