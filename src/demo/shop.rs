@@ -231,10 +231,20 @@ mod tests {
     fn config_is_valid_and_matches_the_specs() {
         let config = Config::from_toml_str(&config_toml(
             "postgres://pgcache:pw@127.0.0.1:5999/shop?sslmode=disable",
-            "redis://127.0.0.1:6999/",
+            "url = \"redis://127.0.0.1:6999/\"",
         ))
         .unwrap();
         assert_eq!(config.tables.len(), TABLES.len());
+        // And with the seeds of a cluster.
+        let cluster = Config::from_toml_str(&config_toml(
+            "postgres://pgcache:pw@127.0.0.1:5999/shop?sslmode=disable",
+            "urls = [\"redis://127.0.0.1:7001/\", \"redis://127.0.0.1:7002/\"]\ncluster = true",
+        ))
+        .unwrap();
+        assert!(matches!(
+            cluster.redis.topology,
+            crate::config::RedisTopology::Cluster { ref seeds } if seeds.len() == 2
+        ));
         for spec in TABLES {
             let (schema, name) = spec.table.split_once('.').unwrap();
             let rule = config.table(schema, name).unwrap();
