@@ -533,7 +533,7 @@ fn redis_cluster_fails_over_a_killed_master() -> Result<()> {
         if got == "kept" {
             break;
         }
-        std::thread::sleep(Duration::from_millis(200));
+        thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(got, "kept", "topology: {:?}", cluster.topology().ok());
 
