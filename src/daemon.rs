@@ -399,7 +399,18 @@ async fn session(
         // What this process applied is from the lost future: nothing to mute.
         applied.position = None;
     }
-    let saved = taken.state;
+    let mut saved = taken.state;
+    // On a cluster, a merge without a base records its repair in its key's slot checkpoint.
+    if let Some((_, slots)) = &cluster {
+        for slot in slots {
+            saved.repairs.extend(
+                slot.state
+                    .repairs
+                    .iter()
+                    .map(|(key, text)| (key.clone(), text.clone())),
+            );
+        }
+    }
 
     let backfills = Backfills::new(
         connect().await?,

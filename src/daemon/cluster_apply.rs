@@ -23,6 +23,9 @@
 //!   without them) is noticed within seconds even if no change reaches it.
 //! - **`stopped`** (tables whose keys readers may not fill) is written into every slot
 //!   checkpoint before the keys are dropped, since a fill checks its own slot's.
+//! - **Repairs** (`repair:<key>`, a mirror key deleted because its merge had no base, to be
+//!   read again) are recorded in the key's slot checkpoint in the same transaction as the
+//!   delete, read back at the takeover, and removed there after the read wrote the key.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -34,7 +37,9 @@ use super::apply::slots::{split_skipping, Segment};
 use super::apply::{ChangeTag, Op, Repair};
 use super::slot_router::{RouteError, SlotRouter, SlotTransaction};
 use super::RunError;
-use crate::checkpoint::{self, Partial, Takeover, FIELD_PARTIAL, FIELD_STOPPED};
+use crate::checkpoint::{
+    self, Partial, Takeover, FIELD_PARTIAL, FIELD_REPAIR_PREFIX, FIELD_STOPPED,
+};
 use crate::cluster::{key_slot, CLUSTER_SLOTS};
 use crate::template::{glob_escape, LEASE_SUFFIX};
 use crate::Lsn;
@@ -252,10 +257,7 @@ impl ClusterApply {
         let split = split_skipping(ops, tags, |slot, tag| {
             ClusterApply::covered(found, slot, tag)
         });
-        let mut out = ClusterApplied {
-            repairs: split.repairs,
-            moved: Vec::new(),
-        };
+        let mut out = ClusterApplied::default();
         // Each slot's last Slots segment, and the last key-space segment.
         let mut last_write: BTreeMap<u16, usize> = BTreeMap::new();
         let mut last_everywhere = None;
@@ -310,7 +312,41 @@ impl ClusterApply {
                 .collect();
             self.send(writes, &mut out).await?;
         }
+        self.remove_repairs(fields, now_ms, &mut out).await?;
         Ok(out)
+    }
+
+    /// Removes the `repair:<key>` records of keys read again from their slots' checkpoints
+    /// (where a merge without a base recorded them), after the batch that wrote the keys: a
+    /// crash before this reads them again, which is safe.
+    async fn remove_repairs(
+        &mut self,
+        fields: &[(String, String)],
+        now_ms: u64,
+        out: &mut ClusterApplied,
+    ) -> Result<(), RunError> {
+        let mut by_slot: BTreeMap<u16, Vec<&str>> = BTreeMap::new();
+        for (field, value) in fields {
+            if let (Some(key), true) = (field.strip_prefix(FIELD_REPAIR_PREFIX), value.is_empty()) {
+                by_slot
+                    .entry(key_slot(key.as_bytes()))
+                    .or_default()
+                    .push(field);
+            }
+        }
+        if by_slot.is_empty() {
+            return Ok(());
+        }
+        let writes = by_slot
+            .into_iter()
+            .map(|(slot, removed)| {
+                let fields: Vec<(&str, &str)> = removed.into_iter().map(|f| (f, "")).collect();
+                let write =
+                    SlotWrite::with_fields(&self.owner_of(slot), &[], None, &fields, now_ms);
+                (slot, write, None)
+            })
+            .collect();
+        self.send(writes, out).await
     }
 
     /// Sends slot writes until each is applied (a `Retry` is sent again).

@@ -1112,3 +1112,222 @@ async fn a_master_flushed_under_the_daemon_is_noticed_and_rebuilt() {
     );
     daemon.terminate();
 }
+
+const TOAST_SCHEMA: &str = "
+CREATE TABLE docs (id int PRIMARY KEY, title text NOT NULL, body text NOT NULL);
+ALTER TABLE docs ALTER COLUMN body SET STORAGE EXTERNAL;
+CREATE TABLE tdocs (tenant int, id int, body text NOT NULL, PRIMARY KEY (tenant, id));
+ALTER TABLE tdocs ALTER COLUMN body SET STORAGE EXTERNAL;
+INSERT INTO docs SELECT g, 't' || g, repeat(md5(g::text), 300) FROM generate_series(1, 20) g;
+INSERT INTO tdocs SELECT 7, g, repeat(md5(g::text), 300) FROM generate_series(1, 20) g;
+";
+
+const TOAST_RULES: &str = r#"[[tables]]
+table = "docs"
+key = "doc:{id}"
+
+[[tables]]
+table = "tdocs"
+key = "tdoc:{{{tenant}}}:{id}"
+"#;
+
+/// Each doc's key and its text, as Postgres has them.
+async fn docs_in_postgres(pg: &tokio_postgres::Client) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for row in pg
+        .query("SELECT 'doc:' || id, title || '/' || body FROM docs", &[])
+        .await
+        .unwrap()
+    {
+        out.insert(row.get(0), row.get(1));
+    }
+    for row in pg
+        .query(
+            "SELECT 'tdoc:{' || tenant || '}:' || id, body FROM tdocs",
+            &[],
+        )
+        .await
+        .unwrap()
+    {
+        out.insert(row.get(0), row.get(1));
+    }
+    out
+}
+
+/// What the cache holds for the same keys, in the same form ("absent" for a missing key).
+async fn docs_in_redis(view: &mut View, keys: &[String]) -> BTreeMap<String, String> {
+    let values = view.get_many(keys).await;
+    keys.iter()
+        .zip(values)
+        .map(|(key, value)| {
+            let shown = match value.map(|v| serde_json::from_str::<serde_json::Value>(&v)) {
+                None => "absent".to_string(),
+                Some(Ok(v)) if key.starts_with("doc:") => format!(
+                    "{}/{}",
+                    v["title"].as_str().unwrap_or("?"),
+                    v["body"].as_str().unwrap_or("?")
+                ),
+                Some(Ok(v)) => v["body"].as_str().unwrap_or("?").to_string(),
+                Some(Err(e)) => format!("not JSON: {e}"),
+            };
+            (key.clone(), shown)
+        })
+        .collect()
+}
+
+fn short(text: &str) -> String {
+    text.chars().take(40).collect()
+}
+
+/// A row's key moves to another hash slot while its TOASTed column is left unchanged (the
+/// column is not in the change), and a row whose cached value was evicted gets such an
+/// update in its own slot: neither merge has a base, so each key is deleted and its row is
+/// to be read again. The daemon is killed after those deletes landed but before the rows
+/// were read (the table is locked), and the frontier is past the updates: the record of the
+/// repair must outlive the process, in the key's slot checkpoint, or the rows are gone from
+/// the cache for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_before_a_toast_repair_is_read_loses_no_row() {
+    let env = Env::start(TOAST_SCHEMA, "public.docs,public.tdocs");
+    let cluster = start_cluster(3, 0).await;
+    let single = format!("[redis]\nurl = \"{}\"\n", env.redis.url());
+    let seeds: Vec<String> = cluster.urls().iter().map(|u| format!("{u:?}")).collect();
+    let config = env.config_toml(TOAST_RULES).replace(
+        &single,
+        &format!("[redis]\nurls = [{}]\ncluster = true\n", seeds.join(", ")),
+    );
+    let path = env.dir.path().join("cluster.toml");
+    std::fs::write(&path, config).unwrap();
+    let log = env.dir.path().join("daemon.log");
+    let mut view = View::new(&cluster).await;
+    let pg = env.pg_client().await;
+    let mut daemon = Daemon::spawn(&path, &log);
+    let mut keys: Vec<String> = docs_in_postgres(&pg).await.into_keys().collect();
+    keys.extend(["doc:1001".to_string(), "tdoc:{7}:1001".to_string()]);
+    let want = docs_in_postgres(&pg).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let have = docs_in_redis(&mut view, &keys).await;
+        if want.iter().all(|(k, v)| have.get(k) == Some(v)) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the backfill never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_ne!(key_slot(b"doc:1"), key_slot(b"doc:1001"));
+    // tdoc:{7}:1 is evicted: its update has no base, in its own slot.
+    let mut del = redis::cmd("DEL");
+    del.arg("tdoc:{7}:1");
+    view.router
+        .send_each(&[(key_slot(b"7"), del)])
+        .await
+        .unwrap();
+
+    // The updates commit and, in the same round trip, the tables are locked: the daemon
+    // cannot read the rows again until the lock goes.
+    let locker = env.pg_client().await;
+    locker
+        .batch_execute(
+            "BEGIN;
+             UPDATE docs SET id = 1001, title = 'moved' WHERE id = 1;
+             UPDATE tdocs SET id = 1001 WHERE tenant = 7 AND id = 1;
+             COMMIT;
+             BEGIN;
+             LOCK TABLE docs, tdocs IN ACCESS EXCLUSIVE MODE;",
+        )
+        .await
+        .unwrap();
+    let wal: String = pg
+        .query_one(
+            "SELECT lpad(to_hex((pg_current_wal_insert_lsn() - '0/0')::bigint), 16, '0')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let root = checkpoint_key("", "pgcache");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let applied = view.hget(&root, "applied").await.unwrap_or_default();
+        if applied >= wal.to_uppercase() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the frontier stayed at {applied:?}, before {wal}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The deletes landed, and each repair is recorded in its key's slot checkpoint.
+    let have = docs_in_redis(&mut view, &keys).await;
+    for key in ["doc:1", "doc:1001", "tdoc:{7}:1", "tdoc:{7}:1001"] {
+        assert_eq!(
+            short(&have[key]),
+            "absent",
+            "{key} (frontier {:?}, WAL {wal}): {}",
+            view.hget(&root, "applied").await,
+            daemon.log()
+        );
+    }
+    let mut unrecorded = Vec::new();
+    for key in ["doc:1001", "tdoc:{7}:1001"] {
+        let ck = slot_checkpoint_key("", "pgcache", key_slot(key.as_bytes()));
+        if view.hget(&ck, &format!("repair:{key}")).await.is_none() {
+            unrecorded.push(key);
+        }
+    }
+    daemon.kill9();
+    locker.batch_execute("COMMIT").await.unwrap();
+    let daemon_log = log.clone();
+    daemon = Daemon::spawn(&path, &daemon_log);
+
+    let want = docs_in_postgres(&pg).await;
+    assert_eq!(want["doc:1001"].split('/').next(), Some("moved"));
+    let outcome = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            let have = docs_in_redis(&mut view, &keys).await;
+            let wrong: Vec<String> = keys
+                .iter()
+                .filter(|k| have[*k] != want.get(*k).cloned().unwrap_or("absent".into()))
+                .map(|k| format!("{k}: {}", short(&have[k])))
+                .collect();
+            if wrong.is_empty() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    })
+    .await;
+    if outcome.is_err() {
+        let have = docs_in_redis(&mut view, &keys).await;
+        panic!(
+            "the moved rows never came back: {:#?}\n{}",
+            keys.iter()
+                .filter(|k| have[*k] != want.get(*k).cloned().unwrap_or("absent".into()))
+                .map(|k| format!("{k}: {}", short(&have[k])))
+                .collect::<Vec<_>>(),
+            daemon.log()
+        );
+    }
+    assert!(
+        unrecorded.is_empty(),
+        "repairs not recorded in their slot checkpoints: {unrecorded:?}"
+    );
+    // Once read again, the records go.
+    for key in ["doc:1001", "tdoc:{7}:1001"] {
+        let ck = slot_checkpoint_key("", "pgcache", key_slot(key.as_bytes()));
+        let field = format!("repair:{key}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while view.hget(&ck, &field).await.is_some() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{field} stayed in {ck}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    daemon.terminate();
+}

@@ -8,12 +8,14 @@
 //!   slot, so it cuts the batch: the operations before it, it, then the operations after it
 //!   ([`Segment`]), applied in that order.
 //! - A merge whose base (the old key of a row whose key changed) is in another slot cannot
-//!   read it in the same transaction; its key is deleted instead, and a mirror row is read
-//!   again ([`SlotSplit::repairs`]), as when a merge finds no base. Absence is safe.
+//!   read it in the same transaction. It becomes a merge with no base (its key is deleted),
+//!   which for a mirror row records the repair in the slot's own checkpoint
+//!   (`repair:<key>`) in the same transaction, as when a merge finds no base: the row is read
+//!   again, even after a crash that comes before the read. Absence is safe.
 
 use std::collections::BTreeMap;
 
-use super::{ChangeTag, Op, Repair};
+use super::{ChangeTag, Op};
 use crate::cluster::key_slot;
 
 /// One stretch of the batch, in stream order.
@@ -30,9 +32,6 @@ pub enum Segment {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SlotSplit {
     pub segments: Vec<Segment>,
-    /// Mirror rows whose merge base was in another slot: their keys are deleted in the
-    /// segments, and they are to be read again.
-    pub repairs: Vec<Repair>,
 }
 
 impl SlotSplit {
@@ -73,11 +72,12 @@ pub fn split_skipping(
             }
         }
         let op = match op {
-            Op::Merge(merge)
+            Op::Merge(mut merge)
                 if key_slot(merge.base.as_bytes()) != key_slot(merge.key.as_bytes()) =>
             {
-                out.repairs.extend(merge.repair.clone());
-                Op::Del { key: merge.key }
+                merge.base.clone_from(&merge.key);
+                merge.stale_base = true;
+                Op::Merge(merge)
             }
             other => other,
         };
@@ -102,7 +102,7 @@ pub fn split_skipping(
 mod tests {
     use super::*;
     use crate::config::Format;
-    use crate::daemon::apply::{Merge, MergeValue};
+    use crate::daemon::apply::{Merge, MergeValue, Repair};
 
     fn set(key: &str, value: &str) -> Op {
         Op::Set {
@@ -141,7 +141,6 @@ mod tests {
             set("t:1", "d"),
         ];
         let split = split(ops);
-        assert!(split.repairs.is_empty());
         let [Segment::Slots(slots)] = split.segments.as_slice() else {
             panic!("{:?}", split.segments)
         };
@@ -172,11 +171,10 @@ mod tests {
     }
 
     #[test]
-    fn merges_across_slots_become_deletes_and_repairs() {
+    fn merges_across_slots_lose_their_base() {
         // Same hash tag: one slot, the merge stays.
         let same = merge("tenant:{9}:2", "tenant:{9}:1", true);
         let split_same = split(vec![same.clone()]);
-        assert!(split_same.repairs.is_empty());
         assert_eq!(
             split_same.segments,
             [Segment::Slots(BTreeMap::from([(
@@ -185,30 +183,26 @@ mod tests {
             )]))]
         );
 
-        // t:1 and t:2 are in different slots.
+        // t:1 and t:2 are in different slots: the merge has no base left (the script
+        // deletes the key and, for the mirror row, records its repair in the slot).
         assert_ne!(key_slot(b"t:1"), key_slot(b"t:2"));
         assert_ne!(key_slot(b"r:1"), key_slot(b"r:2"));
         let split_apart = split(vec![merge("t:2", "t:1", true), merge("r:2", "r:1", false)]);
-        assert_eq!(
-            split_apart.repairs.len(),
-            1,
-            "only the mirror row is read again"
-        );
-        assert_eq!(split_apart.repairs[0].key, "t:2");
         let Segment::Slots(slots) = &split_apart.segments[0] else {
             panic!("{:?}", split_apart.segments)
         };
-        assert_eq!(
-            slots[&key_slot(b"t:2")],
-            [Op::Del {
-                key: "t:2".to_string()
-            }]
-        );
-        assert_eq!(
-            slots[&key_slot(b"r:2")],
-            [Op::Del {
-                key: "r:2".to_string()
-            }]
-        );
+        let no_base = |key: &str, repair: bool| {
+            let Op::Merge(mut m) = merge(key, key, repair) else {
+                unreachable!()
+            };
+            m.stale_base = true;
+            vec![Op::Merge(m)]
+        };
+        assert_eq!(slots[&key_slot(b"t:2")], no_base("t:2", true));
+        assert_eq!(slots[&key_slot(b"r:2")], no_base("r:2", false));
+        let Op::Merge(m) = &slots[&key_slot(b"t:2")][0] else {
+            unreachable!()
+        };
+        assert_eq!(m.repair.as_ref().map(|r| r.key.as_str()), Some("t:2"));
     }
 }
