@@ -457,15 +457,18 @@ impl ClusterApply {
 
     /// Whether a slot is being migrated now (a key may be on either node).
     async fn migrating(&mut self) -> Result<bool, RunError> {
-        let Some(addr) = self.router.masters().into_iter().next() else {
-            return Ok(false);
-        };
-        let mut conn = self.router.node(&addr).await?;
-        let text: String = redis::cmd("CLUSTER")
-            .arg("NODES")
-            .query_async(&mut conn)
-            .await?;
-        Ok(text.contains("->-") || text.contains("-<-"))
+        // A node shows the migrating and importing marks of its own slots only.
+        for addr in self.router.masters() {
+            let mut conn = self.router.node(&addr).await?;
+            let text: String = redis::cmd("CLUSTER")
+                .arg("NODES")
+                .query_async(&mut conn)
+                .await?;
+            if text.contains("->-") || text.contains("-<-") {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// Writes `stopped` into every slot checkpoint this session owns.
