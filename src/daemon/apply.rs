@@ -22,6 +22,7 @@ use crate::daemon::relations::TableState;
 use crate::encoder::{self, EncodeError};
 use crate::Lsn;
 
+pub mod node_write;
 pub mod script;
 pub mod slot_write;
 pub mod slots;

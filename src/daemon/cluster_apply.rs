@@ -31,6 +31,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use tracing::{debug, warn};
 
+use super::apply::node_write::{self, NodeOutcome, NodePart, NodeWrite};
 use super::apply::script::{Owner, Refused};
 use super::apply::slot_write::{takeover_slots, SlotOutcome, SlotWrite, SlotWriteError};
 use super::apply::slots::{split_skipping, Segment};
@@ -296,18 +297,28 @@ impl ClusterApply {
                 }
             };
             let everywhere = last_everywhere == Some(at);
-            let writes: Vec<(u16, SlotWrite, Option<Lsn>)> = parts
-                .iter()
+            let (fast, slow): (Vec<_>, Vec<_>) = parts
+                .into_iter()
                 .map(|(slot, ops)| {
-                    let moves = position.filter(|_| moves_at(*slot, at, everywhere));
+                    let moves = position.filter(|_| moves_at(slot, at, everywhere));
+                    (slot, ops, moves)
+                })
+                .partition(|(_, ops, _)| node_write::plain(ops));
+            let left_out = self
+                .send_nodes(fast, &slot_fields, now_ms, &mut out)
+                .await?;
+            let writes: Vec<(u16, SlotWrite, Option<Lsn>)> = slow
+                .into_iter()
+                .chain(left_out)
+                .map(|(slot, ops, moves)| {
                     let write = SlotWrite::with_fields(
-                        &self.owner_of(*slot),
-                        ops,
+                        &self.owner_of(slot),
+                        &ops,
                         moves,
                         &slot_fields,
                         now_ms,
                     );
-                    (*slot, write, moves)
+                    (slot, write, moves)
                 })
                 .collect();
             self.send(writes, &mut out).await?;
@@ -347,6 +358,126 @@ impl ClusterApply {
             })
             .collect();
         self.send(writes, out).await
+    }
+
+    /// Writes slots' parts with one script per master (and per [`node_write::MAX_COMMANDS`]),
+    /// the masters at once. Returns the parts the scripts left out (their keys were not all
+    /// on the master the map names), which nothing was written of: they go as transactions
+    /// of their own, which follow redirections.
+    ///
+    /// # Errors
+    /// A slot refused the write, or Redis failed.
+    async fn send_nodes(
+        &mut self,
+        parts: Vec<(u16, Vec<Op>, Option<Lsn>)>,
+        fields: &[(&str, &str)],
+        now_ms: u64,
+        out: &mut ClusterApplied,
+    ) -> Result<Vec<(u16, Vec<Op>, Option<Lsn>)>, RunError> {
+        let mut left: Vec<usize> = Vec::new();
+        let mut by_node: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        for (i, (slot, ..)) in parts.iter().enumerate() {
+            match self.router.owner(*slot) {
+                Some(addr) => by_node.entry(addr.to_string()).or_default().push(i),
+                None => left.push(i),
+            }
+        }
+        let mut sends = Vec::new();
+        for (addr, indexes) in by_node {
+            let conn = self.router.node(&addr).await?;
+            let mut chunk: Vec<usize> = Vec::new();
+            let mut size = 0;
+            for i in indexes {
+                let cost = 2 * parts[i].1.len() + 2;
+                if !chunk.is_empty() && size + cost > node_write::MAX_COMMANDS {
+                    sends.push((addr.clone(), std::mem::take(&mut chunk), conn.clone()));
+                    size = 0;
+                }
+                chunk.push(i);
+                size += cost;
+            }
+            if !chunk.is_empty() {
+                sends.push((addr, chunk, conn));
+            }
+        }
+        let writes: Vec<NodeWrite> = sends
+            .iter()
+            .map(|(_, chunk, _)| {
+                let node_parts: Vec<NodePart<'_>> = chunk
+                    .iter()
+                    .map(|&i| NodePart {
+                        owner: self.owner_of(parts[i].0),
+                        ops: &parts[i].1,
+                        position: parts[i].2,
+                        fields,
+                    })
+                    .collect();
+                NodeWrite::new(&self.token, &node_parts, now_ms)
+            })
+            .collect();
+        let replies = futures_util::future::join_all(sends.iter().zip(&writes).map(
+            |((_, _, conn), write)| {
+                let mut conn = conn.clone();
+                async move { write.cmd.query_async::<redis::Value>(&mut conn).await }
+            },
+        ))
+        .await;
+        let mut refused = None;
+        for (((addr, chunk, _), write), reply) in sends.iter().zip(&writes).zip(replies) {
+            let reply = match reply {
+                Ok(reply) => reply,
+                // The node is not serving (a failover, the cluster down): each part goes on
+                // its own, waiting or redirected.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        redis::ErrorKind::Server(
+                            redis::ServerErrorKind::ClusterDown
+                                | redis::ServerErrorKind::TryAgain
+                                | redis::ServerErrorKind::Moved
+                                | redis::ServerErrorKind::Ask
+                        )
+                    ) =>
+                {
+                    debug!(%addr, error = %e, "a node write was refused whole: sending its slots on their own");
+                    left.extend(chunk);
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            match write.outcome(&reply) {
+                Ok(NodeOutcome::Applied { left_out }) => {
+                    self.written.insert(addr.clone());
+                    for (at, &i) in chunk.iter().enumerate() {
+                        if left_out.contains(&at) {
+                            left.push(i);
+                            continue;
+                        }
+                        let (slot, _, moves) = &parts[i];
+                        if let Some(lsn) = moves {
+                            self.marks[usize::from(*slot)].position = Some(*lsn);
+                            out.moved.push((*slot, *lsn));
+                        }
+                    }
+                }
+                Err((at, e)) => {
+                    refused.get_or_insert((parts[chunk[at]].0, e));
+                }
+            }
+        }
+        if let Some((slot, e)) = refused {
+            return Err(slot_error(slot, e));
+        }
+        let mut again = Vec::new();
+        left.sort_unstable();
+        let mut left = left.into_iter().peekable();
+        for (i, part) in parts.into_iter().enumerate() {
+            if left.peek() == Some(&i) {
+                left.next();
+                again.push(part);
+            }
+        }
+        Ok(again)
     }
 
     /// Sends slot writes until each is applied (a `Retry` is sent again).

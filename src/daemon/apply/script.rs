@@ -272,7 +272,7 @@ pub(super) fn check_status(
     })
 }
 
-fn text(value: &redis::Value) -> String {
+pub(super) fn text(value: &redis::Value) -> String {
     match value {
         redis::Value::BulkString(bytes) => String::from_utf8_lossy(bytes).into_owned(),
         redis::Value::SimpleString(s) => s.clone(),

@@ -88,22 +88,7 @@ impl SlotWrite {
         now_ms: u64,
     ) -> SlotWrite {
         let ck = &owner.checkpoint_key;
-        let mut seen = BTreeSet::new();
-        let mut keys = Vec::new();
-        let mut declare = |key: String| {
-            if seen.insert(key.clone()) {
-                keys.push(key);
-            }
-        };
-        for op in ops {
-            if let Some(key) = op.key() {
-                declare(key.to_string());
-                declare(lease_key(key));
-            }
-            if let Op::Merge(merge) = op {
-                declare(merge.base.clone());
-            }
-        }
+        let keys = declared_keys(ops);
         let mut watch = redis::cmd("WATCH");
         watch.arg(ck);
         let mut check = redis::cmd("EVAL");
@@ -118,29 +103,8 @@ impl SlotWrite {
         let mut pipe = redis::pipe();
         let mut merges = Vec::new();
         add_ops(&mut pipe, ck, ops, &mut merges);
-        let mut set = redis::cmd("HSET");
-        set.arg(ck).arg(FIELD_UPDATED_MS).arg(now_ms);
-        if let Some(lsn) = position {
-            set.arg(FIELD_LSN)
-                .arg(lsn.to_string())
-                .arg(FIELD_APPLIED)
-                .arg(checkpoint::hex(lsn));
-        }
-        let mut removed = Vec::new();
-        for (field, value) in fields {
-            if value.is_empty() {
-                removed.push(*field);
-            } else {
-                set.arg(*field).arg(*value);
-            }
-        }
         let mut queued: Vec<redis::Cmd> = pipe.cmd_iter().cloned().collect();
-        queued.push(set);
-        if !removed.is_empty() {
-            let mut del = redis::cmd("HDEL");
-            del.arg(ck).arg(removed);
-            queued.push(del);
-        }
+        queued.extend(checkpoint_commands(ck, position, fields, now_ms));
         SlotWrite {
             tx: SlotTransaction {
                 pre: vec![watch, check],
@@ -182,6 +146,61 @@ impl SlotWrite {
         }
         Ok(SlotOutcome::Applied { repairs })
     }
+}
+
+/// Every key a slot's part touches and must find on its node: each row key, its lease, and
+/// each merge base.
+pub(super) fn declared_keys(ops: &[Op]) -> Vec<String> {
+    let mut seen = BTreeSet::new();
+    let mut keys = Vec::new();
+    let mut declare = |key: String| {
+        if seen.insert(key.clone()) {
+            keys.push(key);
+        }
+    };
+    for op in ops {
+        if let Some(key) = op.key() {
+            declare(key.to_string());
+            declare(lease_key(key));
+        }
+        if let Op::Merge(merge) = op {
+            declare(merge.base.clone());
+        }
+    }
+    keys
+}
+
+/// The commands that end a slot's write: its checkpoint's `updated_ms`, its position if it
+/// moves, and `fields` (an empty value removes one).
+pub(super) fn checkpoint_commands(
+    ck: &str,
+    position: Option<Lsn>,
+    fields: &[(&str, &str)],
+    now_ms: u64,
+) -> Vec<redis::Cmd> {
+    let mut set = redis::cmd("HSET");
+    set.arg(ck).arg(FIELD_UPDATED_MS).arg(now_ms);
+    if let Some(lsn) = position {
+        set.arg(FIELD_LSN)
+            .arg(lsn.to_string())
+            .arg(FIELD_APPLIED)
+            .arg(checkpoint::hex(lsn));
+    }
+    let mut removed = Vec::new();
+    for (field, value) in fields {
+        if value.is_empty() {
+            removed.push(*field);
+        } else {
+            set.arg(*field).arg(*value);
+        }
+    }
+    let mut out = vec![set];
+    if !removed.is_empty() {
+        let mut del = redis::cmd("HDEL");
+        del.arg(ck).arg(removed);
+        out.push(del);
+    }
+    out
 }
 
 /// Why the takeover of the slot checkpoints failed.

@@ -1,0 +1,160 @@
+//! The cluster apply's fast path: the writes of many hash slots on one master in one script
+//! ([`NodeWrite`], `node_write.lua`), each slot's part with its own checkpoint, instead of a
+//! guarded transaction per slot ([`SlotWrite`](super::slot_write::SlotWrite): `WATCH`, the
+//! check, `MULTI`, the operations, the checkpoint, `EXEC`).
+//!
+//! What holds is what the transaction gives, per slot:
+//! - **Atomic per slot.** A script runs whole on its node; its writes reach replicas and the
+//!   AOF as one `MULTI … EXEC`.
+//! - **Guarded per slot.** Every slot's checkpoint is checked (epoch, owner, position)
+//!   before anything is written; a refusal writes nothing.
+//! - **Only where the keys are.** A slot whose keys are not all on the node (the map is
+//!   stale, the slot is being migrated and a key has gone) is left out by the script's first
+//!   pass, before any write, and the daemon sends it again as a transaction of its own, which
+//!   follows `MOVED` and `ASK`. A migration cannot move keys while a script runs.
+//!
+//! Parts with a merge or a hash replaced only if cached (themselves scripts) keep the
+//! transaction.
+
+use super::script::{add_ops, refusal, text, unexpected, Owner, Refused};
+use super::slot_write::{checkpoint_commands, declared_keys, SlotWriteError};
+use super::Op;
+use crate::checkpoint;
+use crate::Lsn;
+
+/// The script without its comments (a batch carries it once per master).
+static NODE_WRITE_BODY: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    include_str!("node_write.lua")
+        .lines()
+        .filter(|line| !line.trim_start().starts_with("--"))
+        .collect::<Vec<_>>()
+        .join("\n")
+});
+
+/// At most this many commands in one script, so that one master is not held for long.
+pub const MAX_COMMANDS: usize = 4_096;
+
+/// Whether `ops` can go in a [`NodeWrite`]: none of them is a script itself.
+pub fn plain(ops: &[Op]) -> bool {
+    ops.iter().all(|op| {
+        !matches!(
+            op,
+            Op::Merge(_)
+                | Op::Hash {
+                    only_if_cached: true,
+                    ..
+                }
+                | Op::DropKeySpace { .. }
+                | Op::DropMatching { .. }
+        )
+    })
+}
+
+/// One slot's part in a [`NodeWrite`].
+#[derive(Debug)]
+pub struct NodePart<'a> {
+    pub owner: Owner,
+    pub ops: &'a [Op],
+    /// Where the slot's checkpoint moves, if it does.
+    pub position: Option<Lsn>,
+    pub fields: &'a [(&'a str, &'a str)],
+}
+
+/// Several slots' writes for one master, built.
+#[derive(Debug)]
+pub struct NodeWrite {
+    pub cmd: redis::Cmd,
+    expected: Vec<Option<Lsn>>,
+    /// How many commands the script runs.
+    pub commands: usize,
+}
+
+/// What became of a [`NodeWrite`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum NodeOutcome {
+    /// Written, but for these parts (indexes into the parts), whose keys were not all on
+    /// the node: nothing of theirs was written.
+    Applied { left_out: Vec<usize> },
+}
+
+impl NodeWrite {
+    /// The script for `parts` (all [`plain`], all on one master), under session `token`.
+    pub fn new(token: &str, parts: &[NodePart<'_>], now_ms: u64) -> NodeWrite {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(NODE_WRITE_BODY.as_str()).arg(0).arg(token);
+        let mut commands = 0;
+        let mut expected = Vec::with_capacity(parts.len());
+        for part in parts {
+            let ck = &part.owner.checkpoint_key;
+            let keys = declared_keys(part.ops);
+            cmd.arg(ck)
+                .arg(&part.owner.epoch)
+                .arg(checkpoint::position_text(part.owner.position))
+                .arg(keys.len())
+                .arg(&keys);
+            let mut pipe = redis::pipe();
+            add_ops(&mut pipe, ck, part.ops, &mut Vec::new());
+            let tail = checkpoint_commands(ck, part.position, part.fields, now_ms);
+            let all: Vec<&redis::Cmd> = pipe.cmd_iter().chain(tail.iter()).collect();
+            cmd.arg(all.len());
+            for one in all {
+                cmd.arg(one.args_iter().len());
+                for arg in one.args_iter() {
+                    if let redis::Arg::Simple(bytes) = arg {
+                        cmd.arg(bytes);
+                    }
+                }
+                commands += 1;
+            }
+            expected.push(part.owner.position);
+        }
+        NodeWrite {
+            cmd,
+            expected,
+            commands,
+        }
+    }
+
+    /// Reads the script's reply.
+    ///
+    /// # Errors
+    /// [`SlotWriteError::Refused`] with the index of the part whose check failed (nothing
+    /// was written); a Redis error for a reply that makes no sense.
+    pub fn outcome(&self, reply: &redis::Value) -> Result<NodeOutcome, (usize, SlotWriteError)> {
+        let bad = |what: &str| (0, SlotWriteError::Redis(unexpected(what)));
+        let redis::Value::Array(items) = reply else {
+            return Err(bad(&format!("the node write replied {reply:?}")));
+        };
+        let index = |value: &redis::Value| match value {
+            redis::Value::Int(i) if *i >= 1 && (*i as usize) <= self.expected.len() => {
+                Some(*i as usize - 1)
+            }
+            _ => None,
+        };
+        let status = items.first().map(text).unwrap_or_default();
+        match status.as_str() {
+            "ok" => {
+                let left_out = items[1..]
+                    .iter()
+                    .map(|v| index(v).ok_or_else(|| bad("a left-out index is out of range")))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(NodeOutcome::Applied { left_out })
+            }
+            "epoch" | "owner" | "moved" => {
+                let found = items.get(1).map(text).unwrap_or_default();
+                let at = items
+                    .get(2)
+                    .and_then(index)
+                    .ok_or_else(|| bad("a refusal without its part"))?;
+                let kind = match status.as_str() {
+                    "epoch" => "epoch",
+                    "owner" => "owner",
+                    _ => "moved",
+                };
+                let refused: Refused = refusal((kind, found), self.expected[at]);
+                Err((at, SlotWriteError::Refused(refused)))
+            }
+            other => Err(bad(&format!("the node write replied {other:?}"))),
+        }
+    }
+}
