@@ -663,3 +663,227 @@ async fn the_takeover_claims_every_slot_checkpoint_and_fences_the_old_owner() {
     let master = cluster.master_of_slot(slot).unwrap();
     assert_eq!(master.cli(&["HGET", &ck, "lsn"]).unwrap(), "0/10");
 }
+
+/// The fast path writes many slots' parts on one master in one script: each part lands with
+/// its slot checkpoint; a part whose keys are not all on the master (its slot is elsewhere,
+/// or is being migrated away and a key is gone) is left out with nothing written; a refused
+/// check (another owner, a stale position, another epoch) writes nothing at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_write_lands_each_slot_whole_and_leaves_out_what_is_not_there() {
+    use pgcache::checkpoint::slot_checkpoint_key;
+    use pgcache::daemon::apply::node_write::{NodeOutcome, NodePart, NodeWrite};
+    use pgcache::daemon::apply::script::{Owner, Refused};
+    use pgcache::daemon::apply::slot_write::SlotWriteError;
+    use pgcache::daemon::apply::Op;
+    use pgcache::daemon::slot_router::SlotRouter;
+    use pgcache::Lsn;
+
+    let cluster =
+        tokio::task::spawn_blocking(|| TestRedisCluster::start_with(3, 0, RedisOptions::default()))
+            .await
+            .unwrap()
+            .expect("start a 3-master cluster");
+    let port_of = |key: &str| {
+        cluster
+            .master_of_slot(key_slot(key.as_bytes()))
+            .unwrap()
+            .port()
+    };
+    let cli = |key: &str, args: &[&str]| -> String {
+        cluster
+            .master_of_slot(key_slot(key.as_bytes()))
+            .unwrap()
+            .cli(args)
+            .unwrap()
+    };
+    let master = port_of("item:0");
+    // Keys of many slots on that master, a key of another master's slot, and two keys of
+    // one slot of that master that is being migrated away: one still here, one not.
+    let here: Vec<String> = (0..400)
+        .map(|i| format!("item:{i}"))
+        .filter(|k| port_of(k) == master)
+        .take(60)
+        .collect();
+    let elsewhere = (0..400)
+        .map(|i| format!("item:{i}"))
+        .find(|k| port_of(k) != master)
+        .unwrap();
+    let migrating = "tenant:{9}:a";
+    let staying = "tenant:{9}:b";
+    let node = cluster.master_of_slot(key_slot(b"9")).unwrap();
+    let target = cluster
+        .masters()
+        .unwrap()
+        .into_iter()
+        .find(|m| m.port() != node.port())
+        .unwrap();
+    let slot9 = key_slot(b"9").to_string();
+    let node_id = node.cli(&["CLUSTER", "MYID"]).unwrap();
+    let target_id = target.cli(&["CLUSTER", "MYID"]).unwrap();
+    cli(staying, &["SET", staying, "old"]);
+
+    let set = |key: &str, value: &str| Op::Set {
+        key: key.to_string(),
+        value: value.as_bytes().to_vec(),
+        ttl_ms: None,
+    };
+    let owner = |key: &str, token: &str, at: Option<Lsn>| Owner {
+        checkpoint_key: slot_checkpoint_key("", "pgcache", key_slot(key.as_bytes())),
+        token: token.to_string(),
+        epoch: "e".to_string(),
+        position: at,
+    };
+    let mut all: Vec<String> = here.clone();
+    all.extend([
+        elsewhere.clone(),
+        staying.to_string(),
+        migrating.to_string(),
+    ]);
+    for key in &all {
+        let ck = slot_checkpoint_key("", "pgcache", key_slot(key.as_bytes()));
+        cli(key, &["HSET", &ck, "epoch", "e", "owner", "o"]);
+        let lease = lease_key(key);
+        cli(key, &["SET", &lease, "token"]);
+    }
+    target
+        .cli(&["CLUSTER", "SETSLOT", &slot9, "IMPORTING", &node_id])
+        .unwrap();
+    node.cli(&["CLUSTER", "SETSLOT", &slot9, "MIGRATING", &target_id])
+        .unwrap();
+    let target_keys = target.cli(&["DBSIZE"]).unwrap();
+    let mut router = SlotRouter::connect(&cluster.urls(), None).await.unwrap();
+    let mut conn = router
+        .node(&format!("127.0.0.1:{}", node.port()))
+        .await
+        .unwrap();
+    assert_eq!(
+        node.port(),
+        master,
+        "tenant:{{9}} and item:0 share a master"
+    );
+
+    // 1. Refusals write nothing, in any part.
+    let ops: Vec<Vec<Op>> = here.iter().map(|k| vec![set(k, "refused")]).collect();
+    // Another daemon took this slot over.
+    let taken = slot_checkpoint_key("", "pgcache", key_slot(here[30].as_bytes()));
+    cli(&here[30], &["HSET", &taken, "owner", "other"]);
+    for (bad, expected) in [
+        (owner(&here[30], "o", None), "fenced"),
+        (owner(&here[30], "o", Some(Lsn(0x50))), "moved"),
+        (
+            Owner {
+                epoch: "other".into(),
+                ..owner(&here[30], "o", None)
+            },
+            "epoch",
+        ),
+    ] {
+        let parts: Vec<NodePart<'_>> = here
+            .iter()
+            .zip(&ops)
+            .enumerate()
+            .map(|(i, (k, ops))| NodePart {
+                owner: if i == 30 {
+                    bad.clone()
+                } else {
+                    owner(k, "o", None)
+                },
+                ops,
+                position: Some(Lsn(0x100)),
+                fields: &[],
+            })
+            .collect();
+        let write = NodeWrite::new("o", &parts, 1);
+        let reply: redis::Value = write.cmd.query_async(&mut conn).await.unwrap();
+        match (write.outcome(&reply), expected) {
+            (Err((30, SlotWriteError::Refused(Refused::Fenced(found)))), "fenced") => {
+                assert_eq!(found, "other");
+                cli(&here[30], &["HSET", &taken, "owner", "o"]);
+            }
+            (Err((30, SlotWriteError::Refused(Refused::Moved { .. }))), "moved") => {}
+            (Err((30, SlotWriteError::Refused(Refused::EpochGone))), "epoch") => {}
+            (other, _) => panic!("{expected}: {other:?}"),
+        }
+        for key in &here {
+            assert_eq!(cli(key, &["EXISTS", key]), "0", "{expected}: {key} written");
+            let ck = slot_checkpoint_key("", "pgcache", key_slot(key.as_bytes()));
+            assert_eq!(cli(key, &["HEXISTS", &ck, "lsn"]), "0");
+        }
+    }
+
+    // 2. Every part on the master lands with its checkpoint; the others are left out.
+    let mut keys: Vec<&str> = here.iter().map(String::as_str).collect();
+    keys.extend([elsewhere.as_str(), staying, migrating]);
+    let ops: Vec<Vec<Op>> = keys
+        .iter()
+        .map(|k| {
+            vec![
+                set(k, "new"),
+                Op::Set {
+                    key: k.to_string(),
+                    value: b"newer".to_vec(),
+                    ttl_ms: Some(60_000),
+                },
+            ]
+        })
+        .collect();
+    let parts: Vec<NodePart<'_>> = keys
+        .iter()
+        .zip(&ops)
+        .map(|(k, ops)| NodePart {
+            owner: owner(k, "o", None),
+            ops,
+            position: Some(Lsn(0x100)),
+            fields: &[("partial", "0/100 2")],
+        })
+        .collect();
+    let write = NodeWrite::new("o", &parts, 1);
+    let reply: redis::Value = write.cmd.query_async(&mut conn).await.unwrap();
+    let n = here.len();
+    assert_eq!(
+        write.outcome(&reply).unwrap(),
+        NodeOutcome::Applied {
+            left_out: vec![n, n + 2]
+        },
+        "the other master's key and the key gone from the migrating slot are left out"
+    );
+    for key in here.iter().map(String::as_str).chain([staying]) {
+        assert_eq!(cli(key, &["GET", key]), "newer", "{key}");
+        let ttl: i64 = cli(key, &["PTTL", key]).parse().unwrap();
+        assert!(ttl > 0, "{key}: {ttl}");
+        if key != staying {
+            // (In the migrating slot, asking for a key that is not there is redirected.)
+            let lease = lease_key(key);
+            assert_eq!(
+                cli(key, &["EXISTS", &lease]),
+                "0",
+                "{lease} was not revoked"
+            );
+        }
+        let ck = slot_checkpoint_key("", "pgcache", key_slot(key.as_bytes()));
+        assert_eq!(cli(key, &["HGET", &ck, "lsn"]), "0/100", "{ck}");
+        assert_eq!(cli(key, &["HGET", &ck, "partial"]), "0/100 2", "{ck}");
+    }
+    // Nothing of the parts left out: no value, the lease still there, the checkpoint as it
+    // was (the migrating slot's is the one `staying` shares, which moved with its part).
+    assert_eq!(cli(&elsewhere, &["EXISTS", &elsewhere]), "0");
+    let lease = lease_key(&elsewhere);
+    assert_eq!(cli(&elsewhere, &["EXISTS", &lease]), "1");
+    let ck = slot_checkpoint_key("", "pgcache", key_slot(elsewhere.as_bytes()));
+    assert_eq!(cli(&elsewhere, &["HEXISTS", &ck, "lsn"]), "0");
+    assert!(node
+        .cli(&["EXISTS", migrating])
+        .unwrap_err()
+        .to_string()
+        .contains("ASK"));
+    assert_eq!(
+        target.cli(&["DBSIZE"]).unwrap(),
+        target_keys,
+        "nothing on the target"
+    );
+    target
+        .cli(&["CLUSTER", "SETSLOT", &slot9, "NODE", &node_id])
+        .unwrap();
+    node.cli(&["CLUSTER", "SETSLOT", &slot9, "NODE", &node_id])
+        .unwrap();
+}

@@ -798,6 +798,8 @@ async fn without_wait_replicas_a_lost_write_is_found_and_rebuilt() {
 /// in flight, its walsender times out, and a second takes the slot and every slot
 /// checkpoint over. When the first wakes up, what it sends is refused slot by slot (its
 /// owner is gone from every checkpoint): no value goes back, and the cache converges.
+/// (Frozen between batches it has nothing to send; the round is then done again with the
+/// daemon now streaming, until one is fenced.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_daemon_that_wakes_up_is_fenced_in_every_slot() {
     let env = Env::start(SCHEMA, TABLES);
@@ -806,7 +808,7 @@ async fn a_frozen_daemon_that_wakes_up_is_fenced_in_every_slot() {
     let path = env.dir.path().join("cluster.toml");
     std::fs::write(&path, cluster_config(&env, &cluster, "")).unwrap();
     let mut view = View::new(&cluster).await;
-    let mut first = Daemon::spawn(&path, &env.dir.path().join("first.log"));
+    let mut current = Daemon::spawn(&path, &env.dir.path().join("daemon0.log"));
     converged(&mut view, &env, Duration::from_secs(60)).await;
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -814,58 +816,68 @@ async fn a_frozen_daemon_that_wakes_up_is_fenced_in_every_slot() {
     let wrong = Arc::new(Mutex::new(Vec::new()));
     let workload = start_workload(&env, stop.clone(), done.clone());
     let watcher = start_watcher(&cluster, stop.clone(), wrong.clone());
-    let at = done.load(Ordering::SeqCst);
-    eventually(Duration::from_secs(30), "the workload to go on", || {
-        let done = done.clone();
-        async move { (done.load(Ordering::SeqCst) >= at + 30).then_some(()) }
-    })
-    .await;
-    first.pause();
-    let mut second = Daemon::spawn(&path, &env.dir.path().join("second.log"));
-    // The second one streams once the first one's walsender has timed out.
     let root = checkpoint_key("", "pgcache");
-    let owner_before = view.hget(&root, "owner").await;
-    eventually(
-        Duration::from_secs(60),
-        "the second daemon to take over",
-        || {
-            let (root, before) = (root.clone(), owner_before.clone());
-            let urls = cluster.urls();
-            async move {
-                let mut view = View {
-                    router: SlotRouter::connect(&urls, None).await.ok()?,
-                };
-                let now = view.hget(&root, "owner").await;
-                (now.is_some() && now != before).then_some(())
-            }
-        },
-    )
-    .await;
-    let at = done.load(Ordering::SeqCst);
-    eventually(Duration::from_secs(30), "the workload to go on", || {
-        let done = done.clone();
-        async move { (done.load(Ordering::SeqCst) >= at + 30).then_some(()) }
-    })
-    .await;
-    first.resume();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // A daemon frozen between batches has nothing to write when it wakes (its replication
+    // connection is gone): freeze the one streaming until one wakes with a write to make.
+    let mut fenced = None;
+    for round in 1..=8 {
+        let at = done.load(Ordering::SeqCst);
+        eventually(Duration::from_secs(30), "the workload to go on", || {
+            let done = done.clone();
+            async move { (done.load(Ordering::SeqCst) >= at + 30).then_some(()) }
+        })
+        .await;
+        current.pause();
+        let next = Daemon::spawn(&path, &env.dir.path().join(format!("daemon{round}.log")));
+        // The next one streams once the frozen one's walsender has timed out.
+        let owner_before = view.hget(&root, "owner").await;
+        eventually(
+            Duration::from_secs(60),
+            "the next daemon to take over",
+            || {
+                let (root, before) = (root.clone(), owner_before.clone());
+                let urls = cluster.urls();
+                async move {
+                    let mut view = View {
+                        router: SlotRouter::connect(&urls, None).await.ok()?,
+                    };
+                    let now = view.hget(&root, "owner").await;
+                    (now.is_some() && now != before).then_some(())
+                }
+            },
+        )
+        .await;
+        let at = done.load(Ordering::SeqCst);
+        eventually(Duration::from_secs(30), "the workload to go on", || {
+            let done = done.clone();
+            async move { (done.load(Ordering::SeqCst) >= at + 30).then_some(()) }
+        })
+        .await;
+        current.resume();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let log = current.log();
+        current.terminate();
+        current = next;
+        if log.contains("another daemon took the slot over") {
+            fenced = Some(round);
+            break;
+        }
+    }
     stop.store(true, Ordering::SeqCst);
     workload.join().unwrap();
     converged(&mut view, &env, Duration::from_secs(60)).await;
     watcher.join().unwrap();
     let wrong = wrong.lock().unwrap().clone();
     assert!(wrong.is_empty(), "values went back: {wrong:#?}");
-    let log = first.log();
     assert!(
-        log.contains("another daemon took the slot over"),
-        "the first daemon was not fenced:\n{log}"
+        fenced.is_some(),
+        "no frozen daemon woke with a write to make, and was fenced, in 8 rounds"
     );
-    // The slot checkpoints are the second daemon's.
+    // The slot checkpoints are the last daemon's.
     let owner = view.hget(&root, "owner").await.unwrap();
     let ck = slot_checkpoint_key("", "pgcache", key_slot(b"item:1"));
     assert_eq!(view.hget(&ck, "owner").await, Some(owner));
-    first.terminate();
-    second.terminate();
+    current.terminate();
 }
 
 /// Transactions too large for one write (here over 100 changes, not streamed) are written
