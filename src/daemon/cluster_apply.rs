@@ -33,7 +33,9 @@ use tracing::{debug, warn};
 
 use super::apply::node_write::{self, NodeOutcome, NodePart, NodeWrite};
 use super::apply::script::{Owner, Refused};
-use super::apply::slot_write::{takeover_slots, SlotOutcome, SlotWrite, SlotWriteError};
+use super::apply::slot_write::{
+    per_master, takeover_slots, SlotOutcome, SlotWrite, SlotWriteError,
+};
 use super::apply::slots::{split_skipping, Segment};
 use super::apply::{ChangeTag, Op, Repair};
 use super::slot_router::{RouteError, SlotRouter, SlotTransaction};
@@ -51,6 +53,25 @@ if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
 if ARGV[2] == '' then redis.call('HDEL', KEYS[1], 'stopped')
 else redis.call('HSET', KEYS[1], 'stopped', ARGV[2]) end
 return 1
+";
+
+/// [`SET_STOPPED`] over many slot checkpoints of one master (see [`per_master`]).
+const SET_STOPPED_MANY: &str = r"
+local out = {}
+for i = 3, #ARGV do
+  local ck = ARGV[i]
+  local owner = redis.pcall('HGET', ck, 'owner')
+  if type(owner) == 'table' then
+    out[#out + 1] = 'elsewhere'
+  elseif owner ~= ARGV[1] then
+    out[#out + 1] = 0
+  else
+    if ARGV[2] == '' then redis.call('HDEL', ck, 'stopped')
+    else redis.call('HSET', ck, 'stopped', ARGV[2]) end
+    out[#out + 1] = 1
+  end
+end
+return out
 ";
 
 /// How many times a slot's write is sent again after its `WATCH` saw a change (a
@@ -259,14 +280,19 @@ impl ClusterApply {
             ClusterApply::covered(found, slot, tag)
         });
         let mut out = ClusterApplied::default();
-        // Each slot's last Slots segment, and the last key-space segment.
+        // Each slot's last Slots segment, and the last key-space segment; the slots that get
+        // a change (not only backfilled rows, which leave a slot's position alone).
         let mut last_write: BTreeMap<u16, usize> = BTreeMap::new();
+        let mut changed: BTreeSet<u16> = BTreeSet::new();
         let mut last_everywhere = None;
         for (at, segment) in split.segments.iter().enumerate() {
             match segment {
                 Segment::Slots(slots) => {
-                    for &slot in slots.keys() {
+                    for (&slot, ops) in slots {
                         last_write.insert(slot, at);
+                        if ops.iter().any(|op| !matches!(op, Op::Fill { .. })) {
+                            changed.insert(slot);
+                        }
                     }
                 }
                 Segment::Everywhere(..) => last_everywhere = Some(at),
@@ -274,13 +300,17 @@ impl ClusterApply {
         }
         let moves_at = |slot: u16, at: usize, everywhere: bool| -> bool {
             let later_slots = last_write.get(&slot).is_some_and(|&l| l > at);
+            let changes = last_everywhere.is_some() || changed.contains(&slot);
             if everywhere {
                 !later_slots && last_everywhere == Some(at)
             } else {
-                !later_slots && last_everywhere.is_none_or(|e| e < at)
+                changes && !later_slots && last_everywhere.is_none_or(|e| e < at)
             }
         };
+        // With a key-space segment, the slots written, to move any left behind at the end.
+        let mut written: BTreeSet<u16> = BTreeSet::new();
         for (at, segment) in split.segments.into_iter().enumerate() {
+            let key_space = matches!(segment, Segment::Everywhere(..));
             let parts: Vec<(u16, Vec<Op>)> = match segment {
                 Segment::Slots(slots) => slots.into_iter().collect(),
                 Segment::Everywhere(op, tag) => {
@@ -297,6 +327,14 @@ impl ClusterApply {
                 }
             };
             let everywhere = last_everywhere == Some(at);
+            if last_everywhere.is_some() {
+                written.extend(
+                    parts
+                        .iter()
+                        .map(|(slot, _)| *slot)
+                        .filter(|slot| key_space || changed.contains(slot)),
+                );
+            }
             let (fast, slow): (Vec<_>, Vec<_>) = parts
                 .into_iter()
                 .map(|(slot, ops)| {
@@ -322,6 +360,35 @@ impl ClusterApply {
                 })
                 .collect();
             self.send(writes, &mut out).await?;
+        }
+        // A slot written before a key-space segment that did not reach it has not moved
+        // yet: its position alone, now that the batch's last write is done.
+        if let Some(lsn) = position {
+            let moved: BTreeSet<u16> = out.moved.iter().map(|(slot, _)| *slot).collect();
+            let lagging: Vec<(u16, Vec<Op>, Option<Lsn>)> = written
+                .into_iter()
+                .filter(|slot| !moved.contains(slot))
+                .map(|slot| (slot, Vec::new(), Some(lsn)))
+                .collect();
+            if !lagging.is_empty() {
+                let left_out = self
+                    .send_nodes(lagging, &slot_fields, now_ms, &mut out)
+                    .await?;
+                let writes = left_out
+                    .into_iter()
+                    .map(|(slot, ops, moves)| {
+                        let write = SlotWrite::with_fields(
+                            &self.owner_of(slot),
+                            &ops,
+                            moves,
+                            &slot_fields,
+                            now_ms,
+                        );
+                        (slot, write, moves)
+                    })
+                    .collect();
+                self.send(writes, &mut out).await?;
+            }
         }
         self.remove_repairs(fields, now_ms, &mut out).await?;
         Ok(out)
@@ -604,22 +671,44 @@ impl ClusterApply {
 
     /// Writes `stopped` into every slot checkpoint this session owns.
     async fn write_stopped(&mut self, stopped: &str) -> Result<(), RunError> {
-        let cmds: Vec<(u16, redis::Cmd)> = (0..CLUSTER_SLOTS)
+        let keys: Vec<(u16, String)> = (0..CLUSTER_SLOTS)
             .map(|slot| {
+                let ck = checkpoint::slot_checkpoint_key(&self.key_prefix, &self.pg_slot, slot);
+                (slot, ck)
+            })
+            .collect();
+        let mut replies = per_master(
+            &mut self.router,
+            SET_STOPPED_MANY,
+            &[&self.token, stopped],
+            &keys,
+        )
+        .await
+        .map_err(route_error)?;
+        // What the masters' scripts left out, one slot at a time.
+        let left: Vec<(u16, redis::Cmd)> = keys
+            .iter()
+            .filter(|(slot, _)| replies[usize::from(*slot)].is_none())
+            .map(|(slot, ck)| {
                 let mut cmd = redis::cmd("EVAL");
                 cmd.arg(SET_STOPPED)
                     .arg(1)
-                    .arg(checkpoint::slot_checkpoint_key(
-                        &self.key_prefix,
-                        &self.pg_slot,
-                        slot,
-                    ))
+                    .arg(ck)
                     .arg(&self.token)
                     .arg(stopped);
-                (slot, cmd)
+                (*slot, cmd)
             })
             .collect();
-        let replies = self.router.send_each(&cmds).await.map_err(route_error)?;
+        if !left.is_empty() {
+            let sent = self.router.send_each(&left).await.map_err(route_error)?;
+            for ((slot, _), reply) in left.iter().zip(sent) {
+                replies[usize::from(*slot)] = Some(reply);
+            }
+        }
+        let replies: Vec<redis::Value> = replies
+            .into_iter()
+            .map(|reply| reply.unwrap_or(redis::Value::Nil))
+            .collect();
         for (slot, reply) in replies.iter().enumerate() {
             match reply {
                 redis::Value::Int(1) => {}

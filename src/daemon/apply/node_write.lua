@@ -33,11 +33,13 @@ end
 local reply = {'ok'}
 local left_out = {}
 for x, s in ipairs(slots) do
-  local here = redis.pcall('EXISTS', s.ck)
   local k = s.keys
   local last = s.keys + s.nkeys - 1
+  local upto = math.min(k + 499, last)
+  local here = redis.pcall('EXISTS', s.ck, unpack(ARGV, k, upto))
+  k = upto + 1
   while type(here) ~= 'table' and k <= last do
-    local upto = math.min(k + 499, last)
+    upto = math.min(k + 499, last)
     here = redis.pcall('EXISTS', unpack(ARGV, k, upto))
     k = upto + 1
   end

@@ -94,7 +94,15 @@ impl NodeWrite {
                 .arg(&keys);
             let mut pipe = redis::pipe();
             add_ops(&mut pipe, ck, part.ops, &mut Vec::new());
-            let tail = checkpoint_commands(ck, part.position, part.fields, now_ms);
+            // Backfilled rows only, in a slot that gets no change in the batch: its
+            // checkpoint stays as it is (the check still fences the part).
+            let fills_only =
+                part.position.is_none() && part.ops.iter().all(|op| matches!(op, Op::Fill { .. }));
+            let tail = if fills_only {
+                Vec::new()
+            } else {
+                checkpoint_commands(ck, part.position, part.fields, now_ms)
+            };
             let all: Vec<&redis::Cmd> = pipe.cmd_iter().chain(tail.iter()).collect();
             cmd.arg(all.len());
             for one in all {

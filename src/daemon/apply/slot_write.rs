@@ -148,8 +148,8 @@ impl SlotWrite {
     }
 }
 
-/// Every key a slot's part touches and must find on its node: each row key, its lease, and
-/// each merge base.
+/// Every key a slot's part touches and must find on its node: each row key, its lease
+/// (but for a backfilled row's, which is left alone), and each merge base.
 pub(super) fn declared_keys(ops: &[Op]) -> Vec<String> {
     let mut seen = BTreeSet::new();
     let mut keys = Vec::new();
@@ -161,7 +161,9 @@ pub(super) fn declared_keys(ops: &[Op]) -> Vec<String> {
     for op in ops {
         if let Some(key) = op.key() {
             declare(key.to_string());
-            declare(lease_key(key));
+            if !matches!(op, Op::Fill { .. }) {
+                declare(lease_key(key));
+            }
         }
         if let Op::Merge(merge) = op {
             declare(merge.base.clone());
@@ -203,6 +205,96 @@ pub(super) fn checkpoint_commands(
     out
 }
 
+/// The takeover script over many slot checkpoints of one master (see [`per_master`]).
+const TAKEOVER_MANY: &str = r"
+local out = {}
+for i = 3, #ARGV do
+  local ck = ARGV[i]
+  local had = redis.pcall('HEXISTS', ck, 'epoch')
+  if type(had) == 'table' then
+    out[#out + 1] = 'elsewhere'
+  else
+    local fresh = 0
+    if had == 0 then
+      redis.call('HSET', ck, 'epoch', ARGV[2])
+      fresh = 1
+    end
+    redis.call('HSET', ck, 'owner', ARGV[1])
+    out[#out + 1] = {fresh, redis.call('HGETALL', ck)}
+  end
+end
+return out
+";
+
+/// What a script of [`per_master`] answers for a key that is not on its node.
+const ELSEWHERE: &[u8] = b"elsewhere";
+
+/// Runs `body` once per master (and per 4096 keys) over the slot checkpoints `keys` (one
+/// per slot) it serves, the masters at once, with `fixed` as its first arguments and the
+/// keys after them. The script answers one value per key, or `'elsewhere'` for a key its
+/// node refused (the map is stale, or the slot is migrating and the key has gone), which
+/// it must not have touched: that key's answer here is `None`, for the caller to send on
+/// its own through the router, which follows redirections.
+///
+/// A script without a shebang may touch keys of several slots as long as they are all on
+/// its node; a master's part is then one command instead of one per slot.
+///
+/// # Errors
+/// A connection error, or a reply that is not one value per key.
+pub async fn per_master(
+    router: &mut SlotRouter,
+    body: &str,
+    fixed: &[&str],
+    keys: &[(u16, String)],
+) -> Result<Vec<Option<redis::Value>>, RouteError> {
+    const CHUNK: usize = 4_096;
+    let mut by_node: std::collections::BTreeMap<String, Vec<usize>> = Default::default();
+    for (i, (slot, _)) in keys.iter().enumerate() {
+        if let Some(addr) = router.owner(*slot) {
+            by_node.entry(addr.to_string()).or_default().push(i);
+        }
+    }
+    let mut sends = Vec::new();
+    for (addr, indexes) in by_node {
+        let conn = router.node(&addr).await?;
+        for chunk in indexes.chunks(CHUNK) {
+            let mut cmd = redis::cmd("EVAL");
+            cmd.arg(body).arg(0).arg(fixed);
+            for &i in chunk {
+                cmd.arg(&keys[i].1);
+            }
+            sends.push((chunk.to_vec(), cmd, conn.clone()));
+        }
+    }
+    let replies = futures_util::future::join_all(sends.iter().map(|(_, cmd, conn)| {
+        let mut conn = conn.clone();
+        async move { cmd.query_async::<redis::Value>(&mut conn).await }
+    }))
+    .await;
+    let mut out = vec![None; keys.len()];
+    for ((chunk, _, _), reply) in sends.iter().zip(replies) {
+        let values = match reply {
+            Ok(redis::Value::Array(values)) if values.len() == chunk.len() => values,
+            Ok(other) => {
+                return Err(RouteError::Redis(unexpected(&format!(
+                    "a script over {} slot checkpoints replied {other:?}",
+                    chunk.len()
+                ))))
+            }
+            // The node is not serving (a failover, the cluster down): each key on its own.
+            Err(e) if e.kind() != redis::ErrorKind::Io && e.code().is_some() => continue,
+            Err(e) => return Err(e.into()),
+        };
+        for (&i, value) in chunk.iter().zip(values) {
+            let elsewhere = matches!(&value, redis::Value::BulkString(b) if b == ELSEWHERE);
+            if !elsewhere {
+                out[i] = Some(value);
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Why the takeover of the slot checkpoints failed.
 #[derive(Debug, thiserror::Error)]
 pub enum TakeoverError {
@@ -229,7 +321,13 @@ pub async fn takeover_slots(
     let keys: Vec<String> = (0..CLUSTER_SLOTS)
         .map(|slot| checkpoint::slot_checkpoint_key(key_prefix, pg_slot, slot))
         .collect();
-    let cmds: Vec<(u16, redis::Cmd)> = (0..CLUSTER_SLOTS)
+    let by_slot: Vec<(u16, String)> = (0..CLUSTER_SLOTS)
+        .map(|slot| (slot, keys[usize::from(slot)].clone()))
+        .collect();
+    let mut replies = per_master(router, TAKEOVER_MANY, &[owner, new_epoch], &by_slot).await?;
+    // What the masters' scripts left out, one slot at a time.
+    let left: Vec<(u16, redis::Cmd)> = (0..CLUSTER_SLOTS)
+        .filter(|&slot| replies[usize::from(slot)].is_none())
         .map(|slot| {
             let mut cmd = redis::cmd("EVAL");
             cmd.arg(TAKEOVER_BODY.as_str())
@@ -240,7 +338,14 @@ pub async fn takeover_slots(
             (slot, cmd)
         })
         .collect();
-    let replies = router.send_each(&cmds).await?;
+    if !left.is_empty() {
+        for ((slot, _), reply) in left.iter().zip(router.send_each(&left).await?) {
+            replies[usize::from(*slot)] = Some(reply);
+        }
+    }
+    let replies = replies
+        .into_iter()
+        .map(|reply| reply.unwrap_or(redis::Value::Nil));
     let mut out = Vec::with_capacity(replies.len());
     for (key, reply) in keys.iter().zip(replies) {
         let (fresh, fields): (i64, Vec<(String, String)>) = redis::from_redis_value(reply)
