@@ -1343,3 +1343,69 @@ async fn kill9_before_a_toast_repair_is_read_loses_no_row() {
     }
     daemon.terminate();
 }
+
+/// A `TRUNCATE` while a slot is being migrated between two masters (neither of them the
+/// first the daemon knows): the key-space drop waits for the migration to end, since a key
+/// could be on neither node when each is scanned, and drops every key once it has. A node
+/// shows the migrating and importing marks of its own slots only, so every master is asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncate_waits_for_a_migration_between_any_two_masters() {
+    let env = Env::start(SCHEMA, TABLES);
+    let cluster = start_cluster(3, 0).await;
+    let config = Arc::new(
+        pgcache::config::Config::from_toml_str(&cluster_config(&env, &cluster, "")).unwrap(),
+    );
+    let mut view = View::new(&cluster).await;
+    let daemon = InProcess::start(config);
+    converged(&mut view, &env, Duration::from_secs(60)).await;
+
+    // The daemon's masters in its order (`ip:port`, sorted); a slot of the second moves to
+    // the third.
+    let mut masters: Vec<(String, u16)> = cluster
+        .masters()
+        .unwrap()
+        .iter()
+        .map(|m| (format!("127.0.0.1:{}", m.port()), m.port()))
+        .collect();
+    masters.sort();
+    let node_of = |port: u16| cluster.nodes().iter().find(|n| n.port() == port).unwrap();
+    let (source, target) = (node_of(masters[1].1), node_of(masters[2].1));
+    let slot = cluster
+        .topology()
+        .unwrap()
+        .iter()
+        .find(|n| n.port() == Some(source.port()))
+        .and_then(|n| n.slots.first())
+        .map(|&(first, _)| first.to_string())
+        .unwrap();
+    let source_id = source.cli(&["CLUSTER", "MYID"]).unwrap();
+    let target_id = target.cli(&["CLUSTER", "MYID"]).unwrap();
+    target
+        .cli(&["CLUSTER", "SETSLOT", &slot, "IMPORTING", &source_id])
+        .unwrap();
+    source
+        .cli(&["CLUSTER", "SETSLOT", &slot, "MIGRATING", &target_id])
+        .unwrap();
+
+    env.sql("TRUNCATE scratch");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        view.keys("scratch:*").await.len(),
+        100,
+        "the drop did not wait for the migration"
+    );
+    // The migration is called off (nothing was moved): the slot stays with its source.
+    for node in [source, target] {
+        node.cli(&["CLUSTER", "SETSLOT", &slot, "STABLE"]).unwrap();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !view.keys("scratch:*").await.is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the drop never happened after the migration"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    converged(&mut view, &env, Duration::from_secs(60)).await;
+    daemon.stop().await.unwrap();
+}
