@@ -11,6 +11,7 @@ mod bench;
 mod cdc;
 mod cluster;
 mod cluster_daemon;
+mod cluster_review;
 mod common;
 mod control;
 mod demo;

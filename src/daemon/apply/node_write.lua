@@ -13,7 +13,8 @@
 -- out (sent again on its own by the daemon, which follows the redirection); then each
 -- remaining slot's checkpoint is checked as check.lua does, and a refusal writes nothing.
 -- Second pass: the commands of every slot not left out.
--- Returns {'ok', index of each slot left out...} or {'epoch'|'owner'|'moved', found, index}.
+-- Returns {'ok', index of each slot left out...}, {'epoch'|'owner'|'moved', found, index},
+-- or {'unwritten', Redis's error} when Redis refused the first write (nothing written).
 local token = ARGV[1]
 local slots = {}
 local i = 2
@@ -60,13 +61,25 @@ for x, s in ipairs(slots) do
   end
 end
 
+-- Redis refuses a script's writes as a whole or not at all: out of memory it refuses only
+-- the script's first write (after one, the others go through), and with writes stopped
+-- (no good replicas, a failed save, a replica) it refuses every write. So a refusal of the
+-- first write means nothing was written: the script stops there and says so, and the
+-- daemon sends the batch again later. (Going on would let a later write, a DEL, the
+-- checkpoint's HSET, through without the values.) A command failing after a write went
+-- through (a key of the wrong type) does not stop the others, as in MULTI ... EXEC.
+local wrote = false
 for x, s in ipairs(slots) do
   if not left_out[x] then
     local c = s.cmds
     for _ = 1, s.ncmds do
       local argc = tonumber(ARGV[c])
-      -- As in MULTI ... EXEC, a command that fails does not stop the others.
-      redis.pcall(unpack(ARGV, c + 1, c + argc))
+      local r = redis.pcall(unpack(ARGV, c + 1, c + argc))
+      if type(r) == 'table' and r.err then
+        if not wrote then return {'unwritten', r.err} end
+      else
+        wrote = true
+      end
       c = c + 1 + argc
     end
   end

@@ -13,6 +13,11 @@
 //!   pass, before any write, and the daemon sends it again as a transaction of its own, which
 //!   follows `MOVED` and `ASK`. A migration cannot move keys while a script runs.
 //!
+//! - **All or nothing when Redis refuses writes.** Out of memory Redis refuses only a
+//!   script's first write, and with writes stopped every write: the script stops at a
+//!   refused first write, with nothing written, and the batch is sent again later (the
+//!   session starts over), as a refused `MULTI … EXEC` would be.
+//!
 //! Parts with a merge or a hash replaced only if cached (themselves scripts) keep the
 //! transaction.
 
@@ -161,6 +166,19 @@ impl NodeWrite {
                 };
                 let refused: Refused = refusal((kind, found), self.expected[at]);
                 Err((at, SlotWriteError::Refused(refused)))
+            }
+            "unwritten" => {
+                // Redis refused the script's first write (out of memory, writes stopped):
+                // nothing of it was written.
+                let why = items.get(1).map(text).unwrap_or_default();
+                Err((
+                    0,
+                    SlotWriteError::Redis(redis::RedisError::from((
+                        redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError),
+                        "redis refused the writes",
+                        why,
+                    ))),
+                ))
             }
             other => Err(bad(&format!("the node write replied {other:?}"))),
         }
