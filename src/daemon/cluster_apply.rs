@@ -335,31 +335,15 @@ impl ClusterApply {
                         .filter(|slot| key_space || changed.contains(slot)),
                 );
             }
-            let (fast, slow): (Vec<_>, Vec<_>) = parts
+            let parts = parts
                 .into_iter()
                 .map(|(slot, ops)| {
                     let moves = position.filter(|_| moves_at(slot, at, everywhere));
                     (slot, ops, moves)
                 })
-                .partition(|(_, ops, _)| node_write::plain(ops));
-            let left_out = self
-                .send_nodes(fast, &slot_fields, now_ms, &mut out)
-                .await?;
-            let writes: Vec<(u16, SlotWrite, Option<Lsn>)> = slow
-                .into_iter()
-                .chain(left_out)
-                .map(|(slot, ops, moves)| {
-                    let write = SlotWrite::with_fields(
-                        &self.owner_of(slot),
-                        &ops,
-                        moves,
-                        &slot_fields,
-                        now_ms,
-                    );
-                    (slot, write, moves)
-                })
                 .collect();
-            self.send(writes, &mut out).await?;
+            self.write_parts(parts, &slot_fields, now_ms, &mut out)
+                .await?;
         }
         // A slot written before a key-space segment that did not reach it has not moved
         // yet: its position alone, now that the batch's last write is done.
@@ -371,27 +355,41 @@ impl ClusterApply {
                 .map(|slot| (slot, Vec::new(), Some(lsn)))
                 .collect();
             if !lagging.is_empty() {
-                let left_out = self
-                    .send_nodes(lagging, &slot_fields, now_ms, &mut out)
+                self.write_parts(lagging, &slot_fields, now_ms, &mut out)
                     .await?;
-                let writes = left_out
-                    .into_iter()
-                    .map(|(slot, ops, moves)| {
-                        let write = SlotWrite::with_fields(
-                            &self.owner_of(slot),
-                            &ops,
-                            moves,
-                            &slot_fields,
-                            now_ms,
-                        );
-                        (slot, write, moves)
-                    })
-                    .collect();
-                self.send(writes, &mut out).await?;
             }
         }
         self.remove_repairs(fields, now_ms, &mut out).await?;
         Ok(out)
+    }
+
+    /// Writes slots' parts (each with where its position moves, if it does): the plain ones
+    /// with one script per master, the rest, and what the scripts left out, as a guarded
+    /// transaction per slot.
+    ///
+    /// # Errors
+    /// A slot refused the write, or Redis failed.
+    async fn write_parts(
+        &mut self,
+        parts: Vec<(u16, Vec<Op>, Option<Lsn>)>,
+        fields: &[(&str, &str)],
+        now_ms: u64,
+        out: &mut ClusterApplied,
+    ) -> Result<(), RunError> {
+        let (fast, slow): (Vec<_>, Vec<_>) = parts
+            .into_iter()
+            .partition(|(_, ops, _)| node_write::plain(ops));
+        let left_out = self.send_nodes(fast, fields, now_ms, out).await?;
+        let writes = slow
+            .into_iter()
+            .chain(left_out)
+            .map(|(slot, ops, moves)| {
+                let write =
+                    SlotWrite::with_fields(&self.owner_of(slot), &ops, moves, fields, now_ms);
+                (slot, write, moves)
+            })
+            .collect();
+        self.send(writes, out).await
     }
 
     /// Removes the `repair:<key>` records of keys read again from their slots' checkpoints

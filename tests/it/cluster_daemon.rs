@@ -41,7 +41,7 @@ table = "scratch"
 key = "scratch:{id}"
 "#;
 
-async fn start_cluster(masters: usize, replicas: usize) -> TestRedisCluster {
+pub(crate) async fn start_cluster(masters: usize, replicas: usize) -> TestRedisCluster {
     tokio::task::spawn_blocking(move || {
         TestRedisCluster::start_with(masters, replicas, RedisOptions::default())
     })
@@ -52,8 +52,18 @@ async fn start_cluster(masters: usize, replicas: usize) -> TestRedisCluster {
 
 /// `env`'s config with the cluster (every node a seed) instead of its one Redis.
 fn cluster_config(env: &Env, cluster: &TestRedisCluster, extra: &str) -> String {
+    cluster_config_with(env, cluster, RULES, extra)
+}
+
+/// As [`cluster_config`], with the table rules `rules`.
+pub(crate) fn cluster_config_with(
+    env: &Env,
+    cluster: &TestRedisCluster,
+    rules: &str,
+    extra: &str,
+) -> String {
     let single = format!("[redis]\nurl = \"{}\"\n", env.redis.url());
-    let text = env.config_toml(RULES);
+    let text = env.config_toml(rules);
     assert!(text.contains(&single), "{text}");
     let seeds: Vec<String> = cluster.urls().iter().map(|u| format!("{u:?}")).collect();
     text.replace(
@@ -129,6 +139,23 @@ impl View {
         }
         out.sort();
         out
+    }
+}
+
+/// Waits up to 30 s for the root checkpoint `root`'s `applied` to reach `wal` (hex, as
+/// Postgres prints it with `lpad(to_hex(...))`).
+async fn wait_frontier(view: &mut View, root: &str, wal: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let applied = view.hget(root, "applied").await.unwrap_or_default();
+        if applied >= wal.to_uppercase() {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the frontier stayed at {applied:?}, before {wal}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -364,18 +391,7 @@ async fn changes_land_in_their_slots_with_each_slots_checkpoint() {
         .await
         .unwrap()
         .get(0);
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let applied = view.hget(&root, "applied").await.unwrap_or_default();
-        if applied >= wal.to_uppercase() {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the frontier stayed at {applied:?}, before {wal}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_frontier(&mut view, &root, &wal).await;
     // A slot a change reached: its own checkpoint has this owner and a position, and the
     // root recorded it.
     let slot = key_slot(b"item:1");
@@ -1202,12 +1218,7 @@ fn short(text: &str) -> String {
 async fn kill9_before_a_toast_repair_is_read_loses_no_row() {
     let env = Env::start(TOAST_SCHEMA, "public.docs,public.tdocs");
     let cluster = start_cluster(3, 0).await;
-    let single = format!("[redis]\nurl = \"{}\"\n", env.redis.url());
-    let seeds: Vec<String> = cluster.urls().iter().map(|u| format!("{u:?}")).collect();
-    let config = env.config_toml(TOAST_RULES).replace(
-        &single,
-        &format!("[redis]\nurls = [{}]\ncluster = true\n", seeds.join(", ")),
-    );
+    let config = cluster_config_with(&env, &cluster, TOAST_RULES, "");
     let path = env.dir.path().join("cluster.toml");
     std::fs::write(&path, config).unwrap();
     let log = env.dir.path().join("daemon.log");
@@ -1261,18 +1272,7 @@ async fn kill9_before_a_toast_repair_is_read_loses_no_row() {
         .unwrap()
         .get(0);
     let root = checkpoint_key("", "pgcache");
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let applied = view.hget(&root, "applied").await.unwrap_or_default();
-        if applied >= wal.to_uppercase() {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the frontier stayed at {applied:?}, before {wal}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_frontier(&mut view, &root, &wal).await;
     // The deletes landed, and each repair is recorded in its key's slot checkpoint.
     let have = docs_in_redis(&mut view, &keys).await;
     for key in ["doc:1", "doc:1001", "tdoc:{7}:1", "tdoc:{7}:1001"] {

@@ -9,8 +9,9 @@ use std::time::Duration;
 use pgcache::checkpoint::{checkpoint_key, slot_checkpoint_key};
 use pgcache::cluster::key_slot;
 use pgcache::daemon::slot_router::SlotRouter;
-use pgcache::testkit::{RedisOptions, TestRedisCluster};
+use pgcache::testkit::TestRedisCluster;
 
+use crate::cluster_daemon::{cluster_config_with, start_cluster};
 use crate::common::{Env, InProcess};
 
 const SCHEMA: &str = "
@@ -25,27 +26,8 @@ table = "items"
 key = "item:{id}"
 "#;
 
-async fn start_cluster(masters: usize, replicas: usize) -> TestRedisCluster {
-    tokio::task::spawn_blocking(move || {
-        TestRedisCluster::start_with(masters, replicas, RedisOptions::default())
-    })
-    .await
-    .unwrap()
-    .expect("start the test cluster")
-}
-
 fn cluster_config(env: &Env, cluster: &TestRedisCluster, extra: &str) -> String {
-    let single = format!("[redis]\nurl = \"{}\"\n", env.redis.url());
-    let text = env.config_toml(RULES);
-    assert!(text.contains(&single), "{text}");
-    let seeds: Vec<String> = cluster.urls().iter().map(|u| format!("{u:?}")).collect();
-    text.replace(
-        &single,
-        &format!(
-            "[redis]\nurls = [{}]\ncluster = true\n{extra}",
-            seeds.join(", ")
-        ),
-    )
+    cluster_config_with(env, cluster, RULES, extra)
 }
 
 async fn values(router: &mut SlotRouter, keys: &[String]) -> Vec<Option<i64>> {

@@ -22,19 +22,14 @@
 //! transaction.
 
 use super::script::{add_ops, refusal, text, unexpected, Owner, Refused};
-use super::slot_write::{checkpoint_commands, declared_keys, SlotWriteError};
+use super::slot_write::{checkpoint_commands, declared_keys, without_comments, SlotWriteError};
 use super::Op;
 use crate::checkpoint;
 use crate::Lsn;
 
 /// The script without its comments (a batch carries it once per master).
-static NODE_WRITE_BODY: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    include_str!("node_write.lua")
-        .lines()
-        .filter(|line| !line.trim_start().starts_with("--"))
-        .collect::<Vec<_>>()
-        .join("\n")
-});
+static NODE_WRITE_BODY: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| without_comments(include_str!("node_write.lua")));
 
 /// At most this many commands in one script, so that one master is not held for long.
 pub const MAX_COMMANDS: usize = 4_096;

@@ -37,7 +37,7 @@ static TAKEOVER_BODY: std::sync::LazyLock<String> =
     std::sync::LazyLock::new(|| without_comments(checkpoint::TAKEOVER_LUA));
 
 /// A Lua script without its comment lines (the scripts' comments are whole lines).
-fn without_comments(script: &str) -> String {
+pub(super) fn without_comments(script: &str) -> String {
     script
         .lines()
         .filter(|line| !line.trim_start().starts_with("--"))
