@@ -280,19 +280,16 @@ impl ClusterApply {
             ClusterApply::covered(found, slot, tag)
         });
         let mut out = ClusterApplied::default();
-        // Each slot's last Slots segment, and the last key-space segment; the slots that get
-        // a change (not only backfilled rows, which leave a slot's position alone).
+        // Each slot's last Slots segment, and the last key-space segment. (A slot's position
+        // moves with backfilled rows too: a promoted replica without them is then seen
+        // behind the root's record of the slot.)
         let mut last_write: BTreeMap<u16, usize> = BTreeMap::new();
-        let mut changed: BTreeSet<u16> = BTreeSet::new();
         let mut last_everywhere = None;
         for (at, segment) in split.segments.iter().enumerate() {
             match segment {
                 Segment::Slots(slots) => {
-                    for (&slot, ops) in slots {
+                    for &slot in slots.keys() {
                         last_write.insert(slot, at);
-                        if ops.iter().any(|op| !matches!(op, Op::Fill { .. })) {
-                            changed.insert(slot);
-                        }
                     }
                 }
                 Segment::Everywhere(..) => last_everywhere = Some(at),
@@ -300,17 +297,15 @@ impl ClusterApply {
         }
         let moves_at = |slot: u16, at: usize, everywhere: bool| -> bool {
             let later_slots = last_write.get(&slot).is_some_and(|&l| l > at);
-            let changes = last_everywhere.is_some() || changed.contains(&slot);
             if everywhere {
                 !later_slots && last_everywhere == Some(at)
             } else {
-                changes && !later_slots && last_everywhere.is_none_or(|e| e < at)
+                !later_slots && last_everywhere.is_none_or(|e| e < at)
             }
         };
         // With a key-space segment, the slots written, to move any left behind at the end.
         let mut written: BTreeSet<u16> = BTreeSet::new();
         for (at, segment) in split.segments.into_iter().enumerate() {
-            let key_space = matches!(segment, Segment::Everywhere(..));
             let parts: Vec<(u16, Vec<Op>)> = match segment {
                 Segment::Slots(slots) => slots.into_iter().collect(),
                 Segment::Everywhere(op, tag) => {
@@ -328,12 +323,7 @@ impl ClusterApply {
             };
             let everywhere = last_everywhere == Some(at);
             if last_everywhere.is_some() {
-                written.extend(
-                    parts
-                        .iter()
-                        .map(|(slot, _)| *slot)
-                        .filter(|slot| key_space || changed.contains(slot)),
-                );
+                written.extend(parts.iter().map(|(slot, _)| *slot));
             }
             let parts = parts
                 .into_iter()

@@ -94,8 +94,8 @@ impl NodeWrite {
                 .arg(&keys);
             let mut pipe = redis::pipe();
             add_ops(&mut pipe, ck, part.ops, &mut Vec::new());
-            // Backfilled rows only, in a slot that gets no change in the batch: its
-            // checkpoint stays as it is (the check still fences the part).
+            // Backfilled rows only, in a part that is not the slot's last write of the
+            // batch: the last one moves the checkpoint (the check still fences this one).
             let fills_only =
                 part.position.is_none() && part.ops.iter().all(|op| matches!(op, Op::Fill { .. }));
             let tail = if fills_only {
