@@ -441,15 +441,20 @@ impl ClusterApply {
         for (addr, indexes) in by_node {
             let conn = self.router.node(&addr).await?;
             let mut chunk: Vec<usize> = Vec::new();
-            let mut size = 0;
+            let (mut size, mut bytes) = (0, 0);
             for i in indexes {
                 let cost = 2 * parts[i].1.len() + 2;
-                if !chunk.is_empty() && size + cost > node_write::MAX_COMMANDS {
+                let weight = node_write::value_bytes(&parts[i].1);
+                if !chunk.is_empty()
+                    && (size + cost > node_write::MAX_COMMANDS
+                        || bytes + weight > node_write::MAX_BYTES)
+                {
                     sends.push((addr.clone(), std::mem::take(&mut chunk), conn.clone()));
-                    size = 0;
+                    (size, bytes) = (0, 0);
                 }
                 chunk.push(i);
                 size += cost;
+                bytes += weight;
             }
             if !chunk.is_empty() {
                 sends.push((addr, chunk, conn));

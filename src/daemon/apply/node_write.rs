@@ -34,6 +34,24 @@ static NODE_WRITE_BODY: std::sync::LazyLock<String> =
 /// At most this many commands in one script, so that one master is not held for long.
 pub const MAX_COMMANDS: usize = 4_096;
 
+/// At most about this many bytes of values in one script (but a single slot's part), well
+/// under Redis's `client-query-buffer-limit` (1 GB by default): one command is buffered
+/// whole before it runs, where a pipeline's commands are not.
+pub const MAX_BYTES: usize = 64 << 20;
+
+/// The bytes of values `ops` carry.
+pub fn value_bytes(ops: &[Op]) -> usize {
+    ops.iter()
+        .map(|op| match op {
+            Op::Fill { value, .. } | Op::Set { value, .. } | Op::SetIfCached { value, .. } => {
+                value.len()
+            }
+            Op::Hash { fields, .. } => fields.iter().map(|(f, v)| f.len() + v.len()).sum(),
+            _ => 0,
+        })
+        .sum()
+}
+
 /// Whether `ops` can go in a [`NodeWrite`]: none of them is a script itself.
 pub fn plain(ops: &[Op]) -> bool {
     ops.iter().all(|op| {
