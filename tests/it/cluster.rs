@@ -843,7 +843,8 @@ async fn a_node_write_lands_each_slot_whole_and_leaves_out_what_is_not_there() {
     assert_eq!(
         write.outcome(&reply).unwrap(),
         NodeOutcome::Applied {
-            left_out: vec![n, n + 2]
+            left_out: vec![n, n + 2],
+            witness: None
         },
         "the other master's key and the key gone from the migrating slot are left out"
     );
@@ -886,4 +887,162 @@ async fn a_node_write_lands_each_slot_whole_and_leaves_out_what_is_not_there() {
         .unwrap();
     node.cli(&["CLUSTER", "SETSLOT", &slot9, "NODE", &node_id])
         .unwrap();
+}
+
+/// Backfilled rows go in the node write in a compact form: fenced per master (the first
+/// slot checkpoint found there is checked, and a refusal writes nothing), and only one
+/// slot's position moves (the witness: a master's replica that lost the script is then
+/// behind the daemon's record of that slot). A slot whose row is gone from a slot being
+/// migrated away is left out, to be sent again whole; the rest land, with their TTLs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_write_of_backfilled_rows_moves_one_witness_and_leaves_out_what_is_not_there() {
+    use pgcache::checkpoint::slot_checkpoint_key;
+    use pgcache::daemon::apply::node_write::{NodeOutcome, NodePart, NodeWrite};
+    use pgcache::daemon::apply::script::{Owner, Refused};
+    use pgcache::daemon::apply::slot_write::SlotWriteError;
+    use pgcache::daemon::apply::Op;
+    use pgcache::daemon::slot_router::SlotRouter;
+    use pgcache::Lsn;
+
+    let cluster =
+        tokio::task::spawn_blocking(|| TestRedisCluster::start_with(3, 0, RedisOptions::default()))
+            .await
+            .unwrap()
+            .expect("start a 3-master cluster");
+    let node = cluster.master_of_slot(key_slot(b"9")).unwrap();
+    let master = node.port();
+    let on_master = |key: &str| {
+        cluster
+            .master_of_slot(key_slot(key.as_bytes()))
+            .unwrap()
+            .port()
+            == master
+    };
+    let cli = |args: &[&str]| -> String { node.cli(args).unwrap() };
+    // Rows of 40 slots of that master, and two rows of a slot of it being migrated away:
+    // one still here, one gone.
+    let mut here: Vec<String> = Vec::new();
+    let mut slots = std::collections::BTreeSet::new();
+    for i in 0..2_000 {
+        let key = format!("item:{i}");
+        if on_master(&key)
+            && key_slot(b"9") != key_slot(key.as_bytes())
+            && slots.insert(key_slot(key.as_bytes()))
+        {
+            here.push(key);
+        }
+        if here.len() == 40 {
+            break;
+        }
+    }
+    let (migrating, staying) = ("tenant:{9}:a", "tenant:{9}:b");
+    let target = cluster
+        .masters()
+        .unwrap()
+        .into_iter()
+        .find(|m| m.port() != master)
+        .unwrap();
+    let slot9 = key_slot(b"9").to_string();
+    let node_id = cli(&["CLUSTER", "MYID"]);
+    let target_id = target.cli(&["CLUSTER", "MYID"]).unwrap();
+    let ck_of = |key: &str| slot_checkpoint_key("", "pgcache", key_slot(key.as_bytes()));
+    for key in here.iter().map(String::as_str).chain([staying]) {
+        cli(&[
+            "HSET",
+            &ck_of(key),
+            "epoch",
+            "e",
+            "owner",
+            "o",
+            "lsn",
+            "0/10",
+        ]);
+    }
+    cli(&["SET", staying, "old"]);
+    target
+        .cli(&["CLUSTER", "SETSLOT", &slot9, "IMPORTING", &node_id])
+        .unwrap();
+    cli(&["CLUSTER", "SETSLOT", &slot9, "MIGRATING", &target_id]);
+    let mut router = SlotRouter::connect(&cluster.urls(), None).await.unwrap();
+    let mut conn = router.node(&format!("127.0.0.1:{master}")).await.unwrap();
+
+    let fill = |key: &str, i: usize| Op::Fill {
+        key: key.to_string(),
+        value: format!("row {i}").into_bytes(),
+        ttl_ms: (i % 2 == 1).then_some(60_000),
+    };
+    let mut rows: Vec<Vec<Op>> = here
+        .iter()
+        .enumerate()
+        .map(|(i, k)| vec![fill(k, i)])
+        .collect();
+    rows.push(vec![fill(staying, 98), fill(migrating, 100)]);
+    let parts = || -> Vec<NodePart<'_>> {
+        let mut keys: Vec<&str> = here.iter().map(String::as_str).collect();
+        keys.push(staying);
+        keys.iter()
+            .zip(&rows)
+            .map(|(k, ops)| NodePart {
+                owner: Owner {
+                    checkpoint_key: ck_of(k),
+                    token: "o".into(),
+                    epoch: "e".into(),
+                    position: Some(Lsn(0x10)),
+                },
+                ops,
+                position: Some(Lsn(0x100)),
+                fields: &[],
+            })
+            .collect()
+    };
+
+    // 1. Another daemon took the first slot over: nothing at all is written.
+    cli(&["HSET", &ck_of(&here[0]), "owner", "other"]);
+    let write = NodeWrite::new("o", &parts(), 1);
+    let reply: redis::Value = write.cmd.query_async(&mut conn).await.unwrap();
+    match write.outcome(&reply) {
+        Err((0, SlotWriteError::Refused(Refused::Fenced(found)))) => assert_eq!(found, "other"),
+        other => panic!("{other:?}"),
+    }
+    for key in &here {
+        assert_eq!(cli(&["EXISTS", key]), "0", "{key} written");
+        assert_eq!(cli(&["HGET", &ck_of(key), "lsn"]), "0/10");
+    }
+    assert_eq!(cli(&["GET", staying]), "old");
+    cli(&["HSET", &ck_of(&here[0]), "owner", "o"]);
+
+    // 2. Everything here lands; the migrating slot's part is left out whole (its MSET is
+    // refused for the row that is gone); the first slot is the witness, and no other
+    // slot's position moves.
+    let write = NodeWrite::new("o", &parts(), 1);
+    let reply: redis::Value = write.cmd.query_async(&mut conn).await.unwrap();
+    assert_eq!(
+        write.outcome(&reply).unwrap(),
+        NodeOutcome::Applied {
+            left_out: vec![here.len()],
+            witness: Some(0),
+        }
+    );
+    for (i, key) in here.iter().enumerate() {
+        assert_eq!(cli(&["GET", key]), format!("row {i}"), "{key}");
+        let ttl: i64 = cli(&["PTTL", key]).parse().unwrap();
+        assert_eq!(ttl > 0, i % 2 == 1, "{key}: PTTL {ttl}");
+        let lsn = cli(&["HGET", &ck_of(key), "lsn"]);
+        assert_eq!(lsn, if i == 0 { "0/100" } else { "0/10" }, "{key}");
+    }
+    assert_eq!(
+        cli(&["GET", staying]),
+        "old",
+        "the left-out part wrote nothing"
+    );
+    assert_eq!(cli(&["HGET", &ck_of(staying), "lsn"]), "0/10");
+    assert_eq!(
+        target.cli(&["DBSIZE"]).unwrap(),
+        "0",
+        "nothing on the target"
+    );
+    target
+        .cli(&["CLUSTER", "SETSLOT", &slot9, "NODE", &node_id])
+        .unwrap();
+    cli(&["CLUSTER", "SETSLOT", &slot9, "NODE", &node_id]);
 }

@@ -1409,3 +1409,141 @@ async fn a_truncate_waits_for_a_migration_between_any_two_masters() {
     converged(&mut view, &env, Duration::from_secs(60)).await;
     daemon.stop().await.unwrap();
 }
+
+/// Backfilled rows lost in a master failover are found (issue 15, item 4, for a backfill):
+/// without `wait_replicas`, a column added while the daemon runs makes it backfill `items`
+/// in the new shape while one master's replica is cut off; that master dies and the replica
+/// takes over with the old values. Backfilled rows move only one slot's position per script
+/// (the witness), and that is enough: the promoted replica is behind the daemon's record of
+/// the witness, so the daemon says it lost writes and rebuilds, and every row ends up in
+/// the new shape. (Left unnoticed, the old values would stay for good.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_wait_replicas_backfilled_rows_lost_in_a_failover_are_found() {
+    let env = Env::start(SCHEMA, TABLES);
+    let mut cluster = start_cluster(3, 1).await;
+    let path = env.dir.path().join("cluster.toml");
+    std::fs::write(&path, cluster_config(&env, &cluster, "")).unwrap();
+    let log = env.dir.path().join("daemon.log");
+    let mut view = View::new(&cluster).await;
+    let mut daemon = Daemon::spawn(&path, &log);
+    converged(&mut view, &env, Duration::from_secs(60)).await;
+    // Let the replicas catch up with the first backfill.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let key = key_off_the_root(&cluster);
+    let (master, replica) = master_and_replica(&cluster, &key);
+    let port = cluster.nodes()[master].port();
+    let on_master: Vec<String> = (1..=600)
+        .map(|id| format!("item:{id}"))
+        .filter(|k| {
+            cluster
+                .master_of_slot(key_slot(k.as_bytes()))
+                .is_ok_and(|n| n.port() == port)
+        })
+        .collect();
+    let trigger = (1..=600)
+        .find(|id| {
+            let k = format!("item:{id}");
+            cluster
+                .master_of_slot(key_slot(k.as_bytes()))
+                .is_ok_and(|n| n.port() != port)
+        })
+        .unwrap();
+    cut_off_replica(&cluster, master, replica);
+    // The new column reaches the daemon with the next change of the table.
+    env.sql(&format!(
+        "ALTER TABLE items ADD COLUMN w int NOT NULL DEFAULT 7;
+         UPDATE items SET v = v WHERE id = {trigger};"
+    ));
+    let url = cluster.nodes()[master].url();
+    let wanted = on_master.clone();
+    eventually(
+        Duration::from_secs(60),
+        "the backfill on the cut-off master",
+        || {
+            let (url, keys) = (url.clone(), wanted.clone());
+            async move {
+                let mut conn = redis::Client::open(url)
+                    .ok()?
+                    .get_multiplexed_async_connection()
+                    .await
+                    .ok()?;
+                let mut all: Vec<Option<String>> = Vec::new();
+                for k in &keys {
+                    let v: Option<String> =
+                        redis::cmd("GET").arg(k).query_async(&mut conn).await.ok()?;
+                    all.push(v);
+                }
+                all.iter()
+                    .all(|v| v.as_deref().is_some_and(|t| t.contains("\"w\":7")))
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    // The batch's root record (on another master) follows its slot writes.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+
+    // The master dies; its replica, which has none of the backfilled rows, takes over.
+    cluster.node_mut(master).kill9().unwrap();
+    cluster.nodes()[replica].resume().unwrap();
+    cluster.nodes()[replica]
+        .cli(&["CLUSTER", "FAILOVER", "TAKEOVER"])
+        .unwrap();
+    let promoted = cluster.nodes()[replica].port();
+    eventually(
+        Duration::from_secs(30),
+        "the replica to serve the slots",
+        || {
+            let ok = cluster
+                .master_of_slot(key_slot(key.as_bytes()))
+                .is_ok_and(|n| n.port() == promoted);
+            async move { ok.then_some(()) }
+        },
+    )
+    .await;
+    let stale = {
+        let mut view = View::new(&cluster).await;
+        view.get_many(&on_master).await
+    };
+    assert!(
+        stale
+            .iter()
+            .any(|v| v.as_deref().is_some_and(|t| !t.contains("\"w\":7"))),
+        "the promoted replica was meant to have the old values: {:?}",
+        &stale[..3]
+    );
+    cluster.node_mut(master).start_again().unwrap();
+
+    // Every row in the new shape again, with its value.
+    let mut view = View::new(&cluster).await;
+    let keys: Vec<String> = (1..=600).map(|id| format!("item:{id}")).collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let values = view.get_many(&keys).await;
+        let old: Vec<&String> = keys
+            .iter()
+            .zip(&values)
+            .filter(|(_, v)| !v.as_deref().is_some_and(|t| t.contains("\"w\":7")))
+            .map(|(k, _)| k)
+            .collect();
+        if old.is_empty()
+            && converges(&mut view, &env, Duration::from_secs(1))
+                .await
+                .is_ok()
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} rows still without the new column, e.g. {:?}\n{}",
+            old.len(),
+            &old[..old.len().min(5)],
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let text = daemon.log();
+    assert!(text.contains("Redis Cluster lost writes"), "{text}");
+    daemon.terminate();
+}

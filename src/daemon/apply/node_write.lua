@@ -4,26 +4,53 @@
 -- transaction of one slot (WATCH, check, MULTI ... EXEC), for a fraction of the commands.
 -- It declares no keys: a script without a shebang may touch keys of several slots as long
 -- as they are all on its node, and Redis refuses any other (non-local, or absent from a
--- slot being migrated away), which the first pass uses to leave such a slot out.
+-- slot being migrated away), which the script uses to leave such a slot out.
 --   ARGV[1]  owner token
---   then per slot: checkpoint, epoch, expected position ('-': none yet), key count, the
---   keys (every key and lease the part touches), command count, and per command its
---   argument count and arguments (the last ones set the checkpoint's fields).
--- First pass, nothing written: each slot's keys must all be here, else the slot is left
--- out (sent again on its own by the daemon, which follows the redirection); then each
--- remaining slot's checkpoint is checked as check.lua does, and a refusal writes nothing.
--- Second pass: the commands of every slot not left out.
--- Returns {'ok', index of each slot left out...}, {'epoch'|'owner'|'moved', found, index},
--- or {'unwritten', Redis's error} when Redis refused the first write (nothing written).
+--   then per slot, a kind and its checkpoint, epoch and expected position ('-': none yet):
+--   'w' (writes): key count, the keys (every key and lease the part touches), command
+--       count, and per command its argument count and arguments (the last ones set the
+--       checkpoint's fields);
+--   'f' (backfilled rows only): pair count and the key/value pairs, then count and the
+--       key/value/PX-milliseconds triples of rows with a TTL, then command count and
+--       commands as for 'w': the checkpoint's, run only if this part is the script's
+--       witness (see below), else none.
+-- First pass, nothing written: each 'w' slot's keys must all be here, else the slot is
+-- left out (sent again on its own by the daemon, which follows the redirection), and its
+-- checkpoint is checked as check.lua does; a refusal writes nothing. Of the 'f' slots,
+-- only the witness (and the first whose checkpoint is here, if no slot was checked before
+-- it) are checked: backfilled rows are
+-- fenced per master (see node_write.rs), since a daemon takes every slot over (one script
+-- per master) before it writes anything, and they move no other slot's position.
+-- Second pass: the commands of every slot not left out. A row of an 'f' slot that is not
+-- here (its slot is being migrated away) leaves that slot out: the daemon sends it again
+-- whole, which is safe for backfilled rows (the same values, and no checkpoint moved).
+-- Backfilled rows do not move their slot's position, but such a script moves one (the
+-- witness: the first 'f' slot with checkpoint commands whose checkpoint is here), so that
+-- a promoted replica without this script is seen behind what the daemon recorded: a
+-- master's replica holds a prefix of what the master wrote, and a script is replicated
+-- whole.
+-- Returns {'ok', witness index (0: none), index of each slot left out...},
+-- {'epoch'|'owner'|'moved', found, index}, or {'unwritten', Redis's error} when Redis
+-- refused the first write (nothing written).
 local token = ARGV[1]
 local slots = {}
 local i = 2
 local n = #ARGV
 while i <= n do
-  local s = {ck = ARGV[i], epoch = ARGV[i + 1], expected = ARGV[i + 2]}
-  s.nkeys = tonumber(ARGV[i + 3])
-  s.keys = i + 4
-  i = s.keys + s.nkeys
+  local s = {kind = ARGV[i], ck = ARGV[i + 1], epoch = ARGV[i + 2], expected = ARGV[i + 3]}
+  i = i + 4
+  if s.kind == 'w' then
+    s.nkeys = tonumber(ARGV[i])
+    s.keys = i + 1
+    i = s.keys + s.nkeys
+  else
+    s.npairs = tonumber(ARGV[i])
+    s.pairs = i + 1
+    i = s.pairs + 2 * s.npairs
+    s.nttl = tonumber(ARGV[i])
+    s.ttl = i + 1
+    i = s.ttl + 3 * s.nttl
+  end
   s.ncmds = tonumber(ARGV[i])
   s.cmds = i + 1
   i = s.cmds
@@ -31,24 +58,36 @@ while i <= n do
   slots[#slots + 1] = s
 end
 
-local reply = {'ok'}
+local reply = {'ok', 0}
 local left_out = {}
+local witness
+local fenced
 for x, s in ipairs(slots) do
-  local k = s.keys
-  local last = s.keys + s.nkeys - 1
-  local upto = math.min(k + 499, last)
-  local here = redis.pcall('EXISTS', s.ck, unpack(ARGV, k, upto))
-  k = upto + 1
-  while type(here) ~= 'table' and k <= last do
-    upto = math.min(k + 499, last)
-    here = redis.pcall('EXISTS', unpack(ARGV, k, upto))
+  local found
+  if s.kind == 'w' then
+    local k = s.keys
+    local last = s.keys + s.nkeys - 1
+    local upto = math.min(k + 499, last)
+    local here = redis.pcall('EXISTS', s.ck, unpack(ARGV, k, upto))
     k = upto + 1
+    while type(here) ~= 'table' and k <= last do
+      upto = math.min(k + 499, last)
+      here = redis.pcall('EXISTS', unpack(ARGV, k, upto))
+      k = upto + 1
+    end
+    if type(here) ~= 'table' then found = redis.call('HMGET', s.ck, 'epoch', 'owner', 'lsn') end
+  elseif not fenced or (s.ncmds > 0 and not witness) then
+    found = redis.pcall('HMGET', s.ck, 'epoch', 'owner', 'lsn')
+    if found.err then found = nil end
+  else
+    found = false
   end
-  if type(here) == 'table' then
+  if found == nil then
     left_out[x] = true
     reply[#reply + 1] = x
-  else
-    local found = redis.call('HMGET', s.ck, 'epoch', 'owner', 'lsn')
+  elseif found then
+    fenced = true
+    if s.kind == 'f' and s.ncmds > 0 and not witness then witness = x end
     local refused
     if found[1] ~= s.epoch then refused = {'epoch', found[1] or ''}
     elseif found[2] ~= token then refused = {'owner', found[2] or ''}
@@ -69,18 +108,68 @@ end
 -- checkpoint's HSET, through without the values.) A command failing after a write went
 -- through (a key of the wrong type) does not stop the others, as in MULTI ... EXEC.
 local wrote = false
+local function run(c)
+  local argc = tonumber(ARGV[c])
+  local r = redis.pcall(unpack(ARGV, c + 1, c + argc))
+  if type(r) == 'table' and r.err then
+    if not wrote then return r.err end
+  else
+    wrote = true
+  end
+  return nil
+end
+-- A backfilled row's write: false where its key is not here, a Redis error where the
+-- script must stop.
+local function fill(r)
+  if type(r) == 'table' and r.err then
+    if string.find(r.err, 'non local key', 1, true) then return false end
+    if not wrote then return r.err end
+    return false
+  end
+  wrote = true
+  return true
+end
+
 for x, s in ipairs(slots) do
   if not left_out[x] then
-    local c = s.cmds
-    for _ = 1, s.ncmds do
-      local argc = tonumber(ARGV[c])
-      local r = redis.pcall(unpack(ARGV, c + 1, c + argc))
-      if type(r) == 'table' and r.err then
-        if not wrote then return {'unwritten', r.err} end
-      else
-        wrote = true
+    if s.kind == 'w' then
+      local c = s.cmds
+      for _ = 1, s.ncmds do
+        local err = run(c)
+        if err then return {'unwritten', err} end
+        c = c + 1 + tonumber(ARGV[c])
       end
-      c = c + 1 + argc
+    else
+      local whole = true
+      local p = s.pairs
+      local last = s.pairs + 2 * s.npairs - 1
+      while p <= last do
+        local upto = math.min(p + 999, last)
+        local ok = fill(redis.pcall('MSET', unpack(ARGV, p, upto)))
+        if type(ok) == 'string' then return {'unwritten', ok} end
+        whole = whole and ok
+        p = upto + 1
+      end
+      local t = s.ttl
+      for _ = 1, s.nttl do
+        local ok = fill(redis.pcall('SET', ARGV[t], ARGV[t + 1], 'PX', ARGV[t + 2]))
+        if type(ok) == 'string' then return {'unwritten', ok} end
+        whole = whole and ok
+        t = t + 3
+      end
+      if x == witness then
+        local c = s.cmds
+        for _ = 1, s.ncmds do
+          local err = run(c)
+          if err then return {'unwritten', err} end
+          c = c + 1 + tonumber(ARGV[c])
+        end
+        reply[2] = witness
+      end
+      if not whole then
+        left_out[x] = true
+        reply[#reply + 1] = x
+      end
     end
   end
 end

@@ -52,6 +52,12 @@ pub fn value_bytes(ops: &[Op]) -> usize {
         .sum()
 }
 
+/// Whether `ops` are backfilled rows only, which go in a [`NodeWrite`] in a compact form
+/// and do not move their slot's position (but for the script's witness).
+pub fn fills_only(ops: &[Op]) -> bool {
+    !ops.is_empty() && ops.iter().all(|op| matches!(op, Op::Fill { .. }))
+}
+
 /// Whether `ops` can go in a [`NodeWrite`]: none of them is a script itself.
 pub fn plain(ops: &[Op]) -> bool {
     ops.iter().all(|op| {
@@ -73,7 +79,8 @@ pub fn plain(ops: &[Op]) -> bool {
 pub struct NodePart<'a> {
     pub owner: Owner,
     pub ops: &'a [Op],
-    /// Where the slot's checkpoint moves, if it does.
+    /// Where the slot's checkpoint moves, if it does. For a part of backfilled rows only
+    /// ([`fills_only`]), where it moves if the part is the script's witness.
     pub position: Option<Lsn>,
     pub fields: &'a [(&'a str, &'a str)],
 }
@@ -91,8 +98,15 @@ pub struct NodeWrite {
 #[derive(Debug, PartialEq, Eq)]
 pub enum NodeOutcome {
     /// Written, but for these parts (indexes into the parts), whose keys were not all on
-    /// the node: nothing of theirs was written.
-    Applied { left_out: Vec<usize> },
+    /// the node: nothing of theirs was written, or (backfilled rows only) not all of it,
+    /// to be sent again whole.
+    Applied {
+        left_out: Vec<usize>,
+        /// The part of backfilled rows only whose slot's position moved: the script's
+        /// witness, so that a master that lost the script is seen behind what the daemon
+        /// recorded (the other such parts leave their slots' positions alone).
+        witness: Option<usize>,
+    },
 }
 
 impl NodeWrite {
@@ -102,26 +116,7 @@ impl NodeWrite {
         cmd.arg(NODE_WRITE_BODY.as_str()).arg(0).arg(token);
         let mut commands = 0;
         let mut expected = Vec::with_capacity(parts.len());
-        for part in parts {
-            let ck = &part.owner.checkpoint_key;
-            let keys = declared_keys(part.ops);
-            cmd.arg(ck)
-                .arg(&part.owner.epoch)
-                .arg(checkpoint::position_text(part.owner.position))
-                .arg(keys.len())
-                .arg(&keys);
-            let mut pipe = redis::pipe();
-            add_ops(&mut pipe, ck, part.ops, &mut Vec::new());
-            // Backfilled rows only, in a part that is not the slot's last write of the
-            // batch: the last one moves the checkpoint (the check still fences this one).
-            let fills_only =
-                part.position.is_none() && part.ops.iter().all(|op| matches!(op, Op::Fill { .. }));
-            let tail = if fills_only {
-                Vec::new()
-            } else {
-                checkpoint_commands(ck, part.position, part.fields, now_ms)
-            };
-            let all: Vec<&redis::Cmd> = pipe.cmd_iter().chain(tail.iter()).collect();
+        let add = |cmd: &mut redis::Cmd, commands: &mut usize, all: &[&redis::Cmd]| {
             cmd.arg(all.len());
             for one in all {
                 cmd.arg(one.args_iter().len());
@@ -130,7 +125,50 @@ impl NodeWrite {
                         cmd.arg(bytes);
                     }
                 }
-                commands += 1;
+                *commands += 1;
+            }
+        };
+        for part in parts {
+            let ck = &part.owner.checkpoint_key;
+            let kind = if fills_only(part.ops) { "f" } else { "w" };
+            cmd.arg(kind)
+                .arg(ck)
+                .arg(&part.owner.epoch)
+                .arg(checkpoint::position_text(part.owner.position));
+            if kind == "f" {
+                // Backfilled rows: pairs for one MSET, then the rows with a TTL; the
+                // checkpoint's commands only where the part may be the witness.
+                let rows = || {
+                    part.ops.iter().filter_map(|op| match op {
+                        Op::Fill { key, value, ttl_ms } => Some((key, value, *ttl_ms)),
+                        _ => None,
+                    })
+                };
+                let plain = rows().filter(|(.., ttl)| ttl.is_none()).count();
+                cmd.arg(plain);
+                for (key, value, _) in rows().filter(|(.., ttl)| ttl.is_none()) {
+                    cmd.arg(key).arg(value);
+                }
+                cmd.arg(part.ops.len() - plain);
+                for (key, value, ttl) in rows() {
+                    if let Some(ms) = ttl {
+                        cmd.arg(key).arg(value).arg(ms);
+                    }
+                }
+                commands += plain.div_ceil(500) + part.ops.len() - plain;
+                let tail = match part.position {
+                    Some(_) => checkpoint_commands(ck, part.position, part.fields, now_ms),
+                    None => Vec::new(),
+                };
+                add(&mut cmd, &mut commands, &tail.iter().collect::<Vec<_>>());
+            } else {
+                let keys = declared_keys(part.ops);
+                cmd.arg(keys.len()).arg(&keys);
+                let mut pipe = redis::pipe();
+                add_ops(&mut pipe, ck, part.ops, &mut Vec::new());
+                let tail = checkpoint_commands(ck, part.position, part.fields, now_ms);
+                let all: Vec<&redis::Cmd> = pipe.cmd_iter().chain(tail.iter()).collect();
+                add(&mut cmd, &mut commands, &all);
             }
             expected.push(part.owner.position);
         }
@@ -160,11 +198,16 @@ impl NodeWrite {
         let status = items.first().map(text).unwrap_or_default();
         match status.as_str() {
             "ok" => {
-                let left_out = items[1..]
+                let witness = match items.get(1) {
+                    Some(redis::Value::Int(0)) => None,
+                    Some(v) => Some(index(v).ok_or_else(|| bad("the witness is out of range"))?),
+                    None => return Err(bad("the node write's reply has no witness")),
+                };
+                let left_out = items[2..]
                     .iter()
                     .map(|v| index(v).ok_or_else(|| bad("a left-out index is out of range")))
                     .collect::<Result<Vec<_>, _>>()?;
-                Ok(NodeOutcome::Applied { left_out })
+                Ok(NodeOutcome::Applied { left_out, witness })
             }
             "epoch" | "owner" | "moved" => {
                 let found = items.get(1).map(text).unwrap_or_default();
