@@ -253,7 +253,9 @@ pub struct ApplyConfig {
 /// `[backfill]`: the initial load and resyncs of `mirror` tables.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackfillConfig {
-    /// Rows read per chunk (keyset pagination by primary key); bounds the daemon's memory.
+    /// Rows read per chunk (keyset pagination by primary key); bounds the daemon's memory
+    /// with `max_chunk_bytes`. Default [`DEFAULT_BACKFILL_CHUNK_ROWS`], and on a Redis
+    /// Cluster [`DEFAULT_CLUSTER_BACKFILL_CHUNK_ROWS`].
     pub chunk_rows: usize,
     /// Backfill `mirror` tables automatically: on first start, when Redis lost its data,
     /// and for tables added to the config later. `pgcache resync` works either way.
@@ -264,6 +266,10 @@ pub struct BackfillConfig {
 }
 
 pub const DEFAULT_BACKFILL_CHUNK_ROWS: usize = 5_000;
+/// On a Redis Cluster a chunk's rows spread over up to 16,384 hash slots, each a command of
+/// its own (one `MSET` per slot), so bigger chunks put more rows in each: 50,000 rows of
+/// ~150 bytes make ~3 a slot and ~7.5 MB (`max_chunk_bytes` still bounds wide rows).
+pub const DEFAULT_CLUSTER_BACKFILL_CHUNK_ROWS: usize = 50_000;
 pub const DEFAULT_MAX_BATCH_BYTES: usize = 8 << 20;
 pub const DEFAULT_MAX_TRANSACTION_BYTES: usize = 8 << 20;
 pub const DEFAULT_MAX_SPOOL_BYTES: usize = 16 << 20;

@@ -42,7 +42,7 @@ use super::report::{Better, Figure, FigureSpec, Target};
 use super::{per_second, BenchError, Progress, Scale};
 use crate::checkpoint::{self, BackfillProgress, FIELD_BACKFILL_PREFIX};
 use crate::cluster::key_slot;
-use crate::config::DEFAULT_BACKFILL_CHUNK_ROWS;
+use crate::config::{DEFAULT_BACKFILL_CHUNK_ROWS, DEFAULT_CLUSTER_BACKFILL_CHUNK_ROWS};
 use crate::daemon::slot_router::SlotRouter;
 use crate::testkit::{self, RedisOptions, TestRedisCluster};
 use crate::Lsn;
@@ -875,7 +875,7 @@ async fn backfill(
     // A chunk is the next rows by primary key.
     let chunk_slots = slots_per_batch(
         (1..=n).map(|id| key_slot(format!("clbf:{id}").as_bytes())),
-        DEFAULT_BACKFILL_CHUNK_ROWS as f64,
+        DEFAULT_CLUSTER_BACKFILL_CHUNK_ROWS as f64,
     );
     Ok(backfill_spec(scale).measured(
         per_second(n, Duration::from_secs_f64(cluster.seconds)),
@@ -883,7 +883,8 @@ async fn backfill(
         json!({
             "rows": n,
             "masters": masters,
-            "chunk_rows": DEFAULT_BACKFILL_CHUNK_ROWS,
+            "chunk_rows": DEFAULT_CLUSTER_BACKFILL_CHUNK_ROWS,
+            "single_chunk_rows": DEFAULT_BACKFILL_CHUNK_ROWS,
             "slots_per_chunk": chunk_slots,
             "single_seconds": single.seconds,
             "cluster_seconds": cluster.seconds,

@@ -135,7 +135,14 @@ fn read_config(
     let redis = read_redis(section("redis", errors), base_dir, errors);
     let reader = read_reader(section("reader", errors), base_dir, errors);
     let apply = read_apply(section("apply", errors), base_dir, errors);
-    let backfill = read_backfill(section("backfill", errors), errors);
+    let (mut backfill, chunk_rows_set) = read_backfill(section("backfill", errors), errors);
+    if !chunk_rows_set
+        && redis
+            .as_ref()
+            .is_some_and(|r| matches!(r.topology, RedisTopology::Cluster { .. }))
+    {
+        backfill.chunk_rows = DEFAULT_CLUSTER_BACKFILL_CHUNK_ROWS;
+    }
     let metrics = read_metrics(section("metrics", errors), errors);
     let log = read_log(section("log", errors), errors);
     let tables = read_tables(root.remove("tables"), errors);
@@ -467,9 +474,11 @@ fn read_apply(mut sec: Section, base_dir: Option<&Path>, errors: &mut Vec<String
     apply
 }
 
-fn read_backfill(mut sec: Section, errors: &mut Vec<String>) -> BackfillConfig {
+/// `[backfill]`, and whether it sets `chunk_rows` (the default depends on the topology).
+fn read_backfill(mut sec: Section, errors: &mut Vec<String>) -> (BackfillConfig, bool) {
     let mut backfill = BackfillConfig::default();
-    if let Some(n) = sec.count("chunk_rows", errors) {
+    let chunk_rows = sec.count("chunk_rows", errors);
+    if let Some(n) = &chunk_rows {
         backfill.chunk_rows = n.value;
     }
     if let Some(auto) = sec.bool("auto", errors) {
@@ -479,7 +488,7 @@ fn read_backfill(mut sec: Section, errors: &mut Vec<String>) -> BackfillConfig {
         backfill.max_chunk_bytes = n;
     }
     sec.finish(errors);
-    backfill
+    (backfill, chunk_rows.is_some())
 }
 
 fn read_metrics(mut sec: Section, errors: &mut Vec<String>) -> MetricsConfig {

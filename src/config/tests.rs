@@ -1060,3 +1060,14 @@ fn wait_replicas_is_read_and_checked() {
         "{err:?}"
     );
 }
+
+#[test]
+fn a_cluster_backfills_in_bigger_chunks_unless_told() {
+    let one = Config::from_toml_str(MINIMAL).unwrap();
+    assert_eq!(one.backfill.chunk_rows, DEFAULT_BACKFILL_CHUNK_ROWS);
+    let cluster = with_redis("url = \"redis://10.0.0.1:6379\"\ncluster = true");
+    let c = Config::from_toml_str(&cluster).unwrap();
+    assert_eq!(c.backfill.chunk_rows, DEFAULT_CLUSTER_BACKFILL_CHUNK_ROWS);
+    let c = Config::from_toml_str(&format!("{cluster}\n\n[backfill]\nchunk_rows = 700\n")).unwrap();
+    assert_eq!(c.backfill.chunk_rows, 700);
+}

@@ -20,6 +20,24 @@
 //!
 //! Parts with a merge or a hash replaced only if cached (themselves scripts) keep the
 //! transaction.
+//!
+//! **Backfilled rows** (a part holding nothing else, [`fills_only`]) go in a compact form:
+//! one `MSET` per slot (a `SET … PX` per row with a TTL), with no `EXISTS` first, and no
+//! check or checkpoint write per slot but for one:
+//! - **Fenced per master.** The first slot checkpoint of the script found on the node is
+//!   checked (a refusal writes nothing). A daemon takes every slot over, one script per
+//!   master, before it writes anything, so a late script of an old daemon runs wholly
+//!   before the new daemon's takeover of that master (older than anything the new daemon
+//!   writes, and after every change of the old daemon the takeover saw) or after it, and
+//!   is refused.
+//! - **The witness.** Backfilled rows leave their slots' positions alone but for one slot
+//!   per script, checked as above, whose position moves and is recorded by the daemon like
+//!   any other. A replica holds a prefix of its master's writes and a script is replicated
+//!   whole, so a replica promoted without the script is behind the daemon's record of its
+//!   witness: the loss is seen.
+//! - **Where the rows are.** A row not on the node (its slot is being migrated away) makes
+//!   Redis refuse its command; the part is then left out and sent again whole as a slot's
+//!   transaction (writing a backfilled row twice is harmless).
 
 use super::script::{add_ops, refusal, text, unexpected, Owner, Refused};
 use super::slot_write::{checkpoint_commands, declared_keys, without_comments, SlotWriteError};
