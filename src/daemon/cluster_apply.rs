@@ -323,13 +323,9 @@ impl ClusterApply {
             };
             let everywhere = last_everywhere == Some(at);
             if last_everywhere.is_some() {
-                // (Backfilled rows alone do not move a slot's position.)
-                written.extend(
-                    parts
-                        .iter()
-                        .filter(|(_, ops)| !node_write::fills_only(ops))
-                        .map(|(slot, _)| *slot),
-                );
+                // (Backfilled rows too: a part of them written before the last key-space
+                // segment does not move its slot's position, and is witnessed by this.)
+                written.extend(parts.iter().map(|(slot, _)| *slot));
             }
             let parts = parts
                 .into_iter()

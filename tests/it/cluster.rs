@@ -977,7 +977,7 @@ async fn a_node_write_of_backfilled_rows_moves_one_witness_and_leaves_out_what_i
         .map(|(i, k)| vec![fill(k, i)])
         .collect();
     rows.push(vec![fill(staying, 98), fill(migrating, 100)]);
-    let parts = || -> Vec<NodePart<'_>> {
+    let parts = |position: Option<Lsn>| -> Vec<NodePart<'_>> {
         let mut keys: Vec<&str> = here.iter().map(String::as_str).collect();
         keys.push(staying);
         keys.iter()
@@ -990,7 +990,7 @@ async fn a_node_write_of_backfilled_rows_moves_one_witness_and_leaves_out_what_i
                     position: Some(Lsn(0x10)),
                 },
                 ops,
-                position: Some(Lsn(0x100)),
+                position,
                 fields: &[],
             })
             .collect()
@@ -998,7 +998,7 @@ async fn a_node_write_of_backfilled_rows_moves_one_witness_and_leaves_out_what_i
 
     // 1. Another daemon took the first slot over: nothing at all is written.
     cli(&["HSET", &ck_of(&here[0]), "owner", "other"]);
-    let write = NodeWrite::new("o", &parts(), 1);
+    let write = NodeWrite::new("o", &parts(Some(Lsn(0x100))), 1);
     let reply: redis::Value = write.cmd.query_async(&mut conn).await.unwrap();
     match write.outcome(&reply) {
         Err((0, SlotWriteError::Refused(Refused::Fenced(found)))) => assert_eq!(found, "other"),
@@ -1014,7 +1014,7 @@ async fn a_node_write_of_backfilled_rows_moves_one_witness_and_leaves_out_what_i
     // 2. Everything here lands; the migrating slot's part is left out whole (its MSET is
     // refused for the row that is gone); the first slot is the witness, and no other
     // slot's position moves.
-    let write = NodeWrite::new("o", &parts(), 1);
+    let write = NodeWrite::new("o", &parts(Some(Lsn(0x100))), 1);
     let reply: redis::Value = write.cmd.query_async(&mut conn).await.unwrap();
     assert_eq!(
         write.outcome(&reply).unwrap(),
@@ -1041,6 +1041,28 @@ async fn a_node_write_of_backfilled_rows_moves_one_witness_and_leaves_out_what_i
         "0",
         "nothing on the target"
     );
+
+    // 3. No part may be the witness (a later write of the batch moves their slots): the
+    // first parts, which carry their checkpoint, are checked and written; the bare ones
+    // are left out, to go as slot transactions.
+    cli(&["HSET", &ck_of(&here[0]), "lsn", "0/10"]);
+    for key in &here {
+        cli(&["DEL", key]);
+    }
+    let write = NodeWrite::new("o", &parts(None), 1);
+    let reply: redis::Value = write.cmd.query_async(&mut conn).await.unwrap();
+    let NodeOutcome::Applied { left_out, witness } = write.outcome(&reply).unwrap();
+    assert_eq!(witness, None);
+    let checked = here.len() - left_out.iter().filter(|&&i| i < here.len()).count();
+    assert!(
+        (1..=8).contains(&checked),
+        "{checked} parts written without a witness: {left_out:?}"
+    );
+    for (i, key) in here.iter().enumerate() {
+        let written = cli(&["EXISTS", key]) == "1";
+        assert_eq!(written, !left_out.contains(&i), "{key}");
+        assert_eq!(cli(&["HGET", &ck_of(key), "lsn"]), "0/10", "{key}");
+    }
     target
         .cli(&["CLUSTER", "SETSLOT", &slot9, "NODE", &node_id])
         .unwrap();

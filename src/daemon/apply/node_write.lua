@@ -6,14 +6,17 @@
 -- as they are all on its node, and Redis refuses any other (non-local, or absent from a
 -- slot being migrated away), which the script uses to leave such a slot out.
 --   ARGV[1]  owner token
---   then per slot, a kind and its checkpoint, epoch and expected position ('-': none yet):
+--   then per slot, a kind and (but for 'g') its checkpoint, epoch and expected position
+--   ('-': none yet):
 --   'w' (writes): key count, the keys (every key and lease the part touches), command
 --       count, and per command its argument count and arguments (the last ones set the
 --       checkpoint's fields);
 --   'f' (backfilled rows only): pair count and the key/value pairs, then count and the
 --       key/value/PX-milliseconds triples of rows with a TTL, then command count and
 --       commands as for 'w': the checkpoint's, run only if this part is the script's
---       witness (see below), else none.
+--       witness (see below), else none;
+--   'g' (backfilled rows only, unchecked): as 'f' without the checkpoint, epoch, position
+--       and commands; written only if the script has a witness (so is also fenced).
 -- First pass, nothing written: each 'w' slot's keys must all be here, else the slot is
 -- left out (sent again on its own by the daemon, which follows the redirection), and its
 -- checkpoint is checked as check.lua does; a refusal writes nothing. Of the 'f' slots,
@@ -37,8 +40,14 @@ local slots = {}
 local i = 2
 local n = #ARGV
 while i <= n do
-  local s = {kind = ARGV[i], ck = ARGV[i + 1], epoch = ARGV[i + 2], expected = ARGV[i + 3]}
-  i = i + 4
+  local s = {kind = ARGV[i]}
+  if s.kind == 'g' then
+    i = i + 1
+    s.ncmds = 0
+  else
+    s.ck, s.epoch, s.expected = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+    i = i + 4
+  end
   if s.kind == 'w' then
     s.nkeys = tonumber(ARGV[i])
     s.keys = i + 1
@@ -51,10 +60,12 @@ while i <= n do
     s.ttl = i + 1
     i = s.ttl + 3 * s.nttl
   end
-  s.ncmds = tonumber(ARGV[i])
-  s.cmds = i + 1
-  i = s.cmds
-  for _ = 1, s.ncmds do i = i + 1 + tonumber(ARGV[i]) end
+  if s.kind ~= 'g' then
+    s.ncmds = tonumber(ARGV[i])
+    s.cmds = i + 1
+    i = s.cmds
+    for _ = 1, s.ncmds do i = i + 1 + tonumber(ARGV[i]) end
+  end
   slots[#slots + 1] = s
 end
 
@@ -76,6 +87,8 @@ for x, s in ipairs(slots) do
       k = upto + 1
     end
     if type(here) ~= 'table' then found = redis.call('HMGET', s.ck, 'epoch', 'owner', 'lsn') end
+  elseif s.kind == 'g' then
+    found = false
   elseif not fenced or (s.ncmds > 0 and not witness) then
     found = redis.pcall('HMGET', s.ck, 'epoch', 'owner', 'lsn')
     if found.err then found = nil end
@@ -131,6 +144,11 @@ local function fill(r)
 end
 
 for x, s in ipairs(slots) do
+  if s.kind == 'g' and not witness then
+    -- Not fenced by a check, or with no witness to record it: sent again on its own.
+    left_out[x] = true
+    reply[#reply + 1] = x
+  end
   if not left_out[x] then
     if s.kind == 'w' then
       local c = s.cmds

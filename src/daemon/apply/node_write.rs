@@ -25,7 +25,8 @@
 //! one `MSET` per slot (a `SET … PX` per row with a TTL), with no `EXISTS` first, and no
 //! check or checkpoint write per slot but for one:
 //! - **Fenced per master.** The first slot checkpoint of the script found on the node is
-//!   checked (a refusal writes nothing). A daemon takes every slot over, one script per
+//!   checked (a refusal writes nothing). Past the first few, parts carry no checkpoint
+//!   and are written only if the script has a witness (itself checked). A daemon takes every slot over, one script per
 //!   master, before it writes anything, so a late script of an old daemon runs wholly
 //!   before the new daemon's takeover of that master (older than anything the new daemon
 //!   writes, and after every change of the old daemon the takeover saw) or after it, and
@@ -56,6 +57,10 @@ pub const MAX_COMMANDS: usize = 4_096;
 /// under Redis's `client-query-buffer-limit` (1 GB by default): one command is buffered
 /// whole before it runs, where a pipeline's commands are not.
 pub const MAX_BYTES: usize = 64 << 20;
+
+/// How many parts of backfilled rows in a script carry their slot checkpoint (the first
+/// found on the node fences the others); more, in case the first are not on the node.
+const CHECKED_FILL_PARTS: usize = 4;
 
 /// The bytes of values `ops` carry.
 pub fn value_bytes(ops: &[Op]) -> usize {
@@ -130,8 +135,24 @@ pub enum NodeOutcome {
 impl NodeWrite {
     /// The script for `parts` (all [`plain`], all on one master), under session `token`.
     pub fn new(token: &str, parts: &[NodePart<'_>], now_ms: u64) -> NodeWrite {
-        let mut cmd = redis::cmd("EVAL");
-        cmd.arg(NODE_WRITE_BODY.as_str()).arg(0).arg(token);
+        // Sized up front: a script may carry tens of MB of values.
+        let (args, bytes) = parts
+            .iter()
+            .fold((4, NODE_WRITE_BODY.len()), |(n, b), part| {
+                let (ops, data) = part.ops.iter().fold((0, 0), |(n, b), op| {
+                    let key = op.key().map_or(0, str::len);
+                    (
+                        n + 4,
+                        b + 3 * key + value_bytes(std::slice::from_ref(op)) + 24,
+                    )
+                });
+                (n + 12 + ops, b + 96 + data)
+            });
+        let mut cmd = redis::Cmd::with_capacity(args, bytes);
+        cmd.arg("EVAL")
+            .arg(NODE_WRITE_BODY.as_str())
+            .arg(0)
+            .arg(token);
         let mut commands = 0;
         let mut expected = Vec::with_capacity(parts.len());
         let add = |cmd: &mut redis::Cmd, commands: &mut usize, all: &[&redis::Cmd]| {
@@ -146,14 +167,29 @@ impl NodeWrite {
                 *commands += 1;
             }
         };
+        // Parts of backfilled rows: the first few, and the first that may be the witness,
+        // carry their checkpoint (checked by the script); the rest are bare ('g'), fenced
+        // by those and written only if the script has a witness.
+        let (mut checked_fills, mut candidate) = (0, false);
         for part in parts {
             let ck = &part.owner.checkpoint_key;
-            let kind = if fills_only(part.ops) { "f" } else { "w" };
-            cmd.arg(kind)
-                .arg(ck)
-                .arg(&part.owner.epoch)
-                .arg(checkpoint::position_text(part.owner.position));
-            if kind == "f" {
+            let kind = if !fills_only(part.ops) {
+                "w"
+            } else if checked_fills < CHECKED_FILL_PARTS || (!candidate && part.position.is_some())
+            {
+                checked_fills += 1;
+                candidate |= part.position.is_some();
+                "f"
+            } else {
+                "g"
+            };
+            cmd.arg(kind);
+            if kind != "g" {
+                cmd.arg(ck)
+                    .arg(&part.owner.epoch)
+                    .arg(checkpoint::position_text(part.owner.position));
+            }
+            if kind != "w" {
                 // Backfilled rows: pairs for one MSET, then the rows with a TTL; the
                 // checkpoint's commands only where the part may be the witness.
                 let rows = || {
@@ -174,11 +210,13 @@ impl NodeWrite {
                     }
                 }
                 commands += plain.div_ceil(500) + part.ops.len() - plain;
-                let tail = match part.position {
-                    Some(_) => checkpoint_commands(ck, part.position, part.fields, now_ms),
-                    None => Vec::new(),
-                };
-                add(&mut cmd, &mut commands, &tail.iter().collect::<Vec<_>>());
+                if kind == "f" {
+                    let tail = match part.position {
+                        Some(_) => checkpoint_commands(ck, part.position, part.fields, now_ms),
+                        None => Vec::new(),
+                    };
+                    add(&mut cmd, &mut commands, &tail.iter().collect::<Vec<_>>());
+                }
             } else {
                 let keys = declared_keys(part.ops);
                 cmd.arg(keys.len()).arg(&keys);

@@ -72,16 +72,14 @@ pub fn split_skipping(
             }
         }
         let op = match op {
-            Op::Merge(mut merge)
-                if key_slot(merge.base.as_bytes()) != key_slot(merge.key.as_bytes()) =>
-            {
+            Op::Merge(mut merge) if Some(key_slot(merge.base.as_bytes())) != slot => {
                 merge.base.clone_from(&merge.key);
                 merge.stale_base = true;
                 Op::Merge(merge)
             }
             other => other,
         };
-        match op.key().map(|key| key_slot(key.as_bytes())) {
+        match slot {
             Some(slot) => current.entry(slot).or_default().push(op),
             None => {
                 if !current.is_empty() {
