@@ -567,8 +567,10 @@ impl ClusterApply {
                 match write.outcome(&reply).map_err(|e| slot_error(slot, e))? {
                     SlotOutcome::Applied { repairs } => {
                         out.repairs.extend(repairs);
-                        if let Some(owner) = self.router.owner(slot) {
-                            self.written.insert(owner.to_string());
+                        // The node that ran it (after an ASK, the migration's target):
+                        // the one whose replicas `WAIT` must ask.
+                        if !reply.node.is_empty() {
+                            self.written.insert(reply.node.clone());
                         }
                         if let Some(lsn) = moves {
                             self.marks[usize::from(slot)].position = Some(lsn);

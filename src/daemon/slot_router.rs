@@ -46,6 +46,9 @@ pub struct SlotTransaction {
 pub struct SlotReplies {
     pub pre: Vec<Value>,
     pub exec: Value,
+    /// The node that ran the transaction (`ip:port`): after an `ASK`, the migration's
+    /// target, not the slot's owner in the map (what `WAIT` must ask).
+    pub node: String,
 }
 
 /// Why a transaction was not sent.
@@ -199,7 +202,7 @@ impl SlotRouter {
             }
             .await;
             let error = match result {
-                Ok(replies) => return Ok(split(tx, asking.is_some(), replies)),
+                Ok(replies) => return Ok(split(tx, addr, replies)),
                 Err(error) => error,
             };
             let last = error.to_string();
@@ -328,12 +331,12 @@ impl SlotRouter {
             let mut conn = self.connection(&addr).await?;
             sends.push(async move {
                 let values: Result<Vec<Value>, RedisError> = pipe.query_async(&mut conn).await;
-                (indexes, values)
+                (addr, indexes, values)
             });
         }
         let mut replies: Vec<Option<SlotReplies>> = vec![None; parts.len()];
         let mut again = Vec::new();
-        for (indexes, values) in futures_util::future::join_all(sends).await {
+        for (addr, indexes, values) in futures_util::future::join_all(sends).await {
             let mut values = values?.into_iter();
             for i in indexes {
                 let tx = parts[i].1;
@@ -350,7 +353,11 @@ impl SlotRouter {
                 if redirected {
                     again.push(i);
                 } else {
-                    replies[i] = Some(SlotReplies { pre, exec });
+                    replies[i] = Some(SlotReplies {
+                        pre,
+                        exec,
+                        node: addr.clone(),
+                    });
                 }
             }
         }
@@ -364,6 +371,7 @@ impl SlotRouter {
                 r.unwrap_or(SlotReplies {
                     pre: Vec::new(),
                     exec: Value::Nil,
+                    node: String::new(),
                 })
             })
             .collect())
@@ -431,12 +439,16 @@ fn build(tx: &SlotTransaction, asking: bool) -> redis::Pipeline {
     pipe
 }
 
-fn split(tx: &SlotTransaction, _asking: bool, mut replies: Vec<Value>) -> SlotReplies {
+fn split(tx: &SlotTransaction, node: String, mut replies: Vec<Value>) -> SlotReplies {
     // Ignored commands (ASKING, MULTI, the queued ops) give no reply: the pre commands'
     // replies, then EXEC's.
     let exec = replies.pop().unwrap_or(Value::Nil);
     replies.truncate(tx.pre.len());
-    SlotReplies { pre: replies, exec }
+    SlotReplies {
+        pre: replies,
+        exec,
+        node,
+    }
 }
 
 enum Redirect {

@@ -406,7 +406,23 @@ async fn a_slot_transaction_follows_a_live_migration_exactly_once() {
         hset.arg(ck).arg("lsn").arg(i);
         tx.ops = vec![set, push, hset];
         loop {
+            let asked = router.redirects().ask;
             let replies = router.send(slot, &tx).await.unwrap();
+            // The node that ran it: after an ASK, the migration's target (whose replicas
+            // `WAIT` must ask), else the slot's owner.
+            let ran = if router.redirects().ask > asked {
+                target
+            } else {
+                router
+                    .owner(slot)
+                    .unwrap()
+                    .rsplit(':')
+                    .next()
+                    .unwrap()
+                    .parse()
+                    .unwrap()
+            };
+            assert_eq!(replies.node, format!("127.0.0.1:{ran}"), "write {i}");
             let verdict: String = redis::from_redis_value(replies.pre[1].clone()).unwrap();
             assert_eq!(verdict, "ok", "write {i}: the checkpoint moved");
             match replies.exec {
