@@ -280,9 +280,9 @@ impl ClusterApply {
             ClusterApply::covered(found, slot, tag)
         });
         let mut out = ClusterApplied::default();
-        // Each slot's last Slots segment, and the last key-space segment. (Backfilled rows
-        // alone move their slot's position only in a node write's witness, or when sent as
-        // a slot's transaction: see `node_write`.)
+        // Each slot's last Slots segment, and the last key-space segment. (A slot's position
+        // moves with backfilled rows too: a promoted replica without them is then seen
+        // behind the root's record of the slot.)
         let mut last_write: BTreeMap<u16, usize> = BTreeMap::new();
         let mut last_everywhere = None;
         for (at, segment) in split.segments.iter().enumerate() {
@@ -323,8 +323,6 @@ impl ClusterApply {
             };
             let everywhere = last_everywhere == Some(at);
             if last_everywhere.is_some() {
-                // (Backfilled rows too: a part of them written before the last key-space
-                // segment does not move its slot's position, and is witnessed by this.)
                 written.extend(parts.iter().map(|(slot, _)| *slot));
             }
             let parts = parts
@@ -508,24 +506,18 @@ impl ClusterApply {
                 Err(e) => return Err(e.into()),
             };
             match write.outcome(&reply) {
-                Ok(NodeOutcome::Applied { left_out, witness }) => {
+                Ok(NodeOutcome::Applied { left_out }) => {
                     self.written.insert(addr.clone());
                     let left_out: BTreeSet<usize> = left_out.into_iter().collect();
                     for (at, &i) in chunk.iter().enumerate() {
-                        let (slot, ops, moves) = &parts[i];
-                        // Backfilled rows only move their slot's position in the witness
-                        // (which moves even when some of its rows are sent again).
-                        let moved = if node_write::fills_only(ops) {
-                            witness == Some(at)
-                        } else {
-                            !left_out.contains(&at)
-                        };
-                        if let (true, Some(lsn)) = (moved, moves) {
-                            self.marks[usize::from(*slot)].position = Some(*lsn);
-                            out.moved.push((*slot, *lsn));
-                        }
                         if left_out.contains(&at) {
                             left.push(i);
+                            continue;
+                        }
+                        let (slot, _, moves) = &parts[i];
+                        if let Some(lsn) = moves {
+                            self.marks[usize::from(*slot)].position = Some(*lsn);
+                            out.moved.push((*slot, *lsn));
                         }
                     }
                 }

@@ -859,8 +859,7 @@ async fn a_node_write_lands_each_slot_whole_and_leaves_out_what_is_not_there() {
     assert_eq!(
         write.outcome(&reply).unwrap(),
         NodeOutcome::Applied {
-            left_out: vec![n, n + 2],
-            witness: None
+            left_out: vec![n, n + 2]
         },
         "the other master's key and the key gone from the migrating slot are left out"
     );
@@ -905,13 +904,13 @@ async fn a_node_write_lands_each_slot_whole_and_leaves_out_what_is_not_there() {
         .unwrap();
 }
 
-/// Backfilled rows go in the node write in a compact form: fenced per master (the first
-/// slot checkpoint found there is checked, and a refusal writes nothing), and only one
-/// slot's position moves (the witness: a master's replica that lost the script is then
-/// behind the daemon's record of that slot). A slot whose row is gone from a slot being
-/// migrated away is left out, to be sent again whole; the rest land, with their TTLs.
+/// Backfilled rows go in the node write in a compact form, fenced per master: the first
+/// slot checkpoint found there is checked, a refusal writes nothing, and with none found
+/// nothing is written. Every slot written moves its position. A slot whose row is gone
+/// from a slot being migrated away is left out, its position unmoved, to be sent again
+/// whole; the rest land, with their TTLs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_write_of_backfilled_rows_moves_one_witness_and_leaves_out_what_is_not_there() {
+async fn a_node_write_of_backfilled_rows_is_fenced_per_master_and_leaves_out_what_is_not_there() {
     use pgcache::checkpoint::slot_checkpoint_key;
     use pgcache::daemon::apply::node_write::{NodeOutcome, NodePart, NodeWrite};
     use pgcache::daemon::apply::script::{Owner, Refused};
@@ -1027,24 +1026,21 @@ async fn a_node_write_of_backfilled_rows_moves_one_witness_and_leaves_out_what_i
     assert_eq!(cli(&["GET", staying]), "old");
     cli(&["HSET", &ck_of(&here[0]), "owner", "o"]);
 
-    // 2. Everything here lands; the migrating slot's part is left out whole (its MSET is
-    // refused for the row that is gone); the first slot is the witness, and no other
-    // slot's position moves.
+    // 2. Everything here lands, each slot's position moved; the migrating slot's part is
+    // left out whole (its MSET is refused for the row that is gone).
     let write = NodeWrite::new("o", &parts(Some(Lsn(0x100))), 1);
     let reply: redis::Value = write.cmd.query_async(&mut conn).await.unwrap();
     assert_eq!(
         write.outcome(&reply).unwrap(),
         NodeOutcome::Applied {
             left_out: vec![here.len()],
-            witness: Some(0),
         }
     );
     for (i, key) in here.iter().enumerate() {
         assert_eq!(cli(&["GET", key]), format!("row {i}"), "{key}");
         let ttl: i64 = cli(&["PTTL", key]).parse().unwrap();
         assert_eq!(ttl > 0, i % 2 == 1, "{key}: PTTL {ttl}");
-        let lsn = cli(&["HGET", &ck_of(key), "lsn"]);
-        assert_eq!(lsn, if i == 0 { "0/100" } else { "0/10" }, "{key}");
+        assert_eq!(cli(&["HGET", &ck_of(key), "lsn"]), "0/100", "{key}");
     }
     assert_eq!(
         cli(&["GET", staying]),
@@ -1058,25 +1054,62 @@ async fn a_node_write_of_backfilled_rows_moves_one_witness_and_leaves_out_what_i
         "nothing on the target"
     );
 
-    // 3. No part may be the witness (a later write of the batch moves their slots): the
-    // first parts, which carry their checkpoint, are checked and written; the bare ones
-    // are left out, to go as slot transactions.
-    cli(&["HSET", &ck_of(&here[0]), "lsn", "0/10"]);
+    // 3. Parts whose slots move later in their batch: written, positions unmoved.
     for key in &here {
+        cli(&["HSET", &ck_of(key), "lsn", "0/10"]);
         cli(&["DEL", key]);
     }
     let write = NodeWrite::new("o", &parts(None), 1);
     let reply: redis::Value = write.cmd.query_async(&mut conn).await.unwrap();
-    let NodeOutcome::Applied { left_out, witness } = write.outcome(&reply).unwrap();
-    assert_eq!(witness, None);
-    let checked = here.len() - left_out.iter().filter(|&&i| i < here.len()).count();
-    assert!(
-        (1..=8).contains(&checked),
-        "{checked} parts written without a witness: {left_out:?}"
+    assert_eq!(
+        write.outcome(&reply).unwrap(),
+        NodeOutcome::Applied {
+            left_out: vec![here.len()],
+        }
     );
     for (i, key) in here.iter().enumerate() {
-        let written = cli(&["EXISTS", key]) == "1";
-        assert_eq!(written, !left_out.contains(&i), "{key}");
+        assert_eq!(cli(&["GET", key]), format!("row {i}"), "{key}");
+        assert_eq!(cli(&["HGET", &ck_of(key), "lsn"]), "0/10", "{key}");
+    }
+
+    // 4. None of the parts carrying a checkpoint is on this node (a stale map): no slot
+    // is checked, so nothing is written, and every part goes again on its own.
+    for key in &here {
+        cli(&["DEL", key]);
+    }
+    let elsewhere: Vec<String> = (0..2_000)
+        .map(|i| format!("item:{i}"))
+        .filter(|k| !on_master(k))
+        .take(4)
+        .collect();
+    let mut stale: Vec<NodePart<'_>> = parts(Some(Lsn(0x200)));
+    let far: Vec<Vec<Op>> = elsewhere.iter().map(|k| vec![fill(k, 7)]).collect();
+    for (k, ops) in elsewhere.iter().zip(&far).rev() {
+        stale.insert(
+            0,
+            NodePart {
+                owner: Owner {
+                    checkpoint_key: ck_of(k),
+                    token: "o".into(),
+                    epoch: "e".into(),
+                    position: None,
+                },
+                ops,
+                position: Some(Lsn(0x200)),
+                fields: &[],
+            },
+        );
+    }
+    let write = NodeWrite::new("o", &stale, 1);
+    let reply: redis::Value = write.cmd.query_async(&mut conn).await.unwrap();
+    assert_eq!(
+        write.outcome(&reply).unwrap(),
+        NodeOutcome::Applied {
+            left_out: (0..stale.len()).collect(),
+        }
+    );
+    for key in &here {
+        assert_eq!(cli(&["EXISTS", key]), "0", "{key} written unfenced");
         assert_eq!(cli(&["HGET", &ck_of(key), "lsn"]), "0/10", "{key}");
     }
     target

@@ -596,7 +596,7 @@ async fn live_resharding_under_load_loses_and_replays_nothing() {
 
 /// Stops a master's replica from getting its writes, as a network partition would: the
 /// replica is paused and disconnected, so what the master takes next it never sees.
-fn cut_off_replica(cluster: &TestRedisCluster, master: usize, replica: usize) {
+pub(crate) fn cut_off_replica(cluster: &TestRedisCluster, master: usize, replica: usize) {
     cluster.nodes()[replica].pause().unwrap();
     cluster.nodes()[master]
         .cli(&["CLIENT", "KILL", "TYPE", "replica"])
@@ -605,7 +605,7 @@ fn cut_off_replica(cluster: &TestRedisCluster, master: usize, replica: usize) {
 
 /// The master holding `key`'s slot (not the root checkpoint's, not the first node), and
 /// the index of its replica.
-fn master_and_replica(cluster: &TestRedisCluster, key: &str) -> (usize, usize) {
+pub(crate) fn master_and_replica(cluster: &TestRedisCluster, key: &str) -> (usize, usize) {
     let view = cluster.topology().unwrap();
     let master = cluster
         .master_of_slot(key_slot(key.as_bytes()))
@@ -633,7 +633,7 @@ fn master_and_replica(cluster: &TestRedisCluster, key: &str) -> (usize, usize) {
 }
 
 /// A key whose slot's master holds neither the root checkpoint nor is the first node.
-fn key_off_the_root(cluster: &TestRedisCluster) -> String {
+pub(crate) fn key_off_the_root(cluster: &TestRedisCluster) -> String {
     let root = key_slot(checkpoint_key("", "pgcache").as_bytes());
     let root_master = cluster.master_of_slot(root).unwrap().port();
     let first = cluster.nodes()[0].port();
@@ -1413,10 +1413,10 @@ async fn a_truncate_waits_for_a_migration_between_any_two_masters() {
 /// Backfilled rows lost in a master failover are found (issue 15, item 4, for a backfill):
 /// without `wait_replicas`, a column added while the daemon runs makes it backfill `items`
 /// in the new shape while one master's replica is cut off; that master dies and the replica
-/// takes over with the old values. Backfilled rows move only one slot's position per script
-/// (the witness), and that is enough: the promoted replica is behind the daemon's record of
-/// the witness, so the daemon says it lost writes and rebuilds, and every row ends up in
-/// the new shape. (Left unnoticed, the old values would stay for good.)
+/// takes over with the old values. The promoted replica's slot checkpoints are behind the
+/// daemon's record of the slots the backfill wrote, so the daemon says it lost writes and
+/// rebuilds, and every row ends up in the new shape. (Left unnoticed, as when backfilled
+/// rows moved no slot's position, the old values would stay for good.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_wait_replicas_backfilled_rows_lost_in_a_failover_are_found() {
     let env = Env::start(SCHEMA, TABLES);

@@ -12,6 +12,7 @@ mod cdc;
 mod cluster;
 mod cluster_daemon;
 mod cluster_review;
+mod cluster_review2;
 mod common;
 mod control;
 mod demo;

@@ -13,28 +13,23 @@
 --       checkpoint's fields);
 --   'f' (backfilled rows only): pair count and the key/value pairs, then count and the
 --       key/value/PX-milliseconds triples of rows with a TTL, then command count and
---       commands as for 'w': the checkpoint's, run only if this part is the script's
---       witness (see below), else none;
---   'g' (backfilled rows only, unchecked): as 'f' without the checkpoint, epoch, position
---       and commands; written only if the script has a witness (so is also fenced).
+--       commands as for 'w' (the checkpoint's);
+--   'g' (backfilled rows only, unchecked): as 'f' without the checkpoint, epoch and
+--       expected position.
 -- First pass, nothing written: each 'w' slot's keys must all be here, else the slot is
 -- left out (sent again on its own by the daemon, which follows the redirection), and its
 -- checkpoint is checked as check.lua does; a refusal writes nothing. Of the 'f' slots,
--- only the witness (and the first whose checkpoint is here, if no slot was checked before
--- it) are checked: backfilled rows are
--- fenced per master (see node_write.rs), since a daemon takes every slot over (one script
--- per master) before it writes anything, and they move no other slot's position.
--- Second pass: the commands of every slot not left out. A row of an 'f' slot that is not
--- here (its slot is being migrated away) leaves that slot out: the daemon sends it again
--- whole, which is safe for backfilled rows (the same values, and no checkpoint moved).
--- Backfilled rows do not move their slot's position, but such a script moves one (the
--- witness: the first 'f' slot with checkpoint commands whose checkpoint is here), so that
--- a promoted replica without this script is seen behind what the daemon recorded: a
--- master's replica holds a prefix of what the master wrote, and a script is replicated
--- whole.
--- Returns {'ok', witness index (0: none), index of each slot left out...},
--- {'epoch'|'owner'|'moved', found, index}, or {'unwritten', Redis's error} when Redis
--- refused the first write (nothing written).
+-- only the first whose checkpoint is here is checked (if no slot was checked before it):
+-- backfilled rows are fenced per master (see node_write.rs), since a daemon takes every
+-- slot over (one script per master) before it writes anything. With no slot checked,
+-- the 'f' and 'g' slots are left out.
+-- Second pass: the commands of every slot not left out. A row of an 'f' or 'g' slot that
+-- is not here (its slot is being migrated away) leaves that slot out, its checkpoint
+-- unmoved: the daemon sends it again whole, which is safe for backfilled rows (the same
+-- values). Every slot written whole moves its position, backfilled rows too, so that a
+-- replica promoted without them is seen behind what the daemon recorded.
+-- Returns {'ok', index of each slot left out...}, {'epoch'|'owner'|'moved', found, index},
+-- or {'unwritten', Redis's error} when Redis refused the first write (nothing written).
 local token = ARGV[1]
 local slots = {}
 local i = 2
@@ -43,7 +38,6 @@ while i <= n do
   local s = {kind = ARGV[i]}
   if s.kind == 'g' then
     i = i + 1
-    s.ncmds = 0
   else
     s.ck, s.epoch, s.expected = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
     i = i + 4
@@ -60,18 +54,15 @@ while i <= n do
     s.ttl = i + 1
     i = s.ttl + 3 * s.nttl
   end
-  if s.kind ~= 'g' then
-    s.ncmds = tonumber(ARGV[i])
-    s.cmds = i + 1
-    i = s.cmds
-    for _ = 1, s.ncmds do i = i + 1 + tonumber(ARGV[i]) end
-  end
+  s.ncmds = tonumber(ARGV[i])
+  s.cmds = i + 1
+  i = s.cmds
+  for _ = 1, s.ncmds do i = i + 1 + tonumber(ARGV[i]) end
   slots[#slots + 1] = s
 end
 
-local reply = {'ok', 0}
+local reply = {'ok'}
 local left_out = {}
-local witness
 local fenced
 for x, s in ipairs(slots) do
   local found
@@ -89,7 +80,7 @@ for x, s in ipairs(slots) do
     if type(here) ~= 'table' then found = redis.call('HMGET', s.ck, 'epoch', 'owner', 'lsn') end
   elseif s.kind == 'g' then
     found = false
-  elseif not fenced or (s.ncmds > 0 and not witness) then
+  elseif not fenced then
     found = redis.pcall('HMGET', s.ck, 'epoch', 'owner', 'lsn')
     if found.err then found = nil end
   else
@@ -100,7 +91,6 @@ for x, s in ipairs(slots) do
     reply[#reply + 1] = x
   elseif found then
     fenced = true
-    if s.kind == 'f' and s.ncmds > 0 and not witness then witness = x end
     local refused
     if found[1] ~= s.epoch then refused = {'epoch', found[1] or ''}
     elseif found[2] ~= token then refused = {'owner', found[2] or ''}
@@ -144,8 +134,8 @@ local function fill(r)
 end
 
 for x, s in ipairs(slots) do
-  if s.kind == 'g' and not witness then
-    -- Not fenced by a check, or with no witness to record it: sent again on its own.
+  if s.kind ~= 'w' and not fenced and not left_out[x] then
+    -- No checkpoint of this node was checked: sent again on its own.
     left_out[x] = true
     reply[#reply + 1] = x
   end
@@ -175,16 +165,14 @@ for x, s in ipairs(slots) do
         whole = whole and ok
         t = t + 3
       end
-      if x == witness then
+      if whole then
         local c = s.cmds
         for _ = 1, s.ncmds do
           local err = run(c)
           if err then return {'unwritten', err} end
           c = c + 1 + tonumber(ARGV[c])
         end
-        reply[2] = witness
-      end
-      if not whole then
+      else
         left_out[x] = true
         reply[#reply + 1] = x
       end

@@ -22,23 +22,21 @@
 //! transaction.
 //!
 //! **Backfilled rows** (a part holding nothing else, [`fills_only`]) go in a compact form:
-//! one `MSET` per slot (a `SET … PX` per row with a TTL), with no `EXISTS` first, and no
-//! check or checkpoint write per slot but for one:
-//! - **Fenced per master.** The first slot checkpoint of the script found on the node is
-//!   checked (a refusal writes nothing). Past the first few, parts carry no checkpoint
-//!   and are written only if the script has a witness (itself checked). A daemon takes every slot over, one script per
-//!   master, before it writes anything, so a late script of an old daemon runs wholly
-//!   before the new daemon's takeover of that master (older than anything the new daemon
-//!   writes, and after every change of the old daemon the takeover saw) or after it, and
-//!   is refused.
-//! - **The witness.** Backfilled rows leave their slots' positions alone but for one slot
-//!   per script, checked as above, whose position moves and is recorded by the daemon like
-//!   any other. A replica holds a prefix of its master's writes and a script is replicated
-//!   whole, so a replica promoted without the script is behind the daemon's record of its
-//!   witness: the loss is seen.
+//! one `MSET` per slot (a `SET … PX` per row with a TTL) and the slot checkpoint's `HSET`,
+//! with no `EXISTS` first and no check per slot:
+//! - **Fenced per master.** Only the first slot checkpoint of the script found on the node
+//!   is checked (a refusal writes nothing); past the first few, parts do not even carry
+//!   their checkpoint's state. A daemon takes every slot over, one script per master, before
+//!   it writes anything, so a late script of an old daemon runs before the new daemon's
+//!   takeover of that master (older than anything the new daemon writes, and after every
+//!   change of the old daemon the takeover saw) or after it, and is refused. (A position
+//!   it moves in a slot the new daemon took over in an earlier script of that takeover is
+//!   then seen as a loss by the new daemon, which rebuilds: costly, never stale.)
+//! - **Every slot's position moves**, as with changes, so that a replica promoted without
+//!   the rows is behind the daemon's record of each slot written.
 //! - **Where the rows are.** A row not on the node (its slot is being migrated away) makes
-//!   Redis refuse its command; the part is then left out and sent again whole as a slot's
-//!   transaction (writing a backfilled row twice is harmless).
+//!   Redis refuse its command; the part is then left out, its position unmoved, and sent
+//!   again whole as a slot's transaction (writing a backfilled row twice is harmless).
 
 use super::script::{add_ops, refusal, text, unexpected, Owner, Refused};
 use super::slot_write::{checkpoint_commands, declared_keys, without_comments, SlotWriteError};
@@ -75,8 +73,8 @@ pub fn value_bytes(ops: &[Op]) -> usize {
         .sum()
 }
 
-/// Whether `ops` are backfilled rows only, which go in a [`NodeWrite`] in a compact form
-/// and do not move their slot's position (but for the script's witness).
+/// Whether `ops` are backfilled rows only, which go in a [`NodeWrite`] in a compact form,
+/// fenced per master.
 pub fn fills_only(ops: &[Op]) -> bool {
     !ops.is_empty() && ops.iter().all(|op| matches!(op, Op::Fill { .. }))
 }
@@ -102,8 +100,7 @@ pub fn plain(ops: &[Op]) -> bool {
 pub struct NodePart<'a> {
     pub owner: Owner,
     pub ops: &'a [Op],
-    /// Where the slot's checkpoint moves, if it does. For a part of backfilled rows only
-    /// ([`fills_only`]), where it moves if the part is the script's witness.
+    /// Where the slot's checkpoint moves, if it does.
     pub position: Option<Lsn>,
     pub fields: &'a [(&'a str, &'a str)],
 }
@@ -123,13 +120,7 @@ pub enum NodeOutcome {
     /// Written, but for these parts (indexes into the parts), whose keys were not all on
     /// the node: nothing of theirs was written, or (backfilled rows only) not all of it,
     /// to be sent again whole.
-    Applied {
-        left_out: Vec<usize>,
-        /// The part of backfilled rows only whose slot's position moved: the script's
-        /// witness, so that a master that lost the script is seen behind what the daemon
-        /// recorded (the other such parts leave their slots' positions alone).
-        witness: Option<usize>,
-    },
+    Applied { left_out: Vec<usize> },
 }
 
 impl NodeWrite {
@@ -167,18 +158,15 @@ impl NodeWrite {
                 *commands += 1;
             }
         };
-        // Parts of backfilled rows: the first few, and the first that may be the witness,
-        // carry their checkpoint (checked by the script); the rest are bare ('g'), fenced
-        // by those and written only if the script has a witness.
-        let (mut checked_fills, mut candidate) = (0, false);
+        // Parts of backfilled rows: the first few carry their checkpoint (the first found
+        // on the node is checked and fences the others); the rest are bare ('g').
+        let mut checked_fills = 0;
         for part in parts {
             let ck = &part.owner.checkpoint_key;
             let kind = if !fills_only(part.ops) {
                 "w"
-            } else if checked_fills < CHECKED_FILL_PARTS || (!candidate && part.position.is_some())
-            {
+            } else if checked_fills < CHECKED_FILL_PARTS {
                 checked_fills += 1;
-                candidate |= part.position.is_some();
                 "f"
             } else {
                 "g"
@@ -190,8 +178,8 @@ impl NodeWrite {
                     .arg(checkpoint::position_text(part.owner.position));
             }
             if kind != "w" {
-                // Backfilled rows: pairs for one MSET, then the rows with a TTL; the
-                // checkpoint's commands only where the part may be the witness.
+                // Backfilled rows: pairs for one MSET, then the rows with a TTL, then the
+                // checkpoint's commands.
                 let rows = || {
                     part.ops.iter().filter_map(|op| match op {
                         Op::Fill { key, value, ttl_ms } => Some((key, value, *ttl_ms)),
@@ -210,13 +198,11 @@ impl NodeWrite {
                     }
                 }
                 commands += plain.div_ceil(500) + part.ops.len() - plain;
-                if kind == "f" {
-                    let tail = match part.position {
-                        Some(_) => checkpoint_commands(ck, part.position, part.fields, now_ms),
-                        None => Vec::new(),
-                    };
-                    add(&mut cmd, &mut commands, &tail.iter().collect::<Vec<_>>());
-                }
+                let tail = match part.position {
+                    Some(_) => checkpoint_commands(ck, part.position, part.fields, now_ms),
+                    None => Vec::new(),
+                };
+                add(&mut cmd, &mut commands, &tail.iter().collect::<Vec<_>>());
             } else {
                 let keys = declared_keys(part.ops);
                 cmd.arg(keys.len()).arg(&keys);
@@ -254,16 +240,11 @@ impl NodeWrite {
         let status = items.first().map(text).unwrap_or_default();
         match status.as_str() {
             "ok" => {
-                let witness = match items.get(1) {
-                    Some(redis::Value::Int(0)) => None,
-                    Some(v) => Some(index(v).ok_or_else(|| bad("the witness is out of range"))?),
-                    None => return Err(bad("the node write's reply has no witness")),
-                };
-                let left_out = items[2..]
+                let left_out = items[1..]
                     .iter()
                     .map(|v| index(v).ok_or_else(|| bad("a left-out index is out of range")))
                     .collect::<Result<Vec<_>, _>>()?;
-                Ok(NodeOutcome::Applied { left_out, witness })
+                Ok(NodeOutcome::Applied { left_out })
             }
             "epoch" | "owner" | "moved" => {
                 let found = items.get(1).map(text).unwrap_or_default();
