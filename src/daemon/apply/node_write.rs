@@ -51,9 +51,11 @@ static NODE_WRITE_BODY: std::sync::LazyLock<String> =
 /// At most this many commands in one script, so that one master is not held for long.
 pub const MAX_COMMANDS: usize = 4_096;
 
-/// At most about this many bytes of values in one script (but a single slot's part), well
-/// under Redis's `client-query-buffer-limit` (1 GB by default): one command is buffered
-/// whole before it runs, where a pipeline's commands are not.
+/// At most about this many bytes of values in one script (but a single slot's part): a
+/// master holds a command's arguments until it runs, so this bounds what one script costs
+/// it. (`client-query-buffer-limit` bounds the unparsed input, not a command's arguments:
+/// Redis 7 took a 6 MB script under a 1 MB limit, and
+/// `cluster_daemon::wide_rows_land_under_a_small_query_buffer_limit` writes wide rows so.)
 pub const MAX_BYTES: usize = 64 << 20;
 
 /// How many parts of backfilled rows in a script carry their slot checkpoint (the first
