@@ -649,6 +649,33 @@ pub(crate) fn key_off_the_root(cluster: &TestRedisCluster) -> String {
         .expect("a key on a third master")
 }
 
+/// Kills master `master` and has its replica `replica` take over, until it serves `key`'s
+/// slot.
+pub(crate) async fn fail_over(
+    cluster: &mut TestRedisCluster,
+    master: usize,
+    replica: usize,
+    key: &str,
+) {
+    cluster.node_mut(master).kill9().unwrap();
+    cluster.nodes()[replica].resume().unwrap();
+    cluster.nodes()[replica]
+        .cli(&["CLUSTER", "FAILOVER", "TAKEOVER"])
+        .unwrap();
+    let promoted = cluster.nodes()[replica].port();
+    eventually(
+        Duration::from_secs(30),
+        "the replica to serve the slots",
+        || {
+            let ok = cluster
+                .master_of_slot(key_slot(key.as_bytes()))
+                .is_ok_and(|n| n.port() == promoted);
+            async move { ok.then_some(()) }
+        },
+    )
+    .await;
+}
+
 async fn slot_confirmed_past(pg: &tokio_postgres::Client, lsn: &str) -> bool {
     pg.query_one(
         "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots",
@@ -751,24 +778,7 @@ async fn master_dies_under_a_write(wait_replicas: Option<usize>) -> (String, boo
     let confirmed = slot_confirmed_past(&pg, &after_update).await;
 
     // The master dies; its replica, which never got the update, takes over.
-    cluster.node_mut(master).kill9().unwrap();
-    cluster.nodes()[replica].resume().unwrap();
-    cluster.nodes()[replica]
-        .cli(&["CLUSTER", "FAILOVER", "TAKEOVER"])
-        .unwrap();
-    let promoted = cluster.nodes()[replica].port();
-    eventually(
-        Duration::from_secs(30),
-        "the replica to serve the slots",
-        || {
-            let slot = key_slot(key.as_bytes());
-            let ok = cluster
-                .master_of_slot(slot)
-                .is_ok_and(|n| n.port() == promoted);
-            async move { ok.then_some(()) }
-        },
-    )
-    .await;
+    fail_over(&mut cluster, master, replica, &key).await;
     // The old master comes back as the new one's replica (with wait_replicas, the daemon
     // confirms nothing more until a replica holds its writes).
     cluster.node_mut(master).start_again().unwrap();
@@ -1485,23 +1495,7 @@ async fn without_wait_replicas_backfilled_rows_lost_in_a_failover_are_found() {
     tokio::time::sleep(Duration::from_millis(1_500)).await;
 
     // The master dies; its replica, which has none of the backfilled rows, takes over.
-    cluster.node_mut(master).kill9().unwrap();
-    cluster.nodes()[replica].resume().unwrap();
-    cluster.nodes()[replica]
-        .cli(&["CLUSTER", "FAILOVER", "TAKEOVER"])
-        .unwrap();
-    let promoted = cluster.nodes()[replica].port();
-    eventually(
-        Duration::from_secs(30),
-        "the replica to serve the slots",
-        || {
-            let ok = cluster
-                .master_of_slot(key_slot(key.as_bytes()))
-                .is_ok_and(|n| n.port() == promoted);
-            async move { ok.then_some(()) }
-        },
-    )
-    .await;
+    fail_over(&mut cluster, master, replica, &key).await;
     let stale = {
         let mut view = View::new(&cluster).await;
         view.get_many(&on_master).await

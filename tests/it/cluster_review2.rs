@@ -14,7 +14,8 @@ use pgcache::daemon::slot_router::SlotRouter;
 use pgcache::testkit::TestRedisCluster;
 
 use crate::cluster_daemon::{
-    cluster_config_with, cut_off_replica, key_off_the_root, master_and_replica, start_cluster,
+    cluster_config_with, cut_off_replica, fail_over, key_off_the_root, master_and_replica,
+    start_cluster,
 };
 use crate::common::{eventually, Daemon, Env, DB};
 
@@ -255,23 +256,7 @@ async fn backfilled_rows_lost_in_a_failover_before_a_truncate_are_found() {
     let needle = format!("\"{column}\":7");
 
     // The master dies; its replica, without the backfilled rows, takes over.
-    cluster.node_mut(master).kill9().unwrap();
-    cluster.nodes()[replica].resume().unwrap();
-    cluster.nodes()[replica]
-        .cli(&["CLUSTER", "FAILOVER", "TAKEOVER"])
-        .unwrap();
-    let promoted = cluster.nodes()[replica].port();
-    eventually(
-        Duration::from_secs(30),
-        "the replica to serve the slots",
-        || {
-            let ok = cluster
-                .master_of_slot(key_slot(key.as_bytes()))
-                .is_ok_and(|n| n.port() == promoted);
-            async move { ok.then_some(()) }
-        },
-    )
-    .await;
+    fail_over(&mut cluster, master, replica, &key).await;
     let _ = router.refresh().await;
     let stale = raw(&mut router, &on_master).await;
     assert!(
