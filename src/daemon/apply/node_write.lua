@@ -6,8 +6,10 @@
 -- as they are all on its node, and Redis refuses any other (non-local, or absent from a
 -- slot being migrated away), which the script uses to leave such a slot out.
 --   ARGV[1]  owner token
---   then per slot, a kind and (but for 'g') its checkpoint, epoch and expected position
---   ('-': none yet):
+--   ARGV[2..7]  the checkpoint fields a position move sets, for 'h' slots: updated_ms,
+--            its value, lsn, the position, applied, the position in hex
+--   then per slot, a kind and (but for 'g' and 'h') its checkpoint, epoch and expected
+--   position ('-': none yet):
 --   'w' (writes): key count, the keys (every key and lease the part touches), command
 --       count, and per command its argument count and arguments (the last ones set the
 --       checkpoint's fields);
@@ -15,15 +17,17 @@
 --       key/value/PX-milliseconds triples of rows with a TTL, then command count and
 --       commands as for 'w' (the checkpoint's);
 --   'g' (backfilled rows only, unchecked): as 'f' without the checkpoint, epoch and
---       expected position.
+--       expected position;
+--   'h' (backfilled rows only, unchecked): the checkpoint whose position moves ('' for
+--       none), then the pairs and triples as for 'f'; the move is ARGV[2..7] (an HSET).
 -- First pass, nothing written: each 'w' slot's keys must all be here, else the slot is
 -- left out (sent again on its own by the daemon, which follows the redirection), and its
 -- checkpoint is checked as check.lua does; a refusal writes nothing. Of the 'f' slots,
 -- only the first whose checkpoint is here is checked (if no slot was checked before it):
 -- backfilled rows are fenced per master (see node_write.rs), since a daemon takes every
 -- slot over (one script per master) before it writes anything. With no slot checked,
--- the 'f' and 'g' slots are left out.
--- Second pass: the commands of every slot not left out. A row of an 'f' or 'g' slot that
+-- the 'f', 'g' and 'h' slots are left out.
+-- Second pass: the commands of every slot not left out. A row of an 'f', 'g' or 'h' slot that
 -- is not here (its slot is being migrated away) leaves that slot out, its checkpoint
 -- unmoved: the daemon sends it again whole, which is safe for backfilled rows (the same
 -- values). Every slot written whole moves its position, backfilled rows too, so that a
@@ -32,12 +36,15 @@
 -- or {'unwritten', Redis's error} when Redis refused the first write (nothing written).
 local token = ARGV[1]
 local slots = {}
-local i = 2
+local i = 8
 local n = #ARGV
 while i <= n do
   local s = {kind = ARGV[i]}
   if s.kind == 'g' then
     i = i + 1
+  elseif s.kind == 'h' then
+    s.ck = ARGV[i + 1]
+    i = i + 2
   else
     s.ck, s.epoch, s.expected = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
     i = i + 4
@@ -54,10 +61,14 @@ while i <= n do
     s.ttl = i + 1
     i = s.ttl + 3 * s.nttl
   end
-  s.ncmds = tonumber(ARGV[i])
-  s.cmds = i + 1
-  i = s.cmds
-  for _ = 1, s.ncmds do i = i + 1 + tonumber(ARGV[i]) end
+  if s.kind == 'h' then
+    s.ncmds = 0
+  else
+    s.ncmds = tonumber(ARGV[i])
+    s.cmds = i + 1
+    i = s.cmds
+    for _ = 1, s.ncmds do i = i + 1 + tonumber(ARGV[i]) end
+  end
   slots[#slots + 1] = s
 end
 
@@ -78,7 +89,7 @@ for x, s in ipairs(slots) do
       k = upto + 1
     end
     if type(here) ~= 'table' then found = redis.call('HMGET', s.ck, 'epoch', 'owner', 'lsn') end
-  elseif s.kind == 'g' then
+  elseif s.kind == 'g' or s.kind == 'h' then
     found = false
   elseif not fenced then
     found = redis.pcall('HMGET', s.ck, 'epoch', 'owner', 'lsn')
@@ -171,6 +182,16 @@ for x, s in ipairs(slots) do
           local err = run(c)
           if err then return {'unwritten', err} end
           c = c + 1 + tonumber(ARGV[c])
+        end
+        if s.kind == 'h' and s.ck ~= '' then
+          -- The position move; a checkpoint no longer here (migrated ahead of the rows)
+          -- leaves the slot out, to be sent again whole.
+          local ok = fill(redis.pcall('HSET', s.ck, unpack(ARGV, 2, 7)))
+          if type(ok) == 'string' then return {'unwritten', ok} end
+          if not ok then
+            left_out[x] = true
+            reply[#reply + 1] = x
+          end
         end
       else
         left_out[x] = true

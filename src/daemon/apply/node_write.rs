@@ -33,7 +33,11 @@
 //!   it moves in a slot the new daemon took over in an earlier script of that takeover is
 //!   then seen as a loss by the new daemon, which rebuilds: costly, never stale.)
 //! - **Every slot's position moves**, as with changes, so that a replica promoted without
-//!   the rows is behind the daemon's record of each slot written.
+//!   the rows is behind the daemon's record of each slot written. Past the first few, a
+//!   part names only its checkpoint, and the script sets the fields every such move shares
+//!   (the batch's position, given once): four arguments a slot besides its rows, not
+//!   thirteen. A checkpoint no longer on the node (a migration moved it ahead of the rows)
+//!   leaves the part out, to be sent again whole, rather than its position behind.
 //! - **Where the rows are.** A row not on the node (its slot is being migrated away) makes
 //!   Redis refuse its command; the part is then left out, its position unmoved, and sent
 //!   again whole as a slot's transaction (writing a backfilled row twice is harmless).
@@ -41,7 +45,7 @@
 use super::script::{add_ops, refusal, text, unexpected, Owner, Refused};
 use super::slot_write::{checkpoint_commands, declared_keys, without_comments, SlotWriteError};
 use super::Op;
-use crate::checkpoint;
+use crate::checkpoint::{self, FIELD_APPLIED, FIELD_LSN, FIELD_UPDATED_MS};
 use crate::Lsn;
 
 /// The script without its comments (a batch carries it once per master).
@@ -131,7 +135,7 @@ impl NodeWrite {
         // Sized up front: a script may carry tens of MB of values.
         let (args, bytes) = parts
             .iter()
-            .fold((4, NODE_WRITE_BODY.len()), |(n, b), part| {
+            .fold((10, NODE_WRITE_BODY.len() + 64), |(n, b), part| {
                 let (ops, data) = part.ops.iter().fold((0, 0), |(n, b), op| {
                     let key = op.key().map_or(0, str::len);
                     (
@@ -146,6 +150,20 @@ impl NodeWrite {
             .arg(NODE_WRITE_BODY.as_str())
             .arg(0)
             .arg(token);
+        // The checkpoint fields a position move sets, once for the script: a batch moves
+        // every slot it moves to the same position, so a part of backfilled rows names only
+        // its checkpoint ('h'). A part moving elsewhere, or with fields of its own, carries
+        // its commands ('g').
+        let shared = parts.iter().find_map(|part| part.position);
+        let (lsn, applied) = shared.map_or((String::new(), String::new()), |lsn| {
+            (lsn.to_string(), checkpoint::hex(lsn))
+        });
+        cmd.arg(FIELD_UPDATED_MS)
+            .arg(now_ms)
+            .arg(FIELD_LSN)
+            .arg(lsn)
+            .arg(FIELD_APPLIED)
+            .arg(applied);
         let mut commands = 0;
         let mut expected = Vec::with_capacity(parts.len());
         let add = |cmd: &mut redis::Cmd, commands: &mut usize, all: &[&redis::Cmd]| {
@@ -170,11 +188,21 @@ impl NodeWrite {
             } else if checked_fills < CHECKED_FILL_PARTS {
                 checked_fills += 1;
                 "f"
+            } else if part.fields.is_empty() && (part.position.is_none() || part.position == shared)
+            {
+                "h"
             } else {
                 "g"
             };
             cmd.arg(kind);
-            if kind != "g" {
+            if kind == "h" {
+                // The checkpoint whose position moves, or none.
+                cmd.arg(if part.position.is_some() {
+                    ck.as_str()
+                } else {
+                    ""
+                });
+            } else if kind != "g" {
                 cmd.arg(ck)
                     .arg(&part.owner.epoch)
                     .arg(checkpoint::position_text(part.owner.position));
@@ -200,11 +228,15 @@ impl NodeWrite {
                     }
                 }
                 commands += plain.div_ceil(500) + part.ops.len() - plain;
-                let tail = match part.position {
-                    Some(_) => checkpoint_commands(ck, part.position, part.fields, now_ms),
-                    None => Vec::new(),
-                };
-                add(&mut cmd, &mut commands, &tail.iter().collect::<Vec<_>>());
+                if kind == "h" {
+                    commands += usize::from(part.position.is_some());
+                } else {
+                    let tail = match part.position {
+                        Some(_) => checkpoint_commands(ck, part.position, part.fields, now_ms),
+                        None => Vec::new(),
+                    };
+                    add(&mut cmd, &mut commands, &tail.iter().collect::<Vec<_>>());
+                }
             } else {
                 let keys = declared_keys(part.ops);
                 cmd.arg(keys.len()).arg(&keys);
