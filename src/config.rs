@@ -27,6 +27,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+#[cfg(feature = "cluster")]
+pub use self::redis_tls::redis_cluster_builder;
 pub use self::redis_tls::{redis_client, RedisRoots};
 pub use self::secret::{redact, Secret};
 use crate::encoder::EncodeOptions;

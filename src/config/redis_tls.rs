@@ -118,6 +118,43 @@ pub fn redis_client(url: &str, roots: Option<&RedisRoots>) -> redis::RedisResult
     }
 }
 
+/// A redis-rs cluster client builder for `seeds` that checks TLS nodes against `roots`:
+/// each seed is checked as [`redis_client`] checks one URL, and the nodes found from them
+/// are reached with the seeds' scheme.
+///
+/// # Errors
+/// As [`redis_client`], for any seed.
+#[cfg(feature = "cluster")]
+pub fn redis_cluster_builder(
+    seeds: &[String],
+    roots: Option<&RedisRoots>,
+) -> redis::RedisResult<redis::cluster::ClusterClientBuilder> {
+    for seed in seeds {
+        redis_client(seed, roots)?;
+    }
+    let builder = redis::cluster::ClusterClientBuilder::new(seeds.to_vec());
+    match roots {
+        // redis-rs uses the operating system's store when it is given no roots.
+        None | Some(RedisRoots::System) => Ok(builder),
+        #[cfg(not(feature = "tls"))]
+        Some(RedisRoots::File(_)) => unreachable!("redis_client refuses roots without TLS"),
+        #[cfg(feature = "tls")]
+        Some(RedisRoots::File(path)) => {
+            let pem = std::fs::read(path).map_err(|e| {
+                redis::RedisError::from((
+                    redis::ErrorKind::InvalidClientConfig,
+                    "invalid Redis TLS setup",
+                    format!("cannot read redis.tls_ca_file {}: {e}", path.display()),
+                ))
+            })?;
+            Ok(builder.certs(redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem),
+            }))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -480,14 +480,8 @@ fn cluster_link(
     roots: &Option<RedisRoots>,
     options: &ReaderOptions,
 ) -> Result<RedisLink, ReaderError> {
-    if roots.is_some() {
-        return Err(ReaderError::Options(
-            "redis.tls_ca_file is not supported by the read helper on a Redis Cluster yet: \
-             use rediss:// seeds whose certificates the system trusts"
-                .to_string(),
-        ));
-    }
-    let client = redis::cluster::ClusterClientBuilder::new(seeds)
+    let client = crate::config::redis_cluster_builder(&seeds, roots.as_ref())
+        .map_err(ReaderError::RedisConfig)?
         .connection_timeout(options.redis_timeout)
         .response_timeout(options.redis_timeout)
         .build()

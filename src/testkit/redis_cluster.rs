@@ -266,6 +266,11 @@ impl TestRedisCluster {
         self.nodes.iter().map(TestRedis::url).collect()
     }
 
+    /// Every node's `rediss://` URL, with [`RedisOptions::tls`].
+    pub fn tls_urls(&self) -> Vec<String> {
+        self.nodes.iter().map(TestRedis::tls_url).collect()
+    }
+
     /// The first node's URL: one seed is enough for a cluster client.
     pub fn url(&self) -> String {
         self.nodes[0].url()

@@ -28,6 +28,10 @@ pub struct RedisOptions {
     /// configuration, written to `sentinel.conf` in its directory at the first start (the
     /// sentinel rewrites it as it learns). See [`TestSentinelGroup`](super::TestSentinelGroup).
     pub sentinel: Option<String>,
+    /// TLS as well, on a port of its own ([`TestRedis::tls_port`]), with this certificate;
+    /// clients are not asked for one. A cluster node also speaks TLS on the cluster bus
+    /// (`tls-cluster yes`), so the cluster gives TLS clients the nodes' TLS ports.
+    pub tls: Option<super::CertFiles>,
 }
 
 /// A Redis server of our own, on a free port, with its files in a temporary directory.
@@ -38,6 +42,8 @@ pub struct TestRedis {
     port: u16,
     /// The cluster bus port (`cluster-port`) with [`RedisOptions::cluster`], else 0.
     bus_port: u16,
+    /// The TLS port with [`RedisOptions::tls`], else 0.
+    tls_port: u16,
     opts: RedisOptions,
     /// The running server; `None` after `stop` or `kill9`.
     child: Option<Child>,
@@ -76,6 +82,7 @@ impl TestRedis {
             dir,
             port: 0,
             bus_port: 0,
+            tls_port: 0,
             opts,
             child: None,
             watchdog: None,
@@ -101,6 +108,9 @@ impl TestRedis {
             redis.port = free_port()?;
             if redis.opts.cluster {
                 redis.bus_port = free_port()?;
+            }
+            if redis.opts.tls.is_some() {
+                redis.tls_port = free_port()?;
             }
             let log_offset = file_len(&redis.log_path());
             match redis.launch() {
@@ -128,6 +138,17 @@ impl TestRedis {
     /// The cluster bus port of a cluster node (`cluster-port`); 0 when not one.
     pub fn bus_port(&self) -> u16 {
         self.bus_port
+    }
+
+    /// The TLS port with [`RedisOptions::tls`] (on 127.0.0.1, the same across restarts);
+    /// 0 without.
+    pub fn tls_port(&self) -> u16 {
+        self.tls_port
+    }
+
+    /// `rediss://127.0.0.1:{tls_port}/`, with [`RedisOptions::tls`].
+    pub fn tls_url(&self) -> String {
+        format!("rediss://127.0.0.1:{}/", self.tls_port)
     }
 
     /// The server's working directory (AOF files, `redis.log`).
@@ -318,6 +339,20 @@ impl TestRedis {
                 ])
                 // The topology stays as the test built it: no replica moves to another master.
                 .args(["--cluster-allow-replica-migration", "no"]);
+        }
+        if let Some(certs) = &self.opts.tls {
+            cmd.arg("--tls-port")
+                .arg(self.tls_port.to_string())
+                .arg("--tls-cert-file")
+                .arg(&certs.server_cert)
+                .arg("--tls-key-file")
+                .arg(&certs.server_key)
+                .arg("--tls-ca-cert-file")
+                .arg(&certs.ca_cert)
+                .args(["--tls-auth-clients", "no"]);
+            if self.opts.cluster {
+                cmd.args(["--tls-cluster", "yes"]);
+            }
         }
         if redis_major_version() >= 7 && self.opts.sentinel.is_none() {
             cmd.args(["--enable-debug-command", "yes"]);

@@ -1101,6 +1101,108 @@ async fn the_reader_verify_and_status_work_on_the_cluster() {
     daemon.stop().await.unwrap();
 }
 
+/// `rediss://` seeds on a cluster: the daemon, `verify` and the read helper find the nodes
+/// over TLS (the cluster gives TLS clients its TLS ports) and check each against
+/// `tls_ca_file`; a read helper given another CA never reads Redis, only Postgres.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_and_the_reader_speak_tls_to_the_cluster() {
+    let env = Env::start(SCHEMA, TABLES);
+    let certs = pgcache::testkit::generate_tls_certs(&env.dir.path().join("redis-tls")).unwrap();
+    let other = pgcache::testkit::generate_tls_certs(&env.dir.path().join("other-tls")).unwrap();
+    let opts = RedisOptions {
+        tls: Some(certs.clone()),
+        ..RedisOptions::default()
+    };
+    let cluster = tokio::task::spawn_blocking(move || TestRedisCluster::start_with(3, 0, opts))
+        .await
+        .unwrap()
+        .expect("start a TLS cluster");
+    let quoted = |urls: Vec<String>| -> String {
+        let quoted: Vec<String> = urls.iter().map(|u| format!("{u:?}")).collect();
+        format!("urls = [{}]", quoted.join(", "))
+    };
+    let plain = cluster_config(&env, &cluster, "");
+    let with_ca = |ca: &std::path::Path| -> String {
+        let tls = format!(
+            "{}\ntls_ca_file = {:?}",
+            quoted(cluster.tls_urls()),
+            ca.display().to_string()
+        );
+        let text = plain.replace(&quoted(cluster.urls()), &tls);
+        assert!(
+            text.contains("rediss://") && !text.contains("redis://"),
+            "{text}"
+        );
+        text
+    };
+    let text = with_ca(&certs.ca_cert);
+    let path = env.dir.path().join("cluster-tls.toml");
+    std::fs::write(&path, &text).unwrap();
+    let config = Arc::new(pgcache::config::Config::from_toml_str(&text).unwrap());
+    let mut view = View::new(&cluster).await;
+    let daemon = InProcess::start(config.clone());
+    converged(&mut view, &env, Duration::from_secs(60)).await;
+    env.sql("UPDATE items SET v = id WHERE id <= 50");
+    converged(&mut view, &env, Duration::from_secs(60)).await;
+    // Every master has a client on its TLS port: the daemon's.
+    for master in cluster.masters().unwrap() {
+        let node = cluster
+            .nodes()
+            .iter()
+            .find(|n| n.port() == master.port())
+            .unwrap();
+        let clients = node.cli(&["CLIENT", "LIST"]).unwrap();
+        let tls = format!("laddr=127.0.0.1:{} ", node.tls_port());
+        assert!(clients.contains(&tls), "no client on {tls}: {clients}");
+    }
+
+    let (code, out, err) = {
+        let path = path.display().to_string();
+        tokio::task::spawn_blocking(move || crate::common::pgcache(&["verify", "--config", &path]))
+            .await
+            .unwrap()
+    };
+    assert_eq!(code, 0, "{out}{err}");
+
+    let reader = pgcache::Reader::from_config(&config).unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the reader to reach the cluster over TLS",
+        || {
+            let reader = &reader;
+            async move {
+                let before = reader.stats().hits;
+                let _: Option<serde_json::Value> = reader.get("items", 1).await.ok()?;
+                (reader.stats().hits > before).then_some(())
+            }
+        },
+    )
+    .await;
+    let many: Vec<Option<serde_json::Value>> = reader
+        .get_many("items", (1..=50).collect::<Vec<i32>>())
+        .await
+        .unwrap();
+    for (id, row) in (1..=50).zip(&many) {
+        assert_eq!(
+            row.as_ref().map(|r| r["v"].clone()),
+            Some(id.into()),
+            "item {id}"
+        );
+    }
+    assert!(reader.stats().hits >= 51, "{:?}", reader.stats());
+
+    // Another CA: the certificates do not check out, so nothing comes from Redis.
+    let wrong = pgcache::config::Config::from_toml_str(&with_ca(&other.ca_cert)).unwrap();
+    let doubtful = pgcache::Reader::from_config(&wrong).unwrap();
+    for id in 1..=20 {
+        let row: Option<serde_json::Value> = doubtful.get("items", id).await.unwrap();
+        assert_eq!(row.unwrap()["v"], id, "item {id}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(doubtful.stats().hits, 0, "{:?}", doubtful.stats());
+    daemon.stop().await.unwrap();
+}
+
 /// `FLUSHALL` on one master while the daemon runs: first on one without the root checkpoint
 /// (its slots' checkpoints are gone while the root's is not: "lost writes"), then on the
 /// root's own (the root is gone while other slots' are not: "lost its data", not a first

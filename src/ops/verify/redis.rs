@@ -82,10 +82,11 @@ impl Servers {
                         .map_err(|_| timed_out())??,
                 );
             }
-            let client = redis::cluster::ClusterClientBuilder::new(seeds)
-                .connection_timeout(timeout)
-                .response_timeout(std::time::Duration::from_secs(60))
-                .build()?;
+            let client =
+                crate::config::redis_cluster_builder(&seeds, config.redis.tls_ca_file.as_ref())?
+                    .connection_timeout(timeout)
+                    .response_timeout(std::time::Duration::from_secs(60))
+                    .build()?;
             let data = tokio::time::timeout(timeout, client.get_async_connection())
                 .await
                 .map_err(|_| timed_out())??;
