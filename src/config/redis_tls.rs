@@ -37,17 +37,38 @@ impl RedisRoots {
     }
 }
 
-/// Whether a Redis URL asks for TLS.
+/// Whether a Redis URL asks for TLS, as redis-rs reads it: its URL parser trims spaces,
+/// drops tabs and line breaks and lower-cases the scheme, and `valkeys://` is TLS too.
 pub fn is_tls_url(url: &str) -> bool {
-    url.starts_with("rediss://")
+    let scheme: String = url
+        .trim()
+        .chars()
+        .filter(|c| !matches!(c, '\t' | '\n' | '\r'))
+        .take_while(|&c| c != ':')
+        .collect::<String>()
+        .to_ascii_lowercase();
+    scheme == "rediss" || scheme == "valkeys"
+}
+
+/// Whether redis-rs would skip the certificate check of a TLS URL (`#insecure`), read as
+/// redis-rs reads it (see [`is_tls_url`]); any other fragment counts too, since redis-rs
+/// may read it so.
+fn asks_insecure(url: &str) -> bool {
+    let parsed = redis::IntoConnectionInfo::into_connection_info(url).ok();
+    match parsed.as_ref().map(redis::ConnectionInfo::addr) {
+        Some(redis::ConnectionAddr::TcpTls { insecure, .. }) => *insecure,
+        _ => url.split_once('#').is_some_and(|(_, fragment)| {
+            let bare: String = fragment.chars().filter(|c| !c.is_whitespace()).collect();
+            !bare.is_empty()
+        }),
+    }
 }
 
 /// What is wrong with this combination of URL and roots, if anything: TLS without roots,
 /// roots without TLS, or TLS without certificate checks.
 pub fn tls_problem(url: &str, roots: Option<&RedisRoots>) -> Option<String> {
     let tls = is_tls_url(url);
-    let fragment = url.split_once('#').map(|(_, f)| f);
-    if tls && fragment == Some("insecure") {
+    if tls && asks_insecure(url) {
         return Some(
             "rediss:// with #insecure would accept any certificate; pgcache does not allow it: \
              remove #insecure and set redis.tls_ca_file to the CA that signed Redis' certificate"
@@ -101,12 +122,7 @@ pub fn redis_client(url: &str, roots: Option<&RedisRoots>) -> redis::RedisResult
         Some(RedisRoots::File(_)) => unreachable!("rediss:// is refused above without TLS"),
         #[cfg(feature = "tls")]
         Some(RedisRoots::File(path)) => {
-            let pem = std::fs::read(path).map_err(|e| {
-                invalid(format!(
-                    "cannot read redis.tls_ca_file {}: {e}",
-                    path.display()
-                ))
-            })?;
+            let pem = read_ca_file(path)?;
             redis::Client::build_with_tls(
                 url,
                 redis::TlsCertificates {
@@ -140,19 +156,42 @@ pub fn redis_cluster_builder(
         Some(RedisRoots::File(_)) => unreachable!("redis_client refuses roots without TLS"),
         #[cfg(feature = "tls")]
         Some(RedisRoots::File(path)) => {
-            let pem = std::fs::read(path).map_err(|e| {
-                redis::RedisError::from((
-                    redis::ErrorKind::InvalidClientConfig,
-                    "invalid Redis TLS setup",
-                    format!("cannot read redis.tls_ca_file {}: {e}", path.display()),
-                ))
-            })?;
+            let pem = read_ca_file(path)?;
             Ok(builder.certs(redis::TlsCertificates {
                 client_tls: None,
                 root_cert: Some(pem),
             }))
         }
     }
+}
+
+/// The CA file's PEM, which must hold at least one certificate (a file of anything else
+/// would only fail at the first connection, as an unknown issuer).
+#[cfg(feature = "tls")]
+fn read_ca_file(path: &Path) -> redis::RedisResult<Vec<u8>> {
+    let invalid = |what: String| {
+        redis::RedisError::from((
+            redis::ErrorKind::InvalidClientConfig,
+            "invalid Redis TLS setup",
+            what,
+        ))
+    };
+    let pem = std::fs::read(path).map_err(|e| {
+        invalid(format!(
+            "cannot read redis.tls_ca_file {}: {e}",
+            path.display()
+        ))
+    })?;
+    if !pem
+        .windows(b"-----BEGIN CERTIFICATE-----".len())
+        .any(|w| w == b"-----BEGIN CERTIFICATE-----")
+    {
+        return Err(invalid(format!(
+            "redis.tls_ca_file {} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+            path.display()
+        )));
+    }
+    Ok(pem)
 }
 
 #[cfg(test)]
@@ -174,6 +213,34 @@ mod tests {
         assert!(e.contains("not rediss://"), "{e}");
         let e = tls_problem("rediss://h/#insecure", Some(&file)).unwrap();
         assert!(e.contains("#insecure"), "{e}");
+        // Read as redis-rs reads a URL: spaces trimmed, tabs and line breaks dropped, the
+        // scheme in any case, valkeys:// as TLS.
+        for (url, roots) in [
+            ("rediss://h/#insecure ", Some(&file)),
+            ("rediss://h/#insec\ture", Some(&file)),
+            ("rediss://h/#insecure\n", Some(&RedisRoots::System)),
+            ("REDISS://h/#insecure", Some(&file)),
+            ("valkeys://h/#insecure", Some(&file)),
+        ] {
+            let e = tls_problem(url, roots).unwrap_or_else(|| panic!("{url:?} accepted"));
+            assert!(e.contains("#insecure"), "{url:?}: {e}");
+        }
+        for url in ["REDISS://h:6380", " rediss://h:6380", "valkeys://h:6380"] {
+            let e = tls_problem(url, None).unwrap_or_else(|| panic!("{url:?} accepted"));
+            assert!(e.contains("no CA is configured"), "{url:?}: {e}");
+        }
+    }
+
+    #[cfg(feature = "tls")]
+    #[test]
+    fn a_ca_file_must_hold_a_certificate() {
+        let path = std::env::temp_dir().join(format!("pgcache-no-ca-{}.pem", std::process::id()));
+        std::fs::write(&path, "not a certificate\n").unwrap();
+        let e = redis_client("rediss://h:6380", Some(&RedisRoots::File(path.clone())))
+            .unwrap_err()
+            .to_string();
+        std::fs::remove_file(&path).unwrap();
+        assert!(e.contains("holds no PEM certificate"), "{e}");
     }
 
     #[test]

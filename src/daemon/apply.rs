@@ -307,8 +307,11 @@ impl Batch {
     }
 
     /// Records each operation's change from now on (a Redis Cluster: see [`ChangeTag`]).
+    /// Operations already in the batch (a refused table's key drop, queued at the start)
+    /// come from no change a slot could skip.
     pub fn tag_changes(&mut self) {
-        self.tags.get_or_insert_with(Vec::new);
+        let before = self.ops.len();
+        self.tags.get_or_insert_with(|| vec![None; before]);
     }
 
     /// The change the next operations come from (`None`: none that a slot could skip).

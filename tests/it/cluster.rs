@@ -1146,3 +1146,173 @@ async fn a_node_write_of_backfilled_rows_is_fenced_per_master_and_leaves_out_wha
         .unwrap();
     cli(&["CLUSTER", "SETSLOT", &slot9, "NODE", &node_id]);
 }
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum FillKind {
+    /// The migrated slot's part is the 2nd fill part of the script: kind 'f', unchecked.
+    SecondF,
+    /// The migrated slot's part is the 6th, with a field of its own: kind 'g'.
+    G,
+    /// The migrated slot's part is the 6th, plain: kind 'h' (the case the commit fixed).
+    H,
+}
+
+/// Slot {9} of master M is being migrated to T, and its checkpoint has already been
+/// MIGRATEd to T (`redis-cli --cluster reshard` moves keys in any order) while its row is
+/// still on M. A node write of backfilled rows for M carries that slot's part: every part
+/// not left out must have its slot's position moved (else the daemon records a position
+/// Redis does not hold, and later takes it for a loss and rebuilds everything). From the
+/// review of 2026-11-29, which found the 'f' and 'g' kinds still leaving it behind.
+async fn fill_checkpoint_migrated_ahead_of_rows(kind: FillKind) {
+    use pgcache::checkpoint::slot_checkpoint_key;
+    use pgcache::daemon::apply::node_write::{NodeOutcome, NodePart, NodeWrite};
+    use pgcache::daemon::apply::script::Owner;
+    use pgcache::daemon::apply::Op;
+    use pgcache::daemon::slot_router::SlotRouter;
+    use pgcache::Lsn;
+
+    let cluster =
+        tokio::task::spawn_blocking(|| TestRedisCluster::start_with(3, 0, RedisOptions::default()))
+            .await
+            .unwrap()
+            .expect("start a 3-master cluster");
+    let node = cluster.master_of_slot(key_slot(b"9")).unwrap();
+    let master = node.port();
+    let on_master = |key: &str| {
+        cluster
+            .master_of_slot(key_slot(key.as_bytes()))
+            .unwrap()
+            .port()
+            == master
+    };
+    let cli = |args: &[&str]| -> String { node.cli(args).unwrap() };
+    let mut here: Vec<String> = Vec::new();
+    let mut slots = std::collections::BTreeSet::new();
+    for i in 0..2_000 {
+        let key = format!("item:{i}");
+        if on_master(&key)
+            && key_slot(b"9") != key_slot(key.as_bytes())
+            && slots.insert(key_slot(key.as_bytes()))
+        {
+            here.push(key);
+        }
+        if here.len() == 8 {
+            break;
+        }
+    }
+    let staying = "tenant:{9}:b";
+    let target = cluster
+        .masters()
+        .unwrap()
+        .into_iter()
+        .find(|m| m.port() != master)
+        .unwrap();
+    let slot9 = key_slot(b"9").to_string();
+    let node_id = cli(&["CLUSTER", "MYID"]);
+    let target_id = target.cli(&["CLUSTER", "MYID"]).unwrap();
+    let ck_of = |key: &str| slot_checkpoint_key("", "pgcache", key_slot(key.as_bytes()));
+    for key in here.iter().map(String::as_str).chain([staying]) {
+        cli(&[
+            "HSET",
+            &ck_of(key),
+            "epoch",
+            "e",
+            "owner",
+            "o",
+            "lsn",
+            "0/10",
+        ]);
+    }
+    // The row exists here (a rebuild backfills over what is cached).
+    cli(&["SET", staying, "old"]);
+    target
+        .cli(&["CLUSTER", "SETSLOT", &slot9, "IMPORTING", &node_id])
+        .unwrap();
+    cli(&["CLUSTER", "SETSLOT", &slot9, "MIGRATING", &target_id]);
+    // The migration moves the checkpoint first.
+    let target_port = target.port().to_string();
+    let ck9 = ck_of(staying);
+    assert_eq!(
+        cli(&["MIGRATE", "127.0.0.1", &target_port, &ck9, "0", "5000"]),
+        "OK"
+    );
+
+    let mut router = SlotRouter::connect(&cluster.urls(), None).await.unwrap();
+    let mut conn = router.node(&format!("127.0.0.1:{master}")).await.unwrap();
+    let fill = |key: &str, i: usize| Op::Fill {
+        key: key.to_string(),
+        value: format!("row {i}").into_bytes(),
+        ttl_ms: None,
+    };
+    // Order of parts: the migrated slot's part at index 1 (SecondF) or 5 (G, H).
+    let mut keys: Vec<&str> = here.iter().map(String::as_str).collect();
+    let at = if kind == FillKind::SecondF { 1 } else { 5 };
+    keys.insert(at, staying);
+    let rows: Vec<Vec<Op>> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| vec![fill(k, i)])
+        .collect();
+    let own_fields: [(&str, &str); 1] = [("backfill_note", "x")];
+    let parts: Vec<NodePart<'_>> = keys
+        .iter()
+        .zip(&rows)
+        .enumerate()
+        .map(|(i, (k, ops))| NodePart {
+            owner: Owner {
+                checkpoint_key: ck_of(k),
+                token: "o".into(),
+                epoch: "e".into(),
+                position: Some(Lsn(0x10)),
+            },
+            ops,
+            position: Some(Lsn(0x300)),
+            fields: if kind == FillKind::G && i == at {
+                &own_fields[..]
+            } else {
+                &[]
+            },
+        })
+        .collect();
+    let write = NodeWrite::new("o", &parts, 1);
+    let reply: redis::Value = write.cmd.query_async(&mut conn).await.unwrap();
+    let NodeOutcome::Applied { left_out } = write.outcome(&reply).unwrap();
+    let ck9_lsn: Option<String> = {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{target_port}")).unwrap();
+        let mut t = client.get_multiplexed_async_connection().await.unwrap();
+        let (lsn,): (Option<String>,) = redis::pipe()
+            .cmd("ASKING")
+            .ignore()
+            .cmd("HGET")
+            .arg(&ck9)
+            .arg("lsn")
+            .query_async(&mut t)
+            .await
+            .unwrap();
+        lsn
+    };
+    let ck9_lsn = ck9_lsn.unwrap_or_default();
+    let row_here = cli(&["GET", staying]);
+    eprintln!(
+        "{kind:?}: left_out {left_out:?}; row {staying} on M = {row_here:?}; \
+         its checkpoint (on T) lsn = {ck9_lsn:?}"
+    );
+    target
+        .cli(&["CLUSTER", "SETSLOT", &slot9, "NODE", &node_id])
+        .ok();
+    node.cli(&["CLUSTER", "SETSLOT", &slot9, "NODE", &node_id])
+        .ok();
+    assert!(
+        left_out.contains(&at) || ck9_lsn == "0/300",
+        "{kind:?}: the part of slot {slot9} was reported written (left out: {left_out:?}), \
+         its row written on M ({row_here:?}), but its checkpoint (migrated ahead to T) is \
+         still at {ck9_lsn}, not 0/300: the daemon records a position Redis does not hold"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fill_part_whose_checkpoint_migrated_ahead_is_left_out_in_every_kind() {
+    for kind in [FillKind::SecondF, FillKind::G, FillKind::H] {
+        fill_checkpoint_migrated_ahead_of_rows(kind).await;
+    }
+}

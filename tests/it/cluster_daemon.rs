@@ -1203,6 +1203,66 @@ async fn the_daemon_and_the_reader_speak_tls_to_the_cluster() {
     daemon.stop().await.unwrap();
 }
 
+/// A table whose rule is refused at start (its key column outside the replica identity:
+/// "table stopped") on a cluster: the drop of its keys is queued before the session tags
+/// the batch's changes by slot, and the two lists must stay in step (the review of
+/// 2026-11-29 found the daemon panicking there at every start, a crash loop). The other
+/// table keeps going.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_stopped_at_start_stops_alone_on_a_cluster() {
+    const SCHEMA: &str = "
+CREATE TABLE items (id int PRIMARY KEY, t int NOT NULL, v int NOT NULL);
+CREATE TABLE other (id int PRIMARY KEY, v int NOT NULL);
+INSERT INTO items SELECT g, g % 16, 0 FROM generate_series(1, 10) g;
+INSERT INTO other SELECT g, 0 FROM generate_series(1, 10) g;
+";
+    const RULES: &str = r#"[[tables]]
+table = "items"
+key = "item:{{{t}}}:{id}"
+
+[[tables]]
+table = "other"
+key = "other:{id}"
+"#;
+    let env = Env::start(SCHEMA, "public.items,public.other");
+    let cluster = start_cluster(3, 0).await;
+    let path = env.dir.path().join("cluster.toml");
+    std::fs::write(&path, cluster_config_with(&env, &cluster, RULES, "")).unwrap();
+    let log = env.dir.path().join("daemon.log");
+    let mut view = View::new(&cluster).await;
+    for (round, v) in [(1, 1), (2, 2)] {
+        // The second start is a supervisor's restart.
+        let mut daemon = Daemon::spawn(&path, &log);
+        env.sql(&format!("UPDATE other SET v = {v} WHERE id = 1"));
+        let want = format!("{{\"id\":1,\"v\":{v}}}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let got = view.get_many(&["other:1".to_string()]).await;
+            if got[0].as_deref() == Some(want.as_str()) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "start {round}: other:1 is {got:?}, not {want}\n{}",
+                daemon.log()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let text = daemon.log();
+        daemon.terminate();
+        assert!(!text.contains("panicked"), "start {round}: {text}");
+        assert!(text.contains("table stopped"), "start {round}: {text}");
+    }
+    let items = view
+        .get_many(
+            &(1..=10)
+                .map(|id| format!("item:{{{}}}:{id}", id % 16))
+                .collect::<Vec<_>>(),
+        )
+        .await;
+    assert!(items.iter().all(Option::is_none), "{items:?}");
+}
+
 /// `FLUSHALL` on one master while the daemon runs: first on one without the root checkpoint
 /// (its slots' checkpoints are gone while the root's is not: "lost writes"), then on the
 /// root's own (the root is gone while other slots' are not: "lost its data", not a first

@@ -177,21 +177,26 @@ for x, s in ipairs(slots) do
         t = t + 3
       end
       if whole then
+        -- The checkpoint's commands (the position move): a checkpoint no longer here
+        -- (migrated ahead of the rows) leaves the slot out, to be sent again whole,
+        -- rather than its position behind what the daemon records.
         local c = s.cmds
+        local moved = true
         for _ = 1, s.ncmds do
-          local err = run(c)
-          if err then return {'unwritten', err} end
-          c = c + 1 + tonumber(ARGV[c])
+          local argc = tonumber(ARGV[c])
+          local ok = fill(redis.pcall(unpack(ARGV, c + 1, c + argc)))
+          if type(ok) == 'string' then return {'unwritten', ok} end
+          moved = moved and ok
+          c = c + 1 + argc
         end
         if s.kind == 'h' and s.ck ~= '' then
-          -- The position move; a checkpoint no longer here (migrated ahead of the rows)
-          -- leaves the slot out, to be sent again whole.
           local ok = fill(redis.pcall('HSET', s.ck, unpack(ARGV, 2, 7)))
           if type(ok) == 'string' then return {'unwritten', ok} end
-          if not ok then
-            left_out[x] = true
-            reply[#reply + 1] = x
-          end
+          moved = moved and ok
+        end
+        if not moved then
+          left_out[x] = true
+          reply[#reply + 1] = x
         end
       else
         left_out[x] = true

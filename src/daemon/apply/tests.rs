@@ -517,3 +517,22 @@ fn invalidation_columns_outside_the_replica_identity_stop_the_table() {
         "{err}"
     );
 }
+
+#[test]
+fn operations_queued_before_tagging_starts_get_no_tag() {
+    // A refused table's key drop is queued at the start, before the cluster session turns
+    // tagging on: every operation still has its tag (none for that drop), so the batch's
+    // operations and tags stay in step.
+    let mut batch = Batch::default();
+    batch.drop_key_space("gone:".to_string());
+    batch.tag_changes();
+    let tag = ChangeTag {
+        commit_lsn: Lsn(0x10),
+        change: 1,
+    };
+    batch.set_tag(Some(tag));
+    batch.drop_key_space("t:".to_string());
+    let prepared = batch.prepare(true).expect("a batch");
+    assert_eq!(prepared.ops.len(), 2);
+    assert_eq!(prepared.tags, [None, Some(tag)]);
+}
