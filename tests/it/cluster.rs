@@ -8,7 +8,7 @@ use std::time::Duration;
 use pgcache::cluster::key_slot;
 use pgcache::config::Config;
 use pgcache::template::lease_key;
-use pgcache::testkit::{free_port, RedisOptions, TestRedisCluster};
+use pgcache::testkit::{free_port, RedisOptions, TestRedis, TestRedisCluster};
 use pgcache::Reader;
 
 use crate::common::{pgcache, Env, DB};
@@ -911,7 +911,6 @@ async fn a_node_write_lands_each_slot_whole_and_leaves_out_what_is_not_there() {
 /// whole; the rest land, with their TTLs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_write_of_backfilled_rows_is_fenced_per_master_and_leaves_out_what_is_not_there() {
-    use pgcache::checkpoint::slot_checkpoint_key;
     use pgcache::daemon::apply::node_write::{NodeOutcome, NodePart, NodeWrite};
     use pgcache::daemon::apply::script::{Owner, Refused};
     use pgcache::daemon::apply::slot_write::SlotWriteError;
@@ -919,66 +918,18 @@ async fn a_node_write_of_backfilled_rows_is_fenced_per_master_and_leaves_out_wha
     use pgcache::daemon::slot_router::SlotRouter;
     use pgcache::Lsn;
 
-    let cluster =
-        tokio::task::spawn_blocking(|| TestRedisCluster::start_with(3, 0, RedisOptions::default()))
-            .await
-            .unwrap()
-            .expect("start a 3-master cluster");
-    let node = cluster.master_of_slot(key_slot(b"9")).unwrap();
-    let master = node.port();
-    let on_master = |key: &str| {
-        cluster
-            .master_of_slot(key_slot(key.as_bytes()))
-            .unwrap()
-            .port()
-            == master
-    };
-    let cli = |args: &[&str]| -> String { node.cli(args).unwrap() };
     // Rows of 40 slots of that master, and two rows of a slot of it being migrated away:
     // one still here, one gone.
-    let mut here: Vec<String> = Vec::new();
-    let mut slots = std::collections::BTreeSet::new();
-    for i in 0..2_000 {
-        let key = format!("item:{i}");
-        if on_master(&key)
-            && key_slot(b"9") != key_slot(key.as_bytes())
-            && slots.insert(key_slot(key.as_bytes()))
-        {
-            here.push(key);
-        }
-        if here.len() == 40 {
-            break;
-        }
-    }
-    let (migrating, staying) = ("tenant:{9}:a", "tenant:{9}:b");
-    let target = cluster
-        .masters()
-        .unwrap()
-        .into_iter()
-        .find(|m| m.port() != master)
-        .unwrap();
-    let slot9 = key_slot(b"9").to_string();
-    let node_id = cli(&["CLUSTER", "MYID"]);
-    let target_id = target.cli(&["CLUSTER", "MYID"]).unwrap();
-    let ck_of = |key: &str| slot_checkpoint_key("", "pgcache", key_slot(key.as_bytes()));
-    for key in here.iter().map(String::as_str).chain([staying]) {
-        cli(&[
-            "HSET",
-            &ck_of(key),
-            "epoch",
-            "e",
-            "owner",
-            "o",
-            "lsn",
-            "0/10",
-        ]);
-    }
-    cli(&["SET", staying, "old"]);
-    target
-        .cli(&["CLUSTER", "SETSLOT", &slot9, "IMPORTING", &node_id])
-        .unwrap();
-    cli(&["CLUSTER", "SETSLOT", &slot9, "MIGRATING", &target_id]);
-    let mut router = SlotRouter::connect(&cluster.urls(), None).await.unwrap();
+    let fx = MigratingNine::start(40).await;
+    let (node, target) = (fx.node(), fx.target());
+    let master = node.port();
+    let cli = |args: &[&str]| -> String { node.cli(args).unwrap() };
+    let on_master = |key: &str| fx.on_master(key);
+    let here = fx.here.clone();
+    let (migrating, staying) = ("tenant:{9}:a", MigratingNine::STAYING);
+    let (slot9, node_id) = (fx.slot9.clone(), fx.node_id.clone());
+    let ck_of = MigratingNine::ck_of;
+    let mut router = SlotRouter::connect(&fx.cluster.urls(), None).await.unwrap();
     let mut conn = router.node(&format!("127.0.0.1:{master}")).await.unwrap();
 
     let fill = |key: &str, i: usize| Op::Fill {
@@ -1164,71 +1115,20 @@ enum FillKind {
 /// Redis does not hold, and later takes it for a loss and rebuilds everything). From the
 /// review of 2026-11-29, which found the 'f' and 'g' kinds still leaving it behind.
 async fn fill_checkpoint_migrated_ahead_of_rows(kind: FillKind) {
-    use pgcache::checkpoint::slot_checkpoint_key;
     use pgcache::daemon::apply::node_write::{NodeOutcome, NodePart, NodeWrite};
     use pgcache::daemon::apply::script::Owner;
     use pgcache::daemon::apply::Op;
     use pgcache::daemon::slot_router::SlotRouter;
     use pgcache::Lsn;
 
-    let cluster =
-        tokio::task::spawn_blocking(|| TestRedisCluster::start_with(3, 0, RedisOptions::default()))
-            .await
-            .unwrap()
-            .expect("start a 3-master cluster");
-    let node = cluster.master_of_slot(key_slot(b"9")).unwrap();
+    let fx = MigratingNine::start(8).await;
+    let (node, target) = (fx.node(), fx.target());
     let master = node.port();
-    let on_master = |key: &str| {
-        cluster
-            .master_of_slot(key_slot(key.as_bytes()))
-            .unwrap()
-            .port()
-            == master
-    };
     let cli = |args: &[&str]| -> String { node.cli(args).unwrap() };
-    let mut here: Vec<String> = Vec::new();
-    let mut slots = std::collections::BTreeSet::new();
-    for i in 0..2_000 {
-        let key = format!("item:{i}");
-        if on_master(&key)
-            && key_slot(b"9") != key_slot(key.as_bytes())
-            && slots.insert(key_slot(key.as_bytes()))
-        {
-            here.push(key);
-        }
-        if here.len() == 8 {
-            break;
-        }
-    }
-    let staying = "tenant:{9}:b";
-    let target = cluster
-        .masters()
-        .unwrap()
-        .into_iter()
-        .find(|m| m.port() != master)
-        .unwrap();
-    let slot9 = key_slot(b"9").to_string();
-    let node_id = cli(&["CLUSTER", "MYID"]);
-    let target_id = target.cli(&["CLUSTER", "MYID"]).unwrap();
-    let ck_of = |key: &str| slot_checkpoint_key("", "pgcache", key_slot(key.as_bytes()));
-    for key in here.iter().map(String::as_str).chain([staying]) {
-        cli(&[
-            "HSET",
-            &ck_of(key),
-            "epoch",
-            "e",
-            "owner",
-            "o",
-            "lsn",
-            "0/10",
-        ]);
-    }
-    // The row exists here (a rebuild backfills over what is cached).
-    cli(&["SET", staying, "old"]);
-    target
-        .cli(&["CLUSTER", "SETSLOT", &slot9, "IMPORTING", &node_id])
-        .unwrap();
-    cli(&["CLUSTER", "SETSLOT", &slot9, "MIGRATING", &target_id]);
+    let here = fx.here.clone();
+    let staying = MigratingNine::STAYING;
+    let (slot9, node_id) = (fx.slot9.clone(), fx.node_id.clone());
+    let ck_of = MigratingNine::ck_of;
     // The migration moves the checkpoint first.
     let target_port = target.port().to_string();
     let ck9 = ck_of(staying);
@@ -1237,7 +1137,7 @@ async fn fill_checkpoint_migrated_ahead_of_rows(kind: FillKind) {
         "OK"
     );
 
-    let mut router = SlotRouter::connect(&cluster.urls(), None).await.unwrap();
+    let mut router = SlotRouter::connect(&fx.cluster.urls(), None).await.unwrap();
     let mut conn = router.node(&format!("127.0.0.1:{master}")).await.unwrap();
     let fill = |key: &str, i: usize| Op::Fill {
         key: key.to_string(),
@@ -1314,5 +1214,113 @@ async fn fill_checkpoint_migrated_ahead_of_rows(kind: FillKind) {
 async fn a_fill_part_whose_checkpoint_migrated_ahead_is_left_out_in_every_kind() {
     for kind in [FillKind::SecondF, FillKind::G, FillKind::H] {
         fill_checkpoint_migrated_ahead_of_rows(kind).await;
+    }
+}
+
+/// The node-write tests' set-up: a 3-master cluster whose master M of hash slot {9} is
+/// migrating that slot to another master T (MIGRATING on M, IMPORTING on T); `rows` keys
+/// `item:<i>` of M's other slots, one slot each; a slot checkpoint (epoch "e", owner "o",
+/// position 0/10) for each of those slots and for {9}; and [`MigratingNine::STAYING`], a
+/// key of {9}, cached on M as "old".
+struct MigratingNine {
+    cluster: TestRedisCluster,
+    master: u16,
+    target: u16,
+    here: Vec<String>,
+    slot9: String,
+    node_id: String,
+}
+
+impl MigratingNine {
+    const STAYING: &'static str = "tenant:{9}:b";
+
+    async fn start(rows: usize) -> MigratingNine {
+        let cluster = tokio::task::spawn_blocking(|| {
+            TestRedisCluster::start_with(3, 0, RedisOptions::default())
+        })
+        .await
+        .unwrap()
+        .expect("start a 3-master cluster");
+        let master = cluster.master_of_slot(key_slot(b"9")).unwrap().port();
+        let target = cluster
+            .masters()
+            .unwrap()
+            .into_iter()
+            .find(|m| m.port() != master)
+            .unwrap()
+            .port();
+        let mut fx = MigratingNine {
+            cluster,
+            master,
+            target,
+            here: Vec::new(),
+            slot9: key_slot(b"9").to_string(),
+            node_id: String::new(),
+        };
+        let mut slots = std::collections::BTreeSet::new();
+        for i in 0..2_000 {
+            let key = format!("item:{i}");
+            if fx.on_master(&key)
+                && key_slot(b"9") != key_slot(key.as_bytes())
+                && slots.insert(key_slot(key.as_bytes()))
+            {
+                fx.here.push(key);
+            }
+            if fx.here.len() == rows {
+                break;
+            }
+        }
+        let cli = |args: &[&str]| -> String { fx.node().cli(args).unwrap() };
+        let node_id = cli(&["CLUSTER", "MYID"]);
+        let target_id = fx.target().cli(&["CLUSTER", "MYID"]).unwrap();
+        for key in fx.here.iter().map(String::as_str).chain([Self::STAYING]) {
+            cli(&[
+                "HSET",
+                &Self::ck_of(key),
+                "epoch",
+                "e",
+                "owner",
+                "o",
+                "lsn",
+                "0/10",
+            ]);
+        }
+        cli(&["SET", Self::STAYING, "old"]);
+        fx.target()
+            .cli(&["CLUSTER", "SETSLOT", &fx.slot9, "IMPORTING", &node_id])
+            .unwrap();
+        cli(&["CLUSTER", "SETSLOT", &fx.slot9, "MIGRATING", &target_id]);
+        fx.node_id = node_id;
+        fx
+    }
+
+    fn by_port(&self, port: u16) -> &TestRedis {
+        self.cluster
+            .nodes()
+            .iter()
+            .find(|n| n.port() == port)
+            .unwrap()
+    }
+
+    /// M, the master migrating slot {9} away.
+    fn node(&self) -> &TestRedis {
+        self.by_port(self.master)
+    }
+
+    /// T, the master importing it.
+    fn target(&self) -> &TestRedis {
+        self.by_port(self.target)
+    }
+
+    fn on_master(&self, key: &str) -> bool {
+        self.cluster
+            .master_of_slot(key_slot(key.as_bytes()))
+            .unwrap()
+            .port()
+            == self.master
+    }
+
+    fn ck_of(key: &str) -> String {
+        pgcache::checkpoint::slot_checkpoint_key("", "pgcache", key_slot(key.as_bytes()))
     }
 }

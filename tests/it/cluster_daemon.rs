@@ -224,6 +224,31 @@ async fn differences(view: &mut View, pg: &tokio_postgres::Client) -> Vec<String
     out
 }
 
+/// Waits until `reader` reaches the cluster (it connects in the background; lookups read
+/// Postgres until then: a lookup of item 1 becomes a hit), then reads items 1..=`n` in one
+/// `get_many`: each with `v = id`, each a hit.
+async fn reads_items_from_the_cluster(reader: &pgcache::Reader, n: i32, what: &str) {
+    eventually(Duration::from_secs(10), what, || async move {
+        let before = reader.stats().hits;
+        let _: Option<serde_json::Value> = reader.get("items", 1).await.ok()?;
+        (reader.stats().hits > before).then_some(())
+    })
+    .await;
+    let many: Vec<Option<serde_json::Value>> = reader
+        .get_many("items", (1..=n).collect::<Vec<i32>>())
+        .await
+        .unwrap();
+    for (id, row) in (1..=n).zip(&many) {
+        assert_eq!(
+            row.as_ref().map(|r| r["v"].clone()),
+            Some(id.into()),
+            "item {id}"
+        );
+    }
+    let hits = reader.stats().hits;
+    assert!(hits > n as u64, "{:?}", reader.stats());
+}
+
 async fn converged(view: &mut View, env: &Env, limit: Duration) {
     if let Err(diff) = converges(view, env, limit).await {
         panic!("{diff}");
@@ -1001,33 +1026,7 @@ async fn the_reader_verify_and_status_work_on_the_cluster() {
     converged(&mut view, &env, Duration::from_secs(60)).await;
 
     let reader = pgcache::Reader::from_config(&config).unwrap();
-    // It connects in the background; lookups read Postgres until then.
-    eventually(
-        Duration::from_secs(10),
-        "the reader to reach the cluster",
-        || {
-            let reader = &reader;
-            async move {
-                let before = reader.stats().hits;
-                let _: Option<serde_json::Value> = reader.get("items", 1).await.ok()?;
-                (reader.stats().hits > before).then_some(())
-            }
-        },
-    )
-    .await;
-    let many: Vec<Option<serde_json::Value>> = reader
-        .get_many("items", (1..=100).collect::<Vec<i32>>())
-        .await
-        .unwrap();
-    for (id, row) in (1..=100).zip(&many) {
-        assert_eq!(
-            row.as_ref().map(|r| r["v"].clone()),
-            Some(id.into()),
-            "item {id}"
-        );
-    }
-    let hits = reader.stats().hits;
-    assert!(hits >= 101, "{:?}", reader.stats());
+    reads_items_from_the_cluster(&reader, 100, "the reader to reach the cluster").await;
     // A miss: the row comes from Postgres and is filled on its slot's master.
     let mut del = redis::cmd("DEL");
     del.arg("item:7");
@@ -1165,31 +1164,7 @@ async fn the_daemon_and_the_reader_speak_tls_to_the_cluster() {
     assert_eq!(code, 0, "{out}{err}");
 
     let reader = pgcache::Reader::from_config(&config).unwrap();
-    eventually(
-        Duration::from_secs(10),
-        "the reader to reach the cluster over TLS",
-        || {
-            let reader = &reader;
-            async move {
-                let before = reader.stats().hits;
-                let _: Option<serde_json::Value> = reader.get("items", 1).await.ok()?;
-                (reader.stats().hits > before).then_some(())
-            }
-        },
-    )
-    .await;
-    let many: Vec<Option<serde_json::Value>> = reader
-        .get_many("items", (1..=50).collect::<Vec<i32>>())
-        .await
-        .unwrap();
-    for (id, row) in (1..=50).zip(&many) {
-        assert_eq!(
-            row.as_ref().map(|r| r["v"].clone()),
-            Some(id.into()),
-            "item {id}"
-        );
-    }
-    assert!(reader.stats().hits >= 51, "{:?}", reader.stats());
+    reads_items_from_the_cluster(&reader, 50, "the reader to reach the cluster over TLS").await;
 
     // Another CA: the certificates do not check out, so nothing comes from Redis.
     let wrong = pgcache::config::Config::from_toml_str(&with_ca(&other.ca_cert)).unwrap();
