@@ -62,7 +62,10 @@ pub fn split_skipping(
     covered: impl Fn(u16, ChangeTag) -> bool,
 ) -> SlotSplit {
     let mut out = SlotSplit::default();
-    let mut current: BTreeMap<u16, Vec<Op>> = BTreeMap::new();
+    // The operations on keys since the last key-space operation, with their slots: grouped
+    // by a stable sort when the stretch ends (cheaper than a map look-up per operation on a
+    // batch that touches thousands of slots).
+    let mut current: Vec<(u16, Op)> = Vec::new();
     let tags = tags.into_iter().chain(std::iter::repeat(None));
     for (op, tag) in ops.into_iter().zip(tags) {
         let slot = op.key().map(|key| key_slot(key.as_bytes()));
@@ -80,20 +83,33 @@ pub fn split_skipping(
             other => other,
         };
         match slot {
-            Some(slot) => current.entry(slot).or_default().push(op),
+            Some(slot) => current.push((slot, op)),
             None => {
                 if !current.is_empty() {
-                    out.segments
-                        .push(Segment::Slots(std::mem::take(&mut current)));
+                    out.segments.push(by_slot(std::mem::take(&mut current)));
                 }
                 out.segments.push(Segment::Everywhere(op, tag));
             }
         }
     }
     if !current.is_empty() {
-        out.segments.push(Segment::Slots(current));
+        out.segments.push(by_slot(current));
     }
     out
+}
+
+/// Operations with their slots, grouped by slot, each slot's in the order given.
+fn by_slot(mut ops: Vec<(u16, Op)>) -> Segment {
+    ops.sort_by_key(|(slot, _)| *slot);
+    let mut grouped: Vec<(u16, Vec<Op>)> = Vec::new();
+    for (slot, op) in ops {
+        match grouped.last_mut() {
+            Some((last, slot_ops)) if *last == slot => slot_ops.push(op),
+            _ => grouped.push((slot, vec![op])),
+        }
+    }
+    // Sorted by slot: the map is built in one pass.
+    Segment::Slots(grouped.into_iter().collect())
 }
 
 #[cfg(test)]
