@@ -104,11 +104,11 @@ pub(crate) struct ClusterApplied {
 /// The cluster side of a session: the router, and every slot checkpoint's state.
 pub(crate) struct ClusterApply {
     router: SlotRouter,
-    key_prefix: String,
-    pg_slot: String,
     token: String,
     marks: Vec<SlotMark>,
     found: Vec<Found>,
+    /// Each slot's checkpoint key, by slot (formatted once: a batch names thousands).
+    checkpoint_keys: Vec<String>,
     /// The `stopped` text written into every slot checkpoint (`None`: not yet this session).
     stopped: Option<String>,
     /// Masters written since the last `WAIT`.
@@ -187,11 +187,12 @@ impl ClusterApply {
         Ok((
             ClusterApply {
                 router,
-                key_prefix: key_prefix.to_string(),
-                pg_slot: pg_slot.to_string(),
                 token: token.to_string(),
                 marks,
                 found,
+                checkpoint_keys: (0..CLUSTER_SLOTS)
+                    .map(|slot| checkpoint::slot_checkpoint_key(key_prefix, pg_slot, slot))
+                    .collect(),
                 stopped: None,
                 written: BTreeSet::new(),
             },
@@ -233,7 +234,7 @@ impl ClusterApply {
     fn owner_of(&self, slot: u16) -> Owner {
         let mark = &self.marks[usize::from(slot)];
         Owner {
-            checkpoint_key: checkpoint::slot_checkpoint_key(&self.key_prefix, &self.pg_slot, slot),
+            checkpoint_key: self.checkpoint_keys[usize::from(slot)].clone(),
             token: self.token.clone(),
             epoch: mark.epoch.clone(),
             position: mark.position,
@@ -668,10 +669,7 @@ impl ClusterApply {
     /// Writes `stopped` into every slot checkpoint this session owns.
     async fn write_stopped(&mut self, stopped: &str) -> Result<(), RunError> {
         let keys: Vec<(u16, String)> = (0..CLUSTER_SLOTS)
-            .map(|slot| {
-                let ck = checkpoint::slot_checkpoint_key(&self.key_prefix, &self.pg_slot, slot);
-                (slot, ck)
-            })
+            .map(|slot| (slot, self.checkpoint_keys[usize::from(slot)].clone()))
             .collect();
         let mut replies = per_master(
             &mut self.router,
@@ -754,11 +752,7 @@ impl ClusterApply {
         let cmds: Vec<(u16, redis::Cmd)> = (0..CLUSTER_SLOTS)
             .map(|slot| {
                 let mut cmd = redis::cmd("HMGET");
-                cmd.arg(checkpoint::slot_checkpoint_key(
-                    &self.key_prefix,
-                    &self.pg_slot,
-                    slot,
-                ))
+                cmd.arg(&self.checkpoint_keys[usize::from(slot)])
                 .arg("epoch")
                 .arg("owner")
                 .arg("lsn");
