@@ -165,6 +165,8 @@ pub struct CheckpointState {
     /// On a Redis Cluster: the position last written into each hash slot's checkpoint
     /// ([`FIELD_HASH_SLOT_PREFIX`]).
     pub hash_slots: BTreeMap<u16, Lsn>,
+    /// The `stopped` field: the key patterns of stopped tables, one a line (empty: none).
+    pub stopped: String,
 }
 
 /// The stored text of a position, as the apply script compares it (`-` for none).
@@ -205,6 +207,7 @@ pub(crate) fn parse_state(
             FIELD_EPOCH => state.epoch = Some(value),
             FIELD_OWNER => state.owner = Some(value),
             FIELD_HEARTBEAT_MS => state.heartbeat_ms = value.parse().ok(),
+            FIELD_STOPPED => state.stopped = value,
             FIELD_PARTIAL | FIELD_SLOT_LOST if value.is_empty() => {}
             FIELD_SLOT_LOST => state.slot_lost = Some(value),
             FIELD_PARTIAL => state.partial = Some(Partial::parse(&value).ok_or_else(corrupt)?),

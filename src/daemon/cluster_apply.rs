@@ -109,7 +109,8 @@ pub(crate) struct ClusterApply {
     found: Vec<Found>,
     /// Each slot's checkpoint key, by slot (formatted once: a batch names thousands).
     checkpoint_keys: Vec<String>,
-    /// The `stopped` text written into every slot checkpoint (`None`: not yet this session).
+    /// The `stopped` text every slot checkpoint holds (`None`: the slots did not agree when
+    /// the session took them over, so the next value is written whatever it is).
     stopped: Option<String>,
     /// Masters written since the last `WAIT`.
     written: BTreeSet<String>,
@@ -122,6 +123,33 @@ impl std::fmt::Debug for ClusterApply {
             .finish_non_exhaustive()
     }
 }
+
+/// Every key of one node that matches `pattern` (`SCAN … MATCH`).
+async fn scan_matching(
+    mut conn: redis::aio::MultiplexedConnection,
+    pattern: &str,
+) -> Result<Vec<String>, redis::RedisError> {
+    let mut out = Vec::new();
+    let mut cursor = "0".to_string();
+    loop {
+        let (next, keys): (String, Vec<String>) = redis::cmd("SCAN")
+            .arg(&cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(SCAN_COUNT)
+            .query_async(&mut conn)
+            .await?;
+        out.extend(keys);
+        if next == "0" {
+            return Ok(out);
+        }
+        cursor = next;
+    }
+}
+
+/// Keys a `SCAN` call looks at: a node spends well under a millisecond on them.
+const SCAN_COUNT: usize = 5_000;
 
 fn route_error(e: RouteError) -> RunError {
     match e {
@@ -193,7 +221,14 @@ impl ClusterApply {
                 checkpoint_keys: (0..CLUSTER_SLOTS)
                     .map(|slot| checkpoint::slot_checkpoint_key(key_prefix, pg_slot, slot))
                     .collect(),
-                stopped: None,
+                // What every slot says is stopped, where they agree: a session writes it
+                // again only if it differs (at start, usually not: no table stopped).
+                stopped: taken
+                    .split_first()
+                    .filter(|(first, rest)| {
+                        rest.iter().all(|t| t.state.stopped == first.state.stopped)
+                    })
+                    .map(|(first, _)| first.state.stopped.clone()),
                 written: BTreeSet::new(),
             },
             taken,
@@ -609,29 +644,20 @@ impl ClusterApply {
         while std::time::Instant::now() < deadline {
             let before = self.router.masters_of_slots();
             let mut by_slot: BTreeMap<u16, Vec<String>> = BTreeMap::new();
-            for mut conn in self.master_connections().await? {
-                for pattern in &patterns {
-                    let mut cursor = "0".to_string();
-                    loop {
-                        let (next, keys): (String, Vec<String>) = redis::cmd("SCAN")
-                            .arg(&cursor)
-                            .arg("MATCH")
-                            .arg(pattern)
-                            .arg("COUNT")
-                            .arg(1000)
-                            .query_async(&mut conn)
-                            .await?;
-                        for key in keys {
-                            by_slot
-                                .entry(key_slot(key.as_bytes()))
-                                .or_default()
-                                .push(key);
-                        }
-                        if next == "0" {
-                            break;
-                        }
-                        cursor = next;
-                    }
+            // Every master and pattern at once: one after another, a first start or a
+            // rebuild waited a round trip per thousand keys of every master in turn.
+            let conns = self.master_connections().await?;
+            let scans = conns.iter().flat_map(|conn| {
+                patterns
+                    .iter()
+                    .map(move |pattern| scan_matching(conn.clone(), pattern))
+            });
+            for keys in futures_util::future::try_join_all(scans).await? {
+                for key in keys {
+                    by_slot
+                        .entry(key_slot(key.as_bytes()))
+                        .or_default()
+                        .push(key);
                 }
             }
             self.router.refresh().await.map_err(route_error)?;
@@ -652,18 +678,20 @@ impl ClusterApply {
 
     /// Whether a slot is being migrated now (a key may be on either node).
     async fn migrating(&mut self) -> Result<bool, RunError> {
-        // A node shows the migrating and importing marks of its own slots only.
-        for addr in self.router.masters() {
-            let mut conn = self.router.node(&addr).await?;
-            let text: String = redis::cmd("CLUSTER")
-                .arg("NODES")
-                .query_async(&mut conn)
-                .await?;
-            if text.contains("->-") || text.contains("-<-") {
-                return Ok(true);
-            }
-        }
-        Ok(false)
+        // A node shows the migrating and importing marks of its own slots only: ask every
+        // master, all at once.
+        let conns = self.master_connections().await?;
+        let nodes =
+            futures_util::future::try_join_all(conns.into_iter().map(|mut conn| async move {
+                redis::cmd("CLUSTER")
+                    .arg("NODES")
+                    .query_async::<String>(&mut conn)
+                    .await
+            }))
+            .await?;
+        Ok(nodes
+            .iter()
+            .any(|text| text.contains("->-") || text.contains("-<-")))
     }
 
     /// Writes `stopped` into every slot checkpoint this session owns.
@@ -753,9 +781,9 @@ impl ClusterApply {
             .map(|slot| {
                 let mut cmd = redis::cmd("HMGET");
                 cmd.arg(&self.checkpoint_keys[usize::from(slot)])
-                .arg("epoch")
-                .arg("owner")
-                .arg("lsn");
+                    .arg("epoch")
+                    .arg("owner")
+                    .arg("lsn");
                 (slot, cmd)
             })
             .collect();

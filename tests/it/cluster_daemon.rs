@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pgcache::checkpoint::{checkpoint_key, slot_checkpoint_key};
-use pgcache::cluster::key_slot;
+use pgcache::cluster::{key_slot, CLUSTER_SLOTS};
 use pgcache::daemon::slot_router::SlotRouter;
 use pgcache::testkit::{RedisOptions, TestRedisCluster};
 
@@ -122,6 +122,29 @@ impl View {
             .await
             .ok()?;
         redis::from_redis_value(reply.into_iter().next()?).ok()?
+    }
+
+    /// How many slot checkpoints hold each `stopped` value (`None`: no such field).
+    async fn stopped_fields(&mut self) -> BTreeMap<Option<String>, usize> {
+        let cmds: Vec<(u16, redis::Cmd)> = (0..CLUSTER_SLOTS)
+            .map(|slot| {
+                let mut cmd = redis::cmd("HGET");
+                cmd.arg(slot_checkpoint_key("", "pgcache", slot))
+                    .arg("stopped");
+                (slot, cmd)
+            })
+            .collect();
+        let mut out = BTreeMap::new();
+        for reply in self
+            .router
+            .send_each(&cmds)
+            .await
+            .expect("read the cluster")
+        {
+            let value: Option<String> = redis::from_redis_value(reply).unwrap();
+            *out.entry(value).or_default() += 1;
+        }
+        out
     }
 
     /// Every key matching `pattern` on every master.
@@ -1227,15 +1250,48 @@ key = "other:{id}"
         daemon.terminate();
         assert!(!text.contains("panicked"), "start {round}: {text}");
         assert!(text.contains("table stopped"), "start {round}: {text}");
+        // Every slot checkpoint says the table is stopped, so that no reader fills its
+        // keys; the second start finds it said already and leaves it.
+        let stopped = view.stopped_fields().await;
+        assert_eq!(stopped.len(), 1, "start {round}: {stopped:?}");
+        let (pattern, slots) = stopped.iter().next().unwrap();
+        assert!(
+            pattern.as_deref().is_some_and(|p| p.contains("item:")),
+            "{stopped:?}"
+        );
+        assert_eq!(*slots, usize::from(CLUSTER_SLOTS), "start {round}");
     }
-    let items = view
-        .get_many(
-            &(1..=10)
-                .map(|id| format!("item:{{{}}}:{id}", id % 16))
-                .collect::<Vec<_>>(),
-        )
-        .await;
+    let item_keys: Vec<String> = (1..=10)
+        .map(|id| format!("item:{{{}}}:{id}", id % 16))
+        .collect();
+    let items = view.get_many(&item_keys).await;
     assert!(items.iter().all(Option::is_none), "{items:?}");
+
+    // Set up right (the key column now in the replica identity): the third start stops
+    // nothing, takes the mark off every slot checkpoint, and backfills the table.
+    env.sql("ALTER TABLE items REPLICA IDENTITY FULL");
+    let mut daemon = Daemon::spawn(&path, &log);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let got = view.get_many(&item_keys).await;
+        if got.iter().all(Option::is_some) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the items are not backfilled: {got:?}\n{}",
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let stopped = view.stopped_fields().await;
+    assert_eq!(
+        stopped,
+        BTreeMap::from([(None, usize::from(CLUSTER_SLOTS))]),
+        "{}",
+        daemon.log()
+    );
+    daemon.terminate();
 }
 
 /// `FLUSHALL` on one master while the daemon runs: first on one without the root checkpoint

@@ -210,15 +210,11 @@ const TAKEOVER_MANY: &str = r"
 local out = {}
 for i = 3, #ARGV do
   local ck = ARGV[i]
-  local had = redis.pcall('HEXISTS', ck, 'epoch')
-  if type(had) == 'table' then
+  -- 1 when the hash had no epoch (now set): Redis lost the slot's data, or a first start.
+  local fresh = redis.pcall('HSETNX', ck, 'epoch', ARGV[2])
+  if type(fresh) == 'table' then
     out[#out + 1] = 'elsewhere'
   else
-    local fresh = 0
-    if had == 0 then
-      redis.call('HSET', ck, 'epoch', ARGV[2])
-      fresh = 1
-    end
     redis.call('HSET', ck, 'owner', ARGV[1])
     out[#out + 1] = {fresh, redis.call('HGETALL', ck)}
   end

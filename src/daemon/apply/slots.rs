@@ -111,7 +111,9 @@ fn by_slot(ops: Vec<(u16, Op)>) -> Segment {
     let mut ops: Vec<Option<Op>> = ops.into_iter().map(|(_, op)| Some(op)).collect();
     let mut grouped: Vec<(u16, Vec<Op>)> = Vec::new();
     for (slot, i) in order {
-        let op = ops[i as usize].take().expect("each operation is taken once");
+        let op = ops[i as usize]
+            .take()
+            .expect("each operation is taken once");
         match grouped.last_mut() {
             Some((last, slot_ops)) if *last == slot => slot_ops.push(op),
             _ => grouped.push((slot, vec![op])),
