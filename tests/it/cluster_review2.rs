@@ -70,11 +70,17 @@ async fn raw(router: &mut SlotRouter, keys: &[String]) -> Vec<Option<String>> {
             (key_slot(key.as_bytes()), cmd)
         })
         .collect();
-    let replies = match router.send_each(&cmds).await {
-        Ok(r) => r,
-        Err(_) => {
-            let _ = router.refresh().await;
-            router.send_each(&cmds).await.expect("read the cluster")
+    // Right after a failover the node the map is read from may not know the new master
+    // yet (a slot with no owner): read the map again until every slot is served.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let replies = loop {
+        match router.send_each(&cmds).await {
+            Ok(r) => break r,
+            Err(e) if std::time::Instant::now() >= deadline => panic!("read the cluster: {e}"),
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let _ = router.refresh().await;
+            }
         }
     };
     replies
