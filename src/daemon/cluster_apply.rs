@@ -774,8 +774,14 @@ impl ClusterApply {
     /// slot whose epoch, owner or position changed lost data or was taken over. Run with
     /// the heartbeat, so that a loss is noticed even in a slot no change reaches.
     ///
+    /// A slot that lost its `stopped` mark (a failover to a replica without it, which moves
+    /// no position) lets readers fill keys of a stopped table, which the daemon no longer
+    /// keeps fresh: the session starts over, and the next one marks every slot again and
+    /// drops the stopped tables' keys (what readers filled meanwhile).
+    ///
     /// # Errors
-    /// The first slot found changed, as the refusal its next write would get.
+    /// The first slot found changed, as the refusal its next write would get; slots without
+    /// the `stopped` mark this session wrote, as a transient error.
     pub(crate) async fn check_slots(&mut self) -> Result<(), RunError> {
         let cmds: Vec<(u16, redis::Cmd)> = (0..CLUSTER_SLOTS)
             .map(|slot| {
@@ -783,15 +789,28 @@ impl ClusterApply {
                 cmd.arg(&self.checkpoint_keys[usize::from(slot)])
                     .arg("epoch")
                     .arg("owner")
-                    .arg("lsn");
+                    .arg("lsn")
+                    .arg(FIELD_STOPPED);
                 (slot, cmd)
             })
             .collect();
         let replies = self.router.send_each(&cmds).await.map_err(route_error)?;
+        let mut unmarked: Vec<u16> = Vec::new();
         for (slot, reply) in replies.into_iter().enumerate() {
-            let (epoch, owner, lsn): (Option<String>, Option<String>, Option<String>) =
-                redis::from_redis_value(reply)
-                    .map_err(|e| RunError::from(redis::RedisError::from(e)))?;
+            let (epoch, owner, lsn, stopped): (
+                Option<String>,
+                Option<String>,
+                Option<String>,
+                Option<String>,
+            ) = redis::from_redis_value(reply)
+                .map_err(|e| RunError::from(redis::RedisError::from(e)))?;
+            if self
+                .stopped
+                .as_deref()
+                .is_some_and(|want| stopped.as_deref().unwrap_or_default() != want)
+            {
+                unmarked.push(slot as u16);
+            }
             let mark = &self.marks[slot];
             let refused = if epoch.as_deref() != Some(mark.epoch.as_str()) {
                 Some(Refused::EpochGone)
@@ -809,6 +828,14 @@ impl ClusterApply {
                 warn!(slot, error = %refused, "a slot checkpoint is not as this daemon left it");
                 return Err(slot_error(slot as u16, SlotWriteError::Refused(refused)));
             }
+        }
+        if !unmarked.is_empty() {
+            let slots = crate::cluster::ranges_text(&crate::cluster::ranges(unmarked));
+            warn!(%slots, "slot checkpoints lost the stopped mark this daemon wrote (a master failed over to a replica without it): starting over, to mark them again and drop what readers filled");
+            return Err(RunError::transient(
+                "redis",
+                format!("redis cluster: the slot checkpoints of hash slots {slots} lost the stopped mark"),
+            ));
         }
         Ok(())
     }

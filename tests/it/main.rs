@@ -13,6 +13,7 @@ mod cluster;
 mod cluster_daemon;
 mod cluster_review;
 mod cluster_review2;
+mod cluster_review3;
 mod common;
 mod control;
 mod demo;
