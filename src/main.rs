@@ -5,13 +5,6 @@ use std::process::ExitCode;
 use clap::Parser;
 use pgcache::commands::{Cli, Command};
 
-// The daemon allocates and frees many small buffers per batch (keys, values, one command's
-// arguments each), and on a cluster per hash slot; glibc's malloc spent up to half the
-// daemon's start-up on a cluster merging its free lists (`malloc_consolidate`), mimalloc
-// does not (docs/cluster.md, "Measured cost").
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The daemon is one pipeline (stream in, Redis out) whose connections' tasks and the
