@@ -776,8 +776,9 @@ impl ClusterApply {
     ///
     /// A slot that lost its `stopped` mark (a failover to a replica without it, which moves
     /// no position) lets readers fill keys of a stopped table, which the daemon no longer
-    /// keeps fresh: the session starts over, and the next one marks every slot again and
-    /// drops the stopped tables' keys (what readers filled meanwhile).
+    /// keeps fresh: the session starts over, and the next one marks every slot again. A
+    /// table still stopped then has its keys dropped (what readers filled meanwhile); one
+    /// set up right in between is backfilled, which writes its keys anew.
     ///
     /// # Errors
     /// The first slot found changed, as the refusal its next write would get; slots without
@@ -831,10 +832,10 @@ impl ClusterApply {
         }
         if !unmarked.is_empty() {
             let slots = crate::cluster::ranges_text(&crate::cluster::ranges(unmarked));
-            warn!(%slots, "slot checkpoints lost the stopped mark this daemon wrote (a master failed over to a replica without it): starting over, to mark them again and drop what readers filled");
+            warn!(%slots, "slot checkpoints do not hold the stopped mark this session knows (a master failed over to a replica without its last write of it, or was restored): starting over, to mark every slot again");
             return Err(RunError::transient(
                 "redis",
-                format!("redis cluster: the slot checkpoints of hash slots {slots} lost the stopped mark"),
+                format!("redis cluster: the slot checkpoints of hash slots {slots} do not hold the stopped mark"),
             ));
         }
         Ok(())

@@ -281,7 +281,7 @@ async fn review3_a_stopped_mark_lost_in_a_failover_is_written_again_before_reade
     };
     assert_eq!(marks.len(), 1, "{marks:?}");
     assert!(
-        daemon.log().contains("lost the stopped mark"),
+        daemon.log().contains("do not hold the stopped mark"),
         "{}",
         daemon.log()
     );
