@@ -1,17 +1,17 @@
 //! Adversarial review 3 (commit 6785839): the table-driven CRC16, the sort by (slot, index),
 //! the session's memory of the `stopped` mark, concurrent key-space scans.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use pgcache::checkpoint::{checkpoint_key, slot_checkpoint_key};
-use pgcache::cluster::{key_slot, CLUSTER_SLOTS};
+use pgcache::cluster::key_slot;
 use pgcache::daemon::slot_router::SlotRouter;
 use pgcache::testkit::TestRedisCluster;
 
 use crate::cluster_daemon::{
-    cluster_config_with, cut_off_replica, master_and_replica, start_cluster,
+    cluster_config_with, cut_off_replica, master_and_replica, start_cluster, stopped_fields,
+    STOPPABLE_RULES,
 };
 use crate::common::{eventually, verify, Daemon, Env};
 
@@ -21,25 +21,6 @@ async fn node_conn(port: u16) -> redis::aio::MultiplexedConnection {
         .get_multiplexed_async_connection()
         .await
         .unwrap()
-}
-
-/// How many slot checkpoints hold each `stopped` value (`None`: no such field).
-async fn stopped_fields(router: &mut SlotRouter) -> BTreeMap<Option<String>, usize> {
-    let _ = router.refresh().await;
-    let cmds: Vec<(u16, redis::Cmd)> = (0..CLUSTER_SLOTS)
-        .map(|slot| {
-            let mut cmd = redis::cmd("HGET");
-            cmd.arg(slot_checkpoint_key("", "pgcache", slot))
-                .arg("stopped");
-            (slot, cmd)
-        })
-        .collect();
-    let mut out = BTreeMap::new();
-    for reply in router.send_each(&cmds).await.expect("read the cluster") {
-        let value: Option<String> = redis::from_redis_value(reply).unwrap();
-        *out.entry(value).or_default() += 1;
-    }
-    out
 }
 
 /// The slots a master on `port` serves.
@@ -143,15 +124,6 @@ INSERT INTO items SELECT g, 0, 0 FROM generate_series(1, 5) g;
 INSERT INTO other SELECT g, 0 FROM generate_series(1, 10) g;
 ";
 
-const STOP_RULES: &str = r#"[[tables]]
-table = "items"
-key = "item:{{{t}}}:{id}"
-
-[[tables]]
-table = "other"
-key = "other:{id}"
-"#;
-
 /// A table stopped mid-session writes the `stopped` mark into every slot checkpoint; on a
 /// master that holds none of the table's keys that is the only write. Without
 /// wait_replicas, a failover that loses that one write leaves the master's slots without the
@@ -169,7 +141,7 @@ key = "other:{id}"
 async fn review3_a_stopped_mark_lost_in_a_failover_is_written_again_before_readers_fill() {
     let env = Env::start(STOP_SCHEMA, "public.items,public.other");
     let cluster = start_cluster(3, 1).await;
-    let text = cluster_config_with(&env, &cluster, STOP_RULES, "");
+    let text = cluster_config_with(&env, &cluster, STOPPABLE_RULES, "");
     let path = env.dir.path().join("cluster.toml");
     std::fs::write(&path, &text).unwrap();
     let config = Arc::new(pgcache::config::Config::from_toml_str(&text).unwrap());
@@ -338,7 +310,11 @@ INSERT INTO other SELECT g, 0 FROM generate_series(1, 10) g;
     let env = Env::start(SCHEMA, "public.items,public.other");
     let cluster = start_cluster(3, 0).await;
     let path = env.dir.path().join("cluster.toml");
-    std::fs::write(&path, cluster_config_with(&env, &cluster, STOP_RULES, "")).unwrap();
+    std::fs::write(
+        &path,
+        cluster_config_with(&env, &cluster, STOPPABLE_RULES, ""),
+    )
+    .unwrap();
     let log = env.dir.path().join("daemon.log");
     let mut router = SlotRouter::connect(&cluster.urls(), None).await.unwrap();
     let masters: Vec<u16> = cluster
