@@ -134,16 +134,14 @@ fn read_config(
     let postgres = read_postgres(section("postgres", errors), base_dir, errors);
     let redis = read_redis(section("redis", errors), base_dir, errors);
     let reader = read_reader(section("reader", errors), base_dir, errors);
-    let (mut apply, batch_changes_set) = read_apply(section("apply", errors), base_dir, errors);
+    let apply = read_apply(section("apply", errors), base_dir, errors);
     let (mut backfill, chunk_rows_set) = read_backfill(section("backfill", errors), errors);
-    let cluster = redis
-        .as_ref()
-        .is_some_and(|r| matches!(r.topology, RedisTopology::Cluster { .. }));
-    if cluster && !chunk_rows_set {
+    if !chunk_rows_set
+        && redis
+            .as_ref()
+            .is_some_and(|r| matches!(r.topology, RedisTopology::Cluster { .. }))
+    {
         backfill.chunk_rows = DEFAULT_CLUSTER_BACKFILL_CHUNK_ROWS;
-    }
-    if cluster && !batch_changes_set {
-        apply.max_batch_changes = DEFAULT_CLUSTER_MAX_BATCH_CHANGES;
     }
     let metrics = read_metrics(section("metrics", errors), errors);
     let log = read_log(section("log", errors), errors);
@@ -436,15 +434,9 @@ pub(super) fn redis_url_problem(url: &str) -> Option<&'static str> {
     None
 }
 
-/// `[apply]`, and whether it sets `max_batch_changes` (the default depends on the topology).
-fn read_apply(
-    mut sec: Section,
-    base_dir: Option<&Path>,
-    errors: &mut Vec<String>,
-) -> (ApplyConfig, bool) {
+fn read_apply(mut sec: Section, base_dir: Option<&Path>, errors: &mut Vec<String>) -> ApplyConfig {
     let mut apply = ApplyConfig::default();
-    let batch_changes = sec.count("max_batch_changes", errors);
-    if let Some(n) = &batch_changes {
+    if let Some(n) = sec.count("max_batch_changes", errors) {
         apply.max_batch_changes = n.value;
     }
     if let Some(n) = sec.count("max_transaction_changes", errors) {
@@ -479,7 +471,7 @@ fn read_apply(
         }
     }
     sec.finish(errors);
-    (apply, batch_changes.is_some())
+    apply
 }
 
 /// `[backfill]`, and whether it sets `chunk_rows` (the default depends on the topology).
