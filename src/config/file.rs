@@ -134,14 +134,16 @@ fn read_config(
     let postgres = read_postgres(section("postgres", errors), base_dir, errors);
     let redis = read_redis(section("redis", errors), base_dir, errors);
     let reader = read_reader(section("reader", errors), base_dir, errors);
-    let apply = read_apply(section("apply", errors), base_dir, errors);
+    let (mut apply, batch_changes_set) = read_apply(section("apply", errors), base_dir, errors);
     let (mut backfill, chunk_rows_set) = read_backfill(section("backfill", errors), errors);
-    if !chunk_rows_set
-        && redis
-            .as_ref()
-            .is_some_and(|r| matches!(r.topology, RedisTopology::Cluster { .. }))
-    {
+    let cluster = redis
+        .as_ref()
+        .is_some_and(|r| matches!(r.topology, RedisTopology::Cluster { .. }));
+    if cluster && !chunk_rows_set {
         backfill.chunk_rows = DEFAULT_CLUSTER_BACKFILL_CHUNK_ROWS;
+    }
+    if cluster && !batch_changes_set {
+        apply.max_batch_changes = DEFAULT_CLUSTER_MAX_BATCH_CHANGES;
     }
     let metrics = read_metrics(section("metrics", errors), errors);
     let log = read_log(section("log", errors), errors);
@@ -434,9 +436,15 @@ pub(super) fn redis_url_problem(url: &str) -> Option<&'static str> {
     None
 }
 
-fn read_apply(mut sec: Section, base_dir: Option<&Path>, errors: &mut Vec<String>) -> ApplyConfig {
+/// `[apply]`, and whether it sets `max_batch_changes` (the default depends on the topology).
+fn read_apply(
+    mut sec: Section,
+    base_dir: Option<&Path>,
+    errors: &mut Vec<String>,
+) -> (ApplyConfig, bool) {
     let mut apply = ApplyConfig::default();
-    if let Some(n) = sec.count("max_batch_changes", errors) {
+    let batch_changes = sec.count("max_batch_changes", errors);
+    if let Some(n) = &batch_changes {
         apply.max_batch_changes = n.value;
     }
     if let Some(n) = sec.count("max_transaction_changes", errors) {
@@ -471,7 +479,7 @@ fn read_apply(mut sec: Section, base_dir: Option<&Path>, errors: &mut Vec<String
         }
     }
     sec.finish(errors);
-    apply
+    (apply, batch_changes.is_some())
 }
 
 /// `[backfill]`, and whether it sets `chunk_rows` (the default depends on the topology).

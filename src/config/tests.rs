@@ -1071,3 +1071,18 @@ fn a_cluster_backfills_in_bigger_chunks_unless_told() {
     let c = Config::from_toml_str(&format!("{cluster}\n\n[backfill]\nchunk_rows = 700\n")).unwrap();
     assert_eq!(c.backfill.chunk_rows, 700);
 }
+
+#[test]
+fn a_cluster_writes_bigger_batches_unless_told() {
+    let one = Config::from_toml_str(MINIMAL).unwrap();
+    assert_eq!(one.apply.max_batch_changes, DEFAULT_MAX_BATCH_CHANGES);
+    let cluster = with_redis("url = \"redis://10.0.0.1:6379\"\ncluster = true");
+    let c = Config::from_toml_str(&cluster).unwrap();
+    assert_eq!(c.apply.max_batch_changes, DEFAULT_CLUSTER_MAX_BATCH_CHANGES);
+    // Told, even to the one-server default: kept.
+    let c = Config::from_toml_str(&format!(
+        "{cluster}\n\n[apply]\nmax_batch_changes = 10000\n"
+    ))
+    .unwrap();
+    assert_eq!(c.apply.max_batch_changes, 10_000);
+}

@@ -29,6 +29,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use futures_util::StreamExt;
 use tracing::{debug, warn};
 
 use super::apply::node_write::{self, NodeOutcome, NodePart, NodeWrite};
@@ -150,6 +151,46 @@ async fn scan_matching(
 
 /// Keys a `SCAN` call looks at: a node spends well under a millisecond on them.
 const SCAN_COUNT: usize = 5_000;
+
+/// What became of one script of a [`ClusterApply::send_nodes`].
+enum Sent {
+    /// Written, but for these parts (indexes into the script's parts).
+    Applied(Vec<usize>),
+    /// A part's check failed: nothing of the script was written.
+    Refused((usize, SlotWriteError)),
+    /// The node did not serve it (a failover, the cluster down): nothing was written.
+    NotServing(redis::RedisError),
+    /// Redis or the connection failed.
+    Failed(redis::RedisError),
+}
+
+impl Sent {
+    fn of(write: &NodeWrite, reply: redis::RedisResult<redis::Value>) -> Sent {
+        match reply {
+            Ok(reply) => match write.outcome(&reply) {
+                Ok(NodeOutcome::Applied { left_out }) => Sent::Applied(left_out),
+                Err(refused) => Sent::Refused(refused),
+            },
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    redis::ErrorKind::Server(
+                        redis::ServerErrorKind::ClusterDown
+                            | redis::ServerErrorKind::TryAgain
+                            | redis::ServerErrorKind::Moved
+                            | redis::ServerErrorKind::Ask
+                    )
+                ) =>
+            {
+                Sent::NotServing(e)
+            }
+            Err(e) => Sent::Failed(e),
+        }
+    }
+}
+
+/// How many node-write scripts may be alive (built or sent, not yet answered) per master.
+const SCRIPTS_IN_FLIGHT: usize = 2;
 
 fn route_error(e: RouteError) -> RunError {
     match e {
@@ -473,9 +514,11 @@ impl ClusterApply {
                 None => left.push(i),
             }
         }
-        let mut sends = Vec::new();
+        // Per master, its parts cut into scripts.
+        let mut sends: Vec<(String, Vec<Vec<usize>>, _)> = Vec::new();
         for (addr, indexes) in by_node {
             let conn = self.router.node(&addr).await?;
+            let mut chunks = Vec::new();
             let mut chunk: Vec<usize> = Vec::new();
             let (mut size, mut bytes) = (0, 0);
             for i in indexes {
@@ -485,7 +528,7 @@ impl ClusterApply {
                     && (size + cost > node_write::MAX_COMMANDS
                         || bytes + weight > node_write::MAX_BYTES)
                 {
-                    sends.push((addr.clone(), std::mem::take(&mut chunk), conn.clone()));
+                    chunks.push(std::mem::take(&mut chunk));
                     (size, bytes) = (0, 0);
                 }
                 chunk.push(i);
@@ -493,74 +536,94 @@ impl ClusterApply {
                 bytes += weight;
             }
             if !chunk.is_empty() {
-                sends.push((addr, chunk, conn));
+                chunks.push(chunk);
             }
+            sends.push((addr, chunks, conn));
         }
-        let writes: Vec<NodeWrite> = sends
-            .iter()
-            .map(|(_, chunk, _)| {
-                let node_parts: Vec<NodePart<'_>> = chunk
-                    .iter()
-                    .map(|&i| NodePart {
-                        owner: self.owner_of(parts[i].0),
-                        ops: &parts[i].1,
-                        position: parts[i].2,
-                        fields,
-                    })
-                    .collect();
-                NodeWrite::new(&self.token, &node_parts, now_ms)
-            })
-            .collect();
-        let replies = futures_util::future::join_all(sends.iter().zip(&writes).map(
-            |((_, _, conn), write)| {
-                let mut conn = conn.clone();
-                async move { write.cmd.query_async::<redis::Value>(&mut conn).await }
-            },
-        ))
+        // Each master's scripts go a few at a time, the masters at once: at most
+        // `SCRIPTS_IN_FLIGHT` are alive per master (with their encoded copies), not a whole
+        // batch's worth, which keeps a big batch's memory close to its changes' (G8), while
+        // the master always has the next script queued. A master's scripts hold distinct
+        // slots, so their order does not matter.
+        let build = |chunk: &[usize]| {
+            let node_parts: Vec<NodePart<'_>> = chunk
+                .iter()
+                .map(|&i| NodePart {
+                    owner: self.owner_of(parts[i].0),
+                    ops: &parts[i].1,
+                    position: parts[i].2,
+                    fields,
+                })
+                .collect();
+            NodeWrite::new(&self.token, &node_parts, now_ms)
+        };
+        let per_master = futures_util::future::join_all(sends.iter().map(|(_, chunks, conn)| {
+            let build = &build;
+            async move {
+                let mut sent: Vec<(usize, Sent)> = Vec::new();
+                let mut in_flight = futures_util::stream::FuturesUnordered::new();
+                let mut next = chunks.iter().enumerate();
+                let mut stop = false;
+                loop {
+                    while !stop && in_flight.len() < SCRIPTS_IN_FLIGHT {
+                        let Some((at, chunk)) = next.next() else {
+                            break;
+                        };
+                        let write = build(chunk);
+                        let mut conn = conn.clone();
+                        in_flight.push(async move {
+                            let reply = write.cmd.query_async::<redis::Value>(&mut conn).await;
+                            (at, Sent::of(&write, reply))
+                        });
+                    }
+                    let Some((at, outcome)) = in_flight.next().await else {
+                        break;
+                    };
+                    // A refusal or a failure ends the session: nothing more goes to this
+                    // master (what is in flight is still read).
+                    stop |= matches!(outcome, Sent::Refused(_) | Sent::Failed(_));
+                    sent.push((at, outcome));
+                }
+                sent
+            }
+        }))
         .await;
         let mut refused = None;
-        for (((addr, chunk, _), write), reply) in sends.iter().zip(&writes).zip(replies) {
-            let reply = match reply {
-                Ok(reply) => reply,
-                // The node is not serving (a failover, the cluster down): each part goes on
-                // its own, waiting or redirected.
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        redis::ErrorKind::Server(
-                            redis::ServerErrorKind::ClusterDown
-                                | redis::ServerErrorKind::TryAgain
-                                | redis::ServerErrorKind::Moved
-                                | redis::ServerErrorKind::Ask
-                        )
-                    ) =>
-                {
-                    debug!(%addr, error = %e, "a node write was refused whole: sending its slots on their own");
-                    left.extend(chunk);
-                    continue;
-                }
-                Err(e) => return Err(e.into()),
-            };
-            match write.outcome(&reply) {
-                Ok(NodeOutcome::Applied { left_out }) => {
-                    self.written.insert(addr.clone());
-                    let left_out: BTreeSet<usize> = left_out.into_iter().collect();
-                    for (at, &i) in chunk.iter().enumerate() {
-                        if left_out.contains(&at) {
-                            left.push(i);
-                            continue;
-                        }
-                        let (slot, _, moves) = &parts[i];
-                        if let Some(lsn) = moves {
-                            self.marks[usize::from(*slot)].position = Some(*lsn);
-                            out.moved.push((*slot, *lsn));
+        let mut failed = None;
+        for ((addr, chunks, _), sent) in sends.iter().zip(per_master) {
+            for (at, outcome) in sent {
+                let chunk = &chunks[at];
+                match outcome {
+                    Sent::Applied(left_out) => {
+                        self.written.insert(addr.clone());
+                        let left_out: BTreeSet<usize> = left_out.into_iter().collect();
+                        for (n, &i) in chunk.iter().enumerate() {
+                            if left_out.contains(&n) {
+                                left.push(i);
+                                continue;
+                            }
+                            let (slot, _, moves) = &parts[i];
+                            if let Some(lsn) = moves {
+                                self.marks[usize::from(*slot)].position = Some(*lsn);
+                                out.moved.push((*slot, *lsn));
+                            }
                         }
                     }
-                }
-                Err((at, e)) => {
-                    refused.get_or_insert((parts[chunk[at]].0, e));
+                    Sent::NotServing(e) => {
+                        debug!(%addr, error = %e, "a node write was refused whole: sending its slots on their own");
+                        left.extend(chunk);
+                    }
+                    Sent::Refused((n, e)) => {
+                        refused.get_or_insert((parts[chunk[n]].0, e));
+                    }
+                    Sent::Failed(e) => {
+                        failed.get_or_insert(e);
+                    }
                 }
             }
+        }
+        if let Some(e) = failed {
+            return Err(e.into());
         }
         if let Some((slot, e)) = refused {
             return Err(slot_error(slot, e));
