@@ -1305,6 +1305,139 @@ INSERT INTO other SELECT g, 0 FROM generate_series(1, 10) g;
     daemon.terminate();
 }
 
+/// Waits up to 30 s for `key` to hold `want`.
+async fn wait_value(view: &mut View, key: &str, want: &str, daemon: &Daemon) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let got = view.get_many(&[key.to_string()]).await;
+        if got[0].as_deref() == Some(want) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{key} is {got:?}, not {want}\n{}",
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A table renamed under a running daemon on a cluster (G4, the hazards' DDL): its keys go
+/// from every master and every slot checkpoint says it is stopped, so that no reader fills
+/// its keys; the other table goes on. A restart while it is still renamed keeps it stopped
+/// and keeps the mark; renamed back while the daemon is down, the next start takes the
+/// mark off every slot and backfills it with the values of the renamed days.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_renamed_on_a_cluster_stops_everywhere_and_comes_back() {
+    const ROWS: usize = 40;
+    let env = Env::start(
+        &format!(
+            "CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL);
+             CREATE TABLE other (id int PRIMARY KEY, v int NOT NULL);
+             INSERT INTO items SELECT g, 0 FROM generate_series(1, {ROWS}) g;"
+        ),
+        "public.items,public.other",
+    );
+    let cluster = start_cluster(3, 0).await;
+    let path = env.dir.path().join("cluster.toml");
+    let rules = "[[tables]]\ntable = \"items\"\nkey = \"item:{id}\"\n\n\
+                 [[tables]]\ntable = \"other\"\nkey = \"other:{id}\"\n";
+    std::fs::write(&path, cluster_config_with(&env, &cluster, rules, "")).unwrap();
+    let log = env.dir.path().join("daemon.log");
+    let mut view = View::new(&cluster).await;
+    let item_keys: Vec<String> = (1..=ROWS).map(|id| format!("item:{id}")).collect();
+    let mut daemon = Daemon::spawn(&path, &log);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while view.keys("item:*").await.len() < ROWS {
+        assert!(std::time::Instant::now() < deadline, "{}", daemon.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The keys are spread: every master holds some.
+    let mut masters_with_items = 0;
+    for addr in view.router.masters() {
+        let mut conn = view.router.node(&addr).await.unwrap();
+        let found: Vec<String> = redis::cmd("KEYS")
+            .arg("item:*")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        masters_with_items += usize::from(!found.is_empty());
+    }
+    assert_eq!(masters_with_items, 3);
+
+    env.sql("ALTER TABLE items RENAME TO things; UPDATE things SET v = 5 WHERE id = 2;");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !view.keys("item:*").await.is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the renamed table's keys are still there\n{}",
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let marked = |stopped: &BTreeMap<Option<String>, usize>| {
+        stopped.len() == 1
+            && stopped.iter().next().is_some_and(|(pattern, slots)| {
+                pattern.as_deref().is_some_and(|p| p.contains("item:"))
+                    && *slots == usize::from(CLUSTER_SLOTS)
+            })
+    };
+    let stopped = view.stopped_fields().await;
+    assert!(marked(&stopped), "{stopped:?}\n{}", daemon.log());
+    env.sql("INSERT INTO other VALUES (1, 1)");
+    wait_value(&mut view, "other:1", r#"{"id":1,"v":1}"#, &daemon).await;
+    let text = daemon.log();
+    assert!(
+        text.contains("table stopped")
+            && text.contains("public.items was")
+            && text.contains("renamed"),
+        "{text}"
+    );
+    daemon.terminate();
+
+    // A restart with the table still renamed: it stays stopped, marked on every slot, and
+    // nothing of it comes back; the other table goes on.
+    let mut daemon = Daemon::spawn(&path, &log);
+    env.sql("UPDATE other SET v = 2 WHERE id = 1; UPDATE things SET v = 6 WHERE id = 3;");
+    wait_value(&mut view, "other:1", r#"{"id":1,"v":2}"#, &daemon).await;
+    let stopped = view.stopped_fields().await;
+    assert!(marked(&stopped), "{stopped:?}\n{}", daemon.log());
+    assert!(view.keys("item:*").await.is_empty(), "{}", daemon.log());
+    daemon.terminate();
+
+    // Renamed back while the daemon is down: the next start stops nothing, takes the mark
+    // off every slot, and backfills the table with what changed meanwhile.
+    env.sql("ALTER TABLE things RENAME TO items");
+    let mut daemon = Daemon::spawn(&path, &log);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let got = view.get_many(&item_keys).await;
+        if got.iter().all(Option::is_some) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the items are not backfilled: {got:?}\n{}",
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    wait_value(&mut view, "item:2", r#"{"id":2,"v":5}"#, &daemon).await;
+    wait_value(&mut view, "item:3", r#"{"id":3,"v":6}"#, &daemon).await;
+    env.sql("UPDATE items SET v = 7 WHERE id = 4");
+    wait_value(&mut view, "item:4", r#"{"id":4,"v":7}"#, &daemon).await;
+    let stopped = view.stopped_fields().await;
+    assert_eq!(
+        stopped,
+        BTreeMap::from([(None, usize::from(CLUSTER_SLOTS))]),
+        "{}",
+        daemon.log()
+    );
+    daemon.terminate();
+    let (code, out) = crate::common::verify(&path).await;
+    assert_eq!(code, 0, "{out}");
+}
+
 /// `FLUSHALL` on one master while the daemon runs: first on one without the root checkpoint
 /// (its slots' checkpoints are gone while the root's is not: "lost writes"), then on the
 /// root's own (the root is gone while other slots' are not: "lost its data", not a first
