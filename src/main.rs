@@ -6,6 +6,7 @@ use clap::Parser;
 use pgcache::commands::{Cli, Command};
 
 fn main() -> ExitCode {
+    fixed_mmap_threshold();
     let cli = Cli::parse();
     // The daemon is one pipeline (stream in, Redis out) whose connections' tasks and the
     // loop itself hand work to each other all the time: on one thread that costs nothing,
@@ -24,4 +25,20 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(pgcache::commands::main(cli))
+}
+
+/// Keeps glibc's mmap threshold fixed (G8). By default glibc raises it each time a block
+/// above it is freed, up to 32 MB; after a few batches every script and chunk buffer then
+/// comes from the heap, which keeps what it grew to, fragmented. Measured with
+/// `cluster_daemon::a_backfill_on_a_cluster_stays_in_bounded_memory` (a million rows):
+/// peak RSS 90-108 MB with the default, 78 MB with a fixed 256 kB, with the same live heap
+/// (~48 MB at the peak). Buffers over 256 kB are few (a batch's scripts, a chunk's rows), so
+/// mapping and unmapping each costs nothing measurable.
+fn fixed_mmap_threshold() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: called first thing in `main`, before any other thread exists; `mallopt` only
+    // sets an allocator parameter.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
+    }
 }
