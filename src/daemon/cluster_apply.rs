@@ -29,7 +29,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use tracing::{debug, warn};
 
 use super::apply::node_write::{self, NodeOutcome, NodePart, NodeWrite};
@@ -165,6 +165,11 @@ enum Sent {
 }
 
 impl Sent {
+    /// Whether the session ends on it: nothing more is sent to that master.
+    fn ends_session(&self) -> bool {
+        matches!(self, Sent::Refused(_) | Sent::Failed(_))
+    }
+
     fn of(write: &NodeWrite, reply: redis::RedisResult<redis::Value>) -> Sent {
         match reply {
             Ok(reply) => match write.outcome(&reply) {
@@ -543,7 +548,8 @@ impl ClusterApply {
         // Each master's scripts go a few at a time, the masters at once: at most
         // `SCRIPTS_IN_FLIGHT` are alive per master (with their encoded copies), not a whole
         // batch's worth, which keeps a big batch's memory close to its changes' (G8), while
-        // the master always has the next script queued. A master's scripts hold distinct
+        // the master always has the next script queued (each is sent as soon as it is
+        // built, and the next is built while it runs). A master's scripts hold distinct
         // slots, so their order does not matter.
         let build = |chunk: &[usize]| {
             let node_parts: Vec<NodePart<'_>> = chunk
@@ -575,13 +581,19 @@ impl ClusterApply {
                             let reply = write.cmd.query_async::<redis::Value>(&mut conn).await;
                             (at, Sent::of(&write, reply))
                         });
+                        // Polled once now, so that it is sent before the next is built (a
+                        // pushed future is polled only when the set is).
+                        if let Some(Some((at, outcome))) = in_flight.next().now_or_never() {
+                            stop |= outcome.ends_session();
+                            sent.push((at, outcome));
+                        }
                     }
                     let Some((at, outcome)) = in_flight.next().await else {
                         break;
                     };
                     // A refusal or a failure ends the session: nothing more goes to this
                     // master (what is in flight is still read).
-                    stop |= matches!(outcome, Sent::Refused(_) | Sent::Failed(_));
+                    stop |= outcome.ends_session();
                     sent.push((at, outcome));
                 }
                 sent
