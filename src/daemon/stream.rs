@@ -124,6 +124,10 @@ pub(super) struct Stream<'a> {
     /// Last position sent to Postgres.
     sent: Lsn,
     last_status: Instant,
+    /// How often a status update goes out even when nothing moved: often enough for the
+    /// server's `wal_sender_timeout` while the stream is not read (a write in flight with
+    /// the batch full), see [`status_interval`].
+    status_every: Duration,
     last_heartbeat: Instant,
     wal_end: Lsn,
     layout: WalLayout,
@@ -172,6 +176,7 @@ impl<'a> Stream<'a> {
             confirm_queue: VecDeque::new(),
             sent: start,
             last_status: Instant::now(),
+            status_every: STATUS_EVERY,
             last_heartbeat: Instant::now(),
             wal_end: start,
             layout,
@@ -194,6 +199,17 @@ impl<'a> Stream<'a> {
 
     pub(super) fn set_spool(&mut self, spool: Spool) {
         self.spool = Some(spool);
+    }
+
+    /// The server's `wal_sender_timeout` (`None`: disabled, or not readable).
+    async fn sender_timeout(&self) -> Option<Duration> {
+        let row = self
+            .types
+            .client()
+            .query_one("SHOW wal_sender_timeout", &[])
+            .await
+            .ok()?;
+        parse_pg_duration(row.get::<_, &str>(0)).filter(|d| !d.is_zero())
     }
 
     /// The position Redis acknowledged last.
@@ -345,6 +361,10 @@ impl<'a> Stream<'a> {
     ) -> Result<(), RunError> {
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        self.status_every = self
+            .sender_timeout()
+            .await
+            .map_or(STATUS_EVERY, status_interval);
         loop {
             self.take_backfill_fields();
             if self.backfills.reading() {
@@ -377,7 +397,7 @@ impl<'a> Stream<'a> {
                         // Ask for a keepalive: an idle stream would not say for half a
                         // wal_sender_timeout that it is past the horizon.
                         self.send_status_with(stream, true).await?;
-                    } else if self.last_status.elapsed() >= Duration::from_secs(10) || self.confirm_moved() {
+                    } else if self.last_status.elapsed() >= self.status_every || self.confirm_moved() {
                         self.send_status(stream).await?;
                     }
                 }
@@ -1321,5 +1341,68 @@ pub(super) async fn wait_for_replicas(
                  nothing is confirmed to Postgres until they do"
             );
         }
+    }
+}
+
+/// How often a status update goes out at most, when nothing moved.
+const STATUS_EVERY: Duration = Duration::from_secs(10);
+
+/// The status interval for a server whose `wal_sender_timeout` is `timeout`: a third of it,
+/// at most [`STATUS_EVERY`], at least the loop's tick (250 ms). The server drops a receiver
+/// it has not heard from for that long; while a write is in flight with the batch full the
+/// stream is not read, so its keepalive requests go unanswered, and only these updates
+/// keep the connection (a slow Redis write, an outage).
+fn status_interval(timeout: Duration) -> Duration {
+    (timeout / 3).clamp(Duration::from_millis(250), STATUS_EVERY)
+}
+
+/// A Postgres time setting as `SHOW` prints it: `0`, `500ms`, `2s`, `1min`, `1h`, `1d` (a
+/// bare number is milliseconds).
+fn parse_pg_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let digits = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(digits);
+    let n: u64 = number.parse().ok()?;
+    let ms = match unit.trim() {
+        "" | "ms" => 1,
+        "s" => 1_000,
+        "min" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return None,
+    };
+    Some(Duration::from_millis(n.checked_mul(ms)?))
+}
+
+#[cfg(test)]
+mod status_tests {
+    use super::*;
+
+    #[test]
+    fn postgres_durations_are_read_as_show_prints_them() {
+        assert_eq!(parse_pg_duration("0"), Some(Duration::ZERO));
+        assert_eq!(parse_pg_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_pg_duration("2s"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_pg_duration("1min"), Some(Duration::from_secs(60)));
+        assert_eq!(parse_pg_duration("1h"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_pg_duration("1d"), Some(Duration::from_secs(86_400)));
+        assert_eq!(parse_pg_duration("250"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_pg_duration("soon"), None);
+        assert_eq!(parse_pg_duration("5 fortnights"), None);
+    }
+
+    #[test]
+    fn status_goes_out_three_times_a_timeout_within_bounds() {
+        assert_eq!(status_interval(Duration::from_secs(60)), STATUS_EVERY);
+        assert_eq!(
+            status_interval(Duration::from_secs(3)),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            status_interval(Duration::from_millis(300)),
+            Duration::from_millis(250)
+        );
     }
 }

@@ -122,3 +122,69 @@ async fn an_idle_published_database_does_not_pin_wal() {
     .await;
     assert!(daemon.terminate().success(), "{}", daemon.log());
 }
+
+/// A write that Redis holds up longer than the server's `wal_sender_timeout`, while the
+/// batch behind it is full (so the stream is not read and the walsender's keepalive
+/// requests go unanswered): the daemon's status updates, sent at a third of that timeout,
+/// keep the replication connection. Before, they went every 10 s whatever the timeout, and
+/// with `wal_sender_timeout = 2s` the server dropped the connection during the write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_redis_write_outlasting_wal_sender_timeout_keeps_the_stream() {
+    let env = Env::start(SCHEMA, "public.items");
+    env.sql("ALTER SYSTEM SET wal_sender_timeout = '2s'");
+    env.sql("SELECT pg_reload_conf()");
+    // One change a batch: the second transaction fills the batch behind the first's write.
+    let config = env.write_config(&format!("[apply]\nmax_batch_changes = 1\n\n{RULES}"));
+    let log = env.dir.path().join("daemon.log");
+    let mut daemon = Daemon::spawn(&config, &log);
+    let mut r = env.redis().await;
+    wait_backfill_done(&mut r, "public.items", Duration::from_secs(30)).await;
+    let walsender = || -> String {
+        env.sql("SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'pgcache'")
+            .trim()
+            .to_string()
+    };
+    let before = walsender();
+    assert!(!before.is_empty(), "no walsender");
+
+    // Redis holds every write for 6 s, three times the timeout.
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(6000)
+        .arg("WRITE")
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    for id in 101..=103 {
+        env.sql(&format!("INSERT INTO items VALUES ({id}, 'slow {id}')"));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let got: Option<String> = redis::cmd("GET")
+            .arg("item:103")
+            .query_async(&mut r)
+            .await
+            .unwrap();
+        if got.is_some() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "item:103 never arrived\n{}",
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let after = walsender();
+    let text = daemon.log();
+    daemon.terminate();
+    assert_eq!(
+        before, after,
+        "the replication connection was replaced during the slow write\n{text}"
+    );
+    let server_log = env.pg.log();
+    assert!(
+        !server_log.contains("replication timeout"),
+        "the server timed the daemon out:\n{server_log}"
+    );
+}
