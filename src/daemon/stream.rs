@@ -1344,11 +1344,13 @@ pub(super) async fn wait_for_replicas(
     }
 }
 
-/// How often a status update goes out at most, when nothing moved.
+/// The longest gap between two status updates, when nothing moved.
 const STATUS_EVERY: Duration = Duration::from_secs(10);
 
 /// The status interval for a server whose `wal_sender_timeout` is `timeout`: a third of it,
-/// at most [`STATUS_EVERY`], at least the loop's tick (250 ms). The server drops a receiver
+/// no longer than [`STATUS_EVERY`], no shorter than the loop's tick (250 ms). The loop
+/// checks it on that tick, so an update goes out up to a tick later (with a 2 s timeout,
+/// every 750 ms). The server drops a receiver
 /// it has not heard from for that long; while a write is in flight with the batch full the
 /// stream is not read, so its keepalive requests go unanswered, and only these updates
 /// keep the connection (a slow Redis write, an outage).
