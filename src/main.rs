@@ -31,7 +31,7 @@ fn main() -> ExitCode {
 /// above it is freed, up to 32 MB; after a few batches every script and chunk buffer then
 /// comes from the heap, which keeps what it grew to, fragmented. Measured with
 /// `cluster_daemon::a_backfill_on_a_cluster_stays_in_bounded_memory` (a million rows):
-/// peak RSS 90-108 MB with the default, 78 MB with a fixed 256 kB, with the same live heap
+/// peak RSS 90-108 MB with the default, 76-99 MB with a fixed 256 kB, with the same live heap
 /// (~48 MB at the peak). Buffers over 256 kB are few (a batch's scripts, a chunk's rows), so
 /// mapping and unmapping each costs nothing measurable.
 fn fixed_mmap_threshold() {

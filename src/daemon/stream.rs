@@ -1358,24 +1358,14 @@ fn status_interval(timeout: Duration) -> Duration {
     (timeout / 3).clamp(Duration::from_millis(250), STATUS_EVERY)
 }
 
-/// A Postgres time setting as `SHOW` prints it: `0`, `500ms`, `2s`, `1min`, `1h`, `1d` (a
-/// bare number is milliseconds).
+/// A Postgres time setting as `SHOW` prints it: `0` or a bare number (milliseconds), or a
+/// number with a unit (`500ms`, `2s`, `1min`, `1h`, `1d`), which `humantime` reads.
 fn parse_pg_duration(text: &str) -> Option<Duration> {
     let text = text.trim();
-    let digits = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(digits);
-    let n: u64 = number.parse().ok()?;
-    let ms = match unit.trim() {
-        "" | "ms" => 1,
-        "s" => 1_000,
-        "min" => 60_000,
-        "h" => 3_600_000,
-        "d" => 86_400_000,
-        _ => return None,
-    };
-    Some(Duration::from_millis(n.checked_mul(ms)?))
+    match text.parse::<u64>() {
+        Ok(ms) => Some(Duration::from_millis(ms)),
+        Err(_) => humantime::parse_duration(text).ok(),
+    }
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use pgcache::cluster::{key_slot, CLUSTER_SLOTS};
 use pgcache::daemon::slot_router::SlotRouter;
 use pgcache::testkit::{RedisOptions, TestRedisCluster};
 
-use crate::common::{eventually, Daemon, Env, InProcess, DB};
+use crate::common::{eventually, memory_kb, Daemon, Env, InProcess, DB};
 
 const SCHEMA: &str = "
 CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL);
@@ -1282,19 +1282,7 @@ INSERT INTO other SELECT g, 0 FROM generate_series(1, 10) g;
     // nothing, takes the mark off every slot checkpoint, and backfills the table.
     env.sql("ALTER TABLE items REPLICA IDENTITY FULL");
     let mut daemon = Daemon::spawn(&path, &log);
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let got = view.get_many(&item_keys).await;
-        if got.iter().all(Option::is_some) {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the items are not backfilled: {got:?}\n{}",
-            daemon.log()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_all_cached(&mut view, &item_keys, Duration::from_secs(30), &daemon).await;
     let stopped = view.stopped_fields().await;
     assert_eq!(
         stopped,
@@ -1331,12 +1319,8 @@ async fn a_backfill_on_a_cluster_stays_in_bounded_memory() {
     let root = checkpoint_key("", "pgcache");
     let mut peak_kb = 0u64;
     loop {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", daemon.pid())).unwrap();
-        peak_kb = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
-            .unwrap_or(peak_kb);
+        let (hwm, _) = memory_kb(daemon.pid()).expect("the daemon exited");
+        peak_kb = peak_kb.max(hwm);
         let _ = view.router.refresh().await;
         let addr = view
             .router
@@ -1372,6 +1356,23 @@ async fn a_backfill_on_a_cluster_stays_in_bounded_memory() {
         started.elapsed()
     );
     daemon.terminate();
+}
+
+/// Waits up to `limit` for every one of `keys` to be cached.
+async fn wait_all_cached(view: &mut View, keys: &[String], limit: Duration, daemon: &Daemon) {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let got = view.get_many(keys).await;
+        if got.iter().all(Option::is_some) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the items are not backfilled: {got:?}\n{}",
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Waits up to 30 s for `key` to hold `want`.
@@ -1478,19 +1479,7 @@ async fn a_table_renamed_on_a_cluster_stops_everywhere_and_comes_back() {
     // off every slot, and backfills the table with what changed meanwhile.
     env.sql("ALTER TABLE things RENAME TO items");
     let mut daemon = Daemon::spawn(&path, &log);
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let got = view.get_many(&item_keys).await;
-        if got.iter().all(Option::is_some) {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the items are not backfilled: {got:?}\n{}",
-            daemon.log()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_all_cached(&mut view, &item_keys, Duration::from_secs(60), &daemon).await;
     wait_value(&mut view, "item:2", r#"{"id":2,"v":5}"#, &daemon).await;
     wait_value(&mut view, "item:3", r#"{"id":3,"v":6}"#, &daemon).await;
     env.sql("UPDATE items SET v = 7 WHERE id = 4");
@@ -2069,12 +2058,8 @@ async fn a_backlog_caught_up_on_a_cluster_stays_in_bounded_memory() {
     let last = format!("note:{ROWS}");
     let mut peak_kb = 0u64;
     loop {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", daemon.pid())).unwrap();
-        peak_kb = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
-            .unwrap_or(peak_kb);
+        let (hwm, _) = memory_kb(daemon.pid()).expect("the daemon exited");
+        peak_kb = peak_kb.max(hwm);
         // Slots land at once, the last row's maybe before others: count them all.
         if view.keys("note:*").await.len() as i64 == ROWS + 1 {
             break;
