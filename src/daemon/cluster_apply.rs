@@ -152,6 +152,48 @@ async fn scan_matching(
 /// Keys a `SCAN` call looks at: a node spends well under a millisecond on them.
 const SCAN_COUNT: usize = 5_000;
 
+/// Deletes the given keys of the node it runs on, whichever slots they are in; returns how
+/// many were not there to delete (their slot moved away).
+const DEL_HERE: &str = r"
+local missed = 0
+for i = 1, #ARGV do
+  local r = redis.pcall('DEL', ARGV[i])
+  if type(r) == 'table' and r.err then missed = missed + 1 end
+end
+return missed
+";
+
+/// Deletes, on every master, the leases that match `patterns` (a lease lives in its row
+/// key's slot, so on that key's node). `false` when a lease was not on the node that listed
+/// it (its slot moved meanwhile): the caller starts again.
+async fn revoke_leases(
+    conns: &[redis::aio::MultiplexedConnection],
+    patterns: &[String],
+) -> Result<bool, RunError> {
+    let revoked = futures_util::future::try_join_all(conns.iter().map(|conn| async move {
+        let mut leases = Vec::new();
+        for pattern in patterns {
+            let keys = scan_matching(conn.clone(), pattern).await?;
+            leases.extend(keys.into_iter().filter(|k| k.ends_with(LEASE_SUFFIX)));
+        }
+        leases.sort();
+        leases.dedup();
+        let mut conn = conn.clone();
+        let mut missed = 0u64;
+        for chunk in leases.chunks(1_000) {
+            missed += redis::cmd("EVAL")
+                .arg(DEL_HERE)
+                .arg(0)
+                .arg(chunk)
+                .query_async::<u64>(&mut conn)
+                .await?;
+        }
+        Ok::<_, redis::RedisError>(missed == 0)
+    }))
+    .await?;
+    Ok(revoked.into_iter().all(|ok| ok))
+}
+
 /// What became of one script of a [`ClusterApply::send_nodes`].
 enum Sent {
     /// Written, but for these parts (indexes into the script's parts).
@@ -719,9 +761,18 @@ impl ClusterApply {
         while std::time::Instant::now() < deadline {
             let before = self.router.masters_of_slots();
             let mut by_slot: BTreeMap<u16, Vec<String>> = BTreeMap::new();
+            let conns = self.master_connections().await?;
+            // The leases go first, in a pass of their own. The keys are listed outside the
+            // slots' transactions: a fill whose lease predates the change, landing between
+            // the listing and the delete, would write a key the delete does not name, read
+            // before the change, to stay. With its lease gone first, such a fill either
+            // landed before the listing (its key is listed) or is refused.
+            if !revoke_leases(&conns, &patterns).await? {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                continue;
+            }
             // Every master and pattern at once: one after another, a first start or a
             // rebuild waited a round trip per thousand keys of every master in turn.
-            let conns = self.master_connections().await?;
             let scans = conns.iter().flat_map(|conn| {
                 patterns
                     .iter()

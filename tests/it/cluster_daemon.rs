@@ -2086,3 +2086,157 @@ async fn a_backlog_caught_up_on_a_cluster_stays_in_bounded_memory() {
     );
     daemon.terminate();
 }
+
+/// Calls of `SCAN` on every master so far.
+async fn scan_calls(view: &mut View) -> u64 {
+    let mut total = 0;
+    for addr in view.router.masters() {
+        let mut conn = view.router.node(&addr).await.unwrap();
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        total += info
+            .lines()
+            .find_map(|l| l.strip_prefix("cmdstat_scan:calls="))
+            .and_then(|rest| rest.split(',').next())
+            .map_or(0, |n| n.parse::<u64>().unwrap());
+    }
+    total
+}
+
+/// A reader's fill whose lease and database read predate a `TRUNCATE`, landing while the
+/// daemon lists the table's keys on the cluster (a listing outside the slots' transactions),
+/// must not leave its key behind, stale for good (G4). The readers' answers from Postgres are
+/// held in a proxy and let go as soon as the daemon's first `SCAN` after the `TRUNCATE` is
+/// seen; filler keys make each master's listing take a while.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fill_landing_while_a_truncate_lists_keys_does_not_stay() {
+    use pgcache::testkit::{Direction, TcpProxy};
+    let env = Env::start(SCHEMA, TABLES);
+    let cluster = start_cluster(3, 0).await;
+    let rules = RULES.replace(
+        "key = \"scratch:{id}\"\n",
+        "key = \"scratch:{id}\"\nmode = \"refresh\"\n",
+    );
+    let text = cluster_config_with(&env, &cluster, &rules, "");
+    let config = Arc::new(pgcache::config::Config::from_toml_str(&text).unwrap());
+    let mut view = View::new(&cluster).await;
+    let mut by_slot: BTreeMap<u16, Vec<String>> = BTreeMap::new();
+    for i in 0..300_000 {
+        let key = format!("filler:{i}");
+        by_slot
+            .entry(key_slot(key.as_bytes()))
+            .or_default()
+            .push(key);
+    }
+    let fill: Vec<(u16, redis::Cmd)> = by_slot
+        .iter()
+        .map(|(slot, keys)| {
+            let mut cmd = redis::cmd("MSET");
+            for key in keys {
+                cmd.arg(key).arg("x");
+            }
+            (*slot, cmd)
+        })
+        .collect();
+    view.router
+        .send_each(&fill)
+        .await
+        .expect("write the filler keys");
+    let daemon = InProcess::start(config.clone());
+    let pg = env.pg_client().await;
+    let root = checkpoint_key("", "pgcache");
+    let wal_now = || async {
+        let row = pg
+            .query_one(
+                "SELECT lpad(to_hex((pg_current_wal_lsn() - '0/0')::bigint), 16, '0')",
+                &[],
+            )
+            .await
+            .unwrap();
+        row.get::<_, String>(0)
+    };
+    wait_frontier(&mut view, &root, &wal_now().await).await;
+
+    let to_pg = TcpProxy::start(format!("127.0.0.1:{}", env.pg.port()).parse().unwrap()).unwrap();
+    let reader_config = pgcache::config::Config::from_toml_str(&text.replace(
+        &format!(":{}/", env.pg.port()),
+        &format!(":{}/", to_pg.port()),
+    ))
+    .unwrap();
+    let reader = Arc::new(pgcache::Reader::from_config(&reader_config).unwrap());
+    eventually(
+        Duration::from_secs(10),
+        "the reader to reach the cluster",
+        || {
+            let reader = reader.clone();
+            async move {
+                let before = reader.stats().hits;
+                let _: Option<serde_json::Value> = reader.get("items", 1).await.ok()?;
+                (reader.stats().hits > before).then_some(())
+            }
+        },
+    )
+    .await;
+    // Connected, and one key cached, before the answers are held.
+    // (A fill waits for the frontier to pass its read: a change moves it.)
+    let first = {
+        let reader = reader.clone();
+        tokio::spawn(async move {
+            let scratch = reader.table("public.scratch").unwrap();
+            scratch.lookup::<serde_json::Value>(100).await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    env.sql("UPDATE items SET v = v + 1 WHERE id = 2");
+    let first = first.await.unwrap().unwrap();
+    assert!(first.value.is_some());
+    assert_eq!(
+        view.keys("scratch:*").await,
+        ["scratch:100"],
+        "{:?}",
+        first.served
+    );
+
+    to_pg.pause_direction(Direction::ToClient);
+    let lookups: Vec<_> = (1..=40)
+        .map(|id| {
+            let reader = reader.clone();
+            tokio::spawn(async move {
+                let scratch = reader.table("public.scratch").unwrap();
+                scratch.lookup::<serde_json::Value>(id).await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // The frontier past the reads: the fills will not wait for their slot's checkpoint.
+    env.sql("UPDATE items SET v = v + 1 WHERE id = 1");
+    wait_frontier(&mut view, &root, &wal_now().await).await;
+    let scans = scan_calls(&mut view).await;
+    env.sql("TRUNCATE scratch");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    // Late in the listing (about 130 calls in all for these keys, two patterns on three
+    // masters): a key written now is missed where the listing is past its place.
+    while scan_calls(&mut view).await < scans + 100 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the daemon never listed keys"
+        );
+    }
+    to_pg.resume();
+    let mut served = Vec::new();
+    for lookup in lookups {
+        served.push(lookup.await.unwrap().map(|found| found.served));
+    }
+
+    wait_frontier(&mut view, &root, &wal_now().await).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        view.keys("scratch:*").await,
+        Vec::<String>::new(),
+        "keys of a truncated table left by fills that read before the TRUNCATE (lookups: {served:?})"
+    );
+    daemon.stop().await.expect("clean stop");
+}
