@@ -220,8 +220,13 @@ pub struct Batch {
     /// The open transaction's id, and whether it has added operations.
     open_xid: Option<u32>,
     open_has_ops: bool,
-    /// Checkpoint fields to write with the committed operations.
+    /// Checkpoint fields to write with the committed operations; those from
+    /// `committed_fields` on were pushed while the open transaction was being read, and go
+    /// with its operations, never ahead of them (a table's new shape or OID recorded before
+    /// the drop or rebuild it calls for would, after a crash in between, hide the change
+    /// from the next start).
     fields: Vec<(String, String)>,
+    committed_fields: usize,
     /// Bytes held by `ops`, and by `ops[..committed]`.
     bytes: usize,
     committed_bytes: usize,
@@ -265,6 +270,7 @@ impl Default for Batch {
             open_xid: None,
             open_has_ops: false,
             fields: Vec::new(),
+            committed_fields: 0,
             bytes: 0,
             committed_bytes: 0,
             muted: false,
@@ -348,7 +354,7 @@ impl Batch {
 
     /// Something is ready to be written: committed operations, fields, or a new position.
     pub fn has_committed(&self) -> bool {
-        self.committed > 0 || self.position.is_some() || !self.fields.is_empty()
+        self.committed > 0 || self.position.is_some() || self.committed_fields > 0
     }
 
     /// Transactions committed here whose visibility is not yet established.
@@ -385,6 +391,7 @@ impl Batch {
     pub fn commit(&mut self, end_lsn: Lsn, commit_time: i64) {
         self.committed = self.ops.len();
         self.committed_bytes = self.bytes;
+        self.committed_fields = self.fields.len();
         self.position = Some(self.position.map_or(end_lsn, |p| p.max(end_lsn)));
         self.commit_times.push(commit_time);
         self.transactions += 1;
@@ -401,9 +408,13 @@ impl Batch {
         self.position = Some(self.position.map_or(lsn, |p| p.max(lsn)));
     }
 
-    /// A checkpoint field to write with the next write.
+    /// A checkpoint field to write with the next write; inside a transaction, with the
+    /// transaction's operations (or a write before them that carries all of them).
     pub fn push_field(&mut self, field: String, value: String) {
         self.fields.push((field, value));
+        if self.open_xid.is_none() {
+            self.committed_fields = self.fields.len();
+        }
     }
 
     fn push(&mut self, op: Op) {
@@ -765,7 +776,12 @@ impl Batch {
         } else {
             None
         };
-        if upto == 0 && position.is_none() && self.fields.is_empty() {
+        let fields_upto = if include_open {
+            self.fields.len()
+        } else {
+            self.committed_fields
+        };
+        if upto == 0 && position.is_none() && fields_upto == 0 {
             return None;
         }
         let ops: Vec<Op> = self.ops.drain(..upto).collect();
@@ -786,10 +802,11 @@ impl Batch {
             self.committed_bytes = 0;
         }
         self.committed = 0;
+        self.committed_fields = 0;
         let prepared = Prepared {
             ops,
             position,
-            fields: std::mem::take(&mut self.fields),
+            fields: self.fields.drain(..fields_upto).collect(),
             transactions: std::mem::take(&mut self.transactions),
             commit_times: std::mem::take(&mut self.commit_times),
             xids,
@@ -817,6 +834,7 @@ impl Batch {
 
     /// The open transaction was skipped (the checkpoint covers it).
     pub fn commit_skipped(&mut self) {
+        self.committed_fields = self.fields.len();
         self.open_xid = None;
         self.open_has_ops = false;
     }

@@ -127,8 +127,17 @@ impl std::fmt::Debug for ClusterApply {
 
 /// Every key of one node that matches `pattern` (`SCAN … MATCH`).
 async fn scan_matching(
+    conn: redis::aio::MultiplexedConnection,
+    pattern: &str,
+) -> Result<Vec<String>, redis::RedisError> {
+    scan_keeping(conn, pattern, |_| true).await
+}
+
+/// The keys of one node that match `pattern` and `keep` (the others are not held).
+async fn scan_keeping(
     mut conn: redis::aio::MultiplexedConnection,
     pattern: &str,
+    keep: impl Fn(&str) -> bool,
 ) -> Result<Vec<String>, redis::RedisError> {
     let mut out = Vec::new();
     let mut cursor = "0".to_string();
@@ -141,7 +150,7 @@ async fn scan_matching(
             .arg(SCAN_COUNT)
             .query_async(&mut conn)
             .await?;
-        out.extend(keys);
+        out.extend(keys.into_iter().filter(|k| keep(k)));
         if next == "0" {
             return Ok(out);
         }
@@ -173,8 +182,8 @@ async fn revoke_leases(
     let revoked = futures_util::future::try_join_all(conns.iter().map(|conn| async move {
         let mut leases = Vec::new();
         for pattern in patterns {
-            let keys = scan_matching(conn.clone(), pattern).await?;
-            leases.extend(keys.into_iter().filter(|k| k.ends_with(LEASE_SUFFIX)));
+            let is_lease = |k: &str| k.ends_with(LEASE_SUFFIX);
+            leases.extend(scan_keeping(conn.clone(), pattern, is_lease).await?);
         }
         leases.sort();
         leases.dedup();

@@ -219,9 +219,8 @@ impl<'a> Stream<'a> {
 
     /// Marks a table stopped (its changes skipped, its keys dropped) or running again, and
     /// writes the checkpoint's `stopped` field with the next write: the same `EXEC` as the
-    /// drop of its keys or, when a write of fields only goes out while the transaction that
-    /// stops the table is open, an earlier one; never after the drop, so no reader fill
-    /// lands in between and stays, stale, for good.
+    /// drop of its keys (a field pushed while a transaction is open goes with its
+    /// operations), so no reader fill lands in between and stays, stale, for good.
     pub(super) fn set_stopped(&mut self, table: &str, stopped: bool) {
         let changed = if stopped {
             let Some(rule) = self.config.table_named(table) else {

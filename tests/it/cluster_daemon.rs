@@ -2109,8 +2109,9 @@ async fn scan_calls(view: &mut View) -> u64 {
 /// A reader's fill whose lease and database read predate a `TRUNCATE`, landing while the
 /// daemon lists the table's keys on the cluster (a listing outside the slots' transactions),
 /// must not leave its key behind, stale for good (G4). The readers' answers from Postgres are
-/// held in a proxy and let go as soon as the daemon's first `SCAN` after the `TRUNCATE` is
-/// seen; filler keys make each master's listing take a while.
+/// held in a proxy and let go partway into the daemon's listing of the keys, which comes
+/// after its pass over the leases: a first `TRUNCATE` with nothing held counts the `SCAN`
+/// calls of the two passes. Filler keys make each master's listing take a while.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fill_landing_while_a_truncate_lists_keys_does_not_stay() {
     use pgcache::testkit::{Direction, TcpProxy};
@@ -2159,6 +2160,16 @@ async fn a_fill_landing_while_a_truncate_lists_keys_does_not_stay() {
         row.get::<_, String>(0)
     };
     wait_frontier(&mut view, &root, &wal_now().await).await;
+    // One TRUNCATE with nothing held: the SCAN calls of a drop (with the lease pass, half
+    // of them are that pass's).
+    let before = scan_calls(&mut view).await;
+    env.sql("TRUNCATE scratch; INSERT INTO scratch SELECT g, 0 FROM generate_series(1, 100) g");
+    wait_frontier(&mut view, &root, &wal_now().await).await;
+    let per_drop = scan_calls(&mut view).await - before;
+    assert!(per_drop > 20, "a drop scans the masters ({per_drop} calls)");
+    // Late enough to be in the listing (past the lease pass, if there is one), early enough
+    // to land before the delete.
+    let release_at = per_drop / 2 + per_drop / 2 * 2 / 5;
 
     let to_pg = TcpProxy::start(format!("127.0.0.1:{}", env.pg.port()).parse().unwrap()).unwrap();
     let reader_config = pgcache::config::Config::from_toml_str(&text.replace(
@@ -2180,36 +2191,31 @@ async fn a_fill_landing_while_a_truncate_lists_keys_does_not_stay() {
         },
     )
     .await;
-    // Connected, and one key cached, before the answers are held.
-    // (A fill waits for the frontier to pass its read: a change moves it.)
-    let first = {
-        let reader = reader.clone();
-        tokio::spawn(async move {
-            let scratch = reader.table("public.scratch").unwrap();
-            scratch.lookup::<serde_json::Value>(100).await
-        })
-    };
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    env.sql("UPDATE items SET v = v + 1 WHERE id = 2");
-    let first = first.await.unwrap().unwrap();
-    assert!(first.value.is_some());
-    assert_eq!(
-        view.keys("scratch:*").await,
-        ["scratch:100"],
-        "{:?}",
-        first.served
-    );
-
-    to_pg.pause_direction(Direction::ToClient);
-    let lookups: Vec<_> = (1..=40)
-        .map(|id| {
+    let lookups = |ids: std::ops::RangeInclusive<i32>| -> Vec<_> {
+        ids.map(|id| {
             let reader = reader.clone();
             tokio::spawn(async move {
                 let scratch = reader.table("public.scratch").unwrap();
                 scratch.lookup::<serde_json::Value>(id).await
             })
         })
-        .collect();
+        .collect()
+    };
+    // Every connection of the reader's pool open before the answers are held, so that the
+    // held reads are all sent before the TRUNCATE. (A fill waits for the frontier to pass its
+    // read: a change moves it.)
+    let warm = lookups(50..=81);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    env.sql("UPDATE items SET v = v + 1 WHERE id = 2");
+    let mut warmed = 0;
+    for lookup in warm {
+        warmed += usize::from(lookup.await.unwrap().unwrap().value.is_some());
+    }
+    assert_eq!(warmed, 32);
+    assert_eq!(view.keys("scratch:*").await.len(), 32);
+
+    to_pg.pause_direction(Direction::ToClient);
+    let held = lookups(1..=40);
     tokio::time::sleep(Duration::from_millis(1000)).await;
     // The frontier past the reads: the fills will not wait for their slot's checkpoint.
     env.sql("UPDATE items SET v = v + 1 WHERE id = 1");
@@ -2217,9 +2223,7 @@ async fn a_fill_landing_while_a_truncate_lists_keys_does_not_stay() {
     let scans = scan_calls(&mut view).await;
     env.sql("TRUNCATE scratch");
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    // Late in the listing (about 130 calls in all for these keys, two patterns on three
-    // masters): a key written now is missed where the listing is past its place.
-    while scan_calls(&mut view).await < scans + 100 {
+    while scan_calls(&mut view).await < scans + release_at {
         assert!(
             std::time::Instant::now() < deadline,
             "the daemon never listed keys"
@@ -2227,10 +2231,9 @@ async fn a_fill_landing_while_a_truncate_lists_keys_does_not_stay() {
     }
     to_pg.resume();
     let mut served = Vec::new();
-    for lookup in lookups {
+    for lookup in held {
         served.push(lookup.await.unwrap().map(|found| found.served));
     }
-
     wait_frontier(&mut view, &root, &wal_now().await).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(

@@ -1076,9 +1076,11 @@ async fn review_a_stopped_table_takes_no_fills() {
         }
     })
     .await;
-    // The field can go out ahead of the drop (a write of fields only while the transaction
-    // that stops the table is still open), never after it: fills are refused from the field
-    // on, and the keys go with that transaction.
+    // The field goes with the transaction that drops the keys. (It went out ahead of them
+    // once, in a write of fields only while that transaction was still being read: safe for
+    // this field, not for a table's shape. Fields read inside a transaction now wait for
+    // its operations; this waits all the same, since a check right after the field is
+    // seen would race a write in parts.)
     eventually(Duration::from_secs(30), "the users' keys dropped", || {
         let mut r = r.clone();
         async move { get(&mut r, "{item:1}:user").await.is_none().then_some(()) }

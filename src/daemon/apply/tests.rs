@@ -536,3 +536,60 @@ fn operations_queued_before_tagging_starts_get_no_tag() {
     assert_eq!(prepared.ops.len(), 2);
     assert_eq!(prepared.tags, [None, Some(tag)]);
 }
+
+/// A checkpoint field pushed while a transaction is being read (a table's new shape or OID,
+/// its `stopped` mark) goes with that transaction's operations, not in a write ahead of
+/// them: after a crash in between, the next start would find the shape recorded and never
+/// drop or rebuild the keys left in the old one.
+#[test]
+fn fields_pushed_inside_a_transaction_wait_for_its_operations() {
+    let mut batch = Batch::default();
+    batch.push_field("before".into(), "1".into());
+    batch.begin(7);
+    batch.drop_key_space("doc:".into());
+    batch.push_field("shape:public.docs".into(), "new".into());
+    assert!(
+        batch.has_committed(),
+        "the field from before the transaction"
+    );
+    let early = batch.prepare(false).unwrap();
+    assert_eq!(early.fields, [("before".to_string(), "1".to_string())]);
+    assert!(early.ops.is_empty());
+    assert!(!batch.has_committed());
+    assert!(
+        batch.prepare(false).is_none(),
+        "nothing of the open transaction goes ahead of its operations"
+    );
+
+    batch.commit(Lsn(0x100), 0);
+    let written = batch.prepare(false).unwrap();
+    assert_eq!(
+        written.ops,
+        [Op::DropKeySpace {
+            key_space: "doc:".into()
+        }]
+    );
+    assert_eq!(
+        written.fields,
+        [("shape:public.docs".to_string(), "new".to_string())]
+    );
+    assert_eq!(written.position, Some(Lsn(0x100)));
+
+    // A transaction too large to hold is written in parts: its fields go with the first.
+    batch.begin(8);
+    batch.drop_key_space("doc:".into());
+    batch.push_field("oid:public.docs".into(), "42".into());
+    let part = batch.prepare(true).unwrap();
+    assert_eq!(
+        part.fields,
+        [("oid:public.docs".to_string(), "42".to_string())]
+    );
+    assert_eq!(part.position, None);
+
+    // A skipped transaction's fields are written with the next write.
+    batch.begin(9);
+    batch.push_field("stopped".into(), String::new());
+    batch.commit_skipped();
+    let next = batch.prepare(false).unwrap();
+    assert_eq!(next.fields, [("stopped".to_string(), String::new())]);
+}
