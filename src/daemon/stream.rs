@@ -40,7 +40,7 @@ use crate::daemon::pgoutput::{
 use crate::daemon::relations::{self, RelationCache, RelationState, TableState, TypeResolver};
 use crate::daemon::replication::{ReplicationEvent, ReplicationStream};
 use crate::daemon::spool::Spool;
-use crate::daemon::visibility::Visibility;
+use crate::daemon::visibility::{Snapshot, Visibility};
 use crate::metrics as m;
 use crate::ops::health::Health;
 use crate::sql::TableIdentity;
@@ -68,6 +68,7 @@ type InFlight = tokio::task::JoinHandle<Result<Done, RunError>>;
 
 /// The transaction being decoded.
 struct Tx {
+    xid: u32,
     /// Its commit LSN (pgoutput's `Begin::final_lsn`).
     final_lsn: Lsn,
     commit_time: i64,
@@ -615,6 +616,7 @@ impl<'a> Stream<'a> {
             self.partial_written = Some(begin.final_lsn);
         }
         self.tx = Some(Tx {
+            xid: begin.xid,
             final_lsn: begin.final_lsn,
             commit_time: begin.commit_time,
             skipping,
@@ -792,6 +794,36 @@ impl<'a> Stream<'a> {
         Ok(())
     }
 
+    /// Waits until the transaction being read is visible to other sessions, so that a
+    /// catalog read it calls for sees what it did: a commit is streamed as soon as its WAL
+    /// is flushed, before other sessions see it, and a `DROP TABLE` read as not yet done
+    /// would leave the table's keys for good. Gives up after a minute (a synchronous standby
+    /// that does not answer), saying so.
+    async fn wait_own_commit_visible(&self) -> Result<(), RunError> {
+        let Some(xid) = self.tx.as_ref().map(|tx| tx.xid) else {
+            return Ok(());
+        };
+        let started = tokio::time::Instant::now();
+        let mut pause = Duration::from_millis(1);
+        loop {
+            let text: String = self
+                .types
+                .client()
+                .query_one("SELECT pg_current_snapshot()::text", &[])
+                .await?
+                .get(0);
+            if Snapshot::parse(&text).is_some_and(|s| s.shows(xid)) {
+                return Ok(());
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                warn!(xid, "a transaction that renamed or dropped a table is still not visible to other sessions after a minute: the table is checked as other sessions see it now");
+                return Ok(());
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(100));
+        }
+    }
+
     /// After a rename or a drop somewhere (`sql/events.sql`): is the table of this name still
     /// the one the daemon follows? A table swapped for one outside the publication, or gone,
     /// sends no row change that would say so, and its keys would stay for good.
@@ -802,6 +834,7 @@ impl<'a> Stream<'a> {
         if self.relations.is_stopped(name) {
             return Ok(());
         }
+        self.wait_own_commit_visible().await?;
         let known = self.relations.oid_of(name);
         let now = crate::sql::table_identity(
             self.types.client(),

@@ -893,3 +893,67 @@ async fn a_rule_changed_on_wide_rows_under_toast_unchanged_updates_converges() {
     assert_eq!(keys(&mut r, "doc:*").await.len(), 2_000);
     daemon.stop().await.unwrap();
 }
+
+/// Commit visibility x DDL: a `DROP TABLE` is streamed (its event from `sql/events.sql`)
+/// before other sessions can see it. The daemon's look at the catalog must wait for it:
+/// read too early, the table is still there, nothing else will ever say it went, and its
+/// keys stay for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drop_streamed_before_it_is_visible_still_drops_the_keys() {
+    let env = Env::start(
+        "CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL);
+         INSERT INTO items SELECT g, g FROM generate_series(1, 10) g;",
+        "public.items",
+    );
+    let daemon =
+        InProcess::start(env.config("[[tables]]\ntable = \"items\"\nkey = \"item:{id}\"\n"));
+    let mut r = env.redis().await;
+    wait_backfill_done(&mut r, "public.items", Duration::from_secs(60)).await;
+    assert_eq!(keys(&mut r, "item:*").await.len(), 10);
+    env.sql("ALTER SYSTEM SET synchronous_standby_names = 'nobody'; SELECT pg_reload_conf();");
+    let dropper = env.pg_client().await;
+    let pid: i32 = dropper
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let waiting = tokio::spawn(async move {
+        dropper
+            .batch_execute("SET synchronous_commit = on; DROP TABLE items")
+            .await
+    });
+    let admin = env.pg_client().await;
+    eventually(Duration::from_secs(10), "the DROP to wait for its standby", || {
+        let admin = &admin;
+        async move {
+            let waits: i64 = admin
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND wait_event = 'SyncRep'",
+                    &[&pid],
+                )
+                .await
+                .ok()?
+                .get(0);
+            (waits == 1).then_some(())
+        }
+    })
+    .await;
+    // Time for the daemon to read the streamed DROP while it is not visible.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    admin
+        .execute("SELECT pg_cancel_backend($1)", &[&pid])
+        .await
+        .unwrap();
+    let _ = waiting.await.unwrap();
+    env.sql("ALTER SYSTEM RESET synchronous_standby_names; SELECT pg_reload_conf();");
+    eventually(
+        Duration::from_secs(30),
+        "the dropped table's keys gone",
+        || {
+            let mut r = r.clone();
+            async move { keys(&mut r, "item:*").await.is_empty().then_some(()) }
+        },
+    )
+    .await;
+    daemon.stop().await.expect("clean stop");
+}
