@@ -441,6 +441,12 @@ impl Batch {
         if let Some(tags) = &mut self.tags {
             tags.push(self.tag);
         }
+        if self.open_xid.is_none() {
+            // Between transactions (a session's start: a table reshaped or swapped while
+            // the daemon was stopped): ready now, with the fields pushed beside it.
+            self.committed = self.ops.len();
+            self.committed_bytes = self.bytes;
+        }
     }
 
     pub fn insert(&mut self, table: &TableState, new: &Tuple) -> Result<(), ChangeError> {

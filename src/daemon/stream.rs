@@ -67,6 +67,10 @@ struct Done {
 type InFlight = tokio::task::JoinHandle<Result<Done, RunError>>;
 
 /// The transaction being decoded.
+/// How long a control event waits for its own transaction to be visible before the session
+/// starts over (well inside any `wal_sender_timeout` worth running with).
+const VISIBLE_WAIT: Duration = Duration::from_secs(5);
+
 struct Tx {
     xid: u32,
     /// Its commit LSN (pgoutput's `Begin::final_lsn`).
@@ -753,6 +757,8 @@ impl<'a> Stream<'a> {
                 self.backfills.reconcile(&table, None);
             }
             Control::Check(table) => {
+                // The catalog as this transaction left it, not as it was before.
+                self.wait_own_commit_visible().await?;
                 let publication = &self.config.postgres.publication;
                 if crate::sql::publication_publishes_all(self.types.client(), publication).await?
                     != Some(true)
@@ -797,8 +803,10 @@ impl<'a> Stream<'a> {
     /// Waits until the transaction being read is visible to other sessions, so that a
     /// catalog read it calls for sees what it did: a commit is streamed as soon as its WAL
     /// is flushed, before other sessions see it, and a `DROP TABLE` read as not yet done
-    /// would leave the table's keys for good. Gives up after a minute (a synchronous standby
-    /// that does not answer), saying so.
+    /// would leave the table's keys for good. After a few seconds (a synchronous standby
+    /// that does not answer) the session ends with a transient error: the next one reads
+    /// the transaction again and waits again, and the stream is not left without status
+    /// updates meanwhile.
     async fn wait_own_commit_visible(&self) -> Result<(), RunError> {
         let Some(xid) = self.tx.as_ref().map(|tx| tx.xid) else {
             return Ok(());
@@ -815,9 +823,15 @@ impl<'a> Stream<'a> {
             if Snapshot::parse(&text).is_some_and(|s| s.shows(xid)) {
                 return Ok(());
             }
-            if started.elapsed() > Duration::from_secs(60) {
-                warn!(xid, "a transaction that renamed or dropped a table is still not visible to other sessions after a minute: the table is checked as other sessions see it now");
-                return Ok(());
+            if started.elapsed() > VISIBLE_WAIT {
+                return Err(RunError::transient(
+                    "postgres",
+                    format!(
+                        "transaction {xid} changed a table or the publication but is not yet \
+                         visible to other sessions (a synchronous standby that does not \
+                         answer?): reading it again once it is"
+                    ),
+                ));
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(100));
@@ -834,7 +848,6 @@ impl<'a> Stream<'a> {
         if self.relations.is_stopped(name) {
             return Ok(());
         }
-        self.wait_own_commit_visible().await?;
         let known = self.relations.oid_of(name);
         let now = crate::sql::table_identity(
             self.types.client(),
