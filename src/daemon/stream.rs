@@ -66,11 +66,11 @@ struct Done {
 
 type InFlight = tokio::task::JoinHandle<Result<Done, RunError>>;
 
-/// The transaction being decoded.
 /// How long a control event waits for its own transaction to be visible before the session
 /// starts over (well inside any `wal_sender_timeout` worth running with).
 const VISIBLE_WAIT: Duration = Duration::from_secs(5);
 
+/// The transaction being decoded.
 struct Tx {
     xid: u32,
     /// Its commit LSN (pgoutput's `Begin::final_lsn`).
@@ -814,13 +814,10 @@ impl<'a> Stream<'a> {
         let started = tokio::time::Instant::now();
         let mut pause = Duration::from_millis(1);
         loop {
-            let text: String = self
-                .types
-                .client()
-                .query_one("SELECT pg_current_snapshot()::text", &[])
+            if Snapshot::current(self.types.client())
                 .await?
-                .get(0);
-            if Snapshot::parse(&text).is_some_and(|s| s.shows(xid)) {
+                .is_some_and(|s| s.shows(xid))
+            {
                 return Ok(());
             }
             if started.elapsed() > VISIBLE_WAIT {

@@ -28,6 +28,18 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// A new snapshot's horizon as `client` sees it now (`None`: unreadable text).
+    ///
+    /// # Errors
+    /// The query failed.
+    pub async fn current(client: &Client) -> Result<Option<Snapshot>, tokio_postgres::Error> {
+        let text: String = client
+            .query_one("SELECT pg_current_snapshot()::text", &[])
+            .await?
+            .get(0);
+        Ok(Snapshot::parse(&text))
+    }
+
     /// Parses `pg_current_snapshot()`'s text: `xmin:xmax:xip,xip,...`.
     pub fn parse(text: &str) -> Option<Snapshot> {
         let mut parts = text.splitn(3, ':');
@@ -94,12 +106,7 @@ impl Visibility {
         let mut pause = Duration::from_micros(200);
         let mut warned = false;
         loop {
-            let text: String = self
-                .client
-                .query_one("SELECT pg_current_snapshot()::text", &[])
-                .await?
-                .get(0);
-            self.snapshot = Snapshot::parse(&text);
+            self.snapshot = Snapshot::current(&self.client).await?;
             if covered(&self.snapshot) {
                 metrics::histogram!(crate::metrics::VISIBILITY_WAIT)
                     .record(started.elapsed().as_secs_f64());

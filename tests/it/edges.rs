@@ -910,42 +910,8 @@ async fn a_drop_streamed_before_it_is_visible_still_drops_the_keys() {
     let mut r = env.redis().await;
     wait_backfill_done(&mut r, "public.items", Duration::from_secs(60)).await;
     assert_eq!(keys(&mut r, "item:*").await.len(), 10);
-    env.sql("ALTER SYSTEM SET synchronous_standby_names = 'nobody'; SELECT pg_reload_conf();");
-    let dropper = env.pg_client().await;
-    let pid: i32 = dropper
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
-    let waiting = tokio::spawn(async move {
-        dropper
-            .batch_execute("SET synchronous_commit = on; DROP TABLE items")
-            .await
-    });
-    let admin = env.pg_client().await;
-    eventually(Duration::from_secs(10), "the DROP to wait for its standby", || {
-        let admin = &admin;
-        async move {
-            let waits: i64 = admin
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND wait_event = 'SyncRep'",
-                    &[&pid],
-                )
-                .await
-                .ok()?
-                .get(0);
-            (waits == 1).then_some(())
-        }
-    })
-    .await;
     // Time for the daemon to read the streamed DROP while it is not visible.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    admin
-        .execute("SELECT pg_cancel_backend($1)", &[&pid])
-        .await
-        .unwrap();
-    let _ = waiting.await.unwrap();
-    env.sql("ALTER SYSTEM RESET synchronous_standby_names; SELECT pg_reload_conf();");
+    hold_invisible(&env, "DROP TABLE items", Duration::from_secs(2)).await;
     eventually(
         Duration::from_secs(30),
         "the dropped table's keys gone",
@@ -1046,7 +1012,7 @@ async fn a_refresh_table_reshaped_while_stopped_drops_its_keys_at_start() {
     let shape = |r: redis::aio::MultiplexedConnection| async move {
         let mut r = r;
         let s: Option<String> = redis::cmd("HGET")
-            .arg("pgcache:{pgcache}:checkpoint")
+            .arg(CHECKPOINT)
             .arg("shape:public.items")
             .query_async(&mut r)
             .await
