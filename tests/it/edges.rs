@@ -1057,3 +1057,36 @@ async fn a_refresh_table_reshaped_while_stopped_drops_its_keys_at_start() {
         "item:1 in the old shape (with column w) after the shape change was recorded"
     );
 }
+
+/// As [`a_drop_streamed_before_it_is_visible_still_drops_the_keys`], with the `DROP` held
+/// invisible longer than the daemon waits for it (5 s): the session ends and the next one
+/// reads the transaction again; the keys still go, and the daemon streams on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drop_invisible_longer_than_the_wait_still_drops_the_keys() {
+    let env = Env::start(
+        "CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL);
+         INSERT INTO items SELECT g, g FROM generate_series(1, 10) g;
+         CREATE TABLE other (id int PRIMARY KEY, v int NOT NULL);",
+        "public.items, public.other",
+    );
+    let daemon = InProcess::start(env.config(
+        "[[tables]]\ntable = \"items\"\nkey = \"item:{id}\"\n\n\
+         [[tables]]\ntable = \"other\"\nkey = \"other:{id}\"\n",
+    ));
+    let mut r = env.redis().await;
+    wait_backfill_done(&mut r, "public.items", Duration::from_secs(60)).await;
+    assert_eq!(keys(&mut r, "item:*").await.len(), 10);
+    hold_invisible(&env, "DROP TABLE items", Duration::from_secs(8)).await;
+    eventually(
+        Duration::from_secs(60),
+        "the dropped table's keys gone",
+        || {
+            let mut r = r.clone();
+            async move { keys(&mut r, "item:*").await.is_empty().then_some(()) }
+        },
+    )
+    .await;
+    env.sql("INSERT INTO other VALUES (1, 1)");
+    wait_for_json(&mut r, "other:1", Some(json!({"id": 1, "v": 1}))).await;
+    daemon.stop().await.expect("clean stop");
+}
