@@ -838,8 +838,13 @@ impl Batch {
         }
     }
 
-    /// The open transaction was skipped (the checkpoint covers it).
+    /// The open transaction was skipped (the checkpoint covers it). What its schema
+    /// messages queued (a table stopped or reshaped: a key drop and its checkpoint fields)
+    /// is ready now, the operations with their fields: left open, the drop would wait for
+    /// the next transaction while its fields went out, and a stop before one would lose it.
     pub fn commit_skipped(&mut self) {
+        self.committed = self.ops.len();
+        self.committed_bytes = self.bytes;
         self.committed_fields = self.fields.len();
         self.open_xid = None;
         self.open_has_ops = false;

@@ -353,6 +353,11 @@ pub fn decode(buf: Bytes) -> Result<Message> {
 ///
 /// # Errors
 /// As [`decode`].
+/// Whether a message (streamed or not) is a Relation message, without decoding it.
+pub fn is_relation(buf: &[u8]) -> bool {
+    buf.first() == Some(&tag::RELATION)
+}
+
 pub fn decode_streamed(buf: Bytes) -> Result<Streamed> {
     decode_with(buf, true)
 }

@@ -121,15 +121,36 @@ impl TypeResolver {
         &self.client
     }
 
+    /// The type of `oid`; [`PgType::Other`] when the catalog has none (not remembered, so
+    /// a later call asks again).
     pub async fn resolve(&mut self, oid: u32) -> Result<PgType, tokio_postgres::Error> {
+        Ok(self.lookup(oid).await?.unwrap_or(PgType::Other))
+    }
+
+    /// Whether the catalog, as this session sees it now, has every one of these types. A
+    /// type created by the transaction being read (a domain, an enum for a new column) is
+    /// not there until that transaction is visible, and read then it would be taken for an
+    /// unknown type and its values encoded as strings.
+    pub async fn all_known(&mut self, oids: &[u32]) -> Result<bool, tokio_postgres::Error> {
+        for &oid in oids {
+            if self.lookup(oid).await?.is_none() {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    async fn lookup(&mut self, oid: u32) -> Result<Option<PgType>, tokio_postgres::Error> {
         if let Some(ty) = PgType::from_oid(oid) {
-            return Ok(ty);
+            return Ok(Some(ty));
         }
         if let Some(ty) = self.known.get(&oid) {
-            return Ok(ty.clone());
+            return Ok(Some(ty.clone()));
         }
-        let ty = PgType::resolve(&self.client, oid).await?;
-        self.known.insert(oid, ty.clone());
+        let ty = PgType::lookup(&self.client, oid).await?;
+        if let Some(ty) = &ty {
+            self.known.insert(oid, ty.clone());
+        }
         Ok(ty)
     }
 }
@@ -262,6 +283,12 @@ impl RelationCache {
     /// A relation id that stood for a configured table and now comes with another name was
     /// renamed (`ALTER TABLE ... RENAME`): the table stops, and its keys are to be dropped,
     /// because its changes no longer reach the rule.
+    /// Whether a rule names this relation's table (its column types are then resolved).
+    pub fn has_rule_for(&self, relation: &Relation) -> bool {
+        self.rules
+            .contains_key(&(relation.namespace.clone(), relation.name.clone()))
+    }
+
     pub async fn on_relation(
         &mut self,
         relation: &Relation,
@@ -386,7 +413,9 @@ pub(crate) fn table_state(
             // could not be named, and would stay stale (`ALTER TABLE ... REPLICA IDENTITY`
             // made while running).
             return Err(format!(
-                "key template {:?} of {} names column {name:?}, which is not in the replica                  identity, so deletes and key changes could not name the old row's key: run                  ALTER TABLE {} REPLICA IDENTITY FULL (or key the rule by the primary key)",
+                "key template {:?} of {} names column {name:?}, which is not in the replica \
+                 identity, so deletes and key changes could not name the old row's key: run \
+                 ALTER TABLE {} REPLICA IDENTITY FULL (or key the rule by the primary key)",
                 rule.key.as_str(),
                 rule.qualified_name(),
                 rule.qualified_name()

@@ -1020,6 +1020,18 @@ impl<'a> Stream<'a> {
     }
 
     async fn on_relation(&mut self, relation: &Relation) -> Result<(), RunError> {
+        // What a schema change queues (a key drop) comes from no change a slot could have
+        // applied already: every slot applies it.
+        self.batch.set_tag(None);
+        // A column's type created by this very transaction (a domain, an enum) is not in
+        // the catalog before the transaction is visible: read too early, its values would
+        // be encoded as strings.
+        if self.relations.has_rule_for(relation) {
+            let oids: Vec<u32> = relation.columns.iter().map(|c| c.type_oid).collect();
+            if !self.types.all_known(&oids).await? {
+                self.wait_own_commit_visible().await?;
+            }
+        }
         let recreated = self.relations.recreated(relation);
         let (state, before) = self
             .relations
@@ -1041,6 +1053,9 @@ impl<'a> Stream<'a> {
             }
             RelationState::Active(table) => self.on_active(&table, was_broken),
             RelationState::Ignored if before.is_none() => {
+                // A partition created or attached by this transaction is not one in the
+                // catalog until the transaction is visible.
+                self.wait_own_commit_visible().await?;
                 self.check_partition_of_cached(relation).await?;
             }
             RelationState::Ignored | RelationState::Control { .. } => {}

@@ -108,6 +108,19 @@ impl PgType {
         client: &tokio_postgres::Client,
         oid: u32,
     ) -> Result<PgType, tokio_postgres::Error> {
+        Ok(Self::lookup(client, oid).await?.unwrap_or(PgType::Other))
+    }
+
+    /// As [`PgType::resolve`], but `None` when `pg_type` has no such OID (or no base or
+    /// element type it names): a type created by a transaction not yet visible to this
+    /// session.
+    ///
+    /// # Errors
+    /// Only the query's own errors.
+    pub async fn lookup(
+        client: &tokio_postgres::Client,
+        oid: u32,
+    ) -> Result<Option<PgType>, tokio_postgres::Error> {
         resolve_depth(client, oid, 0).await
     }
 
@@ -217,16 +230,16 @@ fn resolve_depth<'a>(
     client: &'a tokio_postgres::Client,
     oid: u32,
     depth: usize,
-) -> Pin<Box<dyn Future<Output = Result<PgType, tokio_postgres::Error>> + Send + 'a>> {
+) -> Pin<Box<dyn Future<Output = Result<Option<PgType>, tokio_postgres::Error>> + Send + 'a>> {
     Box::pin(async move {
         if let Some(ty) = PgType::from_oid(oid) {
-            return Ok(ty);
+            return Ok(Some(ty));
         }
         if depth >= MAX_RESOLVE_DEPTH {
-            return Ok(PgType::Other);
+            return Ok(Some(PgType::Other));
         }
         let Some(row) = client.query_opt(RESOLVE_SQL, &[&oid]).await? else {
-            return Ok(PgType::Other);
+            return Ok(None);
         };
         let typtype: String = row.try_get(0)?;
         let category: String = row.try_get(1)?;
@@ -234,11 +247,13 @@ fn resolve_depth<'a>(
         let elem: u32 = row.try_get(3)?;
         let is_array: bool = row.try_get(4)?;
         Ok(match (typtype.as_str(), category.as_str()) {
-            ("e", _) => PgType::Text,
+            ("e", _) => Some(PgType::Text),
             ("d", _) => resolve_depth(client, base, depth + 1).await?,
-            _ if is_array => PgType::Array(Box::new(resolve_depth(client, elem, depth + 1).await?)),
-            (_, "S") => PgType::Text,
-            _ => PgType::Other,
+            _ if is_array => resolve_depth(client, elem, depth + 1)
+                .await?
+                .map(|e| PgType::Array(Box::new(e))),
+            (_, "S") => Some(PgType::Text),
+            _ => Some(PgType::Other),
         })
     })
 }

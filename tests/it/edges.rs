@@ -1090,3 +1090,84 @@ async fn a_drop_invisible_longer_than_the_wait_still_drops_the_keys() {
     wait_for_json(&mut r, "other:1", Some(json!({"id": 1, "v": 1}))).await;
     daemon.stop().await.expect("clean stop");
 }
+
+/// Commit visibility x column types: a transaction creates a domain, adds a column of that
+/// type and sets it, and is streamed before it is visible (held for 2 s). The daemon must
+/// not read the catalog for the new type while it cannot see it yet: taken for an unknown
+/// type, the column's values would be cached as strings (`"6"`) for the rest of the
+/// session, where Postgres and the reader's own reads give numbers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_column_type_created_in_a_transaction_streamed_before_it_is_visible_is_known() {
+    let env = Env::start(
+        "CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL);
+         INSERT INTO items SELECT g, g FROM generate_series(1, 3) g;",
+        "public.items",
+    );
+    let rule = "[[tables]]\ntable = \"items\"\nkey = \"item:{id}\"\n";
+    let daemon = InProcess::start(env.config(rule));
+    let mut r = env.redis().await;
+    wait_backfill_done(&mut r, "public.items", Duration::from_secs(60)).await;
+    hold_invisible(
+        &env,
+        "BEGIN; CREATE DOMAIN amount AS int CHECK (VALUE >= 0);
+         ALTER TABLE items ADD COLUMN d amount;
+         UPDATE items SET d = 5 WHERE id = 1; COMMIT;",
+        Duration::from_secs(2),
+    )
+    .await;
+    wait_for_json(&mut r, "item:1", Some(json!({"id": 1, "v": 1, "d": 5}))).await;
+    wait_backfill_done(&mut r, "public.items", Duration::from_secs(60)).await;
+    // A change after the backfill that rewrote the table: encoded with the type the
+    // stream resolved.
+    env.sql("UPDATE items SET d = 6 WHERE id = 2");
+    wait_for_json(&mut r, "item:2", Some(json!({"id": 2, "v": 2, "d": 6}))).await;
+    daemon.stop().await.expect("clean stop");
+    env.assert_converged(rule).await;
+}
+
+/// Commit visibility x partitions: with `publish_via_partition_root` turned off while the
+/// daemon runs (and the publication's event trigger disabled, so that only the partitions'
+/// own changes can tell), a partition created and written in a transaction streamed before
+/// it is visible. Asked too early, the catalog says the new table is no partition of anything,
+/// its changes go nowhere and the root's keys stay; the daemon must see the partition and
+/// stop the root (its keys dropped), as it does for one it can see at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_created_in_a_transaction_streamed_before_it_is_visible_stops_the_root() {
+    let env = Env::start(
+        "CREATE TABLE items (id int PRIMARY KEY, v text) PARTITION BY RANGE (id);
+         CREATE TABLE items_p1 PARTITION OF items FOR VALUES FROM (1) TO (100);
+         INSERT INTO items SELECT g, 'v' || g FROM generate_series(1, 10) g;",
+        "public.items",
+    );
+    let rule = "[[tables]]\ntable = \"items\"\nkey = \"item:{id}\"\n";
+    let daemon = InProcess::start(env.config(rule));
+    let mut r = env.redis().await;
+    wait_backfill_done(&mut r, "public.items", Duration::from_secs(60)).await;
+    assert_eq!(keys(&mut r, "item:*").await.len(), 10);
+    // The publication's event would stop the root at once (its check waits for the
+    // ALTER to be visible); without it the partitions' own changes are what stops it.
+    env.sql(
+        "ALTER EVENT TRIGGER pgcache_publication DISABLE;
+         ALTER PUBLICATION pgcache SET (publish_via_partition_root = false)",
+    );
+    hold_invisible(
+        &env,
+        "BEGIN; CREATE TABLE items_p2 PARTITION OF items FOR VALUES FROM (100) TO (200);
+         INSERT INTO items VALUES (150, 'new'); COMMIT;",
+        Duration::from_secs(2),
+    )
+    .await;
+    eventually(Duration::from_secs(30), "the root's keys gone", || {
+        let mut r = r.clone();
+        async move { keys(&mut r, "item:*").await.is_empty().then_some(()) }
+    })
+    .await;
+    let stopped: Option<String> = redis::cmd("HGET")
+        .arg(CHECKPOINT)
+        .arg("stopped")
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    assert_eq!(stopped.as_deref(), Some("^item:[^:{}%s]*$"));
+    daemon.stop().await.expect("clean stop");
+}

@@ -593,3 +593,29 @@ fn fields_pushed_inside_a_transaction_wait_for_its_operations() {
     let next = batch.prepare(false).unwrap();
     assert_eq!(next.fields, [("stopped".to_string(), String::new())]);
 }
+
+/// A transaction the checkpoint covers is skipped, but its Relation messages are still
+/// read, and may stop or reshape a table: the key drop that queues is written with the
+/// fields it goes with, not left to wait for a transaction that may never come.
+#[test]
+fn a_skipped_transactions_schema_operations_go_with_their_fields() {
+    let mut batch = Batch::default();
+    batch.begin(9);
+    batch.drop_key_space("doc:".into());
+    batch.push_field("shape:public.docs".into(), "new".into());
+    batch.commit_skipped();
+    assert!(batch.has_committed());
+    let next = batch.prepare(false).unwrap();
+    assert_eq!(
+        next.ops,
+        [Op::DropKeySpace {
+            key_space: "doc:".into()
+        }]
+    );
+    assert_eq!(
+        next.fields,
+        [("shape:public.docs".to_string(), "new".to_string())]
+    );
+    assert_eq!(next.position, None, "a skipped transaction moves nothing");
+    assert!(batch.prepare(true).is_none());
+}

@@ -99,19 +99,20 @@ impl Stream<'_> {
             let Some(replaying) = &mut self.replaying else {
                 return Ok(());
             };
-            // One the checkpoint covers needs no reading: only its Commit matters.
-            let skipping = self.tx.as_ref().is_some_and(|tx| tx.skipping);
-            let next = if skipping {
-                None
-            } else {
-                replaying.replay.next_payload().map_err(spool_error)?
-            };
-            let Some(payload) = next else {
+            let Some(payload) = replaying.replay.next_payload().map_err(spool_error)? else {
                 let Some(replaying) = self.replaying.take() else {
                     return Ok(());
                 };
                 return self.on_message(Message::Commit(replaying.commit)).await;
             };
+            // One the checkpoint covers applies no change, but its Relation messages are
+            // read all the same: once it commits, Postgres counts the schema as sent for
+            // the rest of the session, and a later change to a table first announced here
+            // would reach a daemon that does not know its relation.
+            let skipping = self.tx.as_ref().is_some_and(|tx| tx.skipping);
+            if skipping && !pgoutput::is_relation(&payload) {
+                continue;
+            }
             let streamed = pgoutput::decode_streamed(payload).map_err(decode_error)?;
             let rolled_back = streamed
                 .xid
