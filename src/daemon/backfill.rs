@@ -40,6 +40,7 @@ use crate::checkpoint::{
 use crate::clock::now_ms;
 use crate::config::{Config, Mode, TableRule};
 use crate::daemon::apply::{Op, Repair};
+use crate::daemon::visibility::Snapshot;
 use crate::metrics as m;
 use crate::template::glob_escape;
 
@@ -404,6 +405,25 @@ impl Backfills {
                 let Some(rule) = self.rules.get(&job.table).cloned() else {
                     return Ok(());
                 };
+                // The plan (the columns a chunk selects) is read from the catalog: read
+                // before a transaction the stream brought is visible (a column added and
+                // set in it), it would lack the column, and every row would be written
+                // again without it. The chunk's own snapshot check cannot see that, so the
+                // plan waits for them (the loop comes back at its next tick).
+                if !pending_xids.is_empty() {
+                    let visible = match Snapshot::current(&self.client).await {
+                        Ok(now) => now.is_some_and(|s| pending_xids.iter().all(|&x| s.shows(x))),
+                        Err(source) => {
+                            let table = job.table.clone();
+                            self.queue.push_front(job);
+                            return Err(BackfillError::Postgres { table, source });
+                        }
+                    };
+                    if !visible {
+                        self.queue.push_front(job);
+                        return Ok(());
+                    }
+                }
                 match TablePlan::new(&self.client, rule, &self.key_prefix).await {
                     Ok(plan) => {
                         let plan = Arc::new(plan);

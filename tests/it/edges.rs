@@ -1171,3 +1171,33 @@ async fn a_partition_created_in_a_transaction_streamed_before_it_is_visible_stop
     assert_eq!(stopped.as_deref(), Some("^item:[^:{}%s]*$"));
     daemon.stop().await.expect("clean stop");
 }
+
+/// Commit visibility x backfill plan: a column added (of a built-in type) and set in a
+/// transaction streamed before it is visible. The table's new shape starts a backfill; its
+/// plan (the columns it selects) must come from the catalog as that transaction left it,
+/// or every row is written again without the new column and the table is marked done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_column_added_in_a_transaction_streamed_before_it_is_visible_is_backfilled() {
+    let env = Env::start(
+        "CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL);
+         INSERT INTO items SELECT g, g FROM generate_series(1, 3) g;",
+        "public.items",
+    );
+    let rule = "[[tables]]\ntable = \"items\"\nkey = \"item:{id}\"\n";
+    let daemon = InProcess::start(env.config(rule));
+    let mut r = env.redis().await;
+    wait_backfill_done(&mut r, "public.items", Duration::from_secs(60)).await;
+    hold_invisible(
+        &env,
+        "BEGIN; ALTER TABLE items ADD COLUMN d int;
+         UPDATE items SET d = 5 WHERE id = 1; COMMIT;",
+        Duration::from_secs(2),
+    )
+    .await;
+    wait_for_json(&mut r, "item:1", Some(json!({"id": 1, "v": 1, "d": 5}))).await;
+    wait_for_json(&mut r, "item:2", Some(json!({"id": 2, "v": 2, "d": null}))).await;
+    wait_backfill_done(&mut r, "public.items", Duration::from_secs(60)).await;
+    settled(&env, &mut r).await;
+    daemon.stop().await.expect("clean stop");
+    env.assert_converged(rule).await;
+}
