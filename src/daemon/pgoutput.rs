@@ -348,16 +348,16 @@ pub fn decode(buf: Bytes) -> Result<Message> {
     decode_with(buf, false).map(|streamed| streamed.message)
 }
 
-/// Decodes one pgoutput message inside a stream block, where changes carry their
-/// (sub)transaction's xid after the tag.
-///
-/// # Errors
-/// As [`decode`].
 /// Whether a message (streamed or not) is a Relation message, without decoding it.
 pub fn is_relation(buf: &[u8]) -> bool {
     buf.first() == Some(&tag::RELATION)
 }
 
+/// Decodes one pgoutput message inside a stream block, where changes carry their
+/// (sub)transaction's xid after the tag.
+///
+/// # Errors
+/// As [`decode`].
 pub fn decode_streamed(buf: Bytes) -> Result<Streamed> {
     decode_with(buf, true)
 }

@@ -277,18 +277,18 @@ impl RelationCache {
         self.relations.get(&relation_id)
     }
 
-    /// Records a Relation message and returns the state it gives the table, and the state
-    /// it had before (if the relation was seen before in this session).
-    ///
-    /// A relation id that stood for a configured table and now comes with another name was
-    /// renamed (`ALTER TABLE ... RENAME`): the table stops, and its keys are to be dropped,
-    /// because its changes no longer reach the rule.
     /// Whether a rule names this relation's table (its column types are then resolved).
     pub fn has_rule_for(&self, relation: &Relation) -> bool {
         self.rules
             .contains_key(&(relation.namespace.clone(), relation.name.clone()))
     }
 
+    /// Records a Relation message and returns the state it gives the table, and the state
+    /// it had before (if the relation was seen before in this session).
+    ///
+    /// A relation id that stood for a configured table and now comes with another name was
+    /// renamed (`ALTER TABLE ... RENAME`): the table stops, and its keys are to be dropped,
+    /// because its changes no longer reach the rule.
     pub async fn on_relation(
         &mut self,
         relation: &Relation,

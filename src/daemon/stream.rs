@@ -114,6 +114,10 @@ pub(super) struct Stream<'a> {
     stopped: BTreeMap<String, Vec<String>>,
     /// Partitions of cached tables (by relation id), with their root and own names.
     partitions: HashMap<u32, (String, String)>,
+    /// Relations seen first in a transaction not yet visible, whose partition check (see
+    /// [`Stream::check_partition_of_cached`]) waits for a later transaction's change under
+    /// them: by relation id, the relation and the xid of the transaction that announced it.
+    unchecked: HashMap<u32, (Relation, u32)>,
     tx: Option<Tx>,
     /// On a Redis Cluster: the slot-by-slot apply (the root checkpoint is `redis`'s).
     cluster: Option<Arc<tokio::sync::Mutex<ClusterApply>>>,
@@ -172,6 +176,7 @@ impl<'a> Stream<'a> {
             shapes: HashMap::new(),
             stopped: BTreeMap::new(),
             partitions: HashMap::new(),
+            unchecked: HashMap::new(),
             tx: None,
             cluster: None,
             catch_up: None,
@@ -551,6 +556,14 @@ impl<'a> Stream<'a> {
         if let Some(outcome) = self.on_stream_message(&message) {
             return outcome;
         }
+        if !self.unchecked.is_empty() {
+            if let Message::Insert(Insert { relation_id, .. })
+            | Message::Update(Update { relation_id, .. })
+            | Message::Delete(Delete { relation_id, .. }) = &message
+            {
+                self.check_deferred_partition(*relation_id).await?;
+            }
+        }
         if !self.partitions.is_empty() {
             match &message {
                 Message::Insert(Insert { relation_id, .. })
@@ -808,16 +821,25 @@ impl<'a> Stream<'a> {
     /// the transaction again and waits again, and the stream is not left without status
     /// updates meanwhile.
     async fn wait_own_commit_visible(&self) -> Result<(), RunError> {
-        let Some(xid) = self.tx.as_ref().map(|tx| tx.xid) else {
-            return Ok(());
-        };
+        match self.tx.as_ref().map(|tx| tx.xid) {
+            Some(xid) => self.wait_visible(xid).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Whether transaction `xid` is visible to other sessions now.
+    async fn visible_now(&self, xid: u32) -> Result<bool, RunError> {
+        Ok(Snapshot::current(self.types.client())
+            .await?
+            .is_some_and(|s| s.shows(xid)))
+    }
+
+    /// As [`wait_own_commit_visible`](Self::wait_own_commit_visible), for transaction `xid`.
+    async fn wait_visible(&self, xid: u32) -> Result<(), RunError> {
         let started = tokio::time::Instant::now();
         let mut pause = Duration::from_millis(1);
         loop {
-            if Snapshot::current(self.types.client())
-                .await?
-                .is_some_and(|s| s.shows(xid))
-            {
+            if self.visible_now(xid).await? {
                 return Ok(());
             }
             if started.elapsed() > VISIBLE_WAIT {
@@ -925,6 +947,24 @@ impl<'a> Stream<'a> {
             self.partitions.insert(relation.id, (name, partition));
         }
         Ok(())
+    }
+
+    /// A change under a relation whose partition check was put off (see `unchecked`): in a
+    /// later transaction than the one that announced it, the check runs once that one is
+    /// visible (after a few seconds without, the session ends and starts over).
+    async fn check_deferred_partition(&mut self, relation_id: u32) -> Result<(), RunError> {
+        let current = self.tx.as_ref().map(|tx| tx.xid);
+        let Some((relation, announced)) = self
+            .unchecked
+            .get(&relation_id)
+            .filter(|(_, xid)| Some(*xid) != current)
+            .cloned()
+        else {
+            return Ok(());
+        };
+        self.wait_visible(announced).await?;
+        self.unchecked.remove(&relation_id);
+        self.check_partition_of_cached(&relation).await
     }
 
     /// A row change under a partition of a cached table (see
@@ -1054,9 +1094,18 @@ impl<'a> Stream<'a> {
             RelationState::Active(table) => self.on_active(&table, was_broken),
             RelationState::Ignored if before.is_none() => {
                 // A partition created or attached by this transaction is not one in the
-                // catalog until the transaction is visible.
-                self.wait_own_commit_visible().await?;
-                self.check_partition_of_cached(relation).await?;
+                // catalog until the transaction is visible. Waiting here would hold every
+                // cached table back behind a commit that may take long to show (a
+                // synchronous standby), for a table no rule names: the check waits for a
+                // change under the relation in a later transaction instead. The changes of
+                // this one only touch rows new to the root (absence), and the resync its
+                // event asks for reads them once it is visible.
+                match self.tx.as_ref().map(|tx| tx.xid) {
+                    Some(xid) if !self.visible_now(xid).await? => {
+                        self.unchecked.insert(relation.id, (relation.clone(), xid));
+                    }
+                    _ => self.check_partition_of_cached(relation).await?,
+                }
             }
             RelationState::Ignored | RelationState::Control { .. } => {}
         }
