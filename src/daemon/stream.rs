@@ -401,6 +401,7 @@ impl<'a> Stream<'a> {
                     self.health.beat();
                     if self.last_heartbeat.elapsed() >= HEARTBEAT_EVERY {
                         self.last_heartbeat = Instant::now();
+                        self.check_not_a_synchronous_standby().await?;
                         self.batch.push_field(FIELD_HEARTBEAT_MS.to_string(), now_ms().to_string());
                     }
                     self.release_confirmations();
@@ -825,6 +826,48 @@ impl<'a> Stream<'a> {
             Some(xid) => self.wait_visible(xid).await,
             None => Ok(()),
         }
+    }
+
+    /// Ends the daemon when Postgres counts its replication connection among the
+    /// synchronous standbys (`synchronous_standby_names = '*'`, or naming its
+    /// application_name): commits would wait for pgcache to confirm them, while pgcache
+    /// applies a commit only once other sessions can see it, so, with no other standby
+    /// answering first, every commit on the server would wait for good.
+    async fn check_not_a_synchronous_standby(&self) -> Result<(), RunError> {
+        let row = self
+            .types
+            .client()
+            .query_opt(
+                "SELECT r.sync_priority, r.application_name::text, \
+                        current_setting('synchronous_standby_names') \
+                 FROM pg_catalog.pg_replication_slots s \
+                 JOIN pg_catalog.pg_stat_replication r ON r.pid = s.active_pid \
+                 WHERE s.slot_name = $1",
+                &[&self.config.postgres.slot],
+            )
+            .await?;
+        let Some(row) = row else {
+            return Ok(());
+        };
+        let priority: i32 = row.get(0);
+        if priority == 0 {
+            return Ok(());
+        }
+        let name: Option<String> = row.get(1);
+        let setting: String = row.get(2);
+        let name = name.unwrap_or_default();
+        Err(RunError::fatal(
+            "postgres",
+            format!(
+                "synchronous_standby_names = '{setting}' makes pgcache's replication connection \
+                 (application_name {name:?}) a synchronous standby: commits would wait for \
+                 pgcache to confirm them, while pgcache applies a commit only once other \
+                 sessions can see it, so commits could wait for good. List the standbys by \
+                 name in synchronous_standby_names (not '*'), or give pgcache an \
+                 application_name it does not list (postgres.url ...?application_name=...), \
+                 then restart"
+            ),
+        ))
     }
 
     /// Whether transaction `xid` is visible to other sessions now.

@@ -1268,3 +1268,41 @@ async fn an_invisible_commit_to_an_uncached_table_holds_back_no_cached_one() {
         "a visible change waited {took:?} behind an invisible one"
     );
 }
+
+/// `synchronous_standby_names = '*'` counts pgcache's own replication connection as a
+/// synchronous standby: commits wait for pgcache to confirm them while pgcache waits for
+/// them to be visible, and every commit on the server would hang. The daemon says so and
+/// exits (from the review); once the setting names no such thing, it runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_counted_as_a_synchronous_standby_stops_with_the_fix() {
+    let env = Env::start(
+        "CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL);
+         INSERT INTO items VALUES (1, 1);",
+        "public.items",
+    );
+    let rule = "[[tables]]\ntable = \"items\"\nkey = \"item:{id}\"\n";
+    env.sql("ALTER SYSTEM SET synchronous_standby_names = '*'; SELECT pg_reload_conf();");
+    let config = env.write_config(rule);
+    let log = env.dir.path().join("daemon.log");
+    let mut daemon = Daemon::spawn_logging(&config, &log, "pgcache=info");
+    let status = tokio::task::spawn_blocking(move || {
+        let status = daemon.wait(Duration::from_secs(60));
+        (status, daemon.log())
+    })
+    .await
+    .unwrap();
+    let (status, text) = status;
+    // Commits waiting for pgcache (its backfill's watermark) go on once nothing waits.
+    env.sql("ALTER SYSTEM RESET synchronous_standby_names; SELECT pg_reload_conf();");
+    assert!(!status.success(), "{text}");
+    assert!(
+        text.contains("synchronous_standby_names = '*'") && text.contains("application_name"),
+        "{text}"
+    );
+    let daemon = InProcess::start(env.config(rule));
+    let mut r = env.redis().await;
+    wait_backfill_done(&mut r, "public.items", Duration::from_secs(60)).await;
+    env.sql("UPDATE items SET v = 2 WHERE id = 1");
+    wait_for_json(&mut r, "item:1", Some(json!({"id": 1, "v": 2}))).await;
+    daemon.stop().await.expect("clean stop");
+}
