@@ -1292,7 +1292,6 @@ async fn a_daemon_counted_as_a_synchronous_standby_stops_with_the_fix() {
     .await
     .unwrap();
     let (status, text) = status;
-    // Commits waiting for pgcache (its backfill's watermark) go on once nothing waits.
     env.sql("ALTER SYSTEM RESET synchronous_standby_names; SELECT pg_reload_conf();");
     assert!(!status.success(), "{text}");
     assert!(

@@ -131,16 +131,16 @@ pub async fn emit_watermark(
 }
 
 /// Deletes events older than an hour (the daemon does this now and then; nothing reads old
-/// events, the stream already carried them).
-pub async fn prune(client: &Client) -> Result<u64, tokio_postgres::Error> {
+/// events, the stream already carried them). Committed with `synchronous_commit = local`, as
+/// a watermark is: a synchronous standby that does not answer must not hold the chunk
+/// read that runs it.
+pub async fn prune(client: &Client) -> Result<(), tokio_postgres::Error> {
     client
-        .execute(
-            &format!(
-                "DELETE FROM {} WHERE at < now() - interval '1 hour'",
-                quote_qualified(SCHEMA, TABLE)
-            ),
-            &[],
-        )
+        .batch_execute(&format!(
+            "BEGIN; SET LOCAL synchronous_commit = local; \
+             DELETE FROM {} WHERE at < now() - interval '1 hour'; COMMIT;",
+            quote_qualified(SCHEMA, TABLE)
+        ))
         .await
 }
 
