@@ -362,9 +362,9 @@ async fn a_schema_change_in_a_rolled_back_streamed_transaction_changes_nothing()
 
 /// The first change to a table in a streamed transaction is in a savepoint that rolls
 /// back: the savepoint's rows are skipped and the rows written after it arrive. (Postgres
-/// sends the table's schema once per streamed transaction, tagged with the subtransaction
-/// whose change needed it, so the daemon applies schema messages whatever their xid and
-/// skips only the rolled-back changes.)
+/// sends the table's schema tagged with the subtransaction whose change needed it; the
+/// daemon skips it with the rolled-back changes, and relies on Postgres sending it again
+/// with the next change after the subtransaction's abort, which this test checks.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_schema_sent_in_a_rolled_back_savepoint_still_applies() {
     let env = start(
@@ -750,6 +750,54 @@ async fn a_streamed_commit_not_yet_visible_is_held_back() {
         }
     })
     .await;
+    daemon.stop().await.unwrap();
+    env.assert_converged(ITEMS).await;
+}
+
+/// A streamed transaction that commits renames the cached table inside a savepoint, writes
+/// to it under the new name, and rolls the savepoint back. The rename never happened: the
+/// table must not be stopped (its keys dropped, later changes ignored), and a later change
+/// arrives. (From the review.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rename_rolled_back_in_a_savepoint_of_a_streamed_transaction_changes_nothing() {
+    let env = start(
+        "CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL);
+         INSERT INTO items SELECT g, 0 FROM generate_series(1, 100) g;
+         CREATE TABLE other (id int PRIMARY KEY, v int NOT NULL);",
+        "public.items,public.other",
+    );
+    let daemon = InProcess::start(env.config(ITEMS));
+    let mut r = env.redis().await;
+    wait_backfill_done(&mut r, "public.items", Duration::from_secs(60)).await;
+    let before = streamed(&env);
+    let a = env.pg_client().await;
+    a.batch_execute(
+        "BEGIN; INSERT INTO other SELECT g, 1 FROM generate_series(1, 3000) g;
+         SAVEPOINT s; ALTER TABLE items RENAME TO items_x;
+         UPDATE items_x SET v = 5 WHERE id <= 50;
+         INSERT INTO other SELECT g, 1 FROM generate_series(3001, 6000) g;",
+    )
+    .await
+    .unwrap();
+    wait_streamed(&env, before + 1).await;
+    a.batch_execute("ROLLBACK TO SAVEPOINT s; UPDATE items SET v = 6 WHERE id = 1; COMMIT;")
+        .await
+        .unwrap();
+    env.sql("UPDATE items SET v = 7 WHERE id = 2");
+    wait_for_json(&mut r, "item:2", Some(json!({"id": 2, "v": 7}))).await;
+    wait_for_json(&mut r, "item:1", Some(json!({"id": 1, "v": 6}))).await;
+    settled(&env, &mut r).await;
+    assert_eq!(keys(&mut r, "item:*").await.len(), 100, "keys were dropped");
+    let stopped: Option<String> = redis::cmd("HGET")
+        .arg(CHECKPOINT)
+        .arg("stopped")
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    assert!(
+        stopped.as_deref().is_none_or(str::is_empty),
+        "stopped: {stopped:?}"
+    );
     daemon.stop().await.unwrap();
     env.assert_converged(ITEMS).await;
 }

@@ -114,17 +114,14 @@ impl Stream<'_> {
                 continue;
             }
             let streamed = pgoutput::decode_streamed(payload).map_err(decode_error)?;
+            // What a rolled-back subtransaction sent is skipped, its Relation messages too
+            // (a rename undone by the rollback must not stop the table): Postgres sends a
+            // subtransaction's abort (Stream Abort) as soon as it decodes it, and then
+            // forgets which schemas it sent in the transaction, so the next change to a
+            // table comes with its Relation message again.
             let rolled_back = streamed
                 .xid
-                .is_some_and(|xid| replaying.replay.is_aborted(xid))
-                && matches!(
-                    streamed.message,
-                    Message::Insert(_)
-                        | Message::Update(_)
-                        | Message::Delete(_)
-                        | Message::Truncate(_)
-                        | Message::Message(_)
-                );
+                .is_some_and(|xid| replaying.replay.is_aborted(xid));
             if !rolled_back {
                 self.on_message(streamed.message).await?;
             }
