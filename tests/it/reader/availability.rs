@@ -36,13 +36,21 @@ async fn redis_outage_falls_back_to_postgres_and_recovers() {
     );
     let s = reader.stats();
     assert_eq!((s.fallbacks, s.fills), (4, 1), "{s:?}");
-    // Concurrent fallbacks for one key share their database read.
+    // Concurrent fallbacks for one key share their database read. The table is locked
+    // while they start, so that the first read is still under way when the last one asks
+    // (on a loaded machine the tasks could otherwise run one after another).
+    let lock = env.pg_client().await;
+    lock.batch_execute("BEGIN; LOCK TABLE items IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
     let handles: Vec<_> = (0..20)
         .map(|_| {
             let reader = reader.clone();
             tokio::spawn(async move { reader.get_json("items", 3).await.unwrap() })
         })
         .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    lock.batch_execute("COMMIT").await.unwrap();
     for handle in handles {
         assert_eq!(handle.await.unwrap(), expected(3, "c"));
     }
