@@ -345,6 +345,11 @@ async fn session(
             .await?;
     }
     let findings = ready_findings(&catalog, config).await?;
+    if let Some(problem) =
+        crate::sql::synchronous_standby_problem(&catalog, target.application_name()).await?
+    {
+        return Err(RunError::fatal("postgres", problem));
+    }
     let max_value = max_value_bytes(&mut redis).await;
     let layout = WalLayout::read(&catalog).await?;
 

@@ -200,9 +200,69 @@ pub async fn primary_key_columns(
         .collect())
 }
 
+/// Whether `synchronous_standby_names` (its text) lists a walsender with this
+/// `application_name`: by name (compared as Postgres does, ignoring case) or as `*`, in any
+/// of the setting's forms (`a, b`, `FIRST 2 (a, b)`, `ANY 1 (a, "b")`, `2 (a, b)`).
+pub fn lists_standby(setting: &str, application_name: &str) -> bool {
+    let setting = setting.trim();
+    let list = match (setting.find('('), setting.rfind(')')) {
+        (Some(open), Some(close)) if open < close => &setting[open + 1..close],
+        _ => setting,
+    };
+    list.split(',').map(str::trim).any(|item| {
+        let name = match item.strip_prefix('"').and_then(|i| i.strip_suffix('"')) {
+            Some(quoted) => quoted.replace("\"\"", "\""),
+            None => item.to_string(),
+        };
+        name == "*" || name.eq_ignore_ascii_case(application_name)
+    })
+}
+
+/// The error to stop with when `synchronous_standby_names` lists pgcache's replication
+/// connection: commits would wait for pgcache to confirm them, while pgcache applies a
+/// commit only once other sessions can see it, so, with no other standby answering first,
+/// every commit on the server would wait for good. `None` when it does not.
+pub async fn synchronous_standby_problem(
+    client: &Client,
+    application_name: &str,
+) -> Result<Option<String>, tokio_postgres::Error> {
+    let setting: String = client
+        .query_one("SELECT current_setting('synchronous_standby_names')", &[])
+        .await?
+        .get(0);
+    Ok(lists_standby(&setting, application_name).then(|| {
+        format!(
+            "synchronous_standby_names = '{setting}' makes pgcache's replication connection \
+             (application_name {application_name:?}) a synchronous standby: commits would \
+             wait for pgcache to confirm them, while pgcache applies a commit only once other \
+             sessions can see it, so commits could wait for good. List the standbys by name \
+             in synchronous_standby_names (not '*'), or give pgcache an application_name it \
+             does not list (postgres.url ...?application_name=...), then restart"
+        )
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn synchronous_standby_names_are_read_in_every_form() {
+        for (setting, listed) in [
+            ("", false),
+            ("*", true),
+            ("s1, s2", false),
+            ("s1, PgCache", true),
+            ("FIRST 1 (s1, *)", true),
+            ("ANY 2 (s1, \"pgcache\")", true),
+            ("2 (s1, s2)", false),
+            ("first 1 (\"pg cache\")", false),
+            ("nobody", false),
+        ] {
+            assert_eq!(lists_standby(setting, "pgcache"), listed, "{setting:?}");
+        }
+        assert!(lists_standby("FIRST 1 (\"pg cache\")", "pg cache"));
+    }
 
     #[test]
     fn identifiers_double_their_quotes() {

@@ -399,6 +399,9 @@ impl<'a> Stream<'a> {
                 _ = stopped(shutdown) => return self.stop(stream).await,
                 _ = tick.tick() => {
                     self.health.beat();
+                    if !self.unchecked.is_empty() {
+                        self.check_deferred_partitions().await?;
+                    }
                     if self.last_heartbeat.elapsed() >= HEARTBEAT_EVERY {
                         self.last_heartbeat = Instant::now();
                         self.check_not_a_synchronous_standby().await?;
@@ -828,46 +831,17 @@ impl<'a> Stream<'a> {
         }
     }
 
-    /// Ends the daemon when Postgres counts its replication connection among the
-    /// synchronous standbys (`synchronous_standby_names = '*'`, or naming its
-    /// application_name): commits would wait for pgcache to confirm them, while pgcache
-    /// applies a commit only once other sessions can see it, so, with no other standby
-    /// answering first, every commit on the server would wait for good.
+    /// Ends the daemon when `synchronous_standby_names` lists its replication connection
+    /// (see [`crate::sql::synchronous_standby_problem`]); read again with every heartbeat,
+    /// since a reload can change it, and when a transaction stays invisible.
     async fn check_not_a_synchronous_standby(&self) -> Result<(), RunError> {
-        let row = self
-            .types
-            .client()
-            .query_opt(
-                "SELECT r.sync_priority, r.application_name::text, \
-                        current_setting('synchronous_standby_names') \
-                 FROM pg_catalog.pg_replication_slots s \
-                 JOIN pg_catalog.pg_stat_replication r ON r.pid = s.active_pid \
-                 WHERE s.slot_name = $1",
-                &[&self.config.postgres.slot],
-            )
-            .await?;
-        let Some(row) = row else {
-            return Ok(());
-        };
-        let priority: i32 = row.get(0);
-        if priority == 0 {
-            return Ok(());
+        let name = crate::pgconn::PgTarget::parse(self.config.postgres.url.expose())
+            .map(|t| t.application_name().to_string())
+            .unwrap_or_else(|_| "pgcache".to_string());
+        match crate::sql::synchronous_standby_problem(self.types.client(), &name).await? {
+            Some(problem) => Err(RunError::fatal("postgres", problem)),
+            None => Ok(()),
         }
-        let name: Option<String> = row.get(1);
-        let setting: String = row.get(2);
-        let name = name.unwrap_or_default();
-        Err(RunError::fatal(
-            "postgres",
-            format!(
-                "synchronous_standby_names = '{setting}' makes pgcache's replication connection \
-                 (application_name {name:?}) a synchronous standby: commits would wait for \
-                 pgcache to confirm them, while pgcache applies a commit only once other \
-                 sessions can see it, so commits could wait for good. List the standbys by \
-                 name in synchronous_standby_names (not '*'), or give pgcache an \
-                 application_name it does not list (postgres.url ...?application_name=...), \
-                 then restart"
-            ),
-        ))
     }
 
     /// Whether transaction `xid` is visible to other sessions now.
@@ -886,6 +860,8 @@ impl<'a> Stream<'a> {
                 return Ok(());
             }
             if started.elapsed() > VISIBLE_WAIT {
+                // The commit may be waiting for pgcache itself as its standby.
+                self.check_not_a_synchronous_standby().await?;
                 return Err(RunError::transient(
                     "postgres",
                     format!(
@@ -994,7 +970,8 @@ impl<'a> Stream<'a> {
 
     /// A change under a relation whose partition check was put off (see `unchecked`): in a
     /// later transaction than the one that announced it, the check runs once that one is
-    /// visible (after a few seconds without, the session ends and starts over).
+    /// visible (after a few seconds without, the session ends and starts over), before the
+    /// change is handled.
     async fn check_deferred_partition(&mut self, relation_id: u32) -> Result<(), RunError> {
         let current = self.tx.as_ref().map(|tx| tx.xid);
         let Some((relation, announced)) = self
@@ -1008,6 +985,29 @@ impl<'a> Stream<'a> {
         self.wait_visible(announced).await?;
         self.unchecked.remove(&relation_id);
         self.check_partition_of_cached(&relation).await
+    }
+
+    /// The put-off partition checks whose announcing transaction is visible now (at every
+    /// tick): a partition of a cached table found so stops the root at once, since the
+    /// transaction that announced it changed rows under it that the root's rule did not see,
+    /// rather than waiting for another change there that may never come.
+    async fn check_deferred_partitions(&mut self) -> Result<(), RunError> {
+        let Some(now) = Snapshot::current(self.types.client()).await? else {
+            return Ok(());
+        };
+        let ready: Vec<u32> = self
+            .unchecked
+            .iter()
+            .filter(|(_, (_, xid))| now.shows(*xid))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in ready {
+            if let Some((relation, _)) = self.unchecked.remove(&id) {
+                self.check_partition_of_cached(&relation).await?;
+                self.on_partition_change(id);
+            }
+        }
+        Ok(())
     }
 
     /// A row change under a partition of a cached table (see
@@ -1139,10 +1139,9 @@ impl<'a> Stream<'a> {
                 // A partition created or attached by this transaction is not one in the
                 // catalog until the transaction is visible. Waiting here would hold every
                 // cached table back behind a commit that may take long to show (a
-                // synchronous standby), for a table no rule names: the check waits for a
-                // change under the relation in a later transaction instead. The changes of
-                // this one only touch rows new to the root (absence), and the resync its
-                // event asks for reads them once it is visible.
+                // synchronous standby), for a table no rule names: the check is put off
+                // until the transaction is visible (the next tick that sees it, or a change
+                // under the relation in a later transaction, whichever comes first).
                 match self.tx.as_ref().map(|tx| tx.xid) {
                     Some(xid) if !self.visible_now(xid).await? => {
                         self.unchecked.insert(relation.id, (relation.clone(), xid));

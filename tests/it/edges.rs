@@ -1305,3 +1305,179 @@ async fn a_daemon_counted_as_a_synchronous_standby_stops_with_the_fix() {
     wait_for_json(&mut r, "item:1", Some(json!({"id": 1, "v": 2}))).await;
     daemon.stop().await.expect("clean stop");
 }
+
+/// As [`a_partition_created_in_a_transaction_streamed_before_it_is_visible_stops_the_root`],
+/// with a partition that existed before, first seen this session in a transaction not yet
+/// visible that updates a cached row under it. Nothing else changes afterwards: the root
+/// must still stop once the transaction is visible, or `item:1` keeps its old value. (From
+/// the second review.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_existing_partition_first_seen_in_an_invisible_transaction_stops_the_root() {
+    let env = Env::start(
+        "CREATE TABLE items (id int PRIMARY KEY, v text) PARTITION BY RANGE (id);
+         CREATE TABLE items_p1 PARTITION OF items FOR VALUES FROM (1) TO (100);
+         INSERT INTO items SELECT g, 'v' || g FROM generate_series(1, 10) g;",
+        "public.items",
+    );
+    let rule = "[[tables]]\ntable = \"items\"\nkey = \"item:{id}\"\n";
+    let daemon = InProcess::start(env.config(rule));
+    let mut r = env.redis().await;
+    wait_backfill_done(&mut r, "public.items", Duration::from_secs(60)).await;
+    assert_eq!(keys(&mut r, "item:*").await.len(), 10);
+    env.sql(
+        "ALTER EVENT TRIGGER pgcache_publication DISABLE;
+         ALTER PUBLICATION pgcache SET (publish_via_partition_root = false)",
+    );
+    hold_invisible(
+        &env,
+        "UPDATE items SET v = 'changed' WHERE id = 1",
+        Duration::from_secs(2),
+    )
+    .await;
+    eventually(Duration::from_secs(30), "the root's keys gone", || {
+        let mut r = r.clone();
+        async move { keys(&mut r, "item:*").await.is_empty().then_some(()) }
+    })
+    .await;
+    daemon.stop().await.expect("clean stop");
+}
+
+/// [`a_daemon_counted_as_a_synchronous_standby_stops_with_the_fix`] when a commit that the
+/// daemon must wait for (a `DROP TABLE`'s check event) is already waiting for pgcache as
+/// its standby when the daemon starts: each session would wait for it, end and start
+/// again before any heartbeat, and every commit on the server would hang. (From the second
+/// review.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_synchronous_standby_setting_behind_a_waiting_commit_still_stops_the_daemon() {
+    let env = Env::start(
+        "CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL);
+         INSERT INTO items VALUES (1, 1);
+         CREATE TABLE scratch (id int);",
+        "public.items",
+    );
+    let rule = "[[tables]]\ntable = \"items\"\nkey = \"item:{id}\"\n";
+    let daemon = InProcess::start(env.config(rule));
+    let mut r = env.redis().await;
+    wait_backfill_done(&mut r, "public.items", Duration::from_secs(60)).await;
+    // With the daemon running: the setting, then a commit it must see visible before the
+    // next heartbeat.
+    env.sql("ALTER SYSTEM SET synchronous_standby_names = '*'; SELECT pg_reload_conf();");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let dropper = env.pg_client().await;
+    let drop = tokio::spawn(async move {
+        dropper
+            .batch_execute("SET synchronous_commit = on; DROP TABLE scratch")
+            .await
+    });
+    let ended = daemon.ended(Duration::from_secs(60)).await;
+    let err = ended.expect_err("the daemon ends with an error");
+    assert!(
+        err.to_string().contains("synchronous_standby_names = '*'"),
+        "{err}"
+    );
+    // Started while the setting holds a commit: it stops at once.
+    let daemon = InProcess::start(env.config(rule));
+    let err = daemon
+        .ended(Duration::from_secs(30))
+        .await
+        .expect_err("the daemon ends with an error");
+    assert!(err.to_string().contains("application_name"), "{err}");
+    env.sql("ALTER SYSTEM RESET synchronous_standby_names; SELECT pg_reload_conf();");
+    drop.await.unwrap().unwrap();
+}
+
+/// The daemon's own role (`sql/role.sql`: no `pg_read_all_stats`) can tell that
+/// `synchronous_standby_names` lists it, and runs when it does not. (From the second
+/// review: a first version read `pg_stat_replication`, which hides a walsender's priority
+/// from such a role.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_synchronous_standby_check_works_as_the_daemons_own_role() {
+    let env = Env::start(
+        "CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL);
+         INSERT INTO items VALUES (1, 1);",
+        "public.items",
+    );
+    let rule = "[[tables]]\ntable = \"items\"\nkey = \"item:{id}\"\n";
+    let url = format!(
+        "{}&application_name=PgCache_1",
+        env.pg.url_as("pgcache", Some("pgcache-secret"), "app")
+    );
+    let path = env.dir.path().join("role.toml");
+    std::fs::write(
+        &path,
+        env.config_toml(rule).replacen(&env.pg.url("app"), &url, 1),
+    )
+    .unwrap();
+    let log = env.dir.path().join("daemon.log");
+    env.sql(
+        "ALTER SYSTEM SET synchronous_standby_names = 'FIRST 1 (s1, \"pgcache_1\")';
+         SELECT pg_reload_conf();",
+    );
+    let mut daemon = Daemon::spawn_logging(&path, &log, "pgcache=info");
+    let status = tokio::task::spawn_blocking(move || {
+        let status = daemon.wait(Duration::from_secs(60));
+        (status, daemon.log())
+    })
+    .await
+    .unwrap();
+    let (status, text) = status;
+    assert!(!status.success(), "{text}");
+    assert!(
+        text.contains("synchronous_standby_names") && text.contains("PgCache_1"),
+        "{text}"
+    );
+
+    env.sql("ALTER SYSTEM SET synchronous_standby_names = 's1, s2'; SELECT pg_reload_conf();");
+    let mut daemon = Daemon::spawn_logging(&path, &log, "pgcache=info");
+    let mut r = env.redis().await;
+    wait_backfill_done(&mut r, "public.items", Duration::from_secs(60)).await;
+    // Past a heartbeat's check.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    env.sql("SET synchronous_commit = local; UPDATE items SET v = 2 WHERE id = 1");
+    wait_for_json(&mut r, "item:1", Some(json!({"id": 1, "v": 2}))).await;
+    let text = daemon.log();
+    assert!(daemon.terminate().success(), "{text}");
+    assert!(!text.contains("panicked"), "{text}");
+    env.sql("ALTER SYSTEM RESET synchronous_standby_names; SELECT pg_reload_conf();");
+}
+
+/// The control events' prune (once a minute, before a chunk read) fails: a warning, and the
+/// chunk read on the same connection goes on (from the second review: a prune written as
+/// `BEGIN; ...; COMMIT;` left the connection in an aborted transaction block, and the
+/// session ended). A statement trigger that refuses the `DELETE` stands in for any failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_prune_of_control_events_does_not_end_the_session() {
+    let env = Env::start(
+        "CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL);
+         INSERT INTO items SELECT g, g FROM generate_series(1, 50) g;",
+        "public.items",
+    );
+    env.sql(
+        "CREATE FUNCTION no_prune() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN RAISE EXCEPTION 'prune refused'; END $$;
+         CREATE TRIGGER no_prune BEFORE DELETE ON pgcache.events
+           FOR EACH STATEMENT EXECUTE FUNCTION no_prune();",
+    );
+    let rule =
+        "[backfill]\nchunk_rows = 10\n\n[[tables]]\ntable = \"items\"\nkey = \"item:{id}\"\n";
+    let config = env.write_config(rule);
+    let log = env.dir.path().join("daemon.log");
+    let mut daemon = Daemon::spawn_logging(&config, &log, "pgcache=info");
+    let mut r = env.redis().await;
+    wait_backfill_done(&mut r, "public.items", Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_secs(62)).await;
+    // A new column: a resync, whose chunks run the prune (due after 60 s).
+    env.sql("ALTER TABLE items ADD COLUMN w int DEFAULT 0");
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    wait_backfill_done(&mut r, "public.items", Duration::from_secs(60)).await;
+    let text = daemon.log();
+    daemon.kill9();
+    assert!(
+        text.contains("could not prune"),
+        "no prune attempt seen:\n{text}"
+    );
+    assert!(
+        !text.contains("session ended"),
+        "a failed prune ended the session:\n{text}"
+    );
+}

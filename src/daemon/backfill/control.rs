@@ -134,11 +134,14 @@ pub async fn emit_watermark(
 /// events, the stream already carried them). Committed with `synchronous_commit = local`, as
 /// a watermark is: a synchronous standby that does not answer must not hold the chunk
 /// read that runs it.
+///
+/// One statement (a `DO` block in its own implicit transaction), so that a failure leaves
+/// no transaction block open on the connection the chunk reads share.
 pub async fn prune(client: &Client) -> Result<(), tokio_postgres::Error> {
     client
         .batch_execute(&format!(
-            "BEGIN; SET LOCAL synchronous_commit = local; \
-             DELETE FROM {} WHERE at < now() - interval '1 hour'; COMMIT;",
+            "DO $prune$ BEGIN PERFORM pg_catalog.set_config('synchronous_commit', 'local', true); \
+             DELETE FROM {} WHERE at < now() - interval '1 hour'; END $prune$",
             quote_qualified(SCHEMA, TABLE)
         ))
         .await
