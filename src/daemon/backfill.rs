@@ -153,6 +153,11 @@ pub struct Backfills {
     /// Every configured table (reconciles and repairs); backfills cover the mirror ones.
     rules: HashMap<String, Arc<TableRule>>,
     plans: HashMap<String, Arc<TablePlan>>,
+    /// Tables whose plan waits for transactions to be visible (see
+    /// [`Backfills::start_next`]): the ones pending when it first had to wait. Later ones
+    /// are not waited for, or a steady stream of commits held by a synchronous standby
+    /// would keep the plan from ever being made.
+    plan_waits: HashMap<String, Vec<u32>>,
     queue: VecDeque<Job>,
     in_flight: VecDeque<InFlight>,
     /// Bytes per row seen in each table's chunks, to size the next chunk.
@@ -187,6 +192,7 @@ impl Backfills {
             seq: 0,
             rules,
             plans: HashMap::new(),
+            plan_waits: HashMap::new(),
             queue: VecDeque::new(),
             in_flight: VecDeque::new(),
             row_bytes: HashMap::new(),
@@ -252,6 +258,8 @@ impl Backfills {
             // From the start: the table may have changed shape since its plan was made, and
             // the restart must survive a crash of the daemon, so it goes in the checkpoint.
             self.plans.remove(table);
+            // A schema change since: the wait starts over with what is pending then.
+            self.plan_waits.remove(table);
             let progress = BackfillProgress {
                 state: BackfillState::Running,
                 cursor: None,
@@ -409,10 +417,16 @@ impl Backfills {
                 // before a transaction the stream brought is visible (a column added and
                 // set in it), it would lack the column, and every row would be written
                 // again without it. The chunk's own snapshot check cannot see that, so the
-                // plan waits for them (the loop comes back at its next tick).
-                if !pending_xids.is_empty() {
+                // plan waits for them (the loop comes back at its next tick): for the ones
+                // pending the first time it had to, not for every later one.
+                if !pending_xids.is_empty() || self.plan_waits.contains_key(&job.table) {
+                    let waits = self
+                        .plan_waits
+                        .entry(job.table.clone())
+                        .or_insert_with(|| pending_xids.clone())
+                        .clone();
                     let visible = match Snapshot::current(&self.client).await {
-                        Ok(now) => now.is_some_and(|s| pending_xids.iter().all(|&x| s.shows(x))),
+                        Ok(now) => now.is_some_and(|s| waits.iter().all(|&x| s.shows(x))),
                         Err(source) => {
                             let table = job.table.clone();
                             self.queue.push_front(job);
@@ -423,6 +437,7 @@ impl Backfills {
                         self.queue.push_front(job);
                         return Ok(());
                     }
+                    self.plan_waits.remove(&job.table);
                 }
                 match TablePlan::new(&self.client, rule, &self.key_prefix).await {
                     Ok(plan) => {

@@ -969,9 +969,11 @@ impl<'a> Stream<'a> {
     }
 
     /// A change under a relation whose partition check was put off (see `unchecked`): in a
-    /// later transaction than the one that announced it, the check runs once that one is
-    /// visible (after a few seconds without, the session ends and starts over), before the
-    /// change is handled.
+    /// later transaction than the one that announced it, the check runs before the change
+    /// is handled if that one is visible now. It does not wait for it (a commit held by a
+    /// synchronous standby would hold every cached table back): another session can write
+    /// to a table an earlier transaction created or attached only once that one has
+    /// released its locks, so it normally is; otherwise the tick's check catches up.
     async fn check_deferred_partition(&mut self, relation_id: u32) -> Result<(), RunError> {
         let current = self.tx.as_ref().map(|tx| tx.xid);
         let Some((relation, announced)) = self
@@ -982,7 +984,9 @@ impl<'a> Stream<'a> {
         else {
             return Ok(());
         };
-        self.wait_visible(announced).await?;
+        if !self.visible_now(announced).await? {
+            return Ok(());
+        }
         self.unchecked.remove(&relation_id);
         self.check_partition_of_cached(&relation).await
     }

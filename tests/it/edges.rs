@@ -1481,3 +1481,42 @@ async fn a_failed_prune_of_control_events_does_not_end_the_session() {
         "a failed prune ended the session:\n{text}"
     );
 }
+
+/// As [`an_invisible_commit_to_an_uncached_table_holds_back_no_cached_one`], with a second
+/// commit to the uncached table (visible at once) before the cached change: its change must
+/// not wait for the first commit either. (From the second review: it waited up to 5 s, then
+/// the session started over.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_write_to_an_uncached_table_holds_back_no_cached_one() {
+    let env = Env::start(
+        "CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL);
+         INSERT INTO items VALUES (1, 1);
+         CREATE TABLE other (id int PRIMARY KEY);",
+        "public.items,public.other",
+    );
+    let rule = "[[tables]]\ntable = \"items\"\nkey = \"item:{id}\"\n";
+    let daemon = InProcess::start(env.config(rule));
+    let mut r = env.redis().await;
+    wait_backfill_done(&mut r, "public.items", Duration::from_secs(60)).await;
+    let hold = hold_invisible(&env, "INSERT INTO other VALUES (1)", Duration::from_secs(8));
+    let check = async {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        env.pg_client()
+            .await
+            .batch_execute(
+                "SET synchronous_commit = local; INSERT INTO other VALUES (2);
+                 UPDATE items SET v = 2 WHERE id = 1",
+            )
+            .await
+            .unwrap();
+        let started = Instant::now();
+        wait_for_json(&mut r, "item:1", Some(json!({"id": 1, "v": 2}))).await;
+        started.elapsed()
+    };
+    let ((), took) = tokio::join!(hold, check);
+    daemon.stop().await.expect("clean stop");
+    assert!(
+        took < Duration::from_secs(3),
+        "a visible change waited {took:?} behind an invisible one"
+    );
+}
