@@ -1134,23 +1134,7 @@ async fn a_column_type_created_in_a_transaction_streamed_before_it_is_visible_is
 /// the root (its keys dropped), as it does for one it can see at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partition_created_in_a_transaction_streamed_before_it_is_visible_stops_the_root() {
-    let env = Env::start(
-        "CREATE TABLE items (id int PRIMARY KEY, v text) PARTITION BY RANGE (id);
-         CREATE TABLE items_p1 PARTITION OF items FOR VALUES FROM (1) TO (100);
-         INSERT INTO items SELECT g, 'v' || g FROM generate_series(1, 10) g;",
-        "public.items",
-    );
-    let rule = "[[tables]]\ntable = \"items\"\nkey = \"item:{id}\"\n";
-    let daemon = InProcess::start(env.config(rule));
-    let mut r = env.redis().await;
-    wait_backfill_done(&mut r, "public.items", Duration::from_secs(60)).await;
-    assert_eq!(keys(&mut r, "item:*").await.len(), 10);
-    // The publication's event would stop the root at once (its check waits for the
-    // ALTER to be visible); without it the partitions' own changes are what stops it.
-    env.sql(
-        "ALTER EVENT TRIGGER pgcache_publication DISABLE;
-         ALTER PUBLICATION pgcache SET (publish_via_partition_root = false)",
-    );
+    let (env, daemon, mut r) = partitions_published_alone().await;
     hold_invisible(
         &env,
         "BEGIN; CREATE TABLE items_p2 PARTITION OF items FOR VALUES FROM (100) TO (200);
@@ -1313,21 +1297,7 @@ async fn a_daemon_counted_as_a_synchronous_standby_stops_with_the_fix() {
 /// the second review.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_existing_partition_first_seen_in_an_invisible_transaction_stops_the_root() {
-    let env = Env::start(
-        "CREATE TABLE items (id int PRIMARY KEY, v text) PARTITION BY RANGE (id);
-         CREATE TABLE items_p1 PARTITION OF items FOR VALUES FROM (1) TO (100);
-         INSERT INTO items SELECT g, 'v' || g FROM generate_series(1, 10) g;",
-        "public.items",
-    );
-    let rule = "[[tables]]\ntable = \"items\"\nkey = \"item:{id}\"\n";
-    let daemon = InProcess::start(env.config(rule));
-    let mut r = env.redis().await;
-    wait_backfill_done(&mut r, "public.items", Duration::from_secs(60)).await;
-    assert_eq!(keys(&mut r, "item:*").await.len(), 10);
-    env.sql(
-        "ALTER EVENT TRIGGER pgcache_publication DISABLE;
-         ALTER PUBLICATION pgcache SET (publish_via_partition_root = false)",
-    );
+    let (env, daemon, r) = partitions_published_alone().await;
     hold_invisible(
         &env,
         "UPDATE items SET v = 'changed' WHERE id = 1",
@@ -1519,4 +1489,27 @@ async fn a_second_write_to_an_uncached_table_holds_back_no_cached_one() {
         took < Duration::from_secs(3),
         "a visible change waited {took:?} behind an invisible one"
     );
+}
+
+/// A cached partitioned table, backfilled, whose partitions are then published under their
+/// own names (`publish_via_partition_root` off) with the publication's event trigger
+/// disabled: its event would stop the root at once (its check waits for the `ALTER` to be
+/// visible), so only the partitions' own changes can tell.
+async fn partitions_published_alone() -> (Env, InProcess, redis::aio::MultiplexedConnection) {
+    let env = Env::start(
+        "CREATE TABLE items (id int PRIMARY KEY, v text) PARTITION BY RANGE (id);
+         CREATE TABLE items_p1 PARTITION OF items FOR VALUES FROM (1) TO (100);
+         INSERT INTO items SELECT g, 'v' || g FROM generate_series(1, 10) g;",
+        "public.items",
+    );
+    let daemon =
+        InProcess::start(env.config("[[tables]]\ntable = \"items\"\nkey = \"item:{id}\"\n"));
+    let mut r = env.redis().await;
+    wait_backfill_done(&mut r, "public.items", Duration::from_secs(60)).await;
+    assert_eq!(keys(&mut r, "item:*").await.len(), 10);
+    env.sql(
+        "ALTER EVENT TRIGGER pgcache_publication DISABLE;
+         ALTER PUBLICATION pgcache SET (publish_via_partition_root = false)",
+    );
+    (env, daemon, r)
 }
