@@ -3,6 +3,15 @@
 
 use tokio_postgres::Client;
 
+/// The server's code and message when there is one (`42501: permission denied for table
+/// items`); tokio-postgres' own text says only "db error".
+pub fn describe_error(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.code().code(), db.message()),
+        None => e.to_string(),
+    }
+}
+
 /// `"name"` with inner quotes doubled.
 pub fn quote_ident(name: &str) -> String {
     let mut out = String::with_capacity(name.len() + 2);

@@ -80,7 +80,7 @@ async fn postgres_findings(config: &Config) -> Vec<Finding> {
         Err(e) => findings.push(Finding::fail(
             redact(&format!(
                 "a catalog query failed: {}",
-                describe_pg_error(&e)
+                crate::sql::describe_error(&e)
             )),
             "check that the role may read the catalogs (pg_replication_slots, pg_publication)",
         )),
@@ -124,7 +124,7 @@ async fn standby_hosts_findings(config: &Config, target: &PgTarget) -> Vec<Findi
             Ok(row) => row.get::<_, bool>(0),
             Err(e) => {
                 findings.push(Finding::warn(
-                    format!("host {endpoint}: {}", describe_pg_error(&e)),
+                    format!("host {endpoint}: {}", crate::sql::describe_error(&e)),
                     "check that the role may connect to it",
                 ));
                 continue;
@@ -138,7 +138,7 @@ async fn standby_hosts_findings(config: &Config, target: &PgTarget) -> Vec<Findi
             Err(e) => findings.push(Finding::warn(
                 format!(
                     "standby {endpoint}: a catalog query failed: {}",
-                    describe_pg_error(&e)
+                    crate::sql::describe_error(&e)
                 ),
                 "check that the role may read pg_settings and pg_replication_slots there",
             )),
@@ -179,7 +179,7 @@ async fn reader_findings(config: &Config) -> Vec<Finding> {
     };
     match reader_role_findings(&client, config).await {
         Ok(findings) => findings,
-        Err(e) => unchecked(describe_pg_error(&e)),
+        Err(e) => unchecked(crate::sql::describe_error(&e)),
     }
 }
 
@@ -255,12 +255,4 @@ async fn reader_role_findings(
         }
     }
     Ok(findings)
-}
-
-/// The server's message when there is one (tokio-postgres' Display says only "db error").
-pub(crate) fn describe_pg_error(e: &tokio_postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => format!("{}: {}", db.code().code(), db.message()),
-        None => e.to_string(),
-    }
 }

@@ -125,8 +125,10 @@ pub(crate) fn init_logging(config: &Config) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(format!("warn,pgcache={}", config.log.level)));
+    // Colours only on a terminal: a file, the journal or a container's log gets plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(|| RedactingWriter(std::io::stderr()));
     let _ = match config.log.format {
         LogFormat::Json => builder

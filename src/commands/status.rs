@@ -166,7 +166,7 @@ async fn slot(config: &Config, out: &mut SlotStatus) -> Result<(), String> {
         .await
         .map_err(|_| format!("{} did not answer within {TIMEOUT:?}", target.redacted()))?
         .map_err(|e| e.to_string())?;
-    let pg = |e: tokio_postgres::Error| super::check::describe_pg_error(&e);
+    let pg = |e: tokio_postgres::Error| crate::sql::describe_error(&e);
     let row = client
         .query_opt(
             "SELECT active, active_pid, wal_status, pg_current_wal_lsn()::text, \

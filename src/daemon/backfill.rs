@@ -55,7 +55,7 @@ pub use read::ChunkRead;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackfillError {
-    #[error("backfill of {table}: {source}")]
+    #[error("backfill of {table}: {}", crate::sql::describe_error(source))]
     Postgres {
         table: String,
         source: tokio_postgres::Error,

@@ -410,3 +410,65 @@ async fn resync_command_and_tables_added_later() {
     assert!(stderr.contains("public.nope is not a table"), "{stderr}");
     assert!(daemon.terminate().success(), "{}", daemon.log());
 }
+
+/// A backfill Postgres refuses (here the daemon's role lost `SELECT` on the table while it
+/// ran, then a resync was asked for) is logged with the server's own code and message: the
+/// log said only "db error" before, which tells an operator nothing. (And the log, a file
+/// here, had a terminal's colour codes in it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_backfill_is_logged_with_the_servers_message() {
+    let env = Env::start(
+        "CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL);
+         INSERT INTO items SELECT g, g FROM generate_series(1, 50) g;",
+        "public.items",
+    );
+    let rule = "[[tables]]\ntable = \"items\"\nkey = \"item:{id}\"\n";
+    let url = env.pg.url_as("pgcache", Some("pgcache-secret"), DB);
+    let path = env.dir.path().join("role.toml");
+    std::fs::write(
+        &path,
+        env.config_toml(rule).replacen(&env.pg.url(DB), &url, 1),
+    )
+    .unwrap();
+    let mut daemon =
+        Daemon::spawn_logging(&path, &env.dir.path().join("daemon.log"), "pgcache=info");
+    let mut r = env.redis().await;
+    wait_backfill_done(&mut r, "public.items", Duration::from_secs(60)).await;
+
+    env.sql("REVOKE SELECT ON items FROM pgcache");
+    let (code, stdout, stderr) = pgcache(&[
+        "resync",
+        "--config",
+        path.to_str().unwrap(),
+        "--table",
+        "items",
+    ]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let log = eventually(
+        Duration::from_secs(60),
+        "the refused backfill in the log",
+        || {
+            let text = daemon.log();
+            async move { text.contains("backfill of public.items: ").then_some(text) }
+        },
+    )
+    .await;
+    let line = log
+        .lines()
+        .find(|l| l.contains("backfill of public.items: "))
+        .unwrap();
+    assert!(
+        line.contains("42501") && line.contains("permission denied for table items"),
+        "{line}"
+    );
+    // A log written to a file is plain text, without a terminal's colour codes.
+    assert!(!log.contains('\u{1b}'), "{line}");
+    // The rows already in Redis stay.
+    let one: Option<String> = redis::cmd("GET")
+        .arg("item:1")
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    assert_eq!(one.as_deref(), Some(r#"{"id":1,"v":1}"#));
+    assert!(daemon.terminate().success(), "{}", daemon.log());
+}
