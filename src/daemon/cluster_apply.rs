@@ -125,21 +125,13 @@ impl std::fmt::Debug for ClusterApply {
     }
 }
 
-/// Every key of one node that matches `pattern` (`SCAN … MATCH`).
-async fn scan_matching(
-    conn: redis::aio::MultiplexedConnection,
-    pattern: &str,
-) -> Result<Vec<String>, redis::RedisError> {
-    scan_keeping(conn, pattern, |_| true).await
-}
-
-/// The keys of one node that match `pattern` and `keep` (the others are not held).
-async fn scan_keeping(
+/// Every key of one node that matches `pattern` (`SCAN … MATCH`), a page at a time to
+/// `page`.
+async fn scan_pages(
     mut conn: redis::aio::MultiplexedConnection,
     pattern: &str,
-    keep: impl Fn(&str) -> bool,
-) -> Result<Vec<String>, redis::RedisError> {
-    let mut out = Vec::new();
+    mut page: impl FnMut(Vec<String>),
+) -> Result<(), redis::RedisError> {
     let mut cursor = "0".to_string();
     loop {
         let (next, keys): (String, Vec<String>) = redis::cmd("SCAN")
@@ -150,12 +142,120 @@ async fn scan_keeping(
             .arg(SCAN_COUNT)
             .query_async(&mut conn)
             .await?;
-        out.extend(keys.into_iter().filter(|k| keep(k)));
+        page(keys);
         if next == "0" {
-            return Ok(out);
+            return Ok(());
         }
         cursor = next;
     }
+}
+
+/// Keys one pass of a key-space drop lists at most (but a single slot's, which goes whole
+/// for the slot's atomicity): a drop of more lists a range of slots at a time, each a scan
+/// of every master, so that the daemon's memory does not grow with the table (G8). About
+/// 25 MB at its peak with short keys.
+const DROP_KEYS_PER_PASS: usize = 200_000;
+
+/// What a pass of a key-space drop found.
+#[derive(Debug)]
+enum Listing {
+    /// The keys, by slot.
+    Keys(BTreeMap<u16, Vec<String>>),
+    /// Too many to hold: how many each slot has.
+    TooMany(Vec<u32>),
+}
+
+/// A key-space drop's listing as its pages come (see [`ClusterApply::keys_of`]).
+struct Collect {
+    range: (u16, u16),
+    budget: usize,
+    counts: Vec<u32>,
+    keys: BTreeMap<u16, Vec<String>>,
+    held: usize,
+    over: bool,
+}
+
+impl Collect {
+    fn new(range: (u16, u16), budget: usize) -> Collect {
+        Collect {
+            range,
+            budget,
+            counts: vec![0; usize::from(CLUSTER_SLOTS)],
+            keys: BTreeMap::new(),
+            held: 0,
+            over: false,
+        }
+    }
+
+    fn page(&mut self, keys: Vec<String>) {
+        for key in keys {
+            let slot = key_slot(key.as_bytes());
+            if slot < self.range.0 || slot > self.range.1 {
+                continue;
+            }
+            self.counts[usize::from(slot)] += 1;
+            if self.over {
+                continue;
+            }
+            self.keys.entry(slot).or_default().push(key);
+            self.held += 1;
+            if self.held > self.budget {
+                self.over = true;
+                self.keys = BTreeMap::new();
+            }
+        }
+    }
+
+    fn finish(self) -> Listing {
+        if self.over {
+            return Listing::TooMany(self.counts);
+        }
+        let mut keys = self.keys;
+        for keys in keys.values_mut() {
+            keys.sort();
+            keys.dedup();
+        }
+        Listing::Keys(keys)
+    }
+}
+
+/// Consecutive slot ranges holding at most `budget` keys each by `counts` (a slot with more
+/// has a range of its own); slots without keys at either end are left out.
+fn drop_ranges(counts: &[u32], budget: usize) -> Vec<(u16, u16)> {
+    let mut out = Vec::new();
+    let mut current: Option<(u16, u16, usize)> = None;
+    for (slot, &n) in counts.iter().enumerate() {
+        let (slot, n) = (slot as u16, n as usize);
+        if n == 0 {
+            continue;
+        }
+        current = match current {
+            Some((lo, _, held)) if held + n <= budget => Some((lo, slot, held + n)),
+            Some((lo, hi, _)) => {
+                out.push((lo, hi));
+                Some((slot, slot, n))
+            }
+            None => Some((slot, slot, n)),
+        };
+    }
+    if let Some((lo, hi, _)) = current {
+        out.push((lo, hi));
+    }
+    out
+}
+
+/// The keys of one node that match `pattern` and `keep` (the others are not held).
+async fn scan_keeping(
+    conn: redis::aio::MultiplexedConnection,
+    pattern: &str,
+    keep: impl Fn(&str) -> bool,
+) -> Result<Vec<String>, redis::RedisError> {
+    let mut out = Vec::new();
+    scan_pages(conn, pattern, |keys| {
+        out.extend(keys.into_iter().filter(|k| keep(k)));
+    })
+    .await?;
+    Ok(out)
 }
 
 /// Keys a `SCAN` call looks at: a node spends well under a millisecond on them.
@@ -439,34 +539,60 @@ impl ClusterApply {
         // With a key-space segment, the slots written, to move any left behind at the end.
         let mut written: BTreeSet<u16> = BTreeSet::new();
         for (at, segment) in split.segments.into_iter().enumerate() {
-            let parts: Vec<(u16, Vec<Op>)> = match segment {
-                Segment::Slots(slots) => slots.into_iter().collect(),
-                Segment::Everywhere(op, tag) => {
-                    let mut by_slot = self.keys_of(&op).await?;
-                    if let Some(tag) = tag {
-                        by_slot.retain(|&slot, _| !ClusterApply::covered(&self.found, slot, tag));
-                    }
-                    by_slot
-                        .into_iter()
-                        .map(|(slot, keys)| {
-                            (slot, keys.into_iter().map(|key| Op::Del { key }).collect())
-                        })
-                        .collect()
-                }
-            };
             let everywhere = last_everywhere == Some(at);
-            if last_everywhere.is_some() {
-                written.extend(parts.iter().map(|(slot, _)| *slot));
+            let (op, tag) = match segment {
+                Segment::Slots(slots) => {
+                    let parts: Vec<(u16, Vec<Op>)> = slots.into_iter().collect();
+                    let moves = |slot| position.filter(|_| moves_at(slot, at, everywhere));
+                    let track = last_everywhere.is_some().then_some(&mut written);
+                    self.write_segment(parts, moves, track, &slot_fields, now_ms, &mut out)
+                        .await?;
+                    continue;
+                }
+                Segment::Everywhere(op, tag) => (op, tag),
+            };
+            // A key-space operation: every slot's keys at once if they fit, else a range
+            // of slots at a time (each slot's keys in one pass, so each slot's delete is
+            // still one write).
+            let mut ranges = vec![(0, CLUSTER_SLOTS - 1)];
+            let mut first = true;
+            while let Some(range) = ranges.pop() {
+                // A single slot's keys go whole, however many.
+                let budget = if range.0 == range.1 {
+                    usize::MAX
+                } else {
+                    DROP_KEYS_PER_PASS
+                };
+                let by_slot = match self.keys_of(&op, range, budget, first).await? {
+                    Listing::Keys(by_slot) => by_slot,
+                    Listing::TooMany(counts) => {
+                        first = false;
+                        let mut split = drop_ranges(&counts, DROP_KEYS_PER_PASS);
+                        split.reverse();
+                        debug!(
+                            keys = counts.iter().map(|&n| u64::from(n)).sum::<u64>(),
+                            passes = split.len(),
+                            "a key-space drop lists its keys a range of slots at a time"
+                        );
+                        ranges.extend(split);
+                        continue;
+                    }
+                };
+                first = false;
+                let parts: Vec<(u16, Vec<Op>)> = by_slot
+                    .into_iter()
+                    .filter(|&(slot, _)| {
+                        tag.is_none_or(|tag| !ClusterApply::covered(&self.found, slot, tag))
+                    })
+                    .map(|(slot, keys)| {
+                        (slot, keys.into_iter().map(|key| Op::Del { key }).collect())
+                    })
+                    .collect();
+                let moves = |slot| position.filter(|_| moves_at(slot, at, everywhere));
+                let track = last_everywhere.is_some().then_some(&mut written);
+                self.write_segment(parts, moves, track, &slot_fields, now_ms, &mut out)
+                    .await?;
             }
-            let parts = parts
-                .into_iter()
-                .map(|(slot, ops)| {
-                    let moves = position.filter(|_| moves_at(slot, at, everywhere));
-                    (slot, ops, moves)
-                })
-                .collect();
-            self.write_parts(parts, &slot_fields, now_ms, &mut out)
-                .await?;
         }
         // A slot written before a key-space segment that did not reach it has not moved
         // yet: its position alone, now that the batch's last write is done.
@@ -484,6 +610,27 @@ impl ClusterApply {
         }
         self.remove_repairs(fields, now_ms, &mut out).await?;
         Ok(out)
+    }
+
+    /// Writes a segment's parts, each slot's position moving where `moves` says; `written`
+    /// (if any) collects the slots written.
+    async fn write_segment(
+        &mut self,
+        parts: Vec<(u16, Vec<Op>)>,
+        moves: impl Fn(u16) -> Option<Lsn>,
+        written: Option<&mut BTreeSet<u16>>,
+        fields: &[(&str, &str)],
+        now_ms: u64,
+        out: &mut ClusterApplied,
+    ) -> Result<(), RunError> {
+        if let Some(written) = written {
+            written.extend(parts.iter().map(|(slot, _)| *slot));
+        }
+        let parts = parts
+            .into_iter()
+            .map(|(slot, ops)| (slot, ops, moves(slot)))
+            .collect();
+        self.write_parts(parts, fields, now_ms, out).await
     }
 
     /// Writes slots' parts (each with where its position moves, if it does): the plain ones
@@ -751,10 +898,19 @@ impl ClusterApply {
         ))
     }
 
-    /// The keys (and leases) a key-space operation deletes, by slot, from every master.
-    /// A scan during which a slot moved, or that ends while one is migrating (a key may
-    /// have been on neither node when each was scanned), is done again.
-    async fn keys_of(&mut self, op: &Op) -> Result<BTreeMap<u16, Vec<String>>, RunError> {
+    /// The keys (and leases) a key-space operation deletes in the slots `range`, by slot,
+    /// from every master; [`Listing::TooMany`] with every slot's count instead, once more
+    /// than `budget` keys are listed (their names are not kept: memory stays bounded by the
+    /// budget, G8). A scan during which a slot moved, or that ends while one is migrating (a
+    /// key may have been on neither node when each was scanned), is done again. With
+    /// `revoke`, the leases that match go first.
+    async fn keys_of(
+        &mut self,
+        op: &Op,
+        range: (u16, u16),
+        budget: usize,
+        revoke: bool,
+    ) -> Result<Listing, RunError> {
         let patterns: Vec<String> = match op {
             Op::DropKeySpace { key_space } => {
                 let escaped = glob_escape(key_space);
@@ -764,44 +920,39 @@ impl ClusterApply {
                 ]
             }
             Op::DropMatching { patterns } => patterns.clone(),
-            _ => return Ok(BTreeMap::new()),
+            _ => return Ok(Listing::Keys(BTreeMap::new())),
         };
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         while std::time::Instant::now() < deadline {
             let before = self.router.masters_of_slots();
-            let mut by_slot: BTreeMap<u16, Vec<String>> = BTreeMap::new();
             let conns = self.master_connections().await?;
             // The leases go first, in a pass of their own. The keys are listed outside the
             // slots' transactions: a fill whose lease predates the change, landing between
             // the listing and the delete, would write a key the delete does not name, read
             // before the change, to stay. With its lease gone first, such a fill either
-            // landed before the listing (its key is listed) or is refused.
-            if !revoke_leases(&conns, &patterns).await? {
+            // landed before the listing (its key is listed) or is refused. (A lease taken
+            // since reads after the change, which is visible before it is applied: a later
+            // pass over other slots need not revoke again.)
+            if revoke && !revoke_leases(&conns, &patterns).await? {
                 tokio::time::sleep(std::time::Duration::from_millis(200)).await;
                 continue;
             }
             // Every master and pattern at once: one after another, a first start or a
-            // rebuild waited a round trip per thousand keys of every master in turn.
+            // rebuild waited a round trip per thousand keys of every master in turn. Each
+            // page is sorted into the listing as it comes.
+            let listing = std::sync::Mutex::new(Collect::new(range, budget));
             let scans = conns.iter().flat_map(|conn| {
-                patterns
-                    .iter()
-                    .map(move |pattern| scan_matching(conn.clone(), pattern))
+                let listing = &listing;
+                patterns.iter().map(move |pattern| {
+                    scan_pages(conn.clone(), pattern, move |keys| {
+                        listing.lock().expect("listing").page(keys);
+                    })
+                })
             });
-            for keys in futures_util::future::try_join_all(scans).await? {
-                for key in keys {
-                    by_slot
-                        .entry(key_slot(key.as_bytes()))
-                        .or_default()
-                        .push(key);
-                }
-            }
+            futures_util::future::try_join_all(scans).await?;
             self.router.refresh().await.map_err(route_error)?;
             if self.router.masters_of_slots() == before && !self.migrating().await? {
-                for keys in by_slot.values_mut() {
-                    keys.sort();
-                    keys.dedup();
-                }
-                return Ok(by_slot);
+                return Ok(listing.into_inner().expect("listing").finish());
             }
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         }
@@ -974,5 +1125,56 @@ impl ClusterApply {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_drop_is_cut_into_ranges_of_at_most_the_budget() {
+        let mut counts = vec![0u32; usize::from(CLUSTER_SLOTS)];
+        counts[3] = 4;
+        counts[7] = 5;
+        counts[8] = 2;
+        counts[100] = 30; // over the budget alone: a range of its own
+        counts[16383] = 1;
+        assert_eq!(
+            drop_ranges(&counts, 10),
+            vec![(3, 7), (8, 8), (100, 100), (16383, 16383)]
+        );
+        assert_eq!(drop_ranges(&counts, 100), vec![(3, 16383)]);
+        assert_eq!(drop_ranges(&vec![0; 16384], 10), vec![]);
+    }
+
+    #[test]
+    fn a_listing_over_its_budget_keeps_only_the_counts() {
+        let keys = |ids: std::ops::Range<u32>| ids.map(|i| format!("k:{i}")).collect::<Vec<_>>();
+        let mut fits = Collect::new((0, CLUSTER_SLOTS - 1), 12);
+        fits.page(keys(0..6));
+        fits.page(keys(4..10)); // a key listed twice (a rehashing SCAN) is deleted once
+        let Listing::Keys(by_slot) = fits.finish() else {
+            panic!("12 keys fit a budget of 12");
+        };
+        assert_eq!(by_slot.values().map(Vec::len).sum::<usize>(), 10);
+        let mut over = Collect::new((0, CLUSTER_SLOTS - 1), 10);
+        over.page(keys(0..25));
+        assert!(
+            over.keys.is_empty(),
+            "the names are let go once over the budget"
+        );
+        let Listing::TooMany(counts) = over.finish() else {
+            panic!("25 keys do not fit a budget of 10");
+        };
+        assert_eq!(counts.iter().sum::<u32>(), 25);
+        // Only the range's slots are listed.
+        let slot = key_slot(b"k:1");
+        let mut one = Collect::new((slot, slot), 10);
+        one.page(keys(0..25));
+        let Listing::Keys(by_slot) = one.finish() else {
+            panic!("one slot's keys fit");
+        };
+        assert_eq!(by_slot.keys().copied().collect::<Vec<_>>(), vec![slot]);
     }
 }
