@@ -30,7 +30,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use futures_util::{FutureExt, StreamExt};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::apply::node_write::{self, NodeOutcome, NodePart, NodeWrite};
 use super::apply::script::{Owner, Refused};
@@ -569,10 +569,11 @@ impl ClusterApply {
                         first = false;
                         let mut split = drop_ranges(&counts, DROP_KEYS_PER_PASS);
                         split.reverse();
-                        debug!(
+                        info!(
                             keys = counts.iter().map(|&n| u64::from(n)).sum::<u64>(),
                             passes = split.len(),
-                            "a key-space drop lists its keys a range of slots at a time"
+                            "a key-space drop too big to list at once: a range of slots at a \
+                             time, each a scan of every master"
                         );
                         ranges.extend(split);
                         continue;
