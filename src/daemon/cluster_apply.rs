@@ -14,8 +14,10 @@
 //! - **Atomic per hash slot**, in stream order per slot. A key-space operation (`TRUNCATE`,
 //!   dropped invalidation keys) becomes, per slot that holds matching keys, a delete with
 //!   that slot's checkpoint.
-//! - **A slot's position** moves only with its last write of a batch, so a crash between two
-//!   of a batch's writes to one slot replays the batch's part for that slot in order.
+//! - **A slot's position** moves only with its last write of a batch, and so does the
+//!   batch's `partial` mark, so a crash between two of a batch's writes to one slot replays
+//!   the batch's part for that slot in order. (A mark written with an earlier write made a
+//!   crash skip the rest of the part in that slot: review 4.)
 //! - **Fencing per slot.** The takeover writes the session's owner into every slot
 //!   checkpoint before the first write ([`takeover_slots`]); a late write of an older
 //!   session fails its check there. The heartbeat reads every slot checkpoint back
@@ -102,6 +104,21 @@ pub(crate) struct ClusterApplied {
     pub moved: Vec<(u16, Lsn)>,
 }
 
+/// What a slot's last write of a batch carries.
+struct Mark<'a> {
+    position: Option<Lsn>,
+    fields: &'a [(&'a str, &'a str)],
+    now_ms: u64,
+}
+
+/// The slots a batch with a key-space operation wrote, and those whose last write of the
+/// batch is done.
+#[derive(Default)]
+struct Track {
+    written: BTreeSet<u16>,
+    finished: BTreeSet<u16>,
+}
+
 /// The cluster side of a session: the router, and every slot checkpoint's state.
 pub(crate) struct ClusterApply {
     router: SlotRouter,
@@ -125,8 +142,23 @@ impl std::fmt::Debug for ClusterApply {
     }
 }
 
-/// Every key of one node that matches `pattern` (`SCAN … MATCH`), a page at a time to
-/// `page`.
+/// One `SCAN … MATCH` step on one node: the next cursor ("0" at the end) and the keys.
+async fn scan_step(
+    conn: &mut redis::aio::MultiplexedConnection,
+    cursor: &str,
+    pattern: &str,
+) -> Result<(String, Vec<String>), redis::RedisError> {
+    redis::cmd("SCAN")
+        .arg(cursor)
+        .arg("MATCH")
+        .arg(pattern)
+        .arg("COUNT")
+        .arg(SCAN_COUNT)
+        .query_async(conn)
+        .await
+}
+
+/// Every key of one node that matches `pattern`, a page at a time to `page`.
 async fn scan_pages(
     mut conn: redis::aio::MultiplexedConnection,
     pattern: &str,
@@ -134,14 +166,7 @@ async fn scan_pages(
 ) -> Result<(), redis::RedisError> {
     let mut cursor = "0".to_string();
     loop {
-        let (next, keys): (String, Vec<String>) = redis::cmd("SCAN")
-            .arg(&cursor)
-            .arg("MATCH")
-            .arg(pattern)
-            .arg("COUNT")
-            .arg(SCAN_COUNT)
-            .query_async(&mut conn)
-            .await?;
+        let (next, keys) = scan_step(&mut conn, &cursor, pattern).await?;
         page(keys);
         if next == "0" {
             return Ok(());
@@ -150,11 +175,16 @@ async fn scan_pages(
     }
 }
 
-/// Keys one pass of a key-space drop lists at most (but a single slot's, which goes whole
-/// for the slot's atomicity): a drop of more lists a range of slots at a time, each a scan
-/// of every master, so that the daemon's memory does not grow with the table (G8). About
-/// 25 MB at its peak with short keys.
-const DROP_KEYS_PER_PASS: usize = 200_000;
+/// Keys one pass of a key-space drop lists at most: a drop of more lists a range of slots
+/// at a time (a slot with more, a part of it at a time), each a scan of every master, so
+/// that the daemon's memory does not grow with the table (G8). A 600,000-key drop raised
+/// the daemon's peak RSS by about 8 MB.
+const DROP_KEYS_PER_PASS: usize = 100_000;
+
+/// Keys of one slot one write of a key-space drop deletes at most: a slot with more (a big
+/// hash tag) is deleted in several writes, its position and fields moving with the last.
+/// (A write costs the daemon several times its keys' size while it is built and sent.)
+const DROP_KEYS_PER_WRITE: usize = 10_000;
 
 /// What a pass of a key-space drop found.
 #[derive(Debug)]
@@ -163,6 +193,9 @@ enum Listing {
     Keys(BTreeMap<u16, Vec<String>>),
     /// Too many to hold: how many each slot has.
     TooMany(Vec<u32>),
+    /// One slot with too many to hold: the first of them (the budget's worth); more are
+    /// left.
+    Part(BTreeMap<u16, Vec<String>>),
 }
 
 /// A key-space drop's listing as its pages come (see [`ClusterApply::keys_of`]).
@@ -188,6 +221,7 @@ impl Collect {
     }
 
     fn page(&mut self, keys: Vec<String>) {
+        let one_slot = self.range.0 == self.range.1;
         for key in keys {
             let slot = key_slot(key.as_bytes());
             if slot < self.range.0 || slot > self.range.1 {
@@ -197,17 +231,22 @@ impl Collect {
             if self.over {
                 continue;
             }
+            if self.held == self.budget {
+                // Over the budget: a range of slots is listed again in smaller ranges;
+                // one slot keeps the budget's worth, to be deleted before the rest.
+                self.over = true;
+                if !one_slot {
+                    self.keys = BTreeMap::new();
+                }
+                continue;
+            }
             self.keys.entry(slot).or_default().push(key);
             self.held += 1;
-            if self.held > self.budget {
-                self.over = true;
-                self.keys = BTreeMap::new();
-            }
         }
     }
 
     fn finish(self) -> Listing {
-        if self.over {
+        if self.over && self.range.0 != self.range.1 {
             return Listing::TooMany(self.counts);
         }
         let mut keys = self.keys;
@@ -215,7 +254,11 @@ impl Collect {
             keys.sort();
             keys.dedup();
         }
-        Listing::Keys(keys)
+        if self.over {
+            Listing::Part(keys)
+        } else {
+            Listing::Keys(keys)
+        }
     }
 }
 
@@ -244,20 +287,6 @@ fn drop_ranges(counts: &[u32], budget: usize) -> Vec<(u16, u16)> {
     out
 }
 
-/// The keys of one node that match `pattern` and `keep` (the others are not held).
-async fn scan_keeping(
-    conn: redis::aio::MultiplexedConnection,
-    pattern: &str,
-    keep: impl Fn(&str) -> bool,
-) -> Result<Vec<String>, redis::RedisError> {
-    let mut out = Vec::new();
-    scan_pages(conn, pattern, |keys| {
-        out.extend(keys.into_iter().filter(|k| keep(k)));
-    })
-    .await?;
-    Ok(out)
-}
-
 /// Keys a `SCAN` call looks at: a node spends well under a millisecond on them.
 const SCAN_COUNT: usize = 5_000;
 
@@ -279,23 +308,31 @@ async fn revoke_leases(
     conns: &[redis::aio::MultiplexedConnection],
     patterns: &[String],
 ) -> Result<bool, RunError> {
+    // A page at a time: cached absences are leases too, and there can be millions (G8).
     let revoked = futures_util::future::try_join_all(conns.iter().map(|conn| async move {
-        let mut leases = Vec::new();
-        for pattern in patterns {
-            let is_lease = |k: &str| k.ends_with(LEASE_SUFFIX);
-            leases.extend(scan_keeping(conn.clone(), pattern, is_lease).await?);
-        }
-        leases.sort();
-        leases.dedup();
         let mut conn = conn.clone();
         let mut missed = 0u64;
-        for chunk in leases.chunks(1_000) {
-            missed += redis::cmd("EVAL")
-                .arg(DEL_HERE)
-                .arg(0)
-                .arg(chunk)
-                .query_async::<u64>(&mut conn)
-                .await?;
+        for pattern in patterns {
+            let mut cursor = "0".to_string();
+            loop {
+                let (next, keys) = scan_step(&mut conn, &cursor, pattern).await?;
+                let leases: Vec<String> = keys
+                    .into_iter()
+                    .filter(|k| k.ends_with(LEASE_SUFFIX))
+                    .collect();
+                for chunk in leases.chunks(1_000) {
+                    missed += redis::cmd("EVAL")
+                        .arg(DEL_HERE)
+                        .arg(0)
+                        .arg(chunk)
+                        .query_async::<u64>(&mut conn)
+                        .await?;
+                }
+                if next == "0" {
+                    break;
+                }
+                cursor = next;
+            }
         }
         Ok::<_, redis::RedisError>(missed == 0)
     }))
@@ -528,7 +565,11 @@ impl ClusterApply {
                 Segment::Everywhere(..) => last_everywhere = Some(at),
             }
         }
-        let moves_at = |slot: u16, at: usize, everywhere: bool| -> bool {
+        // Whether a slot's write in segment `at` is its last of the batch: the one that
+        // moves its position and carries the batch's slot fields (`partial`). An earlier
+        // write carries neither, so that a crash after it replays the rest of the batch in
+        // that slot, not less.
+        let last_at = |slot: u16, at: usize, everywhere: bool| -> bool {
             let later_slots = last_write.get(&slot).is_some_and(|&l| l > at);
             if everywhere {
                 !later_slots && last_everywhere == Some(at)
@@ -536,16 +577,22 @@ impl ClusterApply {
                 !later_slots && last_everywhere.is_none_or(|e| e < at)
             }
         };
-        // With a key-space segment, the slots written, to move any left behind at the end.
-        let mut written: BTreeSet<u16> = BTreeSet::new();
+        let mark = Mark {
+            position,
+            fields: &slot_fields,
+            now_ms,
+        };
+        // With a key-space segment, the slots written and those whose last write is done,
+        // to finish any left behind at the end.
+        let mut track = Track::default();
         for (at, segment) in split.segments.into_iter().enumerate() {
             let everywhere = last_everywhere == Some(at);
+            let last = |slot| last_at(slot, at, everywhere);
             let (op, tag) = match segment {
                 Segment::Slots(slots) => {
                     let parts: Vec<(u16, Vec<Op>)> = slots.into_iter().collect();
-                    let moves = |slot| position.filter(|_| moves_at(slot, at, everywhere));
-                    let track = last_everywhere.is_some().then_some(&mut written);
-                    self.write_segment(parts, moves, track, &slot_fields, now_ms, &mut out)
+                    let track = last_everywhere.is_some().then_some(&mut track);
+                    self.write_segment(parts, last, &mark, track, &mut out)
                         .await?;
                     continue;
                 }
@@ -553,56 +600,74 @@ impl ClusterApply {
             };
             // A key-space operation: every slot's keys at once if they fit, else a range
             // of slots at a time (each slot's keys in one pass, so each slot's delete is
-            // still one write).
+            // still one write), and a slot with more than a pass holds a part at a time
+            // (its position and fields with the last part).
             let mut ranges = vec![(0, CLUSTER_SLOTS - 1)];
             let mut first = true;
             while let Some(range) = ranges.pop() {
-                // A single slot's keys go whole, however many.
-                let budget = if range.0 == range.1 {
-                    usize::MAX
-                } else {
-                    DROP_KEYS_PER_PASS
-                };
-                let by_slot = match self.keys_of(&op, range, budget, first).await? {
-                    Listing::Keys(by_slot) => by_slot,
-                    Listing::TooMany(counts) => {
-                        first = false;
-                        let mut split = drop_ranges(&counts, DROP_KEYS_PER_PASS);
-                        split.reverse();
-                        info!(
-                            keys = counts.iter().map(|&n| u64::from(n)).sum::<u64>(),
-                            passes = split.len(),
-                            "a key-space drop too big to list at once: a range of slots at a \
+                let (by_slot, last_part) =
+                    match self.keys_of(&op, range, DROP_KEYS_PER_PASS, first).await? {
+                        Listing::Keys(by_slot) => (by_slot, true),
+                        Listing::Part(by_slot) => {
+                            // Listed again once these are gone.
+                            ranges.push(range);
+                            (by_slot, false)
+                        }
+                        Listing::TooMany(counts) => {
+                            first = false;
+                            let mut split = drop_ranges(&counts, DROP_KEYS_PER_PASS);
+                            split.reverse();
+                            info!(
+                                keys = counts.iter().map(|&n| u64::from(n)).sum::<u64>(),
+                                passes = split.len(),
+                                "a key-space drop too big to list at once: a range of slots at a \
                              time, each a scan of every master"
-                        );
-                        ranges.extend(split);
-                        continue;
-                    }
-                };
+                            );
+                            ranges.extend(split);
+                            continue;
+                        }
+                    };
                 first = false;
+                // A slot's keys past `DROP_KEYS_PER_WRITE` go ahead in writes of their own,
+                // unmarked; its last write has the rest.
+                let mut ahead: Vec<(u16, Vec<String>)> = Vec::new();
                 let parts: Vec<(u16, Vec<Op>)> = by_slot
                     .into_iter()
                     .filter(|&(slot, _)| {
                         tag.is_none_or(|tag| !ClusterApply::covered(&self.found, slot, tag))
                     })
-                    .map(|(slot, keys)| {
+                    .map(|(slot, mut keys)| {
+                        while keys.len() > DROP_KEYS_PER_WRITE {
+                            let rest = keys.split_off(DROP_KEYS_PER_WRITE);
+                            ahead.push((slot, std::mem::replace(&mut keys, rest)));
+                        }
                         (slot, keys.into_iter().map(|key| Op::Del { key }).collect())
                     })
                     .collect();
-                let moves = |slot| position.filter(|_| moves_at(slot, at, everywhere));
-                let track = last_everywhere.is_some().then_some(&mut written);
-                self.write_segment(parts, moves, track, &slot_fields, now_ms, &mut out)
+                for (slot, keys) in ahead {
+                    let dels = keys.into_iter().map(|key| Op::Del { key }).collect();
+                    self.write_segment(
+                        vec![(slot, dels)],
+                        |_| false,
+                        &mark,
+                        Some(&mut track),
+                        &mut out,
+                    )
+                    .await?;
+                }
+                let last = |slot| last_part && last(slot);
+                self.write_segment(parts, last, &mark, Some(&mut track), &mut out)
                     .await?;
             }
         }
-        // A slot written before a key-space segment that did not reach it has not moved
-        // yet: its position alone, now that the batch's last write is done.
-        if let Some(lsn) = position {
-            let moved: BTreeSet<u16> = out.moved.iter().map(|(slot, _)| *slot).collect();
-            let lagging: Vec<(u16, Vec<Op>, Option<Lsn>)> = written
-                .into_iter()
-                .filter(|slot| !moved.contains(slot))
-                .map(|slot| (slot, Vec::new(), Some(lsn)))
+        // A slot written before a key-space segment that did not reach it (or written in
+        // parts) has not had its last write yet: its position and fields alone, now that
+        // the batch's last write is done.
+        if position.is_some() || !slot_fields.is_empty() {
+            let lagging: Vec<(u16, Vec<Op>, Option<Lsn>)> = track
+                .written
+                .difference(&track.finished)
+                .map(|&slot| (slot, Vec::new(), position))
                 .collect();
             if !lagging.is_empty() {
                 self.write_parts(lagging, &slot_fields, now_ms, &mut out)
@@ -613,25 +678,40 @@ impl ClusterApply {
         Ok(out)
     }
 
-    /// Writes a segment's parts, each slot's position moving where `moves` says; `written`
-    /// (if any) collects the slots written.
+    /// Writes a segment's parts: a slot whose write is its `last` of the batch with the
+    /// batch's position and slot fields, the others without; `track` (if any) records
+    /// which.
     async fn write_segment(
         &mut self,
         parts: Vec<(u16, Vec<Op>)>,
-        moves: impl Fn(u16) -> Option<Lsn>,
-        written: Option<&mut BTreeSet<u16>>,
-        fields: &[(&str, &str)],
-        now_ms: u64,
+        last: impl Fn(u16) -> bool,
+        mark: &Mark<'_>,
+        track: Option<&mut Track>,
         out: &mut ClusterApplied,
     ) -> Result<(), RunError> {
-        if let Some(written) = written {
-            written.extend(parts.iter().map(|(slot, _)| *slot));
+        let (ends, goes_on): (Vec<_>, Vec<_>) =
+            parts.into_iter().partition(|(slot, _)| last(*slot));
+        if let Some(track) = track {
+            track.written.extend(goes_on.iter().map(|(slot, _)| *slot));
+            track.written.extend(ends.iter().map(|(slot, _)| *slot));
+            track.finished.extend(ends.iter().map(|(slot, _)| *slot));
         }
-        let parts = parts
-            .into_iter()
-            .map(|(slot, ops)| (slot, ops, moves(slot)))
-            .collect();
-        self.write_parts(parts, fields, now_ms, out).await
+        if !goes_on.is_empty() {
+            let parts = goes_on
+                .into_iter()
+                .map(|(slot, ops)| (slot, ops, None))
+                .collect();
+            self.write_parts(parts, &[], mark.now_ms, out).await?;
+        }
+        if !ends.is_empty() {
+            let parts = ends
+                .into_iter()
+                .map(|(slot, ops)| (slot, ops, mark.position))
+                .collect();
+            self.write_parts(parts, mark.fields, mark.now_ms, out)
+                .await?;
+        }
+        Ok(())
     }
 
     /// Writes slots' parts (each with where its position moves, if it does): the plain ones
@@ -1177,5 +1257,14 @@ mod tests {
             panic!("one slot's keys fit");
         };
         assert_eq!(by_slot.keys().copied().collect::<Vec<_>>(), vec![slot]);
+        // One slot with more than the budget: the budget's worth, the rest left for later.
+        let tagged: Vec<String> = (0..25).map(|i| format!("t:{{42}}:{i}")).collect();
+        let slot = key_slot(b"42");
+        let mut big = Collect::new((slot, slot), 10);
+        big.page(tagged);
+        let Listing::Part(by_slot) = big.finish() else {
+            panic!("25 keys of one slot do not fit a budget of 10");
+        };
+        assert_eq!(by_slot[&slot].len(), 10);
     }
 }

@@ -14,6 +14,7 @@ mod cluster_daemon;
 mod cluster_review;
 mod cluster_review2;
 mod cluster_review3;
+mod cluster_review4;
 mod common;
 mod control;
 mod demo;
