@@ -15,6 +15,7 @@ mod cluster_review;
 mod cluster_review2;
 mod cluster_review3;
 mod cluster_review4;
+mod cluster_review5;
 mod common;
 mod control;
 mod demo;
