@@ -16,11 +16,14 @@ const NOTES: &str = "CREATE TABLE notes (id bigint PRIMARY KEY, body text NOT NU
      INSERT INTO notes VALUES (0, 'first');";
 const NOTE_RULES: &str = "[[tables]]\ntable = \"notes\"\nkey = \"note:{id}\"\n";
 
-async fn router(cluster: &TestRedisCluster) -> SlotRouter {
+pub(crate) async fn router(cluster: &TestRedisCluster) -> SlotRouter {
     SlotRouter::connect(&cluster.urls(), None).await.unwrap()
 }
 
-async fn run(router: &mut SlotRouter, cmds: Vec<(u16, redis::Cmd)>) -> Vec<Option<String>> {
+pub(crate) async fn run(
+    router: &mut SlotRouter,
+    cmds: Vec<(u16, redis::Cmd)>,
+) -> Vec<Option<String>> {
     let replies = match router.send_each(&cmds).await {
         Ok(r) => r,
         Err(_) => {
@@ -48,6 +51,29 @@ async fn get_many(router: &mut SlotRouter, keys: &[String]) -> Vec<Option<String
         })
         .collect();
     run(router, cmds).await
+}
+
+pub(crate) async fn hget(router: &mut SlotRouter, key: &str, field: &str) -> Option<String> {
+    let mut cmd = redis::cmd("HGET");
+    cmd.arg(key).arg(field);
+    run(router, vec![(key_slot(key.as_bytes()), cmd)])
+        .await
+        .remove(0)
+}
+
+pub(crate) async fn get(router: &mut SlotRouter, key: &str) -> Option<String> {
+    get_many(router, &[key.to_string()]).await.remove(0)
+}
+
+/// Postgres' current WAL insert position as the checkpoints' `applied` spells it.
+pub(crate) async fn wal(pg: &tokio_postgres::Client) -> String {
+    pg.query_one(
+        "SELECT upper(lpad(to_hex((pg_current_wal_insert_lsn() - '0/0')::bigint), 16, '0'))",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
 }
 
 /// The `partial` field of the slot checkpoint of each key's slot.
@@ -119,23 +145,11 @@ async fn write_keys(router: &mut SlotRouter, keys: impl Iterator<Item = String>)
 
 /// Waits until the root checkpoint's `applied` is at Postgres' current WAL position.
 async fn wait_frontier(router: &mut SlotRouter, pg: &tokio_postgres::Client, daemon: &Daemon) {
-    let wal: String = pg
-        .query_one(
-            "SELECT upper(lpad(to_hex((pg_current_wal_insert_lsn() - '0/0')::bigint), 16, '0'))",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let wal = wal(pg).await;
     let root = checkpoint_key("", "pgcache");
     let deadline = std::time::Instant::now() + Duration::from_secs(180);
     loop {
-        let mut cmd = redis::cmd("HGET");
-        cmd.arg(&root).arg("applied");
-        let applied = run(router, vec![(key_slot(root.as_bytes()), cmd)])
-            .await
-            .remove(0)
-            .unwrap_or_default();
+        let applied = hget(router, &root, "applied").await.unwrap_or_default();
         if applied >= wal {
             return;
         }
@@ -148,9 +162,14 @@ async fn wait_frontier(router: &mut SlotRouter, pg: &tokio_postgres::Client, dae
     }
 }
 
-fn tail(log: &str) -> String {
+/// The last `n` lines of a log.
+pub(crate) fn tail_lines(log: &str, n: usize) -> String {
     let lines: Vec<&str> = log.lines().collect();
-    lines[lines.len().saturating_sub(60)..].join("\n")
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+fn tail(log: &str) -> String {
+    tail_lines(log, 60)
 }
 
 /// Starts a daemon on `notes` with large transactions written in parts of 100 changes, and

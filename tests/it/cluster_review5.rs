@@ -9,54 +9,8 @@ use pgcache::daemon::slot_router::SlotRouter;
 use pgcache::testkit::{PgOptions, RedisOptions, TestRedisCluster};
 
 use crate::cluster_daemon::{cluster_config_with, master_and_replica, start_cluster};
+use crate::cluster_review4::{get, hget, router, tail_lines, wal};
 use crate::common::{Daemon, Env};
-
-async fn router(cluster: &TestRedisCluster) -> SlotRouter {
-    SlotRouter::connect(&cluster.urls(), None).await.unwrap()
-}
-
-async fn run(router: &mut SlotRouter, cmds: Vec<(u16, redis::Cmd)>) -> Vec<Option<String>> {
-    let replies = match router.send_each(&cmds).await {
-        Ok(r) => r,
-        Err(_) => {
-            let _ = router.refresh().await;
-            router
-                .send_each(&cmds)
-                .await
-                .unwrap_or_else(|_| vec![redis::Value::Nil; cmds.len()])
-        }
-    };
-    replies
-        .into_iter()
-        .map(|v| redis::from_redis_value::<Option<String>>(v).unwrap_or(None))
-        .collect()
-}
-
-async fn hget(router: &mut SlotRouter, key: &str, field: &str) -> Option<String> {
-    let mut cmd = redis::cmd("HGET");
-    cmd.arg(key).arg(field);
-    run(router, vec![(key_slot(key.as_bytes()), cmd)])
-        .await
-        .remove(0)
-}
-
-async fn get(router: &mut SlotRouter, key: &str) -> Option<String> {
-    let mut cmd = redis::cmd("GET");
-    cmd.arg(key);
-    run(router, vec![(key_slot(key.as_bytes()), cmd)])
-        .await
-        .remove(0)
-}
-
-async fn wal(pg: &tokio_postgres::Client) -> String {
-    pg.query_one(
-        "SELECT upper(lpad(to_hex((pg_current_wal_insert_lsn() - '0/0')::bigint), 16, '0'))",
-        &[],
-    )
-    .await
-    .unwrap()
-    .get(0)
-}
 
 /// Waits up to `limit` for the root's `applied` to reach Postgres' WAL position.
 async fn frontier_reaches(
@@ -77,11 +31,6 @@ async fn frontier_reaches(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-fn tail(log: &str, n: usize) -> String {
-    let lines: Vec<&str> = log.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 fn scan_calls(cluster: &TestRedisCluster) -> u64 {
@@ -146,7 +95,7 @@ async fn replayed_drop_covered_in_a_big_slot(streamed: bool) {
     assert!(
         frontier_reaches(&mut r, &pg, Duration::from_secs(60)).await,
         "{}",
-        tail(&daemon.log(), 60)
+        tail_lines(&daemon.log(), 60)
     );
     // A tenant whose slot's master does not hold the root checkpoint.
     let root = checkpoint_key("", "pgcache");
@@ -177,7 +126,7 @@ async fn replayed_drop_covered_in_a_big_slot(streamed: bool) {
         assert!(
             std::time::Instant::now() < deadline,
             "the batch did not land\n{}",
-            tail(&daemon.log(), 60)
+            tail_lines(&daemon.log(), 60)
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -336,7 +285,7 @@ async fn kill9_mid_delete(old: u32) {
     assert!(
         frontier_reaches(&mut r, &pg, Duration::from_secs(120)).await,
         "{}",
-        tail(&daemon.log(), 40)
+        tail_lines(&daemon.log(), 40)
     );
     tokio::time::sleep(Duration::from_secs(1)).await;
     let mut want: Vec<String> = (1..=300u32)
@@ -444,14 +393,14 @@ async fn review5_a_daemon_frozen_between_chunks_is_fenced() {
         assert!(
             std::time::Instant::now() < deadline,
             "{}",
-            tail(&b.log(), 30)
+            tail_lines(&b.log(), 30)
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(
         frontier_reaches(&mut r, &pg, Duration::from_secs(120)).await,
         "{}",
-        tail(&b.log(), 30)
+        tail_lines(&b.log(), 30)
     );
     env.sql(&format!(
         "INSERT INTO notes SELECT {tenant}, g, 'later' FROM generate_series(1001, 1100) g;"
