@@ -649,11 +649,9 @@ impl ClusterApply {
                 // A slot's keys past `DROP_KEYS_PER_WRITE` go ahead in writes of their own,
                 // unmarked; its last write has the rest.
                 let mut ahead: Vec<(u16, Vec<String>)> = Vec::new();
+                // (Covered slots are not listed: `skip`.)
                 let parts: Vec<(u16, Vec<Op>)> = by_slot
                     .into_iter()
-                    .filter(|&(slot, _)| {
-                        tag.is_none_or(|tag| !ClusterApply::covered(&self.found, slot, tag))
-                    })
                     .map(|(slot, mut keys)| {
                         while keys.len() > DROP_KEYS_PER_WRITE {
                             let rest = keys.split_off(DROP_KEYS_PER_WRITE);
